@@ -1,0 +1,201 @@
+"""Every knob, as frozen pydantic models.
+
+Field docstrings become the CLI's help. Dotted keys (`scheduler.max_num_seqs`) address
+fields for `--set` and for `KVFlowConfig.with_overrides`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and quotes the value."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class SchedulerConfig(_Frozen):
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    """Token budget of one step: decode tokens plus prefill chunk tokens."""
+    max_num_seqs: int = Field(default=256, ge=1)
+    """Most requests running at once (batch slots)."""
+    long_prefill_threshold: int | None = Field(default=None, ge=1)
+    """Largest prefill chunk one request may take in a step (None: only the budget caps it)."""
+    max_model_len: int = Field(default=131072, ge=1)
+    """Longest prompt + output a request may have; longer requests are rejected."""
+    enable_prefix_caching: bool = True
+    """Reuse cached blocks of earlier requests with the same prefix."""
+    enable_inbatch_prefix_sharing: bool = True
+    """Hold back a waiting request whose next uncached block another running request is
+    computing, so the shared prefix is computed once."""
+
+
+class DeviceTierConfig(_Frozen):
+    num_blocks: int = Field(default=4096, ge=1)
+    """Capacity of the device tier in blocks."""
+
+
+class KVConfig(_Frozen):
+    block_size: int = Field(default=16, ge=1, le=4096)
+    """Tokens per KV block."""
+    device: DeviceTierConfig = DeviceTierConfig()
+
+
+class SimRunnerConfig(_Frozen):
+    """Linear latency model of one step:
+    fixed + prefill tokens * a + decode sequences * b + KV tokens attended * c."""
+
+    preset: str | None = "llama3-8b-h100"
+    """Named latency preset (see kvflow.engine_adapters.simulated.PRESETS); fields set
+    explicitly below override it."""
+    fixed_ms: float | None = Field(default=None, ge=0)
+    """Fixed cost of a step in ms (weights read, launch overheads)."""
+    prefill_token_us: float | None = Field(default=None, ge=0)
+    """Cost per prefill token in microseconds."""
+    decode_seq_us: float | None = Field(default=None, ge=0)
+    """Cost per decoding sequence in microseconds."""
+    kv_token_ns: float | None = Field(default=None, ge=0)
+    """Cost per KV-cache token attended in nanoseconds (context length summed over the batch)."""
+
+
+class LPMOptions(_Frozen):
+    candidate_window: int = Field(default=128, ge=1)
+    """Only the first N waiting requests (in arrival order) are ranked, bounding the cost
+    of ordering a long queue; SGLang falls back to FCFS past a similar length."""
+    max_wait_s: float = Field(default=5.0, gt=0)
+    """Aging bound: a request waiting this long goes ahead of cache hits, so a cache miss
+    is never passed over for longer."""
+
+
+class EDFOptions(_Frozen):
+    hopeless: str = Field(default="deprioritize", pattern="^(keep|deprioritize|reject)$")
+    """What to do with a request whose deadline can no longer be met: keep its place,
+    deprioritize it behind feasible requests, or reject it."""
+    prefill_token_s: float = Field(default=40e-6, ge=0)
+    """Service-time estimate per uncached prompt token, for slack."""
+
+
+class PriorityOptions(_Frozen):
+    preempt: bool = False
+    """Preempt a running request of lower priority when a more important one cannot
+    otherwise be admitted."""
+
+
+class FairOptions(_Frozen):
+    input_weight: float = Field(default=1.0, ge=0)
+    """Virtual-counter charge per prefill token."""
+    output_weight: float = Field(default=2.0, ge=0)
+    """Virtual-counter charge per decode token."""
+
+
+class PoliciesConfig(_Frozen):
+    lpm: LPMOptions = LPMOptions()
+    edf: EDFOptions = EDFOptions()
+    priority: PriorityOptions = PriorityOptions()
+    fair: FairOptions = FairOptions()
+
+
+class KVFlowConfig(_Frozen):
+    """The whole configuration of one kvflow instance."""
+
+    scheduler: SchedulerConfig = SchedulerConfig()
+    kv: KVConfig = KVConfig()
+    sim: SimRunnerConfig = SimRunnerConfig()
+    policies: PoliciesConfig = PoliciesConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KVFlowConfig:
+        threshold = self.scheduler.long_prefill_threshold
+        if threshold is not None and threshold > self.scheduler.max_num_batched_tokens:
+            raise ValueError(
+                f"scheduler.long_prefill_threshold={threshold!r} exceeds "
+                f"scheduler.max_num_batched_tokens={self.scheduler.max_num_batched_tokens!r}"
+            )
+        return self
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> KVFlowConfig:
+        """Read a JSON or TOML file (or defaults when None), then apply dotted overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = read_config_file(Path(path))
+        return cls.from_dict(data, overrides)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+    ) -> KVFlowConfig:
+        merged = json.loads(json.dumps(dict(data)))  # deep copy of plain data
+        for key, value in (overrides or {}).items():
+            _set_dotted(merged, key, value)
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(_describe(err)) from None
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> KVFlowConfig:
+        return self.from_dict(self.model_dump(), overrides)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} does not parse: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table/object at the top")
+    return data
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is JSON when it parses, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key (value {item['input']!r})")
+        elif item["type"] == "value_error":
+            lines.append(item["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"{where}={item['input']!r}: {item['msg']}")
+    return "invalid config: " + "; ".join(lines)

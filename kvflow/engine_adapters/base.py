@@ -1,0 +1,28 @@
+"""The runner contract: execute a plan, return sampled tokens and the step's duration."""
+
+from __future__ import annotations
+
+import abc
+
+from kvflow.scheduler.plan import StepPlan, StepResult
+
+
+class ModelRunner(abc.ABC):
+    """Executes the scheduler's plans.
+
+    A runner computes, for each plan entry `i`, the KV of
+    `plan.requests[i].token_ids[start : start + n]` (start and n from
+    `plan.start_positions[i]` and `plan.num_tokens[i]`) into the entry's device blocks,
+    and samples a token for the entries that reach the end of their known tokens.
+    """
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step.
+
+        Returns:
+            `StepResult` with one sampled token (or None) per plan entry and the step's
+            duration in seconds (virtual for simulated runners, measured for real ones).
+        """

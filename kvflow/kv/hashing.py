@@ -1,0 +1,56 @@
+"""Stable block keys.
+
+A full block's key is xxh3-64 of its token ids (packed as little-endian uint32),
+seeded with its parent's key; the first block's parent is a root key derived from
+the request's extra keys (model, adapter, ...). Keys are identical across processes,
+machines and Python versions (no `hash()`), so peers agree on them.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Sequence
+
+import xxhash
+
+_ROOT_SEED = 0x6B76666C6F77  # "kvflow"
+_NEEDS_BYTESWAP = sys.byteorder != "little"
+
+
+def root_key(extra_keys: Sequence[str] = ()) -> int:
+    """The parent key of a request's first block."""
+    payload = "\x1f".join(extra_keys).encode()
+    return xxhash.xxh3_64_intdigest(payload, seed=_ROOT_SEED)
+
+
+def _pack(token_ids: Sequence[int]) -> memoryview:
+    packed = array("I", token_ids)
+    if _NEEDS_BYTESWAP:  # pragma: no cover - big-endian hosts
+        packed.byteswap()
+    return memoryview(packed.tobytes())
+
+
+def hash_block(parent_key: int, token_ids: Sequence[int]) -> int:
+    """Key of one full block."""
+    return xxhash.xxh3_64_intdigest(_pack(token_ids), seed=parent_key)
+
+
+def extend_block_keys(
+    keys: list[int],
+    token_ids: Sequence[int],
+    num_full_blocks: int,
+    block_size: int,
+    root: int,
+) -> None:
+    """Append the keys of blocks `len(keys) .. num_full_blocks - 1` of `token_ids` to `keys`."""
+    start = len(keys)
+    if start >= num_full_blocks:
+        return
+    view = _pack(token_ids[start * block_size : num_full_blocks * block_size])
+    width = 4 * block_size
+    parent = keys[-1] if keys else root
+    digest = xxhash.xxh3_64_intdigest
+    for offset in range(0, (num_full_blocks - start) * width, width):
+        parent = digest(view[offset : offset + width], seed=parent)
+        keys.append(parent)

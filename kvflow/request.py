@@ -1,0 +1,248 @@
+"""Requests as users submit them, and the state the scheduler keeps for each.
+
+`Request` is the immutable description of one generation request (what a trace line
+or an API call says). `RequestState` is the scheduler's mutable record of that request:
+its tokens so far, its device blocks, its timestamps. Policies see `RequestState`s.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.IntEnum):
+    """Where a request is in its life. Only the scheduler changes it."""
+
+    WAITING = 0
+    """Queued, holding no blocks."""
+    WAITING_FOR_KV = 1
+    """Admitted but waiting for cached blocks to arrive from a lower tier or a peer."""
+    RUNNING = 2
+    """Holds device blocks and is scheduled every step until it finishes."""
+    PREEMPTED = 3
+    """Was running, lost its blocks, queued again at the front."""
+    FINISHED = 4
+    """Done; `RequestState.finish_reason` says why."""
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"
+    """Generated `max_new_tokens` tokens."""
+    STOP = "stop"
+    """Sampled a stop token."""
+    ABORTED = "aborted"
+    """Aborted by the caller (or its consumer went away)."""
+    REJECTED = "rejected"
+    """Could never be served under the configuration; `finish_detail` says why."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Service-level objectives of one request, in milliseconds (None: no objective)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "tpot_ms"):
+            value = getattr(self, name)
+            _check(
+                value is None or (math.isfinite(value) and value > 0),
+                f"SLO.{name} must be a positive number of milliseconds, got {value!r}",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How a runner picks tokens. Simulated runners ignore everything but stop tokens."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
+        _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k!r}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One generation request.
+
+    Args:
+        request_id: unique within a scheduler.
+        prompt_token_ids: the prompt, as token ids (non-negative ints below 2**32).
+        max_new_tokens: generation stops after this many output tokens.
+        arrival_time: seconds, on the clock the scheduler is driven with.
+        priority: lower is more important (as in vLLM); used by the `priority` policy.
+        tenant: who sent it; used by the `fair` policy and per-tenant metrics.
+        slo: TTFT/TPOT objectives, used by `edf` and goodput metrics.
+        deadline: absolute time the first token is due; defaults to arrival + TTFT SLO.
+        extra_keys: folded into every block key (model, adapter, ...), so requests with
+            different extra keys never share cached blocks.
+        sampling: sampling parameters for real runners.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_new_tokens: int
+    arrival_time: float = 0.0
+    priority: int = 0
+    tenant: str = "default"
+    slo: SLO = field(default_factory=SLO)
+    deadline: float | None = None
+    extra_keys: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        prompt = tuple(self.prompt_token_ids)
+        object.__setattr__(self, "prompt_token_ids", prompt)
+        object.__setattr__(self, "extra_keys", tuple(self.extra_keys))
+        rid = self.request_id
+        _check(len(prompt) > 0, f"request {rid!r}: prompt_token_ids is empty")
+        _check(
+            self.max_new_tokens >= 1,
+            f"request {rid!r}: max_new_tokens must be >= 1, got {self.max_new_tokens!r}",
+        )
+        _check(
+            math.isfinite(self.arrival_time) and self.arrival_time >= 0,
+            f"request {rid!r}: arrival_time must be a finite number >= 0, "
+            f"got {self.arrival_time!r}",
+        )
+        if min(prompt) < 0 or max(prompt) >= 2**32:
+            bad = next(t for t in prompt if not 0 <= t < 2**32)
+            raise ValueError(f"request {rid!r}: token id {bad!r} is outside [0, 2**32)")
+
+    @property
+    def ttft_deadline(self) -> float | None:
+        """When the first token is due: `deadline`, else arrival + TTFT SLO, else None."""
+        if self.deadline is not None:
+            return self.deadline
+        if self.slo.ttft_ms is not None:
+            return self.arrival_time + self.slo.ttft_ms / 1000.0
+        return None
+
+
+class RequestState:
+    """The scheduler's record of one request. Read it; only the scheduler writes it.
+
+    `token_ids` holds the prompt followed by the outputs so far. `num_computed_tokens`
+    of them have KV in `block_ids` (device blocks, in order). `block_keys[i]` is the
+    chained hash of full block i, filled as blocks fill.
+    """
+
+    __slots__ = (
+        "arrival_time",
+        "block_ids",
+        "block_keys",
+        "finish_detail",
+        "finish_reason",
+        "finish_time",
+        "first_scheduled_time",
+        "first_token_time",
+        "max_new_tokens",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "num_sealed_blocks",
+        "priority",
+        "request",
+        "request_id",
+        "status",
+        "stop_token_ids",
+        "tenant",
+        "token_ids",
+        "token_times",
+    )
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.arrival_time = request.arrival_time
+        self.priority = request.priority
+        self.tenant = request.tenant
+        self.max_new_tokens = request.max_new_tokens
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.stop_token_ids = frozenset(request.sampling.stop_token_ids)
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        """Prompt tokens served from cache at the first admission."""
+        self.block_ids: list[int] = []
+        self.block_keys: list[int] = []
+        self.num_sealed_blocks = 0
+        """Leading blocks of `block_ids` registered in the prefix cache."""
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.finish_detail = ""
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self.finish_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while more than one token is left to compute (prompt or recompute)."""
+        return len(self.token_ids) - self.num_computed_tokens > 1
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestState({self.request_id!r}, {self.status.name}, "
+            f"computed={self.num_computed_tokens}/{len(self.token_ids)}, "
+            f"blocks={len(self.block_ids)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What a caller receives as a request progresses (streamed by the async engine)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    num_output_tokens: int
+    finished: bool
+    finish_reason: FinishReason | None = None
+    finish_detail: str = ""
+    num_cached_tokens: int = 0
+
+    @classmethod
+    def of(cls, state: RequestState, new_token_ids: Iterable[int]) -> RequestOutput:
+        return cls(
+            request_id=state.request_id,
+            new_token_ids=tuple(new_token_ids),
+            num_output_tokens=state.num_output_tokens,
+            finished=state.is_finished,
+            finish_reason=state.finish_reason,
+            finish_detail=state.finish_detail,
+            num_cached_tokens=state.num_cached_tokens,
+        )

@@ -1,0 +1,448 @@
+"""The step planner: synchronous, deterministic, no clock and no awaits.
+
+`plan(now)` decides the next step: running requests first (one token per decode, the
+next chunk for a prefill), then waiting requests in the policy's order while budget,
+slots and blocks remain. It allocates device blocks and advances each scheduled
+request's `num_computed_tokens`. `commit(plan, result, now)` applies the runner's
+sampled tokens: appends them, seals full blocks into the prefix cache, and finishes
+requests. Time only comes in as an argument, so the same code drives a real engine
+and a virtual-time replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvflow.config import KVFlowConfig
+from kvflow.kv.block_pool import IntegrityError
+from kvflow.kv.hashing import extend_block_keys, root_key
+from kvflow.kv.location import PrefixLocation
+from kvflow.kv.store import KVStore
+from kvflow.policies.base import Policy, SchedulerView
+from kvflow.request import FinishReason, Request, RequestState, RequestStatus
+from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.scheduler.stats import SchedulerStats
+
+_RUNNING = RequestStatus.RUNNING
+
+
+class _Batch:
+    """The entries of the plan being built (plain lists: this is the hot path)."""
+
+    __slots__ = ("budget", "kv_tokens", "num_decode", "num_prefill", "requests", "starts", "tokens")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.requests: list[RequestState] = []
+        self.tokens: list[int] = []
+        self.starts: list[int] = []
+        self.num_prefill = 0
+        self.num_decode = 0
+        self.kv_tokens = 0
+
+    def add(self, req: RequestState, start: int, n: int) -> None:
+        self.requests.append(req)
+        self.tokens.append(n)
+        self.starts.append(start)
+        req.num_computed_tokens = start + n
+        self.kv_tokens += start + n
+        if n == 1:
+            self.num_decode += 1
+        else:
+            self.num_prefill += n
+        self.budget -= n
+
+    def remove(self, req: RequestState) -> None:
+        """Take back an entry (its request was preempted after being scheduled)."""
+        i = self.requests.index(req)
+        n = self.tokens.pop(i)
+        start = self.starts.pop(i)
+        del self.requests[i]
+        self.kv_tokens -= start + n
+        if n == 1:
+            self.num_decode -= 1
+        else:
+            self.num_prefill -= n
+        self.budget += n
+
+
+class Scheduler:
+    """Plans steps for one model instance over one KV store.
+
+    Args:
+        config: the whole configuration; `scheduler` and `kv` sections are used here.
+        policy: decides admission order and preemption victims.
+        store: the KV store; built from `config.kv` when omitted.
+    """
+
+    def __init__(self, config: KVFlowConfig, policy: Policy, store: KVStore | None = None) -> None:
+        self.config = config
+        self.sched_config = config.scheduler
+        self.store = store if store is not None else KVStore(config.kv)
+        self.pool = self.store.device
+        self.block_size = self.store.block_size
+        self.policy = policy
+        self.waiting: dict[str, RequestState] = {}
+        self.running: list[RequestState] = []
+        self.stats = SchedulerStats()
+        self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
+        self._root_keys: dict[tuple[str, ...], int] = {}
+        self._policy_drops = policy.drops_requests()
+        self._policy_on_step = type(policy).on_step is not Policy.on_step
+        self._policy_preempts = type(policy).preempt_for is not Policy.preempt_for
+        threshold = self.sched_config.long_prefill_threshold
+        self._chunk_cap = threshold if threshold is not None else 1 << 62
+        # A scan of the waiting queue skips at most this many deferred requests per step.
+        self._max_skipped = max(self.sched_config.max_num_seqs, 64)
+
+    # -- requests in and out ---------------------------------------------------
+    def add(self, request: Request, now: float | None = None) -> RequestState:
+        """Queue a request. One that can never be served is finished as rejected at
+        once; check `state.status` / `state.finish_detail`."""
+        rid = request.request_id
+        if rid in self.waiting or any(r.request_id == rid for r in self.running):
+            raise ValueError(f"request id {rid!r} is already queued or running")
+        state = RequestState(request)
+        now = request.arrival_time if now is None else now
+        reason = self._rejection(state)
+        if reason is not None:
+            self._finish(state, FinishReason.REJECTED, now, reason)
+            self.stats.num_rejected += 1
+            return state
+        if self.sched_config.enable_prefix_caching:
+            self._extend_keys(state, state.num_prompt_tokens // self.block_size)
+        self.waiting[rid] = state
+        self.policy.on_add(state, self.view)
+        return state
+
+    def _rejection(self, state: RequestState) -> str | None:
+        total = state.num_prompt_tokens + state.max_new_tokens
+        max_len = self.sched_config.max_model_len
+        if total > max_len:
+            return (
+                f"prompt ({state.num_prompt_tokens} tokens) + max_new_tokens "
+                f"({state.max_new_tokens}) = {total} exceeds max_model_len ({max_len})"
+            )
+        num_blocks = -(-total // self.block_size)
+        if num_blocks > self.pool.num_blocks:
+            return (
+                f"needs {num_blocks} blocks of {self.block_size} tokens for {total} tokens, "
+                f"the device tier holds {self.pool.num_blocks}"
+            )
+        return None
+
+    def abort(self, request_id: str, now: float) -> RequestState | None:
+        """Finish a queued or running request as aborted and free its blocks. Returns
+        its state, or None when no such request is active."""
+        state = self.waiting.pop(request_id, None)
+        if state is None:
+            state = next((r for r in self.running if r.request_id == request_id), None)
+            if state is None:
+                return None
+            self.running.remove(state)
+        self._finish(state, FinishReason.ABORTED, now, "aborted by caller")
+        self.stats.num_aborted += 1
+        return state
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- the cache ---------------------------------------------------------------
+    def locate(self, state: RequestState) -> PrefixLocation:
+        """Where the leading full blocks of the request's known tokens are cached."""
+        if not self.sched_config.enable_prefix_caching:
+            return PrefixLocation()
+        self._extend_keys(state, (state.num_tokens - 1) // self.block_size)
+        return self.store.locate(state.block_keys)
+
+    def _extend_keys(self, state: RequestState, num_blocks: int) -> None:
+        if len(state.block_keys) >= num_blocks:
+            return
+        extra = state.request.extra_keys
+        root = self._root_keys.get(extra)
+        if root is None:
+            root = self._root_keys[extra] = root_key(extra)
+        extend_block_keys(state.block_keys, state.token_ids, num_blocks, self.block_size, root)
+
+    # -- planning --------------------------------------------------------------
+    def plan(self, now: float) -> StepPlan:
+        """Decide the next step and reserve its blocks."""
+        stats = self.stats
+        stats.num_steps += 1
+        view = self.view
+        view._begin_step(now, self.pool.num_free_blocks, len(self.running), len(self.waiting))
+        if self._policy_drops and self.waiting:
+            self._apply_drops(now)
+        batch = _Batch(self.sched_config.max_num_batched_tokens)
+        preempted: list[str] = []
+        self._schedule_running(batch, preempted, now)
+        if (
+            not preempted
+            and self.waiting
+            and batch.budget > 0
+            and (len(self.running) < self.sched_config.max_num_seqs or self._policy_preempts)
+        ):
+            self._schedule_waiting(batch, preempted, now)
+        plan = StepPlan(
+            step_id=stats.num_steps,
+            now=now,
+            requests=batch.requests,
+            num_tokens=batch.tokens,
+            start_positions=batch.starts,
+            num_prefill_tokens=batch.num_prefill,
+            num_decode_tokens=batch.num_decode,
+            num_kv_tokens=batch.kv_tokens,
+            preempted_ids=preempted,
+        )
+        if self._policy_on_step:
+            self.policy.on_step(plan, view)
+        return plan
+
+    def _schedule_running(self, batch: _Batch, preempted: list[str], now: float) -> None:
+        running = self.running
+        pool = self.pool
+        bs = self.block_size
+        cap = self._chunk_cap
+        i = 0
+        while i < len(running) and batch.budget > 0:
+            req = running[i]
+            start = req.num_computed_tokens
+            n = len(req.token_ids) - start
+            if n > 1:
+                n = min(n, cap, batch.budget)
+            need = (start + n + bs - 1) // bs - len(req.block_ids)
+            if need > 0:
+                if need > pool.num_free_blocks:
+                    while need > pool.num_free_blocks:
+                        victim = self.policy.victim(running[i:], self.view)
+                        self._check_victim(victim, running[i:])
+                        self._preempt(victim)
+                        preempted.append(victim.request_id)
+                        if victim is req:
+                            break
+                    if req.status is not _RUNNING:
+                        continue  # running[i] is now the next request
+                req.block_ids.extend(pool.allocate(need))
+            batch.add(req, start, n)
+            i += 1
+
+    def _schedule_waiting(self, batch: _Batch, preempted: list[str], now: float) -> None:
+        max_seqs = self.sched_config.max_num_seqs
+        sharing = self.sched_config.enable_inbatch_prefix_sharing
+        pending: set[int] | None = None
+        admitted: list[RequestState] = []
+        num_skipped = 0
+        for req in self.policy.order(list(self.waiting.values()), self.view):
+            if batch.budget <= 0:
+                break
+            if sharing and self.sched_config.enable_prefix_caching:
+                if pending is None:
+                    pending = self._pending_keys()
+                if self._shares_pending_prefix(req, pending):
+                    num_skipped += 1
+                    if num_skipped > self._max_skipped:
+                        break
+                    continue
+            if not self._try_admit(req, batch, preempted, now, max_seqs):
+                break
+            admitted.append(req)
+            if pending is not None:
+                pending.update(req.block_keys[req.num_sealed_blocks :])
+        waiting = self.waiting  # a preemption above may have rebuilt it
+        for req in admitted:
+            if req.status is _RUNNING:  # not preempted again by a later admission
+                del waiting[req.request_id]
+
+    def _try_admit(
+        self,
+        req: RequestState,
+        batch: _Batch,
+        preempted: list[str],
+        now: float,
+        max_seqs: int,
+    ) -> bool:
+        bs = self.block_size
+        pool = self.pool
+        num_tokens = len(req.token_ids)
+        while True:
+            hits: list[int] = []
+            if self.sched_config.enable_prefix_caching:
+                max_hit_blocks = (num_tokens - 1) // bs
+                self._extend_keys(req, max_hit_blocks)
+                hits = self.store.match_device(req.block_keys, max_hit_blocks)
+            num_cached = len(hits) * bs
+            n = min(num_tokens - num_cached, self._chunk_cap, batch.budget)
+            num_new = (num_cached + n + bs - 1) // bs - len(hits)
+            blocks_short = num_new + pool.num_evictable_among(hits) > pool.num_free_blocks
+            if not blocks_short and len(self.running) < max_seqs:
+                break
+            victim = self.policy.preempt_for(req, self.running, self.view)
+            if victim is None:
+                return False
+            self._check_victim(victim, self.running)
+            if victim in batch.requests:
+                batch.remove(victim)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+        pool.touch(hits)
+        req.block_ids = hits + pool.allocate(num_new)
+        req.num_sealed_blocks = len(hits)
+        req.status = _RUNNING
+        self.running.append(req)
+        stats = self.stats
+        stats.prefix_hit_tokens += num_cached
+        stats.prefix_query_tokens += num_tokens
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+            req.num_cached_tokens = num_cached
+        batch.add(req, num_cached, n)
+        return True
+
+    def _pending_keys(self) -> set[int]:
+        """Keys of blocks that running requests are computing and have not sealed."""
+        pending: set[int] = set()
+        for r in self.running:
+            if len(r.block_keys) > r.num_sealed_blocks:
+                pending.update(r.block_keys[r.num_sealed_blocks :])
+        return pending
+
+    def _shares_pending_prefix(self, req: RequestState, pending: set[int]) -> bool:
+        if not pending:
+            return False
+        self._extend_keys(req, (req.num_tokens - 1) // self.block_size)
+        keys = req.block_keys
+        n = self.pool.count_prefix(keys)
+        return n < len(keys) and keys[n] in pending
+
+    def _apply_drops(self, now: float) -> None:
+        drops = list(self.policy.drop(list(self.waiting.values()), self.view))
+        for state, reason in drops:
+            if self.waiting.pop(state.request_id, None) is not None:
+                self._finish(state, FinishReason.REJECTED, now, reason)
+                self.stats.num_rejected += 1
+
+    @staticmethod
+    def _check_victim(victim: RequestState, candidates: Sequence[RequestState]) -> None:
+        if victim.status is not _RUNNING or victim not in candidates:
+            raise ValueError(
+                f"policy chose {victim.request_id!r} as a victim, which is not one of "
+                "the running candidates"
+            )
+
+    # -- results ---------------------------------------------------------------
+    def commit(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestState]:
+        """Apply a step's results. Returns the requests that finished in this step."""
+        sampled = result.sampled_token_ids
+        if len(sampled) != len(plan.requests):
+            raise ValueError(
+                f"step {plan.step_id}: runner returned {len(sampled)} sampled tokens "
+                f"for {len(plan.requests)} scheduled requests"
+            )
+        bs = self.block_size
+        caching = self.sched_config.enable_prefix_caching
+        finished: list[RequestState] = []
+        for i, req in enumerate(plan.requests):
+            if req.status is not _RUNNING:
+                continue  # aborted since the plan
+            computed = req.num_computed_tokens
+            if caching and computed // bs > req.num_sealed_blocks:
+                self._seal(req, computed // bs)
+            tokens = req.token_ids
+            if computed != len(tokens):
+                continue  # a prefill chunk short of the end samples nothing
+            token = sampled[i]
+            if token is None:
+                raise ValueError(
+                    f"step {plan.step_id}: no token sampled for {req.request_id!r}, "
+                    "which completed its prefill"
+                )
+            tokens.append(token)
+            req.token_times.append(now)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if len(tokens) - req.num_prompt_tokens >= req.max_new_tokens:
+                self._finish(req, FinishReason.LENGTH, now)
+                finished.append(req)
+            elif token in req.stop_token_ids:
+                self._finish(req, FinishReason.STOP, now)
+                finished.append(req)
+        if finished:
+            self.running = [r for r in self.running if r.status is _RUNNING]
+        return finished
+
+    def _seal(self, req: RequestState, num_full: int) -> None:
+        self._extend_keys(req, num_full)
+        keys = req.block_keys
+        blocks = req.block_ids
+        seal = self.pool.seal
+        for j in range(req.num_sealed_blocks, num_full):
+            seal(blocks[j], keys[j])
+        req.num_sealed_blocks = num_full
+
+    # -- state changes -----------------------------------------------------------
+    def _preempt(self, req: RequestState) -> None:
+        """Recompute preemption: drop the blocks, queue again at the front."""
+        self.running.remove(req)
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_sealed_blocks = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting = {req.request_id: req, **self.waiting}
+
+    def _finish(
+        self, req: RequestState, reason: FinishReason, now: float, detail: str = ""
+    ) -> None:
+        if req.block_ids:
+            self.pool.release(req.block_ids)
+            req.block_ids = []
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finish_detail = detail
+        req.finish_time = now
+        self.policy.on_finish(req, self.view)
+
+    # -- invariants ----------------------------------------------------------------
+    def num_leaked_blocks(self) -> int:
+        """Blocks still referenced beyond what active requests hold (0 unless a bug)."""
+        held = {b for r in self.running for b in r.block_ids}
+        return self.pool.num_used_blocks - len(held)
+
+    def check_integrity(self) -> None:
+        """Raise `IntegrityError` when the queues, the requests' blocks and the pool's
+        refcounts disagree."""
+        problems: list[str] = []
+        refs = [0] * self.pool.num_blocks
+        bs = self.block_size
+        if len(self.running) > self.sched_config.max_num_seqs:
+            problems.append(f"{len(self.running)} running > max_num_seqs")
+        ids = [r.request_id for r in self.running]
+        if len(set(ids)) != len(ids) or set(ids) & set(self.waiting):
+            problems.append("a request is running twice or both running and waiting")
+        for r in self.running:
+            if r.status is not _RUNNING:
+                problems.append(f"{r.request_id} is in running with status {r.status.name}")
+            if len(r.block_ids) != -(-r.num_computed_tokens // bs):
+                problems.append(
+                    f"{r.request_id} holds {len(r.block_ids)} blocks for "
+                    f"{r.num_computed_tokens} computed tokens"
+                )
+            if not r.num_sealed_blocks <= len(r.block_ids):
+                problems.append(f"{r.request_id} sealed more blocks than it holds")
+            for b in r.block_ids:
+                refs[b] += 1
+        for rid, r in self.waiting.items():
+            if rid != r.request_id or r.block_ids or r.num_computed_tokens:
+                problems.append(f"waiting {rid} holds blocks or computed tokens")
+            if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                problems.append(f"{rid} is waiting with status {r.status.name}")
+        if problems:
+            raise IntegrityError("; ".join(problems[:10]))
+        self.store.check_integrity(refs)

@@ -1,0 +1,57 @@
+"""The data contract between the scheduler and a runner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvflow.request import RequestState
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One step's work, in running order.
+
+    Request `i` computes `num_tokens[i]` tokens starting at position `start_positions[i]`
+    (its tokens are `requests[i].token_ids[start : start + n]`, its KV goes to
+    `requests[i].block_ids`). It samples a token when `start + n` reaches the end of its
+    known tokens (see `samples`).
+    """
+
+    step_id: int
+    now: float
+    requests: list[RequestState]
+    num_tokens: list[int]
+    start_positions: list[int]
+    num_prefill_tokens: int
+    """Tokens of entries computing more than one token (prefill chunks, recompute)."""
+    num_decode_tokens: int
+    """Entries computing exactly one token."""
+    num_kv_tokens: int
+    """Context attended, summed over entries: start + n per entry."""
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    def samples(self, index: int) -> bool:
+        """Whether entry `index` produces a token this step (valid until commit)."""
+        req = self.requests[index]
+        return self.start_positions[index] + self.num_tokens[index] == len(req.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a runner returns for a plan.
+
+    `sampled_token_ids[i]` is the token sampled for plan entry `i`, or None for an entry
+    that does not sample (a prefill chunk short of the prompt's end).
+    """
+
+    sampled_token_ids: Sequence[int | None]
+    duration_s: float = 0.0

@@ -1,0 +1,199 @@
+"""The step planner: budget, chunking, prefix hits, sharing, admission, abort, preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.request import FinishReason, RequestStatus
+from kvflow.scheduler import StepResult
+from tests.builders import ScriptedRunner, make_request, make_scheduler, run_to_completion
+
+
+def test_chunked_prefill_respects_budget_threshold_and_never_starves_decodes() -> None:
+    budget, threshold = 64, 24
+    sched = make_scheduler(
+        **{
+            "scheduler.max_num_batched_tokens": budget,
+            "scheduler.long_prefill_threshold": threshold,
+            "scheduler.max_num_seqs": 16,
+            "kv.block_size": 4,
+            "kv.device.num_blocks": 1024,
+        }
+    )
+    # A few short requests that start decoding early, then long prompts arriving later.
+    for i in range(4):
+        sched.add(make_request(8, max_new_tokens=40, base=100 * i))
+    runner = ScriptedRunner()
+    now = 0.0
+    long_added = False
+    for step in range(400):
+        if not sched.has_unfinished:
+            break
+        if step == 3 and not long_added:
+            for i in range(6):
+                sched.add(make_request(200, max_new_tokens=3, base=10_000 + 1000 * i))
+            long_added = True
+        decoding = {
+            r.request_id for r in sched.running if r.num_tokens - r.num_computed_tokens == 1
+        }
+        plan = sched.plan(now)
+        assert plan.num_scheduled_tokens <= budget
+        scheduled = {r.request_id for r in plan.requests}
+        assert decoding <= scheduled, "a decoding request was left out of a step"
+        for r, n in zip(plan.requests, plan.num_tokens, strict=True):
+            assert 1 <= n <= threshold, (r.request_id, n)
+        result = runner.execute(plan)
+        now += result.duration_s
+        sched.commit(plan, result, now)
+        sched.check_integrity()
+    assert not sched.has_unfinished
+    assert long_added
+    # Long prompts needed several chunks each.
+    assert any(n == threshold for p in runner.plans for n in p.num_tokens)
+
+
+def test_prefix_hits_are_counted_exactly() -> None:
+    sched = make_scheduler(**{"kv.block_size": 4, "kv.device.num_blocks": 64})
+    a = sched.add(make_request(list(range(10)), max_new_tokens=2, request_id="a"))
+    run_to_completion(sched)
+    assert a.num_cached_tokens == 0
+    # Same first 8 tokens (2 full blocks), then different.
+    b = sched.add(make_request([*range(8), 99, 98, 97], max_new_tokens=1, request_id="b"))
+    # Identical 10-token prompt: 2 full blocks cached, the partial third is not a block.
+    c = sched.add(make_request(list(range(10)), max_new_tokens=1, request_id="c"))
+    # Exactly 8 tokens, both blocks cached: the last block is recomputed so the step has
+    # a token to sample from, so only 4 tokens count as hits.
+    d = sched.add(make_request(list(range(8)), max_new_tokens=1, request_id="d"))
+    # Diverges inside the first block: no hit.
+    e = sched.add(make_request([0, 1, 2, 50, 4, 5, 6, 7, 8], max_new_tokens=1, request_id="e"))
+    run_to_completion(sched)
+    assert [x.num_cached_tokens for x in (b, c, d, e)] == [8, 8, 4, 0]
+    assert sched.stats.prefix_hit_tokens == 8 + 8 + 4
+    assert sched.stats.prefix_query_tokens == 10 + 11 + 10 + 8 + 9
+
+
+def test_output_blocks_are_cached_for_the_next_turn() -> None:
+    sched = make_scheduler(**{"kv.block_size": 4, "kv.device.num_blocks": 64})
+    first = sched.add(make_request(list(range(6)), max_new_tokens=6, request_id="t1"))
+    run_to_completion(sched, ScriptedRunner(token=5))
+    history = first.token_ids  # 6 prompt + 6 output tokens = 3 full blocks
+    assert len(history) == 12
+    second = sched.add(make_request([*history, 77, 78], max_new_tokens=1, request_id="t2"))
+    run_to_completion(sched)
+    # Blocks 0-1 are computed, block 2's last token was sampled but never fed, so only
+    # 8 tokens were cached.
+    assert second.num_cached_tokens == 8
+
+
+def test_inbatch_prefix_sharing_computes_a_shared_prefix_once() -> None:
+    prefix = list(range(500, 532))  # 8 blocks of 4
+
+    def hits(sharing: bool) -> tuple[int, int]:
+        sched = make_scheduler(
+            **{
+                "kv.block_size": 4,
+                "kv.device.num_blocks": 256,
+                "scheduler.enable_inbatch_prefix_sharing": sharing,
+            }
+        )
+        states = [
+            sched.add(make_request([*prefix, 1000 + i, 2000 + i], max_new_tokens=2))
+            for i in range(3)
+        ]
+        run_to_completion(sched)
+        return sched.stats.prefix_hit_tokens, sum(s.num_cached_tokens for s in states)
+
+    assert hits(sharing=True) == (64, 64)  # the two followers each hit the 32-token prefix
+    assert hits(sharing=False) == (0, 0)  # all three computed it in the same step
+
+
+def test_requests_that_can_never_fit_are_rejected_with_a_reason() -> None:
+    sched = make_scheduler(
+        **{"kv.block_size": 4, "kv.device.num_blocks": 8, "scheduler.max_model_len": 40}
+    )
+    too_long = sched.add(make_request(30, max_new_tokens=20))
+    too_big = sched.add(make_request(30, max_new_tokens=5))  # 35 tokens = 9 blocks > 8
+    fits = sched.add(make_request(20, max_new_tokens=4))
+    for state in (too_long, too_big):
+        assert state.status is RequestStatus.FINISHED
+        assert state.finish_reason is FinishReason.REJECTED
+    assert "50 exceeds max_model_len (40)" in too_long.finish_detail
+    assert "needs 9 blocks" in too_big.finish_detail and "holds 8" in too_big.finish_detail
+    run_to_completion(sched)
+    assert fits.finish_reason is FinishReason.LENGTH
+    assert sched.stats.num_rejected == 2
+
+
+def test_abort_frees_blocks_of_waiting_and_running_requests() -> None:
+    sched = make_scheduler(**{"kv.block_size": 4, "kv.device.num_blocks": 64})
+    running = sched.add(make_request(20, max_new_tokens=50))
+    waiting = sched.add(make_request(20, max_new_tokens=50, base=5000))
+    sched.add(make_request(20, max_new_tokens=3, base=9000))
+    runner = ScriptedRunner()
+    plan = sched.plan(0.0)
+    assert running in plan.requests
+    sched.commit(plan, runner.execute(plan), 0.01)
+    used_before = sched.pool.num_used_blocks
+    assert sched.abort(running.request_id, 0.02) is running
+    assert running.finish_reason is FinishReason.ABORTED and not running.block_ids
+    assert sched.pool.num_used_blocks < used_before
+    assert sched.abort(waiting.request_id, 0.02) is waiting
+    assert sched.abort("no-such-id", 0.02) is None
+    sched.check_integrity()
+    run_to_completion(sched)
+    assert sched.num_leaked_blocks() == 0 and sched.pool.num_used_blocks == 0
+
+
+def test_abort_between_plan_and_commit_skips_the_entry() -> None:
+    sched = make_scheduler(**{"kv.block_size": 4})
+    a = sched.add(make_request(8, max_new_tokens=5))
+    plan = sched.plan(0.0)
+    sched.abort(a.request_id, 0.0)
+    sched.commit(plan, ScriptedRunner().execute(plan), 0.01)
+    assert a.num_output_tokens == 0 and a.finish_reason is FinishReason.ABORTED
+    sched.check_integrity()
+
+
+def test_preemption_under_a_tiny_device_tier_still_finishes_everything() -> None:
+    sched = make_scheduler(**{"kv.block_size": 4, "kv.device.num_blocks": 12})
+    states = [sched.add(make_request(10, max_new_tokens=20, base=100 * i)) for i in range(5)]
+    run_to_completion(sched)
+    assert sched.stats.num_preemptions > 0
+    assert all(s.finish_reason is FinishReason.LENGTH for s in states)
+    assert all(s.num_output_tokens == 20 for s in states)
+    assert sched.num_leaked_blocks() == 0
+
+
+def test_stop_token_finishes_a_request() -> None:
+    sched = make_scheduler()
+    from kvflow.request import SamplingParams
+
+    state = sched.add(
+        make_request(8, max_new_tokens=50, sampling=SamplingParams(stop_token_ids=(7,)))
+    )
+    run_to_completion(sched, ScriptedRunner(token=7))
+    assert state.finish_reason is FinishReason.STOP
+    assert state.output_token_ids == [7]
+
+
+def test_commit_rejects_a_result_of_the_wrong_length() -> None:
+    sched = make_scheduler()
+    sched.add(make_request(8))
+    plan = sched.plan(0.0)
+    with pytest.raises(ValueError, match="1 scheduled requests"):
+        sched.commit(plan, StepResult([1, 2]), 0.1)
+
+
+def test_duplicate_request_ids_are_refused() -> None:
+    sched = make_scheduler()
+    sched.add(make_request(8, request_id="x"))
+    with pytest.raises(ValueError, match="'x' is already queued"):
+        sched.add(make_request(8, request_id="x"))
+
+
+def test_max_num_seqs_caps_running_requests() -> None:
+    sched = make_scheduler(**{"scheduler.max_num_seqs": 3})
+    for i in range(10):
+        sched.add(make_request(8, max_new_tokens=3, base=50 * i))
+    plans = run_to_completion(sched)
+    assert max(len(p.requests) for p in plans) == 3
