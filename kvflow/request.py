@@ -152,6 +152,7 @@ class RequestState:
         "finish_time",
         "first_scheduled_time",
         "first_token_time",
+        "kv_wait_s",
         "max_new_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -193,6 +194,8 @@ class RequestState:
         self.token_times: list[float] = []
         self.finish_time: float | None = None
         self.num_preemptions = 0
+        self.kv_wait_s = 0.0
+        """Seconds spent in WAITING_FOR_KV (loads from lower tiers or peers)."""
 
     @property
     def num_tokens(self) -> int:
