@@ -10,7 +10,7 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -34,6 +34,10 @@ class SchedulerConfig(_Frozen):
     """Longest prompt + output a request may have; longer requests are rejected."""
     enable_prefix_caching: bool = True
     """Reuse cached blocks of earlier requests with the same prefix."""
+    preemption_mode: Literal["auto", "swap", "recompute"] = "auto"
+    """How a preempted request keeps its KV: swap (its blocks go down to the cpu tier and
+    come back on resume), recompute (they are dropped), or whichever the copy model says
+    is cheaper (auto). Swap needs a cpu tier."""
     enable_inbatch_prefix_sharing: bool = True
     """Hold back a waiting request whose next uncached block another running request is
     computing, so the shared prefix is computed once."""
@@ -41,13 +45,108 @@ class SchedulerConfig(_Frozen):
 
 class DeviceTierConfig(_Frozen):
     num_blocks: int = Field(default=4096, ge=1)
-    """Capacity of the device tier in blocks."""
+    """Capacity of the device tier in blocks (ignored when size_mib is set)."""
+    size_mib: float | None = Field(default=None, gt=0)
+    """Capacity in MiB instead of blocks (divided by the layout's bytes per block)."""
+
+
+class CPUTierConfig(_Frozen):
+    num_blocks: int = Field(default=0, ge=0)
+    """Capacity of the CPU DRAM tier in blocks; 0 disables it."""
+    size_mib: float | None = Field(default=None, ge=0)
+    """Capacity in MiB instead of blocks."""
+
+
+class DiskTierConfig(_Frozen):
+    num_blocks: int = Field(default=0, ge=0)
+    """Capacity of the local-disk tier in blocks; 0 disables it. Needs the cpu tier."""
+    size_mib: float | None = Field(default=None, ge=0)
+    """Capacity in MiB instead of blocks."""
+    path: str | None = None
+    """Slab file for the disk tier (default: a new file under ~/.cache/kvflow)."""
+    fsync: bool = False
+    """fsync after each batch of writes (durability; slower)."""
+
+
+class KVLayoutConfig(_Frozen):
+    """Shape of one block's KV: (num_layers, 2, block_size, num_kv_heads, head_dim)."""
+
+    num_layers: int = Field(default=32, ge=1)
+    """Transformer layers (Llama-3-8B: 32)."""
+    num_kv_heads: int = Field(default=8, ge=1)
+    """KV heads per layer (Llama-3-8B: 8)."""
+    head_dim: int = Field(default=128, ge=1)
+    """Head dimension (Llama-3-8B: 128)."""
+    dtype: Literal["float16", "bfloat16", "float32", "float64"] = "bfloat16"
+    """Element type of the KV cache."""
+
+    def bytes_per_token(self) -> int:
+        itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[self.dtype]
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+class TransferConfig(_Frozen):
+    """Bandwidth and latency of copies between tiers (the simulator's copy model)."""
+
+    device_to_cpu_gbps: float = Field(default=50.0, gt=0)
+    """GB/s device to pinned host (PCIe 5 x16: ~50 GB/s achievable)."""
+    cpu_to_device_gbps: float = Field(default=50.0, gt=0)
+    """GB/s pinned host to device."""
+    cpu_to_disk_gbps: float = Field(default=3.0, gt=0)
+    """GB/s host to local NVMe (sequential write)."""
+    disk_to_device_gbps: float = Field(default=6.0, gt=0)
+    """GB/s local NVMe to device through a host bounce buffer (sequential read)."""
+    pcie_latency_us: float = Field(default=10.0, ge=0)
+    """Fixed cost of one device<->host copy batch."""
+    disk_latency_us: float = Field(default=100.0, ge=0)
+    """Fixed cost of one disk read or write batch."""
 
 
 class KVConfig(_Frozen):
     block_size: int = Field(default=16, ge=1, le=4096)
     """Tokens per KV block."""
     device: DeviceTierConfig = DeviceTierConfig()
+    cpu: CPUTierConfig = CPUTierConfig()
+    disk: DiskTierConfig = DiskTierConfig()
+    layout: KVLayoutConfig = KVLayoutConfig()
+    transfer: TransferConfig = TransferConfig()
+    write_policy: Literal["write_back", "write_through", "write_through_selective"] = "write_back"
+    """When a block is copied one tier down: write_back when it goes cold (its last user
+    releases it); write_through as soon as it is computed (device) or lands (cpu);
+    write_through_selective like write_through but only for blocks hit at least
+    write_through_threshold times, other blocks are dropped on eviction."""
+    write_through_threshold: int = Field(default=2, ge=1)
+    """Hits before write_through_selective copies a block down."""
+    load_policy: Literal["auto", "always", "never"] = "auto"
+    """Whether a prefix hit below device is loaded (always), recomputed (never), or
+    whichever the copy model says is faster than recomputing (auto)."""
+    recompute_token_us: float = Field(default=32.0, ge=0)
+    """Estimated cost of recomputing one prefill token, for load-vs-recompute and
+    swap-vs-recompute decisions."""
+
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.layout.bytes_per_token()
+
+    def tier_blocks(self, tier: Literal["device", "cpu", "disk"]) -> int:
+        """A tier's capacity in blocks, from num_blocks or size_mib."""
+        section: DeviceTierConfig | CPUTierConfig | DiskTierConfig = getattr(self, tier)
+        if section.size_mib is not None:
+            return int(section.size_mib * 2**20 // self.bytes_per_block())
+        return section.num_blocks
+
+    @model_validator(mode="after")
+    def _tiers_consistent(self) -> KVConfig:
+        if self.tier_blocks("device") < 1:
+            raise ValueError(
+                f"kv.device.size_mib={self.device.size_mib!r} holds no block of "
+                f"{self.bytes_per_block()} bytes"
+            )
+        if self.tier_blocks("disk") > 0 and self.tier_blocks("cpu") == 0:
+            raise ValueError(
+                f"kv.disk.num_blocks={self.disk.num_blocks!r} needs a cpu tier "
+                "(kv.cpu.num_blocks > 0): blocks reach disk through cpu"
+            )
+        return self
 
 
 class SimRunnerConfig(_Frozen):

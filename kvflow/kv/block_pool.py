@@ -31,6 +31,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.block_keys: list[int | None] = [None] * num_blocks
+        self.hit_counts = [0] * num_blocks
+        """Prefix hits on each cached block since it was filled."""
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[int, int] = {}
@@ -69,14 +71,18 @@ class BlockPool:
         return sum(1 for b in block_ids if refs[b] == 0)
 
     # -- changes ---------------------------------------------------------------
-    def touch(self, block_ids: Iterable[int]) -> None:
-        """Take a reference on cached blocks (a prefix hit)."""
+    def touch(self, block_ids: Iterable[int], hit: bool = True) -> None:
+        """Take a reference on cached blocks: a prefix hit, or (hit=False) a pin that
+        keeps a block from being evicted while a copy reads it."""
         refs = self.ref_counts
         evictable = self._evictable
+        hits = self.hit_counts
         for b in block_ids:
             if refs[b] == 0:
                 del evictable[b]
             refs[b] += 1
+            if hit:
+                hits[b] += 1
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Hand out `num_blocks` fresh blocks, each with one reference."""
@@ -98,6 +104,7 @@ class BlockPool:
                     self.block_keys[b] = None
                 self.num_evictions += 1
             refs[b] = 1
+            self.hit_counts[b] = 0
             out.append(b)
         return out
 

@@ -1,28 +1,143 @@
-"""The KV store the scheduler and policies talk to.
+"""The tiered KV store the scheduler and policies talk to.
 
-It owns the tiers' block pools (only the device tier so far) and answers the one
-question every policy asks: where does this prefix live (`locate`).
+Three tiers, each a `BlockPool` (refcounts, free list, LRU of cached blocks, key index):
+device (the working set the runner reads and writes), cpu (hot cache) and disk (large
+cache). `locate` answers where a prefix lives. Blocks move down when they go cold or as
+soon as they are computed (the write policy), and up when a request hits them below
+device (`start_load`). Copies are `Transfer`s carried out by a `CopyEngine`; while a
+copy runs, its source blocks are pinned (cannot be evicted) and its destination blocks
+are neither indexed nor reusable, so a block is never read before its copy ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from kvflow.config import KVConfig
-from kvflow.kv.block_pool import BlockPool
+from kvflow.kv.block_pool import BlockPool, IntegrityError
 from kvflow.kv.location import PrefixLocation
+from kvflow.kv.transfer import DIRECTIONS, CopyEngine, Direction, SimCopyEngine, Transfer
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvflow.kv.storage import DiskStorage, TensorStorage
+
+TierName = Literal["device", "cpu", "disk"]
+TIERS: tuple[TierName, ...] = ("device", "cpu", "disk")
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """What moved between tiers. Block counts; bytes per direction."""
+
+    num_promoted_blocks: int = 0
+    num_demoted_blocks: int = 0
+    num_disk_writes: int = 0
+    num_tier_errors: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
 
 
 class KVStore:
-    def __init__(self, config: KVConfig) -> None:
+    """Block pools for every configured tier, their index, and the copies between them.
+
+    Args:
+        config: tier capacities, layout, write and load policies.
+        engine: carries out copies; the virtual-time `SimCopyEngine` when omitted.
+        device_storage, cpu_storage, disk_storage: real block bytes, when a runner
+            needs them (see `with_tensors`); the simulator runs without.
+    """
+
+    def __init__(
+        self,
+        config: KVConfig,
+        engine: CopyEngine | None = None,
+        *,
+        device_storage: TensorStorage | None = None,
+        cpu_storage: TensorStorage | None = None,
+        disk_storage: DiskStorage | None = None,
+    ) -> None:
         self.config = config
         self.block_size = config.block_size
-        self.device = BlockPool(config.device.num_blocks)
+        self.bytes_per_block = config.bytes_per_block()
+        self.device = BlockPool(config.tier_blocks("device"))
+        num_cpu = config.tier_blocks("cpu")
+        num_disk = config.tier_blocks("disk")
+        self.cpu: BlockPool | None = BlockPool(num_cpu) if num_cpu else None
+        self.disk: BlockPool | None = BlockPool(num_disk) if num_disk and num_cpu else None
+        self.engine = engine if engine is not None else SimCopyEngine(config.transfer)
+        self.device_storage = device_storage
+        self.cpu_storage = cpu_storage
+        self.disk_storage = disk_storage
+        self.stats = StoreStats()
+        self._pools: dict[str, BlockPool | None] = {
+            "device": self.device,
+            "cpu": self.cpu,
+            "disk": self.disk,
+        }
+        self._inflight: dict[int, Transfer] = {}
+        self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
+        policy = config.write_policy
+        self.write_through = policy == "write_through"
+        self.selective = policy == "write_through_selective"
+        self._threshold = config.write_through_threshold
+        sim_engine = self.engine if isinstance(self.engine, SimCopyEngine) else None
+        self._cost_model = sim_engine or SimCopyEngine(config.transfer)
 
+    @classmethod
+    def with_tensors(
+        cls, config: KVConfig, device: str | torch.device = "cpu", max_workers: int = 2
+    ) -> KVStore:
+        """A store with real tensor pools (and a slab file for disk) and threaded copies."""
+        from kvflow.kv.storage import DiskStorage, TensorStorage
+        from kvflow.kv.transfer import TensorCopyEngine
+
+        dev = TensorStorage.allocate(config, config.tier_blocks("device"), device)
+        num_cpu = config.tier_blocks("cpu")
+        cpu = TensorStorage.allocate(config, num_cpu, "cpu", pin=True) if num_cpu else None
+        num_disk = config.tier_blocks("disk")
+        disk = DiskStorage.create(config, num_disk) if num_disk and num_cpu else None
+        engine = TensorCopyEngine(dev, cpu, disk, max_workers=max_workers)
+        return cls(config, engine, device_storage=dev, cpu_storage=cpu, disk_storage=disk)
+
+    @property
+    def has_lower_tiers(self) -> bool:
+        return self.cpu is not None
+
+    def close(self) -> None:
+        self.engine.close()
+        if self.disk_storage is not None:
+            self.disk_storage.close()
+
+    # -- where prefixes live ---------------------------------------------------------
     def locate(self, block_keys: Sequence[int]) -> PrefixLocation:
-        """The cached run of leading blocks with these keys, per tier."""
-        n = self.device.count_prefix(block_keys)
-        return PrefixLocation(device_tokens=n * self.block_size)
+        """The cached run of leading blocks with these keys: first those on device, then
+        those below it, each counted in the fastest lower tier that holds it."""
+        d = self.device.count_prefix(block_keys)
+        if self.cpu is None or d == len(block_keys):
+            return PrefixLocation(device_tokens=d * self.block_size)
+        num_cpu, num_disk = self._count_below(block_keys, d)
+        bs = self.block_size
+        return PrefixLocation(
+            device_tokens=d * bs, cpu_tokens=num_cpu * bs, disk_tokens=num_disk * bs
+        )
+
+    def _count_below(self, keys: Sequence[int], start: int) -> tuple[int, int]:
+        assert self.cpu is not None
+        cpu_index = self.cpu._cached
+        disk_index = self.disk._cached if self.disk is not None else {}
+        num_cpu = num_disk = 0
+        for i in range(start, len(keys)):
+            key = keys[i]
+            if key in cpu_index:
+                num_cpu += 1
+            elif key in disk_index:
+                num_disk += 1
+            else:
+                break
+        return num_cpu, num_disk
 
     def match_device(self, block_keys: Sequence[int], max_blocks: int) -> list[int]:
         """Device block ids of the leading cached blocks, at most `max_blocks`."""
@@ -35,5 +150,252 @@ class KVStore:
             out.append(b)
         return out
 
+    def find_below(
+        self, block_keys: Sequence[int], start: int, max_blocks: int
+    ) -> list[tuple[TierName, int]]:
+        """(tier, slot) of the run of blocks `start..` that lower tiers hold, at most up to
+        `max_blocks`; each block from the fastest tier holding it."""
+        out: list[tuple[TierName, int]] = []
+        if self.cpu is None:
+            return out
+        cpu_index = self.cpu._cached
+        disk_index = self.disk._cached if self.disk is not None else {}
+        for i in range(start, min(max_blocks, len(block_keys))):
+            key = block_keys[i]
+            slot = cpu_index.get(key)
+            if slot is not None:
+                out.append(("cpu", slot))
+                continue
+            slot = disk_index.get(key)
+            if slot is None:
+                break
+            out.append(("disk", slot))
+        return out
+
+    # -- costs --------------------------------------------------------------------------
+    def load_time_s(self, sources: Sequence[tuple[TierName, int]]) -> float:
+        """Estimated time to bring these blocks to device."""
+        num_cpu = sum(1 for tier, _ in sources if tier == "cpu")
+        num_disk = len(sources) - num_cpu
+        model = self._cost_model
+        t = 0.0
+        if num_cpu:
+            t += model.duration_s("cpu_to_device", num_cpu * self.bytes_per_block)
+        if num_disk:
+            t += model.duration_s("disk_to_device", num_disk * self.bytes_per_block)
+        return t
+
+    def recompute_time_s(self, num_blocks: int) -> float:
+        return num_blocks * self.block_size * self.config.recompute_token_us * 1e-6
+
+    def should_load(self, sources: Sequence[tuple[TierName, int]]) -> bool:
+        policy = self.config.load_policy
+        if not sources or policy == "never":
+            return False
+        if policy == "always":
+            return True
+        return self.load_time_s(sources) < self.recompute_time_s(len(sources))
+
+    def swap_is_cheaper(self, num_blocks: int) -> bool:
+        """Whether demoting and reloading `num_blocks` beats recomputing them."""
+        if self.cpu is None or num_blocks == 0:
+            return False
+        nbytes = num_blocks * self.bytes_per_block
+        model = self._cost_model
+        swap = model.duration_s("device_to_cpu", nbytes) + model.duration_s("cpu_to_device", nbytes)
+        return swap < self.recompute_time_s(num_blocks)
+
+    # -- moving blocks up -------------------------------------------------------------
+    def start_load(
+        self,
+        sources: Sequence[tuple[TierName, int]],
+        keys: Sequence[int],
+        device_blocks: Sequence[int],
+        now: float,
+    ) -> list[Transfer]:
+        """Copy lower-tier blocks into freshly allocated `device_blocks` (the caller holds
+        them). The device index learns each key when its copy completes."""
+        by_tier: dict[TierName, tuple[list[int], list[int], list[int]]] = {}
+        for (tier, slot), key, dst in zip(sources, keys, device_blocks, strict=True):
+            src_slots, dst_slots, tier_keys = by_tier.setdefault(tier, ([], [], []))
+            src_slots.append(slot)
+            dst_slots.append(dst)
+            tier_keys.append(key)
+        transfers = []
+        for tier, (src_slots, dst_slots, tier_keys) in by_tier.items():
+            direction: Direction = "cpu_to_device" if tier == "cpu" else "disk_to_device"
+            pool = self._pool(tier)
+            pool.touch(src_slots)  # a hit: pinned until the copy is done
+            transfers.append(self._submit(direction, src_slots, dst_slots, tier_keys, now))
+        self.stats.num_promoted_blocks += len(device_blocks)
+        return transfers
+
+    # -- moving blocks down -------------------------------------------------------------
+    def release_device(self, block_ids: Sequence[int], now: float, *, keep: bool) -> None:
+        """Drop a request's references. With `keep`, blocks that go cold are copied down
+        to cpu (write_back; write_through_selective copies only hot blocks, and
+        write_through copied them already)."""
+        pool = self.device
+        pool.release(block_ids)
+        if not keep or self.cpu is None or self.write_through:
+            return
+        refs = pool.ref_counts
+        block_keys = pool.block_keys
+        hits = pool.hit_counts
+        cold = [
+            b
+            for b in block_ids
+            if refs[b] == 0
+            and block_keys[b] is not None
+            and (not self.selective or hits[b] >= self._threshold)
+        ]
+        if cold:
+            self._copy_down("device_to_cpu", cold, now)
+
+    def on_sealed(self, block_id: int, now: float) -> None:
+        """A device block was just computed and indexed (write_through copies it now)."""
+        if self.write_through and self.cpu is not None:
+            self._copy_down("device_to_cpu", [block_id], now)
+
+    def _copy_down(self, direction: Direction, slots: Sequence[int], now: float) -> None:
+        src_pool = self._pool("device" if direction == "device_to_cpu" else "cpu")
+        dst_tier = "cpu" if direction == "device_to_cpu" else "disk"
+        dst_pool = self._pool(dst_tier)
+        inflight = self._inflight_keys[dst_tier]
+        src_slots: list[int] = []
+        keys: list[int] = []
+        for b in slots:
+            key = src_pool.block_keys[b]
+            if key is None or key in dst_pool._cached or key in inflight:
+                continue
+            src_slots.append(b)
+            keys.append(key)
+        n = min(len(src_slots), dst_pool.num_free_blocks)
+        storage = self.disk_storage
+        if direction == "cpu_to_disk" and storage is not None and not storage.enabled:
+            return
+        if n == 0:
+            return
+        src_slots, keys = src_slots[:n], keys[:n]
+        dst_slots = dst_pool.allocate(n)
+        src_pool.touch(src_slots, hit=False)
+        self._submit(direction, src_slots, dst_slots, keys, now)
+        if direction == "device_to_cpu":
+            self.stats.num_demoted_blocks += n
+        else:
+            self.stats.num_disk_writes += n
+
+    # -- copies -----------------------------------------------------------------------
+    def _pool(self, tier: str) -> BlockPool:
+        pool = self._pools[tier]
+        if pool is None:
+            raise ValueError(f"the {tier} tier is not configured")
+        return pool
+
+    def _submit(
+        self,
+        direction: Direction,
+        src_slots: list[int],
+        dst_slots: list[int],
+        keys: list[int],
+        now: float,
+    ) -> Transfer:
+        t = Transfer(direction, src_slots, dst_slots, keys, len(keys) * self.bytes_per_block, now)
+        self._inflight[t.transfer_id] = t
+        self._inflight_keys[t.dst_tier].update(keys)
+        self.stats.bytes_moved[direction] += t.num_bytes
+        if t.dst_tier == "device":
+            self.device.touch(dst_slots, hit=False)  # the copy's own hold on its target
+        self.engine.submit(t, now)
+        return t
+
+    def poll(self, now: float) -> list[tuple[Transfer, list[bool]]]:
+        """Finish the copies done by `now`: index their blocks where they landed, unpin
+        sources, and start the next copy down (cpu -> disk). Returns them."""
+        done = self.engine.completed(now)
+        for t, ok in done:
+            self._finish(t, ok, now)
+        return done
+
+    def _finish(self, t: Transfer, ok: list[bool], now: float) -> None:
+        del self._inflight[t.transfer_id]
+        dst_tier = t.dst_tier
+        self._inflight_keys[dst_tier].difference_update(t.keys)
+        src_pool = self._pool(t.src_tier)
+        dst_pool = self._pool(dst_tier)
+        landed: list[int] = []
+        for slot, key, good in zip(t.dst_slots, t.keys, ok, strict=True):
+            if good and dst_pool.seal(slot, key):
+                landed.append(slot)
+        num_bad = len(ok) - sum(ok)
+        if num_bad:
+            self.stats.num_tier_errors += num_bad
+            if t.src_tier == "disk":  # a corrupt or unreadable block: forget it
+                self._forget(src_pool, [s for s, g in zip(t.src_slots, ok, strict=True) if not g])
+        src_pool.release(t.src_slots)
+        dst_pool.release(t.dst_slots)
+        if dst_tier == "cpu" and self.disk is not None and landed:
+            hits = dst_pool.hit_counts
+            src_hits = src_pool.hit_counts
+            for slot, src in zip(t.dst_slots, t.src_slots, strict=True):
+                hits[slot] = src_hits[src]
+            if self.selective:
+                landed = [s for s in landed if hits[s] >= self._threshold]
+            if landed:
+                self._copy_down("cpu_to_disk", landed, now)
+
+    @staticmethod
+    def _forget(pool: BlockPool, slots: Sequence[int]) -> None:
+        for slot in slots:
+            key = pool.block_keys[slot]
+            if key is not None:
+                del pool._cached[key]
+                pool.block_keys[slot] = None
+
+    def next_event_time(self) -> float | None:
+        """When the next copy finishes in virtual time (None if none or unknown)."""
+        return self.engine.next_completion()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until a copy finishes (real copy engines)."""
+        self.engine.wait(timeout_s)
+
+    def drain(self, now: float) -> None:
+        """Finish every copy in flight (waiting for real ones)."""
+        while self._inflight:
+            t_next = self.engine.next_completion()
+            if t_next is not None:
+                now = max(now, t_next)
+            else:
+                self.engine.wait(1.0)
+            self.poll(now)
+
+    # -- invariants ---------------------------------------------------------------------
     def check_integrity(self, expected_device_refs: Sequence[int] | None = None) -> None:
-        self.device.check_integrity(expected_device_refs)
+        """Pools' own invariants, plus: every reference is held by a request (counted in
+        `expected_device_refs`) or by a copy in flight."""
+        pins: dict[str, list[int]] = {
+            tier: [0] * pool.num_blocks for tier, pool in self._pools.items() if pool
+        }
+        for t in self._inflight.values():
+            for s in t.src_slots:
+                pins[t.src_tier][s] += 1
+            for d in t.dst_slots:
+                pins[t.dst_tier][d] += 1
+                if self._pool(t.dst_tier).block_keys[d] is not None:
+                    raise IntegrityError(
+                        f"{t.dst_tier} block {d} is indexed before its copy finished"
+                    )
+        if expected_device_refs is not None:
+            refs = [a + b for a, b in zip(expected_device_refs, pins["device"], strict=True)]
+            self.device.check_integrity(refs)
+        else:
+            self.device.check_integrity()
+        for tier in ("cpu", "disk"):
+            pool = self._pools[tier]
+            if pool is not None:
+                pool.check_integrity(pins[tier])

@@ -17,7 +17,7 @@ from kvflow.config import KVFlowConfig
 from kvflow.kv.block_pool import IntegrityError
 from kvflow.kv.hashing import extend_block_keys, root_key
 from kvflow.kv.location import PrefixLocation
-from kvflow.kv.store import KVStore
+from kvflow.kv.store import KVStore, TierName
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.request import FinishReason, Request, RequestState, RequestStatus
 from kvflow.scheduler.plan import StepPlan, StepResult
@@ -84,12 +84,17 @@ class Scheduler:
         self.policy = policy
         self.waiting: dict[str, RequestState] = {}
         self.running: list[RequestState] = []
+        self.loading: dict[str, RequestState] = {}
+        """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
+        self._load_waits: dict[str, tuple[set[int], float]] = {}
+        self._load_owner: dict[int, str] = {}
         self.stats = SchedulerStats()
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
         self._root_keys: dict[tuple[str, ...], int] = {}
         self._policy_drops = policy.drops_requests()
         self._policy_on_step = type(policy).on_step is not Policy.on_step
         self._policy_preempts = type(policy).preempt_for is not Policy.preempt_for
+        self._write_through = self.store.write_through and self.store.has_lower_tiers
         threshold = self.sched_config.long_prefill_threshold
         self._chunk_cap = threshold if threshold is not None else 1 << 62
         # A scan of the waiting queue skips at most this many deferred requests per step.
@@ -100,7 +105,11 @@ class Scheduler:
         """Queue a request. One that can never be served is finished as rejected at
         once; check `state.status` / `state.finish_detail`."""
         rid = request.request_id
-        if rid in self.waiting or any(r.request_id == rid for r in self.running):
+        if (
+            rid in self.waiting
+            or rid in self.loading
+            or any(r.request_id == rid for r in self.running)
+        ):
             raise ValueError(f"request id {rid!r} is already queued or running")
         state = RequestState(request)
         now = request.arrival_time if now is None else now
@@ -135,6 +144,9 @@ class Scheduler:
         """Finish a queued or running request as aborted and free its blocks. Returns
         its state, or None when no such request is active."""
         state = self.waiting.pop(request_id, None)
+        if state is None and request_id in self.loading:
+            state = self.loading.pop(request_id)
+            self._load_waits.pop(request_id, None)
         if state is None:
             state = next((r for r in self.running if r.request_id == request_id), None)
             if state is None:
@@ -146,11 +158,16 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.loading)
+
+    def next_event_time(self) -> float | None:
+        """When a KV copy the scheduler waits for finishes, in virtual time (None when
+        nothing is in flight or the copies are real)."""
+        return self.store.next_event_time() if self.store.num_inflight else None
 
     # -- the cache ---------------------------------------------------------------
     def locate(self, state: RequestState) -> PrefixLocation:
@@ -176,6 +193,8 @@ class Scheduler:
         stats.num_steps += 1
         view = self.view
         view._begin_step(now, self.pool.num_free_blocks, len(self.running), len(self.waiting))
+        if self.store.num_inflight:
+            self._finish_copies(now)
         if self._policy_drops and self.waiting:
             self._apply_drops(now)
         batch = _Batch(self.sched_config.max_num_batched_tokens)
@@ -185,7 +204,10 @@ class Scheduler:
             not preempted
             and self.waiting
             and batch.budget > 0
-            and (len(self.running) < self.sched_config.max_num_seqs or self._policy_preempts)
+            and (
+                len(self.running) + len(self.loading) < self.sched_config.max_num_seqs
+                or self._policy_preempts
+            )
         ):
             self._schedule_waiting(batch, preempted, now)
         plan = StepPlan(
@@ -221,7 +243,7 @@ class Scheduler:
                     while need > pool.num_free_blocks:
                         victim = self.policy.victim(running[i:], self.view)
                         self._check_victim(victim, running[i:])
-                        self._preempt(victim)
+                        self._preempt(victim, now)
                         preempted.append(victim.request_id)
                         if victim is req:
                             break
@@ -255,7 +277,7 @@ class Scheduler:
                 pending.update(req.block_keys[req.num_sealed_blocks :])
         waiting = self.waiting  # a preemption above may have rebuilt it
         for req in admitted:
-            if req.status is _RUNNING:  # not preempted again by a later admission
+            if req.status is not RequestStatus.PREEMPTED:  # not undone by a later admission
                 del waiting[req.request_id]
 
     def _try_admit(
@@ -268,18 +290,25 @@ class Scheduler:
     ) -> bool:
         bs = self.block_size
         pool = self.pool
+        store = self.store
         num_tokens = len(req.token_ids)
         while True:
             hits: list[int] = []
+            below: list[tuple[TierName, int]] = []
             if self.sched_config.enable_prefix_caching:
                 max_hit_blocks = (num_tokens - 1) // bs
                 self._extend_keys(req, max_hit_blocks)
-                hits = self.store.match_device(req.block_keys, max_hit_blocks)
-            num_cached = len(hits) * bs
-            n = min(num_tokens - num_cached, self._chunk_cap, batch.budget)
+                hits = store.match_device(req.block_keys, max_hit_blocks)
+                if store.has_lower_tiers and len(hits) < max_hit_blocks:
+                    below = store.find_below(req.block_keys, len(hits), max_hit_blocks)
+                    if not store.should_load(below):
+                        below = []
+            num_cached = (len(hits) + len(below)) * bs
+            # A request that loads runs nothing this step; otherwise it takes a chunk.
+            n = 0 if below else min(num_tokens - num_cached, self._chunk_cap, batch.budget)
             num_new = (num_cached + n + bs - 1) // bs - len(hits)
             blocks_short = num_new + pool.num_evictable_among(hits) > pool.num_free_blocks
-            if not blocks_short and len(self.running) < max_seqs:
+            if not blocks_short and len(self.running) + len(self.loading) < max_seqs:
                 break
             victim = self.policy.preempt_for(req, self.running, self.view)
             if victim is None:
@@ -287,21 +316,77 @@ class Scheduler:
             self._check_victim(victim, self.running)
             if victim in batch.requests:
                 batch.remove(victim)
-            self._preempt(victim)
+            self._preempt(victim, now)
             preempted.append(victim.request_id)
         pool.touch(hits)
         req.block_ids = hits + pool.allocate(num_new)
         req.num_sealed_blocks = len(hits)
+        self._count_hits(req, len(hits), below, num_tokens, now)
+        if below:
+            first = len(hits)
+            keys = req.block_keys[first : first + len(below)]
+            transfers = store.start_load(below, keys, req.block_ids[first:], now)
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.WAITING_FOR_KV
+            self.loading[req.request_id] = req
+            self._load_waits[req.request_id] = ({t.transfer_id for t in transfers}, now)
+            for t in transfers:
+                self._load_owner[t.transfer_id] = req.request_id
+            return True
         req.status = _RUNNING
         self.running.append(req)
+        batch.add(req, num_cached, n)
+        return True
+
+    def _count_hits(
+        self,
+        req: RequestState,
+        num_device: int,
+        below: Sequence[tuple[TierName, int]],
+        num_tokens: int,
+        now: float,
+    ) -> None:
+        bs = self.block_size
         stats = self.stats
+        num_cpu = sum(1 for tier, _ in below if tier == "cpu")
+        by_tier = stats.hit_tokens_by_tier
+        by_tier["device"] += num_device * bs
+        by_tier["cpu"] += num_cpu * bs
+        by_tier["disk"] += (len(below) - num_cpu) * bs
+        num_cached = (num_device + len(below)) * bs
         stats.prefix_hit_tokens += num_cached
         stats.prefix_query_tokens += num_tokens
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
             req.num_cached_tokens = num_cached
-        batch.add(req, num_cached, n)
-        return True
+
+    def _finish_copies(self, now: float) -> None:
+        """Apply finished copies; requests whose prefix arrived start running."""
+        for transfer, ok in self.store.poll(now):
+            rid = self._load_owner.pop(transfer.transfer_id, None)
+            if rid is None or rid not in self.loading:
+                continue  # a demotion, or the request was aborted meanwhile
+            waiting_ids, started = self._load_waits[rid]
+            req = self.loading[rid]
+            if not all(ok):
+                # Blocks from the first failed one on are recomputed instead.
+                offset = transfer.dst_slots[ok.index(False)]
+                if offset not in req.block_ids:
+                    continue  # already cut short by another failed copy
+                keep = req.block_ids.index(offset)
+                dropped = req.block_ids[keep:]
+                req.block_ids = req.block_ids[:keep]
+                req.num_computed_tokens = keep * self.block_size
+                self.store.release_device(dropped, now, keep=False)
+            waiting_ids.discard(transfer.transfer_id)
+            if waiting_ids:
+                continue
+            del self.loading[rid]
+            del self._load_waits[rid]
+            req.num_sealed_blocks = len(req.block_ids)
+            req.kv_wait_s += now - started
+            req.status = _RUNNING
+            self.running.append(req)
 
     def _pending_keys(self) -> set[int]:
         """Keys of blocks that running requests are computing and have not sealed."""
@@ -309,6 +394,8 @@ class Scheduler:
         for r in self.running:
             if len(r.block_keys) > r.num_sealed_blocks:
                 pending.update(r.block_keys[r.num_sealed_blocks :])
+        for r in self.loading.values():
+            pending.update(r.block_keys[r.num_sealed_blocks :])
         return pending
 
     def _shares_pending_prefix(self, req: RequestState, pending: set[int]) -> bool:
@@ -351,7 +438,7 @@ class Scheduler:
                 continue  # aborted since the plan
             computed = req.num_computed_tokens
             if caching and computed // bs > req.num_sealed_blocks:
-                self._seal(req, computed // bs)
+                self._seal(req, computed // bs, now)
             tokens = req.token_ids
             if computed != len(tokens):
                 continue  # a prefill chunk short of the end samples nothing
@@ -375,20 +462,29 @@ class Scheduler:
             self.running = [r for r in self.running if r.status is _RUNNING]
         return finished
 
-    def _seal(self, req: RequestState, num_full: int) -> None:
+    def _seal(self, req: RequestState, num_full: int, now: float) -> None:
         self._extend_keys(req, num_full)
         keys = req.block_keys
         blocks = req.block_ids
         seal = self.pool.seal
         for j in range(req.num_sealed_blocks, num_full):
-            seal(blocks[j], keys[j])
+            if seal(blocks[j], keys[j]) and self._write_through:
+                self.store.on_sealed(blocks[j], now)
         req.num_sealed_blocks = num_full
 
     # -- state changes -----------------------------------------------------------
-    def _preempt(self, req: RequestState) -> None:
-        """Recompute preemption: drop the blocks, queue again at the front."""
+    def _preempt(self, req: RequestState, now: float) -> None:
+        """Queue a running request again at the front. Its blocks are released; with
+        swap they go down to the cpu tier (and come back through a prefix hit on
+        resume), with recompute they are dropped (a cost estimate chooses, by config)."""
         self.running.remove(req)
-        self.pool.release(req.block_ids)
+        mode = self.sched_config.preemption_mode
+        swap = self.store.has_lower_tiers and (
+            mode == "swap" or (mode == "auto" and self.store.swap_is_cheaper(req.num_sealed_blocks))
+        )
+        if swap:
+            self.stats.num_swaps += 1
+        self.store.release_device(req.block_ids, now, keep=swap)
         req.block_ids = []
         req.num_computed_tokens = 0
         req.num_sealed_blocks = 0
@@ -401,7 +497,7 @@ class Scheduler:
         self, req: RequestState, reason: FinishReason, now: float, detail: str = ""
     ) -> None:
         if req.block_ids:
-            self.pool.release(req.block_ids)
+            self.store.release_device(req.block_ids, now, keep=True)
             req.block_ids = []
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
@@ -412,7 +508,7 @@ class Scheduler:
     # -- invariants ----------------------------------------------------------------
     def num_leaked_blocks(self) -> int:
         """Blocks still referenced beyond what active requests hold (0 unless a bug)."""
-        held = {b for r in self.running for b in r.block_ids}
+        held = {b for r in (*self.running, *self.loading.values()) for b in r.block_ids}
         return self.pool.num_used_blocks - len(held)
 
     def check_integrity(self) -> None:
@@ -436,6 +532,13 @@ class Scheduler:
                 )
             if not r.num_sealed_blocks <= len(r.block_ids):
                 problems.append(f"{r.request_id} sealed more blocks than it holds")
+            for b in r.block_ids:
+                refs[b] += 1
+        for rid, r in self.loading.items():
+            if r.status is not RequestStatus.WAITING_FOR_KV or rid not in self._load_waits:
+                problems.append(f"{rid} is loading with status {r.status.name}")
+            if len(r.block_ids) != -(-r.num_computed_tokens // bs):
+                problems.append(f"loading {rid} holds {len(r.block_ids)} blocks")
             for b in r.block_ids:
                 refs[b] += 1
         for rid, r in self.waiting.items():

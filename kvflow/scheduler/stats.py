@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -15,6 +15,12 @@ class SchedulerStats:
     """Tokens found cached at admission, summed over admissions (re-admissions too)."""
     prefix_query_tokens: int = 0
     """Tokens looked up at admission, summed over admissions."""
+    hit_tokens_by_tier: dict[str, int] = field(
+        default_factory=lambda: {"device": 0, "cpu": 0, "disk": 0}
+    )
+    """Hit tokens by the tier they were served from (loads from cpu/disk included)."""
+    num_swaps: int = 0
+    """Preemptions that kept the victim's blocks (demoted to cpu) rather than dropping them."""
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -15,6 +15,7 @@ from kvflow import policies
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.simulated import SimulatedRunner
+from kvflow.kv.store import KVStore, StoreStats
 from kvflow.policies.base import Policy
 from kvflow.request import Request, RequestState
 from kvflow.scheduler.core import Scheduler
@@ -33,9 +34,16 @@ class ReplayResult:
     policy: str
     states: list[RequestState]
     stats: SchedulerStats
+    store_stats: StoreStats
     num_leaked_blocks: int
     end_time: float
     wall_s: float
+
+
+def _settle_real_copies(scheduler: Scheduler) -> None:
+    """Before virtual time jumps over an idle gap, let real copies (whose duration is
+    not virtual) finish, as they would have in that gap."""
+    scheduler.store.engine.settle()
 
 
 def make_policy(name: str, config: KVFlowConfig) -> Policy:
@@ -51,6 +59,7 @@ def replay(
     policy: Policy | str,
     runner: ModelRunner | None = None,
     *,
+    store: KVStore | None = None,
     check_integrity: bool = False,
     on_step: StepHook | None = None,
 ) -> ReplayResult:
@@ -61,6 +70,8 @@ def replay(
         config: the instance's configuration.
         policy: a policy instance or a registered name.
         runner: defaults to the simulated runner from `config.sim`.
+        store: the KV store (e.g. `KVStore.with_tensors` for real copies); a simulated
+            one from `config.kv` by default.
         check_integrity: call `Scheduler.check_integrity()` after every commit (slow;
             for tests).
         on_step: called after every commit with (scheduler, plan, result, now).
@@ -70,7 +81,7 @@ def replay(
         policy = make_policy(policy, config)
     if runner is None:
         runner = SimulatedRunner.from_config(config.sim)
-    scheduler = Scheduler(config, policy)
+    scheduler = Scheduler(config, policy, store)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     states: list[RequestState] = []
     wall_start = time.perf_counter()
@@ -84,18 +95,32 @@ def replay(
         if not scheduler.has_unfinished:
             if i >= n:
                 break
+            _settle_real_copies(scheduler)
             now = pending[i].arrival_time
             continue
         plan = scheduler.plan(now)
         if plan.is_empty:
+            # Nothing runnable: jump to the next arrival or finished copy, or wait for
+            # real copies, whichever comes first.
+            t_copy = scheduler.next_event_time()
+            if t_copy is None and scheduler.store.num_inflight:
+                scheduler.store.wait(1.0)  # real copies: let them land before time moves
+                continue
+            candidates = [t_copy] if t_copy is not None else []
             if i < n:
-                now = pending[i].arrival_time
+                candidates.append(pending[i].arrival_time)
+            if candidates:
+                _settle_real_copies(scheduler)
+                now = max(now, min(candidates))
+                continue
+            if scheduler.store.num_inflight:
+                scheduler.store.wait(1.0)
                 continue
             if not scheduler.has_unfinished:  # the policy dropped the rest
                 break
             raise ReplayStalledError(
                 f"at t={now:.6f}s the scheduler holds {scheduler.num_unfinished} requests "
-                "but scheduled nothing, and no arrival is due"
+                "but scheduled nothing, and no arrival or copy is due"
             )
         result = runner.execute(plan)
         now += result.duration_s
@@ -104,10 +129,14 @@ def replay(
             scheduler.check_integrity()
         if on_step is not None:
             on_step(scheduler, plan, result, now)
+    scheduler.store.drain(now)  # demotions still in flight
+    if check_integrity:
+        scheduler.check_integrity()
     return ReplayResult(
         policy=name,
         states=states,
         stats=scheduler.stats,
+        store_stats=scheduler.store.stats,
         num_leaked_blocks=scheduler.num_leaked_blocks(),
         end_time=now,
         wall_s=time.perf_counter() - wall_start,

@@ -1,0 +1,170 @@
+"""Where a tier's block bytes live: torch tensor pools and a checksummed slab file.
+
+Every tier holds blocks of one layout, `(num_layers, 2, block_size, num_kv_heads,
+head_dim)`, so a pool is one tensor of shape `(num_blocks, *block_shape)` and a block
+is one contiguous slice of it; the disk tier stores the same bytes at
+`slot * bytes_per_block` in a preallocated file. torch is imported only here, and only
+when real storage is built: the simulator never needs it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from kvflow.config import KVConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+def block_shape(config: KVConfig) -> tuple[int, int, int, int, int]:
+    layout = config.layout
+    return (layout.num_layers, 2, config.block_size, layout.num_kv_heads, layout.head_dim)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtypes: dict[str, torch.dtype] = {
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+        "float64": torch.float64,
+    }
+    return dtypes[name]
+
+
+class TensorStorage:
+    """A preallocated tensor pool, `data[slot]` being one block."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+        self.num_blocks = int(data.shape[0])
+
+    @classmethod
+    def allocate(
+        cls, config: KVConfig, num_blocks: int, device: str | torch.device, pin: bool = False
+    ) -> TensorStorage:
+        import torch
+
+        data = torch.zeros(
+            (num_blocks, *block_shape(config)),
+            dtype=torch_dtype(config.layout.dtype),
+            device=device,
+            pin_memory=pin and torch.cuda.is_available(),
+        )
+        return cls(data)
+
+
+def _byte_view(block: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying."""
+    import torch
+
+    array: Any = block.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
+
+
+class DiskStorage:
+    """A slab file of `num_blocks` blocks with an xxh3 checksum per written block.
+
+    Reads verify the checksum: a mismatch, a short read or an I/O error makes the block
+    a miss (`read_into` reports it), never bad data. A full disk disables the tier.
+    """
+
+    def __init__(
+        self, path: Path, num_blocks: int, bytes_per_block: int, fsync: bool = False
+    ) -> None:
+        self.path = path
+        self.num_blocks = num_blocks
+        self.bytes_per_block = bytes_per_block
+        self.fsync = fsync
+        self.checksums: list[int | None] = [None] * num_blocks
+        self.disabled_reason: str | None = None
+        self.num_errors = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(self.fd, 0, num_blocks * bytes_per_block)
+        except OSError as err:
+            self._disable(f"cannot preallocate {num_blocks * bytes_per_block} bytes: {err}")
+
+    @classmethod
+    def create(cls, config: KVConfig, num_blocks: int) -> DiskStorage:
+        if config.disk.path is not None:
+            path = Path(config.disk.path).expanduser()
+        else:
+            base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvflow"
+            path = base / f"kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.slab"
+        return cls(path, num_blocks, config.bytes_per_block(), config.disk.fsync)
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_reason is None
+
+    def _disable(self, reason: str) -> None:
+        if self.disabled_reason is None:
+            self.disabled_reason = reason
+            warnings.warn(
+                f"kvflow: disk tier {self.path} disabled: {reason}", RuntimeWarning, stacklevel=3
+            )
+
+    def write_from(self, blocks: Sequence[torch.Tensor], slots: Sequence[int]) -> list[bool]:
+        """Write CPU tensor blocks to slots; returns per-block success."""
+        ok = [False] * len(slots)
+        if not self.enabled:
+            return ok
+        for i, (block, slot) in enumerate(zip(blocks, slots, strict=True)):
+            view = _byte_view(block)
+            self.checksums[slot] = None  # stale until this write lands
+            try:
+                written = os.pwrite(self.fd, view, slot * self.bytes_per_block)
+            except OSError as err:
+                self.num_errors += 1
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._disable(f"disk full ({err.strerror})")
+                    return ok
+                continue
+            if written == len(view):
+                self.checksums[slot] = xxhash.xxh3_64_intdigest(view)
+                ok[i] = True
+            else:
+                self.num_errors += 1
+        if self.fsync:
+            os.fsync(self.fd)
+        return ok
+
+    def read_into(self, slots: Sequence[int], blocks: Sequence[torch.Tensor]) -> list[bool]:
+        """Read slots into contiguous CPU tensor blocks; returns per-block success (a
+        failed block's tensor holds garbage and must not be used)."""
+        ok = [False] * len(slots)
+        for i, (slot, block) in enumerate(zip(slots, blocks, strict=True)):
+            expected = self.checksums[slot]
+            if expected is None:
+                self.num_errors += 1
+                continue
+            view = _byte_view(block)
+            try:
+                num_read = os.preadv(self.fd, [view], slot * self.bytes_per_block)
+            except OSError:
+                self.num_errors += 1
+                continue
+            if num_read != len(view) or xxhash.xxh3_64_intdigest(view) != expected:
+                self.num_errors += 1
+                continue
+            ok[i] = True
+        return ok
+
+    def close(self, remove: bool = True) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            if remove:
+                self.path.unlink(missing_ok=True)

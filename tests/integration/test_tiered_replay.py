@@ -1,0 +1,129 @@
+"""Replays through scheduler + tiered store: hits from every tier, in virtual time and
+with real copies."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvflow.config import KVFlowConfig
+from kvflow.kv.store import KVStore
+from kvflow.request import Request
+from kvflow.traces.replay import ReplayResult, replay
+
+BS = 16
+TINY_LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
+
+
+def revisiting_workload(num_requests: int = 60, seed: int = 3) -> list[Request]:
+    """Requests, one at a time (no overlap), over 12 prefixes of 2-5 blocks that come
+    back after other prefixes have pushed them out of a small device tier."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(32000) for _ in range(BS * rng.randint(2, 5))] for _ in range(12)]
+    return [
+        Request(
+            request_id=f"q{i}",
+            prompt_token_ids=rng.choice(prefixes) + [rng.randrange(32000) for _ in range(9)],
+            max_new_tokens=3,
+            arrival_time=1.0 * i,  # each finishes long before the next arrives
+        )
+        for i in range(num_requests)
+    ]
+
+
+def ideal_hit_tokens(requests: list[Request]) -> int:
+    """Every full prompt block seen before (as a whole prefix) is a hit, up to the last
+    block a request may reuse (one token is always computed)."""
+    seen: set[tuple[int, ...]] = set()
+    total = 0
+    for r in sorted(requests, key=lambda r: r.arrival_time):
+        tokens = r.prompt_token_ids
+        usable = (len(tokens) - 1) // BS
+        j = 0
+        while j < usable and tuple(tokens[: (j + 1) * BS]) in seen:
+            j += 1
+        total += j * BS
+        seen.update(tuple(tokens[: (k + 1) * BS]) for k in range(len(tokens) // BS))
+    return total
+
+
+def run(requests: list[Request], store: KVStore | None = None, **kv: Any) -> ReplayResult:
+    config = KVFlowConfig.from_dict(
+        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
+    )
+    return replay(requests, config, "fcfs", store=store, check_integrity=True)
+
+
+def test_lower_tiers_recover_hits_a_small_device_tier_loses() -> None:
+    requests = revisiting_workload()
+    ideal = ideal_hit_tokens(requests)
+    device_only = run(requests, **{"device.num_blocks": 8})
+    tiered = run(requests, **{"device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 64})
+    assert device_only.stats.prefix_hit_tokens < tiered.stats.prefix_hit_tokens
+    by_tier = tiered.stats.hit_tokens_by_tier
+    assert by_tier["cpu"] > 0 and by_tier["disk"] > 0
+    assert sum(by_tier.values()) == tiered.stats.prefix_hit_tokens <= ideal
+    assert tiered.store_stats.bytes_moved["disk_to_device"] > 0
+    assert tiered.store_stats.num_promoted_blocks > 0
+    assert tiered.num_leaked_blocks == 0
+    # Loads cost virtual time: the requests served from disk waited for their KV.
+    assert any(s.kv_wait_s > 0 for s in tiered.states)
+
+
+def test_tiers_that_hold_everything_reach_the_ideal_hit_rate() -> None:
+    requests = revisiting_workload()
+    ideal = ideal_hit_tokens(requests)
+    big = run(requests, **{"device.num_blocks": 8, "cpu.num_blocks": 400, "disk.num_blocks": 400})
+    assert big.stats.prefix_hit_tokens == ideal
+    huge_device = run(requests, **{"device.num_blocks": 2000})
+    assert huge_device.stats.prefix_hit_tokens == ideal
+
+
+def test_real_copies_reach_the_ideal_through_every_tier(tmp_path: Path) -> None:
+    requests = revisiting_workload(30)
+    ideal = ideal_hit_tokens(requests)
+    kv = {
+        "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 200,
+        "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"),
+    }  # fmt: skip
+    virtual = run(requests, **kv)
+    config = KVFlowConfig.from_dict(
+        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
+    )
+    store = KVStore.with_tensors(config.kv)
+    try:
+        real = run(requests, store=store, **kv)
+    finally:
+        store.close()
+    for result in (virtual, real):
+        assert sum(s.num_cached_tokens for s in result.states) == ideal
+        assert result.stats.hit_tokens_by_tier["disk"] > 0
+    assert real.num_leaked_blocks == 0 and real.store_stats.num_tier_errors == 0
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preemption_swaps_or_recomputes_as_configured(mode: str) -> None:
+    rng = random.Random(0)
+    requests = [
+        Request(request_id=f"p{i}", prompt_token_ids=[rng.randrange(32000) for _ in range(40)],
+                max_new_tokens=40)
+        for i in range(6)
+    ]  # fmt: skip
+    config = KVFlowConfig.from_dict(
+        {},
+        {"kv.block_size": 8, "kv.device.num_blocks": 24, "kv.cpu.num_blocks": 64,
+         "scheduler.preemption_mode": mode},
+    )  # fmt: skip
+    result = replay(requests, config, "fcfs", check_integrity=True)
+    assert result.stats.num_preemptions > 0
+    assert all(s.num_output_tokens == 40 for s in result.states)
+    if mode == "swap":
+        assert result.stats.num_swaps == result.stats.num_preemptions
+        assert result.stats.hit_tokens_by_tier["cpu"] > 0  # resumed from the swapped blocks
+    else:
+        assert result.stats.num_swaps == 0
+        assert result.stats.hit_tokens_by_tier["cpu"] == 0
+    assert result.num_leaked_blocks == 0

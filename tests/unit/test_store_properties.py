@@ -1,0 +1,141 @@
+"""Property: random requests, aborts and tiny tier capacities through scheduler + tiered
+store keep both consistent after every step and leak nothing, in virtual time and with
+real copies."""
+
+from __future__ import annotations
+
+import tempfile
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from kvflow.config import KVFlowConfig
+from kvflow.kv.store import KVStore
+from kvflow.request import FinishReason, RequestStatus
+from kvflow.scheduler import Scheduler
+from kvflow.traces.replay import make_policy
+from tests.builders import ScriptedRunner, make_request
+
+LAYOUT = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 4, "dtype": "float32"}
+
+request_st = st.tuples(
+    st.integers(0, 40),  # arrival step
+    st.integers(6, 24),  # prompt length
+    st.integers(1, 8),  # max new tokens
+    st.integers(0, 2),  # shared-prefix group
+)
+
+knobs = st.fixed_dictionaries(
+    {
+        "kv.device.num_blocks": st.integers(8, 11),
+        "kv.cpu.num_blocks": st.integers(0, 12),
+        "kv.disk.num_blocks": st.integers(0, 20),
+        "kv.write_policy": st.sampled_from(
+            ["write_back", "write_through", "write_through_selective"]
+        ),
+        "kv.write_through_threshold": st.integers(1, 2),
+        "kv.load_policy": st.sampled_from(["auto", "always"]),
+        "scheduler.preemption_mode": st.sampled_from(["auto", "swap", "recompute"]),
+        "scheduler.max_num_seqs": st.integers(1, 4),
+        "scheduler.max_num_batched_tokens": st.integers(4, 32),
+    }
+)
+
+
+def drive(
+    requests: list[tuple[int, int, int, int]],
+    aborts: dict[int, int],
+    settings_: dict[str, object],
+    real: bool,
+) -> None:
+    settings_ = dict(settings_)
+    if settings_["kv.cpu.num_blocks"] == 0:
+        settings_["kv.disk.num_blocks"] = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = {
+            **settings_, "kv.block_size": 4, "kv.layout": LAYOUT, "kv.disk.path": f"{tmp}/slab",
+            # A cheap copy model and dear recompute, so loads and swaps happen.
+            "kv.recompute_token_us": 1000.0,
+        }  # fmt: skip
+        config = KVFlowConfig.from_dict({}, overrides)
+        store = KVStore.with_tensors(config.kv) if real else KVStore(config.kv)
+        try:
+            _drive(config, store, requests, aborts)
+        finally:
+            store.close()
+
+
+def _drive(
+    config: KVFlowConfig,
+    store: KVStore,
+    requests: list[tuple[int, int, int, int]],
+    aborts: dict[int, int],
+) -> None:
+    sched = Scheduler(config, make_policy("fcfs", config), store)
+    runner = ScriptedRunner(step_s=0.01)
+    states = {}
+    now = 0.0
+    for step in range(3000):
+        for i, (arrive, plen, out, group) in enumerate(requests):
+            if arrive == step:
+                prompt = [9000 + 100 * group + k for k in range(min(plen, 16))]
+                prompt += [i * 1000 + k for k in range(plen - len(prompt))]
+                req = make_request(prompt, out, arrival=now, request_id=f"q{i}")
+                states[req.request_id] = sched.add(req, now)
+        for idx, at_step in aborts.items():
+            if at_step == step and idx < len(requests):
+                sched.abort(f"q{idx}", now)
+        if step > 30 and not sched.has_unfinished:
+            break
+        if sched.has_unfinished:
+            plan = sched.plan(now)
+            if plan.is_empty:
+                t_next = sched.next_event_time()
+                if t_next is not None:
+                    now = max(now, t_next)
+                else:
+                    store.wait(0.5)
+            else:
+                result = runner.execute(plan)
+                now += result.duration_s
+                sched.commit(plan, result, now)
+        sched.check_integrity()
+    else:
+        raise AssertionError("did not finish")
+    store.drain(now)
+    sched.check_integrity()
+    assert sched.num_leaked_blocks() == 0 and store.device.num_used_blocks == 0
+    for pool in (store.cpu, store.disk):
+        assert pool is None or pool.num_used_blocks == 0  # nothing pinned after the drain
+    for state in states.values():
+        assert state.status is RequestStatus.FINISHED and not state.block_ids
+        if state.finish_reason is FinishReason.LENGTH:
+            assert state.num_output_tokens == state.max_new_tokens
+    stats = sched.stats
+    below = stats.hit_tokens_by_tier["cpu"] + stats.hit_tokens_by_tier["disk"]
+    event(f"below-device hits={below > 0}")
+    event(f"preempted={stats.num_preemptions > 0}")
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=st.lists(request_st, min_size=4, max_size=14),
+    aborts=st.dictionaries(st.integers(0, 11), st.integers(0, 12), max_size=4),
+    settings_=knobs,
+)
+def test_tiers_stay_consistent_in_virtual_time(
+    requests: list[tuple[int, int, int, int]], aborts: dict[int, int], settings_: dict[str, object]
+) -> None:
+    drive(requests, aborts, settings_, real=False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=st.lists(request_st, min_size=2, max_size=10),
+    aborts=st.dictionaries(st.integers(0, 9), st.integers(0, 12), max_size=3),
+    settings_=knobs,
+)
+def test_tiers_stay_consistent_with_real_copies(
+    requests: list[tuple[int, int, int, int]], aborts: dict[int, int], settings_: dict[str, object]
+) -> None:
+    drive(requests, aborts, settings_, real=True)
