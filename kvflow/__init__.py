@@ -1,6 +1,7 @@
 """kvflow: cache-aware LLM request scheduling, tiered KV caching and trace replay."""
 
 from kvflow.config import ConfigError, KVFlowConfig
+from kvflow.engine import AsyncEngine, EngineStatistics
 from kvflow.kv.location import PrefixLocation
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.request import (
@@ -14,10 +15,23 @@ from kvflow.request import (
 )
 from kvflow.scheduler import Scheduler, StepPlan, StepResult
 
+
+def __getattr__(name: str) -> object:
+    if name in ("LLM", "CompletionOutput"):  # torch-heavy adapters load on first use
+        from kvflow import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'kvflow' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
     "SLO",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineStatistics",
     "ConfigError",
     "FinishReason",
     "KVFlowConfig",

@@ -237,9 +237,15 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     finish_detail: str = ""
     num_cached_tokens: int = 0
+    ttft_s: float | None = None
+    """Arrival to first token, once there is one."""
+    e2e_s: float | None = None
+    """Arrival to finish, once finished."""
 
     @classmethod
     def of(cls, state: RequestState, new_token_ids: Iterable[int]) -> RequestOutput:
+        first = state.first_token_time
+        done = state.finish_time
         return cls(
             request_id=state.request_id,
             new_token_ids=tuple(new_token_ids),
@@ -248,4 +254,6 @@ class RequestOutput:
             finish_reason=state.finish_reason,
             finish_detail=state.finish_detail,
             num_cached_tokens=state.num_cached_tokens,
+            ttft_s=None if first is None else first - state.arrival_time,
+            e2e_s=None if done is None else done - state.arrival_time,
         )

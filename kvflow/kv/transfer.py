@@ -155,14 +155,26 @@ class TensorCopyEngine(CopyEngine):
         cpu: TensorStorage | None,
         disk: DiskStorage | None,
         max_workers: int = 2,
+        inline_bytes: int = 4 * 2**20,
     ) -> None:
         self.storages = {"device": device, "cpu": cpu, "disk": disk}
+        # Host-to-host copies this small finish sooner on the caller's thread than the
+        # hop to a worker takes; they are what "device" <-> cpu is on a CPU-only host.
+        self._inline_bytes = inline_bytes if device.data.device.type == "cpu" else 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvcopy")
         self._pending: dict[Future[list[bool]], Transfer] = {}
         self._lock = threading.Lock()
 
     def submit(self, transfer: Transfer, now: float) -> None:
-        future = self._executor.submit(self._run, transfer)
+        future: Future[list[bool]]
+        if transfer.num_bytes <= self._inline_bytes and transfer.direction in (
+            "device_to_cpu",
+            "cpu_to_device",
+        ):
+            future = Future()
+            future.set_result(self._run(transfer))
+        else:
+            future = self._executor.submit(self._run, transfer)
         with self._lock:
             self._pending[future] = transfer
 

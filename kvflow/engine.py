@@ -1,0 +1,272 @@
+"""The async serving loop around the pure scheduler core.
+
+    async with AsyncEngine(config, runner) as engine:
+        async for out in engine.generate(request):
+            ...
+
+One task runs the step loop: plan (in the event loop, it never blocks), the runner's
+forward pass in a worker thread, commit, then the new tokens go to each request's
+stream. Tier copies run in the store's own threads meanwhile. Runs on anyio (asyncio,
+with uvloop when asked for, or trio).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from kvflow.config import KVFlowConfig
+from kvflow.engine_adapters.base import ModelRunner
+from kvflow.kv.store import KVStore
+from kvflow.policies.base import Policy
+from kvflow.request import FinishReason, Request, RequestOutput, RequestState
+from kvflow.scheduler.core import Scheduler
+
+
+class EngineOverloadedError(RuntimeError):
+    """`generate` was called while `max_num_pending` requests were in flight."""
+
+
+class EngineClosedError(RuntimeError):
+    """`generate` was called on an engine that is closing or closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    """A snapshot of an engine (see `AsyncEngine.statistics`)."""
+
+    num_waiting: int
+    num_running: int
+    num_waiting_for_kv: int
+    num_steps: int
+    num_finished: int
+    num_preemptions: int
+    prefix_hit_rate: float
+    hit_tokens_by_tier: dict[str, int]
+    blocks_used_by_tier: dict[str, int]
+    blocks_total_by_tier: dict[str, int]
+
+
+class _Stream:
+    __slots__ = ("num_sent", "receive", "send", "state")
+
+    def __init__(self, state: RequestState) -> None:
+        self.state = state
+        self.num_sent = 0
+        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
+        self.send: MemoryObjectSendStream[RequestOutput] = send
+        self.receive: MemoryObjectReceiveStream[RequestOutput] = receive
+
+
+class AsyncEngine:
+    """Serves requests through a scheduler and a runner.
+
+    Args:
+        config: the whole configuration.
+        runner: executes plans (simulated, torch, Hugging Face).
+        policy: a policy instance or a registered name.
+        store: the KV store; a simulated one from `config.kv` by default (a real runner
+            needs `KVStore.with_tensors` so its cache is the device tier).
+        max_num_pending: most requests in flight; `generate` beyond it raises
+            `EngineOverloadedError` at once (back-pressure).
+        on_close: what `aclose` does with requests in flight: "drain" (finish them) or
+            "abort" them.
+        clock: seconds, monotonic; time for the scheduler and the outputs' timestamps.
+    """
+
+    def __init__(
+        self,
+        config: KVFlowConfig,
+        runner: ModelRunner,
+        policy: Policy | str = "fcfs",
+        store: KVStore | None = None,
+        *,
+        max_num_pending: int = 4096,
+        on_close: Literal["drain", "abort"] = "drain",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_num_pending < 1:
+            raise ValueError(f"max_num_pending must be >= 1, got {max_num_pending!r}")
+        if isinstance(policy, str):
+            from kvflow.traces.replay import make_policy
+
+            policy = make_policy(policy, config)
+        self.config = config
+        self.runner = runner
+        self.scheduler = Scheduler(config, policy, store)
+        self.max_num_pending = max_num_pending
+        self.on_close = on_close
+        self.clock = clock
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = anyio.Event()
+        self._task_group: TaskGroup | None = None
+        self._closing = False
+        self._stopped = anyio.Event()
+        self._num_finished = 0
+        self._error: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def __aenter__(self) -> AsyncEngine:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._step_loop)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop taking requests; drain or abort those in flight (per `on_close`); stop
+        the loop. Idempotent."""
+        if self._task_group is None:
+            return
+        self._closing = True
+        if self.on_close == "abort":
+            for rid in list(self._streams):
+                self.abort(rid)
+        self._wake()
+        task_group, self._task_group = self._task_group, None
+        await self._stopped.wait()
+        await task_group.__aexit__(None, None, None)
+        self.scheduler.store.drain(self.clock())
+
+    # -- requests ------------------------------------------------------------------
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs: one `RequestOutput` per step that produced tokens,
+        the last with `finished=True`. Leaving the iteration early (break, an exception,
+        or the consumer's task being cancelled) aborts the request and frees its blocks.
+
+        Raises:
+            EngineOverloadedError: too many requests in flight.
+            EngineClosedError: the engine is closing.
+        """
+        stream = self.submit(request)
+        try:
+            async with stream.receive:
+                async for out in stream.receive:
+                    yield out
+                    if out.finished:
+                        return
+        finally:
+            if not stream.state.is_finished:
+                self.abort(request.request_id)
+
+    def submit(self, request: Request) -> _Stream:
+        """Queue a request now; `generate` is the usual way in."""
+        if self._closing or self._task_group is None:
+            raise EngineClosedError("the engine is not running (use `async with`)")
+        if self._error is not None:
+            raise EngineClosedError(f"the engine's step loop failed: {self._error!r}")
+        if len(self._streams) >= self.max_num_pending:
+            raise EngineOverloadedError(
+                f"{len(self._streams)} requests in flight, the limit is {self.max_num_pending}"
+            )
+        now = self.clock()
+        # Arrival is when the engine got it, on the engine's clock.
+        state = self.scheduler.add(dataclasses.replace(request, arrival_time=now), now)
+        stream = _Stream(state)
+        if state.is_finished:  # rejected at admission
+            self._push(stream, final=True)
+            self._num_finished += 1
+            return stream
+        self._streams[request.request_id] = stream
+        self._wake()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request in flight; its stream ends with reason `aborted`."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return False
+        state = self.scheduler.abort(request_id, self.clock())
+        if state is not None:
+            self._num_finished += 1
+        self._push(stream, final=True)
+        return True
+
+    def statistics(self) -> EngineStatistics:
+        sched = self.scheduler
+        store = sched.store
+        pools = {"device": store.device, "cpu": store.cpu, "disk": store.disk}
+        return EngineStatistics(
+            num_waiting=len(sched.waiting),
+            num_running=len(sched.running),
+            num_waiting_for_kv=len(sched.loading),
+            num_steps=sched.stats.num_steps,
+            num_finished=self._num_finished,
+            num_preemptions=sched.stats.num_preemptions,
+            prefix_hit_rate=sched.stats.prefix_hit_rate,
+            hit_tokens_by_tier=dict(sched.stats.hit_tokens_by_tier),
+            blocks_used_by_tier={t: p.num_used_blocks for t, p in pools.items() if p},
+            blocks_total_by_tier={t: p.num_blocks for t, p in pools.items() if p},
+        )
+
+    # -- the loop --------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    async def _step_loop(self) -> None:
+        sched = self.scheduler
+        try:
+            while True:
+                if not sched.has_unfinished:
+                    if self._closing:
+                        return
+                    await self._sleep_until_woken()
+                    continue
+                plan = sched.plan(self.clock())
+                if plan.is_empty:
+                    if sched.store.num_inflight:
+                        await anyio.to_thread.run_sync(sched.store.wait, 0.05)
+                    else:
+                        await self._sleep_until_woken(0.05)
+                    continue
+                result = await anyio.to_thread.run_sync(self.runner.execute, plan)
+                finished = sched.commit(plan, result, self.clock())
+                for req in plan.requests:
+                    stream = self._streams.get(req.request_id)
+                    if stream is not None and req.num_output_tokens > stream.num_sent:
+                        self._push(stream, final=req.is_finished)
+                for req in finished:
+                    if self._streams.pop(req.request_id, None) is not None:
+                        self._num_finished += 1
+                await anyio.lowlevel.checkpoint()
+        except BaseException as err:
+            self._error = err
+            for rid in list(self._streams):
+                self.abort(rid)
+            raise
+        finally:
+            self._stopped.set()
+
+    async def _sleep_until_woken(self, timeout_s: float | None = None) -> None:
+        with anyio.move_on_after(timeout_s):
+            await self._wakeup.wait()
+        self._wakeup = anyio.Event()
+
+    @staticmethod
+    def _push(stream: _Stream, final: bool) -> None:
+        state = stream.state
+        new = state.output_token_ids[stream.num_sent :]
+        stream.num_sent = state.num_output_tokens
+        if new or final:
+            out = RequestOutput.of(state, new)
+            if final and not out.finished:  # aborted before the scheduler saw it
+                out = dataclasses.replace(
+                    out, finished=True, finish_reason=FinishReason.ABORTED, finish_detail="aborted"
+                )
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                stream.send.send_nowait(out)
+        if final:
+            stream.send.close()
