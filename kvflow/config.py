@@ -173,6 +173,10 @@ class LPMOptions(_Frozen):
     max_wait_s: float = Field(default=5.0, gt=0)
     """Aging bound: a request waiting this long goes ahead of cache hits, so a cache miss
     is never passed over for longer."""
+    cpu_weight: float = Field(default=0.9, ge=0, le=1)
+    """Worth of a token cached in cpu relative to one on device (it must be loaded)."""
+    disk_weight: float = Field(default=0.6, ge=0, le=1)
+    """Worth of a token cached on disk (or at a peer) relative to one on device."""
 
 
 class EDFOptions(_Frozen):

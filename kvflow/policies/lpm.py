@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from itertools import chain, islice
 
+from kvflow.kv.location import PrefixLocation
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.request import RequestState
 
@@ -23,13 +24,24 @@ class LPMPolicy(Policy):
 
     name = "lpm"
 
-    def __init__(self, candidate_window: int = 128, max_wait_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        candidate_window: int = 128,
+        max_wait_s: float = 5.0,
+        cpu_weight: float = 0.9,
+        disk_weight: float = 0.6,
+    ) -> None:
         if candidate_window < 1:
             raise ValueError(f"lpm: candidate_window must be >= 1, got {candidate_window!r}")
         if not max_wait_s > 0:
             raise ValueError(f"lpm: max_wait_s must be > 0, got {max_wait_s!r}")
         self.candidate_window = candidate_window
         self.max_wait_s = max_wait_s
+        for name, weight in (("cpu_weight", cpu_weight), ("disk_weight", disk_weight)):
+            if not 0 <= weight <= 1:
+                raise ValueError(f"lpm: {name} must be in [0, 1], got {weight!r}")
+        self.cpu_weight = cpu_weight
+        self.disk_weight = disk_weight
 
     def order(self, waiting: Sequence[RequestState], view: SchedulerView) -> Iterable[RequestState]:
         if len(waiting) <= 1:
@@ -40,9 +52,17 @@ class LPMPolicy(Policy):
         for req in islice(waiting, self.candidate_window):
             (aged if now - req.arrival_time >= max_wait_s else fresh).append(req)
         # sort(reverse=True) is stable: equal hits keep queue order.
-        fresh.sort(key=view.cached_tokens, reverse=True)
+        fresh.sort(key=lambda r: self._weighted_hit(view.locate(r)), reverse=True)
         rest = islice(waiting, self.candidate_window, None)
         return chain(aged, fresh, rest)
+
+    def _weighted_hit(self, loc: PrefixLocation) -> float:
+        """Cached tokens, a token below device counting less: it must be loaded first."""
+        return (
+            loc.device_tokens
+            + self.cpu_weight * loc.cpu_tokens
+            + self.disk_weight * (loc.disk_tokens + loc.peer_tokens)
+        )
 
     def __repr__(self) -> str:
         return f"LPMPolicy(candidate_window={self.candidate_window}, max_wait_s={self.max_wait_s})"

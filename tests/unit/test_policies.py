@@ -425,3 +425,26 @@ def test_fair_victim_comes_from_the_heaviest_tenant() -> None:
     assert policy.victim([a0, b0, a1, b1], view).request_id == "a1"
     policy.on_step(make_plan([(b0, 500)]), view)
     assert policy.victim([a0, b0, a1, b1], view).request_id == "b1"
+
+
+def test_lpm_weighs_a_cpu_hit_below_an_equal_device_hit() -> None:
+    from kvflow.policies.lpm import LPMPolicy
+
+    on_device = _tiered_state("dev", 0.0)
+    in_cpu = _tiered_state("cpu", 0.0)
+    on_disk = _tiered_state("disk", 0.0)
+    bigger_on_disk = _tiered_state("disk-big", 0.0)
+    locations = {
+        "dev": PrefixLocation(device_tokens=64),
+        "cpu": PrefixLocation(device_tokens=16, cpu_tokens=48),
+        "disk": PrefixLocation(disk_tokens=64),
+        "disk-big": PrefixLocation(disk_tokens=160),
+    }
+    view = SchedulerView(16, 8, lambda r: locations[r.request_id])
+    view._begin_step(0.0, 100, 0, 4)
+    order = list(LPMPolicy().order([on_disk, in_cpu, bigger_on_disk, on_device], view))
+    assert [r.request_id for r in order] == ["disk-big", "dev", "cpu", "disk"]
+
+
+def _tiered_state(rid: str, arrival: float) -> RequestState:
+    return RequestState(Request(rid, tuple(range(200)), 4, arrival_time=arrival))
