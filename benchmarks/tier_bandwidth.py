@@ -76,9 +76,13 @@ def main() -> None:
                 n = size * MIB // bpb
                 slots = list(range(n))
 
-                def store_copy(direction: Direction, slots: list[int] = slots) -> Callable[[], None]:
+                def store_copy(
+                    direction: Direction, slots: list[int] = slots
+                ) -> Callable[[], None]:
                     def run() -> None:
-                        engine.submit(Transfer(direction, slots, slots, slots, len(slots) * bpb), 0.0)
+                        engine.submit(
+                            Transfer(direction, slots, slots, slots, len(slots) * bpb), 0.0
+                        )
                         engine.settle()
                         engine.completed(0.0)
 
@@ -90,9 +94,14 @@ def main() -> None:
                     "device_to_cpu": lambda s=src_dev, d=dst_cpu: (d.copy_(s), _sync()),
                     "cpu_to_device": lambda s=dst_cpu, d=src_dev: (d.copy_(s), _sync()),
                     "cpu_to_disk": lambda b=dst_cpu: _raw_write(raw_path, b),
-                    "disk_to_device": lambda b=dst_cpu: _raw_read(raw_path, b, src_dev),
+                    "disk_to_device": lambda b=dst_cpu, d=src_dev: _raw_read(raw_path, b, d),
                 }
-                for direction in ("device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device"):
+                for direction in (
+                    "device_to_cpu",
+                    "cpu_to_device",
+                    "cpu_to_disk",
+                    "disk_to_device",
+                ):
                     if direction == "disk_to_device":
                         store_copy("cpu_to_disk")()  # something valid to read back
                         _raw_write(raw_path, dst_cpu)

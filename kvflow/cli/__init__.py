@@ -11,12 +11,14 @@ from rich.console import Console
 
 from kvflow.cli import policies as policies_cmd
 from kvflow.cli import replay as replay_cmd
+from kvflow.cli import sweep as sweep_cmd
+from kvflow.cli import synth as synth_cmd
 from kvflow.cli.common import CLIError
 from kvflow.config import ConfigError
 from kvflow.policies import PolicyLoadError
 from kvflow.registry import UnknownNameError
 
-SUBCOMMANDS = (replay_cmd, policies_cmd)
+SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, policies_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from kvflow.config import KVFlowConfig, parse_assignment
 from kvflow.request import Request
@@ -30,8 +33,80 @@ def load_config(args: argparse.Namespace) -> KVFlowConfig:
     return KVFlowConfig.load(args.config, overrides)
 
 
-def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+def add_trace_arguments(parser: argparse.ArgumentParser, *, rate_flag: bool = True) -> None:
+    """TRACE and the flags that choose how it is read and shaped.
+
+    Args:
+        parser: the subcommand's parser.
+        rate_flag: add ``--rate RPS`` (a subcommand with its own ``--rate``, such as a
+            sweep over rates, passes False).
+    """
+    from kvflow.traces.formats import BUILTIN_FORMATS
+
     parser.add_argument("trace", nargs="?", help="trace file (default: the bundled sample)")
+    read = parser.add_argument_group("reading the trace")
+    read.add_argument(
+        "--format",
+        dest="trace_format",
+        default="auto",
+        metavar="NAME",
+        help=f"trace format: auto (default: detect), {', '.join(BUILTIN_FORMATS)}",
+    )
+    read.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip malformed records with a warning and a count instead of failing",
+    )
+    read.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="Mooncake/Azure/BurstGPT: name that seeds synthesised tokens "
+        "(default: the file name's stem; equal names share equal hash ids)",
+    )
+    read.add_argument(
+        "--tokenizer",
+        metavar="NAME",
+        help="ShareGPT: a locally installed transformers tokenizer (default: built-in)",
+    )
+    read.add_argument(
+        "--session-rate",
+        type=float,
+        metavar="RPS",
+        help="ShareGPT: conversations started per second (default: 1)",
+    )
+    read.add_argument(
+        "--think-time",
+        type=float,
+        metavar="S",
+        help="ShareGPT: seconds between a conversation's turns (default: 10)",
+    )
+    read.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="BurstGPT/Azure: keep responses with 0 output tokens (as 1-token outputs)",
+    )
+    shape = parser.add_argument_group("shaping the workload (applied in this order)")
+    shape.add_argument(
+        "--window",
+        metavar="START:END",
+        help="only requests arriving START..END seconds after the first (either may be "
+        "empty), shifted to start at 0",
+    )
+    shape.add_argument("--limit", type=int, metavar="N", help="only the first N requests")
+    shape.add_argument(
+        "--time-scale",
+        type=float,
+        metavar="F",
+        help="multiply arrival offsets by F (0.5 replays twice as fast)",
+    )
+    if rate_flag:
+        shape.add_argument(
+            "--rate",
+            type=float,
+            dest="shape_rate_rps",
+            metavar="RPS",
+            help="rescale arrivals to a mean of RPS requests/s (not with --time-scale)",
+        )
 
 
 def trace_path(args: argparse.Namespace) -> Path:
@@ -40,8 +115,50 @@ def trace_path(args: argparse.Namespace) -> Path:
     return Path(args.trace) if args.trace else bundled_sample_path()
 
 
-def load_requests(args: argparse.Namespace) -> list[Request]:
-    """The trace named by the arguments, loaded (and later shaped) as they say."""
-    from kvflow.traces import load_trace
+def trace_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `TraceOptions` fields the arguments set."""
+    options: dict[str, Any] = {"skip_bad_lines": bool(getattr(args, "skip_bad_lines", False))}
+    for field, dest in (
+        ("namespace", "namespace"),
+        ("tokenizer", "tokenizer"),
+        ("session_rate_rps", "session_rate"),
+        ("think_time_s", "think_time"),
+    ):
+        value = getattr(args, dest, None)
+        if value is not None:
+            options[field] = value
+    if getattr(args, "keep_failed", False):
+        options["keep_failed"] = True
+    return options
 
-    return load_trace(trace_path(args))
+
+def load_requests(args: argparse.Namespace) -> list[Request]:
+    """The trace named by the arguments, read and shaped as they say. Skipped lines and
+    left-out records are reported on stderr.
+
+    Raises:
+        TraceFormatError, ValueError: a bad trace or option (the CLI prints them).
+    """
+    from kvflow.traces import BadLinesSkippedWarning, read_trace
+    from kvflow.traces.shaping import parse_window, shape
+
+    path = trace_path(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadLinesSkippedWarning)  # reported below instead
+        loaded = read_trace(path, getattr(args, "trace_format", "auto"), **trace_options(args))
+    if loaded.num_bad_lines:
+        print(
+            f"kvflow: warning: skipped {loaded.num_bad_lines} bad line(s) of {path}; "
+            f"first: {loaded.bad_line_errors[0]}",
+            file=sys.stderr,
+        )
+    for reason, count in loaded.dropped.items():
+        print(f"kvflow: note: left out {count} record(s) of {path}: {reason}", file=sys.stderr)
+    window_text = getattr(args, "window", None)
+    return shape(
+        loaded.requests,
+        window_s=parse_window(window_text) if window_text else None,
+        num_requests=getattr(args, "limit", None),
+        scale=getattr(args, "time_scale", None),
+        rate_rps=getattr(args, "shape_rate_rps", None),
+    )

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,14 @@ from kvflow.cli.common import (
     load_config,
     load_requests,
     trace_path,
+)
+from kvflow.cli.options import (
+    add_output_arguments,
+    add_slo_arguments,
+    check_plot_dependency,
+    report_console,
+    slo_settings,
+    write_json,
 )
 
 DEFAULT_POLICIES = ("fcfs", "lpm", "edf", "priority", "fair")
@@ -40,7 +47,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     rp.add_argument("--engine", choices=["sim"], default="sim", help="runner (default: sim)")
     add_config_arguments(rp)
-    rp.add_argument("--json", metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    add_slo_arguments(rp)
+    add_output_arguments(rp)
+    rp.add_argument(
+        "--trace-events",
+        metavar="FILE",
+        help="write the step timeline as Chrome/Perfetto trace-event JSON (one track per policy)",
+    )
     rp.add_argument(
         "--check-integrity",
         action="store_true",
@@ -50,42 +63,67 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from kvflow.traces.metrics import render_table, summarize
+    from kvflow.cli.progress import ReplayProgress
+    from kvflow.traces.metrics import render_table, summarize_replay
     from kvflow.traces.replay import make_policy, replay
+    from kvflow.traces.tables import render_tenant_table
+    from kvflow.traces.timeseries import TimeSeriesRecorder, chain_hooks
+    from kvflow.traces.trace_events import TraceEventWriter
 
     config = load_config(args)
     names = args.policies or list(DEFAULT_POLICIES)
     made = [make_policy(name, config) for name in names]  # fail on a bad name before replaying
+    slo = slo_settings(args)
+    check_plot_dependency(args)
+    out = report_console(args, console)
     path = trace_path(args)
-    requests = load_requests(args)
+    requests = slo.apply(load_requests(args))
     reports = []
-    for name, policy in zip(names, made, strict=True):
-        result = replay(requests, config, policy, check_integrity=args.check_integrity)
-        reports.append(
-            summarize(
-                result.states,
-                policy=name,
-                num_preemptions=result.stats.num_preemptions,
-                prefix_hit_tokens=result.stats.prefix_hit_tokens,
-                prefix_query_tokens=result.stats.prefix_query_tokens,
-                sim_steps=result.stats.num_steps,
-                num_leaked_blocks=result.num_leaked_blocks,
-                wall_s=result.wall_s,
+    cdfs: dict[str, Any] = {}
+    series: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        events = None
+        if args.trace_events:
+            events = stack.enter_context(TraceEventWriter(args.trace_events))
+        progress = stack.enter_context(ReplayProgress(out))
+        for name, policy in zip(names, made, strict=True):
+            recorder = TimeSeriesRecorder() if args.plot else None
+            hook = chain_hooks(
+                [
+                    progress.replay_hook(name, requests),
+                    recorder.on_step if recorder is not None else None,
+                    events.track(name) if events is not None else None,
+                ]
             )
-        )
+            result = replay(
+                requests, config, policy, check_integrity=args.check_integrity, on_step=hook
+            )
+            progress.finish_all()
+            reports.append(summarize_replay(result, policy=name))
+            if recorder is not None:
+                from kvflow.traces.plots import latency_cdfs
+
+                cdfs[name] = latency_cdfs(result.states)
+                series[name] = recorder.series()
     table = render_table(reports)
     table.title = f"kvflow replay: {path.name} ({len(requests)} requests, engine {args.engine})"
-    console.print(table)
+    out.print(table)
+    if any(len(r.per_tenant) > 1 for r in reports):
+        out.print(render_tenant_table(reports))
+    if args.plot:
+        from kvflow.traces.plots import write_replay_plots
+
+        written = write_replay_plots(Path(args.plot), cdfs, series)
+        out.print(f"wrote {len(written)} plots to {args.plot}")
+    if args.trace_events:
+        out.print(f"wrote the step timeline to {args.trace_events}")
     if args.json:
         doc: dict[str, Any] = {
             "trace": str(path),
             "engine": args.engine,
             "runs": [r.to_json() for r in reports],
             "config": config.model_dump(mode="json"),
+            "slo": slo.to_json(),
         }
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(doc, args.json)
     return 0

@@ -11,7 +11,7 @@ Allocation takes free blocks first, then evicts the least recently used cached b
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice
 
@@ -33,7 +33,7 @@ class BlockPool:
         self.block_keys: list[int | None] = [None] * num_blocks
         self.hit_counts = [0] * num_blocks
         """Prefix hits on each cached block since it was filled."""
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
@@ -57,13 +57,11 @@ class BlockPool:
 
     def count_prefix(self, keys: Sequence[int], start: int = 0) -> int:
         """How many of `keys[start:]`, in order from `start`, are cached here."""
-        cached = self._cached
-        n = 0
-        for key in islice(keys, start, None):
-            if key not in cached:
-                break
-            n += 1
-        return n
+        found = list(map(self._cached.__contains__, islice(keys, start, None)))
+        try:
+            return found.index(False)
+        except ValueError:
+            return len(found)
 
     def num_evictable_among(self, block_ids: Iterable[int]) -> int:
         """How many of these cached blocks would leave the free pool if touched."""
@@ -90,22 +88,25 @@ class BlockPool:
             raise OutOfBlocksError(
                 f"asked for {num_blocks} blocks, {self.num_free_blocks} are free"
             )
-        out: list[int] = []
         free = self._free
+        num_fresh = min(num_blocks, len(free))
+        out = free[len(free) - num_fresh :]
+        del free[len(free) - num_fresh :]
+        if num_fresh < num_blocks:
+            evictable = self._evictable
+            block_keys = self.block_keys
+            cached = self._cached
+            for _ in range(num_blocks - num_fresh):
+                b, _ = evictable.popitem(last=False)
+                del cached[block_keys[b]]  # type: ignore[arg-type]
+                block_keys[b] = None
+                out.append(b)
+            self.num_evictions += num_blocks - num_fresh
         refs = self.ref_counts
-        for _ in range(num_blocks):
-            if free:
-                b = free.popleft()
-            else:
-                b, _ = self._evictable.popitem(last=False)
-                key = self.block_keys[b]
-                if key is not None:
-                    del self._cached[key]
-                    self.block_keys[b] = None
-                self.num_evictions += 1
+        hits = self.hit_counts
+        for b in out:
             refs[b] = 1
-            self.hit_counts[b] = 0
-            out.append(b)
+            hits[b] = 0
         return out
 
     def seal(self, block_id: int, key: int) -> bool:
@@ -123,14 +124,16 @@ class BlockPool:
         prefix's root is the last of its blocks to be evicted."""
         refs = self.ref_counts
         keys = self.block_keys
+        free_append = self._free.append
+        evictable = self._evictable
         for b in reversed(block_ids):
             n = refs[b] - 1
             refs[b] = n
             if n == 0:
                 if keys[b] is None:
-                    self._free.append(b)
+                    free_append(b)
                 else:
-                    self._evictable[b] = None
+                    evictable[b] = None
             elif n < 0:
                 raise IntegrityError(f"block {b} released more often than referenced")
 

@@ -24,11 +24,11 @@ def root_key(extra_keys: Sequence[str] = ()) -> int:
     return xxhash.xxh3_64_intdigest(payload, seed=_ROOT_SEED)
 
 
-def _pack(token_ids: Sequence[int]) -> memoryview:
+def _pack(token_ids: Sequence[int]) -> bytes:
     packed = array("I", token_ids)
     if _NEEDS_BYTESWAP:  # pragma: no cover - big-endian hosts
         packed.byteswap()
-    return memoryview(packed.tobytes())
+    return packed.tobytes()
 
 
 def hash_block(parent_key: int, token_ids: Sequence[int]) -> int:
@@ -47,10 +47,11 @@ def extend_block_keys(
     start = len(keys)
     if start >= num_full_blocks:
         return
-    view = _pack(token_ids[start * block_size : num_full_blocks * block_size])
+    packed = _pack(token_ids[start * block_size : num_full_blocks * block_size])
     width = 4 * block_size
     parent = keys[-1] if keys else root
     digest = xxhash.xxh3_64_intdigest
+    append = keys.append
     for offset in range(0, (num_full_blocks - start) * width, width):
-        parent = digest(view[offset : offset + width], seed=parent)
-        keys.append(parent)
+        parent = digest(packed[offset : offset + width], parent)  # seed: the parent key
+        append(parent)

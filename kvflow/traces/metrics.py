@@ -7,12 +7,16 @@
 | ITL | every gap between consecutive output tokens, pooled over requests |
 | E2E | arrival -> finish |
 | queue | arrival -> first scheduled |
+| KV wait | time spent waiting for KV blocks from lower tiers or peers (`kv_wait_s`) |
 | throughput | tokens (or requests) / duration, duration = first arrival -> last finish |
 | goodput | requests that met every SLO / duration |
 
 A request meets its SLOs when its TTFT, its TPOT (if it has more than one output token)
 and its first token's time are within `slo.ttft_ms`, `slo.tpot_ms` and `deadline`,
 each where set; a request with none meets them.
+
+`per_tenant` repeats the main figures for each tenant over the run's duration, so the
+tenants' goodputs add up to the run's.
 
 Only served requests (finished by length or stop) count; rejected and aborted requests
 appear only in the counts. Latencies go into HdrHistograms as integer microseconds
@@ -26,18 +30,41 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hdrh.histogram import HdrHistogram
 from rich.table import Table
 
 from kvflow.request import FinishReason, RequestState
+from kvflow.traces.latency import (
+    HIGHEST_US,
+    LOWEST_US,
+    PERCENTILES,
+    SIGNIFICANT_FIGURES,
+    LatencyRecorder,
+    LatencySummary,
+)
+from kvflow.traces.outcome import SERVED, RequestOutcome, request_outcome
+from kvflow.traces.tenants import TenantReport, TenantTally
 
-LOWEST_US = 1
-HIGHEST_US = 3_600_000_000
-SIGNIFICANT_FIGURES = 3
-PERCENTILES: dict[str, float] = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
-"""Reported percentiles, by key."""
+if TYPE_CHECKING:
+    from kvflow.traces.replay import ReplayResult
+
+__all__ = [
+    "HIGHEST_US",
+    "LOWEST_US",
+    "PERCENTILES",
+    "SIGNIFICANT_FIGURES",
+    "LatencyRecorder",
+    "LatencySummary",
+    "RequestOutcome",
+    "RunReport",
+    "TenantReport",
+    "render_table",
+    "request_outcome",
+    "summarize",
+    "summarize_replay",
+]
+
 
 _COLUMNS = (
     "policy",
@@ -54,70 +81,6 @@ _COLUMNS = (
     "steps",
     "wall s",
 )
-_SERVED = frozenset({FinishReason.LENGTH, FinishReason.STOP})
-_SLO_RTOL = 1e-9  # float noise in (t1 - t0) * 1000 must not fail an SLO met exactly
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    """Percentiles and mean of one latency metric, in milliseconds (0.0 when empty)."""
-
-    count: int = 0
-    p50: float = 0.0
-    p90: float = 0.0
-    p95: float = 0.0
-    p99: float = 0.0
-    p999: float = 0.0
-    mean: float = 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        """``{"p50", "p90", "p95", "p99", "p999", "mean"}`` in ms (the count is left out)."""
-        return {
-            "p50": self.p50,
-            "p90": self.p90,
-            "p95": self.p95,
-            "p99": self.p99,
-            "p999": self.p999,
-            "mean": self.mean,
-        }
-
-
-class LatencyRecorder:
-    """Collects latencies given in seconds into an HdrHistogram of microseconds.
-
-    Values below 1 us are recorded as 1 us and values above an hour as an hour; the
-    mean is computed from the exact values.
-    """
-
-    def __init__(self) -> None:
-        self._histogram = HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_FIGURES)
-        self._count = 0
-        self._sum_s = 0.0
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def record_s(self, seconds: float) -> None:
-        """Record one latency.
-
-        Raises:
-            ValueError: a negative or non-finite latency (timestamps out of order).
-        """
-        if not (math.isfinite(seconds) and seconds >= 0):
-            raise ValueError(f"latency must be a finite number of seconds >= 0, got {seconds!r}")
-        micros = min(max(round(seconds * 1e6), LOWEST_US), HIGHEST_US)
-        self._histogram.record_value(micros)
-        self._count += 1
-        self._sum_s += seconds
-
-    def summary(self) -> LatencySummary:
-        """Percentiles (bucket upper bounds) and exact mean, in ms."""
-        if not self._count:
-            return LatencySummary()
-        by_percentile = self._histogram.get_percentile_to_value_dict(list(PERCENTILES.values()))
-        ms = {key: by_percentile[p] / 1000.0 for key, p in PERCENTILES.items()}
-        return LatencySummary(count=self._count, mean=self._sum_s / self._count * 1000.0, **ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +112,11 @@ class RunReport:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_slo_met: int = 0
+    kv_wait_ms: LatencySummary = field(default_factory=LatencySummary)
+    """Time each served request spent waiting for KV from a lower tier or a peer; a
+    request that never waited counts as exactly 0."""
+    per_tenant: Mapping[str, TenantReport] = field(default_factory=dict)
+    """The main figures per tenant, by tenant name in sorted order."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further JSON-ready figures (per tier, per peer, ...), written after the rest."""
 
@@ -156,16 +124,16 @@ class RunReport:
         """The report as JSON-ready data; key order is part of the schema."""
         data: dict[str, Any] = {}
         for item in fields(self):
-            if item.name == "extra":
-                continue
             value = getattr(self, item.name)
-            data[item.name] = value.to_dict() if isinstance(value, LatencySummary) else value
+            if isinstance(value, LatencySummary):
+                value = value.to_dict()
+            elif item.name == "per_tenant":
+                value = {tenant: figures.to_json() for tenant, figures in value.items()}
+            elif item.name == "extra":
+                continue
+            data[item.name] = value
         data.update(self.extra)
         return data
-
-
-def _is_within(value: float, limit: float | None) -> bool:
-    return limit is None or value <= limit * (1 + _SLO_RTOL)
 
 
 def summarize(
@@ -194,46 +162,42 @@ def summarize(
         extra: further figures for `RunReport.extra`.
     """
     ttft, tpot, itl, e2e, queue = (LatencyRecorder() for _ in range(5))
+    kv_wait = LatencyRecorder(exact_zero=True)
+    recorders = (ttft, tpot, e2e, queue)
+    tenants: dict[str, TenantTally] = {}
     num_rejected = num_aborted = num_served = num_slo_met = 0
     num_prompt = num_output = num_cached = 0
     first_arrival, last_finish = math.inf, -math.inf
     for state in states:
+        tenant = tenants.get(state.tenant)
+        if tenant is None:
+            tenant = tenants[state.tenant] = TenantTally()
+        tenant.num_requests += 1
         reason = state.finish_reason
-        num_rejected += reason == FinishReason.REJECTED
-        num_aborted += reason == FinishReason.ABORTED
-        if reason not in _SERVED:
+        if reason not in SERVED:
+            is_rejected = reason == FinishReason.REJECTED
+            is_aborted = reason == FinishReason.ABORTED
+            num_rejected += is_rejected
+            num_aborted += is_aborted
+            tenant.num_rejected += is_rejected
+            tenant.num_aborted += is_aborted
             continue
+        outcome = request_outcome(state)
+        tenant.add(state, outcome)
         num_served += 1
-        num_outputs = state.num_output_tokens
+        num_slo_met += outcome.met
         num_prompt += state.num_prompt_tokens
-        num_output += num_outputs
+        num_output += state.num_output_tokens
         num_cached += state.num_cached_tokens
-        arrival = state.arrival_time
-        slo = state.request.slo
-        met = True
-        if state.first_scheduled_time is not None:
-            queue.record_s(state.first_scheduled_time - arrival)
-        first_token = state.first_token_time
-        if first_token is None and state.token_times:
-            first_token = state.token_times[0]
-        if first_token is not None:
-            ttft_s = first_token - arrival
-            ttft.record_s(ttft_s)
-            met &= _is_within(ttft_s * 1000.0, slo.ttft_ms)
-            deadline = state.request.deadline
-            met &= deadline is None or _is_within(first_token, deadline)
+        kv_wait.record_s(state.kv_wait_s)
+        for value, recorder in zip(outcome.latencies_s, recorders, strict=True):
+            if value is not None:
+                recorder.record_s(value)
         for earlier, later in itertools.pairwise(state.token_times):
             itl.record_s(later - earlier)
         if state.finish_time is not None:
-            e2e_s = state.finish_time - arrival
-            e2e.record_s(e2e_s)
-            first_arrival = min(first_arrival, arrival)
+            first_arrival = min(first_arrival, state.arrival_time)
             last_finish = max(last_finish, state.finish_time)
-            if first_token is not None and num_outputs > 1:
-                tpot_s = (state.finish_time - first_token) / (num_outputs - 1)
-                tpot.record_s(tpot_s)
-                met &= _is_within(tpot_s * 1000.0, slo.tpot_ms)
-        num_slo_met += met
 
     duration_s = max(last_finish - first_arrival, 0.0) if num_served else 0.0
 
@@ -266,7 +230,27 @@ def summarize(
         num_output_tokens=num_output,
         num_cached_tokens=num_cached,
         num_slo_met=num_slo_met,
+        kv_wait_ms=kv_wait.summary(),
+        per_tenant={name: tenants[name].report(duration_s) for name in sorted(tenants)},
         extra=dict(extra or {}),
+    )
+
+
+def summarize_replay(
+    result: ReplayResult, *, policy: str | None = None, extra: Mapping[str, Any] | None = None
+) -> RunReport:
+    """`summarize` applied to a replay's result (`policy` defaults to the result's)."""
+    stats = result.stats
+    return summarize(
+        result.states,
+        policy=result.policy if policy is None else policy,
+        num_preemptions=stats.num_preemptions,
+        prefix_hit_tokens=stats.prefix_hit_tokens,
+        prefix_query_tokens=stats.prefix_query_tokens,
+        sim_steps=stats.num_steps,
+        num_leaked_blocks=result.num_leaked_blocks,
+        wall_s=result.wall_s,
+        extra=extra,
     )
 
 

@@ -1,11 +1,14 @@
 """Workload shaping: change when requests arrive, or which of them are replayed.
 
-Every function returns new `Request`s (they are immutable) sorted by arrival.
+Every function returns new `Request`s (they are immutable) sorted by arrival; ties keep
+their order. `shape` applies the command line's options in a fixed order: window, then
+limit, then time scale or rate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from kvflow.request import Request
@@ -15,11 +18,15 @@ def _sorted(requests: Sequence[Request]) -> list[Request]:
     return sorted(requests, key=lambda r: r.arrival_time)
 
 
+def _finite_positive(value: float, what: str) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+
+
 def time_scale(requests: Sequence[Request], factor: float) -> list[Request]:
     """Multiply every arrival offset (from the first arrival) by `factor`: 0.5 replays
     the trace twice as fast. Deadlines move with their arrivals."""
-    if not factor > 0:
-        raise ValueError(f"time scale must be > 0, got {factor!r}")
+    _finite_positive(factor, "time scale")
     ordered = _sorted(requests)
     if not ordered:
         return []
@@ -32,17 +39,26 @@ def time_scale(requests: Sequence[Request], factor: float) -> list[Request]:
     return out
 
 
+def mean_rate(requests: Sequence[Request]) -> float | None:
+    """Requests per second over the trace: (n - 1) / (last arrival - first arrival);
+    None for fewer than two requests or when all arrive at once."""
+    if len(requests) < 2:
+        return None
+    arrivals = [r.arrival_time for r in requests]
+    span = max(arrivals) - min(arrivals)
+    return (len(requests) - 1) / span if span > 0 else None
+
+
 def scale_to_rate(requests: Sequence[Request], rate_rps: float) -> list[Request]:
-    """Rescale arrivals so the mean request rate over the trace is `rate_rps`."""
-    if not rate_rps > 0:
-        raise ValueError(f"rate must be > 0 requests/s, got {rate_rps!r}")
+    """Rescale arrivals so the mean request rate over the trace is `rate_rps`, keeping
+    the trace's burstiness (its gaps keep their proportions)."""
+    _finite_positive(rate_rps, "rate (requests/s)")
     ordered = _sorted(requests)
     if len(ordered) < 2:
         return ordered
-    span = ordered[-1].arrival_time - ordered[0].arrival_time
-    if span <= 0:
+    current = mean_rate(ordered)
+    if current is None:
         raise ValueError("every request arrives at the same time: no rate to scale")
-    current = (len(ordered) - 1) / span
     return time_scale(ordered, current / rate_rps)
 
 
@@ -53,11 +69,11 @@ def limit(requests: Sequence[Request], num_requests: int) -> list[Request]:
     return _sorted(requests)[:num_requests]
 
 
-def window(requests: Sequence[Request], start_s: float, end_s: float) -> list[Request]:
+def window(requests: Sequence[Request], start_s: float, end_s: float = math.inf) -> list[Request]:
     """Requests arriving in [start_s, end_s) seconds after the first arrival, shifted so
     the window starts at 0."""
-    if not end_s > start_s:
-        raise ValueError(f"window end must be after its start, got {start_s!r}:{end_s!r}")
+    if math.isnan(start_s) or math.isnan(end_s) or not end_s > start_s or start_s < 0:
+        raise ValueError(f"window needs 0 <= start < end, got {start_s!r}:{end_s!r}")
     ordered = _sorted(requests)
     if not ordered:
         return []
@@ -69,4 +85,53 @@ def window(requests: Sequence[Request], start_s: float, end_s: float) -> list[Re
             shift = t0 + start_s
             deadline = None if r.deadline is None else r.deadline - shift
             out.append(dataclasses.replace(r, arrival_time=offset - start_s, deadline=deadline))
+    return out
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """``START:END`` in seconds as (start, end); either side may be empty (``:60``,
+    ``300:``) for the trace's start or end.
+
+    Raises:
+        ValueError: quoting the text.
+    """
+    start_text, sep, end_text = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError("no ':'")
+        start = float(start_text) if start_text.strip() else 0.0
+        end = float(end_text) if end_text.strip() else math.inf
+        if not (math.isfinite(start) and 0 <= start < end):
+            raise ValueError("need 0 <= START < END")
+    except ValueError as err:
+        raise ValueError(f"bad window {text!r} ({err}); expected START:END in seconds") from None
+    return start, end
+
+
+def shape(
+    requests: Sequence[Request],
+    *,
+    window_s: tuple[float, float] | None = None,
+    num_requests: int | None = None,
+    scale: float | None = None,
+    rate_rps: float | None = None,
+) -> list[Request]:
+    """Apply the shaping options in order: `window_s` (start, end) in the trace's own
+    time, then the first `num_requests`, then the time `scale` factor or the target mean
+    `rate_rps` (not both). Options left None do nothing.
+
+    Raises:
+        ValueError: a bad option, or both `scale` and `rate_rps`.
+    """
+    if scale is not None and rate_rps is not None:
+        raise ValueError("give a time scale or a target rate, not both")
+    out = _sorted(requests)
+    if window_s is not None:
+        out = window(out, *window_s)
+    if num_requests is not None:
+        out = limit(out, num_requests)
+    if scale is not None:
+        out = time_scale(out, scale)
+    if rate_rps is not None:
+        out = scale_to_rate(out, rate_rps)
     return out

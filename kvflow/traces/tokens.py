@@ -10,6 +10,8 @@ from xxhash of the names, never from `hash()`).
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import operator
 import random
 import sys
@@ -24,6 +26,9 @@ VOCAB_SIZE = 32000
 _GROUP_SEED = 0x6B76_6772_6F75_70  # "kvgroup"
 _REQUEST_SEED = 0x6B76_7265_7175  # "kvrequ"
 _MAX_CACHED_GROUPS = 4096
+_PIECE_TOKENS = 16
+_NUM_PIECES = 256
+_PIECES_SEED = 0x6B76_7069_6563_65  # "kvpiece"
 _NEEDS_BYTESWAP = sys.byteorder != "little"
 
 _group_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
@@ -54,6 +59,41 @@ def random_token_ids(seed: int, num_tokens: int) -> tuple[int, ...]:
         return (_token_of_uint16()[raw[0]],)
     tokens: tuple[int, ...] = operator.itemgetter(*raw[:num_tokens])(_token_of_uint16())
     return tokens
+
+
+@functools.cache
+def _pieces() -> tuple[tuple[int, ...], ...]:
+    stream = random_token_ids(_PIECES_SEED, _PIECE_TOKENS * _NUM_PIECES)
+    return tuple(stream[i : i + _PIECE_TOKENS] for i in range(0, len(stream), _PIECE_TOKENS))
+
+
+def keyed_token_ids(key: str, num_tokens: int) -> tuple[int, ...]:
+    """`num_tokens` ids in [0, VOCAB_SIZE), a pure function of `key`, cheap to make.
+
+    The first 16 tokens are uniform random (SHAKE-128 of the key); the rest are random
+    16-token pieces of a fixed pool, picked by the same digest. So two keys' sequences
+    differ from their first token on, except with probability 1/VOCAB_SIZE per leading
+    token: what prefix sharing needs, at about half `random_token_ids`' cost. A shorter
+    sequence is always a prefix of a longer one with the same key.
+    """
+    if num_tokens <= 0:
+        return ()
+    num_head = min(num_tokens, _PIECE_TOKENS)
+    num_pieces = -(-(num_tokens - num_head) // _PIECE_TOKENS)
+    digest = hashlib.shake_128(key.encode()).digest(2 * _PIECE_TOKENS + num_pieces)
+    head = array("H", digest[: 2 * num_head])
+    if _NEEDS_BYTESWAP:  # pragma: no cover - big-endian hosts
+        head.byteswap()
+    table = _token_of_uint16()
+    parts: list[tuple[int, ...]] = [
+        operator.itemgetter(*head)(table) if num_head > 1 else (table[head[0]],)
+    ]
+    if num_pieces == 1:
+        parts.append(_pieces()[digest[2 * _PIECE_TOKENS]])
+    elif num_pieces:
+        parts.extend(operator.itemgetter(*digest[2 * _PIECE_TOKENS :])(_pieces()))
+    tokens = tuple(itertools.chain.from_iterable(parts))
+    return tokens if len(tokens) == num_tokens else tokens[:num_tokens]
 
 
 def name_seed(name: str, *, salt: int = 0) -> int:

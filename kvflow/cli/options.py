@@ -1,0 +1,104 @@
+"""Flags that `replay` and `sweep` share beyond the trace and config ones: SLOs and
+report outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kvflow.cli.common import CLIError
+from kvflow.request import SLO
+from kvflow.traces.slo import SLOSettings, parse_tenant_slo
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of ms, got {text!r}")
+    return value
+
+
+def _tenant_slo(text: str) -> tuple[str, SLO]:
+    try:
+        return parse_tenant_slo(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_slo_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--ttft-slo-ms`, `--tpot-slo-ms`, `--tenant-slo`, `--slo-override`."""
+    group = parser.add_argument_group(
+        "SLOs",
+        "Objectives for requests the trace gives none (per field); with --slo-override, "
+        "for every request. A tenant's setting beats the global one.",
+    )
+    group.add_argument("--ttft-slo-ms", type=_positive_ms, metavar="MS", help="TTFT objective")
+    group.add_argument("--tpot-slo-ms", type=_positive_ms, metavar="MS", help="TPOT objective")
+    group.add_argument(
+        "--tenant-slo",
+        type=_tenant_slo,
+        action="append",
+        default=[],
+        metavar="T=TTFT[,TPOT]",
+        help="objectives in ms for tenant T, repeatable (either may be empty: t0=,50)",
+    )
+    group.add_argument(
+        "--slo-override",
+        action="store_true",
+        help="replace the trace's SLOs instead of filling in missing ones",
+    )
+
+
+def slo_settings(args: argparse.Namespace) -> SLOSettings:
+    """The SLO flags as settings to apply to the loaded trace."""
+    per_tenant = dict(args.tenant_slo)
+    if len(per_tenant) != len(args.tenant_slo):
+        raise CLIError("--tenant-slo names the same tenant twice")
+    return SLOSettings(args.ttft_slo_ms, args.tpot_slo_ms, per_tenant, args.slo_override)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--json OUT` and `--plot DIR`."""
+    parser.add_argument("--json", metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    parser.add_argument(
+        "--plot", metavar="DIR", help="write PNG plots into DIR (needs the 'plot' extra)"
+    )
+
+
+def check_plot_dependency(args: argparse.Namespace) -> None:
+    """Fail before any work when --plot is given and matplotlib is missing."""
+    if args.plot:
+        from kvflow.traces.plots import PlotDependencyError, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotDependencyError as err:
+            raise CLIError(f"--plot: {err}") from None
+
+
+def report_console(args: argparse.Namespace, console: Console) -> Console:
+    """Where tables and notes go: stderr when the JSON report takes stdout."""
+    if args.json != "-":
+        return console
+    err = Console(stderr=True, highlight=False)
+    if not err.is_terminal:
+        err.width = max(err.width, 180)
+    return err
+
+
+def write_json(doc: dict[str, Any], dest: str) -> None:
+    """The report as indented JSON into the file `dest`, or stdout for '-'."""
+    text = json.dumps(doc, indent=2)
+    if dest == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(dest).write_text(text + "\n")

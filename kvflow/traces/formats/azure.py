@@ -1,0 +1,119 @@
+"""Azure LLM inference traces (Azure/AzurePublicDataset, 2023 and 2024 releases).
+
+CSV with the header ``TIMESTAMP,ContextTokens,GeneratedTokens`` (column names matched
+without regard to case, spaces or underscores; other columns ignored). Timestamps are
+wall-clock datetimes: ``2023-11-16 18:17:03.9799600`` in 2023 (7 fractional digits, no
+zone) and ``2024-05-10 00:00:00.009930+00:00`` in 2024 (a UTC offset); a ``T`` between
+date and time, a trailing ``Z``, and 0 to 9 fractional digits are accepted too, and
+times without an offset are taken as UTC.
+
+The traces carry no prefix information: each prompt gets its own synthesised tokens,
+seeded by (namespace, request id), so no two requests share a prefix. Arrivals are
+seconds after the earliest timestamp. Rows with 0 generated tokens are left out and
+counted (kept, with 1 output token, under ``keep_failed``); rows with 0 context tokens
+are left out and counted. Request ids are ``r{i}``,
+i the 0-based index of the data row.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kvflow.request import Request
+from kvflow.traces.errors import FieldError
+from kvflow.traces.formats._io import CSVRows, parse_int
+from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions
+from kvflow.traces.tokens import keyed_token_ids
+
+COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"\s*(Z|[+-]\d{2}:?\d{2})?"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_timestamp_ns(text: str) -> int:
+    """Nanoseconds since the Unix epoch (UTC) of an Azure trace timestamp.
+
+    Raises:
+        ValueError: not a timestamp in one of the accepted forms.
+    """
+    match = _TIMESTAMP.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"expected a timestamp like 2023-11-16 18:17:03.9799600, got {text!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zone = match.group(7), match.group(8)
+    try:
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+    except ValueError as err:
+        raise ValueError(f"not a valid date and time ({err}): {text!r}") from None
+    seconds = int((moment - _EPOCH).total_seconds())
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        seconds -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    nanos = int(fraction.ljust(9, "0")) if fraction else 0
+    return seconds * 1_000_000_000 + nanos
+
+
+def csv_prompt(namespace: str, request_id: str, num_tokens: int) -> tuple[int, ...]:
+    """The synthesised prompt of a CSV trace's request: its own tokens, no sharing."""
+    return keyed_token_ids(f"csv\x1f{namespace}\x1f{request_id}", num_tokens)
+
+
+def output_len_or_drop(num_out: int, options: TraceOptions, log: LoadLog, reason: str) -> int:
+    """`num_out`, or 0 after `log.drop(reason)` when it is 0 and failures are not kept."""
+    if num_out > 0:
+        return num_out
+    if options.keep_failed:
+        return 1
+    log.drop(reason)
+    return 0
+
+
+class AzureFormat(TraceFormat):
+    """Azure LLM inference CSV; each prompt gets its own tokens."""
+
+    name = "azure"
+    summary = "Azure LLM inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens)"
+
+    def sniff(self, head: TraceHead) -> bool:
+        return {"timestamp", "contexttokens", "generatedtokens"} <= set(head.csv_columns)
+
+    def read(self, path: Path, options: TraceOptions, log: LoadLog) -> list[Request]:
+        rows: list[tuple[str, int, int, int]] = []
+        for index, (line_no, row) in enumerate(CSVRows(path, log, COLUMNS)):
+            try:
+                try:
+                    ns = parse_timestamp_ns(row["TIMESTAMP"])
+                except ValueError as err:
+                    raise FieldError("TIMESTAMP", str(err)) from None
+                num_in = parse_int(row["ContextTokens"], "ContextTokens")
+                num_out = parse_int(row["GeneratedTokens"], "GeneratedTokens")
+            except ValueError as err:
+                log.bad(line_no, err)
+                continue
+            if num_in == 0:
+                log.drop("0 context tokens")
+                continue
+            num_out = output_len_or_drop(num_out, options, log, "0 generated tokens")
+            if num_out:
+                rows.append((f"r{index}", ns, num_in, num_out))
+        if not rows:
+            return []
+        t0 = min(r[1] for r in rows)
+        namespace = options.namespace_of(path)
+        arrivals = [(ns - t0) / 1e9 for _, ns, _, _ in rows]
+        return [
+            Request(
+                request_id=rid,
+                prompt_token_ids=csv_prompt(namespace, rid, num_in),
+                max_new_tokens=num_out,
+                arrival_time=arrival,
+            )
+            for (rid, _, num_in, num_out), arrival in zip(rows, arrivals, strict=True)
+        ]

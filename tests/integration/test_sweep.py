@@ -1,0 +1,159 @@
+"""Load sweeps over the bundled sample: the goodput curve, capacity, and determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvflow.cli import main
+from kvflow.config import KVFlowConfig
+from kvflow.request import Request
+from kvflow.traces import bundled_sample_path, load_trace
+from kvflow.traces.metrics import summarize
+from kvflow.traces.sweep import SweepPoint, capacity, sweep
+from tests.integration.test_reports_cli import png_size
+
+RATES = [20.0, 40.0, 60.0]
+"""Below, near and above what the default instance holds on the sample (~45 req/s)."""
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[Request]:
+    return load_trace(bundled_sample_path())
+
+
+@pytest.fixture(scope="module")
+def serial_points(sample: list[Request]) -> list[SweepPoint]:
+    return sweep(sample, KVFlowConfig(), ["fcfs", "lpm"], RATES, jobs=1)
+
+
+def _without_wall_time(point: SweepPoint) -> dict[str, Any]:
+    data = point.to_json()
+    del data["wall_s"]
+    return data
+
+
+def test_grid_is_policy_major_in_the_given_order(serial_points: list[SweepPoint]) -> None:
+    assert [(p.policy, p.rate_rps) for p in serial_points] == [
+        (policy, rate) for policy in ("fcfs", "lpm") for rate in RATES
+    ]
+    for point in serial_points:
+        assert point.report.num_finished == 400 and point.report.num_leaked_blocks == 0
+        # Rescaling keeps the requests and spreads them over (n - 1) / rate seconds.
+        assert point.report.duration_s >= 399 / point.rate_rps
+
+
+def test_fcfs_attainment_does_not_rise_with_load(serial_points: list[SweepPoint]) -> None:
+    fcfs = [p.report for p in serial_points if p.policy == "fcfs"]
+    attainment = [r.slo_attainment for r in fcfs]
+    assert attainment[0] == 1.0
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(attainment))
+    assert attainment[-1] < 0.9  # overloaded at 60 req/s
+    # Goodput follows the offered load until the SLOs break, then falls.
+    assert fcfs[0].goodput_rps == pytest.approx(20.0, rel=0.05)
+    assert fcfs[-1].goodput_rps < fcfs[1].goodput_rps
+
+
+def test_cache_aware_lpm_holds_more_goodput_under_overload(
+    serial_points: list[SweepPoint],
+) -> None:
+    at_60 = {p.policy: p.report for p in serial_points if p.rate_rps == 60.0}
+    assert at_60["lpm"].goodput_rps > at_60["fcfs"].goodput_rps
+    assert at_60["lpm"].prefix_hit_rate > at_60["fcfs"].prefix_hit_rate
+
+
+def test_parallel_sweep_gives_the_serial_numbers(
+    sample: list[Request], serial_points: list[SweepPoint]
+) -> None:
+    finished: list[SweepPoint] = []
+    parallel = sweep(
+        sample, KVFlowConfig(), ["fcfs", "lpm"], RATES, jobs=2, on_point=finished.append
+    )
+    assert [_without_wall_time(p) for p in parallel] == [
+        _without_wall_time(p) for p in serial_points
+    ]
+    assert sorted(id(p) for p in finished) == sorted(id(p) for p in parallel)
+
+
+def _point(policy: str, rate: float, attainment: float) -> SweepPoint:
+    empty = summarize(
+        [],
+        policy=policy,
+        num_preemptions=0,
+        prefix_hit_tokens=0,
+        prefix_query_tokens=0,
+        sim_steps=0,
+        num_leaked_blocks=0,
+        wall_s=0.0,
+    )
+    return SweepPoint(policy, rate, dataclasses.replace(empty, slo_attainment=attainment))
+
+
+def test_capacity_is_the_highest_rate_held_without_a_gap() -> None:
+    points = [
+        _point("a", 1.0, 1.0),
+        _point("a", 4.0, 0.95),
+        _point("a", 2.0, 0.90),
+        _point("a", 8.0, 0.5),
+        _point("b", 1.0, 0.8),
+        _point("b", 2.0, 0.95),  # above the target, but a lower rate already failed
+        _point("c", 1.0, 0.99),
+    ]
+    assert capacity(points) == {"a": 4.0, "b": None, "c": 1.0}
+    assert capacity(points, attainment_target=0.5)["a"] == 8.0
+
+
+def test_sweep_refuses_bad_grids(sample: list[Request]) -> None:
+    config = KVFlowConfig()
+    with pytest.raises(ValueError, match="at least one policy"):
+        sweep(sample, config, [], RATES)
+    with pytest.raises(ValueError, match="> 0"):
+        sweep(sample, config, ["fcfs"], [10.0, 0.0])
+    with pytest.raises(ValueError, match="two requests"):
+        sweep(sample[:1], config, ["fcfs"], [10.0])
+    with pytest.raises(ValueError, match="jobs"):
+        sweep(sample, config, ["fcfs"], [10.0], jobs=0)
+
+
+def test_cli_sweep_writes_the_curve_capacity_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, plots = tmp_path / "sweep.json", tmp_path / "plots"
+    args = ["sweep", "-p", "fcfs", "-p", "lpm", "--rate", "60,20", "--rate", "40"]
+    assert main([*args, "--jobs", "2", "--json", str(out), "--plot", str(plots)]) == 0
+    text = capsys.readouterr().out
+    assert "goodput" in text and "capacity (SLO met >= 90%)" in text
+    doc = json.loads(out.read_text())
+    rows = doc["sweep"]
+    assert [(r["policy"], r["rate_rps"]) for r in rows] == [
+        (policy, rate) for policy in ("fcfs", "lpm") for rate in RATES
+    ]
+    assert list(rows[0])[:4] == ["policy", "rate_rps", "goodput_rps", "slo_attainment"]
+    assert {"ttft_ms", "tpot_ms", "queue_ms", "kv_wait_ms", "per_tenant"} <= set(rows[0])
+    assert doc["capacity"] == {"fcfs": 40.0, "lpm": 40.0}
+    assert doc["attainment_target"] == 0.9 and doc["config"]["kv"]["block_size"] == 16
+    assert png_size(plots / "sweep.png") == (700, 700)
+
+
+def test_cli_sweep_slo_flags_move_the_curve(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    args = ["sweep", "-p", "fcfs", "--rate", "60", "--jobs", "1", "--json", str(out)]
+    assert main([*args, "--ttft-slo-ms", "60000", "--tpot-slo-ms", "1000", "--slo-override"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["sweep"][0]["slo_attainment"] == 1.0
+    assert doc["slo"] == {"ttft_ms": 60000.0, "tpot_ms": 1000.0, "per_tenant": {}, "override": True}
+    assert doc["capacity"] == {"fcfs": 60.0}
+
+
+def test_cli_sweep_needs_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["sweep", "-p", "fcfs"])
+    assert "--rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--rate", "1,x"])
+    assert "1,x" in capsys.readouterr().err
