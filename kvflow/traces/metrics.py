@@ -239,8 +239,20 @@ def summarize(
 def summarize_replay(
     result: ReplayResult, *, policy: str | None = None, extra: Mapping[str, Any] | None = None
 ) -> RunReport:
-    """`summarize` applied to a replay's result (`policy` defaults to the result's)."""
+    """`summarize` applied to a replay's result (`policy` defaults to the result's), with
+    the KV store's figures per tier added: `hit_tokens_by_tier`, `bytes_moved` per
+    direction, block promotions, demotions and disk writes, swaps and tier errors."""
     stats = result.stats
+    store = result.store_stats
+    tiers: dict[str, Any] = {
+        "hit_tokens_by_tier": dict(stats.hit_tokens_by_tier),
+        "bytes_moved": dict(store.bytes_moved),
+        "num_promoted_blocks": store.num_promoted_blocks,
+        "num_demoted_blocks": store.num_demoted_blocks,
+        "num_disk_writes": store.num_disk_writes,
+        "num_swaps": stats.num_swaps,
+        "num_tier_errors": store.num_tier_errors,
+    }
     return summarize(
         result.states,
         policy=result.policy if policy is None else policy,
@@ -250,8 +262,19 @@ def summarize_replay(
         sim_steps=stats.num_steps,
         num_leaked_blocks=result.num_leaked_blocks,
         wall_s=result.wall_s,
-        extra=extra,
+        extra={**tiers, **(extra or {})},
     )
+
+
+def _hit_rate_cell(report: RunReport) -> str:
+    """The hit rate, split by tier when a tier below device served any hit."""
+    cell = f"{report.prefix_hit_rate:.1%}"
+    by_tier = report.extra.get("hit_tokens_by_tier")
+    if not by_tier or not (by_tier.get("cpu") or by_tier.get("disk")):
+        return cell
+    queried = report.prefix_hit_rate and sum(by_tier.values()) / report.prefix_hit_rate
+    parts = [f"{tier} {by_tier[tier] / queried:.0%}" for tier in ("device", "cpu", "disk")]
+    return f"{cell} ({' '.join(parts)})"
 
 
 def render_table(reports: Sequence[RunReport]) -> Table:
@@ -268,7 +291,7 @@ def render_table(reports: Sequence[RunReport]) -> Table:
             f"{report.itl_ms.p99:.1f}",
             f"{report.e2e_ms.p50:.1f}",
             f"{report.throughput_tokens_per_s:.0f}",
-            f"{report.prefix_hit_rate:.1%}",
+            _hit_rate_cell(report),
             f"{report.slo_attainment:.1%}",
             f"{report.goodput_rps:.2f}",
             str(report.num_preemptions),

@@ -127,3 +127,26 @@ def test_preemption_swaps_or_recomputes_as_configured(mode: str) -> None:
         assert result.stats.num_swaps == 0
         assert result.stats.hit_tokens_by_tier["cpu"] == 0
     assert result.num_leaked_blocks == 0
+
+
+def test_the_replay_report_shows_hits_and_bytes_per_tier(tmp_path: Path) -> None:
+    import json
+
+    from kvflow.cli import main
+
+    out = tmp_path / "r.json"
+    settings = ["kv.device.num_blocks=1200", "kv.cpu.num_blocks=2000", "kv.disk.num_blocks=8000"]
+    args = ["replay", "-p", "lpm", "--json", str(out)]
+    for s in settings:
+        args += ["--set", s]
+    assert main(args) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    by_tier = run["hit_tokens_by_tier"]
+    assert set(by_tier) == {"device", "cpu", "disk"} and by_tier["cpu"] > 0 and by_tier["disk"] > 0
+    assert set(run["bytes_moved"]) == {
+        "device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device"
+    }  # fmt: skip
+    block_bytes = 16 * 2 * 32 * 8 * 128 * 2  # the default layout
+    assert run["bytes_moved"]["disk_to_device"] == (by_tier["disk"] // 16) * block_bytes
+    assert run["num_promoted_blocks"] * 16 == by_tier["cpu"] + by_tier["disk"]
+    assert run["num_tier_errors"] == 0 and run["num_leaked_blocks"] == 0
