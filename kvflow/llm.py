@@ -13,20 +13,16 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine import AsyncEngine
 from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_adapters.factory import build_runner, load_model, run_blocking
 from kvflow.kv.store import KVStore
 from kvflow.request import FinishReason, Request, RequestOutput, SamplingParams
-
-if TYPE_CHECKING:
-    import torch
-
-    from kvflow.engine_adapters.torch.model import TorchLlama
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +35,6 @@ class CompletionOutput:
     num_cached_tokens: int
     ttft_s: float | None
     e2e_s: float | None
-
-
-_DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
-                "torch.float32": "float32", "torch.float64": "float64"}  # fmt: skip
-
-
-def _layout_of(
-    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-) -> dict[str, Any]:
-    return {
-        "kv.layout.num_layers": num_layers,
-        "kv.layout.num_kv_heads": num_kv_heads,
-        "kv.layout.head_dim": head_dim,
-        "kv.layout.dtype": _DTYPE_NAMES[str(dtype)],
-    }
 
 
 class LLM:
@@ -81,46 +62,10 @@ class LLM:
     ) -> None:
         self.policy = policy
         self._ids = itertools.count()
-        if engine == "torch":
-            from kvflow.engine_adapters.torch.model import TorchLlama
-
-            net: TorchLlama = (
-                model if isinstance(model, TorchLlama) else TorchLlama.from_pretrained(model, dtype)
-            )
-            spec = net.spec
-            layout = _layout_of(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.torch_dtype)
-            device = net.device
-        elif engine == "hf":
-            from kvflow.engine_adapters.hf import load_hf_model
-
-            hf_net: Any = load_hf_model(model) if isinstance(model, str | Path) else model
-            if dtype is not None:
-                import torch
-
-                hf_net = hf_net.to(getattr(torch, dtype))
-            cfg = hf_net.config.get_text_config()
-            heads = int(cfg.num_attention_heads)
-            kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-            head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-            param = next(hf_net.parameters())
-            layout = _layout_of(int(cfg.num_hidden_layers), kv_heads, head_dim, param.dtype)
-            device = param.device
-        else:
-            raise ValueError(f"engine must be 'torch' or 'hf', got {engine!r}")
-        self.config = KVFlowConfig.load(overrides={**layout, **dict(settings or {})})
-        self.store = KVStore.with_tensors(self.config.kv, device=device)
-        assert self.store.device_storage is not None  # with_tensors made it
-        kv_cache = self.store.device_storage.data
-        block_size = self.config.kv.block_size
-        self.runner: ModelRunner
-        if engine == "torch":
-            from kvflow.engine_adapters.torch.runner import TorchRunner
-
-            self.runner = TorchRunner(net, block_size, kv_cache=kv_cache, seed=seed)
-        else:
-            from kvflow.engine_adapters.hf import HFRunner
-
-            self.runner = HFRunner(hf_net, block_size, kv_cache=kv_cache, seed=seed)
+        built = build_runner(load_model(model, engine, dtype), settings, seed=seed)
+        self.config: KVFlowConfig = built.config
+        self.store: KVStore = built.store
+        self.runner: ModelRunner = built.runner
 
     def generate(
         self,
@@ -154,7 +99,7 @@ class LLM:
             Request(f"llm-{next(self._ids)}", tuple(p), max_new_tokens, sampling=sampling)
             for p in prompt_token_ids
         ]
-        outputs: list[CompletionOutput] = _run(self._serve, requests)
+        outputs: list[CompletionOutput] = run_blocking(self._serve, requests)
         return outputs
 
     async def _serve(self, requests: list[Request]) -> list[CompletionOutput]:
@@ -192,17 +137,6 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _run(fn: Any, *args: Any) -> Any:
-    """anyio.run on asyncio, with uvloop when it is installed."""
-    try:
-        import uvloop  # noqa: F401
-
-        options = {"use_uvloop": True}
-    except ImportError:
-        options = {}
-    return anyio.run(fn, *args, backend="asyncio", backend_options=options)
 
 
 __all__ = ["LLM", "CompletionOutput"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from kvflow.cli.common import (
+    CLIError,
     add_config_arguments,
     add_trace_arguments,
     load_config,
@@ -24,6 +25,10 @@ from kvflow.cli.options import (
     slo_settings,
     write_json,
 )
+from kvflow.config import parse_assignment
+
+if TYPE_CHECKING:
+    from kvflow.traces.metrics import RunReport
 
 DEFAULT_POLICIES = ("fcfs", "lpm", "edf", "priority", "fair")
 
@@ -45,7 +50,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"policy name, repeatable (default: {' '.join(DEFAULT_POLICIES)}); "
         "see `kvflow policies`",
     )
-    rp.add_argument("--engine", choices=["sim"], default="sim", help="runner (default: sim)")
+    rp.add_argument(
+        "--engine",
+        choices=["sim", "torch", "hf"],
+        default="sim",
+        help="runner (default: sim, in virtual time); torch or hf run --model in wall-clock "
+        "time through the async engine (arrivals at their offsets; scale them with "
+        "--time-scale; default policy fcfs)",
+    )
+    rp.add_argument("--model", metavar="DIR", help="checkpoint directory for --engine torch|hf")
+    rp.add_argument(
+        "--dtype",
+        choices=["float32", "float64", "float16", "bfloat16"],
+        help="compute dtype for --engine torch|hf (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     add_config_arguments(rp)
     add_slo_arguments(rp)
     add_output_arguments(rp)
@@ -64,12 +82,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cli.progress import ReplayProgress
-    from kvflow.traces.metrics import render_table, summarize_replay
+    from kvflow.traces.metrics import summarize_replay
     from kvflow.traces.replay import make_policy, replay
-    from kvflow.traces.tables import render_tenant_table
     from kvflow.traces.timeseries import TimeSeriesRecorder, chain_hooks
     from kvflow.traces.trace_events import TraceEventWriter
 
+    if args.engine != "sim":
+        return run_real(args, console)
     config = load_config(args)
     names = args.policies or list(DEFAULT_POLICIES)
     made = [make_policy(name, config) for name in names]  # fail on a bad name before replaying
@@ -105,11 +124,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
                 cdfs[name] = latency_cdfs(result.states)
                 series[name] = recorder.series()
-    table = render_table(reports)
-    table.title = f"kvflow replay: {path.name} ({len(requests)} requests, engine {args.engine})"
-    out.print(table)
-    if any(len(r.per_tenant) > 1 for r in reports):
-        out.print(render_tenant_table(reports))
+    print_reports(out, reports, f"{path.name} ({len(requests)} requests, engine {args.engine})")
     if args.plot:
         from kvflow.traces.plots import write_replay_plots
 
@@ -121,6 +136,66 @@ def run(args: argparse.Namespace, console: Console) -> int:
         doc: dict[str, Any] = {
             "trace": str(path),
             "engine": args.engine,
+            "runs": [r.to_json() for r in reports],
+            "config": config.model_dump(mode="json"),
+            "slo": slo.to_json(),
+        }
+        write_json(doc, args.json)
+    return 0
+
+
+def print_reports(out: Console, reports: list[RunReport], what: str) -> None:
+    """The comparison table (and the per-tenant one when there are tenants)."""
+    from kvflow.traces.metrics import render_table
+    from kvflow.traces.tables import render_tenant_table
+
+    table = render_table(reports)
+    table.title = f"kvflow replay: {what}"
+    out.print(table)
+    if any(len(r.per_tenant) > 1 for r in reports):
+        out.print(render_tenant_table(reports))
+
+
+def run_real(args: argparse.Namespace, console: Console) -> int:
+    """`--engine torch|hf`: each policy in wall-clock time through the async engine,
+    over a fresh store and cache (the model is loaded once)."""
+    from kvflow.engine_adapters.factory import build_runner, load_model
+    from kvflow.traces.metrics import summarize_replay
+    from kvflow.traces.realtime import fit_to_vocab, replay_realtime
+    from kvflow.traces.replay import make_policy
+
+    if not args.model:
+        raise CLIError(f"--engine {args.engine} needs --model DIR")
+    if args.plot or args.trace_events or args.check_integrity:
+        raise CLIError("--plot, --trace-events and --check-integrity need --engine sim")
+    settings = dict(parse_assignment(s) for s in args.settings)
+    names = args.policies or ["fcfs"]
+    slo = slo_settings(args)
+    out = report_console(args, console)
+    path = trace_path(args)
+    model = load_model(args.model, args.engine, args.dtype)
+    # Longer requests than the model's positions are rejected, as a server would.
+    settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)
+    requests = fit_to_vocab(slo.apply(load_requests(args)), model.vocab_size)
+    reports = []
+    config = None
+    for name in names:
+        config, runner, store = build_runner(model, settings, config_file=args.config)
+        policy = make_policy(name, config)
+        out.print(f"replaying {len(requests)} requests in real time under {name} ...")
+        try:
+            result = replay_realtime(requests, config, policy, runner, store)
+        finally:
+            store.close()
+        reports.append(summarize_replay(result, policy=name))
+    what = f"{path.name} ({len(requests)} requests, engine {args.engine}, {args.model})"
+    print_reports(out, reports, what)
+    if args.json and config is not None:
+        doc: dict[str, Any] = {
+            "trace": str(path),
+            "engine": args.engine,
+            "model": str(args.model),
+            "device": str(model.device),
             "runs": [r.to_json() for r in reports],
             "config": config.model_dump(mode="json"),
             "slo": slo.to_json(),
