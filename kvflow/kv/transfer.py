@@ -163,18 +163,19 @@ class TensorCopyEngine(CopyEngine):
         self._inline_bytes = inline_bytes if device.data.device.type == "cpu" else 0
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvcopy")
         self._pending: dict[Future[list[bool]], Transfer] = {}
+        self._done_inline: list[tuple[Transfer, list[bool]]] = []
         self._lock = threading.Lock()
 
     def submit(self, transfer: Transfer, now: float) -> None:
-        future: Future[list[bool]]
         if transfer.num_bytes <= self._inline_bytes and transfer.direction in (
             "device_to_cpu",
             "cpu_to_device",
         ):
-            future = Future()
-            future.set_result(self._run(transfer))
-        else:
-            future = self._executor.submit(self._run, transfer)
+            ok = self._run(transfer)
+            with self._lock:
+                self._done_inline.append((transfer, ok))
+            return
+        future = self._executor.submit(self._run, transfer)
         with self._lock:
             self._pending[future] = transfer
 
@@ -197,7 +198,7 @@ class TensorCopyEngine(CopyEngine):
         with self._lock:
             done = [f for f in self._pending if f.done()]
             transfers = [(f, self._pending.pop(f)) for f in done]
-        out = []
+            out, self._done_inline = self._done_inline, []
         for f, t in transfers:
             err = f.exception()
             out.append((t, [False] * len(t.keys) if err is not None else f.result()))
@@ -218,7 +219,7 @@ class TensorCopyEngine(CopyEngine):
     @property
     def num_pending(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._done_inline)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -240,9 +241,13 @@ def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 def _copy_tensor_blocks(
     src: torch.Tensor, src_slots: list[int], dst: torch.Tensor, dst_slots: list[int]
 ) -> list[bool]:
+    cuda = src.is_cuda or dst.is_cuda
+    if not cuda:
+        for s, d, n in _runs(src_slots, dst_slots):
+            dst[d : d + n].copy_(src[s : s + n])
+        return [True] * len(src_slots)
     import torch
 
-    cuda = src.is_cuda or dst.is_cuda
     stream = torch.cuda.Stream() if cuda else None  # type: ignore[no-untyped-call]
     ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with ctx:
