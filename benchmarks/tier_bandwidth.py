@@ -31,13 +31,18 @@ from kvflow.kv.transfer import Direction, TensorCopyEngine, Transfer
 MIB = 2**20
 
 
-def best_of(repeat: int, fn: Callable[[], None]) -> float:
-    times = []
+def best_of_pair(
+    repeat: int, first: Callable[[], object], second: Callable[[], object]
+) -> tuple[float, float]:
+    """Best times of two operations, measured alternately so that a busy spell on a
+    shared machine hits both alike."""
+    best = [float("inf"), float("inf")]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for i, fn in enumerate((first, second)):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
 
 
 def main() -> None:
@@ -105,8 +110,11 @@ def main() -> None:
                     if direction == "disk_to_device":
                         store_copy("cpu_to_disk")()  # something valid to read back
                         _raw_write(raw_path, dst_cpu)
-                    t_store = best_of(args.repeat, store_copy(direction))
-                    t_raw = best_of(args.repeat, raw[direction])  # type: ignore[arg-type]
+                    t_store, t_raw = best_of_pair(
+                        args.repeat,
+                        store_copy(direction),
+                        raw[direction],  # type: ignore[arg-type]
+                    )
                     nbytes = n * bpb
                     print(
                         json.dumps(
