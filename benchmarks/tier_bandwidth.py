@@ -50,7 +50,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", default=None, help="directory for the slab file")
     parser.add_argument("--sizes-mib", default="1,4,16,64")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (copies are memory-bound; "
+        "more threads than free cores slow small copies tenfold on a shared machine)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     # 512 KiB blocks: 8 layers x 2 x 16 tokens x 8 heads x 128 dims x bf16.
