@@ -156,6 +156,9 @@ class SimRunnerConfig(_Frozen):
     preset: str | None = "llama3-8b-h100"
     """Named latency preset (see kvflow.engine_adapters.simulated.PRESETS); fields set
     explicitly below override it."""
+    preset_file: str | None = None
+    """A preset JSON file written by `kvflow calibrate`; used instead of `preset` when
+    set. Fields set explicitly below override it."""
     fixed_ms: float | None = Field(default=None, ge=0)
     """Fixed cost of a step in ms (weights read, launch overheads)."""
     prefill_token_us: float | None = Field(default=None, ge=0)

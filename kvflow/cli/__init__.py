@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from kvflow.cli import calibrate as calibrate_cmd
 from kvflow.cli import policies as policies_cmd
 from kvflow.cli import replay as replay_cmd
 from kvflow.cli import sweep as sweep_cmd
@@ -18,7 +19,7 @@ from kvflow.config import ConfigError
 from kvflow.policies import PolicyLoadError
 from kvflow.registry import UnknownNameError
 
-SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, policies_cmd)
+SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, calibrate_cmd, policies_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,8 +48,13 @@ PRESETS: dict[str, LatencyModel] = {
 
 
 def latency_model_from_config(config: SimRunnerConfig) -> LatencyModel:
-    """The preset named in the config, with explicitly set fields overriding it."""
-    if config.preset is None:
+    """The preset file or the named preset of the config, with explicitly set fields
+    overriding it."""
+    if config.preset_file is not None:
+        from kvflow.engine_adapters.calibrate import read_preset
+
+        base = read_preset(config.preset_file)
+    elif config.preset is None:
         base = LatencyModel(0.0, 0.0, 0.0, 0.0)
     elif config.preset in PRESETS:
         base = PRESETS[config.preset]

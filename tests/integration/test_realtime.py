@@ -1,0 +1,139 @@
+"""Real-time replay through the async engine with a real runner, and `kvflow calibrate`
+writing a preset the simulator loads. A tiny random checkpoint; no timed assertions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from kvflow.cli import build_parser, main
+from kvflow.engine_adapters.calibrate import read_preset
+from kvflow.engine_adapters.factory import build_runner, load_model
+from kvflow.engine_adapters.hf import save_random_hf_llama
+from kvflow.request import FinishReason, Request
+from kvflow.traces.metrics import summarize_replay
+from kvflow.traces.realtime import fit_to_vocab, replay_realtime_async
+from tests.integration.test_exactness import SPEC
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("realtime-model")
+    save_random_hf_llama(dataclasses.replace(SPEC, dtype="float32"), path, seed=5, init_std=0.2)
+    return path
+
+
+def write_trace(path: Path, num_requests: int = 14, span_s: float = 1.0) -> Path:
+    """Requests over `span_s` seconds, three groups sharing 16-token prefixes."""
+    lines = [
+        {
+            "arrival_s": round(i * span_s / num_requests, 4),
+            "prompt_len": 20 + 3 * (i % 5),
+            "output_len": 3 + i % 4,
+            "prefix_group": f"g{i % 3}",
+            "prefix_len": 16,
+        }
+        for i in range(num_requests)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_token_ids_fold_into_the_vocabulary_keeping_equal_ids_equal() -> None:
+    reqs = [Request("a", (5, 300, 700), 2), Request("b", (5, 300, 9), 2, arrival_time=1.0)]
+    folded = fit_to_vocab(reqs, 256)
+    assert [r.prompt_token_ids for r in folded] == [(5, 44, 188), (5, 44, 9)]
+    assert folded[1].arrival_time == 1.0
+    assert fit_to_vocab(folded, 256)[0] is folded[0]
+
+
+@pytest.mark.anyio
+async def test_realtime_replay_serves_every_request_with_the_simulators_report(
+    model_dir: Path,
+) -> None:
+    model = load_model(model_dir, "torch", "float32")
+    config, runner, store = build_runner(model, {"kv.block_size": 4, "kv.device.num_blocks": 64})
+    requests = [
+        Request(f"q{i}", tuple((7 * i + j) % 97 for j in range(8 + i % 6)), 2 + i % 3,
+                arrival_time=i * 0.05)
+        for i in range(12)
+    ]  # fmt: skip
+    try:
+        with anyio.fail_after(60):
+            result = await replay_realtime_async(
+                requests, config, "fcfs", runner, store, time_scale=0.5
+            )
+    finally:
+        store.close()
+    assert len(result.states) == 12
+    assert all(s.finish_reason is FinishReason.LENGTH for s in result.states)
+    assert [s.num_output_tokens for s in result.states] == [r.max_new_tokens for r in requests]
+    arrivals = [s.arrival_time for s in result.states]
+    assert arrivals == sorted(arrivals) and arrivals[-1] > arrivals[0]
+    assert result.num_leaked_blocks == 0
+    report = summarize_replay(result)
+    assert report.num_finished == 12 and report.ttft_ms.p50 > 0
+    assert result.end_time >= arrivals[-1] and result.wall_s > 0
+
+
+def test_replay_engine_defaults_to_the_simulator() -> None:
+    assert build_parser().parse_args(["replay"]).engine == "sim"
+
+
+@pytest.mark.parametrize("engine", ["torch", "hf"])
+def test_kvflow_replay_with_a_real_engine_writes_the_same_report(
+    model_dir: Path, tmp_path: Path, engine: str
+) -> None:
+    trace = write_trace(tmp_path / "trace.jsonl")
+    out = tmp_path / "report.json"
+    argv = ["replay", str(trace), "--engine", engine, "--model", str(model_dir),
+            "--time-scale", "0.5", "--set", "kv.block_size=4", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["engine"] == engine and [r["policy"] for r in doc["runs"]] == ["fcfs"]
+    run = doc["runs"][0]
+    assert run["num_finished"] == 14 and run["num_rejected"] == 0
+    assert run["ttft_ms"]["p50"] > 0 and run["num_leaked_blocks"] == 0
+    assert run["prefix_hit_rate"] > 0  # the groups' 16-token prefixes are 4 full blocks
+    for key in ("tpot_ms", "e2e_ms", "throughput_tokens_per_s", "hit_tokens_by_tier"):
+        assert key in run
+
+
+def test_kvflow_replay_with_a_real_engine_needs_a_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["replay", "--engine", "torch"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_preset_that_replay_loads(model_dir: Path, tmp_path: Path) -> None:
+    preset = tmp_path / "preset.json"
+    grid = ["--prefill", "0,8,32", "--decode", "0,1,4", "--context", "8,32"]
+    argv = ["calibrate", "--model", str(model_dir), "--out", str(preset), "--repeat", "1", *grid]
+    assert main(argv) == 0
+    doc = json.loads(preset.read_text())
+    for key in ("fixed_ms", "prefill_token_us", "decode_seq_us", "kv_token_ns"):
+        assert doc[key] >= 0
+    assert doc["fit"]["num_points"] == 14 and doc["fit"]["median_rel_error"] >= 0
+    assert doc["model"] == str(model_dir) and doc["device"].startswith("cpu")
+    out = tmp_path / "report.json"
+    argv = ["replay", "-p", "fcfs", "--limit", "20", "--set", f"sim.preset_file={preset}",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["sim"]["preset_file"] == str(preset)
+    assert report["runs"][0]["num_finished"] == 20
+    assert read_preset(preset).fixed_ms == doc["fixed_ms"]
