@@ -65,8 +65,7 @@ class BlockPool:
 
     def num_evictable_among(self, block_ids: Iterable[int]) -> int:
         """How many of these cached blocks would leave the free pool if touched."""
-        refs = self.ref_counts
-        return sum(1 for b in block_ids if refs[b] == 0)
+        return list(map(self.ref_counts.__getitem__, block_ids)).count(0)
 
     # -- changes ---------------------------------------------------------------
     def touch(self, block_ids: Iterable[int], hit: bool = True) -> None:
@@ -74,12 +73,14 @@ class BlockPool:
         keeps a block from being evicted while a copy reads it."""
         refs = self.ref_counts
         evictable = self._evictable
-        hits = self.hit_counts
         for b in block_ids:
-            if refs[b] == 0:
+            n = refs[b]
+            if not n:
                 del evictable[b]
-            refs[b] += 1
-            if hit:
+            refs[b] = n + 1
+        if hit:
+            hits = self.hit_counts
+            for b in block_ids:
                 hits[b] += 1
 
     def allocate(self, num_blocks: int) -> list[int]:
@@ -96,11 +97,13 @@ class BlockPool:
             evictable = self._evictable
             block_keys = self.block_keys
             cached = self._cached
+            pop = evictable.popitem
+            append = out.append
             for _ in range(num_blocks - num_fresh):
-                b, _ = evictable.popitem(last=False)
+                b = pop(False)[0]
                 del cached[block_keys[b]]  # type: ignore[arg-type]
                 block_keys[b] = None
-                out.append(b)
+                append(b)
             self.num_evictions += num_blocks - num_fresh
         refs = self.ref_counts
         hits = self.hit_counts
@@ -118,6 +121,18 @@ class BlockPool:
         self._cached[key] = block_id
         self.block_keys[block_id] = key
         return True
+
+    def seal_many(self, block_ids: Sequence[int], keys: Sequence[int]) -> list[int]:
+        """`seal` each block under its key, in order. Returns the blocks that hold their
+        key afterwards (those for which `seal` returns True)."""
+        cached = self._cached
+        if any(map(cached.__contains__, keys)):
+            return [b for b, key in zip(block_ids, keys, strict=True) if self.seal(b, key)]
+        cached.update(zip(keys, block_ids, strict=True))
+        block_keys = self.block_keys
+        for b, key in zip(block_ids, keys, strict=True):
+            block_keys[b] = key
+        return list(block_ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block. Tail blocks are released first, so a

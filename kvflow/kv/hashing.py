@@ -47,11 +47,20 @@ def extend_block_keys(
     start = len(keys)
     if start >= num_full_blocks:
         return
-    packed = _pack(token_ids[start * block_size : num_full_blocks * block_size])
+    first = start * block_size
+    end = num_full_blocks * block_size
+    # Packing all of a prompt beats slicing it first (a slice copies every reference);
+    # the few tokens past the last full block are never read.
+    if first == 0 and len(token_ids) - end <= block_size:
+        packed = _pack(token_ids)
+    else:
+        packed = _pack(token_ids[first:end])
     width = 4 * block_size
     parent = keys[-1] if keys else root
     digest = xxhash.xxh3_64_intdigest
-    append = keys.append
-    for offset in range(0, (num_full_blocks - start) * width, width):
-        parent = digest(packed[offset : offset + width], parent)  # seed: the parent key
-        append(parent)
+    new_keys = [0] * (num_full_blocks - start)
+    offset = 0
+    for i in range(num_full_blocks - start):
+        parent = new_keys[i] = digest(packed[offset : offset + width], parent)  # seed: parent
+        offset += width
+    keys += new_keys

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Literal
 
 from kvflow.config import KVConfig
@@ -141,10 +142,14 @@ class KVStore:
 
     def match_device(self, block_keys: Sequence[int], max_blocks: int) -> list[int]:
         """Device block ids of the leading cached blocks, at most `max_blocks`."""
-        found = list(map(self.device._cached.get, block_keys[:max_blocks]))
-        if None in found:
-            del found[found.index(None) :]
-        return found  # type: ignore[return-value]  # None cut off above
+        # -1 for a miss: comparing ints with an int is much faster than with None.
+        found = list(map(self.device._cached.get, block_keys[:max_blocks], repeat(-1)))
+        try:
+            num_hits = found.index(-1)
+        except ValueError:
+            return found
+        del found[num_hits:]
+        return found
 
     def find_below(
         self, block_keys: Sequence[int], start: int, max_blocks: int

@@ -91,6 +91,8 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
         self._root_keys: dict[tuple[str, ...], int] = {}
+        self._active_ids: set[str] = set()
+        """Ids of the requests in `waiting`, `loading` and `running`."""
         self._policy_drops = policy.drops_requests()
         self._policy_on_step = type(policy).on_step is not Policy.on_step
         self._policy_preempts = type(policy).preempt_for is not Policy.preempt_for
@@ -105,11 +107,7 @@ class Scheduler:
         """Queue a request. One that can never be served is finished as rejected at
         once; check `state.status` / `state.finish_detail`."""
         rid = request.request_id
-        if (
-            rid in self.waiting
-            or rid in self.loading
-            or any(r.request_id == rid for r in self.running)
-        ):
+        if rid in self._active_ids:
             raise ValueError(f"request id {rid!r} is already queued or running")
         state = RequestState(request)
         now = request.arrival_time if now is None else now
@@ -121,6 +119,7 @@ class Scheduler:
         if self.sched_config.enable_prefix_caching:
             self._extend_keys(state, state.num_prompt_tokens // self.block_size)
         self.waiting[rid] = state
+        self._active_ids.add(rid)
         self.policy.on_add(state, self.view)
         return state
 
@@ -464,12 +463,17 @@ class Scheduler:
 
     def _seal(self, req: RequestState, num_full: int, now: float) -> None:
         self._extend_keys(req, num_full)
-        keys = req.block_keys
-        blocks = req.block_ids
-        seal = self.pool.seal
-        for j in range(req.num_sealed_blocks, num_full):
-            if seal(blocks[j], keys[j]) and self._write_through:
-                self.store.on_sealed(blocks[j], now)
+        first = req.num_sealed_blocks
+        if num_full - first == 1:  # a decode filled its last block: no slicing
+            block = req.block_ids[first]
+            if self.pool.seal(block, req.block_keys[first]) and self._write_through:
+                self.store.on_sealed(block, now)
+        else:
+            blocks = req.block_ids[first:num_full]
+            sealed = self.pool.seal_many(blocks, req.block_keys[first:num_full])
+            if self._write_through:
+                for b in sealed:
+                    self.store.on_sealed(b, now)
         req.num_sealed_blocks = num_full
 
     # -- state changes -----------------------------------------------------------
@@ -499,6 +503,7 @@ class Scheduler:
         if req.block_ids:
             self.store.release_device(req.block_ids, now, keep=True)
             req.block_ids = []
+        self._active_ids.discard(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_detail = detail
@@ -522,6 +527,8 @@ class Scheduler:
         ids = [r.request_id for r in self.running]
         if len(set(ids)) != len(ids) or set(ids) & set(self.waiting):
             problems.append("a request is running twice or both running and waiting")
+        if self._active_ids != {*ids, *self.waiting, *self.loading}:
+            problems.append("the active ids disagree with the waiting, loading and running queues")
         for r in self.running:
             if r.status is not _RUNNING:
                 problems.append(f"{r.request_id} is in running with status {r.status.name}")
