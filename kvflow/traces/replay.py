@@ -7,8 +7,10 @@ results, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvflow import policies
@@ -85,6 +87,44 @@ def replay(
     pending = sorted(requests, key=lambda r: r.arrival_time)
     states: list[RequestState] = []
     wall_start = time.perf_counter()
+    with _cyclic_gc_paused():
+        now = _run(scheduler, runner, pending, states, check_integrity, on_step)
+    scheduler.store.drain(now)  # demotions still in flight
+    if check_integrity:
+        scheduler.check_integrity()
+    return ReplayResult(
+        policy=name,
+        states=states,
+        stats=scheduler.stats,
+        store_stats=scheduler.store.stats,
+        num_leaked_blocks=scheduler.num_leaked_blocks(),
+        end_time=now,
+        wall_s=time.perf_counter() - wall_start,
+    )
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: the replay creates no reference cycles, and
+    each collection would rescan every request's token list (~13% of replay time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _run(
+    scheduler: Scheduler,
+    runner: ModelRunner,
+    pending: list[Request],
+    states: list[RequestState],
+    check_integrity: bool,
+    on_step: StepHook | None,
+) -> float:
+    """The event loop; returns the virtual time it ended at."""
     now = pending[0].arrival_time if pending else 0.0
     i = 0
     n = len(pending)
@@ -129,15 +169,4 @@ def replay(
             scheduler.check_integrity()
         if on_step is not None:
             on_step(scheduler, plan, result, now)
-    scheduler.store.drain(now)  # demotions still in flight
-    if check_integrity:
-        scheduler.check_integrity()
-    return ReplayResult(
-        policy=name,
-        states=states,
-        stats=scheduler.stats,
-        store_stats=scheduler.store.stats,
-        num_leaked_blocks=scheduler.num_leaked_blocks(),
-        end_time=now,
-        wall_s=time.perf_counter() - wall_start,
-    )
+    return now
