@@ -115,6 +115,10 @@ class AsyncEngine:
         self._stopped = anyio.Event()
         self._num_finished = 0
         self._error: BaseException | None = None
+        # Aborts that arrive while the runner executes a step wait for it to end: the
+        # runner may still read the request's blocks, so they are freed only afterwards.
+        self._executing = False
+        self._deferred_aborts: list[str] = []
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> AsyncEngine:
@@ -189,6 +193,10 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return False
+        if self._executing:
+            self._deferred_aborts.append(request_id)
+            self._push(stream, final=True)  # the stream ends now, the blocks after the step
+            return True
         state = self.scheduler.abort(request_id, self.clock())
         if state is not None:
             self._num_finished += 1
@@ -232,7 +240,12 @@ class AsyncEngine:
                     else:
                         await self._sleep_until_woken(0.05)
                     continue
-                result = await anyio.to_thread.run_sync(self.runner.execute, plan)
+                self._executing = True
+                try:
+                    result = await anyio.to_thread.run_sync(self.runner.execute, plan)
+                finally:
+                    self._executing = False
+                    self._apply_deferred_aborts()
                 finished = sched.commit(plan, result, self.clock())
                 for req in plan.requests:
                     stream = self._streams.get(req.request_id)
@@ -249,6 +262,13 @@ class AsyncEngine:
             raise
         finally:
             self._stopped.set()
+
+    def _apply_deferred_aborts(self) -> None:
+        now = self.clock()
+        for rid in self._deferred_aborts:
+            if self.scheduler.abort(rid, now) is not None:
+                self._num_finished += 1
+        self._deferred_aborts.clear()
 
     async def _sleep_until_woken(self, timeout_s: float | None = None) -> None:
         with anyio.move_on_after(timeout_s):
