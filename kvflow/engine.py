@@ -32,6 +32,7 @@ from kvflow.kv.store import KVStore
 from kvflow.policies.base import Policy
 from kvflow.request import FinishReason, Request, RequestOutput, RequestState
 from kvflow.scheduler.core import Scheduler
+from kvflow.scheduler.plan import StepPlan, StepResult
 
 
 class EngineOverloadedError(RuntimeError):
@@ -82,6 +83,9 @@ class AsyncEngine:
             `EngineOverloadedError` at once (back-pressure).
         on_close: what `aclose` does with requests in flight: "drain" (finish them) or
             "abort" them.
+        overlap: plan step N+1 while step N runs, when the runner allows it
+            (`ModelRunner.supports_overlap`); step N+1 then executes after step N's
+            commit, and takes no preemption (a request short of blocks waits a step).
         clock: seconds, monotonic; time for the scheduler and the outputs' timestamps.
     """
 
@@ -94,6 +98,7 @@ class AsyncEngine:
         *,
         max_num_pending: int = 4096,
         on_close: Literal["drain", "abort"] = "drain",
+        overlap: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_num_pending < 1:
@@ -107,6 +112,9 @@ class AsyncEngine:
         self.scheduler = Scheduler(config, policy, store)
         self.max_num_pending = max_num_pending
         self.on_close = on_close
+        self.overlap = overlap
+        self.num_overlapped_steps = 0
+        """Steps planned while the previous step ran."""
         self.clock = clock
         self._streams: dict[str, _Stream] = {}
         self._wakeup = anyio.Event()
@@ -226,26 +234,25 @@ class AsyncEngine:
 
     async def _step_loop(self) -> None:
         sched = self.scheduler
+        overlap = self.overlap and self.runner.supports_overlap
+        plan: StepPlan | None = None
         try:
             while True:
-                if not sched.has_unfinished:
-                    if self._closing:
-                        return
-                    await self._sleep_until_woken()
-                    continue
-                plan = sched.plan(self.clock())
-                if plan.is_empty:
-                    if sched.store.num_inflight:
-                        await anyio.to_thread.run_sync(sched.store.wait, 0.05)
-                    else:
-                        await self._sleep_until_woken(0.05)
-                    continue
-                self._executing = True
-                try:
-                    result = await anyio.to_thread.run_sync(self.runner.execute, plan)
-                finally:
-                    self._executing = False
-                    self._apply_deferred_aborts()
+                if plan is None:
+                    if not sched.has_unfinished:
+                        if self._closing:
+                            return
+                        await self._sleep_until_woken()
+                        continue
+                    plan = sched.plan(self.clock())
+                    if plan.is_empty:
+                        plan = None
+                        if sched.store.num_inflight:
+                            await anyio.to_thread.run_sync(sched.store.wait, 0.05)
+                        else:
+                            await self._sleep_until_woken(0.05)
+                        continue
+                result, next_plan = await self._execute(plan, overlap)
                 finished = sched.commit(plan, result, self.clock())
                 for req in plan.requests:
                     stream = self._streams.get(req.request_id)
@@ -254,6 +261,7 @@ class AsyncEngine:
                 for req in finished:
                     if self._streams.pop(req.request_id, None) is not None:
                         self._num_finished += 1
+                plan = next_plan if next_plan is not None and not next_plan.is_empty else None
                 await anyio.lowlevel.checkpoint()
         except BaseException as err:
             self._error = err
@@ -262,6 +270,28 @@ class AsyncEngine:
             raise
         finally:
             self._stopped.set()
+
+    async def _execute(self, plan: StepPlan, overlap: bool) -> tuple[StepResult, StepPlan | None]:
+        """Run `plan` in a worker thread; with `overlap`, plan the next step meanwhile
+        (it executes after this step's commit, so it sees this step's tokens)."""
+        results: list[StepResult] = []
+        next_plan: StepPlan | None = None
+
+        async def run() -> None:
+            results.append(await anyio.to_thread.run_sync(self.runner.execute, plan))
+
+        self._executing = True
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                if overlap:
+                    await anyio.lowlevel.checkpoint()  # the step starts first
+                    next_plan = self.scheduler.plan(self.clock(), overlapped=True)
+                    self.num_overlapped_steps += 1
+        finally:
+            self._executing = False
+            self._apply_deferred_aborts()
+        return results[0], next_plan
 
     def _apply_deferred_aborts(self) -> None:
         now = self.clock()

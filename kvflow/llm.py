@@ -48,6 +48,7 @@ class LLM:
         policy: scheduling policy name.
         dtype: compute dtype for a model loaded from a directory (e.g. "float64").
         seed: default sampling seed.
+        overlap: plan each step while the previous one runs (see `AsyncEngine`).
     """
 
     def __init__(
@@ -59,8 +60,12 @@ class LLM:
         policy: str = "fcfs",
         dtype: str | None = None,
         seed: int = 0,
+        overlap: bool = True,
     ) -> None:
         self.policy = policy
+        self.overlap = overlap
+        self.num_overlapped_steps = 0
+        """Steps planned while the previous one ran, over all `generate` calls."""
         self._ids = itertools.count()
         built = build_runner(load_model(model, engine, dtype), settings, seed=seed)
         self.config: KVFlowConfig = built.config
@@ -104,10 +109,13 @@ class LLM:
 
     async def _serve(self, requests: list[Request]) -> list[CompletionOutput]:
         results: dict[str, CompletionOutput] = {}
-        engine = AsyncEngine(self.config, self.runner, self.policy, self.store)
+        engine = AsyncEngine(
+            self.config, self.runner, self.policy, self.store, overlap=self.overlap
+        )
         async with engine, anyio.create_task_group() as tg:
             for req in requests:
                 tg.start_soon(self._collect, engine, req, results)
+        self.num_overlapped_steps += engine.num_overlapped_steps
         return [results[r.request_id] for r in requests]
 
     @staticmethod

@@ -162,6 +162,7 @@ class RequestState:
         "max_new_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
+        "num_inflight_samples",
         "num_preemptions",
         "num_prompt_tokens",
         "num_sealed_blocks",
@@ -186,6 +187,9 @@ class RequestState:
         self.stop_token_ids = frozenset(request.sampling.stop_token_ids)
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_inflight_samples = 0
+        """Tokens that planned but not yet committed steps will sample (0 or 1 unless
+        steps are pipelined); `num_computed_tokens` already counts their positions."""
         self.num_cached_tokens = 0
         """Prompt tokens served from cache at the first admission."""
         self.block_ids: list[int] = []

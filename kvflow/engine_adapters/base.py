@@ -17,6 +17,11 @@ class ModelRunner(abc.ABC):
     """
 
     name: str = ""
+    supports_overlap: bool = False
+    """Whether the engine may plan step N+1 while this runner executes step N. Such a
+    runner reads only the plan (tokens through `plan.requests[i].token_ids`, blocks
+    through `plan.block_table(i)`) and skips finished requests; step N+1 executes
+    after step N's commit, so its tokens are there by then."""
 
     @abc.abstractmethod
     def execute(self, plan: StepPlan) -> StepResult:

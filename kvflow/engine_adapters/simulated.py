@@ -77,6 +77,7 @@ class SimulatedRunner(ModelRunner):
     come from `max_new_tokens` (traces' output lengths), never from stop tokens."""
 
     name = "sim"
+    supports_overlap = True
 
     def __init__(self, latency: LatencyModel, filler_token_id: int = 0) -> None:
         self.latency = latency

@@ -29,13 +29,23 @@ _RUNNING = RequestStatus.RUNNING
 class _Batch:
     """The entries of the plan being built (plain lists: this is the hot path)."""
 
-    __slots__ = ("budget", "kv_tokens", "num_decode", "num_prefill", "requests", "starts", "tokens")
+    __slots__ = (
+        "block_tables",
+        "budget",
+        "kv_tokens",
+        "num_decode",
+        "num_prefill",
+        "requests",
+        "starts",
+        "tokens",
+    )
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.requests: list[RequestState] = []
         self.tokens: list[int] = []
         self.starts: list[int] = []
+        self.block_tables: list[list[int]] = []
         self.num_prefill = 0
         self.num_decode = 0
         self.kv_tokens = 0
@@ -44,6 +54,9 @@ class _Batch:
         self.requests.append(req)
         self.tokens.append(n)
         self.starts.append(start)
+        self.block_tables.append(req.block_ids)
+        if start + n == len(req.token_ids) + req.num_inflight_samples:
+            req.num_inflight_samples += 1  # this step samples the request's next token
         req.num_computed_tokens = start + n
         self.kv_tokens += start + n
         if n == 1:
@@ -58,6 +71,7 @@ class _Batch:
         n = self.tokens.pop(i)
         start = self.starts.pop(i)
         del self.requests[i]
+        del self.block_tables[i]
         self.kv_tokens -= start + n
         if n == 1:
             self.num_decode -= 1
@@ -186,8 +200,13 @@ class Scheduler:
         extend_block_keys(state.block_keys, state.token_ids, num_blocks, self.block_size, root)
 
     # -- planning --------------------------------------------------------------
-    def plan(self, now: float) -> StepPlan:
-        """Decide the next step and reserve its blocks."""
+    def plan(self, now: float, *, overlapped: bool = False) -> StepPlan:
+        """Decide the next step and reserve its blocks.
+
+        With `overlapped`, the previous plan is still executing (its commit comes before
+        this plan's execution): requests it samples are planned one token further, none
+        is planned past its last token, and nothing is preempted, so no block the
+        running step may touch is freed."""
         stats = self.stats
         stats.num_steps += 1
         view = self.view
@@ -198,17 +217,17 @@ class Scheduler:
             self._apply_drops(now)
         batch = _Batch(self.sched_config.max_num_batched_tokens)
         preempted: list[str] = []
-        self._schedule_running(batch, preempted, now)
+        self._schedule_running(batch, preempted, now, overlapped)
         if (
             not preempted
             and self.waiting
             and batch.budget > 0
             and (
                 len(self.running) + len(self.loading) < self.sched_config.max_num_seqs
-                or self._policy_preempts
+                or (self._policy_preempts and not overlapped)
             )
         ):
-            self._schedule_waiting(batch, preempted, now)
+            self._schedule_waiting(batch, preempted, now, overlapped)
         plan = StepPlan(
             step_id=stats.num_steps,
             now=now,
@@ -219,25 +238,43 @@ class Scheduler:
             num_decode_tokens=batch.num_decode,
             num_kv_tokens=batch.kv_tokens,
             preempted_ids=preempted,
+            block_tables=batch.block_tables,
         )
         if self._policy_on_step:
             self.policy.on_step(plan, view)
         return plan
 
-    def _schedule_running(self, batch: _Batch, preempted: list[str], now: float) -> None:
+    def _schedule_running(
+        self, batch: _Batch, preempted: list[str], now: float, overlapped: bool
+    ) -> None:
+        # `_Batch.add` inlined: this loop runs once per running request per step.
         running = self.running
         pool = self.pool
         bs = self.block_size
         cap = self._chunk_cap
+        add_request = batch.requests.append
+        add_tokens = batch.tokens.append
+        add_start = batch.starts.append
+        add_table = batch.block_tables.append
+        budget = batch.budget
+        num_decode = num_prefill = kv_tokens = 0
         i = 0
-        while i < len(running) and batch.budget > 0:
+        while i < len(running) and budget > 0:
             req = running[i]
             start = req.num_computed_tokens
-            n = len(req.token_ids) - start
+            inflight = req.num_inflight_samples
+            num_known = len(req.token_ids) + inflight
+            n = num_known - start
+            if inflight and num_known - req.num_prompt_tokens >= req.max_new_tokens:
+                i += 1  # its last token is being sampled: it finishes at that commit
+                continue
             if n > 1:
-                n = min(n, cap, batch.budget)
+                n = min(n, cap, budget)
             need = (start + n + bs - 1) // bs - len(req.block_ids)
             if need > 0:
+                if need > pool.num_free_blocks and overlapped:
+                    i += 1  # no preemption while a step runs: try again next step
+                    continue
                 if need > pool.num_free_blocks:
                     while need > pool.num_free_blocks:
                         victim = self.policy.victim(running[i:], self.view)
@@ -249,10 +286,29 @@ class Scheduler:
                     if req.status is not _RUNNING:
                         continue  # running[i] is now the next request
                 req.block_ids.extend(pool.allocate(need))
-            batch.add(req, start, n)
+            end = start + n
+            add_request(req)
+            add_tokens(n)
+            add_start(start)
+            add_table(req.block_ids)
+            if end == num_known:
+                req.num_inflight_samples = inflight + 1
+            req.num_computed_tokens = end
+            kv_tokens += end
+            if n == 1:
+                num_decode += 1
+            else:
+                num_prefill += n
+            budget -= n
             i += 1
+        batch.budget = budget
+        batch.num_decode += num_decode
+        batch.num_prefill += num_prefill
+        batch.kv_tokens += kv_tokens
 
-    def _schedule_waiting(self, batch: _Batch, preempted: list[str], now: float) -> None:
+    def _schedule_waiting(
+        self, batch: _Batch, preempted: list[str], now: float, overlapped: bool
+    ) -> None:
         max_seqs = self.sched_config.max_num_seqs
         sharing = self.sched_config.enable_inbatch_prefix_sharing
         pending: set[int] | None = None
@@ -269,7 +325,7 @@ class Scheduler:
                     if num_skipped > self._max_skipped:
                         break
                     continue
-            if not self._try_admit(req, batch, preempted, now, max_seqs):
+            if not self._try_admit(req, batch, preempted, now, max_seqs, overlapped):
                 break
             admitted.append(req)
             if pending is not None:
@@ -286,6 +342,7 @@ class Scheduler:
         preempted: list[str],
         now: float,
         max_seqs: int,
+        overlapped: bool,
     ) -> bool:
         bs = self.block_size
         pool = self.pool
@@ -309,6 +366,8 @@ class Scheduler:
             blocks_short = num_new + pool.num_evictable_among(hits) > pool.num_free_blocks
             if not blocks_short and len(self.running) + len(self.loading) < max_seqs:
                 break
+            if overlapped:
+                return False
             victim = self.policy.preempt_for(req, self.running, self.view)
             if victim is None:
                 return False
@@ -432,15 +491,18 @@ class Scheduler:
         bs = self.block_size
         caching = self.sched_config.enable_prefix_caching
         finished: list[RequestState] = []
+        starts = plan.start_positions
+        counts = plan.num_tokens
         for i, req in enumerate(plan.requests):
             if req.status is not _RUNNING:
                 continue  # aborted since the plan
-            computed = req.num_computed_tokens
-            if caching and computed // bs > req.num_sealed_blocks:
-                self._seal(req, computed // bs, now)
+            end = starts[i] + counts[i]
+            if caching and end // bs > req.num_sealed_blocks:
+                self._seal(req, end // bs, now)
             tokens = req.token_ids
-            if computed != len(tokens):
+            if end != len(tokens):
                 continue  # a prefill chunk short of the end samples nothing
+            req.num_inflight_samples -= 1
             token = sampled[i]
             if token is None:
                 raise ValueError(
@@ -491,6 +553,7 @@ class Scheduler:
         self.store.release_device(req.block_ids, now, keep=swap)
         req.block_ids = []
         req.num_computed_tokens = 0
+        req.num_inflight_samples = 0
         req.num_sealed_blocks = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1

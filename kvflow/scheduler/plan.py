@@ -30,6 +30,10 @@ class StepPlan:
     num_kv_tokens: int
     """Context attended, summed over entries: start + n per entry."""
     preempted_ids: list[str] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    """Each entry's device block ids as the plan made them (the request's own list:
+    later plans only append to it). Runners read these, not `request.block_ids`, which
+    an abort or preemption may rebind while the step runs."""
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -38,6 +42,13 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.requests
+
+    def block_table(self, index: int) -> list[int]:
+        """Entry `index`'s device block ids (from `block_tables`; a hand-built plan
+        without them falls back to the request's current ones)."""
+        if self.block_tables:
+            return self.block_tables[index]
+        return self.requests[index].block_ids
 
     def samples(self, index: int) -> bool:
         """Whether entry `index` produces a token this step (valid until commit)."""

@@ -61,6 +61,7 @@ async def test_tokens_stream_step_by_step_and_end_with_a_reason() -> None:
     assert outs[-1].ttft_s is not None and outs[-1].e2e_s is not None
     assert 0 < outs[-1].ttft_s <= outs[-1].e2e_s
     assert stats.num_finished == 1 and stats.num_running == 0
+    assert eng.num_overlapped_steps > 0  # the paced runner lets steps be planned ahead
 
 
 async def test_cancelling_half_of_100_streams_leaks_no_block() -> None:

@@ -72,3 +72,28 @@ def test_llm_greedy_tokens_equal_generate_through_every_tier(
     assert moved["cpu_to_disk"] > 0
     assert moved["cpu_to_device"] > 0
     assert moved["disk_to_device"] > 0
+
+
+def test_planning_the_next_step_during_a_step_changes_no_token(
+    model_dir: tuple[Path, Any], tmp_path: Path
+) -> None:
+    path, _ = model_dir
+    prompts = shared_prefix_prompts(16)
+    settings = {
+        "kv.block_size": 4,
+        "kv.device.num_blocks": 40,
+        "scheduler.long_prefill_threshold": 5,
+        "scheduler.max_num_batched_tokens": 24,
+        "scheduler.max_num_seqs": 6,
+    }
+    outputs = {}
+    for overlap in (False, True):
+        with kvflow.LLM(path, settings=settings, dtype="float64", overlap=overlap) as llm:
+            outputs[overlap] = llm.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)
+            if overlap:
+                assert llm.num_overlapped_steps > 10
+            else:
+                assert llm.num_overlapped_steps == 0
+            assert llm.store.device.num_used_blocks == 0
+    assert outputs[True] == outputs[False]
+    assert all(len(tokens) == MAX_NEW_TOKENS for tokens in outputs[True])

@@ -42,6 +42,7 @@ class TorchRunner(ModelRunner):
     """
 
     name = "torch"
+    supports_overlap = True
 
     def __init__(
         self,
@@ -92,7 +93,9 @@ class TorchRunner(ModelRunner):
             start = plan.start_positions[i]
             end = start + plan.num_tokens[i]
             samples = end == len(req.token_ids)
-            entries.append(BatchEntry(req.token_ids[start:end], start, req.block_ids, samples))
+            entries.append(
+                BatchEntry(req.token_ids[start:end], start, plan.block_table(i), samples)
+            )
             if samples:
                 sampling.append(i)
         if not entries:
