@@ -217,9 +217,10 @@ class Scheduler:
             self._apply_drops(now)
         batch = _Batch(self.sched_config.max_num_batched_tokens)
         preempted: list[str] = []
-        self._schedule_running(batch, preempted, now, overlapped)
+        short_of_blocks = self._schedule_running(batch, preempted, now, overlapped)
         if (
             not preempted
+            and not short_of_blocks
             and self.waiting
             and batch.budget > 0
             and (
@@ -246,8 +247,11 @@ class Scheduler:
 
     def _schedule_running(
         self, batch: _Batch, preempted: list[str], now: float, overlapped: bool
-    ) -> None:
+    ) -> bool:
+        """Schedule running requests; True when one was left out for want of blocks
+        (then no new request may take the blocks it waits for)."""
         # `_Batch.add` inlined: this loop runs once per running request per step.
+        short_of_blocks = False
         running = self.running
         pool = self.pool
         bs = self.block_size
@@ -273,6 +277,7 @@ class Scheduler:
             need = (start + n + bs - 1) // bs - len(req.block_ids)
             if need > 0:
                 if need > pool.num_free_blocks and overlapped:
+                    short_of_blocks = True
                     i += 1  # no preemption while a step runs: try again next step
                     continue
                 if need > pool.num_free_blocks:
@@ -305,6 +310,7 @@ class Scheduler:
         batch.num_decode += num_decode
         batch.num_prefill += num_prefill
         batch.kv_tokens += kv_tokens
+        return short_of_blocks
 
     def _schedule_waiting(
         self, batch: _Batch, preempted: list[str], now: float, overlapped: bool
