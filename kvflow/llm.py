@@ -66,6 +66,8 @@ class LLM:
         self.overlap = overlap
         self.num_overlapped_steps = 0
         """Steps planned while the previous one ran, over all `generate` calls."""
+        self.num_preemptions = 0
+        """Requests preempted, over all `generate` calls."""
         self._ids = itertools.count()
         built = build_runner(load_model(model, engine, dtype), settings, seed=seed)
         self.config: KVFlowConfig = built.config
@@ -116,6 +118,7 @@ class LLM:
             for req in requests:
                 tg.start_soon(self._collect, engine, req, results)
         self.num_overlapped_steps += engine.num_overlapped_steps
+        self.num_preemptions += engine.scheduler.stats.num_preemptions
         return [results[r.request_id] for r in requests]
 
     @staticmethod
