@@ -284,7 +284,9 @@ class AsyncEngine:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run)
-                if overlap:
+                # After a plan that left a request short of blocks, the next one is made
+                # after the commit, when it may preempt.
+                if overlap and not self.scheduler.last_plan_short_of_blocks:
                     await anyio.lowlevel.checkpoint()  # the step starts first
                     next_plan = self.scheduler.plan(self.clock(), overlapped=True)
                     self.num_overlapped_steps += 1

@@ -103,6 +103,9 @@ class Scheduler:
         self._load_waits: dict[str, tuple[set[int], float]] = {}
         self._load_owner: dict[int, str] = {}
         self.stats = SchedulerStats()
+        self.last_plan_short_of_blocks = False
+        """The last plan left a running request out for want of blocks (it could not
+        preempt: it was planned while a step ran)."""
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
         self._root_keys: dict[tuple[str, ...], int] = {}
         self._active_ids: set[str] = set()
@@ -218,6 +221,7 @@ class Scheduler:
         batch = _Batch(self.sched_config.max_num_batched_tokens)
         preempted: list[str] = []
         short_of_blocks = self._schedule_running(batch, preempted, now, overlapped)
+        self.last_plan_short_of_blocks = short_of_blocks
         if (
             not preempted
             and not short_of_blocks

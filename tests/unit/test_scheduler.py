@@ -242,3 +242,24 @@ def test_pipelined_planning_gives_the_same_tokens_as_step_by_step() -> None:
     step_by_step = run(False)
     assert run(True) == step_by_step
     assert all(len(v) == 5 + i for i, v in enumerate(step_by_step.values()))
+
+
+def test_an_overlapped_plan_never_preempts_and_says_when_it_left_a_request_out() -> None:
+    sched = make_scheduler(**{"kv.block_size": 4, "kv.device.num_blocks": 4})
+    a = sched.add(make_request(8, max_new_tokens=4, base=100, request_id="a"))
+    b = sched.add(make_request(7, max_new_tokens=4, base=500, request_id="b"))
+    runner = ScriptedRunner()
+    first = sched.plan(0.0)  # both prompts: all 4 blocks
+    assert first.requests == [a, b] and sched.pool.num_free_blocks == 0
+    sched.commit(first, runner.execute(first), 0.01)
+    # a's next token starts a new block; none is free and an overlapped plan may not
+    # preempt, so a waits and b (whose block has room) runs.
+    second = sched.plan(0.01, overlapped=True)
+    assert second.requests == [b] and not second.preempted_ids
+    assert sched.last_plan_short_of_blocks and sched.stats.num_preemptions == 0
+    sched.commit(second, runner.execute(second), 0.02)
+    sched.check_integrity()
+    third = sched.plan(0.02)  # made after the commit: it may preempt
+    assert third.preempted_ids == ["b"] and a in third.requests
+    assert not sched.last_plan_short_of_blocks
+    sched.check_integrity()
