@@ -436,12 +436,10 @@ class Scheduler:
                 continue  # a demotion, or the request was aborted meanwhile
             waiting_ids, started = self._load_waits[rid]
             req = self.loading[rid]
-            if not all(ok):
+            failed = transfer.dst_slots[ok.index(False)] if not all(ok) else None
+            if failed is not None and failed in req.block_ids:  # else cut short already
                 # Blocks from the first failed one on are recomputed instead.
-                offset = transfer.dst_slots[ok.index(False)]
-                if offset not in req.block_ids:
-                    continue  # already cut short by another failed copy
-                keep = req.block_ids.index(offset)
+                keep = req.block_ids.index(failed)
                 dropped = req.block_ids[keep:]
                 req.block_ids = req.block_ids[:keep]
                 req.num_computed_tokens = keep * self.block_size
