@@ -29,7 +29,7 @@ import json
 import math
 import os
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -48,13 +48,9 @@ HEADER: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
 _TOKEN_LIMIT = 2**32
 
 
-_FieldError = FieldError
-_show = show
-
-
 def _expect(ok: bool, field_name: str, expected: str, value: object) -> None:
     if not ok:
-        raise _FieldError(field_name, f"expected {expected}, got {_show(value)}")
+        raise FieldError(field_name, f"expected {expected}, got {show(value)}")
 
 
 def _is_int(value: object, minimum: int | None = None) -> bool:
@@ -76,7 +72,7 @@ def _is_time(value: object) -> bool:
 def _check_token_ids(value: object) -> None:
     expected = "a non-empty list of integers in [0, 2**32)"
     if not isinstance(value, list | tuple) or not value:
-        raise _FieldError("prompt_token_ids", f"expected {expected}, got {_show(value)}")
+        raise FieldError("prompt_token_ids", f"expected {expected}, got {show(value)}")
     if set(map(type, value)) == {int}:  # C-speed checks: prompts run to 100k+ tokens
         try:
             array("I", value)
@@ -86,7 +82,7 @@ def _check_token_ids(value: object) -> None:
     index, bad = next(
         (i, t) for i, t in enumerate(value) if type(t) is not int or not 0 <= t < _TOKEN_LIMIT
     )
-    raise _FieldError("prompt_token_ids", f"expected {expected}, got {_show(bad)} at index {index}")
+    raise FieldError("prompt_token_ids", f"expected {expected}, got {show(bad)} at index {index}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +125,13 @@ class TraceRecord:
         group = self.prefix_group
         if self.prompt_token_ids is not None:
             if self.prompt_len is not None:
-                raise _FieldError("prompt_len", "give prompt_token_ids or prompt_len, not both")
+                raise FieldError("prompt_len", "give prompt_token_ids or prompt_len, not both")
             if group is not None:
-                raise _FieldError("prefix_group", "only allowed with prompt_len")
+                raise FieldError("prefix_group", "only allowed with prompt_len")
             _check_token_ids(self.prompt_token_ids)
             object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         elif self.prompt_len is None:
-            raise _FieldError("prompt_len", "missing (give prompt_len or prompt_token_ids)")
+            raise FieldError("prompt_len", "missing (give prompt_len or prompt_token_ids)")
         else:
             _expect(_is_int(self.prompt_len, 1), "prompt_len", "an integer >= 1", self.prompt_len)
         _expect(group is None or _is_name(group), "prefix_group", "a non-empty string", group)
@@ -143,7 +139,7 @@ class TraceRecord:
         ok = _is_int(self.prefix_len, 0) and self.prefix_len <= limit
         _expect(ok, "prefix_len", f"an integer in [0, prompt_len={limit}]", self.prefix_len)
         if self.prefix_len and group is None:
-            raise _FieldError("prefix_len", "needs prefix_group")
+            raise FieldError("prefix_len", "needs prefix_group")
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -228,28 +224,19 @@ def _record_of(obj: dict[str, Any], index: int) -> TraceRecord:
     unknown = [key for key in obj if key not in _KEY_TO_FIELD]
     if unknown:
         known = ", ".join(sorted(_KEY_TO_FIELD))
-        raise _FieldError(unknown[0], f"unknown key (known keys: {known})")
+        raise FieldError(unknown[0], f"unknown key (known keys: {known})")
     for key in ("arrival_s", "output_len"):
         if key not in obj:
-            raise _FieldError(key, "missing (required)")
+            raise FieldError(key, "missing (required)")
     kwargs = {_KEY_TO_FIELD[key]: value for key, value in obj.items()}
     kwargs.setdefault("request_id", f"r{index}")
     return TraceRecord(**kwargs)
 
 
-def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, parsed value) for each non-blank line of a JSON-lines file.
-
-    Raises:
-        TraceFormatError: the file cannot be read, or a line is not UTF-8 or not JSON.
-    """
-    return _iter_json_lines(Path(path), LoadLog(path))
-
-
 def _check_header(obj: dict[str, Any]) -> None:
     for key in obj:
         if key not in HEADER:
-            raise _FieldError(key, "unknown key in the header (known keys: format, version)")
+            raise FieldError(key, "unknown key in the header (known keys: format, version)")
     _expect(obj.get("format") == FORMAT_NAME, "format", repr(FORMAT_NAME), obj.get("format"))
     _expect(
         obj.get("version") == FORMAT_VERSION and _is_int(obj.get("version")),
@@ -277,7 +264,7 @@ def read_native(path: str | os.PathLike[str], log: LoadLog | None = None) -> lis
     for line_no, obj in _iter_json_lines(Path(path), log):
         try:
             if not isinstance(obj, dict):
-                raise ValueError(f"expected a JSON object, got {_show(obj)}")
+                raise ValueError(f"expected a JSON object, got {show(obj)}")
             if first and "format" in obj:
                 first = False
                 _check_header(obj)
@@ -285,9 +272,9 @@ def read_native(path: str | os.PathLike[str], log: LoadLog | None = None) -> lis
             first = False
             record = _record_of(obj, len(records))
             if record.request_id in line_of_id:
-                raise _FieldError(
+                raise FieldError(
                     "id",
-                    f"duplicate request id {_show(record.request_id)} "
+                    f"duplicate request id {show(record.request_id)} "
                     f"(first on line {line_of_id[record.request_id]})",
                 )
         except ValueError as err:

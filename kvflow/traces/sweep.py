@@ -21,7 +21,7 @@ from kvflow.config import KVFlowConfig
 from kvflow.request import Request
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import make_policy, replay
-from kvflow.traces.shaping import scale_to_rate
+from kvflow.traces.shaping import mean_rate, scale_to_rate
 
 DEFAULT_ATTAINMENT_TARGET = 0.9
 """SLO attainment a policy must keep for a rate to count as within its capacity."""
@@ -104,8 +104,7 @@ def sweep(
     for rate in rates:
         if not rate > 0:
             raise ValueError(f"rates must be > 0 requests/s, got {rate!r}")
-    arrivals = [r.arrival_time for r in requests]
-    if len(arrivals) < 2 or max(arrivals) <= min(arrivals):
+    if mean_rate(requests) is None:
         raise ValueError(
             "a sweep needs a trace of at least two requests arriving at different times"
         )

@@ -125,7 +125,8 @@ def test_cli_sweep_writes_the_curve_capacity_and_plot(
 ) -> None:
     out, plots = tmp_path / "sweep.json", tmp_path / "plots"
     args = ["sweep", "-p", "fcfs", "-p", "lpm", "--rate", "60,20", "--rate", "40"]
-    assert main([*args, "--jobs", "2", "--json", str(out), "--plot", str(plots)]) == 0
+    # The parallel path is covered above; one process keeps this test light.
+    assert main([*args, "--jobs", "1", "--json", str(out), "--plot", str(plots)]) == 0
     text = capsys.readouterr().out
     assert "goodput" in text and "capacity (SLO met >= 90%)" in text
     doc = json.loads(out.read_text())

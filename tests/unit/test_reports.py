@@ -256,7 +256,14 @@ def test_trace_events_have_one_complete_event_per_step(tmp_path: Path) -> None:
     assert doc["displayTimeUnit"] == "ms" and doc["otherData"]["tracks"] == ["fcfs", "lpm"]
 
 
-def test_progress_is_off_without_a_terminal_and_fills_its_bars() -> None:
+def test_progress_is_off_without_a_terminal_and_fills_its_bars(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kvflow.cli.progress
+
+    # Redraw on every step, so the bar's state comes from the hook, not `finish_all`.
+    monkeypatch.setattr(kvflow.cli.progress, "UPDATE_EVERY_S", 0.0)
+    monkeypatch.setattr(kvflow.cli.progress, "CHECK_EVERY_STEPS", 1)
     quiet = ReplayProgress(Console(file=io.StringIO()))
     assert not quiet.enabled and quiet.replay_hook("fcfs", _requests(3)) is None
     loud = Console(file=io.StringIO(), force_terminal=True)
@@ -264,5 +271,6 @@ def test_progress_is_off_without_a_terminal_and_fills_its_bars() -> None:
         hook = progress.replay_hook("fcfs", _requests(30))
         assert hook is not None
         replay(_requests(30), KVFlowConfig(), "fcfs", on_step=hook)
+        assert progress.bars() == [("fcfs", 30.0, 30.0)]
         progress.finish_all()
         assert progress.bars() == [("fcfs", 30.0, 30.0)]

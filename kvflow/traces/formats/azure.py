@@ -24,7 +24,7 @@ from pathlib import Path
 from kvflow.request import Request
 from kvflow.traces.errors import FieldError
 from kvflow.traces.formats._io import CSVRows, parse_int
-from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions
+from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions, rebase
 from kvflow.traces.tokens import keyed_token_ids
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -103,11 +103,8 @@ class AzureFormat(TraceFormat):
             num_out = output_len_or_drop(num_out, options, log, "0 generated tokens")
             if num_out:
                 rows.append((f"r{index}", ns, num_in, num_out))
-        if not rows:
-            return []
-        t0 = min(r[1] for r in rows)
         namespace = options.namespace_of(path)
-        arrivals = [(ns - t0) / 1e9 for _, ns, _, _ in rows]
+        arrivals = [d / 1e9 for d in rebase([ns for _, ns, _, _ in rows])]
         return [
             Request(
                 request_id=rid,
