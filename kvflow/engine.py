@@ -289,7 +289,8 @@ class AsyncEngine:
                 if overlap and not self.scheduler.last_plan_short_of_blocks:
                     await anyio.lowlevel.checkpoint()  # the step starts first
                     next_plan = self.scheduler.plan(self.clock(), overlapped=True)
-                    self.num_overlapped_steps += 1
+                    if not next_plan.is_empty:
+                        self.num_overlapped_steps += 1
         finally:
             self._executing = False
             self._apply_deferred_aborts()

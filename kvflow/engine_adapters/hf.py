@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.torch.attention import (
     allocate_kv_cache,
@@ -151,13 +150,6 @@ class HFRunner(ModelRunner):
             check_kv_cache(kv_cache, shape, self.dtype, self.device)
         self.kv_cache = kv_cache
         self.sampler = Sampler(self.device, seed)
-
-    @classmethod
-    def from_config(cls, model: Any, config: KVFlowConfig, seed: int = 0) -> HFRunner:
-        """A runner with a cache sized for `config.kv` (block size and device blocks)."""
-        return cls(
-            model, config.kv.block_size, num_blocks=config.kv.tier_blocks("device"), seed=seed
-        )
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run each entry through the model in turn, then sample; the duration is wall

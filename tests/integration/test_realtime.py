@@ -128,7 +128,10 @@ def test_calibrate_writes_a_preset_that_replay_loads(model_dir: Path, tmp_path: 
     for key in ("fixed_ms", "prefill_token_us", "decode_seq_us", "kv_token_ns"):
         assert doc[key] >= 0
     assert doc["fit"]["num_points"] == 14 and doc["fit"]["median_rel_error"] >= 0
-    assert doc["model"] == str(model_dir) and doc["device"].startswith("cpu")
+    from kvflow.engine_adapters.torch.spec import default_device
+
+    assert doc["model"] == str(model_dir)
+    assert doc["device"].startswith(default_device().type)  # e.g. "cpu: x86_64, 2 threads"
     out = tmp_path / "report.json"
     argv = ["replay", "-p", "fcfs", "--limit", "20", "--set", f"sim.preset_file={preset}",
             "--json", str(out)]  # fmt: skip
