@@ -152,6 +152,15 @@ class BlockPool:
             elif n < 0:
                 raise IntegrityError(f"block {b} released more often than referenced")
 
+    def forget(self, block_ids: Iterable[int]) -> None:
+        """Drop these referenced blocks' keys from the index (their contents are bad);
+        each returns to the free list, not the LRU, when released."""
+        for b in block_ids:
+            key = self.block_keys[b]
+            if key is not None:
+                del self._cached[key]
+                self.block_keys[b] = None
+
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block; returns how many were dropped."""
         dropped = 0

@@ -332,7 +332,7 @@ class KVStore:
         if num_bad:
             self.stats.num_tier_errors += num_bad
             if t.src_tier == "disk":  # a corrupt or unreadable block: forget it
-                self._forget(src_pool, [s for s, g in zip(t.src_slots, ok, strict=True) if not g])
+                src_pool.forget(s for s, g in zip(t.src_slots, ok, strict=True) if not g)
         src_pool.release(t.src_slots)
         dst_pool.release(t.dst_slots)
         if dst_tier == "cpu" and self.disk is not None and landed:
@@ -344,14 +344,6 @@ class KVStore:
                 landed = [s for s in landed if hits[s] >= self._threshold]
             if landed:
                 self._copy_down("cpu_to_disk", landed, now)
-
-    @staticmethod
-    def _forget(pool: BlockPool, slots: Sequence[int]) -> None:
-        for slot in slots:
-            key = pool.block_keys[slot]
-            if key is not None:
-                del pool._cached[key]
-                pool.block_keys[slot] = None
 
     def next_event_time(self) -> float | None:
         """When the next copy finishes in virtual time (None if none or unknown)."""
