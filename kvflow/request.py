@@ -106,6 +106,9 @@ class Request:
     deadline: float | None = None
     extra_keys: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt_array: array[int] = field(init=False, repr=False, compare=False)
+    """The prompt packed as native uint32 (`array("I")`): what block hashing reads and
+    what `RequestState.token_ids` starts as (copying it is a memcpy)."""
 
     def __post_init__(self) -> None:
         prompt = tuple(self.prompt_token_ids)
@@ -123,7 +126,8 @@ class Request:
             f"got {self.arrival_time!r}",
         )
         try:
-            array("I", prompt)  # C-speed range check: ~10x faster than min() and max()
+            # Packing is also a C-speed range check (~10x faster than min() and max()).
+            object.__setattr__(self, "prompt_array", array("I", prompt))
         except (OverflowError, TypeError):
             if min(prompt) < 0 or max(prompt) >= 2**32:
                 bad = next(t for t in prompt if not 0 <= t < 2**32)
@@ -144,7 +148,9 @@ class Request:
 class RequestState:
     """The scheduler's record of one request. Read it; only the scheduler writes it.
 
-    `token_ids` holds the prompt followed by the outputs so far. `num_computed_tokens`
+    `token_ids` holds the prompt followed by the outputs so far, as a compact
+    `array("I")` (a sequence of ints; `list(...)` it to compare with a list; the cyclic
+    garbage collector never scans it). `num_computed_tokens`
     of them have KV in `block_ids` (device blocks, in order). `block_keys[i]` is the
     chained hash of full block i, filled as blocks fill.
     """
@@ -185,7 +191,7 @@ class RequestState:
         self.max_new_tokens = request.max_new_tokens
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.stop_token_ids = frozenset(request.sampling.stop_token_ids)
-        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.token_ids: array[int] = request.prompt_array[:]
         self.num_computed_tokens = 0
         self.num_inflight_samples = 0
         """Tokens that planned but not yet committed steps will sample (0 or 1 unless
@@ -217,7 +223,7 @@ class RequestState:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens :].tolist()
 
     @property
     def is_finished(self) -> bool:

@@ -163,7 +163,9 @@ class HFRunner(ModelRunner):
                     continue  # aborted since the plan: its blocks are gone, commit skips it
                 start = plan.start_positions[i]
                 end = start + plan.num_tokens[i]
-                logits = self._run_entry(req.token_ids[start:end], start, plan.block_table(i))
+                logits = self._run_entry(
+                    req.token_ids[start:end].tolist(), start, plan.block_table(i)
+                )
                 if end == len(req.token_ids):
                     rows.append(logits)
                     sampling.append(i)

@@ -25,6 +25,8 @@ def root_key(extra_keys: Sequence[str] = ()) -> int:
 
 
 def _pack(token_ids: Sequence[int]) -> bytes:
+    if isinstance(token_ids, array) and token_ids.typecode == "I" and not _NEEDS_BYTESWAP:
+        return token_ids.tobytes()  # `RequestState.token_ids`: one memcpy
     packed = array("I", token_ids)
     if _NEEDS_BYTESWAP:  # pragma: no cover - big-endian hosts
         packed.byteswap()
