@@ -7,13 +7,24 @@ Every block is in exactly one of three sets:
 - free: unreferenced and holding nothing worth keeping.
 
 Allocation takes free blocks first, then evicts the least recently used cached block.
+
+A request holds hundreds of blocks and the scheduler takes, hits and releases them a
+request at a time, so the per-block state lives in numpy arrays and each call is a few
+vectorized operations, not a Python loop over blocks. The LRU is an append-only queue
+of block ids: a block's live entry is the one at `_lru_pos[block]`; taking a reference
+orphans the entry (it is skipped when eviction reaches it), releasing appends a fresh
+one. Only the key index (a dict from block key to block) is per-block Python work.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from itertools import islice
+
+import numpy as np
+import numpy.typing as npt
+
+IntArray = npt.NDArray[np.int64]
 
 
 class OutOfBlocksError(RuntimeError):
@@ -24,17 +35,38 @@ class IntegrityError(AssertionError):
     """A broken invariant of a pool, store or scheduler (a bug, never bad input)."""
 
 
+def _ids(block_ids: Iterable[int]) -> IntArray:
+    if isinstance(block_ids, np.ndarray):
+        return block_ids.astype(np.int64, copy=False)
+    return np.fromiter(block_ids, dtype=np.int64)
+
+
 class BlockPool:
+    """Refcounts, free list, LRU and key index of `num_blocks` blocks.
+
+    Calls that take block ids expect distinct ids (one request's blocks, one copy's
+    slots): a repeated id in one call is counted once."""
+
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least 1 block, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self.ref_counts = [0] * num_blocks
+        self.ref_counts = np.zeros(num_blocks, dtype=np.int64)
         self.block_keys: list[int | None] = [None] * num_blocks
-        self.hit_counts = [0] * num_blocks
+        self.hit_counts = np.zeros(num_blocks, dtype=np.int64)
         """Prefix hits on each cached block since it was filled."""
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._keyed = np.zeros(num_blocks, dtype=np.bool_)
+        # The free stack: `_free[:_num_free]`, popped from the end.
+        self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)
+        self._num_free = num_blocks
+        # The LRU queue: `_lru[_head:_tail]`, oldest first; entries not at their
+        # block's `_lru_pos` are orphans. Twice the pool leaves room to append a whole
+        # pool after compacting.
+        self._lru = np.empty(2 * num_blocks, dtype=np.int64)
+        self._lru_pos = np.full(num_blocks, -1, dtype=np.int64)
+        self._head = 0
+        self._tail = 0
+        self._num_evictable = 0
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
 
@@ -42,11 +74,11 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an `allocate` can hand out now (free plus evictable)."""
-        return len(self._free) + len(self._evictable)
+        return self._num_free + self._num_evictable
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free) - len(self._evictable)
+        return self.num_blocks - self._num_free - self._num_evictable
 
     @property
     def num_cached_blocks(self) -> int:
@@ -63,54 +95,144 @@ class BlockPool:
         except ValueError:
             return len(found)
 
-    def num_evictable_among(self, block_ids: Iterable[int]) -> int:
+    def num_evictable_among(self, block_ids: Sequence[int]) -> int:
         """How many of these cached blocks would leave the free pool if touched."""
-        return list(map(self.ref_counts.__getitem__, block_ids)).count(0)
+        if not block_ids:
+            return 0
+        return int(np.count_nonzero(self.ref_counts[_ids(block_ids)] == 0))
+
+    def evictable_among(self, block_ids: Sequence[int], min_hits: int = 0) -> list[int]:
+        """Those of these blocks that are cached and unreferenced, with at least
+        `min_hits` prefix hits, in the order given."""
+        if not block_ids:
+            return []
+        ids = _ids(block_ids)
+        mask = (self.ref_counts[ids] == 0) & self._keyed[ids]
+        if min_hits:
+            mask &= self.hit_counts[ids] >= min_hits
+        return ids[mask].tolist()  # type: ignore[no-any-return]
 
     # -- changes ---------------------------------------------------------------
-    def touch(self, block_ids: Iterable[int], hit: bool = True) -> None:
+    def touch(self, block_ids: Sequence[int], hit: bool = True) -> None:
         """Take a reference on cached blocks: a prefix hit, or (hit=False) a pin that
         keeps a block from being evicted while a copy reads it."""
-        refs = self.ref_counts
-        evictable = self._evictable
-        for b in block_ids:
-            n = refs[b]
-            if not n:
-                del evictable[b]
-            refs[b] = n + 1
+        if not len(block_ids):
+            return
+        ids = _ids(block_ids)
+        refs = self.ref_counts[ids]
+        idle = ids[refs == 0]
+        if len(idle):
+            if not self._keyed[idle].all():
+                raise IntegrityError(f"touched free blocks {idle[~self._keyed[idle]][:5]}")
+            self._lru_pos[idle] = -1  # orphans their LRU entries
+            self._num_evictable -= len(idle)
+        self.ref_counts[ids] = refs + 1
         if hit:
-            hits = self.hit_counts
-            for b in block_ids:
-                hits[b] += 1
+            self.hit_counts[ids] += 1
 
     def allocate(self, num_blocks: int) -> list[int]:
         """Hand out `num_blocks` fresh blocks, each with one reference."""
-        if num_blocks > len(self._free) + len(self._evictable):
+        num_free = self._num_free
+        if num_blocks > num_free + self._num_evictable:
             raise OutOfBlocksError(
                 f"asked for {num_blocks} blocks, {self.num_free_blocks} are free"
             )
-        free = self._free
-        num_fresh = min(num_blocks, len(free))
-        out = free[len(free) - num_fresh :]
-        del free[len(free) - num_fresh :]
+        if num_blocks <= 0:
+            return []
+        if num_blocks == 1:  # a decode's next block: no array work
+            if num_free:
+                b = self._free.item(num_free - 1)
+                self._num_free = num_free - 1
+            else:
+                b = self._evict_one()
+            self.ref_counts[b] = 1
+            self.hit_counts[b] = 0
+            return [b]
+        num_fresh = min(num_blocks, num_free)
+        out = self._free[num_free - num_fresh : num_free].copy()
+        self._num_free = num_free - num_fresh
         if num_fresh < num_blocks:
-            evictable = self._evictable
-            block_keys = self.block_keys
-            cached = self._cached
-            pop = evictable.popitem
-            append = out.append
-            for _ in range(num_blocks - num_fresh):
-                b = pop(False)[0]
-                del cached[block_keys[b]]  # type: ignore[arg-type]
-                block_keys[b] = None
-                append(b)
-            self.num_evictions += num_blocks - num_fresh
-        refs = self.ref_counts
-        hits = self.hit_counts
-        for b in out:
-            refs[b] = 1
-            hits[b] = 0
+            out = np.concatenate((out, self._evict(num_blocks - num_fresh)))
+        self.ref_counts[out] = 1
+        self.hit_counts[out] = 0
+        return out.tolist()  # type: ignore[no-any-return]
+
+    def _evict(self, n: int) -> IntArray:
+        """Take the `n` least recently used evictable blocks out of the cache."""
+        lru, pos = self._lru, self._lru_pos
+        head = self._head
+        taken: list[IntArray] = []
+        while n:
+            m = min(self._tail - head, max(2 * n, 64))
+            if m == 0:
+                raise IntegrityError(f"the LRU ran out with {n} evictable blocks still counted")
+            chunk = lru[head : head + m]
+            live = np.flatnonzero(pos[chunk] == np.arange(head, head + m))
+            if len(live) >= n:
+                live = live[:n]
+                taken.append(chunk[live])
+                head += int(live[-1]) + 1
+                break
+            taken.append(chunk[live])
+            n -= len(live)
+            head += m
+        self._head = head
+        return self._drop_keys(taken[0] if len(taken) == 1 else np.concatenate(taken))
+
+    def _evict_one(self) -> int:
+        """`_evict(1)` in scalar steps."""
+        lru, pos = self._lru, self._lru_pos
+        head, tail = self._head, self._tail
+        while head < tail:
+            b = lru.item(head)
+            head += 1
+            if pos.item(b) == head - 1:
+                self._head = head
+                pos[b] = -1
+                self._keyed[b] = False
+                self._num_evictable -= 1
+                self.num_evictions += 1
+                del self._cached[self.block_keys[b]]  # type: ignore[arg-type]
+                self.block_keys[b] = None
+                return b
+        raise IntegrityError("the LRU ran out with evictable blocks still counted")
+
+    def _drop_keys(self, out: IntArray) -> IntArray:
+        """Evicted blocks leave the LRU and the index."""
+        self._lru_pos[out] = -1
+        self._keyed[out] = False
+        self._num_evictable -= len(out)
+        self.num_evictions += len(out)
+        cached = self._cached
+        block_keys = self.block_keys
+        for b in out.tolist():
+            del cached[block_keys[b]]
+            block_keys[b] = None
         return out
+
+    def _push_lru(self, ids: IntArray) -> None:
+        m = len(ids)
+        if self._tail + m > len(self._lru):
+            self._compact_lru()
+        tail = self._tail
+        self._lru[tail : tail + m] = ids
+        self._lru_pos[ids] = np.arange(tail, tail + m)
+        self._tail = tail + m
+        self._num_evictable += m
+
+    def _compact_lru(self) -> None:
+        head, tail = self._head, self._tail
+        entries = self._lru[head:tail]
+        live = entries[self._lru_pos[entries] == np.arange(head, tail)]
+        self._lru[: len(live)] = live
+        self._lru_pos[live] = np.arange(len(live))
+        self._head = 0
+        self._tail = len(live)
+
+    def _push_free(self, ids: IntArray) -> None:
+        n = self._num_free
+        self._free[n : n + len(ids)] = ids
+        self._num_free = n + len(ids)
 
     def seal(self, block_id: int, key: int) -> bool:
         """Register a full, computed block under its key. Returns False when another
@@ -120,6 +242,7 @@ class BlockPool:
             return self._cached[key] == block_id
         self._cached[key] = block_id
         self.block_keys[block_id] = key
+        self._keyed[block_id] = True
         return True
 
     def seal_many(self, block_ids: Sequence[int], keys: Sequence[int]) -> list[int]:
@@ -132,25 +255,30 @@ class BlockPool:
         block_keys = self.block_keys
         for b, key in zip(block_ids, keys, strict=True):
             block_keys[b] = key
+        self._keyed[_ids(block_ids)] = True
         return list(block_ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block. Tail blocks are released first, so a
         prefix's root is the last of its blocks to be evicted."""
-        refs = self.ref_counts
-        keys = self.block_keys
-        free_append = self._free.append
-        evictable = self._evictable
-        for b in reversed(block_ids):
-            n = refs[b] - 1
-            refs[b] = n
-            if n == 0:
-                if keys[b] is None:
-                    free_append(b)
-                else:
-                    evictable[b] = None
-            elif n < 0:
-                raise IntegrityError(f"block {b} released more often than referenced")
+        if not len(block_ids):
+            return
+        ids = _ids(block_ids)[::-1]
+        refs = self.ref_counts[ids] - 1
+        if refs.min() < 0:
+            bad = ids[refs < 0]
+            raise IntegrityError(f"blocks {bad[:5].tolist()} released more often than referenced")
+        self.ref_counts[ids] = refs
+        idle = ids[refs == 0]
+        if not len(idle):
+            return
+        keyed = self._keyed[idle]
+        if keyed.all():
+            self._push_lru(idle)
+        else:
+            self._push_free(idle[~keyed])
+            if keyed.any():
+                self._push_lru(idle[keyed])
 
     def forget(self, block_ids: Iterable[int]) -> None:
         """Drop these referenced blocks' keys from the index (their contents are bad);
@@ -160,32 +288,38 @@ class BlockPool:
             if key is not None:
                 del self._cached[key]
                 self.block_keys[b] = None
+                self._keyed[b] = False
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block; returns how many were dropped."""
-        dropped = 0
-        while self._evictable:
-            b, _ = self._evictable.popitem(last=False)
-            key = self.block_keys[b]
-            if key is not None:
-                del self._cached[key]
-                self.block_keys[b] = None
-            self._free.append(b)
-            dropped += 1
+        dropped = self._num_evictable
+        if dropped:
+            out = self._evict(dropped)
+            self._push_free(out)
+        self._head = self._tail = 0
         return dropped
 
     def check_integrity(self, expected_refs: Sequence[int] | None = None) -> None:
         """Raise `IntegrityError` when the sets or the index disagree. With
         `expected_refs`, also check every refcount against an outside count."""
-        free = set(self._free)
-        evictable = set(self._evictable)
         problems: list[str] = []
-        if len(free) != len(self._free):
+        free_list = self._free[: self._num_free].tolist()
+        free = set(free_list)
+        entries = self._lru[self._head : self._tail]
+        live = entries[self._lru_pos[entries] == np.arange(self._head, self._tail)].tolist()
+        evictable = set(live)
+        if len(free) != len(free_list):
             problems.append("a block is on the free list twice")
+        if len(evictable) != len(live) or len(live) != self._num_evictable:
+            problems.append(
+                f"the LRU holds {len(live)} live entries for {len(evictable)} blocks, "
+                f"{self._num_evictable} counted"
+            )
         if free & evictable:
             problems.append(f"blocks both free and evictable: {sorted(free & evictable)[:5]}")
+        ref_counts = self.ref_counts.tolist()
         for b in range(self.num_blocks):
-            ref = self.ref_counts[b]
+            ref = ref_counts[b]
             key = self.block_keys[b]
             if ref < 0:
                 problems.append(f"block {b} has refcount {ref}")
@@ -193,10 +327,14 @@ class BlockPool:
                 problems.append(f"block {b} is unreferenced but neither free nor evictable")
             if ref > 0 and (b in free or b in evictable):
                 problems.append(f"block {b} is referenced ({ref}) but free or evictable")
+            if b not in evictable and self._lru_pos[b] != -1:
+                problems.append(f"block {b} has an LRU position but is not evictable")
             if b in evictable and key is None:
                 problems.append(f"evictable block {b} has no key")
             if b in free and key is not None:
                 problems.append(f"free block {b} still has key {key}")
+            if (key is not None) != bool(self._keyed[b]):
+                problems.append(f"block {b}: keyed flag disagrees with its key {key}")
             if key is not None and self._cached.get(key) != b:
                 problems.append(f"block {b} has key {key} that the index maps elsewhere")
             if expected_refs is not None and expected_refs[b] != ref:

@@ -240,16 +240,7 @@ class KVStore:
         pool.release(block_ids)
         if not keep or self.cpu is None or self.write_through:
             return
-        refs = pool.ref_counts
-        block_keys = pool.block_keys
-        hits = pool.hit_counts
-        cold = [
-            b
-            for b in block_ids
-            if refs[b] == 0
-            and block_keys[b] is not None
-            and (not self.selective or hits[b] >= self._threshold)
-        ]
+        cold = pool.evictable_among(block_ids, self._threshold if self.selective else 0)
         if cold:
             self._copy_down("device_to_cpu", cold, now)
 
@@ -337,9 +328,7 @@ class KVStore:
         dst_pool.release(t.dst_slots)
         if dst_tier == "cpu" and self.disk is not None and landed:
             hits = dst_pool.hit_counts
-            src_hits = src_pool.hit_counts
-            for slot, src in zip(t.dst_slots, t.src_slots, strict=True):
-                hits[slot] = src_hits[src]
+            hits[t.dst_slots] = src_pool.hit_counts[t.src_slots]
             if self.selective:
                 landed = [s for s in landed if hits[s] >= self._threshold]
             if landed:
