@@ -25,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
+BlockIds = Sequence[int] | IntArray
+"""Block ids as a list or an int64 array (what `KVStore.match_device` returns)."""
 
 
 class OutOfBlocksError(RuntimeError):
@@ -35,7 +37,7 @@ class IntegrityError(AssertionError):
     """A broken invariant of a pool, store or scheduler (a bug, never bad input)."""
 
 
-def _ids(block_ids: Iterable[int]) -> IntArray:
+def _ids(block_ids: BlockIds | Iterable[int]) -> IntArray:
     if isinstance(block_ids, np.ndarray):
         return block_ids.astype(np.int64, copy=False)
     return np.fromiter(block_ids, dtype=np.int64)
@@ -45,7 +47,8 @@ class BlockPool:
     """Refcounts, free list, LRU and key index of `num_blocks` blocks.
 
     Calls that take block ids expect distinct ids (one request's blocks, one copy's
-    slots): a repeated id in one call is counted once."""
+    slots), as vectorized updates do: an id repeated within one call is a caller's bug
+    and leaves the counts wrong (`check_integrity` reports it)."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -69,6 +72,7 @@ class BlockPool:
         self._num_evictable = 0
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
+        """Cached blocks evicted to make room (not those `reset_prefix_cache` drops)."""
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -95,9 +99,9 @@ class BlockPool:
         except ValueError:
             return len(found)
 
-    def num_evictable_among(self, block_ids: Sequence[int]) -> int:
+    def num_evictable_among(self, block_ids: BlockIds) -> int:
         """How many of these cached blocks would leave the free pool if touched."""
-        if not block_ids:
+        if not len(block_ids):
             return 0
         return int(np.count_nonzero(self.ref_counts[_ids(block_ids)] == 0))
 
@@ -113,7 +117,7 @@ class BlockPool:
         return ids[mask].tolist()  # type: ignore[no-any-return]
 
     # -- changes ---------------------------------------------------------------
-    def touch(self, block_ids: Sequence[int], hit: bool = True) -> None:
+    def touch(self, block_ids: BlockIds, hit: bool = True) -> None:
         """Take a reference on cached blocks: a prefix hit, or (hit=False) a pin that
         keeps a block from being evicted while a copy reads it."""
         if not len(block_ids):
@@ -153,6 +157,7 @@ class BlockPool:
         self._num_free = num_free - num_fresh
         if num_fresh < num_blocks:
             out = np.concatenate((out, self._evict(num_blocks - num_fresh)))
+            self.num_evictions += num_blocks - num_fresh
         self.ref_counts[out] = 1
         self.hit_counts[out] = 0
         return out.tolist()  # type: ignore[no-any-return]
@@ -202,7 +207,6 @@ class BlockPool:
         self._lru_pos[out] = -1
         self._keyed[out] = False
         self._num_evictable -= len(out)
-        self.num_evictions += len(out)
         cached = self._cached
         block_keys = self.block_keys
         for b in out.tolist():
@@ -251,7 +255,12 @@ class BlockPool:
         cached = self._cached
         if any(map(cached.__contains__, keys)):
             return [b for b, key in zip(block_ids, keys, strict=True) if self.seal(b, key)]
+        num_before = len(cached)
         cached.update(zip(keys, block_ids, strict=True))
+        if len(cached) - num_before != len(keys):  # a key twice: seal one at a time
+            for key in keys:
+                cached.pop(key, None)
+            return [b for b, key in zip(block_ids, keys, strict=True) if self.seal(b, key)]
         block_keys = self.block_keys
         for b, key in zip(block_ids, keys, strict=True):
             block_keys[b] = key

@@ -373,7 +373,12 @@ class Scheduler:
             # A request that loads runs nothing this step; otherwise it takes a chunk.
             n = 0 if below else min(num_tokens - num_cached, self._chunk_cap, batch.budget)
             num_new = (num_cached + n + bs - 1) // bs - len(hits)
-            blocks_short = num_new + pool.num_evictable_among(hits) > pool.num_free_blocks
+            num_free = pool.num_free_blocks
+            # Touching a hit takes it out of the free pool if nobody held it; counting
+            # those is only needed when the pool is nearly full.
+            blocks_short = num_new + len(hits) > num_free and (
+                num_new + pool.num_evictable_among(hits) > num_free
+            )
             if not blocks_short and len(self.running) + len(self.loading) < max_seqs:
                 break
             if overlapped:
@@ -467,9 +472,10 @@ class Scheduler:
     def _shares_pending_prefix(self, req: RequestState, pending: set[int]) -> bool:
         if not pending:
             return False
-        self._extend_keys(req, (req.num_tokens - 1) // self.block_size)
+        # The step's memoized answer (the policy usually asked already): blocks evicted
+        # since can only make it longer, past the first pending block, never shorter.
+        n = self.view.locate(req).device_tokens // self.block_size
         keys = req.block_keys
-        n = self.pool.count_prefix(keys)
         return n < len(keys) and keys[n] in pending
 
     def _apply_drops(self, now: float) -> None:
