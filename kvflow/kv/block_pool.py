@@ -72,6 +72,9 @@ class BlockPool:
         self._num_evictable = 0
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
+        self.key_epoch = 0
+        """Bumped whenever keys leave the index: a prefix matched at one epoch is still
+        cached while the epoch is unchanged."""
         """Cached blocks evicted to make room (not those `reset_prefix_cache` drops)."""
 
     # -- queries ---------------------------------------------------------------
@@ -197,6 +200,7 @@ class BlockPool:
                 self._keyed[b] = False
                 self._num_evictable -= 1
                 self.num_evictions += 1
+                self.key_epoch += 1
                 del self._cached[self.block_keys[b]]  # type: ignore[arg-type]
                 self.block_keys[b] = None
                 return b
@@ -206,6 +210,7 @@ class BlockPool:
         """Evicted blocks leave the LRU and the index."""
         self._lru_pos[out] = -1
         self._keyed[out] = False
+        self.key_epoch += 1
         self._num_evictable -= len(out)
         cached = self._cached
         block_keys = self.block_keys
@@ -298,6 +303,7 @@ class BlockPool:
                 del self._cached[key]
                 self.block_keys[b] = None
                 self._keyed[b] = False
+                self.key_epoch += 1
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block; returns how many were dropped."""

@@ -113,10 +113,11 @@ class KVStore:
             self.disk_storage.close()
 
     # -- where prefixes live ---------------------------------------------------------
-    def locate(self, block_keys: Sequence[int]) -> PrefixLocation:
+    def locate(self, block_keys: Sequence[int], num_device: int | None = None) -> PrefixLocation:
         """The cached run of leading blocks with these keys: first those on device, then
-        those below it, each counted in the fastest lower tier that holds it."""
-        d = self.device.count_prefix(block_keys)
+        those below it, each counted in the fastest lower tier that holds it. Pass
+        `num_device` when the device run is known (from `match_device`)."""
+        d = self.device.count_prefix(block_keys) if num_device is None else num_device
         if self.cpu is None or d == len(block_keys):
             return PrefixLocation(device_tokens=d * self.block_size)
         num_cpu, num_disk = self._count_below(block_keys, d)

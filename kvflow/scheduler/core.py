@@ -107,6 +107,10 @@ class Scheduler:
         """The last plan left a running request out for want of blocks (it could not
         preempt: it was planned while a step ran)."""
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
+        self._device_hits: dict[str, tuple[int, list[int]]] = {}
+        """This step's `locate` answers: request id -> (the pool's key epoch then, the
+        device blocks of its cached prefix), reused by its admission while no key has
+        left the pool since."""
         self._root_keys: dict[tuple[str, ...], int] = {}
         self._active_ids: set[str] = set()
         """Ids of the requests in `waiting`, `loading` and `running`."""
@@ -191,7 +195,10 @@ class Scheduler:
         if not self.sched_config.enable_prefix_caching:
             return PrefixLocation()
         self._extend_keys(state, (state.num_tokens - 1) // self.block_size)
-        return self.store.locate(state.block_keys)
+        keys = state.block_keys
+        hits = self.store.match_device(keys, len(keys))
+        self._device_hits[state.request_id] = (self.pool.key_epoch, hits)
+        return self.store.locate(keys, len(hits))
 
     def _extend_keys(self, state: RequestState, num_blocks: int) -> None:
         if len(state.block_keys) >= num_blocks:
@@ -214,6 +221,7 @@ class Scheduler:
         stats.num_steps += 1
         view = self.view
         view._begin_step(now, self.pool.num_free_blocks, len(self.running), len(self.waiting))
+        self._device_hits.clear()
         if self.store.num_inflight:
             self._finish_copies(now)
         if self._policy_drops and self.waiting:
@@ -364,7 +372,11 @@ class Scheduler:
             if self.sched_config.enable_prefix_caching:
                 max_hit_blocks = (num_tokens - 1) // bs
                 self._extend_keys(req, max_hit_blocks)
-                hits = store.match_device(req.block_keys, max_hit_blocks)
+                located = self._device_hits.get(req.request_id)
+                if located is not None and located[0] == pool.key_epoch:
+                    hits = located[1][:max_hit_blocks]
+                else:
+                    hits = store.match_device(req.block_keys, max_hit_blocks)
                 if store.has_lower_tiers and len(hits) < max_hit_blocks:
                     below = store.find_below(req.block_keys, len(hits), max_hit_blocks)
                     if not store.should_load(below):
