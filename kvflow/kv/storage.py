@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -64,11 +65,12 @@ class TensorStorage:
         return cls(data)
 
 
-def _byte_view(block: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying."""
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying. A view of a whole pool is
+    made once: slicing it costs a fraction of what slicing the tensor does."""
     import torch
 
-    array: Any = block.view(torch.uint8).numpy()
+    array: Any = tensor.view(torch.uint8).numpy()
     return memoryview(array).cast("B")
 
 
@@ -89,6 +91,7 @@ class DiskStorage:
         self.checksums: list[int | None] = [None] * num_blocks
         self.disabled_reason: str | None = None
         self.num_errors = 0
+        self._errors_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -116,50 +119,78 @@ class DiskStorage:
                 f"kvflow: disk tier {self.path} disabled: {reason}", RuntimeWarning, stacklevel=3
             )
 
-    def write_from(self, blocks: Sequence[torch.Tensor], slots: Sequence[int]) -> list[bool]:
-        """Write CPU tensor blocks to slots; returns per-block success."""
+    def write_from(
+        self, src: memoryview, src_slots: Sequence[int], slots: Sequence[int]
+    ) -> list[bool]:
+        """Write blocks `src_slots` of a host pool's bytes `src` (block i at
+        `i * bytes_per_block`) to `slots`; returns per-block success."""
         ok = [False] * len(slots)
         if not self.enabled:
             return ok
-        for i, (block, slot) in enumerate(zip(blocks, slots, strict=True)):
-            view = _byte_view(block)
-            self.checksums[slot] = None  # stale until this write lands
+        size = self.bytes_per_block
+        checksums = self.checksums
+        for i, (s, slot) in enumerate(zip(src_slots, slots, strict=True)):
+            view = src[s * size : (s + 1) * size]
+            checksums[slot] = None  # stale until this write lands
             try:
-                written = os.pwrite(self.fd, view, slot * self.bytes_per_block)
+                written = os.pwrite(self.fd, view, slot * size)
             except OSError as err:
-                self.num_errors += 1
+                self._count_error()
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._disable(f"disk full ({err.strerror})")
                     return ok
                 continue
-            if written == len(view):
-                self.checksums[slot] = xxhash.xxh3_64_intdigest(view)
+            if written == size:
+                checksums[slot] = xxhash.xxh3_64_intdigest(view)
                 ok[i] = True
             else:
-                self.num_errors += 1
+                self._count_error()
         if self.fsync:
             os.fsync(self.fd)
         return ok
 
-    def read_into(self, slots: Sequence[int], blocks: Sequence[torch.Tensor]) -> list[bool]:
-        """Read slots into contiguous CPU tensor blocks; returns per-block success (a
-        failed block's tensor holds garbage and must not be used). Each block is
-        checksummed right after its read, while its bytes are still in cache."""
-        ok = [False] * len(slots)
+    def read_into(
+        self,
+        slots: Sequence[int],
+        dst: memoryview,
+        dst_slots: Sequence[int],
+        *,
+        nowait: bool = False,
+    ) -> list[bool]:
+        """Read `slots` into blocks `dst_slots` of a host pool's bytes `dst`; returns
+        per-block success (a failed block holds garbage and must not be used). Each block
+        is checksummed right after its read, while its bytes are still in cache.
+
+        With `nowait`, reads only what the page cache holds and stops at the first block
+        it does not wholly hold: the result is then shorter than `slots`, and the rest is
+        for a thread that may block.
+        """
+        ok: list[bool] = []
         size = self.bytes_per_block
+        fd = self.fd
+        checksums = self.checksums
         digest = xxhash.xxh3_64_intdigest
-        for i, (slot, block) in enumerate(zip(slots, blocks, strict=True)):
-            expected = self.checksums[slot]
-            view = _byte_view(block)
+        flags = os.RWF_NOWAIT if nowait else 0
+        for slot, d in zip(slots, dst_slots, strict=True):
+            view = dst[d * size : (d + 1) * size]
             try:
-                complete = os.preadv(self.fd, [view], slot * size) == len(view)
+                num_read = os.preadv(fd, [view], slot * size, flags)
+            except BlockingIOError:
+                break
             except OSError:
-                complete = False
-            if expected is not None and complete and digest(view) == expected:
-                ok[i] = True
-            else:
-                self.num_errors += 1
+                num_read = -1
+            if num_read < size and nowait and num_read >= 0:
+                break  # partly cached, or short: a blocking read tells which
+            expected = checksums[slot]
+            good = expected is not None and num_read == size and digest(view) == expected
+            ok.append(good)
+            if not good:
+                self._count_error()
         return ok
+
+    def _count_error(self) -> None:
+        with self._errors_lock:  # reads of one transfer run in several threads
+            self.num_errors += 1
 
     def close(self, remove: bool = True) -> None:
         if self.fd >= 0:

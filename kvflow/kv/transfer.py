@@ -10,11 +10,11 @@ step. Either way the store makes a copied block readable only once its copy is d
 from __future__ import annotations
 
 import abc
-import contextlib
 import heapq
 import itertools
+import math
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -140,13 +140,34 @@ class SimCopyEngine(CopyEngine):
         return len(self._heap)
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """A transfer whose blocks are copied in parts, possibly by several threads."""
+
+    transfer: Transfer
+    num_parts_left: int
+    # first block index of a part -> per-block success of that part
+    results: dict[int, list[bool]] = field(default_factory=dict)
+
+    def merged(self) -> list[bool]:
+        if len(self.results) == 1:
+            return next(iter(self.results.values()))
+        return [ok for lo in sorted(self.results) for ok in self.results[lo]]
+
+
 class TensorCopyEngine(CopyEngine):
     """Real copies between tensor pools and a slab file, in worker threads.
 
     Device<->cpu copies are torch copies (non-blocking from pinned memory on CUDA, on a
     side stream, synchronised before the copy is reported done); cpu->disk writes and
     disk->device reads go through `DiskStorage` (disk reads land in a host bounce
-    buffer first when the device is not the CPU).
+    buffer first when the device is not the CPU). A disk read is split across up to
+    `max_workers` threads, which read and checksum their share of the blocks at once.
+
+    On a CPU-only host, transfers of at most `inline_bytes` start on the caller's
+    thread, which finishes them sooner than the hop to a worker takes: host copies
+    entirely, and disk reads for the caller's share of the blocks as far as the page
+    cache holds them (what it does not hold goes to a worker, never blocking the caller).
     """
 
     def __init__(
@@ -157,69 +178,112 @@ class TensorCopyEngine(CopyEngine):
         max_workers: int = 2,
         inline_bytes: int = 4 * 2**20,
     ) -> None:
-        self.storages = {"device": device, "cpu": cpu, "disk": disk}
-        # Host-to-host copies this small finish sooner on the caller's thread than the
-        # hop to a worker takes; they are what "device" <-> cpu is on a CPU-only host.
-        self._inline_bytes = inline_bytes if device.data.device.type == "cpu" else 0
+        from kvflow.kv.storage import byte_view
+
+        self.device = device
+        self.cpu = cpu
+        self.disk = disk
+        self.max_workers = max_workers
+        on_host = device.data.device.type == "cpu"
+        self._inline_bytes = inline_bytes if on_host else 0
+        self._bytes_per_block = math.prod(device.data.shape[1:]) * device.data.element_size()
+        self._device_bytes = byte_view(device.data) if on_host else None
+        self._cpu_bytes = byte_view(cpu.data) if cpu is not None else None
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvcopy")
-        self._pending: dict[Future[list[bool]], Transfer] = {}
-        self._done_inline: list[tuple[Transfer, list[bool]]] = []
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._num_running = 0
+        self._finished: list[tuple[Transfer, list[bool]]] = []
 
     def submit(self, transfer: Transfer, now: float) -> None:
-        if transfer.num_bytes <= self._inline_bytes and transfer.direction in (
-            "device_to_cpu",
-            "cpu_to_device",
-        ):
-            ok = self._run(transfer)
-            with self._lock:
-                self._done_inline.append((transfer, ok))
+        direction = transfer.direction
+        inline = transfer.num_bytes <= self._inline_bytes
+        if inline and direction in ("device_to_cpu", "cpu_to_device"):
+            ok = self._copy_host_bytes(transfer)
+            with self._cond:
+                self._finished.append((transfer, ok))
+                self._cond.notify_all()
             return
-        future = self._executor.submit(self._run, transfer)
-        with self._lock:
-            self._pending[future] = transfer
+        n = len(transfer.keys)
+        num_parts = max(1, min(n, self.max_workers)) if direction == "disk_to_device" else 1
+        bounds = [n * i // num_parts for i in range(num_parts + 1)]
+        job = _Job(transfer, num_parts)
+        with self._cond:
+            self._num_running += 1
+        reads_inline = inline and direction == "disk_to_device"
+        futures = [
+            self._executor.submit(self._run_part, job, bounds[i], bounds[i + 1])
+            for i in range(1 if reads_inline else 0, num_parts)
+        ]
+        if reads_inline:
+            self._run_part(job, bounds[0], bounds[1], cached_only=True)
+            # A part no worker has started yet (all cores busy) is the caller's to read.
+            for i, future in enumerate(futures, start=1):
+                if future.cancel():
+                    self._run_part(job, bounds[i], bounds[i + 1], cached_only=True)
 
-    def _run(self, t: Transfer) -> list[bool]:
-        d = t.direction
-        if d in ("device_to_cpu", "cpu_to_device"):
-            src = self.storages[t.src_tier]
-            dst = self.storages[t.dst_tier]
-            assert src is not None and dst is not None
-            return _copy_tensor_blocks(src.data, t.src_slots, dst.data, t.dst_slots)  # type: ignore[union-attr]
-        if d == "cpu_to_disk":
-            cpu = self.storages["cpu"]
-            disk = self.storages["disk"]
-            return disk.write_from([cpu.data[s] for s in t.src_slots], t.dst_slots)  # type: ignore[union-attr]
-        disk = self.storages["disk"]
-        device = self.storages["device"]
-        return _read_disk_to(disk, t.src_slots, device.data, t.dst_slots)  # type: ignore[arg-type, union-attr]
+    def _run_part(self, job: _Job, lo: int, hi: int, cached_only: bool = False) -> None:
+        try:
+            ok = self._copy(job.transfer, lo, hi, cached_only)
+        except Exception:  # a copy that fails fails its blocks; it never hangs a transfer
+            ok = [False] * (hi - lo)
+        if len(ok) < hi - lo:  # the page cache held only the first blocks
+            with self._cond:
+                job.num_parts_left += 1
+            self._executor.submit(self._run_part, job, lo + len(ok), hi)
+        with self._cond:
+            job.results[lo] = ok
+            job.num_parts_left -= 1
+            if job.num_parts_left == 0:
+                self._finished.append((job.transfer, job.merged()))
+                self._num_running -= 1
+                self._cond.notify_all()
+
+    def _copy(self, t: Transfer, lo: int, hi: int, cached_only: bool) -> list[bool]:
+        src_slots, dst_slots = t.src_slots[lo:hi], t.dst_slots[lo:hi]
+        if t.direction in ("device_to_cpu", "cpu_to_device"):
+            pools = (self.device, self.cpu)
+            src, dst = pools if t.direction == "device_to_cpu" else pools[::-1]
+            assert src is not None and dst is not None  # the store copies between tiers it has
+            _copy_tensor_blocks(src.data, src_slots, dst.data, dst_slots)
+            return [True] * (hi - lo)
+        disk = self.disk
+        assert disk is not None
+        if t.direction == "cpu_to_disk":
+            assert self._cpu_bytes is not None
+            return disk.write_from(self._cpu_bytes, src_slots, dst_slots)
+        if self._device_bytes is not None:
+            return disk.read_into(src_slots, self._device_bytes, dst_slots, nowait=cached_only)
+        return _read_through_bounce(disk, src_slots, self.device.data, dst_slots)
+
+    def _copy_host_bytes(self, t: Transfer) -> list[bool]:
+        # A memoryview slice assignment is a plain memcpy, without the dispatch of two
+        # tensor slices and a torch copy, which costs a sixth of a 1 MiB copy.
+        device, cpu = self._device_bytes, self._cpu_bytes
+        src, dst = (device, cpu) if t.direction == "device_to_cpu" else (cpu, device)
+        assert src is not None and dst is not None
+        size = self._bytes_per_block
+        for s, d, n in _runs(t.src_slots, t.dst_slots):
+            dst[d * size : (d + n) * size] = src[s * size : (s + n) * size]
+        return [True] * len(t.keys)
 
     def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:
-        with self._lock:
-            done = [f for f in self._pending if f.done()]
-            transfers = [(f, self._pending.pop(f)) for f in done]
-            out, self._done_inline = self._done_inline, []
-        for f, t in transfers:
-            err = f.exception()
-            out.append((t, [False] * len(t.keys) if err is not None else f.result()))
+        with self._cond:
+            out, self._finished = self._finished, []
         return out
 
     def wait(self, timeout_s: float | None = None) -> None:
-        with self._lock:
-            futures = list(self._pending)
-        if futures:
-            wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        with self._cond:
+            if not self._finished and self._num_running:
+                self._cond.wait(timeout_s)
 
     def settle(self, timeout_s: float | None = None) -> None:
-        with self._lock:
-            futures = list(self._pending)
-        if futures:
-            wait(futures, timeout=timeout_s)
+        with self._cond:
+            self._cond.wait_for(lambda: self._num_running == 0, timeout_s)
 
     @property
     def num_pending(self) -> int:
-        with self._lock:
-            return len(self._pending) + len(self._done_inline)
+        with self._cond:
+            return self._num_running + len(self._finished)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -240,36 +304,34 @@ def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 
 def _copy_tensor_blocks(
     src: torch.Tensor, src_slots: list[int], dst: torch.Tensor, dst_slots: list[int]
-) -> list[bool]:
+) -> None:
     cuda = src.is_cuda or dst.is_cuda
     if not cuda:
         for s, d, n in _runs(src_slots, dst_slots):
             dst[d : d + n].copy_(src[s : s + n])
-        return [True] * len(src_slots)
+        return
     import torch
 
-    stream = torch.cuda.Stream() if cuda else None  # type: ignore[no-untyped-call]
-    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-    with ctx:
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    with torch.cuda.stream(stream):
         for s, d, n in _runs(src_slots, dst_slots):
-            dst[d : d + n].copy_(src[s : s + n], non_blocking=cuda)
-    if stream is not None:
-        stream.synchronize()
-    return [True] * len(src_slots)
+            dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+    stream.synchronize()
 
 
-def _read_disk_to(
+def _read_through_bounce(
     disk: DiskStorage, disk_slots: list[int], dst: torch.Tensor, dst_slots: list[int]
 ) -> list[bool]:
-    if not dst.is_cuda and dst.device.type == "cpu":
-        return disk.read_into(disk_slots, [dst[d] for d in dst_slots])
+    """Disk blocks into a device that is not host memory, through a host bounce buffer
+    (pinned when CUDA is available)."""
     import torch
+
+    from kvflow.kv.storage import byte_view
 
     bounce = torch.empty(
         (len(disk_slots), *dst.shape[1:]), dtype=dst.dtype, pin_memory=torch.cuda.is_available()
     )
-    ok = disk.read_into(disk_slots, [bounce[i] for i in range(len(disk_slots))])
-    for i, d in enumerate(dst_slots):
-        if ok[i]:
-            dst[d].copy_(bounce[i], non_blocking=False)
+    ok = disk.read_into(disk_slots, byte_view(bounce), range(len(disk_slots)))
+    good = [i for i, g in enumerate(ok) if g]
+    _copy_tensor_blocks(bounce, good, dst, [dst_slots[i] for i in good])
     return ok

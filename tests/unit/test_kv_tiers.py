@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvflow.config import KVConfig, KVFlowConfig
+from kvflow.kv.storage import byte_view
 from kvflow.kv.store import KVStore
 
 LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
@@ -112,7 +113,7 @@ def test_a_short_or_failed_disk_read_is_a_miss(store: KVStore) -> None:
 
     os.truncate(store.disk_storage.path, slot * store.bytes_per_block + 8)
     buf = torch.empty(store.disk_storage.bytes_per_block // 4, dtype=torch.float32)
-    assert store.disk_storage.read_into([slot], [buf]) == [False]
+    assert store.disk_storage.read_into([slot], byte_view(buf), [0]) == [False]
     assert store.disk_storage.num_errors == 1
 
 
@@ -125,7 +126,7 @@ def test_full_disk_disables_the_tier_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="disabled"):
         disk = DiskStorage(Path("/dev/full"), 4, 64)
         block = torch.zeros(16, dtype=torch.float32)
-        ok = disk.write_from([block], [0])
+        ok = disk.write_from(byte_view(block), [0], [0])
     assert ok == [False]
     assert not disk.enabled
     disk.close(remove=False)

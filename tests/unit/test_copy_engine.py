@@ -1,0 +1,128 @@
+"""The tensor copy engine with real tensors and a real slab file: copies on the caller's
+thread and in workers, disk reads split into parts, and what a failed part means."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvflow.config import KVFlowConfig
+from kvflow.kv.storage import DiskStorage, TensorStorage
+from kvflow.kv.transfer import Direction, TensorCopyEngine, Transfer
+
+LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
+NUM_BLOCKS = 8
+
+
+class Tiers:
+    def __init__(self, tmp_path: Path) -> None:
+        kv = KVFlowConfig.from_dict(
+            {
+                "kv": {
+                    "block_size": 4,
+                    "layout": LAYOUT,
+                    "device": {"num_blocks": NUM_BLOCKS},
+                    "cpu": {"num_blocks": NUM_BLOCKS},
+                    "disk": {"num_blocks": NUM_BLOCKS, "path": str(tmp_path / "kv.slab")},
+                }
+            }
+        ).kv
+        self.bytes_per_block = kv.bytes_per_block()
+        self.device = TensorStorage.allocate(kv, NUM_BLOCKS, "cpu")
+        self.cpu = TensorStorage.allocate(kv, NUM_BLOCKS, "cpu")
+        self.disk = DiskStorage.create(kv, NUM_BLOCKS)
+        self.cpu.data.copy_(
+            torch.randn(self.cpu.data.shape, generator=torch.Generator().manual_seed(0))
+        )
+
+    def engine(self, **options: int) -> TensorCopyEngine:
+        return TensorCopyEngine(self.device, self.cpu, self.disk, **options)
+
+
+@pytest.fixture
+def tiers(tmp_path: Path) -> Iterator[Tiers]:
+    t = Tiers(tmp_path)
+    yield t
+    t.disk.close()
+
+
+def run(
+    engine: TensorCopyEngine, direction: Direction, src: list[int], dst: list[int]
+) -> list[bool]:
+    """Submit one transfer, wait for it, and return its per-block success."""
+    num_bytes = len(src) * engine.device.data[0].nbytes
+    transfer = Transfer(direction, src, dst, list(range(len(src))), num_bytes)
+    engine.submit(transfer, 0.0)
+    engine.settle(timeout_s=30)
+    ((done, ok),) = engine.completed(0.0)
+    assert done is transfer and engine.num_pending == 0
+    return ok
+
+
+@pytest.mark.parametrize("inline_bytes", [2**20, 0], ids=["caller", "worker"])
+def test_host_copies_move_exact_bytes_on_the_callers_thread_and_in_workers(
+    tiers: Tiers, inline_bytes: int
+) -> None:
+    engine = tiers.engine(inline_bytes=inline_bytes)
+    src, dst = [1, 2, 3, 6, 0], [4, 5, 6, 0, 7]  # two runs and two single blocks
+    assert run(engine, "cpu_to_device", src, dst) == [True] * 5
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(tiers.device.data[d], tiers.cpu.data[s])
+    engine.close()
+
+
+@pytest.mark.parametrize("inline_bytes", [2**20, 0], ids=["caller", "worker"])
+def test_a_disk_read_in_parts_keeps_block_order_and_misses_only_the_corrupt_block(
+    tiers: Tiers, inline_bytes: int
+) -> None:
+    engine = tiers.engine(max_workers=3, inline_bytes=inline_bytes)
+    disk_slots = [7, 6, 5, 4, 3, 2]
+    assert run(engine, "cpu_to_disk", [0, 1, 2, 3, 4, 5], disk_slots) == [True] * 6
+    with open(tiers.disk.path, "r+b") as f:  # flip a byte of the block in disk slot 3
+        f.seek(3 * tiers.bytes_per_block + 5)
+        byte = f.read(1)
+        f.seek(3 * tiers.bytes_per_block + 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    device_slots = [2, 0, 1, 7, 6, 5]
+    ok = run(engine, "disk_to_device", disk_slots, device_slots)
+    assert ok == [True, True, True, True, False, True]
+    assert tiers.disk.num_errors == 1
+    for cpu_slot, (d, good) in enumerate(zip(device_slots, ok, strict=True)):
+        if good:
+            assert torch.equal(tiers.device.data[d], tiers.cpu.data[cpu_slot])
+    engine.close()
+
+
+def test_disk_reads_are_exact_whether_or_not_the_page_cache_holds_the_blocks(
+    tiers: Tiers,
+) -> None:
+    engine = tiers.engine()
+    assert run(engine, "cpu_to_disk", [0, 1, 2, 3], [0, 1, 2, 3]) == [True] * 4
+    fd = os.open(tiers.disk.path, os.O_RDONLY)
+    os.fsync(fd)  # clean pages can be dropped (where the file system drops any)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    # Small enough to start on the caller's thread, which reads only cached blocks.
+    assert run(engine, "disk_to_device", [0, 1, 2, 3], [4, 5, 6, 7]) == [True] * 4
+    assert torch.equal(tiers.device.data[4:], tiers.cpu.data[:4])
+    assert tiers.disk.num_errors == 0
+    engine.close()
+
+
+def test_a_part_that_raises_fails_its_blocks_and_never_hangs_the_transfer(
+    tiers: Tiers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = tiers.engine(max_workers=2, inline_bytes=0)
+    assert run(engine, "cpu_to_disk", [0, 1, 2, 3], [0, 1, 2, 3]) == [True] * 4
+
+    def broken(*args: object, **kwargs: object) -> list[bool]:
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(tiers.disk, "read_into", broken)
+    assert run(engine, "disk_to_device", [0, 1, 2, 3], [0, 1, 2, 3]) == [False] * 4
+    engine.close()
