@@ -145,6 +145,9 @@ class Request:
         return None
 
 
+_NO_STOPS: frozenset[int] = frozenset()
+
+
 class RequestState:
     """The scheduler's record of one request. Read it; only the scheduler writes it.
 
@@ -190,7 +193,8 @@ class RequestState:
         self.tenant = request.tenant
         self.max_new_tokens = request.max_new_tokens
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.stop_token_ids = frozenset(request.sampling.stop_token_ids)
+        stops = request.sampling.stop_token_ids
+        self.stop_token_ids = frozenset(stops) if stops else _NO_STOPS
         self.token_ids: array[int] = request.prompt_array[:]
         self.num_computed_tokens = 0
         self.num_inflight_samples = 0

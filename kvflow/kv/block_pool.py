@@ -19,14 +19,14 @@ one. Only the key index (a dict from block key to block) is per-block Python wor
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import islice
+from itertools import islice, repeat, takewhile
 
 import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
 BlockIds = Sequence[int] | IntArray
-"""Block ids as a list or an int64 array (what `KVStore.match_device` returns)."""
+"""Block ids as a list or an int64 array (`PrefixMatch.ids`)."""
 
 
 class OutOfBlocksError(RuntimeError):
@@ -41,6 +41,20 @@ def _ids(block_ids: BlockIds | Iterable[int]) -> IntArray:
     if isinstance(block_ids, np.ndarray):
         return block_ids.astype(np.int64, copy=False)
     return np.fromiter(block_ids, dtype=np.int64)
+
+
+class PrefixMatch:
+    """The blocks holding the leading run of a key chain, as matched at one moment.
+    `BlockPool.match` brings it up to date with one vectorized compare instead of a
+    lookup per block."""
+
+    __slots__ = ("block_ids", "ids", "versions")
+
+    def __init__(self, block_ids: list[int], ids: IntArray, versions: IntArray) -> None:
+        self.block_ids = block_ids
+        """The blocks, in chain order (do not modify: matches share it)."""
+        self.ids = ids
+        self.versions = versions
 
 
 class BlockPool:
@@ -72,9 +86,9 @@ class BlockPool:
         self._num_evictable = 0
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
-        self.key_epoch = 0
-        """Bumped whenever keys leave the index: a prefix matched at one epoch is still
-        cached while the epoch is unchanged."""
+        self.key_versions = np.zeros(num_blocks, dtype=np.int64)
+        """Bumped for a block each time its key leaves the index: a block matched at
+        one version still holds that key while its version is unchanged."""
         """Cached blocks evicted to make room (not those `reset_prefix_cache` drops)."""
 
     # -- queries ---------------------------------------------------------------
@@ -101,6 +115,38 @@ class BlockPool:
             return found.index(False)
         except ValueError:
             return len(found)
+
+    def match(
+        self, keys: Sequence[int], max_blocks: int, prev: PrefixMatch | None = None
+    ) -> PrefixMatch:
+        """The blocks holding the leading cached run of `keys[:max_blocks]`. With `prev`
+        (an earlier match of the same chain), only the blocks that lost their key since
+        and the keys past its end are looked at."""
+        cached = self._cached
+        max_blocks = min(max_blocks, len(keys))
+        if prev is None:
+            hits = list(map(cached.get, islice(keys, max_blocks), repeat(-1)))
+            if -1 in hits:
+                del hits[hits.index(-1) :]
+        else:
+            hits = prev.block_ids
+            if hits:
+                versions = self.key_versions[prev.ids]
+                if not np.array_equal(versions, prev.versions):
+                    hits = hits[: int(np.argmax(versions != prev.versions))]
+            if len(hits) > max_blocks:
+                hits = hits[:max_blocks]
+            elif len(hits) < max_blocks and keys[len(hits)] in cached:
+                hits = hits + list(
+                    takewhile(
+                        (-1).__ne__,
+                        map(cached.get, islice(keys, len(hits), max_blocks), repeat(-1)),
+                    )
+                )
+            if hits is prev.block_ids:
+                return prev
+        ids = np.array(hits, dtype=np.int64)
+        return PrefixMatch(hits, ids, self.key_versions[ids])
 
     def num_evictable_among(self, block_ids: BlockIds) -> int:
         """How many of these cached blocks would leave the free pool if touched."""
@@ -200,7 +246,7 @@ class BlockPool:
                 self._keyed[b] = False
                 self._num_evictable -= 1
                 self.num_evictions += 1
-                self.key_epoch += 1
+                self.key_versions[b] += 1
                 del self._cached[self.block_keys[b]]  # type: ignore[arg-type]
                 self.block_keys[b] = None
                 return b
@@ -210,7 +256,7 @@ class BlockPool:
         """Evicted blocks leave the LRU and the index."""
         self._lru_pos[out] = -1
         self._keyed[out] = False
-        self.key_epoch += 1
+        self.key_versions[out] += 1
         self._num_evictable -= len(out)
         cached = self._cached
         block_keys = self.block_keys
@@ -303,7 +349,7 @@ class BlockPool:
                 del self._cached[key]
                 self.block_keys[b] = None
                 self._keyed[b] = False
-                self.key_epoch += 1
+                self.key_versions[b] += 1
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block; returns how many were dropped."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import TYPE_CHECKING, Literal
 
 from kvflow.config import KVConfig
@@ -116,7 +115,7 @@ class KVStore:
     def locate(self, block_keys: Sequence[int], num_device: int | None = None) -> PrefixLocation:
         """The cached run of leading blocks with these keys: first those on device, then
         those below it, each counted in the fastest lower tier that holds it. Pass
-        `num_device` when the device run is known (from `match_device`)."""
+        `num_device` when the device run is known (from `BlockPool.match`)."""
         d = self.device.count_prefix(block_keys) if num_device is None else num_device
         if self.cpu is None or d == len(block_keys):
             return PrefixLocation(device_tokens=d * self.block_size)
@@ -140,17 +139,6 @@ class KVStore:
             else:
                 break
         return num_cpu, num_disk
-
-    def match_device(self, block_keys: Sequence[int], max_blocks: int) -> list[int]:
-        """Device block ids of the leading cached blocks, at most `max_blocks`."""
-        # -1 for a miss: comparing ints with an int is much faster than with None.
-        found = list(map(self.device._cached.get, block_keys[:max_blocks], repeat(-1)))
-        try:
-            num_hits = found.index(-1)
-        except ValueError:
-            return found
-        del found[num_hits:]
-        return found
 
     def find_below(
         self, block_keys: Sequence[int], start: int, max_blocks: int

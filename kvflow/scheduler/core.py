@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvflow.config import KVFlowConfig
-from kvflow.kv.block_pool import IntegrityError
+from kvflow.kv.block_pool import IntArray, IntegrityError, PrefixMatch
 from kvflow.kv.hashing import extend_block_keys, root_key
 from kvflow.kv.location import PrefixLocation
 from kvflow.kv.store import KVStore, TierName
@@ -107,10 +107,9 @@ class Scheduler:
         """The last plan left a running request out for want of blocks (it could not
         preempt: it was planned while a step ran)."""
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
-        self._device_hits: dict[str, tuple[int, list[int]]] = {}
-        """This step's `locate` answers: request id -> (the pool's key epoch then, the
-        device blocks of its cached prefix), reused by its admission while no key has
-        left the pool since."""
+        self._matches: dict[str, PrefixMatch] = {}
+        """Queued requests' device prefix matches, kept up to date cheaply across the
+        steps a request waits (the policy locates it each step) and its admission."""
         self._root_keys: dict[tuple[str, ...], int] = {}
         self._active_ids: set[str] = set()
         """Ids of the requests in `waiting`, `loading` and `running`."""
@@ -194,11 +193,19 @@ class Scheduler:
         """Where the leading full blocks of the request's known tokens are cached."""
         if not self.sched_config.enable_prefix_caching:
             return PrefixLocation()
-        self._extend_keys(state, (state.num_tokens - 1) // self.block_size)
+        n = (state.num_tokens - 1) // self.block_size
+        match = self._match_device(state, n)
         keys = state.block_keys
-        hits = self.store.match_device(keys, len(keys))
-        self._device_hits[state.request_id] = (self.pool.key_epoch, hits)
-        return self.store.locate(keys, len(hits))
+        return self.store.locate(keys if len(keys) == n else keys[:n], len(match.block_ids))
+
+    def _match_device(self, state: RequestState, max_blocks: int) -> PrefixMatch:
+        """The device blocks of the request's cached prefix (at most `max_blocks`)."""
+        self._extend_keys(state, max_blocks)
+        rid = state.request_id
+        match = self._matches[rid] = self.pool.match(
+            state.block_keys, max_blocks, self._matches.get(rid)
+        )
+        return match
 
     def _extend_keys(self, state: RequestState, num_blocks: int) -> None:
         if len(state.block_keys) >= num_blocks:
@@ -221,7 +228,6 @@ class Scheduler:
         stats.num_steps += 1
         view = self.view
         view._begin_step(now, self.pool.num_free_blocks, len(self.running), len(self.waiting))
-        self._device_hits.clear()
         if self.store.num_inflight:
             self._finish_copies(now)
         if self._policy_drops and self.waiting:
@@ -368,15 +374,12 @@ class Scheduler:
         num_tokens = len(req.token_ids)
         while True:
             hits: list[int] = []
+            hit_ids: IntArray | list[int] = hits
             below: list[tuple[TierName, int]] = []
             if self.sched_config.enable_prefix_caching:
                 max_hit_blocks = (num_tokens - 1) // bs
-                self._extend_keys(req, max_hit_blocks)
-                located = self._device_hits.get(req.request_id)
-                if located is not None and located[0] == pool.key_epoch:
-                    hits = located[1][:max_hit_blocks]
-                else:
-                    hits = store.match_device(req.block_keys, max_hit_blocks)
+                match = self._match_device(req, max_hit_blocks)
+                hits, hit_ids = match.block_ids, match.ids
                 if store.has_lower_tiers and len(hits) < max_hit_blocks:
                     below = store.find_below(req.block_keys, len(hits), max_hit_blocks)
                     if not store.should_load(below):
@@ -403,7 +406,8 @@ class Scheduler:
                 batch.remove(victim)
             self._preempt(victim, now)
             preempted.append(victim.request_id)
-        pool.touch(hits)
+        self._matches.pop(req.request_id, None)
+        pool.touch(hit_ids)
         req.block_ids = hits + pool.allocate(num_new)
         req.num_sealed_blocks = len(hits)
         self._count_hits(req, len(hits), below, num_tokens, now)
@@ -593,6 +597,7 @@ class Scheduler:
             self.store.release_device(req.block_ids, now, keep=True)
             req.block_ids = []
         self._active_ids.discard(req.request_id)
+        self._matches.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_detail = detail

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from kvflow.request import RequestState
 
 
-@dataclass(frozen=True, slots=True)
+# Plans and results are made every step: plain slotted classes (a frozen dataclass
+# pays for each field through object.__setattr__). Treat them as read-only.
+@dataclass(slots=True)
 class StepPlan:
     """One step's work, in running order.
 
@@ -56,7 +58,7 @@ class StepPlan:
         return self.start_positions[index] + self.num_tokens[index] == len(req.token_ids)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepResult:
     """What a runner returns for a plan.
 
