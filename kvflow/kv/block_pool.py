@@ -131,9 +131,9 @@ class BlockPool:
         else:
             hits = prev.block_ids
             if hits:
-                versions = self.key_versions[prev.ids]
-                if not np.array_equal(versions, prev.versions):
-                    hits = hits[: int(np.argmax(versions != prev.versions))]
+                changed = self.key_versions[prev.ids] != prev.versions
+                if np.count_nonzero(changed):
+                    hits = hits[: int(np.argmax(changed))]
             if len(hits) > max_blocks:
                 hits = hits[:max_blocks]
             elif len(hits) < max_blocks and keys[len(hits)] in cached:
@@ -175,7 +175,8 @@ class BlockPool:
         refs = self.ref_counts[ids]
         idle = ids[refs == 0]
         if len(idle):
-            if not self._keyed[idle].all():
+            # (np.count_nonzero is a plain C call; ndarray.all() goes through Python.)
+            if np.count_nonzero(self._keyed[idle]) < len(idle):
                 raise IntegrityError(f"touched free blocks {idle[~self._keyed[idle]][:5]}")
             self._lru_pos[idle] = -1  # orphans their LRU entries
             self._num_evictable -= len(idle)
@@ -325,7 +326,7 @@ class BlockPool:
             return
         ids = _ids(block_ids)[::-1]
         refs = self.ref_counts[ids] - 1
-        if refs.min() < 0:
+        if np.count_nonzero(refs < 0):
             bad = ids[refs < 0]
             raise IntegrityError(f"blocks {bad[:5].tolist()} released more often than referenced")
         self.ref_counts[ids] = refs
@@ -333,11 +334,12 @@ class BlockPool:
         if not len(idle):
             return
         keyed = self._keyed[idle]
-        if keyed.all():
+        num_keyed = np.count_nonzero(keyed)
+        if num_keyed == len(idle):
             self._push_lru(idle)
         else:
             self._push_free(idle[~keyed])
-            if keyed.any():
+            if num_keyed:
                 self._push_lru(idle[keyed])
 
     def forget(self, block_ids: Iterable[int]) -> None:
