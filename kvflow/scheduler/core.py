@@ -80,6 +80,27 @@ class _Batch:
         self.budget += n
 
 
+class _Load:
+    """A request's copies from lower tiers, from admission until its prefix is on device."""
+
+    __slots__ = ("counted_end", "first", "first_admission", "started", "tiers", "transfer_ids")
+
+    def __init__(
+        self, transfer_ids: set[int], started: float, first: int, tiers: list[TierName]
+    ) -> None:
+        self.transfer_ids = transfer_ids
+        """Copies still in flight."""
+        self.started = started
+        self.first = first
+        """Index in the request's blocks of the first loaded block."""
+        self.tiers = tiers
+        """The tier each loaded block comes from (counted as a hit from it)."""
+        self.counted_end = first + len(tiers)
+        """Loaded blocks before this index still count as hits (a failed copy cuts it)."""
+        self.first_admission = False
+        """This admission set the request's `num_cached_tokens`."""
+
+
 class Scheduler:
     """Plans steps for one model instance over one KV store.
 
@@ -100,7 +121,7 @@ class Scheduler:
         self.running: list[RequestState] = []
         self.loading: dict[str, RequestState] = {}
         """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
-        self._load_waits: dict[str, tuple[set[int], float]] = {}
+        self._load_waits: dict[str, _Load] = {}
         self._load_owner: dict[int, str] = {}
         self.stats = SchedulerStats()
         self.last_plan_short_of_blocks = False
@@ -410,6 +431,7 @@ class Scheduler:
         pool.touch(hit_ids)
         req.block_ids = hits + pool.allocate(num_new)
         req.num_sealed_blocks = len(hits)
+        first_admission = req.first_scheduled_time is None
         self._count_hits(req, len(hits), below, num_tokens, now)
         if below:
             first = len(hits)
@@ -418,7 +440,9 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.WAITING_FOR_KV
             self.loading[req.request_id] = req
-            self._load_waits[req.request_id] = ({t.transfer_id for t in transfers}, now)
+            load = _Load({t.transfer_id for t in transfers}, now, first, [t for t, _ in below])
+            load.first_admission = first_admission
+            self._load_waits[req.request_id] = load
             for t in transfers:
                 self._load_owner[t.transfer_id] = req.request_id
             return True
@@ -449,13 +473,27 @@ class Scheduler:
             req.first_scheduled_time = now
             req.num_cached_tokens = num_cached
 
+    def _uncount_hits(self, req: RequestState, load: _Load, keep: int) -> None:
+        """Loaded blocks from index `keep` on failed to arrive: they are no hits."""
+        if keep >= load.counted_end:
+            return
+        bs = self.block_size
+        by_tier = self.stats.hit_tokens_by_tier
+        for tier in load.tiers[keep - load.first : load.counted_end - load.first]:
+            by_tier[tier] -= bs
+        lost = (load.counted_end - keep) * bs
+        self.stats.prefix_hit_tokens -= lost
+        if load.first_admission:
+            req.num_cached_tokens -= lost
+        load.counted_end = keep
+
     def _finish_copies(self, now: float) -> None:
         """Apply finished copies; requests whose prefix arrived start running."""
         for transfer, ok in self.store.poll(now):
             rid = self._load_owner.pop(transfer.transfer_id, None)
             if rid is None or rid not in self.loading:
                 continue  # a demotion, or the request was aborted meanwhile
-            waiting_ids, started = self._load_waits[rid]
+            load = self._load_waits[rid]
             req = self.loading[rid]
             failed = transfer.dst_slots[ok.index(False)] if not all(ok) else None
             if failed is not None and failed in req.block_ids:  # else cut short already
@@ -465,13 +503,14 @@ class Scheduler:
                 req.block_ids = req.block_ids[:keep]
                 req.num_computed_tokens = keep * self.block_size
                 self.store.release_device(dropped, now, keep=False)
-            waiting_ids.discard(transfer.transfer_id)
-            if waiting_ids:
+                self._uncount_hits(req, load, keep)
+            load.transfer_ids.discard(transfer.transfer_id)
+            if load.transfer_ids:
                 continue
             del self.loading[rid]
             del self._load_waits[rid]
             req.num_sealed_blocks = len(req.block_ids)
-            req.kv_wait_s += now - started
+            req.kv_wait_s += now - load.started
             req.status = _RUNNING
             self.running.append(req)
 

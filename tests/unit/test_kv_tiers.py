@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvflow import policies
 from kvflow.config import KVConfig, KVFlowConfig
 from kvflow.kv.storage import byte_view
 from kvflow.kv.store import KVStore
+from kvflow.request import Request, RequestStatus
+from kvflow.scheduler.core import Scheduler
+from kvflow.scheduler.plan import StepResult
 
 LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
 
@@ -155,3 +159,54 @@ def test_sizes_in_mib_become_blocks() -> None:
     kv = KVFlowConfig.load(overrides={"kv.cpu.size_mib": 64, "kv.disk.size_mib": 128}).kv
     assert kv.bytes_per_block() == 16 * 2 * 32 * 8 * 128 * 2
     assert kv.tier_blocks("cpu") == 32 and kv.tier_blocks("disk") == 64
+
+
+def test_a_load_that_fails_is_not_counted_as_a_hit(tmp_path: Path) -> None:
+    config = KVFlowConfig.from_dict(
+        {
+            "kv": {
+                "block_size": 4,
+                "device": {"num_blocks": 8},
+                "cpu": {"num_blocks": 8},
+                "disk": {"num_blocks": 8, "path": str(tmp_path / "kv.slab")},
+                "layout": LAYOUT,
+                "load_policy": "always",
+            }
+        }
+    )
+    store = KVStore.with_tensors(config.kv)
+    scheduler = Scheduler(config, policies.create("fcfs"), store)
+    prompt = list(range(1, 10))  # two full blocks a later request can hit
+    try:
+        first = scheduler.add(Request("a", prompt, max_new_tokens=1))
+        plan = scheduler.plan(0.0)
+        scheduler.commit(plan, StepResult([7]), 0.1)
+        assert first.status is RequestStatus.FINISHED
+        store.drain(0.1)  # demoted to cpu, then written to disk
+        store.device.reset_prefix_cache()
+        store.cpu.reset_prefix_cache()  # type: ignore[union-attr]
+        assert store.disk_storage is not None and store.disk is not None
+        bad_slot = store.disk.lookup(first.block_keys[1])
+        assert bad_slot is not None
+        with open(store.disk_storage.path, "r+b") as f:
+            f.seek(bad_slot * store.bytes_per_block)
+            f.write(b"\xff" * 8)
+
+        second = scheduler.add(Request("b", prompt, max_new_tokens=1), 1.0)
+        assert scheduler.plan(1.0).is_empty
+        assert second.status is RequestStatus.WAITING_FOR_KV
+        while second.status is RequestStatus.WAITING_FOR_KV:
+            store.wait(1.0)
+            plan = scheduler.plan(1.0)
+        # The first block came from disk; the corrupt second one is recomputed.
+        assert store.stats.num_tier_errors == 1
+        assert plan.start_positions == [4] and plan.num_tokens == [5]
+        stats = scheduler.stats
+        assert stats.hit_tokens_by_tier == {"device": 0, "cpu": 0, "disk": 4}
+        assert stats.prefix_hit_tokens == 4
+        assert second.num_cached_tokens == 4
+        scheduler.commit(plan, StepResult([7]), 1.1)
+        store.drain(1.1)
+        scheduler.check_integrity()
+    finally:
+        store.close()
