@@ -25,6 +25,8 @@ from kvflow.config import KVConfig
 if TYPE_CHECKING:
     import torch
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+
 
 def block_shape(config: KVConfig) -> tuple[int, int, int, int, int]:
     layout = config.layout
@@ -120,33 +122,59 @@ class DiskStorage:
             )
 
     def write_from(
-        self, src: memoryview, src_slots: Sequence[int], slots: Sequence[int]
+        self,
+        src: memoryview,
+        src_slots: Sequence[int],
+        slots: Sequence[int],
+        *,
+        checksum: bool = True,
     ) -> list[bool]:
         """Write blocks `src_slots` of a host pool's bytes `src` (block i at
-        `i * bytes_per_block`) to `slots`; returns per-block success."""
+        `i * bytes_per_block`) to `slots`, one `pwritev` per run of consecutive slots,
+        then fsync if configured; returns per-block success.
+
+        With `checksum=False` the written blocks stay unreadable (a read is a miss) until
+        `set_checksums` gives their digests, which `block_digests` can compute in another
+        thread while this one writes.
+        """
+        digests = block_digests(src, src_slots, self.bytes_per_block) if checksum else None
         ok = [False] * len(slots)
         if not self.enabled:
             return ok
         size = self.bytes_per_block
-        checksums = self.checksums
-        for i, (s, slot) in enumerate(zip(src_slots, slots, strict=True)):
-            view = src[s * size : (s + 1) * size]
-            checksums[slot] = None  # stale until this write lands
+        for slot in slots:
+            self.checksums[slot] = None  # stale until its write lands
+        for lo, hi in _consecutive_runs(slots):
+            views = [src[s * size : (s + 1) * size] for s in src_slots[lo:hi]]
             try:
-                written = os.pwrite(self.fd, view, slot * size)
+                written = os.pwritev(self.fd, views, slots[lo] * size)
             except OSError as err:
-                self._count_error()
+                self._count_error(hi - lo)
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._disable(f"disk full ({err.strerror})")
                     return ok
                 continue
-            if written == size:
-                checksums[slot] = xxhash.xxh3_64_intdigest(view)
-                ok[i] = True
-            else:
-                self._count_error()
+            num_written = written // size
+            ok[lo : lo + num_written] = [True] * num_written
+            if num_written < hi - lo:
+                self._count_error(hi - lo - num_written)
         if self.fsync:
             os.fsync(self.fd)
+        return ok if digests is None else self.set_checksums(slots, digests, ok)
+
+    def set_checksums(
+        self, slots: Sequence[int], digests: Sequence[int] | None, ok: list[bool]
+    ) -> list[bool]:
+        """Make the blocks whose write landed (`ok`) readable, checked against `digests`
+        (None when they could not be computed: the blocks stay unreadable). Returns the
+        per-block success of the whole write."""
+        if digests is None:
+            self._count_error(sum(ok))
+            return [False] * len(ok)
+        checksums = self.checksums
+        for slot, digest, good in zip(slots, digests, ok, strict=True):
+            if good:
+                checksums[slot] = digest
         return ok
 
     def read_into(
@@ -188,9 +216,9 @@ class DiskStorage:
                 self._count_error()
         return ok
 
-    def _count_error(self) -> None:
+    def _count_error(self, num_errors: int = 1) -> None:
         with self._errors_lock:  # reads of one transfer run in several threads
-            self.num_errors += 1
+            self.num_errors += num_errors
 
     def close(self, remove: bool = True) -> None:
         if self.fd >= 0:
@@ -198,3 +226,22 @@ class DiskStorage:
             self.fd = -1
             if remove:
                 self.path.unlink(missing_ok=True)
+
+
+def block_digests(src: memoryview, src_slots: Sequence[int], bytes_per_block: int) -> list[int]:
+    """xxh3 of blocks `src_slots` of a pool's bytes (the GIL is released while hashing)."""
+    digest = xxhash.xxh3_64_intdigest
+    size = bytes_per_block
+    return [digest(src[s * size : (s + 1) * size]) for s in src_slots]
+
+
+def _consecutive_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Index ranges [lo, hi) of `slots` that hold consecutive slots, at most `_IOV_MAX`
+    long (the most buffers one `pwritev` takes)."""
+    runs: list[tuple[int, int]] = []
+    lo = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1 or i - lo == _IOV_MAX:
+            runs.append((lo, i))
+            lo = i
+    return runs

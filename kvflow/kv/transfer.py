@@ -10,6 +10,7 @@ step. Either way the store makes a copied block readable only once its copy is d
 from __future__ import annotations
 
 import abc
+import contextlib
 import heapq
 import itertools
 import math
@@ -148,6 +149,8 @@ class _Job:
     num_parts_left: int
     # first block index of a part -> per-block success of that part
     results: dict[int, list[bool]] = field(default_factory=dict)
+    # a disk write's checksums, computed beside the write (None if that failed)
+    digests: list[int] | None = None
 
     def merged(self) -> list[bool]:
         if len(self.results) == 1:
@@ -162,12 +165,14 @@ class TensorCopyEngine(CopyEngine):
     side stream, synchronised before the copy is reported done); cpu->disk writes and
     disk->device reads go through `DiskStorage` (disk reads land in a host bounce
     buffer first when the device is not the CPU). A disk read is split across up to
-    `max_workers` threads, which read and checksum their share of the blocks at once.
+    `max_workers` threads, which read and checksum their share of the blocks at once; a
+    disk write's checksums are computed while a worker writes and syncs the blocks.
 
     On a CPU-only host, transfers of at most `inline_bytes` start on the caller's
     thread, which finishes them sooner than the hop to a worker takes: host copies
-    entirely, and disk reads for the caller's share of the blocks as far as the page
-    cache holds them (what it does not hold goes to a worker, never blocking the caller).
+    entirely, disk reads for the caller's share of the blocks as far as the page cache
+    holds them (what it does not hold goes to a worker, never blocking the caller), and
+    disk writes' checksums.
     """
 
     def __init__(
@@ -204,11 +209,19 @@ class TensorCopyEngine(CopyEngine):
                 self._cond.notify_all()
             return
         n = len(transfer.keys)
+        with self._cond:
+            self._num_running += 1
+        if direction == "cpu_to_disk":
+            job = _Job(transfer, num_parts_left=2)
+            self._executor.submit(self._run_part, job, 0, n)
+            if inline:
+                self._run_digests(job)
+            else:
+                self._executor.submit(self._run_digests, job)
+            return
         num_parts = max(1, min(n, self.max_workers)) if direction == "disk_to_device" else 1
         bounds = [n * i // num_parts for i in range(num_parts + 1)]
         job = _Job(transfer, num_parts)
-        with self._cond:
-            self._num_running += 1
         reads_inline = inline and direction == "disk_to_device"
         futures = [
             self._executor.submit(self._run_part, job, bounds[i], bounds[i + 1])
@@ -226,17 +239,38 @@ class TensorCopyEngine(CopyEngine):
             ok = self._copy(job.transfer, lo, hi, cached_only)
         except Exception:  # a copy that fails fails its blocks; it never hangs a transfer
             ok = [False] * (hi - lo)
+        if ok:
+            job.results[lo] = ok
         if len(ok) < hi - lo:  # the page cache held only the first blocks
             with self._cond:
                 job.num_parts_left += 1
             self._executor.submit(self._run_part, job, lo + len(ok), hi)
+        self._part_done(job)
+
+    def _run_digests(self, job: _Job) -> None:
+        from kvflow.kv.storage import block_digests
+
+        assert self._cpu_bytes is not None
+        with contextlib.suppress(Exception):  # no digests: the written blocks stay misses
+            job.digests = block_digests(
+                self._cpu_bytes, job.transfer.src_slots, self._bytes_per_block
+            )
+        self._part_done(job)
+
+    def _part_done(self, job: _Job) -> None:
         with self._cond:
-            job.results[lo] = ok
             job.num_parts_left -= 1
-            if job.num_parts_left == 0:
-                self._finished.append((job.transfer, job.merged()))
-                self._num_running -= 1
-                self._cond.notify_all()
+            if job.num_parts_left:
+                return
+        t = job.transfer
+        ok = job.merged()
+        if t.direction == "cpu_to_disk":
+            assert self.disk is not None
+            ok = self.disk.set_checksums(t.dst_slots, job.digests, ok)
+        with self._cond:
+            self._finished.append((t, ok))
+            self._num_running -= 1
+            self._cond.notify_all()
 
     def _copy(self, t: Transfer, lo: int, hi: int, cached_only: bool) -> list[bool]:
         src_slots, dst_slots = t.src_slots[lo:hi], t.dst_slots[lo:hi]
@@ -250,7 +284,7 @@ class TensorCopyEngine(CopyEngine):
         assert disk is not None
         if t.direction == "cpu_to_disk":
             assert self._cpu_bytes is not None
-            return disk.write_from(self._cpu_bytes, src_slots, dst_slots)
+            return disk.write_from(self._cpu_bytes, src_slots, dst_slots, checksum=False)
         if self._device_bytes is not None:
             return disk.read_into(src_slots, self._device_bytes, dst_slots, nowait=cached_only)
         return _read_through_bounce(disk, src_slots, self.device.data, dst_slots)

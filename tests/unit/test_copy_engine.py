@@ -126,3 +126,36 @@ def test_a_part_that_raises_fails_its_blocks_and_never_hangs_the_transfer(
     monkeypatch.setattr(tiers.disk, "read_into", broken)
     assert run(engine, "disk_to_device", [0, 1, 2, 3], [0, 1, 2, 3]) == [False] * 4
     engine.close()
+
+
+@pytest.mark.parametrize(
+    ("max_workers", "inline_bytes"), [(1, 0), (2, 0), (2, 2**20)], ids=["one", "two", "caller"]
+)
+def test_a_disk_write_checksummed_beside_it_reads_back_exactly(
+    tiers: Tiers, max_workers: int, inline_bytes: int
+) -> None:
+    engine = tiers.engine(max_workers=max_workers, inline_bytes=inline_bytes)
+    # Two runs of consecutive disk slots (two pwritev calls), from scattered cpu blocks.
+    assert run(engine, "cpu_to_disk", [3, 0, 5, 1], [4, 5, 6, 1]) == [True] * 4
+    assert run(engine, "disk_to_device", [4, 5, 6, 1], [0, 1, 2, 3]) == [True] * 4
+    for d, cpu_slot in enumerate([3, 0, 5, 1]):
+        assert torch.equal(tiers.device.data[d], tiers.cpu.data[cpu_slot])
+    assert tiers.disk.num_errors == 0
+    engine.close()
+
+
+def test_a_disk_write_whose_checksums_fail_lands_nothing_readable(
+    tiers: Tiers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvflow.kv import storage
+
+    engine = tiers.engine()
+
+    def broken(*args: object) -> list[int]:
+        raise MemoryError
+
+    monkeypatch.setattr(storage, "block_digests", broken)
+    assert run(engine, "cpu_to_disk", [0, 1], [0, 1]) == [False, False]
+    monkeypatch.undo()
+    assert run(engine, "disk_to_device", [0, 1], [0, 1]) == [False, False]
+    engine.close()
