@@ -86,10 +86,10 @@ class BlockPool:
         self._num_evictable = 0
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
+        """Cached blocks evicted to make room (not those `reset_prefix_cache` drops)."""
         self.key_versions = np.zeros(num_blocks, dtype=np.int64)
         """Bumped for a block each time its key leaves the index: a block matched at
         one version still holds that key while its version is unchanged."""
-        """Cached blocks evicted to make room (not those `reset_prefix_cache` drops)."""
 
     # -- queries ---------------------------------------------------------------
     @property
