@@ -172,7 +172,9 @@ class TensorCopyEngine(CopyEngine):
     thread, which finishes them sooner than the hop to a worker takes: host copies
     entirely, disk reads for the caller's share of the blocks as far as the page cache
     holds them (what it does not hold goes to a worker, never blocking the caller), and
-    disk writes' checksums.
+    disk writes' checksums. A disk read is split only into parts of at least
+    `min_part_bytes`: waking a worker takes tens of microseconds (more on an idle VM),
+    as long as reading and checksumming 1 MiB.
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class TensorCopyEngine(CopyEngine):
         disk: DiskStorage | None,
         max_workers: int = 2,
         inline_bytes: int = 4 * 2**20,
+        min_part_bytes: int = 2 * 2**20,
     ) -> None:
         from kvflow.kv.storage import byte_view
 
@@ -191,6 +194,7 @@ class TensorCopyEngine(CopyEngine):
         self.max_workers = max_workers
         on_host = device.data.device.type == "cpu"
         self._inline_bytes = inline_bytes if on_host else 0
+        self._min_part_bytes = max(1, min_part_bytes)
         self._bytes_per_block = math.prod(device.data.shape[1:]) * device.data.element_size()
         self._device_bytes = byte_view(device.data) if on_host else None
         self._cpu_bytes = byte_view(cpu.data) if cpu is not None else None
@@ -219,7 +223,9 @@ class TensorCopyEngine(CopyEngine):
             else:
                 self._executor.submit(self._run_digests, job)
             return
-        num_parts = max(1, min(n, self.max_workers)) if direction == "disk_to_device" else 1
+        num_parts = 1
+        if direction == "disk_to_device":
+            num_parts = max(1, min(n, self.max_workers, transfer.num_bytes // self._min_part_bytes))
         bounds = [n * i // num_parts for i in range(num_parts + 1)]
         job = _Job(transfer, num_parts)
         reads_inline = inline and direction == "disk_to_device"

@@ -40,7 +40,8 @@ class Tiers:
         )
 
     def engine(self, **options: int) -> TensorCopyEngine:
-        return TensorCopyEngine(self.device, self.cpu, self.disk, **options)
+        # Tiny blocks: every block may be a part of its own.
+        return TensorCopyEngine(self.device, self.cpu, self.disk, min_part_bytes=1, **options)
 
 
 @pytest.fixture
