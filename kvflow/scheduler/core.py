@@ -560,19 +560,17 @@ class Scheduler:
         bs = self.block_size
         caching = self.sched_config.enable_prefix_caching
         finished: list[RequestState] = []
-        starts = plan.start_positions
-        counts = plan.num_tokens
-        for i, req in enumerate(plan.requests):
+        entries = zip(plan.requests, plan.start_positions, plan.num_tokens, sampled, strict=True)
+        for req, start, n, token in entries:
             if req.status is not _RUNNING:
                 continue  # aborted since the plan
-            end = starts[i] + counts[i]
+            end = start + n
             if caching and end // bs > req.num_sealed_blocks:
                 self._seal(req, end // bs, now)
             tokens = req.token_ids
             if end != len(tokens):
                 continue  # a prefill chunk short of the end samples nothing
             req.num_inflight_samples -= 1
-            token = sampled[i]
             if token is None:
                 raise ValueError(
                     f"step {plan.step_id}: no token sampled for {req.request_id!r}, "
