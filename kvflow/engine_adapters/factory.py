@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 EngineName = Literal["torch", "hf"]
 ENGINES: tuple[EngineName, ...] = ("torch", "hf")
 
-_DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
-                "torch.float32": "float32", "torch.float64": "float64"}  # fmt: skip
 
 T = TypeVar("T")
 
@@ -53,11 +51,13 @@ class BuiltRunner(NamedTuple):
 def _layout_of(
     num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> dict[str, Any]:
+    from kvflow.engine_adapters.torch.spec import DTYPES
+
     return {
         "kv.layout.num_layers": num_layers,
         "kv.layout.num_kv_heads": num_kv_heads,
         "kv.layout.head_dim": head_dim,
-        "kv.layout.dtype": _DTYPE_NAMES[str(dtype)],
+        "kv.layout.dtype": next(name for name, d in DTYPES.items() if d == dtype),
     }
 
 
@@ -93,12 +93,16 @@ def load_model(
         )
     if engine == "hf":
         from kvflow.engine_adapters.hf import load_hf_model
+        from kvflow.engine_adapters.torch.spec import DTYPES
 
-        net = load_hf_model(model) if isinstance(model, str | Path) else model
-        if dtype is not None:
-            import torch
-
-            net = net.to(getattr(torch, dtype))
+        if isinstance(model, str | Path):
+            net = load_hf_model(model, dtype)  # loaded in `dtype`, not cast after
+        else:
+            net = model
+            if dtype is not None:
+                if dtype not in DTYPES:
+                    raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+                net = net.to(DTYPES[dtype])
         cfg = net.config.get_text_config()
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
