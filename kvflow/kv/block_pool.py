@@ -18,6 +18,7 @@ one. Only the key index (a dict from block key to block) is per-block Python wor
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from itertools import islice, repeat, takewhile
 
@@ -126,7 +127,7 @@ class BlockPool:
         max_blocks = min(max_blocks, len(keys))
         if prev is None:
             hits = list(map(cached.get, islice(keys, max_blocks), repeat(-1)))
-            if -1 in hits:
+            with contextlib.suppress(ValueError):  # no miss
                 del hits[hits.index(-1) :]
         else:
             hits = prev.block_ids
