@@ -19,15 +19,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 
-from kvflow.request import Request
 from kvflow.traces.errors import FieldError
-from kvflow.traces.formats._io import CSVRows, parse_int
-from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions, rebase
-from kvflow.traces.tokens import keyed_token_ids
-
-COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+from kvflow.traces.formats._csv import CSVFormat
 
 _TIMESTAMP = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
@@ -60,57 +54,18 @@ def parse_timestamp_ns(text: str) -> int:
     return seconds * 1_000_000_000 + nanos
 
 
-def csv_prompt(namespace: str, request_id: str, num_tokens: int) -> tuple[int, ...]:
-    """The synthesised prompt of a CSV trace's request: its own tokens, no sharing."""
-    return keyed_token_ids(f"csv\x1f{namespace}\x1f{request_id}", num_tokens)
-
-
-def output_len_or_drop(num_out: int, options: TraceOptions, log: LoadLog, reason: str) -> int:
-    """`num_out`, or 0 after `log.drop(reason)` when it is 0 and failures are not kept."""
-    if num_out > 0:
-        return num_out
-    if options.keep_failed:
-        return 1
-    log.drop(reason)
-    return 0
-
-
-class AzureFormat(TraceFormat):
+class AzureFormat(CSVFormat):
     """Azure LLM inference CSV; each prompt gets its own tokens."""
 
     name = "azure"
     summary = "Azure LLM inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens)"
+    columns = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+    no_prompt_reason = "0 context tokens"
+    no_output_reason = "0 generated tokens"
+    ticks_per_second = 1e9
 
-    def sniff(self, head: TraceHead) -> bool:
-        return {"timestamp", "contexttokens", "generatedtokens"} <= set(head.csv_columns)
-
-    def read(self, path: Path, options: TraceOptions, log: LoadLog) -> list[Request]:
-        rows: list[tuple[str, int, int, int]] = []
-        for index, (line_no, row) in enumerate(CSVRows(path, log, COLUMNS)):
-            try:
-                try:
-                    ns = parse_timestamp_ns(row["TIMESTAMP"])
-                except ValueError as err:
-                    raise FieldError("TIMESTAMP", str(err)) from None
-                num_in = parse_int(row["ContextTokens"], "ContextTokens")
-                num_out = parse_int(row["GeneratedTokens"], "GeneratedTokens")
-            except ValueError as err:
-                log.bad(line_no, err)
-                continue
-            if num_in == 0:
-                log.drop("0 context tokens")
-                continue
-            num_out = output_len_or_drop(num_out, options, log, "0 generated tokens")
-            if num_out:
-                rows.append((f"r{index}", ns, num_in, num_out))
-        namespace = options.namespace_of(path)
-        arrivals = [d / 1e9 for d in rebase([ns for _, ns, _, _ in rows])]
-        return [
-            Request(
-                request_id=rid,
-                prompt_token_ids=csv_prompt(namespace, rid, num_in),
-                max_new_tokens=num_out,
-                arrival_time=arrival,
-            )
-            for (rid, _, num_in, num_out), arrival in zip(rows, arrivals, strict=True)
-        ]
+    def parse_time(self, text: str) -> float:
+        try:
+            return parse_timestamp_ns(text)
+        except ValueError as err:
+            raise FieldError("TIMESTAMP", str(err)) from None

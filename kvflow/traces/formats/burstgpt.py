@@ -14,49 +14,17 @@ request ids are ``r{i}``, i the 0-based index of the data row.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from kvflow.request import Request
-from kvflow.traces.formats._io import CSVRows, parse_int, parse_seconds
-from kvflow.traces.formats.azure import csv_prompt, output_len_or_drop
-from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions, rebase
-
-COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
+from kvflow.traces.formats._csv import CSVFormat, parse_seconds
 
 
-class BurstGPTFormat(TraceFormat):
+class BurstGPTFormat(CSVFormat):
     """BurstGPT CSV; failed responses left out unless kept."""
 
     name = "burstgpt"
     summary = "BurstGPT CSV (Timestamp s, Model, Request tokens, Response tokens, ...)"
+    columns = ("Timestamp", "Request tokens", "Response tokens")
+    no_prompt_reason = "0 request tokens"
+    no_output_reason = "failed (0 response tokens)"
 
-    def sniff(self, head: TraceHead) -> bool:
-        return {"timestamp", "requesttokens", "responsetokens"} <= set(head.csv_columns)
-
-    def read(self, path: Path, options: TraceOptions, log: LoadLog) -> list[Request]:
-        rows: list[tuple[str, float, int, int]] = []
-        for index, (line_no, row) in enumerate(CSVRows(path, log, COLUMNS)):
-            try:
-                arrival = parse_seconds(row["Timestamp"], "Timestamp")
-                num_in = parse_int(row["Request tokens"], "Request tokens")
-                num_out = parse_int(row["Response tokens"], "Response tokens")
-            except ValueError as err:
-                log.bad(line_no, err)
-                continue
-            if num_in == 0:
-                log.drop("0 request tokens")
-                continue
-            num_out = output_len_or_drop(num_out, options, log, "failed (0 response tokens)")
-            if num_out:
-                rows.append((f"r{index}", arrival, num_in, num_out))
-        namespace = options.namespace_of(path)
-        arrivals = rebase([r[1] for r in rows])
-        return [
-            Request(
-                request_id=rid,
-                prompt_token_ids=csv_prompt(namespace, rid, num_in),
-                max_new_tokens=num_out,
-                arrival_time=arrival,
-            )
-            for (rid, _, num_in, num_out), arrival in zip(rows, arrivals, strict=True)
-        ]
+    def parse_time(self, text: str) -> float:
+        return parse_seconds(text, "Timestamp")
