@@ -36,9 +36,10 @@ from typing import Any, TypeGuard
 
 from kvflow.request import SLO, Request, SamplingParams
 from kvflow.traces.errors import FieldError
+from kvflow.traces.formats import read_trace
 from kvflow.traces.formats._io import iter_json_lines as _iter_json_lines
 from kvflow.traces.formats._io import show
-from kvflow.traces.formats.base import LoadLog
+from kvflow.traces.formats.base import LoadLog, TraceOptions
 from kvflow.traces.tokens import prompt_token_ids as _synth_prompt
 
 FORMAT_NAME = "kvflow-trace"
@@ -285,18 +286,20 @@ def read_native(path: str | os.PathLike[str], log: LoadLog | None = None) -> lis
     return records
 
 
-def load_native(path: str | os.PathLike[str]) -> list[Request]:
+def load_native(
+    path: str | os.PathLike[str], options: TraceOptions | None = None, **overrides: Any
+) -> list[Request]:
     """The requests of a native trace file, ordered by arrival (ties keep file order).
 
+    This is `read_trace` with format "native", so options act as for every format:
+    ``load_native(p, skip_bad_lines=True)`` skips bad lines with one warning that
+    counts them.
+
     Raises:
-        TraceFormatError: naming file, line and field, for the first bad line.
+        TraceFormatError: naming file, line and field, for the first bad line (unless
+            skipping them).
     """
-    records = sorted(read_native(path), key=_arrival)
-    return [record.to_request() for record in records]
-
-
-def _arrival(record: TraceRecord) -> float:
-    return record.arrival_s
+    return read_trace(path, "native", options, **overrides).requests
 
 
 def dump_native(

@@ -391,6 +391,38 @@ def test_every_format_is_registered_and_callable(tmp_path: Path) -> None:
     assert "nope" not in TRACE_FORMATS
 
 
+# One good record then one malformed record, in each built-in format.
+ONE_BAD_LINE = {
+    "native": ('{"arrival_s": 0, "prompt_len": 8, "output_len": 2}', '{"arrival_s": -1}'),
+    "mooncake": (MOONCAKE_LINES[0], "{not json"),
+    "azure": (*AZURE_2023[:2], "soon,1,1"),
+    "burstgpt": (*BURSTGPT[:2], "5,ChatGPT,many,18,490,Conversation log"),
+    "sharegpt": (
+        json.dumps(
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+        ),
+        json.dumps({"conversations": "hi"}),
+    ),
+}
+
+
+@pytest.mark.parametrize("format_name", ONE_BAD_LINE)
+def test_skip_bad_lines_counts_and_warns_the_same_in_every_format(
+    tmp_path: Path, format_name: str
+) -> None:
+    suffix = ".csv" if format_name in ("azure", "burstgpt") else ".jsonl"
+    lines = ONE_BAD_LINE[format_name]
+    path = write(tmp_path, f"t{suffix}", *lines)
+    assert detect_format(path) == format_name
+    with pytest.raises(TraceFormatError, match=rf"^{re.escape(str(path))}:{len(lines)}: "):
+        read_trace(path)
+    with pytest.warns(BadLinesSkippedWarning, match="skipped 1 bad line") as caught:
+        loaded = read_trace(path, skip_bad_lines=True)
+    assert len(caught) == 1
+    assert len(loaded.requests) == 1 and loaded.num_bad_lines == 1
+    assert loaded.bad_line_errors[0].startswith(f"{path}:{len(lines)}: ")
+
+
 def test_detection_needs_a_known_first_line(tmp_path: Path) -> None:
     for name, first in [("x.csv", "a,b,c"), ("x.jsonl", '{"prompt": "hi"}'), ("x.txt", "hello")]:
         path = write(tmp_path, name, first, "1,2,3")

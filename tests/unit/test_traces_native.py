@@ -15,6 +15,7 @@ import pytest
 
 from kvflow.request import SLO, Request
 from kvflow.traces import (
+    BadLinesSkippedWarning,
     TraceFormatError,
     bundled_sample_path,
     dump_native,
@@ -305,6 +306,22 @@ def test_a_bad_header_is_an_error(tmp_path: Path, header: str, field: str) -> No
     path = write_trace(tmp_path, header, GOOD)
     with pytest.raises(TraceFormatError, match=rf"^{re.escape(str(path))}:1: field '{field}'"):
         load_native(path)
+
+
+def test_load_native_skips_bad_lines_with_one_warning_that_counts_them(tmp_path: Path) -> None:
+    bad = '{"arrival_s": 0, "prompt_len": 4, "output_len": -3}'
+    path = write_trace(tmp_path, GOOD, bad, "not json", GOOD.replace("0.0", "1.0"))
+    with pytest.raises(TraceFormatError, match=r"trace\.jsonl:2: field 'output_len'"):
+        load_native(path)
+    with pytest.warns(BadLinesSkippedWarning) as caught:
+        requests = load_native(path, skip_bad_lines=True)
+    assert [(r.request_id, r.arrival_time) for r in requests] == [("r0", 0.0), ("r1", 1.0)]
+    (warning,) = [w.message for w in caught]
+    assert isinstance(warning, BadLinesSkippedWarning)
+    assert warning.num_bad_lines == 2 and "skipped 2 bad line(s)" in str(warning)
+    assert [e.split(": ")[0] for e in warning.first_errors] == [f"{path}:2", f"{path}:3"]
+    with pytest.warns(BadLinesSkippedWarning):
+        assert requests == load_trace(path, skip_bad_lines=True)
 
 
 def test_a_missing_file_is_a_trace_error_naming_it(tmp_path: Path) -> None:
