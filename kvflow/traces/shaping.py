@@ -15,6 +15,10 @@ from kvflow.request import Request
 
 
 def _sorted(requests: Sequence[Request]) -> list[Request]:
+    """`requests` by arrival, ties in their order. Each public function sorts here and
+    hands the list to its private twin (`_window`, `_limit`, `_time_scale`,
+    `_scale_to_rate`), which takes it sorted and keeps it sorted (offsets only shift,
+    or scale by a factor > 0), so `shape` sorts once for all its steps."""
     return sorted(requests, key=lambda r: r.arrival_time)
 
 
@@ -26,8 +30,11 @@ def _finite_positive(value: float, what: str) -> None:
 def time_scale(requests: Sequence[Request], factor: float) -> list[Request]:
     """Multiply every arrival offset (from the first arrival) by `factor`: 0.5 replays
     the trace twice as fast. Deadlines move with their arrivals."""
+    return _time_scale(_sorted(requests), factor)
+
+
+def _time_scale(ordered: list[Request], factor: float) -> list[Request]:
     _finite_positive(factor, "time scale")
-    ordered = _sorted(requests)
     if not ordered:
         return []
     t0 = ordered[0].arrival_time
@@ -52,29 +59,39 @@ def mean_rate(requests: Sequence[Request]) -> float | None:
 def scale_to_rate(requests: Sequence[Request], rate_rps: float) -> list[Request]:
     """Rescale arrivals so the mean request rate over the trace is `rate_rps`, keeping
     the trace's burstiness (its gaps keep their proportions)."""
+    return _scale_to_rate(_sorted(requests), rate_rps)
+
+
+def _scale_to_rate(ordered: list[Request], rate_rps: float) -> list[Request]:
     _finite_positive(rate_rps, "rate (requests/s)")
-    ordered = _sorted(requests)
     if len(ordered) < 2:
         return ordered
     current = mean_rate(ordered)
     if current is None:
         raise ValueError("every request arrives at the same time: no rate to scale")
-    return time_scale(ordered, current / rate_rps)
+    return _time_scale(ordered, current / rate_rps)
 
 
 def limit(requests: Sequence[Request], num_requests: int) -> list[Request]:
     """The first `num_requests` requests by arrival."""
+    return _limit(_sorted(requests), num_requests)
+
+
+def _limit(ordered: list[Request], num_requests: int) -> list[Request]:
     if num_requests < 0:
         raise ValueError(f"limit must be >= 0, got {num_requests!r}")
-    return _sorted(requests)[:num_requests]
+    return ordered[:num_requests]
 
 
 def window(requests: Sequence[Request], start_s: float, end_s: float = math.inf) -> list[Request]:
     """Requests arriving in [start_s, end_s) seconds after the first arrival, shifted so
     the window starts at 0."""
+    return _window(_sorted(requests), start_s, end_s)
+
+
+def _window(ordered: list[Request], start_s: float, end_s: float) -> list[Request]:
     if math.isnan(start_s) or math.isnan(end_s) or not end_s > start_s or start_s < 0:
         raise ValueError(f"window needs 0 <= start < end, got {start_s!r}:{end_s!r}")
-    ordered = _sorted(requests)
     if not ordered:
         return []
     t0 = ordered[0].arrival_time
@@ -127,11 +144,11 @@ def shape(
         raise ValueError("give a time scale or a target rate, not both")
     out = _sorted(requests)
     if window_s is not None:
-        out = window(out, *window_s)
+        out = _window(out, *window_s)
     if num_requests is not None:
-        out = limit(out, num_requests)
+        out = _limit(out, num_requests)
     if scale is not None:
-        out = time_scale(out, scale)
+        out = _time_scale(out, scale)
     if rate_rps is not None:
-        out = scale_to_rate(out, rate_rps)
+        out = _scale_to_rate(out, rate_rps)
     return out

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvflow.request import SLO, Request
 from kvflow.traces.shaping import (
@@ -97,3 +100,52 @@ def test_shape_applies_window_then_limit_then_rate() -> None:
     assert arrivals(shape(requests, scale=2.0)) == [10.0, 11.0, 12.0, 16.0, 30.0]
     with pytest.raises(ValueError, match="not both"):
         shape(requests, scale=2.0, rate_rps=1.0)
+
+
+def outcome(step: Callable[[], list[Request]]) -> list[Request] | str:
+    try:
+        return step()
+    except ValueError as err:
+        return str(err)
+
+
+@given(
+    arrivals=st.lists(st.sampled_from([0.0, 0.5, 3.0, 3.0, 7.25]) | st.floats(0, 1e4), max_size=20),
+    window_s=st.none()
+    | st.tuples(st.sampled_from([0.0, 0.5, 2.0]), st.sampled_from([1.0, 9.0, math.inf])),
+    num_requests=st.none() | st.integers(0, 25),
+    scale=st.none() | st.sampled_from([0.25, 1.0, 3.0]),
+    rate_rps=st.none() | st.sampled_from([0.5, 4.0]),
+)
+def test_shape_equals_its_steps_applied_one_by_one(
+    arrivals: list[float],
+    window_s: tuple[float, float] | None,
+    num_requests: int | None,
+    scale: float | None,
+    rate_rps: float | None,
+) -> None:
+    # shape sorts once; each public step sorts its input again: the results must agree
+    # (unsorted input, ties kept in input order, deadlines moved along).
+    requests = make(arrivals)
+
+    def one_by_one() -> list[Request]:
+        out = sorted(requests, key=lambda r: r.arrival_time)
+        if window_s is not None:
+            out = window(out, *window_s)
+        if num_requests is not None:
+            out = limit(out, num_requests)
+        if scale is not None:
+            out = time_scale(out, scale)
+        if rate_rps is not None:
+            out = scale_to_rate(out, rate_rps)
+        return out
+
+    shaped = outcome(
+        lambda: shape(
+            requests, window_s=window_s, num_requests=num_requests, scale=scale, rate_rps=rate_rps
+        )
+    )
+    if scale is not None and rate_rps is not None:
+        assert shaped == "give a time scale or a target rate, not both"
+    else:
+        assert shaped == outcome(one_by_one)
