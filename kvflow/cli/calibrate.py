@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvflow.cli.common import CLIError
+from kvflow.cli.options import add_model_arguments
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -32,12 +33,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "mixes, and write a preset that `kvflow replay --set sim.preset_file=FILE` loads.",
     )
     cp.add_argument("--engine", choices=["torch", "hf"], default="torch", help="runner to time")
-    cp.add_argument("--model", metavar="DIR", required=True, help="checkpoint directory")
-    cp.add_argument(
-        "--dtype",
-        choices=["float32", "float64", "float16", "bfloat16"],
-        help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)",
-    )
+    add_model_arguments(cp, required=True)
     cp.add_argument("--out", metavar="PRESET.json", help="write the fitted preset here")
     cp.add_argument(
         "--repeat", type=int, default=5, metavar="N", help="timed runs per mix (median; 5)"

@@ -1,5 +1,5 @@
-"""Flags that `replay` and `sweep` share beyond the trace and config ones: SLOs and
-report outputs."""
+"""Flags that subcommands share beyond the trace and config ones: SLOs, report outputs
+(`replay`, `sweep`) and the checkpoint to run (`replay`, `calibrate`); the JSON report."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from kvflow.cli.common import CLIError
 from kvflow.request import SLO
 from kvflow.traces.slo import SLOSettings, parse_tenant_slo
+
+if TYPE_CHECKING:
+    from kvflow.config import KVFlowConfig
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+"""What ``--dtype`` takes (the names of `kvflow.engine_adapters.torch.spec.DTYPES`,
+which imports torch)."""
 
 
 def _positive_ms(text: str) -> float:
@@ -66,6 +73,25 @@ def slo_settings(args: argparse.Namespace) -> SLOSettings:
     return SLOSettings(args.ttft_slo_ms, args.tpot_slo_ms, per_tenant, args.slo_override)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """`--model DIR` and `--dtype`, for the runners that load a checkpoint (torch, hf).
+
+    Args:
+        parser: the subcommand's parser.
+        required: --model must be given; when not (a subcommand whose default engine
+            needs no model), the help says the flags are for ``--engine torch|hf``.
+    """
+    engines = "" if required else " for --engine torch|hf"
+    parser.add_argument(
+        "--model", metavar="DIR", required=required, help=f"checkpoint directory{engines}"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help=f"compute dtype{engines} (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """`--json OUT` and `--plot DIR`."""
     parser.add_argument("--json", metavar="OUT", help="write the JSON report here ('-' for stdout)")
@@ -93,6 +119,20 @@ def report_console(args: argparse.Namespace, console: Console) -> Console:
     if not err.is_terminal:
         err.width = max(err.width, 180)
     return err
+
+
+def report_doc(
+    path: Path, engine: str, config: KVFlowConfig, slo: SLOSettings, **results: Any
+) -> dict[str, Any]:
+    """The JSON report: `trace` and `engine`, then `results` in the order given (the
+    runs, or a sweep's points and capacities), then the `config` and `slo` used."""
+    return {
+        "trace": str(path),
+        "engine": engine,
+        **results,
+        "config": config.model_dump(mode="json"),
+        "slo": slo.to_json(),
+    }
 
 
 def write_json(doc: dict[str, Any], dest: str) -> None:

@@ -18,10 +18,12 @@ from kvflow.cli.common import (
     trace_path,
 )
 from kvflow.cli.options import (
+    add_model_arguments,
     add_output_arguments,
     add_slo_arguments,
     check_plot_dependency,
     report_console,
+    report_doc,
     slo_settings,
     write_json,
 )
@@ -58,12 +60,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "time through the async engine (arrivals at their offsets; scale them with "
         "--time-scale; default policy fcfs)",
     )
-    rp.add_argument("--model", metavar="DIR", help="checkpoint directory for --engine torch|hf")
-    rp.add_argument(
-        "--dtype",
-        choices=["float32", "float64", "float16", "bfloat16"],
-        help="compute dtype for --engine torch|hf (default: bfloat16 on CUDA, float32 on CPU)",
-    )
+    add_model_arguments(rp, required=False)
     add_config_arguments(rp)
     add_slo_arguments(rp)
     add_output_arguments(rp)
@@ -133,13 +130,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.trace_events:
         out.print(f"wrote the step timeline to {args.trace_events}")
     if args.json:
-        doc: dict[str, Any] = {
-            "trace": str(path),
-            "engine": args.engine,
-            "runs": [r.to_json() for r in reports],
-            "config": config.model_dump(mode="json"),
-            "slo": slo.to_json(),
-        }
+        doc = report_doc(path, args.engine, config, slo, runs=[r.to_json() for r in reports])
         write_json(doc, args.json)
     return 0
 
@@ -191,14 +182,14 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
     what = f"{path.name} ({len(requests)} requests, engine {args.engine}, {args.model})"
     print_reports(out, reports, what)
     if args.json and config is not None:
-        doc: dict[str, Any] = {
-            "trace": str(path),
-            "engine": args.engine,
-            "model": str(args.model),
-            "device": str(model.device),
-            "runs": [r.to_json() for r in reports],
-            "config": config.model_dump(mode="json"),
-            "slo": slo.to_json(),
-        }
+        doc = report_doc(
+            path,
+            args.engine,
+            config,
+            slo,
+            model=str(args.model),
+            device=str(model.device),
+            runs=[r.to_json() for r in reports],
+        )
         write_json(doc, args.json)
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -21,6 +20,7 @@ from kvflow.cli.options import (
     add_slo_arguments,
     check_plot_dependency,
     report_console,
+    report_doc,
     slo_settings,
     write_json,
 )
@@ -125,14 +125,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         written = plot_sweep(points, Path(args.plot) / SWEEP_PLOT, target)
         out.print(f"wrote {written}")
     if args.json:
-        doc: dict[str, Any] = {
-            "trace": str(path),
-            "engine": "sim",
-            "attainment_target": target,
-            "sweep": [p.to_json() for p in points],
-            "capacity": capacities,
-            "config": config.model_dump(mode="json"),
-            "slo": slo.to_json(),
-        }
+        doc = report_doc(
+            path,
+            "sim",
+            config,
+            slo,
+            attainment_target=target,
+            sweep=[p.to_json() for p in points],
+            capacity=capacities,
+        )
         write_json(doc, args.json)
     return 0

@@ -24,6 +24,7 @@ def test_replay_of_the_bundled_sample_writes_the_documented_json(
     table = capsys.readouterr().out
     assert "fcfs" in table and "lpm" in table and "hit rate" in table
     doc = json.loads(out.read_text())
+    assert list(doc) == ["trace", "engine", "runs", "config", "slo"]
     assert [r["policy"] for r in doc["runs"]] == ["fcfs", "lpm"]
     for run in doc["runs"]:
         assert set(RUN_KEYS) <= set(run)
@@ -117,6 +118,21 @@ def test_replay_of_a_user_trace(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert run["num_finished"] == 20
     # 19 of 20 requests hit the 48-token (3-block) shared prefix.
     assert run["prefix_hit_rate"] == pytest.approx(19 * 48 / (20 * 64))
+
+
+def test_replay_and_calibrate_take_the_same_model_flags() -> None:
+    from kvflow.cli import build_parser
+    from kvflow.cli.options import DTYPES
+    from kvflow.engine_adapters.torch.spec import DTYPES as TORCH_DTYPES
+
+    parser = build_parser()
+    for command in ("replay", "calibrate"):
+        args = parser.parse_args([command, "--model", "m", "--dtype", "float16"])
+        assert (args.model, args.dtype) == ("m", "float16")
+    assert sorted(DTYPES) == sorted(TORCH_DTYPES)
+    assert parser.parse_args(["replay"]).model is None  # the simulator needs no model
+    with pytest.raises(SystemExit):
+        parser.parse_args(["calibrate"])
 
 
 def test_policies_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
