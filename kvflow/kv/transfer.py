@@ -165,14 +165,15 @@ class TensorCopyEngine(CopyEngine):
     side stream, synchronised before the copy is reported done); cpu->disk writes and
     disk->device reads go through `DiskStorage` (disk reads land in a host bounce
     buffer first when the device is not the CPU). A disk read is split across up to
-    `max_workers` threads, which read and checksum their share of the blocks at once; a
-    disk write's checksums are computed while a worker writes and syncs the blocks.
+    `max_workers` threads, which read and checksum their share of the blocks at once (so
+    is a host copy on a CPU-only host); a disk write's checksums are computed while a
+    worker writes and syncs the blocks.
 
     On a CPU-only host, transfers of at most `inline_bytes` start on the caller's
     thread, which finishes them sooner than the hop to a worker takes: host copies
     entirely, disk reads for the caller's share of the blocks as far as the page cache
     holds them (what it does not hold goes to a worker, never blocking the caller), and
-    disk writes' checksums. A disk read is split only into parts of at least
+    disk writes' checksums. A copy is split only into parts of at least
     `min_part_bytes`: waking a worker takes tens of microseconds (more on an idle VM),
     as long as reading and checksumming 1 MiB.
     """
@@ -224,7 +225,7 @@ class TensorCopyEngine(CopyEngine):
                 self._executor.submit(self._run_digests, job)
             return
         num_parts = 1
-        if direction == "disk_to_device":
+        if direction == "disk_to_device" or self._device_bytes is not None:  # not CUDA
             num_parts = max(1, min(n, self.max_workers, transfer.num_bytes // self._min_part_bytes))
         bounds = [n * i // num_parts for i in range(num_parts + 1)]
         job = _Job(transfer, num_parts)
