@@ -100,7 +100,7 @@ def paged_attention(
         dq = q[batch.decode_indices].view(num_decodes, num_kv_heads, group, head_dim)
         dout = F.scaled_dot_product_attention(dq, ctx_k, ctx_v, attn_mask=mask, scale=scale)
         out[batch.decode_indices] = dout.reshape(num_decodes, num_heads, head_dim)
-    for chunk in batch.prefills:
+    for chunk, mask in zip(batch.prefills, batch.prefill_masks(group), strict=True):
         lo, hi = chunk.token_begin, chunk.token_end
         n = hi - lo
         if chunk.start == 0:
@@ -112,7 +112,6 @@ def paged_attention(
         # Rows of the folded query axis are (token, head-in-group) pairs.
         pq = q[lo:hi].view(n, num_kv_heads, group, head_dim).transpose(0, 1)
         pq = pq.reshape(1, num_kv_heads, n * group, head_dim)
-        mask = chunk.mask.repeat_interleave(group, dim=0)
         pout = F.scaled_dot_product_attention(
             pq,
             ctx_k.transpose(0, 1).unsqueeze(0),

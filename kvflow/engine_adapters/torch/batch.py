@@ -11,7 +11,7 @@ its own with a causal mask offset by its start position.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -66,6 +66,16 @@ class ForwardBatch:
     prefills: list[PrefillSlice]
     logits_indices: Tensor | None
     """Batch positions whose logits are returned, in entry order (None: all tokens)."""
+    _folded_masks: dict[int, list[Tensor]] = field(default_factory=dict, repr=False)
+
+    def prefill_masks(self, group: int) -> list[Tensor]:
+        """Each prefill's mask with every row repeated `group` times (once per query head
+        sharing a KV head), made on the first layer's call and reused by the others."""
+        masks = self._folded_masks.get(group)
+        if masks is None:
+            masks = [p.mask.repeat_interleave(group, dim=0) for p in self.prefills]
+            self._folded_masks[group] = masks
+        return masks
 
     @property
     def num_tokens(self) -> int:
