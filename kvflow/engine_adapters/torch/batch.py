@@ -111,6 +111,8 @@ def build_batch(
     decode_tables: list[Sequence[int]] = []
     decode_lengths: list[int] = []
     prefills: list[PrefillSlice] = []
+    prefill_spans: list[tuple[int, int, int]] = []  # (batch offset, start, tokens)
+    prefill_tables: list[Sequence[int]] = []
     for entry in entries:
         n = len(entry.token_ids)
         start = entry.start
@@ -136,30 +138,46 @@ def build_batch(
             decode_tables.append(blocks[:num_blocks])
             decode_lengths.append(end)
         else:
-            query_pos = torch.arange(start, end, device=device)
-            mask = torch.arange(end, device=device)[None, :] <= query_pos[:, None]
-            block_ids = torch.tensor(list(blocks[:num_blocks]), dtype=torch.long, device=device)
-            prefills.append(PrefillSlice(begin, begin + n, start, block_ids, mask))
+            prefill_spans.append((begin, start, n))
+            prefill_tables.append(blocks[:num_blocks])
 
-    def longs(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+    # Every index list goes to the device in one copy, then is cut into views.
+    max_blocks = max((len(t) for t in decode_tables), default=0)
+    padded = [b for t in decode_tables for b in (*t, *[0] * (max_blocks - len(t)))]
+    parts: list[Sequence[int]] = [
+        input_ids,
+        positions,
+        slot_blocks,
+        slot_offsets,
+        logits_indices,
+        decode_indices,
+        decode_lengths,
+        padded,
+        *prefill_tables,
+    ]
+    flat = torch.tensor([v for part in parts for v in part], dtype=torch.long)
+    views = list(torch.split(flat.to(device), [len(part) for part in parts]))
+    ids, pos, blocks_t, offsets, logits_t, decode_idx, lengths, table = views[:8]
 
-    decode_table = decode_mask = decode_idx = None
+    for (begin, start, n), table_ids in zip(prefill_spans, views[8:], strict=True):
+        end = start + n
+        query_pos = pos[begin : begin + n]
+        mask = torch.arange(end, device=device)[None, :] <= query_pos[:, None]
+        prefills.append(PrefillSlice(begin, begin + n, start, table_ids, mask))
+
+    decode_table = decode_mask = None
     if decode_indices:
-        max_blocks = max(len(t) for t in decode_tables)
-        padded = [list(t) + [0] * (max_blocks - len(t)) for t in decode_tables]
-        decode_table = longs([b for row in padded for b in row]).view(len(padded), max_blocks)
+        decode_table = table.view(len(decode_indices), max_blocks)
         span = torch.arange(max_blocks * block_size, device=device)
-        decode_mask = (span[None, :] < longs(decode_lengths)[:, None])[:, None, None, :]
-        decode_idx = longs(decode_indices)
+        decode_mask = (span[None, :] < lengths[:, None])[:, None, None, :]
     return ForwardBatch(
-        input_ids=longs(input_ids),
-        positions=longs(positions),
-        slot_blocks=longs(slot_blocks),
-        slot_offsets=longs(slot_offsets),
-        decode_indices=decode_idx,
+        input_ids=ids,
+        positions=pos,
+        slot_blocks=blocks_t,
+        slot_offsets=offsets,
+        decode_indices=decode_idx if decode_indices else None,
         decode_block_table=decode_table,
         decode_mask=decode_mask,
         prefills=prefills,
-        logits_indices=None if all_logits else longs(logits_indices),
+        logits_indices=None if all_logits else logits_t,
     )
