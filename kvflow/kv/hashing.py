@@ -59,13 +59,18 @@ def extend_block_keys(
         packed = _pack(token_ids)
     else:
         packed = _pack(token_ids[first:end])
-    width = 4 * block_size
-    parent = keys[-1] if keys else root
+    _chain(keys, packed, 0, num_full_blocks - start, 4 * block_size, keys[-1] if keys else root)
+
+
+def _chain(keys: list[int], packed: bytes, begin: int, end: int, width: int, parent: int) -> None:
+    """Append to `keys` the chained keys of blocks `begin..end-1` of `packed` (`width`
+    bytes each), the first seeded with `parent`."""
     digest = xxhash.xxh3_64_intdigest
     append = keys.append
     # struct's iter_unpack cuts the blocks in C: ~40% faster than slicing in Python.
-    cut = _block_struct(width).iter_unpack(memoryview(packed)[: (num_full_blocks - start) * width])
-    for (block,) in cut:
+    for (block,) in _block_struct(width).iter_unpack(
+        memoryview(packed)[begin * width : end * width]
+    ):
         parent = digest(block, parent)  # seeded with the parent's key
         append(parent)
 
@@ -73,3 +78,62 @@ def extend_block_keys(
 @functools.cache
 def _block_struct(width: int) -> struct.Struct:
     return struct.Struct(f"{width}s")
+
+
+class ChainMemo:
+    """Key chains of recent prompts, by the key of their first block.
+
+    Prompts often start alike (a system prompt, the earlier turns of a conversation).
+    A new prompt whose first block matches a recent one's copies that chain's keys for
+    every whole block the two have in common, found by comparing bytes (a few memcmp
+    calls), and hashes only the blocks after. The keys are the ones hashing would give:
+    equal tokens under equal parents have equal keys.
+    """
+
+    def __init__(self, block_size: int, max_chains: int = 1024) -> None:
+        self.block_size = block_size
+        self.max_chains = max_chains
+        self._chains: dict[int, tuple[bytes, list[int]]] = {}
+        self.num_reused_keys = 0
+
+    def extend(
+        self, keys: list[int], token_ids: Sequence[int], num_full_blocks: int, root: int
+    ) -> None:
+        """`extend_block_keys`, reusing a recent chain for a new prompt's common prefix."""
+        bs = self.block_size
+        if keys or num_full_blocks <= 1 or len(token_ids) - num_full_blocks * bs > bs:
+            extend_block_keys(keys, token_ids, num_full_blocks, bs, root)
+            return
+        packed = _pack(token_ids)
+        width = 4 * bs
+        first = xxhash.xxh3_64_intdigest(packed[:width], root)
+        recent = self._chains.pop(first, None)
+        num_common = 0
+        if recent is not None:
+            prev_packed, prev_keys = recent
+            limit = min(num_full_blocks, len(prev_keys), len(prev_packed) // width)
+            num_common = _common_blocks(packed, prev_packed, width, limit)
+            keys += prev_keys[:num_common]
+            self.num_reused_keys += num_common
+        if not num_common:
+            keys.append(first)
+            num_common = 1
+        _chain(keys, packed, num_common, num_full_blocks, width, keys[-1])
+        self._chains[first] = (packed, keys)  # the newest chain, at the back
+        if len(self._chains) > self.max_chains:
+            del self._chains[next(iter(self._chains))]
+
+
+def _common_blocks(a: bytes, b: bytes, width: int, limit: int) -> int:
+    """How many leading `width`-byte blocks, at most `limit`, `a` and `b` share."""
+    view = memoryview(b)
+    if a.startswith(view[: limit * width]):
+        return limit
+    lo, hi = 0, limit - 1  # the answer is in lo..hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a.startswith(view[: mid * width]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

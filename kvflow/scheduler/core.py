@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from kvflow.config import KVFlowConfig
 from kvflow.kv.block_pool import IntArray, IntegrityError, PrefixMatch
-from kvflow.kv.hashing import extend_block_keys, root_key
+from kvflow.kv.hashing import ChainMemo, root_key
 from kvflow.kv.location import PrefixLocation
 from kvflow.kv.store import KVStore, TierName
 from kvflow.policies.base import Policy, SchedulerView
@@ -24,6 +24,7 @@ from kvflow.scheduler.plan import StepPlan, StepResult
 from kvflow.scheduler.stats import SchedulerStats
 
 _RUNNING = RequestStatus.RUNNING
+_MAX_RECENT_MATCHES = 1024
 
 
 class _Batch:
@@ -132,6 +133,9 @@ class Scheduler:
         """Queued requests' device prefix matches, kept up to date cheaply across the
         steps a request waits (the policy locates it each step) and its admission."""
         self._root_keys: dict[tuple[str, ...], int] = {}
+        self._chain_memo = ChainMemo(self.block_size)
+        self._recent_matches: dict[int, tuple[list[int], PrefixMatch]] = {}
+        """The latest device match by the key of its chain's first block (bounded)."""
         self._active_ids: set[str] = set()
         """Ids of the requests in `waiting`, `loading` and `running`."""
         self._policy_drops = policy.drops_requests()
@@ -223,10 +227,38 @@ class Scheduler:
         """The device blocks of the request's cached prefix (at most `max_blocks`)."""
         self._extend_keys(state, max_blocks)
         rid = state.request_id
-        match = self._matches[rid] = self.pool.match(
-            state.block_keys, max_blocks, self._matches.get(rid)
-        )
+        keys = state.block_keys
+        prev = self._matches.get(rid)
+        if prev is None and keys:
+            prev = self._recent_match(keys)
+        match = self._matches[rid] = self.pool.match(keys, max_blocks, prev)
+        if keys:
+            recent = self._recent_matches
+            recent.pop(keys[0], None)
+            recent[keys[0]] = (keys, match)  # the newest, at the back
+            if len(recent) > _MAX_RECENT_MATCHES:
+                del recent[next(iter(recent))]
         return match
+
+    def _recent_match(self, keys: list[int]) -> PrefixMatch | None:
+        """The latest match of a chain starting like `keys`, cut to the blocks the two
+        chains share, as a start for matching `keys` (`BlockPool.match` revalidates it)."""
+        recent = self._recent_matches.get(keys[0])
+        if recent is None:
+            return None
+        other_keys, other = recent
+        # Chained keys: equal keys at block i mean equal chains up to i, so the shared
+        # length is found by bisection, one comparison per step.
+        lo, hi = 1, min(len(keys), len(other_keys), len(other.block_ids))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if keys[mid - 1] == other_keys[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo >= len(other.block_ids):
+            return other
+        return PrefixMatch(other.block_ids[:lo], other.ids[:lo], other.versions[:lo])
 
     def _extend_keys(self, state: RequestState, num_blocks: int) -> None:
         if len(state.block_keys) >= num_blocks:
@@ -235,7 +267,7 @@ class Scheduler:
         root = self._root_keys.get(extra)
         if root is None:
             root = self._root_keys[extra] = root_key(extra)
-        extend_block_keys(state.block_keys, state.token_ids, num_blocks, self.block_size, root)
+        self._chain_memo.extend(state.block_keys, state.token_ids, num_blocks, root)
 
     # -- planning --------------------------------------------------------------
     def plan(self, now: float, *, overlapped: bool = False) -> StepPlan:

@@ -263,3 +263,27 @@ def test_an_overlapped_plan_never_preempts_and_says_when_it_left_a_request_out()
     assert third.preempted_ids == ["b"] and a in third.requests
     assert not sched.last_plan_short_of_blocks
     sched.check_integrity()
+
+
+def test_a_match_started_from_another_chain_is_revalidated() -> None:
+    # A request's first match starts from the latest match of a chain with the same
+    # first block: what it copies must still be cached, and it must stop where the two
+    # chains part.
+    sched = make_scheduler(**{"kv.block_size": 4, "kv.device.num_blocks": 64})
+    system = list(range(8))  # two shared blocks
+    a = sched.add(make_request(system + [50] * 8 + [1], max_new_tokens=1, request_id="a"))
+    run_to_completion(sched)
+    assert a.is_finished
+
+    b = sched.add(make_request(system + [60] * 8 + [1], max_new_tokens=1, request_id="b"))
+    assert sched.locate(b).device_tokens == 8  # the system prompt, not a's own blocks
+    c = sched.add(make_request(system + [50] * 8 + [2], max_new_tokens=1, request_id="c"))
+    assert sched.locate(c).device_tokens == 16  # b's two blocks, then a's next two
+
+    sched.pool.reset_prefix_cache()  # every cached key leaves the pool
+    d = sched.add(make_request(system + [50] * 8 + [3], max_new_tokens=1, request_id="d"))
+    assert sched.locate(d).device_tokens == 0
+    run_to_completion(sched)
+    assert b.num_cached_tokens == 0  # admitted first, when nothing was cached
+    assert all(r.is_finished for r in (b, c, d))
+    sched.check_integrity()

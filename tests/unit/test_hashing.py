@@ -1,0 +1,75 @@
+"""Block keys: chained, stable, and the same whether hashed or copied from a recent chain."""
+
+from __future__ import annotations
+
+from array import array
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvflow.kv.hashing import ChainMemo, extend_block_keys, hash_block, root_key
+
+BS = 4
+
+
+def keys_of(tokens: list[int], num_full_blocks: int, root: int) -> list[int]:
+    keys: list[int] = []
+    extend_block_keys(keys, tokens, num_full_blocks, BS, root)
+    return keys
+
+
+def test_keys_chain_each_block_to_its_parent() -> None:
+    root = root_key(("model",))
+    tokens = list(range(3 * BS + 1))
+    keys = keys_of(tokens, 3, root)
+    assert keys[0] == hash_block(root, tokens[:BS])
+    assert keys[2] == hash_block(keys[1], tokens[2 * BS : 3 * BS])
+    # The same tokens under another root (model, adapter) share no key.
+    assert set(keys).isdisjoint(keys_of(tokens, 3, root_key(("other",))))
+
+
+def test_keys_do_not_depend_on_how_the_tokens_are_held() -> None:
+    tokens = [7, 1, 2**32 - 1, 0] * 5
+    root = root_key()
+    as_list = keys_of(tokens, 5, root)
+    assert keys_of(array("I", tokens), 5, root) == as_list  # type: ignore[arg-type]
+    grown = keys_of(tokens, 2, root)
+    extend_block_keys(grown, tokens, 5, BS, root)  # extended later, as a request grows
+    assert grown == as_list
+
+
+# Prompts built from a few shared stems, so that chains share prefixes of any length.
+stems = st.lists(st.integers(0, 3), min_size=0, max_size=6)
+prompts = st.lists(
+    st.tuples(st.sampled_from(["a", "b"]), stems, st.integers(0, BS - 1)), min_size=1, max_size=12
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(prompts, st.integers(1, 3))
+def test_chain_memo_gives_the_keys_hashing_gives(
+    specs: list[tuple[str, list[int], int]], max_chains: int
+) -> None:
+    memo = ChainMemo(BS, max_chains=max_chains)
+    roots = {"a": root_key(("a",)), "b": root_key(("b",))}
+    for root_name, stem, tail in specs:
+        # Each stem id is one block of tokens; `tail` extra tokens make a partial block.
+        tokens = [t for s in stem for t in [s * 10 + i for i in range(BS)]] + [99] * tail
+        root = roots[root_name]
+        num_full = len(tokens) // BS
+        got: list[int] = []
+        memo.extend(got, array("I", tokens), num_full, root)
+        assert got == keys_of(tokens, num_full, root)
+
+
+def test_chain_memo_copies_the_common_prefix_of_a_recent_prompt() -> None:
+    memo = ChainMemo(BS)
+    root = root_key()
+    system = list(range(3 * BS))
+    first: list[int] = []
+    memo.extend(first, system + [50] * BS + [1], 4, root)
+    second: list[int] = []
+    memo.extend(second, system + [60] * BS, 4, root)
+    assert memo.num_reused_keys == 3  # the three system-prompt blocks
+    assert second[:3] == first[:3] and second[3] != first[3]
+    assert second == keys_of(system + [60] * BS, 4, root)
