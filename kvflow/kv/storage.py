@@ -198,14 +198,18 @@ class DiskStorage:
         fd = self.fd
         checksums = self.checksums
         digest = xxhash.xxh3_64_intdigest
-        flags = os.RWF_NOWAIT if nowait else 0
+        flags = 0
+        if nowait:
+            flags = getattr(os, "RWF_NOWAIT", 0)
+            if not flags:  # not Linux: every read may block
+                return ok
         for slot, d in zip(slots, dst_slots, strict=True):
             view = dst[d * size : (d + 1) * size]
             try:
                 num_read = os.preadv(fd, [view], slot * size, flags)
-            except BlockingIOError:
-                break
             except OSError:
+                if nowait:  # not cached (EAGAIN), or no RWF_NOWAIT here (EOPNOTSUPP: tmpfs)
+                    break
                 num_read = -1
             if num_read < size and nowait and num_read >= 0:
                 break  # partly cached, or short: a blocking read tells which

@@ -3,6 +3,7 @@ thread and in workers, disk reads split into parts, and what a failed part means
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,4 +160,31 @@ def test_a_disk_write_whose_checksums_fail_lands_nothing_readable(
     assert run(engine, "cpu_to_disk", [0, 1], [0, 1]) == [False, False]
     monkeypatch.undo()
     assert run(engine, "disk_to_device", [0, 1], [0, 1]) == [False, False]
+    engine.close()
+
+
+@pytest.mark.parametrize("nowait", ["unsupported", "absent"])
+def test_disk_reads_fall_back_to_blocking_reads_where_reads_cannot_be_nonblocking(
+    tiers: Tiers, monkeypatch: pytest.MonkeyPatch, nowait: str
+) -> None:
+    # tmpfs (and overlayfs on older kernels) answers RWF_NOWAIT with EOPNOTSUPP; macOS
+    # has no RWF_NOWAIT at all. Either way the caller's share goes to a worker.
+    if nowait == "absent":
+        monkeypatch.delattr(os, "RWF_NOWAIT", raising=False)
+    else:
+        preadv = os.preadv
+
+        def preadv_without_nowait(
+            fd: int, buffers: list[memoryview], offset: int, flags: int = 0
+        ) -> int:
+            if flags:
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+            return preadv(fd, buffers, offset, flags)
+
+        monkeypatch.setattr(os, "preadv", preadv_without_nowait)
+    engine = tiers.engine(max_workers=2)
+    assert run(engine, "cpu_to_disk", [0, 1, 2, 3], [0, 1, 2, 3]) == [True] * 4
+    assert run(engine, "disk_to_device", [0, 1, 2, 3], [4, 5, 6, 7]) == [True] * 4
+    assert torch.equal(tiers.device.data[4:], tiers.cpu.data[:4])
+    assert tiers.disk.num_errors == 0
     engine.close()
