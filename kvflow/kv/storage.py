@@ -141,26 +141,44 @@ class DiskStorage:
         ok = [False] * len(slots)
         if not self.enabled:
             return ok
-        size = self.bytes_per_block
         for slot in slots:
             self.checksums[slot] = None  # stale until its write lands
         for lo, hi in _consecutive_runs(slots):
+            if not self._write_run(src, src_slots, slots, lo, hi, ok):
+                break  # the disk is full; what landed before is still synced below
+        if self.fsync:
+            os.fsync(self.fd)
+        return ok if digests is None else self.set_checksums(slots, digests, ok)
+
+    def _write_run(
+        self,
+        src: memoryview,
+        src_slots: Sequence[int],
+        slots: Sequence[int],
+        lo: int,
+        hi: int,
+        ok: list[bool],
+    ) -> bool:
+        """Write the run `slots[lo:hi]`, carrying on after short writes (Linux writes at
+        most 2 GiB - 4 KiB per call); marks landed blocks in `ok`. False if the disk is
+        full."""
+        size = self.bytes_per_block
+        while lo < hi:
             views = [src[s * size : (s + 1) * size] for s in src_slots[lo:hi]]
             try:
-                written = os.pwritev(self.fd, views, slots[lo] * size)
+                num_written = os.pwritev(self.fd, views, slots[lo] * size) // size
             except OSError as err:
                 self._count_error(hi - lo)
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._disable(f"disk full ({err.strerror})")
-                    return ok
-                continue
-            num_written = written // size
+                    return False
+                return True
+            if num_written == 0:
+                self._count_error(hi - lo)
+                return True
             ok[lo : lo + num_written] = [True] * num_written
-            if num_written < hi - lo:
-                self._count_error(hi - lo - num_written)
-        if self.fsync:
-            os.fsync(self.fd)
-        return ok if digests is None else self.set_checksums(slots, digests, ok)
+            lo += num_written
+        return True
 
     def set_checksums(
         self, slots: Sequence[int], digests: Sequence[int] | None, ok: list[bool]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvflow.config import KVFlowConfig
-from kvflow.kv.storage import DiskStorage, TensorStorage
+from kvflow.kv.storage import DiskStorage, TensorStorage, byte_view
 from kvflow.kv.transfer import Direction, TensorCopyEngine, Transfer
 
 LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
@@ -188,3 +188,59 @@ def test_disk_reads_fall_back_to_blocking_reads_where_reads_cannot_be_nonblockin
     assert torch.equal(tiers.device.data[4:], tiers.cpu.data[:4])
     assert tiers.disk.num_errors == 0
     engine.close()
+
+
+def test_a_short_disk_write_is_carried_on_where_it_stopped(
+    tiers: Tiers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Linux writes at most 2 GiB - 4 KiB in one call: a run of 1024 blocks of 2 MiB
+    # comes back short. Here every call writes at most one and a half blocks.
+    pwritev = os.pwritev
+    max_bytes = tiers.bytes_per_block * 3 // 2
+
+    def short_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        capped, left = [], max_bytes
+        for buf in buffers:
+            capped.append(buf[:left])
+            left -= len(capped[-1])
+            if not left:
+                break
+        return pwritev(fd, capped, offset)
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    engine = tiers.engine()
+    assert run(engine, "cpu_to_disk", [0, 1, 2, 3], [2, 3, 4, 5]) == [True] * 4
+    assert run(engine, "disk_to_device", [2, 3, 4, 5], [0, 1, 2, 3]) == [True] * 4
+    assert torch.equal(tiers.device.data[:4], tiers.cpu.data[:4])
+    assert tiers.disk.num_errors == 0
+    engine.close()
+
+
+def test_blocks_written_before_the_disk_fills_are_synced_and_readable(
+    tiers: Tiers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = DiskStorage(
+        tiers.disk.path.with_name("synced.slab"), NUM_BLOCKS, tiers.bytes_per_block, fsync=True
+    )
+    pwritev, fsync = os.pwritev, os.fsync
+    synced: list[list[int | None]] = []
+
+    def pwritev_until_slot_4(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if offset >= 4 * tiers.bytes_per_block:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return pwritev(fd, buffers, offset)
+
+    def recorded_fsync(fd: int) -> None:
+        fsync(fd)
+        synced.append(list(disk.checksums))
+
+    monkeypatch.setattr(os, "pwritev", pwritev_until_slot_4)
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    cpu_bytes = byte_view(tiers.cpu.data)
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        ok = disk.write_from(cpu_bytes, [0, 1, 2], [0, 1, 4])  # two runs, the second fails
+    assert ok == [True, True, False]
+    assert synced == [[None] * NUM_BLOCKS]  # synced once, before any block was readable
+    assert disk.read_into([0, 1], byte_view(tiers.device.data), [0, 1]) == [True, True]
+    assert torch.equal(tiers.device.data[:2], tiers.cpu.data[:2])
+    disk.close()
