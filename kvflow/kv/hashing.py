@@ -81,17 +81,13 @@ def _block_struct(width: int) -> struct.Struct:
 
 
 class ChainMemo:
-    """Key chains of recent prompts, found by any of their keys where a walk stopped.
+    """Key chains of recent prompts, by the key of their first block.
 
-    Prompts often start alike (a system prompt, then the earlier turns of one
-    conversation). A new prompt hashes its first block and looks the key up: a recent
-    chain with that key has the same tokens up to there, so the two are compared byte
-    by byte (a few memcmp calls) and the keys of every whole block they share are
-    copied. At the block where they part, the new prompt hashes that block and looks
-    again (another conversation's chain may go on from there), until a key is unknown;
-    the rest is hashed. The keys are the ones hashing would give: equal tokens under
-    equal parents have equal keys. A chain is registered under the keys its walk looked
-    up, and a chain it parted from under the key where they parted.
+    Prompts often start alike (a system prompt, the earlier turns of a conversation).
+    A new prompt whose first block matches a recent one's copies that chain's keys for
+    every whole block the two have in common, found by comparing bytes (a few memcmp
+    calls), and hashes only the blocks after. The keys are the ones hashing would give:
+    equal tokens under equal parents have equal keys.
     """
 
     def __init__(self, block_size: int, max_chains: int = 1024) -> None:
@@ -103,54 +99,40 @@ class ChainMemo:
     def extend(
         self, keys: list[int], token_ids: Sequence[int], num_full_blocks: int, root: int
     ) -> None:
-        """`extend_block_keys`, reusing recent chains for a new prompt's blocks."""
+        """`extend_block_keys`, reusing a recent chain for a new prompt's common prefix."""
         bs = self.block_size
         if keys or num_full_blocks <= 1 or len(token_ids) - num_full_blocks * bs > bs:
             extend_block_keys(keys, token_ids, num_full_blocks, bs, root)
             return
         packed = _pack(token_ids)
         width = 4 * bs
-        chains = self._chains
-        looked_up: list[int] = []
-        parent = root
-        pos = 0  # blocks whose keys are known
-        while pos < num_full_blocks:
-            key = xxhash.xxh3_64_intdigest(packed[pos * width : (pos + 1) * width], parent)
-            keys.append(key)
-            looked_up.append(key)
-            pos += 1
-            found = chains.pop(key, None)
-            if found is None:
-                break
-            other_packed, other_keys = found
-            if len(other_keys) < pos or other_keys[pos - 1] != key:
-                break  # registered for a key at another depth (cannot happen but by collision)
-            limit = min(len(other_keys), len(other_packed) // width)
-            common = _common_blocks(packed, other_packed, width, min(num_full_blocks, limit), pos)
-            keys += other_keys[pos:common]
-            self.num_reused_keys += common - pos
-            if common < limit:  # it goes on elsewhere: keep it findable from where we part
-                chains[other_keys[common]] = found
-            pos = common
-            parent = keys[-1]
-        _chain(keys, packed, pos, num_full_blocks, width, keys[-1])
-        for key in looked_up:
-            chains[key] = (packed, keys)  # the newest, at the back
-        while len(chains) > self.max_chains:
-            del chains[next(iter(chains))]
+        first = xxhash.xxh3_64_intdigest(packed[:width], root)
+        recent = self._chains.pop(first, None)
+        num_common = 0
+        if recent is not None:
+            prev_packed, prev_keys = recent
+            limit = min(num_full_blocks, len(prev_keys), len(prev_packed) // width)
+            num_common = _common_blocks(packed, prev_packed, width, limit)
+            keys += prev_keys[:num_common]
+            self.num_reused_keys += num_common
+        if not num_common:
+            keys.append(first)
+            num_common = 1
+        _chain(keys, packed, num_common, num_full_blocks, width, keys[-1])
+        self._chains[first] = (packed, keys)  # the newest chain, at the back
+        if len(self._chains) > self.max_chains:
+            del self._chains[next(iter(self._chains))]
 
 
-def _common_blocks(a: bytes, b: bytes, width: int, limit: int, start: int = 0) -> int:
-    """How many leading `width`-byte blocks, at most `limit`, `a` and `b` share, given
-    that they share the first `start`."""
+def _common_blocks(a: bytes, b: bytes, width: int, limit: int) -> int:
+    """How many leading `width`-byte blocks, at most `limit`, `a` and `b` share."""
     view = memoryview(b)
-    offset = start * width
-    if a.startswith(view[offset : limit * width], offset):
+    if a.startswith(view[: limit * width]):
         return limit
-    lo, hi = start, limit - 1  # the answer is in lo..hi
+    lo, hi = 0, limit - 1  # the answer is in lo..hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a.startswith(view[offset : mid * width], offset):
+        if a.startswith(view[: mid * width]):
             lo = mid
         else:
             hi = mid - 1

@@ -62,24 +62,14 @@ def test_chain_memo_gives_the_keys_hashing_gives(
         assert got == keys_of(tokens, num_full, root)
 
 
-def test_chain_memo_copies_the_blocks_recent_prompts_share() -> None:
+def test_chain_memo_copies_the_common_prefix_of_a_recent_prompt() -> None:
     memo = ChainMemo(BS)
     root = root_key()
     system = list(range(3 * BS))
-    turn = [50] * 2 * BS  # one conversation's first turn
     first: list[int] = []
-    memo.extend(first, system + turn + [1], 5, root)
-    other: list[int] = []
-    memo.extend(other, system + [60] * BS, 4, root)  # another conversation
-    # Its first block is hashed to find `first`; the next two are copied.
-    assert memo.num_reused_keys == 2
-    assert other[:3] == first[:3] and other[3] != first[3]
-    assert other == keys_of(system + [60] * BS, 4, root)
-
-    # The conversation's next turn: found through `other` (the newest chain with that
-    # first block), then through `first`, from the block where `other` parted from it.
-    second_turn = system + turn + [7] * BS
-    keys: list[int] = []
-    memo.extend(keys, second_turn, 6, root)
-    assert keys == keys_of(second_turn, 6, root)
-    assert memo.num_reused_keys == 2 + 2 + 1  # system blocks 1-2, then turn block 1
+    memo.extend(first, system + [50] * BS + [1], 4, root)
+    second: list[int] = []
+    memo.extend(second, system + [60] * BS, 4, root)
+    assert memo.num_reused_keys == 3  # the three system-prompt blocks
+    assert second[:3] == first[:3] and second[3] != first[3]
+    assert second == keys_of(system + [60] * BS, 4, root)
