@@ -96,8 +96,12 @@ class DiskStorage:
         self._errors_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        preallocate = getattr(os, "posix_fallocate", None)  # absent on macOS
         try:
-            os.posix_fallocate(self.fd, 0, num_blocks * bytes_per_block)
+            if preallocate is not None:
+                preallocate(self.fd, 0, num_blocks * bytes_per_block)
+            else:  # a sparse file: a full disk shows up at write time instead
+                os.ftruncate(self.fd, num_blocks * bytes_per_block)
         except OSError as err:
             self._disable(f"cannot preallocate {num_blocks * bytes_per_block} bytes: {err}")
 
