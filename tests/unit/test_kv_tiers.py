@@ -136,6 +136,24 @@ def test_full_disk_disables_the_tier_with_a_warning(tmp_path: Path) -> None:
     disk.close(remove=False)
 
 
+def test_a_slab_without_posix_fallocate_is_sized_and_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from kvflow.kv.storage import DiskStorage
+
+    monkeypatch.delattr(os, "posix_fallocate")  # as on macOS
+    disk = DiskStorage(tmp_path / "kv.slab", 4, 64)
+    assert disk.enabled and os.path.getsize(disk.path) == 4 * 64
+    block = torch.arange(16, dtype=torch.float32)
+    assert disk.write_from(byte_view(block), [0], [2]) == [True]
+    back = torch.zeros(16, dtype=torch.float32)
+    assert disk.read_into([2], byte_view(back), [0]) == [True]
+    assert torch.equal(back, block)
+    disk.close()
+
+
 def test_locate_reports_a_prefix_spanning_tiers(tmp_path: Path) -> None:
     store = KVStore(tiny_kv(tmp_path, device={"num_blocks": 8}, cpu={"num_blocks": 8}))
     assert store.cpu is not None and store.disk is not None
