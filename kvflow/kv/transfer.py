@@ -151,6 +151,9 @@ class _Job:
     results: dict[int, list[bool]] = field(default_factory=dict)
     # a disk write's checksums, computed beside the write (None if that failed)
     digests: list[int] | None = None
+    # CUDA: an event recorded on the device's stream at submission; the copy waits for
+    # it, so it never overtakes kernels queued before it that write or read its blocks
+    ready: torch.cuda.Event | None = None
 
     def merged(self) -> list[bool]:
         if len(self.results) == 1:
@@ -228,7 +231,7 @@ class TensorCopyEngine(CopyEngine):
         if direction == "disk_to_device" or self._device_bytes is not None:  # not CUDA
             num_parts = max(1, min(n, self.max_workers, transfer.num_bytes // self._min_part_bytes))
         bounds = [n * i // num_parts for i in range(num_parts + 1)]
-        job = _Job(transfer, num_parts)
+        job = _Job(transfer, num_parts, ready=self._device_ready())
         reads_inline = inline and direction == "disk_to_device"
         futures = [
             self._executor.submit(self._run_part, job, bounds[i], bounds[i + 1])
@@ -243,7 +246,7 @@ class TensorCopyEngine(CopyEngine):
 
     def _run_part(self, job: _Job, lo: int, hi: int, cached_only: bool = False) -> None:
         try:
-            ok = self._copy(job.transfer, lo, hi, cached_only)
+            ok = self._copy(job.transfer, lo, hi, cached_only, job.ready)
         except Exception:  # a copy that fails fails its blocks; it never hangs a transfer
             ok = [False] * (hi - lo)
         if ok:
@@ -279,13 +282,31 @@ class TensorCopyEngine(CopyEngine):
             self._num_running -= 1
             self._cond.notify_all()
 
-    def _copy(self, t: Transfer, lo: int, hi: int, cached_only: bool) -> list[bool]:
+    def _device_ready(self) -> torch.cuda.Event | None:
+        """On CUDA, an event marking the work queued so far on the device's stream."""
+        data = self.device.data
+        if not data.is_cuda:
+            return None
+        import torch
+
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(data.device))
+        return event
+
+    def _copy(
+        self,
+        t: Transfer,
+        lo: int,
+        hi: int,
+        cached_only: bool,
+        ready: torch.cuda.Event | None = None,
+    ) -> list[bool]:
         src_slots, dst_slots = t.src_slots[lo:hi], t.dst_slots[lo:hi]
         if t.direction in ("device_to_cpu", "cpu_to_device"):
             pools = (self.device, self.cpu)
             src, dst = pools if t.direction == "device_to_cpu" else pools[::-1]
             assert src is not None and dst is not None  # the store copies between tiers it has
-            _copy_tensor_blocks(src.data, src_slots, dst.data, dst_slots)
+            _copy_tensor_blocks(src.data, src_slots, dst.data, dst_slots, ready)
             return [True] * (hi - lo)
         disk = self.disk
         assert disk is not None
@@ -294,7 +315,7 @@ class TensorCopyEngine(CopyEngine):
             return disk.write_from(self._cpu_bytes, src_slots, dst_slots, checksum=False)
         if self._device_bytes is not None:
             return disk.read_into(src_slots, self._device_bytes, dst_slots, nowait=cached_only)
-        return _read_through_bounce(disk, src_slots, self.device.data, dst_slots)
+        return _read_through_bounce(disk, src_slots, self.device.data, dst_slots, ready)
 
     def _copy_host_bytes(self, t: Transfer) -> list[bool]:
         # A memoryview slice assignment is a plain memcpy, without the dispatch of two
@@ -344,8 +365,14 @@ def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
 
 
 def _copy_tensor_blocks(
-    src: torch.Tensor, src_slots: list[int], dst: torch.Tensor, dst_slots: list[int]
+    src: torch.Tensor,
+    src_slots: list[int],
+    dst: torch.Tensor,
+    dst_slots: list[int],
+    ready: torch.cuda.Event | None = None,
 ) -> None:
+    """Copy blocks between pools; on CUDA on a side stream of the pool's device that
+    first waits for `ready` (work queued on the device before the copy was submitted)."""
     cuda = src.is_cuda or dst.is_cuda
     if not cuda:
         for s, d, n in _runs(src_slots, dst_slots):
@@ -353,15 +380,23 @@ def _copy_tensor_blocks(
         return
     import torch
 
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    with torch.cuda.stream(stream):
-        for s, d, n in _runs(src_slots, dst_slots):
-            dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
-    stream.synchronize()
+    device = src.device if src.is_cuda else dst.device
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        if ready is not None:
+            stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            for s, d, n in _runs(src_slots, dst_slots):
+                dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+        stream.synchronize()
 
 
 def _read_through_bounce(
-    disk: DiskStorage, disk_slots: list[int], dst: torch.Tensor, dst_slots: list[int]
+    disk: DiskStorage,
+    disk_slots: list[int],
+    dst: torch.Tensor,
+    dst_slots: list[int],
+    ready: torch.cuda.Event | None = None,
 ) -> list[bool]:
     """Disk blocks into a device that is not host memory, through a host bounce buffer
     (pinned when CUDA is available)."""
@@ -374,5 +409,5 @@ def _read_through_bounce(
     )
     ok = disk.read_into(disk_slots, byte_view(bounce), range(len(disk_slots)))
     good = [i for i, g in enumerate(ok) if g]
-    _copy_tensor_blocks(bounce, good, dst, [dst_slots[i] for i in good])
+    _copy_tensor_blocks(bounce, good, dst, [dst_slots[i] for i in good], ready)
     return ok
