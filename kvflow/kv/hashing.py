@@ -53,13 +53,17 @@ def extend_block_keys(
         return
     first = start * block_size
     end = num_full_blocks * block_size
+    parent = keys[-1] if keys else root
+    if num_full_blocks - start == 1:  # a decode filled a block: hash it directly
+        keys.append(xxhash.xxh3_64_intdigest(_pack(token_ids[first:end]), parent))
+        return
     # Packing all of a prompt beats slicing it first (a slice copies every reference);
     # the few tokens past the last full block are never read.
     if first == 0 and len(token_ids) - end <= block_size:
         packed = _pack(token_ids)
     else:
         packed = _pack(token_ids[first:end])
-    _chain(keys, packed, 0, num_full_blocks - start, 4 * block_size, keys[-1] if keys else root)
+    _chain(keys, packed, 0, num_full_blocks - start, 4 * block_size, parent)
 
 
 def _chain(keys: list[int], packed: bytes, begin: int, end: int, width: int, parent: int) -> None:
