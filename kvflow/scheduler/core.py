@@ -7,6 +7,10 @@ request's `num_computed_tokens`. `commit(plan, result, now)` applies the runner'
 sampled tokens: appends them, seals full blocks into the prefix cache, and finishes
 requests. Time only comes in as an argument, so the same code drives a real engine
 and a virtual-time replay.
+
+Helpers the `Scheduler` owns: `prefix.PrefixMatcher` (block keys and device matches),
+`loads.Loads` (requests waiting for copies from lower tiers), `batch.Batch` (the plan
+being built); `integrity` holds the checks of its invariants.
 """
 
 from __future__ import annotations
@@ -14,92 +18,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvflow.config import KVFlowConfig
-from kvflow.kv.block_pool import IntArray, IntegrityError, PrefixMatch
-from kvflow.kv.hashing import ChainMemo, root_key
+from kvflow.kv.block_pool import IntArray
 from kvflow.kv.location import PrefixLocation
 from kvflow.kv.store import KVStore, TierName
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.request import FinishReason, Request, RequestState, RequestStatus
+from kvflow.scheduler import integrity
+from kvflow.scheduler.batch import Batch
+from kvflow.scheduler.loads import Loads
 from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.scheduler.prefix import PrefixMatcher
 from kvflow.scheduler.stats import SchedulerStats
 
 _RUNNING = RequestStatus.RUNNING
-_MAX_RECENT_MATCHES = 1024
-
-
-class _Batch:
-    """The entries of the plan being built (plain lists: this is the hot path)."""
-
-    __slots__ = (
-        "block_tables",
-        "budget",
-        "kv_tokens",
-        "num_decode",
-        "num_prefill",
-        "requests",
-        "starts",
-        "tokens",
-    )
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.requests: list[RequestState] = []
-        self.tokens: list[int] = []
-        self.starts: list[int] = []
-        self.block_tables: list[list[int]] = []
-        self.num_prefill = 0
-        self.num_decode = 0
-        self.kv_tokens = 0
-
-    def add(self, req: RequestState, start: int, n: int) -> None:
-        self.requests.append(req)
-        self.tokens.append(n)
-        self.starts.append(start)
-        self.block_tables.append(req.block_ids)
-        if start + n == len(req.token_ids) + req.num_inflight_samples:
-            req.num_inflight_samples += 1  # this step samples the request's next token
-        req.num_computed_tokens = start + n
-        self.kv_tokens += start + n
-        if n == 1:
-            self.num_decode += 1
-        else:
-            self.num_prefill += n
-        self.budget -= n
-
-    def remove(self, req: RequestState) -> None:
-        """Take back an entry (its request was preempted after being scheduled)."""
-        i = self.requests.index(req)
-        n = self.tokens.pop(i)
-        start = self.starts.pop(i)
-        del self.requests[i]
-        del self.block_tables[i]
-        self.kv_tokens -= start + n
-        if n == 1:
-            self.num_decode -= 1
-        else:
-            self.num_prefill -= n
-        self.budget += n
-
-
-class _Load:
-    """A request's copies from lower tiers, from admission until its prefix is on device."""
-
-    __slots__ = ("counted_end", "first", "first_admission", "started", "tiers", "transfer_ids")
-
-    def __init__(
-        self, transfer_ids: set[int], started: float, first: int, tiers: list[TierName]
-    ) -> None:
-        self.transfer_ids = transfer_ids
-        """Copies still in flight."""
-        self.started = started
-        self.first = first
-        """Index in the request's blocks of the first loaded block."""
-        self.tiers = tiers
-        """The tier each loaded block comes from (counted as a hit from it)."""
-        self.counted_end = first + len(tiers)
-        """Loaded blocks before this index still count as hits (a failed copy cuts it)."""
-        self.first_admission = False
-        """This admission set the request's `num_cached_tokens`."""
 
 
 class Scheduler:
@@ -120,22 +51,19 @@ class Scheduler:
         self.policy = policy
         self.waiting: dict[str, RequestState] = {}
         self.running: list[RequestState] = []
-        self.loading: dict[str, RequestState] = {}
-        """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
-        self._load_waits: dict[str, _Load] = {}
-        self._load_owner: dict[int, str] = {}
         self.stats = SchedulerStats()
+        self._loads = Loads(self.store, self.stats)
+        self.loading = self._loads.loading
+        """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
         self.last_plan_short_of_blocks = False
         """The last plan left a running request out for want of blocks (it could not
         preempt: it was planned while a step ran)."""
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
-        self._matches: dict[str, PrefixMatch] = {}
-        """Queued requests' device prefix matches, kept up to date cheaply across the
-        steps a request waits (the policy locates it each step) and its admission."""
-        self._root_keys: dict[tuple[str, ...], int] = {}
-        self._chain_memo = ChainMemo(self.block_size)
-        self._recent_matches: dict[int, tuple[list[int], PrefixMatch]] = {}
-        """The latest device match by the key of its chain's first block (bounded)."""
+        self._prefix = prefix = PrefixMatcher(self.pool, self.block_size)
+        # Bound once: these run per request per step.
+        self._match_device = prefix.match_device
+        self._extend_keys = prefix.extend_keys
+        self._matches = prefix.matches
         self._active_ids: set[str] = set()
         """Ids of the requests in `waiting`, `loading` and `running`."""
         self._policy_drops = policy.drops_requests()
@@ -188,9 +116,8 @@ class Scheduler:
         """Finish a queued or running request as aborted and free its blocks. Returns
         its state, or None when no such request is active."""
         state = self.waiting.pop(request_id, None)
-        if state is None and request_id in self.loading:
-            state = self.loading.pop(request_id)
-            self._load_waits.pop(request_id, None)
+        if state is None:
+            state = self._loads.cancel(request_id)
         if state is None:
             state = next((r for r in self.running if r.request_id == request_id), None)
             if state is None:
@@ -223,52 +150,6 @@ class Scheduler:
         keys = state.block_keys
         return self.store.locate(keys if len(keys) == n else keys[:n], len(match.block_ids))
 
-    def _match_device(self, state: RequestState, max_blocks: int) -> PrefixMatch:
-        """The device blocks of the request's cached prefix (at most `max_blocks`)."""
-        self._extend_keys(state, max_blocks)
-        rid = state.request_id
-        keys = state.block_keys
-        prev = self._matches.get(rid)
-        if prev is None and keys:
-            prev = self._recent_match(keys)
-        match = self._matches[rid] = self.pool.match(keys, max_blocks, prev)
-        if keys:
-            recent = self._recent_matches
-            recent.pop(keys[0], None)
-            recent[keys[0]] = (keys, match)  # the newest, at the back
-            if len(recent) > _MAX_RECENT_MATCHES:
-                del recent[next(iter(recent))]
-        return match
-
-    def _recent_match(self, keys: list[int]) -> PrefixMatch | None:
-        """The latest match of a chain starting like `keys`, cut to the blocks the two
-        chains share, as a start for matching `keys` (`BlockPool.match` revalidates it)."""
-        recent = self._recent_matches.get(keys[0])
-        if recent is None:
-            return None
-        other_keys, other = recent
-        # Chained keys: equal keys at block i mean equal chains up to i, so the shared
-        # length is found by bisection, one comparison per step.
-        lo, hi = 1, min(len(keys), len(other_keys), len(other.block_ids))
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if keys[mid - 1] == other_keys[mid - 1]:
-                lo = mid
-            else:
-                hi = mid - 1
-        if lo >= len(other.block_ids):
-            return other
-        return PrefixMatch(other.block_ids[:lo], other.ids[:lo], other.versions[:lo])
-
-    def _extend_keys(self, state: RequestState, num_blocks: int) -> None:
-        if len(state.block_keys) >= num_blocks:
-            return
-        extra = state.request.extra_keys
-        root = self._root_keys.get(extra)
-        if root is None:
-            root = self._root_keys[extra] = root_key(extra)
-        self._chain_memo.extend(state.block_keys, state.token_ids, num_blocks, root)
-
     # -- planning --------------------------------------------------------------
     def plan(self, now: float, *, overlapped: bool = False) -> StepPlan:
         """Decide the next step and reserve its blocks.
@@ -282,10 +163,10 @@ class Scheduler:
         view = self.view
         view._begin_step(now, self.pool.num_free_blocks, len(self.running), len(self.waiting))
         if self.store.num_inflight:
-            self._finish_copies(now)
+            self.running.extend(self._loads.finish_copies(now))
         if self._policy_drops and self.waiting:
             self._apply_drops(now)
-        batch = _Batch(self.sched_config.max_num_batched_tokens)
+        batch = Batch(self.sched_config.max_num_batched_tokens)
         preempted: list[str] = []
         short_of_blocks = self._schedule_running(batch, preempted, now, overlapped)
         self.last_plan_short_of_blocks = short_of_blocks
@@ -317,11 +198,11 @@ class Scheduler:
         return plan
 
     def _schedule_running(
-        self, batch: _Batch, preempted: list[str], now: float, overlapped: bool
+        self, batch: Batch, preempted: list[str], now: float, overlapped: bool
     ) -> bool:
         """Schedule running requests; True when one was left out for want of blocks
         (then no new request may take the blocks it waits for)."""
-        # `_Batch.add` inlined: this loop runs once per running request per step.
+        # `Batch.add` inlined: this loop runs once per running request per step.
         short_of_blocks = False
         running = self.running
         pool = self.pool
@@ -384,7 +265,7 @@ class Scheduler:
         return short_of_blocks
 
     def _schedule_waiting(
-        self, batch: _Batch, preempted: list[str], now: float, overlapped: bool
+        self, batch: Batch, preempted: list[str], now: float, overlapped: bool
     ) -> None:
         max_seqs = self.sched_config.max_num_seqs
         sharing = self.sched_config.enable_inbatch_prefix_sharing
@@ -415,7 +296,7 @@ class Scheduler:
     def _try_admit(
         self,
         req: RequestState,
-        batch: _Batch,
+        batch: Batch,
         preempted: list[str],
         now: float,
         max_seqs: int,
@@ -466,17 +347,7 @@ class Scheduler:
         first_admission = req.first_scheduled_time is None
         self._count_hits(req, len(hits), below, num_tokens, now)
         if below:
-            first = len(hits)
-            keys = req.block_keys[first : first + len(below)]
-            transfers = store.start_load(below, keys, req.block_ids[first:], now)
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.WAITING_FOR_KV
-            self.loading[req.request_id] = req
-            load = _Load({t.transfer_id for t in transfers}, now, first, [t for t, _ in below])
-            load.first_admission = first_admission
-            self._load_waits[req.request_id] = load
-            for t in transfers:
-                self._load_owner[t.transfer_id] = req.request_id
+            self._loads.start(req, below, len(hits), first_admission, now)
             return True
         req.status = _RUNNING
         self.running.append(req)
@@ -504,47 +375,6 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
             req.num_cached_tokens = num_cached
-
-    def _uncount_hits(self, req: RequestState, load: _Load, keep: int) -> None:
-        """Loaded blocks from index `keep` on failed to arrive: they are no hits."""
-        if keep >= load.counted_end:
-            return
-        bs = self.block_size
-        by_tier = self.stats.hit_tokens_by_tier
-        for tier in load.tiers[keep - load.first : load.counted_end - load.first]:
-            by_tier[tier] -= bs
-        lost = (load.counted_end - keep) * bs
-        self.stats.prefix_hit_tokens -= lost
-        if load.first_admission:
-            req.num_cached_tokens -= lost
-        load.counted_end = keep
-
-    def _finish_copies(self, now: float) -> None:
-        """Apply finished copies; requests whose prefix arrived start running."""
-        for transfer, ok in self.store.poll(now):
-            rid = self._load_owner.pop(transfer.transfer_id, None)
-            if rid is None or rid not in self.loading:
-                continue  # a demotion, or the request was aborted meanwhile
-            load = self._load_waits[rid]
-            req = self.loading[rid]
-            failed = transfer.dst_slots[ok.index(False)] if not all(ok) else None
-            if failed is not None and failed in req.block_ids:  # else cut short already
-                # Blocks from the first failed one on are recomputed instead.
-                keep = req.block_ids.index(failed)
-                dropped = req.block_ids[keep:]
-                req.block_ids = req.block_ids[:keep]
-                req.num_computed_tokens = keep * self.block_size
-                self.store.release_device(dropped, now, keep=False)
-                self._uncount_hits(req, load, keep)
-            load.transfer_ids.discard(transfer.transfer_id)
-            if load.transfer_ids:
-                continue
-            del self.loading[rid]
-            del self._load_waits[rid]
-            req.num_sealed_blocks = len(req.block_ids)
-            req.kv_wait_s += now - load.started
-            req.status = _RUNNING
-            self.running.append(req)
 
     def _pending_keys(self) -> set[int]:
         """Keys of blocks that running requests are computing and have not sealed."""
@@ -676,46 +506,9 @@ class Scheduler:
     # -- invariants ----------------------------------------------------------------
     def num_leaked_blocks(self) -> int:
         """Blocks still referenced beyond what active requests hold (0 unless a bug)."""
-        held = {b for r in (*self.running, *self.loading.values()) for b in r.block_ids}
-        return self.pool.num_used_blocks - len(held)
+        return integrity.num_leaked_blocks(self)
 
     def check_integrity(self) -> None:
         """Raise `IntegrityError` when the queues, the requests' blocks and the pool's
         refcounts disagree."""
-        problems: list[str] = []
-        refs = [0] * self.pool.num_blocks
-        bs = self.block_size
-        if len(self.running) > self.sched_config.max_num_seqs:
-            problems.append(f"{len(self.running)} running > max_num_seqs")
-        ids = [r.request_id for r in self.running]
-        if len(set(ids)) != len(ids) or set(ids) & set(self.waiting):
-            problems.append("a request is running twice or both running and waiting")
-        if self._active_ids != {*ids, *self.waiting, *self.loading}:
-            problems.append("the active ids disagree with the waiting, loading and running queues")
-        for r in self.running:
-            if r.status is not _RUNNING:
-                problems.append(f"{r.request_id} is in running with status {r.status.name}")
-            if len(r.block_ids) != -(-r.num_computed_tokens // bs):
-                problems.append(
-                    f"{r.request_id} holds {len(r.block_ids)} blocks for "
-                    f"{r.num_computed_tokens} computed tokens"
-                )
-            if not r.num_sealed_blocks <= len(r.block_ids):
-                problems.append(f"{r.request_id} sealed more blocks than it holds")
-            for b in r.block_ids:
-                refs[b] += 1
-        for rid, r in self.loading.items():
-            if r.status is not RequestStatus.WAITING_FOR_KV or rid not in self._load_waits:
-                problems.append(f"{rid} is loading with status {r.status.name}")
-            if len(r.block_ids) != -(-r.num_computed_tokens // bs):
-                problems.append(f"loading {rid} holds {len(r.block_ids)} blocks")
-            for b in r.block_ids:
-                refs[b] += 1
-        for rid, r in self.waiting.items():
-            if rid != r.request_id or r.block_ids or r.num_computed_tokens:
-                problems.append(f"waiting {rid} holds blocks or computed tokens")
-            if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-                problems.append(f"{rid} is waiting with status {r.status.name}")
-        if problems:
-            raise IntegrityError("; ".join(problems[:10]))
-        self.store.check_integrity(refs)
+        integrity.check_integrity(self)
