@@ -94,10 +94,15 @@ class ChainMemo:
     equal tokens under equal parents have equal keys.
     """
 
-    def __init__(self, block_size: int, max_chains: int = 1024) -> None:
+    def __init__(
+        self, block_size: int, max_chains: int = 1024, max_bytes: int = 32 * 2**20
+    ) -> None:
         self.block_size = block_size
         self.max_chains = max_chains
+        self.max_bytes = max_bytes
+        """Bound on the packed prompts kept (long prompts are 4 bytes a token)."""
         self._chains: dict[int, tuple[bytes, list[int]]] = {}
+        self._num_bytes = 0
         self.num_reused_keys = 0
 
     def extend(
@@ -115,6 +120,7 @@ class ChainMemo:
         num_common = 0
         if recent is not None:
             prev_packed, prev_keys = recent
+            self._num_bytes -= len(prev_packed)
             limit = min(num_full_blocks, len(prev_keys), len(prev_packed) // width)
             num_common = _common_blocks(packed, prev_packed, width, limit)
             keys += prev_keys[:num_common]
@@ -123,9 +129,11 @@ class ChainMemo:
             keys.append(first)
             num_common = 1
         _chain(keys, packed, num_common, num_full_blocks, width, keys[-1])
-        self._chains[first] = (packed, keys)  # the newest chain, at the back
-        if len(self._chains) > self.max_chains:
-            del self._chains[next(iter(self._chains))]
+        chains = self._chains
+        chains[first] = (packed, keys)  # the newest chain, at the back
+        self._num_bytes += len(packed)
+        while len(chains) > self.max_chains or (self._num_bytes > self.max_bytes and chains):
+            self._num_bytes -= len(chains.pop(next(iter(chains)))[0])
 
 
 def _common_blocks(a: bytes, b: bytes, width: int, limit: int) -> int:

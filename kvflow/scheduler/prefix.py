@@ -8,6 +8,7 @@ from kvflow.kv.hashing import ChainMemo, root_key
 from kvflow.request import RequestState
 
 _MAX_RECENT_MATCHES = 1024
+_MAX_RECENT_BLOCKS = 2**18  # bounds the memory recent matches keep alive (~20 MB)
 
 
 class PrefixMatcher:
@@ -25,8 +26,10 @@ class PrefixMatcher:
         steps a request waits (the policy locates it each step) and its admission."""
         self._root_keys: dict[tuple[str, ...], int] = {}
         self._chain_memo = ChainMemo(block_size)
-        self._recent_matches: dict[int, tuple[list[int], PrefixMatch]] = {}
-        """The latest device match by the key of its chain's first block (bounded)."""
+        self._recent_matches: dict[int, tuple[list[int], PrefixMatch, int]] = {}
+        """The latest device match by the key of its chain's first block, with the chain's
+        length then (bounded in entries and in blocks)."""
+        self._num_recent_blocks = 0
 
     def match_device(self, state: RequestState, max_blocks: int) -> PrefixMatch:
         """The device blocks of the request's cached prefix (at most `max_blocks`)."""
@@ -39,10 +42,15 @@ class PrefixMatcher:
         match = self.matches[rid] = self.pool.match(keys, max_blocks, prev)
         if keys:
             recent = self._recent_matches
-            recent.pop(keys[0], None)
-            recent[keys[0]] = (keys, match)  # the newest, at the back
-            if len(recent) > _MAX_RECENT_MATCHES:
-                del recent[next(iter(recent))]
+            replaced = recent.pop(keys[0], None)
+            if replaced is not None:
+                self._num_recent_blocks -= replaced[2]
+            recent[keys[0]] = (keys, match, len(keys))  # the newest, at the back
+            self._num_recent_blocks += len(keys)
+            while len(recent) > _MAX_RECENT_MATCHES or (
+                self._num_recent_blocks > _MAX_RECENT_BLOCKS and recent
+            ):
+                self._num_recent_blocks -= recent.pop(next(iter(recent)))[2]
         return match
 
     def _recent_match(self, keys: list[int]) -> PrefixMatch | None:
@@ -51,7 +59,7 @@ class PrefixMatcher:
         recent = self._recent_matches.get(keys[0])
         if recent is None:
             return None
-        other_keys, other = recent
+        other_keys, other, _ = recent
         # Chained keys: equal keys at block i mean equal chains up to i, so the shared
         # length is found by bisection, one comparison per step.
         lo, hi = 1, min(len(keys), len(other_keys), len(other.block_ids))

@@ -73,3 +73,15 @@ def test_chain_memo_copies_the_common_prefix_of_a_recent_prompt() -> None:
     assert memo.num_reused_keys == 3  # the three system-prompt blocks
     assert second[:3] == first[:3] and second[3] != first[3]
     assert second == keys_of(system + [60] * BS, 4, root)
+
+
+def test_chain_memo_keeps_at_most_max_bytes_of_prompts() -> None:
+    memo = ChainMemo(BS, max_bytes=4 * 4 * BS * 3)  # three 4-block prompts
+    root = root_key()
+    for i in range(10):
+        tokens = [i] * BS + [100 + i] * 3 * BS
+        keys: list[int] = []
+        memo.extend(keys, tokens, 4, root)
+        assert keys == keys_of(tokens, 4, root)
+        assert memo._num_bytes <= memo.max_bytes
+    assert len(memo._chains) == 3  # the newest three
