@@ -306,13 +306,13 @@ class BlockPool:
         """`seal` each block under its key, in order. Returns the blocks that hold their
         key afterwards (those for which `seal` returns True)."""
         cached = self._cached
-        if any(map(cached.__contains__, keys)):
-            return [b for b, key in zip(block_ids, keys, strict=True) if self.seal(b, key)]
         num_before = len(cached)
-        cached.update(zip(keys, block_ids, strict=True))
-        if len(cached) - num_before != len(keys):  # a key twice: seal one at a time
-            for key in keys:
-                cached.pop(key, None)
+        if cached.keys().isdisjoint(keys):
+            cached.update(zip(keys, block_ids, strict=True))
+            if len(cached) - num_before != len(keys):  # a key twice: undo, go one by one
+                for key in keys:
+                    cached.pop(key, None)
+        if len(cached) - num_before != len(keys):  # some key was cached already
             return [b for b, key in zip(block_ids, keys, strict=True) if self.seal(b, key)]
         block_keys = self.block_keys
         for b, key in zip(block_ids, keys, strict=True):

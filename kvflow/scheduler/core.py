@@ -326,7 +326,7 @@ class Scheduler:
             # Touching a hit takes it out of the free pool if nobody held it; counting
             # those is only needed when the pool is nearly full.
             blocks_short = num_new + len(hits) > num_free and (
-                num_new + pool.num_evictable_among(hits) > num_free
+                num_new + pool.num_evictable_among(hit_ids) > num_free
             )
             if not blocks_short and len(self.running) + len(self.loading) < max_seqs:
                 break
@@ -344,8 +344,7 @@ class Scheduler:
         pool.touch(hit_ids)
         req.block_ids = hits + pool.allocate(num_new)
         req.num_sealed_blocks = len(hits)
-        first_admission = req.first_scheduled_time is None
-        self._count_hits(req, len(hits), below, num_tokens, now)
+        first_admission = self._count_hits(req, len(hits), below, num_tokens, now)
         if below:
             self._loads.start(req, below, len(hits), first_admission, now)
             return True
@@ -361,7 +360,9 @@ class Scheduler:
         below: Sequence[tuple[TierName, int]],
         num_tokens: int,
         now: float,
-    ) -> None:
+    ) -> bool:
+        """Count an admission's hits by tier. Returns whether it is the request's first
+        admission (which sets its `num_cached_tokens`)."""
         bs = self.block_size
         stats = self.stats
         num_cpu = sum(1 for tier, _ in below if tier == "cpu")
@@ -372,9 +373,11 @@ class Scheduler:
         num_cached = (num_device + len(below)) * bs
         stats.prefix_hit_tokens += num_cached
         stats.prefix_query_tokens += num_tokens
-        if req.first_scheduled_time is None:
-            req.first_scheduled_time = now
-            req.num_cached_tokens = num_cached
+        if req.first_scheduled_time is not None:
+            return False
+        req.first_scheduled_time = now
+        req.num_cached_tokens = num_cached
+        return True
 
     def _pending_keys(self) -> set[int]:
         """Keys of blocks that running requests are computing and have not sealed."""

@@ -16,7 +16,12 @@ class Load:
     __slots__ = ("counted_end", "first", "first_admission", "started", "tiers", "transfer_ids")
 
     def __init__(
-        self, transfer_ids: set[int], started: float, first: int, tiers: list[TierName]
+        self,
+        transfer_ids: set[int],
+        started: float,
+        first: int,
+        tiers: list[TierName],
+        first_admission: bool,
     ) -> None:
         self.transfer_ids = transfer_ids
         """Copies still in flight."""
@@ -27,7 +32,7 @@ class Load:
         """The tier each loaded block comes from (counted as a hit from it)."""
         self.counted_end = first + len(tiers)
         """Loaded blocks before this index still count as hits (a failed copy cuts it)."""
-        self.first_admission = False
+        self.first_admission = first_admission
         """This admission set the request's `num_cached_tokens`."""
 
 
@@ -65,9 +70,10 @@ class Loads:
         req.status = RequestStatus.WAITING_FOR_KV
         rid = req.request_id
         self.loading[rid] = req
-        load = Load({t.transfer_id for t in transfers}, now, first, [t for t, _ in below])
-        load.first_admission = first_admission
-        self.waits[rid] = load
+        tiers = [tier for tier, _ in below]
+        self.waits[rid] = Load(
+            {t.transfer_id for t in transfers}, now, first, tiers, first_admission
+        )
         for t in transfers:
             self._owner[t.transfer_id] = rid
 
