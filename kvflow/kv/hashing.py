@@ -55,7 +55,7 @@ def extend_block_keys(
     end = num_full_blocks * block_size
     parent = keys[-1] if keys else root
     if num_full_blocks - start == 1:  # a decode filled a block: hash it directly
-        keys.append(xxhash.xxh3_64_intdigest(_pack(token_ids[first:end]), parent))
+        keys.append(hash_block(parent, token_ids[first:end]))
         return
     # Packing all of a prompt beats slicing it first (a slice copies every reference);
     # the few tokens past the last full block are never read.
