@@ -24,7 +24,7 @@ from kvflow.engine_adapters.factory import run_blocking
 from kvflow.kv.store import KVStore
 from kvflow.policies.base import Policy
 from kvflow.request import Request, RequestState
-from kvflow.traces.replay import ReplayResult, make_policy
+from kvflow.traces.replay import ReplayResult, resolve_policy
 
 
 def fit_to_vocab(requests: Sequence[Request], vocab_size: int) -> list[Request]:
@@ -84,9 +84,7 @@ async def replay_realtime_async(
     """`replay_realtime` on the running event loop."""
     if not time_scale > 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
-    name = policy if isinstance(policy, str) else (policy.name or type(policy).__name__)
-    if isinstance(policy, str):
-        policy = make_policy(policy, config)
+    name, policy = resolve_policy(policy, config)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     first = pending[0].arrival_time if pending else 0.0
     wall_start = time.perf_counter()

@@ -55,6 +55,14 @@ def make_policy(name: str, config: KVFlowConfig) -> Policy:
     return policies.create(name, **options)
 
 
+def resolve_policy(policy: Policy | str, config: KVFlowConfig) -> tuple[str, Policy]:
+    """The name a replay reports under and the policy instance (a registered name is
+    made with `make_policy`)."""
+    if isinstance(policy, str):
+        return policy, make_policy(policy, config)
+    return policy.name or type(policy).__name__, policy
+
+
 def replay(
     requests: Sequence[Request],
     config: KVFlowConfig,
@@ -78,9 +86,7 @@ def replay(
             for tests).
         on_step: called after every commit with (scheduler, plan, result, now).
     """
-    name = policy if isinstance(policy, str) else (policy.name or type(policy).__name__)
-    if isinstance(policy, str):
-        policy = make_policy(policy, config)
+    name, policy = resolve_policy(policy, config)
     if runner is None:
         runner = SimulatedRunner.from_config(config.sim)
     scheduler = Scheduler(config, policy, store)

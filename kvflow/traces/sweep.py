@@ -53,7 +53,7 @@ def run_point(
     requests: Sequence[Request], config: KVFlowConfig, policy: str, rate_rps: float
 ) -> SweepPoint:
     """Replay `requests` rescaled to `rate_rps` under `policy`, and summarise it."""
-    result = replay(scale_to_rate(requests, rate_rps), config, make_policy(policy, config))
+    result = replay(scale_to_rate(requests, rate_rps), config, policy)
     return SweepPoint(policy, rate_rps, summarize_replay(result, policy=policy))
 
 
