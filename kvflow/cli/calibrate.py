@@ -9,18 +9,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kvflow.cli.common import CLIError
+from kvflow.cli.common import CLIError, parse_comma_list
 from kvflow.cli.options import add_model_arguments
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 0,32,128, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
-    return values
+    return tuple(
+        parse_comma_list(
+            text,
+            int,
+            lambda v: v >= 0,
+            malformed="expected integers like 0,32,128",
+            invalid="expected integers >= 0",
+        )
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,19 +1,45 @@
-"""What several subcommands share: config and trace arguments, and the error type."""
+"""What several subcommands share: config and trace arguments, comma lists, the error type."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvflow.config import KVFlowConfig, parse_assignment
 from kvflow.request import Request
 
+T = TypeVar("T")
+
 
 class CLIError(Exception):
     """An error to print as `kvflow: error: ...` with exit status 2."""
+
+
+def parse_comma_list(
+    text: str,
+    convert: Callable[[str], T],
+    is_valid: Callable[[T], bool],
+    *,
+    malformed: str,
+    invalid: str,
+) -> list[T]:
+    """The comma-separated values of an argument (empty items ignored).
+
+    Raises:
+        argparse.ArgumentTypeError: ``"{malformed}, got TEXT"`` when a value does not
+            convert, ``"{invalid}, got TEXT"`` when there is none or one is not valid.
+    """
+    try:
+        values = [convert(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{malformed}, got {text!r}") from None
+    if not values or not all(is_valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{invalid}, got {text!r}")
+    return values
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from kvflow.cli.common import (
     add_trace_arguments,
     load_config,
     load_requests,
+    parse_comma_list,
     trace_path,
 )
 from kvflow.cli.options import (
@@ -30,13 +31,13 @@ SWEEP_PLOT = "sweep.png"
 
 
 def _rates(text: str) -> list[float]:
-    try:
-        rates = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected rates like 1,2,4,8, got {text!r}") from None
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
-        raise argparse.ArgumentTypeError(f"expected positive rates like 1,2,4,8, got {text!r}")
-    return rates
+    return parse_comma_list(
+        text,
+        float,
+        lambda r: math.isfinite(r) and r > 0,
+        malformed="expected rates like 1,2,4,8",
+        invalid="expected positive rates like 1,2,4,8",
+    )
 
 
 def _fraction(text: str) -> float:
