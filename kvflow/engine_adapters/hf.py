@@ -22,14 +22,10 @@ import torch
 from torch import Tensor
 
 from kvflow.engine_adapters.base import ModelRunner
-from kvflow.engine_adapters.torch.attention import (
-    allocate_kv_cache,
-    check_kv_cache,
-    kv_cache_shape,
-)
+from kvflow.engine_adapters.torch.attention import kv_cache_shape, resolve_kv_cache
 from kvflow.engine_adapters.torch.sampling import Sampler
 from kvflow.engine_adapters.torch.spec import DTYPES, LlamaSpec, default_device, default_dtype
-from kvflow.request import RequestStatus
+from kvflow.engine_adapters.torch.step import live_entries, step_result
 from kvflow.scheduler.plan import StepPlan, StepResult
 
 
@@ -133,22 +129,13 @@ class HFRunner(ModelRunner):
         param = next(model.parameters())
         self.device: torch.device = param.device
         self.dtype: torch.dtype = param.dtype
-        if (num_blocks is None) == (kv_cache is None):
-            raise ValueError("give exactly one of num_blocks and kv_cache")
-        shape = kv_cache_shape(
-            num_blocks if num_blocks is not None else 1,
-            self.num_layers,
-            block_size,
-            num_kv_heads,
-            head_dim,
+        self.kv_cache = resolve_kv_cache(
+            num_blocks,
+            kv_cache,
+            lambda n: kv_cache_shape(n, self.num_layers, block_size, num_kv_heads, head_dim),
+            self.dtype,
+            self.device,
         )
-        if kv_cache is None:
-            if num_blocks is None or num_blocks < 1:
-                raise ValueError(f"num_blocks must be >= 1, got {num_blocks!r}")
-            kv_cache = allocate_kv_cache(shape, self.dtype, self.device)
-        else:
-            check_kv_cache(kv_cache, shape, self.dtype, self.device)
-        self.kv_cache = kv_cache
         self.sampler = Sampler(self.device, seed)
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -158,11 +145,7 @@ class HFRunner(ModelRunner):
         rows: list[Tensor] = []
         sampling: list[int] = []
         with torch.inference_mode():
-            for i, req in enumerate(plan.requests):
-                if req.status is RequestStatus.FINISHED:
-                    continue  # aborted since the plan: its blocks are gone, commit skips it
-                start = plan.start_positions[i]
-                end = start + plan.num_tokens[i]
+            for i, req, start, end in live_entries(plan):
                 logits = self._run_entry(
                     req.token_ids[start:end].tolist(), start, plan.block_table(i)
                 )
@@ -173,12 +156,7 @@ class HFRunner(ModelRunner):
             if rows:
                 stacked = torch.stack(rows)
                 tokens = self.sampler.sample(stacked, [plan.requests[i] for i in sampling])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        sampled: list[int | None] = [None] * len(plan.requests)
-        for i, token in zip(sampling, tokens, strict=True):
-            sampled[i] = token
-        return StepResult(sampled, time.perf_counter() - began)
+        return step_result(plan, sampling, tokens, self.device, began)
 
     def _run_entry(self, token_ids: list[int], start: int, block_ids: list[int]) -> Tensor:
         """Compute one entry's tokens; returns the last token's logits [vocab_size]."""

@@ -13,6 +13,8 @@ and attend against their one KV head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,6 +56,32 @@ def check_kv_cache(
         )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
+
+
+def resolve_kv_cache(
+    num_blocks: int | None,
+    kv_cache: Tensor | None,
+    shape_for: Callable[[int], tuple[int, int, int, int, int, int]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """A runner's cache: `kv_cache` once checked, or a zeroed one of `num_blocks` blocks.
+
+    Args:
+        shape_for: the layout the model needs for a given number of blocks.
+
+    Raises:
+        ValueError: neither or both of `num_blocks` and `kv_cache`, `num_blocks` < 1, or
+            a cache that does not fit the model.
+    """
+    if (num_blocks is None) == (kv_cache is None):
+        raise ValueError("give exactly one of num_blocks and kv_cache")
+    if kv_cache is not None:
+        check_kv_cache(kv_cache, shape_for(kv_cache.shape[0]), dtype, device)
+        return kv_cache
+    if num_blocks is None or num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks!r}")
+    return allocate_kv_cache(shape_for(num_blocks), dtype, device)
 
 
 def write_kv(kv_cache: Tensor, layer: int, batch: ForwardBatch, k: Tensor, v: Tensor) -> None:

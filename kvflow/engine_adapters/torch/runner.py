@@ -10,11 +10,11 @@ from torch import Tensor
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
-from kvflow.engine_adapters.torch.attention import check_kv_cache
+from kvflow.engine_adapters.torch.attention import resolve_kv_cache
 from kvflow.engine_adapters.torch.batch import BatchEntry, build_batch
 from kvflow.engine_adapters.torch.model import TorchLlama
 from kvflow.engine_adapters.torch.sampling import Sampler
-from kvflow.request import RequestStatus
+from kvflow.engine_adapters.torch.step import live_entries, step_result
 from kvflow.scheduler.plan import StepPlan, StepResult
 
 
@@ -54,16 +54,13 @@ class TorchRunner(ModelRunner):
     ) -> None:
         self.model = model if isinstance(model, TorchLlama) else TorchLlama.from_pretrained(model)
         self.block_size = block_size
-        if (num_blocks is None) == (kv_cache is None):
-            raise ValueError("give exactly one of num_blocks and kv_cache")
-        if kv_cache is None:
-            if num_blocks is None or num_blocks < 1:
-                raise ValueError(f"num_blocks must be >= 1, got {num_blocks!r}")
-            kv_cache = self.model.allocate_kv_cache(num_blocks, block_size)
-        else:
-            expected = self.model.kv_cache_shape(kv_cache.shape[0], block_size)
-            check_kv_cache(kv_cache, expected, self.model.spec.torch_dtype, self.model.device)
-        self.kv_cache = kv_cache
+        self.kv_cache = resolve_kv_cache(
+            num_blocks,
+            kv_cache,
+            lambda n: self.model.kv_cache_shape(n, block_size),
+            self.model.spec.torch_dtype,
+            self.model.device,
+        )
         self.device = self.model.device
         self.sampler = Sampler(self.device, seed)
 
@@ -87,11 +84,7 @@ class TorchRunner(ModelRunner):
         began = time.perf_counter()
         entries: list[BatchEntry] = []
         sampling: list[int] = []
-        for i, req in enumerate(plan.requests):
-            if req.status is RequestStatus.FINISHED:
-                continue  # aborted since the plan: its blocks are gone, commit skips it
-            start = plan.start_positions[i]
-            end = start + plan.num_tokens[i]
+        for i, req, start, end in live_entries(plan):
             samples = end == len(req.token_ids)
             entries.append(
                 BatchEntry(req.token_ids[start:end], start, plan.block_table(i), samples)
@@ -104,9 +97,4 @@ class TorchRunner(ModelRunner):
             batch = build_batch(entries, self.block_size, self.device)
             logits = self.model(batch, self.kv_cache)
             tokens = self.sampler.sample(logits, [plan.requests[i] for i in sampling])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        sampled: list[int | None] = [None] * len(plan.requests)
-        for i, token in zip(sampling, tokens, strict=True):
-            sampled[i] = token
-        return StepResult(sampled, time.perf_counter() - began)
+        return step_result(plan, sampling, tokens, self.device, began)
