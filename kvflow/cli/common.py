@@ -54,9 +54,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set KEY=VALUE`` overrides by dotted key."""
+    return dict(parse_assignment(s) for s in args.settings)
+
+
 def load_config(args: argparse.Namespace) -> KVFlowConfig:
-    overrides = dict(parse_assignment(s) for s in args.settings)
-    return KVFlowConfig.load(args.config, overrides)
+    return KVFlowConfig.load(args.config, config_overrides(args))
 
 
 def add_trace_arguments(parser: argparse.ArgumentParser, *, rate_flag: bool = True) -> None:

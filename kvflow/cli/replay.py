@@ -13,6 +13,7 @@ from kvflow.cli.common import (
     CLIError,
     add_config_arguments,
     add_trace_arguments,
+    config_overrides,
     load_config,
     load_requests,
     trace_path,
@@ -27,7 +28,6 @@ from kvflow.cli.options import (
     slo_settings,
     write_json,
 )
-from kvflow.config import parse_assignment
 
 if TYPE_CHECKING:
     from kvflow.traces.metrics import RunReport
@@ -159,7 +159,7 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--engine {args.engine} needs --model DIR")
     if args.plot or args.trace_events or args.check_integrity:
         raise CLIError("--plot, --trace-events and --check-integrity need --engine sim")
-    settings = dict(parse_assignment(s) for s in args.settings)
+    settings = config_overrides(args)
     names = args.policies or ["fcfs"]
     slo = slo_settings(args)
     out = report_console(args, console)
