@@ -34,7 +34,13 @@ import torch
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.hf import save_random_hf_llama
-from kvflow.engine_adapters.torch import LlamaSpec, TorchLlama, TorchRunner, default_device
+from kvflow.engine_adapters.torch import (
+    LlamaSpec,
+    TorchLlama,
+    TorchRunner,
+    default_device,
+    default_dtype,
+)
 from kvflow.request import Request
 from kvflow.scheduler import Scheduler
 from kvflow.traces.replay import make_policy
@@ -76,7 +82,7 @@ def run_kvflow(
             "kv": {"block_size": bs, "device": {"num_blocks": num_blocks}},
         }
     )
-    runner = TorchRunner(model, bs, num_blocks=num_blocks)
+    runner = TorchRunner.from_config(model, config)
     scheduler = Scheduler(config, make_policy("fcfs", config))
     states = [scheduler.add(r) for r in requests]
     steps = 0
@@ -126,6 +132,16 @@ def run_generate(
     return time.perf_counter() - began, outputs, generated
 
 
+def timings(engine: str, wall_s: float, cpu_s: float, num_tokens: int) -> dict[str, Any]:
+    """The JSON fields every engine's line has."""
+    return {
+        "engine": engine,
+        "seconds": round(wall_s, 3),
+        "cpu_seconds": round(cpu_s, 3),
+        "output_tokens_per_s": round(num_tokens / wall_s, 1),
+    }
+
+
 def best_of(
     repeat: int, run: Callable[[], tuple[float, dict[str, list[int]], int]]
 ) -> tuple[float, float, dict[str, list[int]], int]:
@@ -169,7 +185,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device) if args.device else default_device()
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = args.dtype or default_dtype(device)
     spec = LlamaSpec(
         vocab_size=4096,
         hidden_size=args.hidden,
@@ -208,18 +224,12 @@ def main() -> None:
         "repeat": args.repeat,
     }
     kvflow = {
-        "engine": "kvflow-torch",
-        "seconds": round(kv_wall, 3),
-        "cpu_seconds": round(kv_cpu, 3),
-        "output_tokens_per_s": round(num_useful / kv_wall, 1),
+        **timings("kvflow-torch", kv_wall, kv_cpu, num_useful),
         "steps": steps,
         "max_num_seqs": args.max_num_seqs,
     }
     hf = {
-        "engine": "hf-generate-static",
-        "seconds": round(hf_wall, 3),
-        "cpu_seconds": round(hf_cpu, 3),
-        "output_tokens_per_s": round(num_useful / hf_wall, 1),
+        **timings("hf-generate-static", hf_wall, hf_cpu, num_useful),
         "generated_tokens": generated,
         "batch_size": args.batch_size,
     }
