@@ -92,7 +92,7 @@ def load_model(
             spec.max_position_embeddings,
         )
     if engine == "hf":
-        from kvflow.engine_adapters.hf import load_hf_model
+        from kvflow.engine_adapters.hf import hf_kv_dims, load_hf_model
         from kvflow.engine_adapters.torch.spec import DTYPES
 
         if isinstance(model, str | Path):
@@ -104,14 +104,11 @@ def load_model(
                     raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
                 net = net.to(DTYPES[dtype])
         cfg = net.config.get_text_config()
-        heads = int(cfg.num_attention_heads)
-        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         param = next(net.parameters())
         return LoadedModel(
             engine,
             net,
-            _layout_of(int(cfg.num_hidden_layers), kv_heads, head_dim, param.dtype),
+            _layout_of(*hf_kv_dims(net), param.dtype),
             param.device,
             int(cfg.vocab_size),
             int(getattr(cfg, "max_position_embeddings", None) or 2**31 - 1),

@@ -82,6 +82,16 @@ def save_random_hf_llama(
     return model
 
 
+def hf_kv_dims(model: Any) -> tuple[int, int, int]:
+    """`(num_layers, num_kv_heads, head_dim)` of a transformers model's KV, from its text
+    config."""
+    config = model.config.get_text_config()
+    num_heads = int(config.num_attention_heads)
+    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+    return int(config.num_hidden_layers), num_kv_heads, head_dim
+
+
 def _layer_kv(cache: Any, layer: int) -> tuple[Tensor, Tensor]:
     """Keys and values [batch, kv_heads, seq, head_dim] of one layer of a DynamicCache."""
     layers = getattr(cache, "layers", None)
@@ -120,11 +130,7 @@ class HFRunner(ModelRunner):
         if isinstance(model, str | Path):
             model = load_hf_model(model)
         self.model = model
-        config = model.config.get_text_config()
-        num_heads = int(config.num_attention_heads)
-        num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
-        self.num_layers = int(config.num_hidden_layers)
+        self.num_layers, num_kv_heads, head_dim = hf_kv_dims(model)
         self.block_size = block_size
         param = next(model.parameters())
         self.device: torch.device = param.device
