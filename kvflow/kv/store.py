@@ -242,19 +242,19 @@ class KVStore:
         src_pool = self._pool("device" if direction == "device_to_cpu" else "cpu")
         dst_tier = "cpu" if direction == "device_to_cpu" else "disk"
         dst_pool = self._pool(dst_tier)
+        storage = self.disk_storage
+        if dst_tier == "disk" and storage is not None and not storage.enabled:
+            return
         inflight = self._inflight_keys[dst_tier]
         src_slots: list[int] = []
         keys: list[int] = []
         for b in slots:
             key = src_pool.block_keys[b]
-            if key is None or key in dst_pool._cached or key in inflight:
+            if key is None or key in inflight or dst_pool.lookup(key) is not None:
                 continue
             src_slots.append(b)
             keys.append(key)
         n = min(len(src_slots), dst_pool.num_free_blocks)
-        storage = self.disk_storage
-        if direction == "cpu_to_disk" and storage is not None and not storage.enabled:
-            return
         if n == 0:
             return
         src_slots, keys = src_slots[:n], keys[:n]
