@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
@@ -54,9 +54,13 @@ class EngineStatistics:
     num_finished: int
     num_preemptions: int
     prefix_hit_rate: float
+    """Prompt tokens found cached at requests' first admissions / their prompt tokens."""
     hit_tokens_by_tier: dict[str, int]
+    """First admissions' hit tokens by tier."""
     blocks_used_by_tier: dict[str, int]
     blocks_total_by_tier: dict[str, int]
+    readmission_hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    """Hit tokens of preempted requests admitted again, by tier (apart from the rate)."""
 
 
 class _Stream:
@@ -224,6 +228,7 @@ class AsyncEngine:
             num_preemptions=sched.stats.num_preemptions,
             prefix_hit_rate=sched.stats.prefix_hit_rate,
             hit_tokens_by_tier=dict(sched.stats.hit_tokens_by_tier),
+            readmission_hit_tokens_by_tier=dict(sched.stats.readmission_hit_tokens_by_tier),
             blocks_used_by_tier={t: p.num_used_blocks for t, p in pools.items() if p},
             blocks_total_by_tier={t: p.num_blocks for t, p in pools.items() if p},
         )

@@ -24,6 +24,11 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 which imports torch)."""
 
 
+REPORT_SCHEMA_VERSION = 1
+"""The JSON report's `schema_version` (the README's "schema version 1"): keys are only
+ever added; renaming or removing one would raise it."""
+
+
 def _positive_ms(text: str) -> float:
     try:
         value = float(text)
@@ -124,9 +129,11 @@ def report_console(args: argparse.Namespace, console: Console) -> Console:
 def report_doc(
     path: Path, engine: str, config: KVFlowConfig, slo: SLOSettings, **results: Any
 ) -> dict[str, Any]:
-    """The JSON report: `trace` and `engine`, then `results` in the order given (the
-    runs, or a sweep's points and capacities), then the `config` and `slo` used."""
+    """The JSON report: `schema_version`, `trace` and `engine`, then `results` in the
+    order given (the runs, or a sweep's points and capacities), then the `config` and
+    `slo` used."""
     return {
+        "schema_version": REPORT_SCHEMA_VERSION,
         "trace": str(path),
         "engine": engine,
         **results,

@@ -361,22 +361,22 @@ class Scheduler:
         num_tokens: int,
         now: float,
     ) -> bool:
-        """Count an admission's hits by tier. Returns whether it is the request's first
-        admission (which sets its `num_cached_tokens`)."""
+        """Count an admission's hits by tier: a first admission's as prefix hits (it sets
+        the request's `num_cached_tokens`), a preempted request's re-admission apart, so
+        its own swapped blocks are no prefix hit. Returns whether it is the first."""
         bs = self.block_size
         stats = self.stats
+        first_admission = req.first_scheduled_time is None
         num_cpu = sum(1 for tier, _ in below if tier == "cpu")
-        by_tier = stats.hit_tokens_by_tier
-        by_tier["device"] += num_device * bs
-        by_tier["cpu"] += num_cpu * bs
-        by_tier["disk"] += (len(below) - num_cpu) * bs
-        num_cached = (num_device + len(below)) * bs
-        stats.prefix_hit_tokens += num_cached
-        stats.prefix_query_tokens += num_tokens
-        if req.first_scheduled_time is not None:
+        stats.count_hits(first_admission, "device", num_device * bs)
+        stats.count_hits(first_admission, "cpu", num_cpu * bs)
+        stats.count_hits(first_admission, "disk", (len(below) - num_cpu) * bs)
+        if not first_admission:
+            stats.readmission_query_tokens += num_tokens
             return False
+        stats.prefix_query_tokens += num_tokens
         req.first_scheduled_time = now
-        req.num_cached_tokens = num_cached
+        req.num_cached_tokens = (num_device + len(below)) * bs
         return True
 
     def _pending_keys(self) -> set[int]:

@@ -120,11 +120,8 @@ class Loads:
         if keep >= load.counted_end:
             return
         bs = self.block_size
-        by_tier = self.stats.hit_tokens_by_tier
         for tier in load.tiers[keep - load.first : load.counted_end - load.first]:
-            by_tier[tier] -= bs
-        lost = (load.counted_end - keep) * bs
-        self.stats.prefix_hit_tokens -= lost
+            self.stats.count_hits(load.first_admission, tier, -bs)
         if load.first_admission:
-            req.num_cached_tokens -= lost
+            req.num_cached_tokens -= (load.counted_end - keep) * bs
         load.counted_end = keep

@@ -154,8 +154,9 @@ def summarize(
         states: every request of the run, whatever became of it.
         policy: the policy's name, the report's key.
         num_preemptions: preemptions over the run.
-        prefix_hit_tokens: prompt tokens found cached, over all prefix lookups.
-        prefix_query_tokens: prompt tokens looked up; the hit rate's denominator.
+        prefix_hit_tokens: prompt tokens found cached at requests' first admissions.
+        prefix_query_tokens: prompt tokens of the requests admitted (each once); the
+            hit rate's denominator.
         sim_steps: scheduler steps taken.
         num_leaked_blocks: blocks still held after every request ended (should be 0).
         wall_s: real seconds the run took.
@@ -240,8 +241,10 @@ def summarize_replay(
     result: ReplayResult, *, policy: str | None = None, extra: Mapping[str, Any] | None = None
 ) -> RunReport:
     """`summarize` applied to a replay's result (`policy` defaults to the result's), with
-    the KV store's figures per tier added: `hit_tokens_by_tier`, `bytes_moved` per
-    direction, block promotions, demotions and disk writes, swaps and tier errors."""
+    the KV store's figures per tier added: `hit_tokens_by_tier` (first admissions),
+    `bytes_moved` per direction, block promotions, demotions and disk writes, swaps and
+    tier errors, and the hits of preempted requests admitted again
+    (`readmission_hit_tokens`, `readmission_query_tokens`, by tier)."""
     stats = result.stats
     store = result.store_stats
     tiers: dict[str, Any] = {
@@ -252,6 +255,9 @@ def summarize_replay(
         "num_disk_writes": store.num_disk_writes,
         "num_swaps": stats.num_swaps,
         "num_tier_errors": store.num_tier_errors,
+        "readmission_hit_tokens": stats.readmission_hit_tokens,
+        "readmission_query_tokens": stats.readmission_query_tokens,
+        "readmission_hit_tokens_by_tier": dict(stats.readmission_hit_tokens_by_tier),
     }
     return summarize(
         result.states,

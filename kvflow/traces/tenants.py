@@ -17,8 +17,8 @@ class TenantReport:
 
     `goodput_rps` divides by the run's duration, so the tenants' goodputs add up to the
     run's. `prefix_hit_rate` is prompt tokens found cached at each served request's first
-    admission over its prompt tokens (the run's rate also counts re-admissions after a
-    preemption, so the two can differ when requests are preempted).
+    admission over its prompt tokens (the run's rate counts the first admission of every
+    admitted request, served or not; re-admissions after a preemption count in neither).
     """
 
     num_requests: int

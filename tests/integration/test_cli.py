@@ -24,7 +24,8 @@ def test_replay_of_the_bundled_sample_writes_the_documented_json(
     table = capsys.readouterr().out
     assert "fcfs" in table and "lpm" in table and "hit rate" in table
     doc = json.loads(out.read_text())
-    assert list(doc) == ["trace", "engine", "runs", "config", "slo"]
+    assert list(doc) == ["schema_version", "trace", "engine", "runs", "config", "slo"]
+    assert doc["schema_version"] == 1
     assert [r["policy"] for r in doc["runs"]] == ["fcfs", "lpm"]
     for run in doc["runs"]:
         assert set(RUN_KEYS) <= set(run)

@@ -103,7 +103,16 @@ def test_kvflow_replay_with_a_real_engine_writes_the_same_report(
             "--time-scale", "0.5", "--set", "kv.block_size=4", "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads(out.read_text())
-    assert list(doc) == ["trace", "engine", "model", "device", "runs", "config", "slo"]
+    assert list(doc) == [
+        "schema_version",
+        "trace",
+        "engine",
+        "model",
+        "device",
+        "runs",
+        "config",
+        "slo",
+    ]
     assert doc["engine"] == engine and [r["policy"] for r in doc["runs"]] == ["fcfs"]
     run = doc["runs"][0]
     assert run["num_finished"] == 14 and run["num_rejected"] == 0

@@ -131,7 +131,8 @@ def test_cli_sweep_writes_the_curve_capacity_and_plot(
     assert "goodput" in text and "capacity (SLO met >= 90%)" in text
     doc = json.loads(out.read_text())
     assert list(doc) == [
-        "trace", "engine", "attainment_target", "sweep", "capacity", "config", "slo"
+        "schema_version", "trace", "engine", "attainment_target", "sweep", "capacity",
+        "config", "slo",
     ]  # fmt: skip
     rows = doc["sweep"]
     assert [(r["policy"], r["rate_rps"]) for r in rows] == [

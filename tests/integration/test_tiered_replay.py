@@ -120,12 +120,15 @@ def test_preemption_swaps_or_recomputes_as_configured(mode: str) -> None:
     result = replay(requests, config, "fcfs", check_integrity=True)
     assert result.stats.num_preemptions > 0
     assert all(s.num_output_tokens == 40 for s in result.states)
+    # Distinct prompts: no first admission finds anything; resuming is no prefix hit.
+    assert result.stats.prefix_hit_tokens == 0
+    resumed_from_cpu = result.stats.readmission_hit_tokens_by_tier["cpu"]
     if mode == "swap":
         assert result.stats.num_swaps == result.stats.num_preemptions
-        assert result.stats.hit_tokens_by_tier["cpu"] > 0  # resumed from the swapped blocks
+        assert resumed_from_cpu > 0  # resumed from the swapped blocks
     else:
         assert result.stats.num_swaps == 0
-        assert result.stats.hit_tokens_by_tier["cpu"] == 0
+        assert resumed_from_cpu == 0
     assert result.num_leaked_blocks == 0
 
 
@@ -143,10 +146,13 @@ def test_the_replay_report_shows_hits_and_bytes_per_tier(tmp_path: Path) -> None
     run = json.loads(out.read_text())["runs"][0]
     by_tier = run["hit_tokens_by_tier"]
     assert set(by_tier) == {"device", "cpu", "disk"} and by_tier["cpu"] > 0 and by_tier["disk"] > 0
+    again = run["readmission_hit_tokens_by_tier"]
+    loaded_from_disk = by_tier["disk"] + again["disk"]
     assert set(run["bytes_moved"]) == {
         "device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device"
     }  # fmt: skip
     block_bytes = 16 * 2 * 32 * 8 * 128 * 2  # the default layout
-    assert run["bytes_moved"]["disk_to_device"] == (by_tier["disk"] // 16) * block_bytes
-    assert run["num_promoted_blocks"] * 16 == by_tier["cpu"] + by_tier["disk"]
+    assert run["bytes_moved"]["disk_to_device"] == (loaded_from_disk // 16) * block_bytes
+    promoted = by_tier["cpu"] + by_tier["disk"] + again["cpu"] + again["disk"]
+    assert run["num_promoted_blocks"] * 16 == promoted
     assert run["num_tier_errors"] == 0 and run["num_leaked_blocks"] == 0
