@@ -17,6 +17,11 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+class PluginLoadError(ImportError):
+    """A plugin's entry point that cannot be loaded (its module fails to import, or does
+    not have the name); the message names the plugin and says why."""
+
+
 class Registry(Generic[T]):
     """Names to objects, from `module:attr` paths of built-ins and from the
     entry-point group `group`. Nothing is imported until `load`."""
@@ -55,7 +60,13 @@ class Registry(Generic[T]):
             ep = self._plugins().get(name)
             if ep is None:
                 raise self._unknown(name)
-            obj = ep.load()
+            try:
+                obj = ep.load()
+            except Exception as err:  # any error of third-party code, as one line
+                raise PluginLoadError(
+                    f"{self.kind} {name!r} ({self.source(name)}) fails to load: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
         self._loaded[name] = obj
         return obj
 

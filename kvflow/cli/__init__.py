@@ -17,7 +17,7 @@ from kvflow.cli import synth as synth_cmd
 from kvflow.cli.common import CLIError
 from kvflow.config import ConfigError
 from kvflow.policies import PolicyLoadError
-from kvflow.registry import UnknownNameError
+from kvflow.registry import PluginLoadError, UnknownNameError
 
 SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, calibrate_cmd, policies_cmd)
 
@@ -41,7 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args, console)
         return code
-    except (CLIError, ConfigError, UnknownNameError, PolicyLoadError, ValueError, OSError) as err:
+    except (
+        CLIError,
+        ConfigError,
+        UnknownNameError,
+        PluginLoadError,
+        PolicyLoadError,
+        ValueError,
+        OSError,
+    ) as err:
         print(f"kvflow: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvflow.policies.base import Policy, SchedulerView
-from kvflow.registry import Registry, UnknownNameError
+from kvflow.registry import PluginLoadError, Registry, UnknownNameError
 
 PolicyFactory = Callable[..., Policy]
 
@@ -27,7 +27,7 @@ registry: Registry[PolicyFactory] = Registry("policy", "kvflow.policies", BUILTI
 
 
 class PolicyLoadError(TypeError):
-    """A registered policy that does not produce a `Policy`."""
+    """A registered policy that does not produce a `Policy` (or raises instead)."""
 
 
 def load(name: str) -> PolicyFactory:
@@ -41,18 +41,36 @@ def names() -> list[str]:
 
 
 def create(name: str, **options: Any) -> Policy:
-    """An instance of the policy `name`, built with `options`."""
+    """An instance of the policy `name`, built with `options`.
+
+    Raises:
+        UnknownNameError: no such policy (the message lists the known ones).
+        PluginLoadError: a plugin's entry point fails to load.
+        ValueError: a built-in policy's option out of range (quoting the value).
+        PolicyLoadError: a plugin's factory raises, or a factory returns something else
+            than a `Policy`; the message names the policy and where it comes from.
+    """
     factory = load(name)
-    policy = factory(**options)
+    source = registry.source(name)
+    try:
+        policy = factory(**options)
+    except Exception as err:
+        if source == "built-in":
+            raise
+        # Third-party code can raise anything: one line naming the plugin, not a traceback.
+        raise PolicyLoadError(
+            f"policy {name!r} ({source}) fails to build: {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(policy, Policy):
         raise PolicyLoadError(
-            f"policy {name!r} ({registry.source(name)}) produced {type(policy).__name__}, "
+            f"policy {name!r} ({source}) produced {type(policy).__name__}, "
             "not a kvflow.policies.Policy"
         )
     return policy
 
 
 __all__ = [
+    "PluginLoadError",
     "Policy",
     "PolicyLoadError",
     "SchedulerView",

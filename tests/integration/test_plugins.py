@@ -19,6 +19,9 @@ version = "0.1"
 newest-first = "kvflow_test_plugin:NewestFirst"
 by-factory = "kvflow_test_plugin:make"
 not-a-policy = "kvflow_test_plugin:make_wrong"
+fails-to-build = "kvflow_test_plugin:make_raising"
+fails-to-import = "kvflow_test_plugin.broken:Policy"
+names-nothing = "kvflow_test_plugin:NoSuchPolicy"
 
 [build-system]
 requires = ["setuptools"]
@@ -44,6 +47,14 @@ def make(**options):
 
 def make_wrong(**options):
     return object()
+
+
+def make_raising(**options):
+    raise RuntimeError("needs a GPU cluster")
+'''
+
+BROKEN_MODULE = '''"""A plugin module that cannot be imported."""
+import kvflow_no_such_dependency  # noqa: F401
 '''
 
 
@@ -54,6 +65,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (pkg / "kvflow_test_plugin").mkdir(parents=True)
     (pkg / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
     (pkg / "kvflow_test_plugin" / "__init__.py").write_text(PLUGIN_MODULE)
+    (pkg / "kvflow_test_plugin" / "broken.py").write_text(BROKEN_MODULE)
     site = root / "site"
     subprocess.run(
         [
@@ -119,3 +131,30 @@ def test_a_plugin_returning_a_non_policy_is_a_clear_error(plugin_site: Path) -> 
     out = _kvflow(plugin_site, "replay", "--policy", "not-a-policy")
     assert out.returncode == 2
     assert "not-a-policy" in out.stderr and "not a kvflow.policies.Policy" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("fails-to-import", "No module named 'kvflow_no_such_dependency'"),
+        ("names-nothing", "NoSuchPolicy"),
+        ("fails-to-build", "RuntimeError: needs a GPU cluster"),
+    ],
+)
+def test_a_broken_plugin_is_a_one_line_error_naming_it(
+    plugin_site: Path, name: str, reason: str
+) -> None:
+    out = _kvflow(plugin_site, "replay", "--policy", "fcfs", "--policy", name)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvflow: error: "), out.stderr
+    assert f"policy {name!r}" in lines[0] and "kvflow-test-plugin" in lines[0]
+    assert reason in lines[0]
+    assert "fcfs" not in out.stdout  # failed before replaying anything
+
+
+def test_broken_plugins_are_listed_with_their_errors(plugin_site: Path) -> None:
+    out = _kvflow(plugin_site, "policies")
+    assert out.returncode == 0, out.stderr
+    assert "fails-to-import" in out.stdout and "fails to load" in out.stdout
