@@ -184,11 +184,23 @@ def load_requests(args: argparse.Namespace) -> list[Request]:
         )
     for reason, count in loaded.dropped.items():
         print(f"kvflow: note: left out {count} record(s) of {path}: {reason}", file=sys.stderr)
+    if not loaded.requests:
+        raise CLIError(f"no requests to replay: {path} holds none")
     window_text = getattr(args, "window", None)
-    return shape(
+    num_requests = getattr(args, "limit", None)
+    shaped = shape(
         loaded.requests,
         window_s=parse_window(window_text) if window_text else None,
-        num_requests=getattr(args, "limit", None),
+        num_requests=num_requests,
         scale=getattr(args, "time_scale", None),
         rate_rps=getattr(args, "shape_rate_rps", None),
     )
+    if not shaped:  # only a window or a limit of 0 leaves none of a non-empty trace
+        if num_requests == 0:
+            raise CLIError("--limit 0 leaves no requests to replay")
+        arrivals = [r.arrival_time for r in loaded.requests]
+        raise CLIError(
+            f"--window {window_text} leaves no requests to replay: {path}'s arrivals span "
+            f"0 to {max(arrivals) - min(arrivals):g} s after the first"
+        )
+    return shaped

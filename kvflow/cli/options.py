@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,58 @@ def check_plot_dependency(args: argparse.Namespace) -> None:
             require_matplotlib()
         except PlotDependencyError as err:
             raise CLIError(f"--plot: {err}") from None
+
+
+def check_report_outputs(
+    args: argparse.Namespace, trace: Path, config: KVFlowConfig | None = None
+) -> None:
+    """Fail before any work when a report destination (`--json`, `--trace-events`,
+    `--plot`) cannot be written or names an input (the trace, the config file, the
+    latency preset file)."""
+    from kvflow.cli.outputs import check_outputs
+
+    check_outputs(
+        files={"--json": args.json, "--trace-events": getattr(args, "trace_events", None)},
+        directories={"--plot": args.plot},
+        inputs={
+            "the trace": trace,
+            "the config file": args.config,
+            "the latency preset file": config.sim.preset_file if config is not None else None,
+        },
+    )
+
+
+def fail_if_nothing_served(reasons: Mapping[str, str | None]) -> int:
+    """Exit status 1 when a run served no request, after one `kvflow: error:` line per
+    distinct reason naming the runs (by label) it applies to; 0 otherwise.
+
+    Args:
+        reasons: by run label (a policy, or a policy at some rates), why it served
+            nothing (`kvflow.traces.outcome.nothing_served_reason`), None if it served.
+    """
+    runs_by_reason: dict[str, list[str]] = {}
+    for run, reason in reasons.items():
+        if reason is not None:
+            runs_by_reason.setdefault(reason, []).append(run)
+    for reason, runs in runs_by_reason.items():
+        print(f"kvflow: error: no request served by {', '.join(runs)}: {reason}", file=sys.stderr)
+    return 1 if runs_by_reason else 0
+
+
+def sim_description(config: KVFlowConfig) -> str:
+    """What the simulated runner stands for: its latency preset (named for the model and
+    GPU it models) or preset file, and whether config fields adjust it."""
+    sim = config.sim
+    if sim.preset_file is not None:
+        what = f"simulated, preset file {Path(sim.preset_file).name}"
+    elif sim.preset is not None:
+        what = f"simulated {sim.preset}"
+    else:
+        what = "simulated, own latency model"
+    fields = ("fixed_ms", "prefill_token_us", "decode_seq_us", "kv_token_ns")
+    if any(getattr(sim, name) is not None for name in fields):
+        what += " (adjusted by sim.* settings)"
+    return what
 
 
 def report_console(args: argparse.Namespace, console: Console) -> Console:

@@ -23,8 +23,11 @@ from kvflow.cli.options import (
     add_output_arguments,
     add_slo_arguments,
     check_plot_dependency,
+    check_report_outputs,
+    fail_if_nothing_served,
     report_console,
     report_doc,
+    sim_description,
     slo_settings,
     write_json,
 )
@@ -80,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cli.progress import ReplayProgress
     from kvflow.traces.metrics import summarize_replay
+    from kvflow.traces.outcome import nothing_served_reason
     from kvflow.traces.replay import make_policy, replay
     from kvflow.traces.timeseries import TimeSeriesRecorder, chain_hooks
     from kvflow.traces.trace_events import TraceEventWriter
@@ -91,10 +95,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     made = [make_policy(name, config) for name in names]  # fail on a bad name before replaying
     slo = slo_settings(args)
     check_plot_dependency(args)
-    out = report_console(args, console)
     path = trace_path(args)
-    requests = slo.apply(load_requests(args))
+    check_report_outputs(args, path, config)
+    out = report_console(args, console)
+    loaded = load_requests(args)
+    requests = slo.apply(loaded)
     reports = []
+    unserved: dict[str, str | None] = {}
     cdfs: dict[str, Any] = {}
     series: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -116,12 +123,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
             progress.finish_all()
             reports.append(summarize_replay(result, policy=name))
+            unserved[name] = nothing_served_reason(result.states, config)
             if recorder is not None:
                 from kvflow.traces.plots import latency_cdfs
 
                 cdfs[name] = latency_cdfs(result.states)
                 series[name] = recorder.series()
-    print_reports(out, reports, f"{path.name} ({len(requests)} requests, engine {args.engine})")
+    what = f"{path.name}, {len(requests)} requests | {sim_description(config)}"
+    print_reports(out, reports, f"{what} | SLOs: {slo.source(loaded)}")
     if args.plot:
         from kvflow.traces.plots import write_replay_plots
 
@@ -132,19 +141,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         doc = report_doc(path, args.engine, config, slo, runs=[r.to_json() for r in reports])
         write_json(doc, args.json)
-    return 0
+    return fail_if_nothing_served(unserved)
 
 
-def print_reports(out: Console, reports: list[RunReport], what: str) -> None:
-    """The comparison table (and the per-tenant one when there are tenants)."""
-    from kvflow.traces.metrics import render_table
-    from kvflow.traces.tables import render_tenant_table
+def print_reports(out: Console, reports: list[RunReport], title: str) -> None:
+    """The comparison table (and the per-tenant one when there are tenants), fitted to
+    the console's width."""
+    from kvflow.traces.tables import render_run_table, render_tenant_table
 
-    table = render_table(reports)
-    table.title = f"kvflow replay: {what}"
-    out.print(table)
+    out.print(render_run_table(reports, out.width, title=f"kvflow replay: {title}"))
     if any(len(r.per_tenant) > 1 for r in reports):
-        out.print(render_tenant_table(reports))
+        out.print(render_tenant_table(reports, out.width))
 
 
 def run_real(args: argparse.Namespace, console: Console) -> int:
@@ -152,6 +159,7 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
     over a fresh store and cache (the model is loaded once)."""
     from kvflow.engine_adapters.factory import build_runner, load_model
     from kvflow.traces.metrics import summarize_replay
+    from kvflow.traces.outcome import nothing_served_reason
     from kvflow.traces.realtime import fit_to_vocab, replay_realtime
     from kvflow.traces.replay import make_policy
 
@@ -162,13 +170,16 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
     settings = config_overrides(args)
     names = args.policies or ["fcfs"]
     slo = slo_settings(args)
-    out = report_console(args, console)
     path = trace_path(args)
+    check_report_outputs(args, path)
+    out = report_console(args, console)
+    loaded = load_requests(args)  # an empty trace fails before the model loads
     model = load_model(args.model, args.engine, args.dtype)
     # Longer requests than the model's positions are rejected, as a server would.
     settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)
-    requests = fit_to_vocab(slo.apply(load_requests(args)), model.vocab_size)
+    requests = fit_to_vocab(slo.apply(loaded), model.vocab_size)
     reports = []
+    unserved: dict[str, str | None] = {}
     config = None
     for name in names:
         config, runner, store = build_runner(model, settings, config_file=args.config)
@@ -179,8 +190,9 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
         finally:
             store.close()
         reports.append(summarize_replay(result, policy=name))
-    what = f"{path.name} ({len(requests)} requests, engine {args.engine}, {args.model})"
-    print_reports(out, reports, what)
+        unserved[name] = nothing_served_reason(result.states, config)
+    what = f"{path.name}, {len(requests)} requests | {args.engine} runner, {args.model}"
+    print_reports(out, reports, f"{what} on {model.device} | SLOs: {slo.source(loaded)}")
     if args.json and config is not None:
         doc = report_doc(
             path,
@@ -192,4 +204,4 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
             runs=[r.to_json() for r in reports],
         )
         write_json(doc, args.json)
-    return 0
+    return fail_if_nothing_served(unserved)

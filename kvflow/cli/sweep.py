@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -20,11 +21,17 @@ from kvflow.cli.options import (
     add_output_arguments,
     add_slo_arguments,
     check_plot_dependency,
+    check_report_outputs,
+    fail_if_nothing_served,
     report_console,
     report_doc,
+    sim_description,
     slo_settings,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from kvflow.traces.sweep import SweepPoint
 
 DEFAULT_POLICIES = ("fcfs", "lpm")
 SWEEP_PLOT = "sweep.png"
@@ -107,9 +114,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     rates = sorted({r for group in args.sweep_rates for r in group})
     slo = slo_settings(args)
     check_plot_dependency(args)
-    out = report_console(args, console)
     path = trace_path(args)
-    requests = slo.apply(load_requests(args))
+    check_report_outputs(args, path, config)
+    out = report_console(args, console)
+    loaded = load_requests(args)
+    requests = slo.apply(loaded)
     num_points = len(names) * len(rates)
     jobs = default_jobs(num_points) if args.jobs is None else args.jobs
     with ReplayProgress(out) as progress:
@@ -117,8 +126,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         points = sweep(requests, config, names, rates, jobs=jobs, on_point=on_point)
     target = args.attainment_target
     capacities = capacity(points, target)
-    table = render_sweep_table(points, capacities, target)
-    table.title = f"kvflow sweep: {path.name} ({len(requests)} requests, {jobs} jobs)"
+    table = render_sweep_table(points, capacities, target, width=out.width)
+    table.title = (
+        f"kvflow sweep: {path.name}, {len(requests)} requests | {sim_description(config)} "
+        f"| SLOs: {slo.source(loaded)} | {jobs} job{'s' if jobs != 1 else ''}"
+    )
     out.print(table)
     if args.plot:
         from kvflow.traces.plots import plot_sweep
@@ -136,4 +148,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
             capacity=capacities,
         )
         write_json(doc, args.json)
-    return 0
+    return fail_if_nothing_served(_unserved_by_label(points))
+
+
+def _unserved_by_label(points: list[SweepPoint]) -> dict[str, str | None]:
+    """Why points served nothing, labelled "POLICY at R1, R2 req/s" per policy and
+    reason (for `fail_if_nothing_served`)."""
+    rates: dict[tuple[str, str], list[str]] = {}
+    for point in points:
+        if point.nothing_served is not None:
+            rates.setdefault((point.policy, point.nothing_served), []).append(f"{point.rate_rps:g}")
+    return {
+        f"{policy} at {', '.join(shown)} req/s": reason for (policy, reason), shown in rates.items()
+    }

@@ -20,7 +20,8 @@ PERCENTILES: dict[str, float] = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 9
 
 @dataclass(frozen=True, slots=True)
 class LatencySummary:
-    """Percentiles and mean of one latency metric, in milliseconds (0.0 when empty)."""
+    """Percentiles and mean of one latency metric, in milliseconds (0.0 when empty: check
+    `count`; the JSON form says null)."""
 
     count: int = 0
     p50: float = 0.0
@@ -30,8 +31,11 @@ class LatencySummary:
     p999: float = 0.0
     mean: float = 0.0
 
-    def to_dict(self) -> dict[str, float]:
-        """``{"p50", "p90", "p95", "p99", "p999", "mean"}`` in ms (the count is left out)."""
+    def to_dict(self) -> dict[str, float | None]:
+        """``{"p50", "p90", "p95", "p99", "p999", "mean"}`` in ms (the count is left out);
+        each None when nothing was recorded, so that no figure reads as a 0 ms latency."""
+        if not self.count:
+            return dict.fromkeys(("p50", "p90", "p95", "p99", "p999", "mean"))
         return {
             "p50": self.p50,
             "p90": self.p90,

@@ -10,6 +10,10 @@
 | KV wait | time spent waiting for KV blocks from lower tiers or peers (`kv_wait_s`) |
 | throughput | tokens (or requests) / duration, duration = first arrival -> last finish |
 | goodput | requests that met every SLO / duration |
+| prefix hit rate | prompt tokens cached at first admission / prompt tokens admitted |
+
+The prefix hit rate follows vLLM's split: what a preempted request finds when admitted
+again is counted apart (`readmission_*` figures of `summarize_replay`).
 
 A request meets its SLOs when its TTFT, its TPOT (if it has more than one output token)
 and its first token's time are within `slo.ttft_ms`, `slo.tpot_ms` and `deadline`,
@@ -21,7 +25,7 @@ tenants' goodputs add up to the run's.
 Only served requests (finished by length or stop) count; rejected and aborted requests
 appear only in the counts. Latencies go into HdrHistograms as integer microseconds
 (1 us .. 1 hour, 3 significant figures), so percentiles are bucket upper bounds, good
-to about 0.1%; means are exact.
+to about 0.1%; means are exact. A latency of no request is null in the JSON form.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
-
-from rich.table import Table
 
 from kvflow.request import FinishReason, RequestState
 from kvflow.traces.latency import (
@@ -47,6 +49,8 @@ from kvflow.traces.outcome import SERVED, RequestOutcome, request_outcome
 from kvflow.traces.tenants import TenantReport, TenantTally
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from kvflow.traces.replay import ReplayResult
 
 __all__ = [
@@ -64,23 +68,6 @@ __all__ = [
     "summarize",
     "summarize_replay",
 ]
-
-
-_COLUMNS = (
-    "policy",
-    "done/rejected",
-    "TTFT p50/p99 ms",
-    "TPOT p50/p99 ms",
-    "ITL p99 ms",
-    "E2E p50 ms",
-    "out tok/s",
-    "hit rate",
-    "SLO met",
-    "goodput/s",
-    "preempt",
-    "steps",
-    "wall s",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,36 +259,9 @@ def summarize_replay(
     )
 
 
-def _hit_rate_cell(report: RunReport) -> str:
-    """The hit rate, split by tier when a tier below device served any hit."""
-    cell = f"{report.prefix_hit_rate:.1%}"
-    by_tier = report.extra.get("hit_tokens_by_tier")
-    if not by_tier or not (by_tier.get("cpu") or by_tier.get("disk")):
-        return cell
-    queried = report.prefix_hit_rate and sum(by_tier.values()) / report.prefix_hit_rate
-    parts = [f"{tier} {by_tier[tier] / queried:.0%}" for tier in ("device", "cpu", "disk")]
-    return f"{cell} ({' '.join(parts)})"
+def render_table(reports: Sequence[RunReport], width: int | None = None) -> Table:
+    """A terminal table with one row per run (print it with a `rich.console.Console`),
+    fitted to `width` columns (see `kvflow.traces.tables.render_run_table`)."""
+    from kvflow.traces.tables import render_run_table
 
-
-def render_table(reports: Sequence[RunReport]) -> Table:
-    """A terminal table with one row per run (print it with a `rich.console.Console`)."""
-    table = Table(title="kvflow runs")
-    for header in _COLUMNS:
-        table.add_column(header, justify="left" if header == "policy" else "right")
-    for report in reports:
-        table.add_row(
-            report.policy,
-            f"{report.num_finished}/{report.num_rejected}",
-            f"{report.ttft_ms.p50:.1f} / {report.ttft_ms.p99:.1f}",
-            f"{report.tpot_ms.p50:.1f} / {report.tpot_ms.p99:.1f}",
-            f"{report.itl_ms.p99:.1f}",
-            f"{report.e2e_ms.p50:.1f}",
-            f"{report.throughput_tokens_per_s:.0f}",
-            _hit_rate_cell(report),
-            f"{report.slo_attainment:.1%}",
-            f"{report.goodput_rps:.2f}",
-            str(report.num_preemptions),
-            str(report.sim_steps),
-            f"{report.wall_s:.2f}",
-        )
-    return table
+    return render_run_table(reports, width)

@@ -7,8 +7,10 @@ each where set; a request with none meets them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
+from kvflow.config import KVFlowConfig
 from kvflow.request import FinishReason, RequestState
 
 SERVED = frozenset({FinishReason.LENGTH, FinishReason.STOP})
@@ -60,3 +62,41 @@ def request_outcome(state: RequestState) -> RequestOutcome:
             tpot_s = (state.finish_time - first_token) / (num_outputs - 1)
             met &= _is_within(tpot_s * 1000.0, slo.tpot_ms)
     return RequestOutcome(ttft_s, tpot_s, e2e_s, queue_s, met)
+
+
+def nothing_served_reason(states: Sequence[RequestState], config: KVFlowConfig) -> str | None:
+    """Why a run with requests served none of them, in one line (None when it served
+    some, or had none), e.g. ``all 400 requests rejected: each needs >= 68 blocks of 16
+    tokens, the device tier holds 1``.
+
+    Args:
+        states: every request of the run, finished.
+        config: the run's configuration (the limits a request is rejected by).
+    """
+    if not states or any(s.finish_reason in SERVED for s in states):
+        return None
+    n = len(states)
+    rejected = [s for s in states if s.finish_reason == FinishReason.REJECTED]
+    if len(rejected) < n:
+        first = next(s for s in states if s.finish_reason != FinishReason.REJECTED)
+        return (
+            f"none of {n} requests served ({len(rejected)} rejected, {n - len(rejected)} "
+            f"ended otherwise; the first: {first.finish_reason}, {first.finish_detail!r})"
+        )
+    # The scheduler's admission limits, smallest request first: if it fails one, all do.
+    smallest = min(s.num_prompt_tokens + s.max_new_tokens for s in rejected)
+    max_len = config.scheduler.max_model_len
+    if smallest > max_len:
+        return (
+            f"all {n} requests rejected: each has >= {smallest} tokens (prompt + "
+            f"max_new_tokens), scheduler.max_model_len is {max_len}"
+        )
+    block_size = config.kv.block_size
+    num_blocks = -(-smallest // block_size)
+    device_blocks = config.kv.tier_blocks("device")
+    if num_blocks > device_blocks:
+        return (
+            f"all {n} requests rejected: each needs >= {num_blocks} blocks of {block_size} "
+            f"tokens, the device tier holds {device_blocks}"
+        )
+    return f"all {n} requests rejected; the first: {rejected[0].finish_detail}"

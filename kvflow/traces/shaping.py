@@ -22,6 +22,24 @@ def _sorted(requests: Sequence[Request]) -> list[Request]:
     return sorted(requests, key=lambda r: r.arrival_time)
 
 
+MAX_ARRIVAL_S = 1e9
+"""Latest arrival a time scale or rate may produce (about 32 years): past it, a float
+clock's steps are coarser than the microsecond latencies are recorded in, and a step of
+a few milliseconds added to such a time can be lost to rounding entirely."""
+
+
+def _check_stretch(ordered: list[Request], factor: float, what: str) -> None:
+    """`factor` keeps the last arrival within `MAX_ARRIVAL_S`; `what` names the option."""
+    t0, t1 = ordered[0].arrival_time, ordered[-1].arrival_time
+    last = abs(t0) + (t1 - t0) * factor
+    if not last <= MAX_ARRIVAL_S:
+        raise ValueError(
+            f"{what} stretches the trace's {t1 - t0:g} s of arrivals to {last:g} s; "
+            f"virtual time past {MAX_ARRIVAL_S:g} s loses the microsecond resolution "
+            "latencies are measured in"
+        )
+
+
 def _finite_positive(value: float, what: str) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
@@ -37,6 +55,7 @@ def _time_scale(ordered: list[Request], factor: float) -> list[Request]:
     _finite_positive(factor, "time scale")
     if not ordered:
         return []
+    _check_stretch(ordered, factor, f"time scale {factor:g}")
     t0 = ordered[0].arrival_time
     out = []
     for r in ordered:
@@ -69,6 +88,7 @@ def _scale_to_rate(ordered: list[Request], rate_rps: float) -> list[Request]:
     current = mean_rate(ordered)
     if current is None:
         raise ValueError("every request arrives at the same time: no rate to scale")
+    _check_stretch(ordered, current / rate_rps, f"rate {rate_rps:g} requests/s")
     return _time_scale(ordered, current / rate_rps)
 
 

@@ -56,6 +56,20 @@ class SLOSettings:
             fields_ms.append(next((v for v in order if v is not None), None))
         return SLO(*fields_ms)
 
+    def source(self, requests: Sequence[Request]) -> str:
+        """Where the SLOs of `requests` (as read, before `apply`) end up coming from, for
+        a report's title: ``none``, ``trace``, ``flags``, ``flags over trace`` (override)
+        or ``trace, flags where unset``."""
+        in_trace = any(
+            r.slo.ttft_ms is not None or r.slo.tpot_ms is not None or r.deadline is not None
+            for r in requests
+        )
+        if self.is_empty:
+            return "trace" if in_trace else "none"
+        if not in_trace:
+            return "flags"
+        return "flags over trace" if self.override else "trace, flags where unset"
+
     def apply(self, requests: Sequence[Request]) -> list[Request]:
         """The requests with their SLOs set as the settings say (order kept)."""
         if self.is_empty:

@@ -20,6 +20,7 @@ from typing import Any
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
 from kvflow.traces.metrics import RunReport, summarize_replay
+from kvflow.traces.outcome import nothing_served_reason
 from kvflow.traces.replay import make_policy, replay
 from kvflow.traces.shaping import mean_rate, scale_to_rate
 
@@ -34,6 +35,8 @@ class SweepPoint:
     policy: str
     rate_rps: float
     report: RunReport
+    nothing_served: str | None = None
+    """Why the replay served no request (`nothing_served_reason`); None when it did."""
 
     def to_json(self) -> dict[str, Any]:
         """``{"policy", "rate_rps", "goodput_rps", "slo_attainment", ...}``: the run
@@ -54,7 +57,8 @@ def run_point(
 ) -> SweepPoint:
     """Replay `requests` rescaled to `rate_rps` under `policy`, and summarise it."""
     result = replay(scale_to_rate(requests, rate_rps), config, policy)
-    return SweepPoint(policy, rate_rps, summarize_replay(result, policy=policy))
+    report = summarize_replay(result, policy=policy)
+    return SweepPoint(policy, rate_rps, report, nothing_served_reason(result.states, config))
 
 
 _worker_inputs: tuple[Sequence[Request], KVFlowConfig] | None = None

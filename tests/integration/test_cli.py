@@ -22,7 +22,8 @@ def test_replay_of_the_bundled_sample_writes_the_documented_json(
     out = tmp_path / "report.json"
     assert main(["replay", "--policy", "fcfs", "--policy", "lpm", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "fcfs" in table and "lpm" in table and "hit rate" in table
+    assert "fcfs" in table and "lpm" in table and "TTFT ms" in table
+    assert "SLOs: trace" in table  # the title says where the SLOs came from
     doc = json.loads(out.read_text())
     assert list(doc) == ["schema_version", "trace", "engine", "runs", "config", "slo"]
     assert doc["schema_version"] == 1

@@ -164,10 +164,12 @@ def test_large_sample_percentiles_are_within_histogram_precision() -> None:
     assert report.tpot_ms == LatencySummary() and report.itl_ms.count == 0
 
 
-def test_an_empty_run_reports_zeros() -> None:
+def test_an_empty_run_reports_null_latencies_and_zero_counts() -> None:
     report = report_of([])
     data = report.to_json()
-    assert data["num_requests"] == 0 and data["ttft_ms"] == dict.fromkeys(SUMMARY_KEYS, 0.0)
+    # No request, no latency: null, never a 0.0 ms that reads as instant service.
+    assert data["num_requests"] == 0 and data["ttft_ms"] == dict.fromkeys(SUMMARY_KEYS)
+    assert data["kv_wait_ms"] == dict.fromkeys(SUMMARY_KEYS)
     assert report.duration_s == report.throughput_tokens_per_s == report.goodput_rps == 0.0
     assert report.slo_attainment == report.prefix_hit_rate == 0.0
 
@@ -194,8 +196,9 @@ def test_recorder_clamps_zero_and_refuses_negative_latencies() -> None:
 def test_render_table_has_one_row_per_policy(mixed_run: list[RequestState]) -> None:
     reports = [report_of(mixed_run, policy="fcfs"), report_of(mixed_run, policy="lpm")]
     table = render_table(reports)
-    assert table.row_count == 2 and len(table.columns) == 13
+    # 13 columns, and "rejected" since a request was rejected (no tier split: one tier).
+    assert table.row_count == 2 and len(table.columns) == 14
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(table)
     text = console.export_text()
-    assert "fcfs" in text and "lpm" in text and "3/1" in text and "/ 300.0" in text
+    assert "fcfs" in text and "lpm" in text and "3/5" in text and "/ 300.0" in text

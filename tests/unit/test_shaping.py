@@ -149,3 +149,13 @@ def test_shape_equals_its_steps_applied_one_by_one(
         assert shaped == "give a time scale or a target rate, not both"
     else:
         assert shaped == outcome(one_by_one)
+
+
+def test_a_stretch_past_the_clock_resolution_is_refused_naming_the_option() -> None:
+    # Arrivals ~10^300 s apart: a step of 5 ms added to them would round away.
+    with pytest.raises(ValueError, match=r"time scale 1e\+300 .* resolution"):
+        time_scale(make(), 1e300)
+    with pytest.raises(ValueError, match=r"rate 1e-300 requests/s .* resolution"):
+        scale_to_rate(make(), 1e-300)
+    slow = scale_to_rate(make(), 1e-6)  # the 10 s become ~46 days: still fine
+    assert arrivals(slow)[-1] < 1e9
