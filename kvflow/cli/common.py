@@ -200,7 +200,7 @@ def load_requests(args: argparse.Namespace) -> list[Request]:
             raise CLIError("--limit 0 leaves no requests to replay")
         arrivals = [r.arrival_time for r in loaded.requests]
         raise CLIError(
-            f"--window {window_text} leaves no requests to replay: {path}'s arrivals span "
-            f"0 to {max(arrivals) - min(arrivals):g} s after the first"
+            f"--window {window_text} leaves no requests to replay: the arrivals of {path} "
+            f"span 0 to {max(arrivals) - min(arrivals):g} s after the first"
         )
     return shaped
