@@ -145,6 +145,19 @@ def test_max_model_len_below_every_request_fails_with_the_reason(tmp_path: Path)
     assert "scheduler.max_model_len is 10" in line
 
 
+def test_a_policy_that_rejects_every_request_fails_quoting_its_first_reason(
+    tmp_path: Path,
+) -> None:
+    # EDF set to reject hopeless requests, under a TTFT objective no prefill can meet.
+    trace = str(write_trace(tmp_path / "t.jsonl"))
+    settings = ["--set", "policies.edf.hopeless=reject", "--ttft-slo-ms", "0.001"]
+    out = kvflow("replay", trace, "-p", "edf", *settings)
+    assert out.returncode == 1
+    line = error_line(out)
+    assert line.startswith("kvflow: error: no request served by edf: all 4 requests rejected;")
+    assert "cannot be met" in line  # the policy's own reason, quoted
+
+
 def test_a_sweep_whose_points_serve_nothing_fails_with_the_reason(tmp_path: Path) -> None:
     report = tmp_path / "sweep.json"
     trace = str(write_trace(tmp_path / "t.jsonl"))  # 4 requests of 44 tokens: 3 blocks
