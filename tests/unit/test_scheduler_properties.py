@@ -90,6 +90,16 @@ def test_invariants_hold_after_every_step_and_nothing_leaks(
     event(f"hits={min(sched.stats.prefix_hit_tokens, 1)}")
     assert sched.num_leaked_blocks() == 0
     assert sched.pool.num_used_blocks == 0
+    # Prefix hits count first admissions only (vLLM's split): whatever preemptions did,
+    # they add up to the requests' own num_cached_tokens over their prompts.
+    admitted = [s for s in states.values() if s.first_scheduled_time is not None]
+    stats = sched.stats
+    assert stats.prefix_hit_tokens == sum(s.num_cached_tokens for s in admitted)
+    assert stats.prefix_query_tokens == sum(s.num_prompt_tokens for s in admitted)
+    assert sum(stats.hit_tokens_by_tier.values()) == stats.prefix_hit_tokens
+    assert sum(stats.readmission_hit_tokens_by_tier.values()) == stats.readmission_hit_tokens
+    if not stats.num_preemptions:
+        assert stats.readmission_query_tokens == stats.readmission_hit_tokens == 0
     for state in states.values():
         assert state.status is RequestStatus.FINISHED
         assert not state.block_ids
