@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -37,7 +37,12 @@ class FinishReason(enum.StrEnum):
     ABORTED = "aborted"
     """Aborted by the caller (or its consumer went away)."""
     REJECTED = "rejected"
-    """Could never be served under the configuration; `finish_detail` says why."""
+    """Could never be served under the configuration or by the model (a token outside
+    its vocabulary, more tokens than its positions); `finish_detail` says why."""
+    ERROR = "error"
+    """The runner raised while executing a step of the request; `finish_detail` quotes
+    the error (`AsyncEngine.generate` raises `RequestFailedError` instead of yielding
+    this output)."""
 
 
 def _check(ok: bool, message: str) -> None:
@@ -63,19 +68,39 @@ class SLO:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How a runner picks tokens. Simulated runners ignore everything but stop tokens."""
+    """How a runner picks tokens and when generation stops (names as in vLLM).
+
+    Generation stops after `max_new_tokens` (finish reason `length`), or at a token of
+    `stop_token_ids` or one of the model's end-of-sequence tokens (reason `stop`; the
+    token is the last output token). The length check comes first, as in vLLM.
+    Simulated runners have no end-of-sequence token and ignore everything else.
+
+    Args:
+        temperature: 0 is greedy.
+        top_k: 0 keeps every token.
+        top_p: nucleus sampling's mass, in (0, 1].
+        seed: per-request sampling seed; None uses the runner's.
+        stop_token_ids: tokens that end generation besides the model's EOS tokens
+            (any sequence; kept as a tuple).
+        ignore_eos: keep generating past the model's EOS tokens (benchmarks and trace
+            replay use it, so outputs keep their lengths); `stop_token_ids` still stop.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
         _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k!r}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        stops = tuple(self.stop_token_ids or ())
+        bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        _check(not bad, f"stop_token_ids must be token ids (ints >= 0), got {bad[:1]!r}")
+        object.__setattr__(self, "stop_token_ids", stops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +210,9 @@ class RequestState:
         "token_times",
     )
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, eos_token_ids: Iterable[int] = ()) -> None:
+        """`eos_token_ids`: the model's end-of-sequence tokens; they stop the request
+        too unless its sampling parameters say `ignore_eos`."""
         self.request = request
         self.request_id = request.request_id
         self.arrival_time = request.arrival_time
@@ -193,8 +220,11 @@ class RequestState:
         self.tenant = request.tenant
         self.max_new_tokens = request.max_new_tokens
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        stops = request.sampling.stop_token_ids
+        sampling = request.sampling
+        stops = (*(sampling.stop_token_ids or ()), *(() if sampling.ignore_eos else eos_token_ids))
         self.stop_token_ids = frozenset(stops) if stops else _NO_STOPS
+        """Tokens that finish the request with reason `stop`: its `stop_token_ids` and,
+        unless `ignore_eos`, the model's EOS tokens."""
         self.token_ids: array[int] = request.prompt_array[:]
         self.num_computed_tokens = 0
         self.num_inflight_samples = 0

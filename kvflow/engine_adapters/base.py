@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 
-from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
 
 
 class ModelRunner(abc.ABC):
@@ -22,6 +22,10 @@ class ModelRunner(abc.ABC):
     runner reads only the plan (tokens through `plan.requests[i].token_ids`, blocks
     through `plan.block_table(i)`) and skips finished requests; step N+1 executes
     after step N's commit, so its tokens are there by then."""
+    model_info: ModelInfo = ModelInfo()
+    """The model's vocabulary size, positions and end-of-sequence tokens, which the
+    engine's scheduler checks requests against and stops generation at (nothing known
+    by default: a simulated runner takes any token id and has no EOS)."""
 
     @abc.abstractmethod
     def execute(self, plan: StepPlan) -> StepResult:

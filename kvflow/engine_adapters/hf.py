@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_adapters.eos import hf_eos_token_ids
 from kvflow.engine_adapters.torch.attention import kv_cache_shape, resolve_kv_cache
 from kvflow.engine_adapters.torch.sampling import Sampler
 from kvflow.engine_adapters.torch.spec import DTYPES, LlamaSpec, default_device, default_dtype
 from kvflow.engine_adapters.torch.step import live_entries, step_result
-from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
 
 
 def load_hf_model(
@@ -52,7 +53,8 @@ def save_random_hf_llama(
     in `spec.dtype` on the CPU, and `save_pretrained` it to `model_dir`.
 
     For tests and benchmarks: no weights are downloaded. It has no BOS/EOS tokens, so
-    `generate` stops only at `max_new_tokens`. Returns the model, in eval mode.
+    `generate` (and kvflow) stop only at `max_new_tokens`. Returns the model, in eval
+    mode.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -143,6 +145,13 @@ class HFRunner(ModelRunner):
             self.device,
         )
         self.sampler = Sampler(self.device, seed)
+        config = model.config.get_text_config()
+        positions = getattr(config, "max_position_embeddings", None)
+        self.model_info = ModelInfo(
+            int(config.vocab_size),
+            int(positions) if positions is not None else None,
+            hf_eos_token_ids(model),
+        )
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run each entry through the model in turn, then sample; the duration is wall

@@ -26,7 +26,7 @@ from kvflow.request import FinishReason, Request, RequestState, RequestStatus
 from kvflow.scheduler import integrity
 from kvflow.scheduler.batch import Batch
 from kvflow.scheduler.loads import Loads
-from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
 from kvflow.scheduler.prefix import PrefixMatcher
 from kvflow.scheduler.stats import SchedulerStats
 
@@ -40,10 +40,20 @@ class Scheduler:
         config: the whole configuration; `scheduler` and `kv` sections are used here.
         policy: decides admission order and preemption victims.
         store: the KV store; built from `config.kv` when omitted.
+        model: what the runner's model allows (vocabulary, positions) and its
+            end-of-sequence tokens; nothing by default (the simulated runner's case).
     """
 
-    def __init__(self, config: KVFlowConfig, policy: Policy, store: KVStore | None = None) -> None:
+    def __init__(
+        self,
+        config: KVFlowConfig,
+        policy: Policy,
+        store: KVStore | None = None,
+        *,
+        model: ModelInfo | None = None,
+    ) -> None:
         self.config = config
+        self.model = model if model is not None else ModelInfo()
         self.sched_config = config.scheduler
         self.store = store if store is not None else KVStore(config.kv)
         self.pool = self.store.device
@@ -74,6 +84,10 @@ class Scheduler:
         self._chunk_cap = threshold if threshold is not None else 1 << 62
         # A scan of the waiting queue skips at most this many deferred requests per step.
         self._max_skipped = max(self.sched_config.max_num_seqs, 64)
+        self._eos_token_ids = frozenset(self.model.eos_token_ids)
+        self._deferred_blocks: list[list[int]] = []
+        """Blocks of requests aborted while a step ran (`abort(defer_release=True)`),
+        held until `release_deferred`."""
 
     # -- requests in and out ---------------------------------------------------
     def add(self, request: Request, now: float | None = None) -> RequestState:
@@ -82,9 +96,9 @@ class Scheduler:
         rid = request.request_id
         if rid in self._active_ids:
             raise ValueError(f"request id {rid!r} is already queued or running")
-        state = RequestState(request)
+        state = RequestState(request, self._eos_token_ids)
         now = request.arrival_time if now is None else now
-        reason = self._rejection(state)
+        reason = self.rejection(request)
         if reason is not None:
             self._finish(state, FinishReason.REJECTED, now, reason)
             self.stats.num_rejected += 1
@@ -96,13 +110,19 @@ class Scheduler:
         self.policy.on_add(state, self.view)
         return state
 
-    def _rejection(self, state: RequestState) -> str | None:
-        total = state.num_prompt_tokens + state.max_new_tokens
+    def rejection(self, request: Request) -> str | None:
+        """Why `request` can never be served here (the model's vocabulary or positions,
+        `max_model_len`, the device tier's size), or None. `add` rejects such a request."""
+        reason = self.model.rejection(request)
+        if reason is not None:
+            return reason
+        num_prompt = len(request.prompt_token_ids)
+        total = num_prompt + request.max_new_tokens
         max_len = self.sched_config.max_model_len
         if total > max_len:
             return (
-                f"prompt ({state.num_prompt_tokens} tokens) + max_new_tokens "
-                f"({state.max_new_tokens}) = {total} exceeds max_model_len ({max_len})"
+                f"prompt ({num_prompt} tokens) + max_new_tokens "
+                f"({request.max_new_tokens}) = {total} exceeds max_model_len ({max_len})"
             )
         num_blocks = -(-total // self.block_size)
         if num_blocks > self.pool.num_blocks:
@@ -112,9 +132,21 @@ class Scheduler:
             )
         return None
 
-    def abort(self, request_id: str, now: float) -> RequestState | None:
-        """Finish a queued or running request as aborted and free its blocks. Returns
-        its state, or None when no such request is active."""
+    def abort(
+        self,
+        request_id: str,
+        now: float,
+        *,
+        reason: FinishReason = FinishReason.ABORTED,
+        detail: str = "aborted by caller",
+        defer_release: bool = False,
+    ) -> RequestState | None:
+        """Finish a queued or running request (as aborted, or with `reason`) and free
+        its blocks. Returns its state, or None when no such request is active.
+
+        With `defer_release` (a step that may still read the request's blocks is
+        executing), the request is finished and its id free at once, but its blocks
+        stay referenced until `release_deferred`."""
         state = self.waiting.pop(request_id, None)
         if state is None:
             state = self._loads.cancel(request_id)
@@ -123,9 +155,20 @@ class Scheduler:
             if state is None:
                 return None
             self.running.remove(state)
-        self._finish(state, FinishReason.ABORTED, now, "aborted by caller")
-        self.stats.num_aborted += 1
+        if defer_release and state.block_ids:
+            self._deferred_blocks.append(state.block_ids)
+            state.block_ids = []
+        self._finish(state, reason, now, detail)
+        if reason is FinishReason.ABORTED:
+            self.stats.num_aborted += 1
         return state
+
+    def release_deferred(self, now: float) -> None:
+        """Release the blocks of requests aborted with `defer_release` (call it once
+        the step that might read them has ended)."""
+        for block_ids in self._deferred_blocks:
+            self.store.release_device(block_ids, now, keep=True)
+        self._deferred_blocks.clear()
 
     @property
     def has_unfinished(self) -> bool:
@@ -449,11 +492,16 @@ class Scheduler:
                 self._finish(req, FinishReason.LENGTH, now)
                 finished.append(req)
             elif token in req.stop_token_ids:
-                self._finish(req, FinishReason.STOP, now)
+                self._finish(req, FinishReason.STOP, now, self._stop_detail(req, token))
                 finished.append(req)
         if finished:
             self.running = [r for r in self.running if r.status is _RUNNING]
         return finished
+
+    def _stop_detail(self, req: RequestState, token: int) -> str:
+        # The model's EOS is named first when a token is both, as vLLM checks it first.
+        eos = token in self._eos_token_ids and not req.request.sampling.ignore_eos
+        return f"{'eos' if eos else 'stop'} token {token}"
 
     def _seal(self, req: RequestState, num_full: int, now: float) -> None:
         self._extend_keys(req, num_full)

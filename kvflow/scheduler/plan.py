@@ -5,7 +5,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvflow.request import RequestState
+from kvflow.request import Request, RequestState
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the scheduler must know of the model a runner runs (`ModelRunner.model_info`):
+    which requests it can serve and which tokens end generation. None and () mean not
+    known or none (the simulated runner: any token id, any length, no EOS).
+
+    Args:
+        vocab_size: prompt token ids must be below it.
+        max_position_embeddings: a request's prompt plus `max_new_tokens` must fit in it.
+        eos_token_ids: end-of-sequence tokens: they finish a request with reason `stop`
+            unless its sampling parameters say `ignore_eos`.
+    """
+
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def rejection(self, request: Request) -> str | None:
+        """Why the model cannot serve `request` (naming the field and the value), or
+        None."""
+        prompt = request.prompt_array
+        if self.vocab_size is not None and max(prompt) >= self.vocab_size:
+            i, bad = next((i, t) for i, t in enumerate(prompt) if t >= self.vocab_size)
+            return (
+                f"prompt_token_ids[{i}] = {bad} is outside the model's vocabulary "
+                f"(vocab_size {self.vocab_size})"
+            )
+        max_len = self.max_position_embeddings
+        total = len(prompt) + request.max_new_tokens
+        if max_len is not None and total > max_len:
+            return (
+                f"prompt_token_ids ({len(prompt)} tokens) + max_new_tokens "
+                f"({request.max_new_tokens}) = {total} exceeds the model's "
+                f"max_position_embeddings ({max_len})"
+            )
+        return None
 
 
 # Plans and results are made every step: plain slotted classes (a frozen dataclass

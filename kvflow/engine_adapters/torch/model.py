@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kvflow.engine_adapters.eos import read_eos_token_ids
 from kvflow.engine_adapters.torch.attention import (
     allocate_kv_cache,
     kv_cache_shape,
@@ -103,6 +104,8 @@ class TorchLlama(nn.Module):
         """A model with uninitialised (meta) weights; use the constructors above."""
         super().__init__()
         self.spec = spec
+        self.eos_token_ids: tuple[int, ...] = ()
+        """End-of-sequence tokens (from the checkpoint's generation config or config)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.model = _Body(spec)
         self.lm_head = _linear(spec.hidden_size, spec.vocab_size)
@@ -169,6 +172,7 @@ class TorchLlama(nn.Module):
             state.update(load_file(str(file), device="cpu"))
         model = cls(spec, dev)
         model.load_weights(state)
+        model.eos_token_ids = read_eos_token_ids(model_dir)
         return model
 
     def load_weights(self, state: dict[str, Tensor]) -> None:

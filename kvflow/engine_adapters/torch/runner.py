@@ -15,7 +15,7 @@ from kvflow.engine_adapters.torch.batch import BatchEntry, build_batch
 from kvflow.engine_adapters.torch.model import TorchLlama
 from kvflow.engine_adapters.torch.sampling import Sampler
 from kvflow.engine_adapters.torch.step import live_entries, step_result
-from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
 
 
 class TorchRunner(ModelRunner):
@@ -63,6 +63,10 @@ class TorchRunner(ModelRunner):
         )
         self.device = self.model.device
         self.sampler = Sampler(self.device, seed)
+        spec = self.model.spec
+        self.model_info = ModelInfo(
+            spec.vocab_size, spec.max_position_embeddings, self.model.eos_token_ids
+        )
 
     @classmethod
     def from_config(
