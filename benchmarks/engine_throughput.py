@@ -41,7 +41,7 @@ from kvflow.engine_adapters.torch import (
     default_device,
     default_dtype,
 )
-from kvflow.request import Request
+from kvflow.request import Request, SamplingParams
 from kvflow.scheduler import Scheduler
 from kvflow.traces.replay import make_policy
 
@@ -56,7 +56,9 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> list[Request]:
             prompt_len = rng.randint(args.min_prompt, args.max_prompt)
             output_len = rng.randint(args.min_output, args.max_output)
         prompt = [rng.randrange(1, vocab_size) for _ in range(prompt_len)]
-        requests.append(Request(f"b{i}", prompt, max_new_tokens=output_len))
+        # Both engines generate exactly `output_len` tokens: no EOS cuts kvflow's short.
+        sampling = SamplingParams(ignore_eos=True)
+        requests.append(Request(f"b{i}", prompt, max_new_tokens=output_len, sampling=sampling))
     return requests
 
 
@@ -83,7 +85,7 @@ def run_kvflow(
         }
     )
     runner = TorchRunner.from_config(model, config)
-    scheduler = Scheduler(config, make_policy("fcfs", config))
+    scheduler = Scheduler(config, make_policy("fcfs", config), model=runner.model_info)
     states = [scheduler.add(r) for r in requests]
     steps = 0
     sync(model.device)

@@ -1,5 +1,7 @@
 """kvflow: cache-aware LLM request scheduling, tiered KV caching and trace replay."""
 
+from typing import TYPE_CHECKING
+
 from kvflow.config import ConfigError, KVFlowConfig
 from kvflow.engine import AsyncEngine, EngineStatistics
 from kvflow.kv.location import PrefixLocation
@@ -14,6 +16,9 @@ from kvflow.request import (
     SamplingParams,
 )
 from kvflow.scheduler import Scheduler, StepPlan, StepResult
+
+if TYPE_CHECKING:  # typed as what they are; imported lazily at run time (torch-heavy)
+    from kvflow.llm import LLM, CompletionOutput
 
 
 def __getattr__(name: str) -> object:

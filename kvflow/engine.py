@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,7 +40,34 @@ class EngineOverloadedError(RuntimeError):
 
 
 class EngineClosedError(RuntimeError):
-    """`generate` was called on an engine that is closing or closed."""
+    """`generate` was called on an engine that is closing or closed (or whose step loop
+    failed: `__cause__` says how)."""
+
+
+class RequestIdInUseError(ValueError):
+    """`generate` or `submit` got the id of a request whose stream has not ended.
+
+    An id is free again as soon as its stream has ended: its final output was sent (the
+    iteration may not have read it yet), `abort(id)` returned True, or its `generate`
+    iterator was closed (`contextlib.aclosing`, or its consumer's task cancelled).
+    After a plain `break` out of `async for`, Python closes the iterator only when it
+    is garbage-collected, so wrap it in `contextlib.aclosing` to reuse the id at once.
+    """
+
+
+class RequestFailedError(RuntimeError):
+    """Raised by `generate` when the runner raised while executing a step of this
+    request (`__cause__` is the runner's exception) or the engine's step loop failed.
+    The outputs yielded before it stand; the request's blocks are freed, and the engine
+    goes on serving the requests that were not in that step.
+
+    Attributes:
+        request_id: the failed request's id.
+    """
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +91,13 @@ class EngineStatistics:
 
 
 class _Stream:
-    __slots__ = ("num_sent", "receive", "send", "state")
+    __slots__ = ("error", "num_sent", "receive", "send", "state")
 
     def __init__(self, state: RequestState) -> None:
         self.state = state
         self.num_sent = 0
+        self.error: BaseException | None = None
+        """What failed the request (its final output has finish reason `error`)."""
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
         self.send: MemoryObjectSendStream[RequestOutput] = send
         self.receive: MemoryObjectReceiveStream[RequestOutput] = receive
@@ -113,7 +142,7 @@ class AsyncEngine:
             policy = make_policy(policy, config)
         self.config = config
         self.runner = runner
-        self.scheduler = Scheduler(config, policy, store)
+        self.scheduler = Scheduler(config, policy, store, model=runner.model_info)
         self.max_num_pending = max_num_pending
         self.on_close = on_close
         self.overlap = overlap
@@ -130,7 +159,7 @@ class AsyncEngine:
         # Aborts that arrive while the runner executes a step wait for it to end: the
         # runner may still read the request's blocks, so they are freed only afterwards.
         self._executing = False
-        self._deferred_aborts: list[str] = []
+        self._num_rejected_seen = 0
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> AsyncEngine:
@@ -158,32 +187,48 @@ class AsyncEngine:
         self.scheduler.store.drain(self.clock())
 
     # -- requests ------------------------------------------------------------------
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs: one `RequestOutput` per step that produced tokens,
-        the last with `finished=True`. Leaving the iteration early (break, an exception,
-        or the consumer's task being cancelled) aborts the request and frees its blocks.
+        the last with `finished=True` and a finish reason (`length`, `stop`, `aborted`,
+        or `rejected` with the reason in `finish_detail`: a request the model or the
+        configuration can never serve is answered at once, never raised). Leaving the
+        iteration early (an exception, the consumer's task being cancelled, closing the
+        iterator, or a `break` once the iterator is collected) aborts the request and
+        frees its blocks.
 
         Raises:
             EngineOverloadedError: too many requests in flight.
             EngineClosedError: the engine is closing.
+            RequestIdInUseError: the id's previous stream has not ended.
+            RequestFailedError: the runner raised while executing a step of this
+                request (its outputs so far were yielded).
         """
         stream = self.submit(request)
         try:
             async with stream.receive:
                 async for out in stream.receive:
+                    if out.finish_reason is FinishReason.ERROR:
+                        raise RequestFailedError(
+                            request.request_id,
+                            f"request {request.request_id!r} failed: {out.finish_detail}",
+                        ) from stream.error
                     yield out
                     if out.finished:
                         return
         finally:
-            if not stream.state.is_finished:
-                self.abort(request.request_id)
+            self._abort_stream(stream)
 
     def submit(self, request: Request) -> _Stream:
         """Queue a request now; `generate` is the usual way in."""
         if self._closing or self._task_group is None:
             raise EngineClosedError("the engine is not running (use `async with`)")
         if self._error is not None:
-            raise EngineClosedError(f"the engine's step loop failed: {self._error!r}")
+            raise EngineClosedError(
+                f"the engine's step loop failed: {self._error!r}"
+            ) from self._error
+        rid = request.request_id
+        if rid in self._streams:
+            raise RequestIdInUseError(f"request id {rid!r} is in use: its stream has not ended")
         if len(self._streams) >= self.max_num_pending:
             raise EngineOverloadedError(
                 f"{len(self._streams)} requests in flight, the limit is {self.max_num_pending}"
@@ -196,21 +241,27 @@ class AsyncEngine:
             self._push(stream, final=True)
             self._num_finished += 1
             return stream
-        self._streams[request.request_id] = stream
+        self._streams[rid] = stream
         self._wake()
         return stream
 
     def abort(self, request_id: str) -> bool:
-        """Abort a request in flight; its stream ends with reason `aborted`."""
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
+        """Abort a request in flight; its stream ends with reason `aborted` and its id
+        is free at once. Returns False when no stream of that id is in flight."""
+        stream = self._streams.get(request_id)
+        return stream is not None and self._abort_stream(stream)
+
+    def _abort_stream(self, stream: _Stream) -> bool:
+        """End `stream` as aborted, if it is still the live stream of its id (a
+        finished one, or an id reused since, is left alone)."""
+        state = stream.state
+        if self._streams.get(state.request_id) is not stream:
             return False
-        if self._executing:
-            self._deferred_aborts.append(request_id)
-            self._push(stream, final=True)  # the stream ends now, the blocks after the step
-            return True
-        state = self.scheduler.abort(request_id, self.clock())
-        if state is not None:
+        del self._streams[state.request_id]
+        if not state.is_finished:
+            # While a step runs, the runner may still read the request's blocks: the
+            # scheduler frees them after the step (`release_deferred`).
+            self.scheduler.abort(state.request_id, self.clock(), defer_release=self._executing)
             self._num_finished += 1
         self._push(stream, final=True)
         return True
@@ -250,6 +301,7 @@ class AsyncEngine:
                         await self._sleep_until_woken()
                         continue
                     plan = sched.plan(self.clock())
+                    self._end_dropped_streams()
                     if plan.is_empty:
                         plan = None
                         if sched.store.num_inflight:
@@ -257,33 +309,90 @@ class AsyncEngine:
                         else:
                             await self._sleep_until_woken(0.05)
                         continue
-                result, next_plan = await self._execute(plan, overlap)
-                finished = sched.commit(plan, result, self.clock())
-                for req in plan.requests:
-                    stream = self._streams.get(req.request_id)
-                    if stream is not None and req.num_output_tokens > stream.num_sent:
-                        self._push(stream, final=req.is_finished)
-                for req in finished:
-                    if self._streams.pop(req.request_id, None) is not None:
-                        self._num_finished += 1
+                outcome, next_plan = await self._execute(plan, overlap)
+                if isinstance(outcome, StepResult):
+                    sched.commit(plan, outcome, self.clock())
+                else:
+                    self._fail(plan.requests, outcome)
+                self._route_outputs(plan)
                 plan = next_plan if next_plan is not None and not next_plan.is_empty else None
                 await anyio.lowlevel.checkpoint()
-        except BaseException as err:
+        except Exception as err:
+            # A bug in planning or committing: every caller in flight gets the error
+            # (never a bare cancellation), and the engine takes no more requests.
             self._error = err
-            for rid in list(self._streams):
-                self.abort(rid)
+            self._fail([s.state for s in self._streams.values()], err)
+            for stream in list(self._streams.values()):
+                self._abort_stream(stream)
+        except BaseException:
+            for stream in list(self._streams.values()):
+                self._abort_stream(stream)
             raise
         finally:
             self._stopped.set()
 
-    async def _execute(self, plan: StepPlan, overlap: bool) -> tuple[StepResult, StepPlan | None]:
+    def _route_outputs(self, plan: StepPlan) -> None:
+        """Send a step's new tokens to the streams of the plan's requests. A request's
+        stream is found by identity: an entry that finished earlier (it stayed in a plan
+        made ahead) never reaches a new request that reuses its id."""
+        streams = self._streams
+        for req in plan.requests:
+            stream = streams.get(req.request_id)
+            if stream is None or stream.state is not req:
+                continue
+            if req.is_finished:
+                del streams[req.request_id]
+                self._num_finished += 1
+                self._push(stream, final=True)
+            elif req.num_output_tokens > stream.num_sent:
+                self._push(stream, final=False)
+
+    def _fail(self, states: list[RequestState], error: BaseException) -> None:
+        """Finish the unfinished `states` with reason `error` (their streams raise
+        `RequestFailedError` from `error`); their blocks are freed."""
+        now = self.clock()
+        detail = f"{type(error).__name__}: {error}"
+        for state in states:
+            if state.is_finished:
+                continue
+            stream = self._streams.get(state.request_id)
+            if stream is not None and stream.state is state:
+                stream.error = error
+            with contextlib.suppress(Exception):  # a broken scheduler must not hide `error`
+                self.scheduler.abort(
+                    state.request_id, now, reason=FinishReason.ERROR, detail=detail
+                )
+            if stream is not None and stream.state is state:
+                del self._streams[state.request_id]
+                self._num_finished += 1
+                self._push(stream, final=True)
+
+    def _end_dropped_streams(self) -> None:
+        """End the streams of requests the policy dropped while planning (rejected)."""
+        num_rejected = self.scheduler.stats.num_rejected
+        if num_rejected == self._num_rejected_seen:
+            return
+        self._num_rejected_seen = num_rejected
+        for stream in [s for s in self._streams.values() if s.state.is_finished]:
+            del self._streams[stream.state.request_id]
+            self._num_finished += 1
+            self._push(stream, final=True)
+
+    async def _execute(
+        self, plan: StepPlan, overlap: bool
+    ) -> tuple[StepResult | Exception, StepPlan | None]:
         """Run `plan` in a worker thread; with `overlap`, plan the next step meanwhile
-        (it executes after this step's commit, so it sees this step's tokens)."""
+        (it executes after this step's commit, so it sees this step's tokens). Returns
+        the step's result (or what the runner raised) and the next plan."""
         results: list[StepResult] = []
+        errors: list[Exception] = []
         next_plan: StepPlan | None = None
 
         async def run() -> None:
-            results.append(await anyio.to_thread.run_sync(self.runner.execute, plan))
+            try:
+                results.append(await anyio.to_thread.run_sync(self.runner.execute, plan))
+            except Exception as err:  # the step's requests fail; the engine serves on
+                errors.append(err)
 
         self._executing = True
         try:
@@ -294,19 +403,13 @@ class AsyncEngine:
                 if overlap and not self.scheduler.last_plan_short_of_blocks:
                     await anyio.lowlevel.checkpoint()  # the step starts first
                     next_plan = self.scheduler.plan(self.clock(), overlapped=True)
+                    self._end_dropped_streams()
                     if not next_plan.is_empty:
                         self.num_overlapped_steps += 1
         finally:
             self._executing = False
-            self._apply_deferred_aborts()
-        return results[0], next_plan
-
-    def _apply_deferred_aborts(self) -> None:
-        now = self.clock()
-        for rid in self._deferred_aborts:
-            if self.scheduler.abort(rid, now) is not None:
-                self._num_finished += 1
-        self._deferred_aborts.clear()
+            self.scheduler.release_deferred(self.clock())
+        return (errors[0] if errors else results[0]), next_plan
 
     async def _sleep_until_woken(self, timeout_s: float | None = None) -> None:
         with anyio.move_on_after(timeout_s):
@@ -320,9 +423,11 @@ class AsyncEngine:
         stream.num_sent = state.num_output_tokens
         if new or final:
             out = RequestOutput.of(state, new)
-            if final and not out.finished:  # aborted before the scheduler saw it
+            if final and not out.finished:  # the scheduler could not finish it
+                reason = FinishReason.ABORTED if stream.error is None else FinishReason.ERROR
+                detail = "aborted" if stream.error is None else repr(stream.error)
                 out = dataclasses.replace(
-                    out, finished=True, finish_reason=FinishReason.ABORTED, finish_detail="aborted"
+                    out, finished=True, finish_reason=reason, finish_detail=detail
                 )
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                 stream.send.send_nowait(out)

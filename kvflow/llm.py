@@ -18,7 +18,7 @@ from typing import Any, Literal
 import anyio
 
 from kvflow.config import KVFlowConfig
-from kvflow.engine import AsyncEngine
+from kvflow.engine import AsyncEngine, RequestFailedError
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.factory import build_runner, load_model, run_blocking
 from kvflow.kv.store import KVStore
@@ -83,10 +83,30 @@ class LLM:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
     ) -> list[list[int]]:
-        """Output token ids per prompt, in prompt order."""
+        """Output token ids per prompt, in prompt order. Generation stops after
+        `max_new_tokens`, or at a stop token or one of the model's end-of-sequence tokens
+        (kept as the last output token), unless `ignore_eos` (see `SamplingParams`).
+
+        Raises:
+            ValueError: a bad argument or a prompt the model or the configuration cannot
+                serve (an empty one, a token id outside the vocabulary, more tokens than
+                the model's positions or `scheduler.max_model_len`, more blocks than the
+                device tier); the message names the argument (`prompt_token_ids[i]`)
+                and quotes the value. Nothing is generated then.
+            RequestFailedError: the runner raised while executing a step (the error is
+                its `__cause__`).
+        """
         outs = self.generate_outputs(
-            prompt_token_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids
+            prompt_token_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop_token_ids,
+            ignore_eos,
         )
         return [o.token_ids for o in outs]
 
@@ -99,37 +119,75 @@ class LLM:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
     ) -> list[CompletionOutput]:
         """Like `generate`, with finish reasons, cache hits and timings."""
-        sampling = SamplingParams(temperature, top_k, top_p, seed, tuple(stop_token_ids))
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        sampling = SamplingParams(
+            temperature, top_k, top_p, seed, stop_token_ids, ignore_eos=ignore_eos
+        )
         requests = [
-            Request(f"llm-{next(self._ids)}", tuple(p), max_new_tokens, sampling=sampling)
-            for p in prompt_token_ids
+            Request(
+                f"llm-{next(self._ids)}", self._checked(i, p), max_new_tokens, sampling=sampling
+            )
+            for i, p in enumerate(prompt_token_ids)
         ]
         outputs: list[CompletionOutput] = run_blocking(self._serve, requests)
         return outputs
 
+    def _checked(self, index: int, prompt: Sequence[int]) -> tuple[int, ...]:
+        """`prompt` as a tuple, or a ValueError naming `prompt_token_ids[index]`."""
+        tokens = tuple(prompt)
+        if not tokens:
+            raise ValueError(f"prompt_token_ids[{index}] is empty")
+        vocab_size = self.runner.model_info.vocab_size or 2**32
+        if min(tokens) < 0 or max(tokens) >= vocab_size:
+            j, bad = next((j, t) for j, t in enumerate(tokens) if not 0 <= t < vocab_size)
+            raise ValueError(
+                f"prompt_token_ids[{index}][{j}] = {bad!r} is outside the model's "
+                f"vocabulary [0, {vocab_size})"
+            )
+        return tokens
+
     async def _serve(self, requests: list[Request]) -> list[CompletionOutput]:
-        results: dict[str, CompletionOutput] = {}
+        results: dict[str, CompletionOutput | RequestFailedError] = {}
         engine = AsyncEngine(
             self.config, self.runner, self.policy, self.store, overlap=self.overlap
         )
+        # Refuse the whole call before anything runs: a rejected prompt has no output.
+        for i, req in enumerate(requests):
+            reason = engine.scheduler.rejection(req)
+            if reason is not None:
+                raise ValueError(f"prompt_token_ids[{i}]: {reason}")
         async with engine, anyio.create_task_group() as tg:
             for req in requests:
                 tg.start_soon(self._collect, engine, req, results)
         self.num_overlapped_steps += engine.num_overlapped_steps
         self.num_preemptions += engine.scheduler.stats.num_preemptions
-        return [results[r.request_id] for r in requests]
+        outputs = []
+        for req in requests:
+            result = results[req.request_id]
+            if isinstance(result, RequestFailedError):
+                raise result
+            outputs.append(result)
+        return outputs
 
     @staticmethod
     async def _collect(
-        engine: AsyncEngine, request: Request, results: dict[str, CompletionOutput]
+        engine: AsyncEngine,
+        request: Request,
+        results: dict[str, CompletionOutput | RequestFailedError],
     ) -> None:
         tokens: list[int] = []
         last: RequestOutput | None = None
-        async for out in engine.generate(request):
-            tokens.extend(out.new_token_ids)
-            last = out
+        try:
+            async for out in engine.generate(request):
+                tokens.extend(out.new_token_ids)
+                last = out
+        except RequestFailedError as err:  # raised once every prompt has ended
+            results[request.request_id] = err
+            return
         assert last is not None  # a stream always ends with a final output
         results[request.request_id] = CompletionOutput(
             request_id=request.request_id,

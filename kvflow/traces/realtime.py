@@ -4,8 +4,10 @@ Each request is submitted at its arrival offset (times `time_scale`) after the r
 starts, and its stream is drained by a task of its own. The engine stamps arrival at
 submission on its clock, which here counts seconds from the start of the replay, so
 TTFT and the other latencies include any lateness of the submitting loop as a real
-client's would. The result has the simulator's shape (`ReplayResult`), so
-`summarize_replay`, the tables and the JSON report work unchanged.
+client's would. Requests ignore the model's end-of-sequence tokens (`ignore_eos`), so
+outputs keep the trace's lengths as in the simulator. The result has the simulator's
+shape (`ReplayResult`), so `summarize_replay`, the tables and the JSON report work
+unchanged.
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ async def replay_realtime_async(
 
 
 def _submit(engine: AsyncEngine, request: Request, tg: TaskGroup) -> RequestState:
-    stream = engine.submit(request)
+    # A trace gives output lengths: a model's EOS must not cut them short.
+    sampling = dataclasses.replace(request.sampling, ignore_eos=True)
+    stream = engine.submit(dataclasses.replace(request, sampling=sampling))
 
     async def drain() -> None:
         async with stream.receive:
