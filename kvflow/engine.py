@@ -29,6 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.kv.store import KVStore
+from kvflow.policies import make_policy
 from kvflow.policies.base import Policy
 from kvflow.request import FinishReason, Request, RequestOutput, RequestState
 from kvflow.scheduler.core import Scheduler
@@ -137,8 +138,6 @@ class AsyncEngine:
         if max_num_pending < 1:
             raise ValueError(f"max_num_pending must be >= 1, got {max_num_pending!r}")
         if isinstance(policy, str):
-            from kvflow.traces.replay import make_policy
-
             policy = make_policy(policy, config)
         self.config = config
         self.runner = runner
@@ -156,8 +155,8 @@ class AsyncEngine:
         self._stopped = anyio.Event()
         self._num_finished = 0
         self._error: BaseException | None = None
-        # Aborts that arrive while the runner executes a step wait for it to end: the
-        # runner may still read the request's blocks, so they are freed only afterwards.
+        # While the runner executes a step it may still read an aborted request's
+        # blocks: the scheduler releases them only after the step (`release_deferred`).
         self._executing = False
         self._num_rejected_seen = 0
 

@@ -8,10 +8,13 @@ checks the result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.registry import PluginLoadError, Registry, UnknownNameError
+
+if TYPE_CHECKING:
+    from kvflow.config import KVFlowConfig
 
 PolicyFactory = Callable[..., Policy]
 
@@ -69,6 +72,13 @@ def create(name: str, **options: Any) -> Policy:
     return policy
 
 
+def make_policy(name: str, config: KVFlowConfig) -> Policy:
+    """The policy `name`, with its options from `config.policies` when it has a section."""
+    section = getattr(config.policies, name, None)
+    options = section.model_dump() if section is not None else {}
+    return create(name, **options)
+
+
 __all__ = [
     "PluginLoadError",
     "Policy",
@@ -77,6 +87,7 @@ __all__ = [
     "UnknownNameError",
     "create",
     "load",
+    "make_policy",
     "names",
     "registry",
 ]

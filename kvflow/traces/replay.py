@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from kvflow import policies
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.simulated import SimulatedRunner
 from kvflow.kv.store import KVStore, StoreStats
+from kvflow.policies import make_policy as make_policy  # re-exported: it lived here
 from kvflow.policies.base import Policy
 from kvflow.request import Request, RequestState
 from kvflow.scheduler.core import Scheduler
@@ -46,13 +46,6 @@ def _settle_real_copies(scheduler: Scheduler) -> None:
     """Before virtual time jumps over an idle gap, let real copies (whose duration is
     not virtual) finish, as they would have in that gap."""
     scheduler.store.engine.settle()
-
-
-def make_policy(name: str, config: KVFlowConfig) -> Policy:
-    """A policy by name, with its options from `config.policies` when it has a section."""
-    section = getattr(config.policies, name, None)
-    options = section.model_dump() if section is not None else {}
-    return policies.create(name, **options)
 
 
 def resolve_policy(policy: Policy | str, config: KVFlowConfig) -> tuple[str, Policy]:
