@@ -221,7 +221,9 @@ class RequestState:
         self.max_new_tokens = request.max_new_tokens
         self.num_prompt_tokens = len(request.prompt_token_ids)
         sampling = request.sampling
-        stops = (*(sampling.stop_token_ids or ()), *(() if sampling.ignore_eos else eos_token_ids))
+        stops = sampling.stop_token_ids
+        if eos_token_ids and not sampling.ignore_eos:
+            stops = (*(stops or ()), *eos_token_ids)
         self.stop_token_ids = frozenset(stops) if stops else _NO_STOPS
         """Tokens that finish the request with reason `stop`: its `stop_token_ids` and,
         unless `ignore_eos`, the model's EOS tokens."""

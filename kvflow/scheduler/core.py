@@ -85,6 +85,9 @@ class Scheduler:
         # A scan of the waiting queue skips at most this many deferred requests per step.
         self._max_skipped = max(self.sched_config.max_num_seqs, 64)
         self._eos_token_ids = frozenset(self.model.eos_token_ids)
+        self._model_limits = (
+            self.model.vocab_size is not None or self.model.max_position_embeddings is not None
+        )
         self._deferred_blocks: list[list[int]] = []
         """Blocks of requests aborted while a step ran (`abort(defer_release=True)`),
         held until `release_deferred`."""
@@ -113,9 +116,10 @@ class Scheduler:
     def rejection(self, request: Request) -> str | None:
         """Why `request` can never be served here (the model's vocabulary or positions,
         `max_model_len`, the device tier's size), or None. `add` rejects such a request."""
-        reason = self.model.rejection(request)
-        if reason is not None:
-            return reason
+        if self._model_limits:
+            reason = self.model.rejection(request)
+            if reason is not None:
+                return reason
         num_prompt = len(request.prompt_token_ids)
         total = num_prompt + request.max_new_tokens
         max_len = self.sched_config.max_model_len
