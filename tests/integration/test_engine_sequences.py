@@ -273,7 +273,7 @@ def test_random_event_sequences_keep_every_stream_its_own(overlap: bool, script:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overlap", [True, False])
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(script=ops)
 def test_random_event_sequences_soak(overlap: bool, script: list[Op]) -> None:
     anyio.run(drive, script, overlap)
