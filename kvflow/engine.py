@@ -393,6 +393,7 @@ class AsyncEngine:
             except Exception as err:  # the step's requests fail; the engine serves on
                 errors.append(err)
 
+        planning_error: Exception | None = None
         self._executing = True
         try:
             async with anyio.create_task_group() as tg:
@@ -401,13 +402,19 @@ class AsyncEngine:
                 # after the commit, when it may preempt.
                 if overlap and not self.scheduler.last_plan_short_of_blocks:
                     await anyio.lowlevel.checkpoint()  # the step starts first
-                    next_plan = self.scheduler.plan(self.clock(), overlapped=True)
-                    self._end_dropped_streams()
-                    if not next_plan.is_empty:
-                        self.num_overlapped_steps += 1
+                    try:
+                        next_plan = self.scheduler.plan(self.clock(), overlapped=True)
+                    except Exception as err:  # raised below as itself, not in a group
+                        planning_error = err
+                    else:
+                        self._end_dropped_streams()
+                        if not next_plan.is_empty:
+                            self.num_overlapped_steps += 1
         finally:
             self._executing = False
             self.scheduler.release_deferred(self.clock())
+        if planning_error is not None:
+            raise planning_error
         return (errors[0] if errors else results[0]), next_plan
 
     async def _sleep_until_woken(self, timeout_s: float | None = None) -> None:

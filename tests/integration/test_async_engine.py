@@ -4,14 +4,22 @@ on asyncio with uvloop."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import pytest
 
-from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
+from kvflow.engine import (
+    AsyncEngine,
+    EngineClosedError,
+    EngineOverloadedError,
+    RequestFailedError,
+)
 from kvflow.engine_adapters.simulated import LatencyModel, SimulatedRunner
-from kvflow.request import FinishReason, RequestOutput
+from kvflow.policies.base import SchedulerView
+from kvflow.policies.fcfs import FCFSPolicy
+from kvflow.request import FinishReason, RequestOutput, RequestState
 from kvflow.scheduler import StepPlan, StepResult
 from tests.builders import make_config, make_request
 
@@ -133,3 +141,32 @@ async def test_a_request_that_cannot_fit_is_rejected_with_a_reason() -> None:
             outs = await collect(eng, 2000, 10, base=0)
     assert len(outs) == 1 and outs[0].finished
     assert outs[0].finish_reason is FinishReason.REJECTED and "blocks" in outs[0].finish_detail
+
+
+class BrokenPolicy(FCFSPolicy):
+    """Orders the queue once, then raises: a bug in a plugin policy."""
+
+    def __init__(self) -> None:
+        self.num_calls = 0
+
+    def order(self, waiting: Sequence[RequestState], view: SchedulerView) -> list[RequestState]:
+        self.num_calls += 1
+        if self.num_calls > 1:
+            raise RuntimeError("policy bug")
+        return list(waiting)
+
+
+async def test_a_bug_in_planning_reaches_every_caller_as_itself_not_as_a_cancellation() -> None:
+    config = make_config(**{"kv.block_size": 4, "kv.device.num_blocks": 256})
+    with anyio.fail_after(30):
+        async with AsyncEngine(config, PacedRunner(), BrokenPolicy()) as eng:
+            first = eng.generate(make_request(8, 50, base=1))
+            assert (await first.__anext__()).num_output_tokens == 1
+            with pytest.raises(RequestFailedError, match="policy bug") as err:
+                await collect(eng, 8, 5, base=100)  # its admission calls the policy again
+            assert isinstance(err.value.__cause__, RuntimeError)
+            with pytest.raises(RequestFailedError, match="policy bug"):
+                async for _ in first:
+                    pass
+            with pytest.raises(EngineClosedError, match="policy bug"):
+                eng.submit(make_request(8, 5, base=200))
