@@ -22,7 +22,13 @@ from kvflow.engine import AsyncEngine, RequestFailedError
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.factory import build_runner, load_model, run_blocking
 from kvflow.kv.store import KVStore
-from kvflow.request import FinishReason, Request, RequestOutput, SamplingParams
+from kvflow.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    first_bad_token,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +148,11 @@ class LLM:
         if not tokens:
             raise ValueError(f"prompt_token_ids[{index}] is empty")
         vocab_size = self.runner.model_info.vocab_size or 2**32
-        if min(tokens) < 0 or max(tokens) >= vocab_size:
-            j, bad = next((j, t) for j, t in enumerate(tokens) if not 0 <= t < vocab_size)
+        bad = first_bad_token(tokens, vocab_size)
+        if bad is not None:
             raise ValueError(
-                f"prompt_token_ids[{index}][{j}] = {bad!r} is outside the model's "
-                f"vocabulary [0, {vocab_size})"
+                f"prompt_token_ids[{index}][{bad[0]}] = {bad[1]!r} is not a token id of the "
+                f"model's vocabulary (an int in [0, {vocab_size}))"
             )
         return tokens
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import SupportsIndex
 
 
 class RequestStatus(enum.IntEnum):
@@ -48,6 +50,15 @@ class FinishReason(enum.StrEnum):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def first_bad_token(token_ids: Iterable[object], limit: int) -> tuple[int, object] | None:
+    """`(index, value)` of the first entry that is not an int in `[0, limit)`, or None."""
+    for i, token in enumerate(token_ids):
+        if isinstance(token, SupportsIndex) and 0 <= operator.index(token) < limit:
+            continue
+        return i, token
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +165,11 @@ class Request:
             # Packing is also a C-speed range check (~10x faster than min() and max()).
             object.__setattr__(self, "prompt_array", array("I", prompt))
         except (OverflowError, TypeError):
-            if min(prompt) < 0 or max(prompt) >= 2**32:
-                bad = next(t for t in prompt if not 0 <= t < 2**32)
-                raise ValueError(
-                    f"request {rid!r}: token id {bad!r} is outside [0, 2**32)"
-                ) from None
+            j, bad = first_bad_token(prompt, 2**32) or (-1, None)
+            raise ValueError(
+                f"request {rid!r}: prompt_token_ids[{j}] = {bad!r} is not a token id "
+                "(an int in [0, 2**32))"
+            ) from None
 
     @property
     def ttft_deadline(self) -> float | None:

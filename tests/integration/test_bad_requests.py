@@ -55,16 +55,18 @@ TOO_LONG = SPEC.max_position_embeddings  # prompt + 1 new token > the model's po
     [
         ([[1, 2, 3], [4, 256, 6]], 4, ["prompt_token_ids[1][1]", "256", "vocab"]),
         ([[1, 2, 3], [4, -1, 6]], 4, ["prompt_token_ids[1][1]", "-1"]),
+        ([[1, 2.5, 3]], 4, ["prompt_token_ids[0][1]", "2.5"]),
+        ([[1, "7", 3]], 4, ["prompt_token_ids[0][1]", "'7'"]),
         ([[1, 2, 3], []], 4, ["prompt_token_ids[1]", "empty"]),
         ([[1, 2, 3]], 0, ["max_new_tokens", "0"]),
         ([[1] * TOO_LONG], 1, ["prompt_token_ids[0]", "max_position_embeddings", "512"]),
     ],
 )
 def test_llm_generate_names_the_bad_field_and_value(
-    llm: Any, prompts: list[list[int]], max_new: int, names: list[str]
+    llm: Any, prompts: list[list[object]], max_new: int, names: list[str]
 ) -> None:
     with pytest.raises(ValueError) as err:
-        llm.generate(prompts, max_new_tokens=max_new)
+        llm.generate(prompts, max_new_tokens=max_new)  # type: ignore[arg-type]
     for name in names:
         assert name in str(err.value)
 

@@ -115,3 +115,9 @@ def test_a_malformed_eos_token_id_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
     with pytest.raises(ValueError, match=r"config\.json.*eos_token_id.*'</s>'"):
         read_eos_token_ids(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [2.5, "7", -1, 2**32, None])
+def test_a_request_names_a_prompt_entry_that_is_not_a_token_id(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\] = .* is not a token id"):
+        Request("a", (1, bad, 3), 4)  # type: ignore[arg-type]
