@@ -18,6 +18,7 @@ from kvflow.engine import (
 )
 from kvflow.engine_adapters.simulated import LatencyModel, SimulatedRunner
 from kvflow.policies.base import SchedulerView
+from kvflow.policies.edf import EDFPolicy
 from kvflow.policies.fcfs import FCFSPolicy
 from kvflow.request import FinishReason, RequestOutput, RequestState
 from kvflow.scheduler import StepPlan, StepResult
@@ -170,3 +171,15 @@ async def test_a_bug_in_planning_reaches_every_caller_as_itself_not_as_a_cancell
                     pass
             with pytest.raises(EngineClosedError, match="policy bug"):
                 eng.submit(make_request(8, 5, base=200))
+
+
+async def test_a_request_the_policy_drops_ends_its_stream_as_rejected() -> None:
+    config = make_config(**{"kv.block_size": 4, "kv.device.num_blocks": 256})
+    policy = EDFPolicy(hopeless="reject", prefill_token_s=1.0)  # 32 tokens: 32 s > 5 ms
+    with anyio.fail_after(30):
+        async with AsyncEngine(config, PacedRunner(), policy) as eng:
+            outs = [o async for o in eng.generate(make_request(32, 4, base=1, ttft_ms=5))]
+            kept = await collect(eng, 8, 3, base=100)
+    assert len(outs) == 1 and outs[0].finish_reason is FinishReason.REJECTED
+    assert outs[0].finish_detail
+    assert kept[-1].finish_reason is FinishReason.LENGTH
