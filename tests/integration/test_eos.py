@@ -63,27 +63,38 @@ def early_eos(
     plain: tuple[Path, Any, list[int], list[int]], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, int, int]:
     """The same checkpoint with its EOS set to the token greedy decoding makes at step k
-    (both files, as real checkpoints have it). Returns (dir, k, eos)."""
+    (in both files, as real checkpoints have it: a list beside an unused id in
+    generation_config.json, an int in config.json). Returns (dir, k, eos)."""
     src, _, _, tokens = plain
     path = tmp_path_factory.mktemp("early-eos")
     for f in src.iterdir():
         shutil.copy(f, path / f.name)
     k = first_new_token_at(tokens, 3)
-    set_eos(path, tokens[k], ("config.json", "generation_config.json"))
+    unused = next(t for t in range(SPEC.vocab_size) if t not in tokens)
+    set_eos(path, tokens[k], ("config.json",))
+    set_eos(path, [unused, tokens[k]], ("generation_config.json",))
     return path, k, tokens[k]
+
+
+@pytest.fixture(scope="module")
+def reference(
+    plain: tuple[Path, Any, list[int], list[int]], early_eos: tuple[Path, int, int]
+) -> list[int]:
+    """transformers' greedy output of the early-EOS checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    return greedy(AutoModelForCausalLM.from_pretrained(str(early_eos[0])), plain[2])
 
 
 @pytest.mark.parametrize("engine", ["torch", "hf"])
 def test_generation_stops_at_the_models_eos_like_transformers(
     plain: tuple[Path, Any, list[int], list[int]],
     early_eos: tuple[Path, int, int],
+    reference: list[int],
     engine: Literal["torch", "hf"],
 ) -> None:
     _, _, prompt, tokens = plain
     path, k, eos = early_eos
-    from transformers import AutoModelForCausalLM
-
-    reference = greedy(AutoModelForCausalLM.from_pretrained(str(path)), prompt)
     assert reference == tokens[: k + 1]  # transformers stops at the EOS too, keeping it
     with kvflow.LLM(path, engine=engine, settings=SETTINGS, dtype="float32") as llm:
         (out,) = llm.generate_outputs([prompt], max_new_tokens=MAX_NEW)
