@@ -66,7 +66,7 @@ def test_llm_generate_names_the_bad_field_and_value(
     llm: Any, prompts: list[list[object]], max_new: int, names: list[str]
 ) -> None:
     with pytest.raises(ValueError) as err:
-        llm.generate(prompts, max_new_tokens=max_new)  # type: ignore[arg-type]
+        llm.generate(prompts, max_new_tokens=max_new)
     for name in names:
         assert name in str(err.value)
 
