@@ -153,9 +153,9 @@ def expected(serial: int, spec: Add) -> tuple[list[int], FinishReason]:
     raise AssertionError("max_new >= 1")
 
 
-async def drive(script: list[Op], overlap: bool) -> None:
+async def drive(script: list[Op], overlap: bool, num_blocks: int) -> None:
     runner = ScriptRunner()
-    config = make_config(**{"kv.block_size": 4, "kv.device.num_blocks": 128})
+    config = make_config(**{"kv.block_size": 4, "kv.device.num_blocks": num_blocks})
     eng = AsyncEngine(config, runner, "fcfs", overlap=overlap)
     runner.engine = eng
     serials = itertools.count(1000)
@@ -264,16 +264,22 @@ def check_record(rec: Record, runner: ScriptRunner) -> None:
         assert (got, last.finish_reason) == (want, reason)
 
 
+# 5 blocks of 4 tokens: two requests of up to 13 tokens (4 blocks each) preempt each other.
+num_blocks = st.sampled_from([5, 128])
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=ops)
-def test_random_event_sequences_keep_every_stream_its_own(overlap: bool, script: list[Op]) -> None:
-    anyio.run(drive, script, overlap)
+@given(script=ops, num_blocks=num_blocks)
+def test_random_event_sequences_keep_every_stream_its_own(
+    overlap: bool, script: list[Op], num_blocks: int
+) -> None:
+    anyio.run(drive, script, overlap, num_blocks)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overlap", [True, False])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=ops)
-def test_random_event_sequences_soak(overlap: bool, script: list[Op]) -> None:
-    anyio.run(drive, script, overlap)
+@given(script=ops, num_blocks=num_blocks)
+def test_random_event_sequences_soak(overlap: bool, script: list[Op], num_blocks: int) -> None:
+    anyio.run(drive, script, overlap, num_blocks)
