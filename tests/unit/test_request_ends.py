@@ -1,6 +1,8 @@
-"""Where generation stops, decided in the scheduler's commit from each request's
-sampling parameters and the model's EOS tokens, so the simulator and the real engine
-agree; a checkpoint's EOS tokens as transformers reads them."""
+"""How a request ends, decided in the pure scheduler so the simulator and the real
+engine agree: at a stop token or the model's EOS (unless `ignore_eos`) at commit, as
+rejected when the model cannot serve it, as aborted with its id free at once and its
+blocks released after the running step; a checkpoint's EOS tokens as transformers reads
+them; prompt entries that are not token ids."""
 
 from __future__ import annotations
 
@@ -121,3 +123,21 @@ def test_a_malformed_eos_token_id_names_the_file(tmp_path: Path) -> None:
 def test_a_request_names_a_prompt_entry_that_is_not_a_token_id(bad: object) -> None:
     with pytest.raises(ValueError, match=r"prompt_token_ids\[1\] = .* is not a token id"):
         Request("a", (1, bad, 3), 4)  # type: ignore[arg-type]
+
+
+def test_an_abort_during_a_step_frees_the_id_at_once_and_the_blocks_after_it() -> None:
+    sched = scheduler_for()
+    first = sched.add(make_request(10, 5, request_id="x"))
+    plan = sched.plan(0.0)  # "x" holds blocks; a runner would now read them
+    held = list(first.block_ids)
+    assert sched.abort("x", 0.1, defer_release=True) is first
+    assert first.finish_reason is FinishReason.ABORTED and first.block_ids == []
+    again = sched.add(make_request(10, 2, request_id="x"), 0.1)  # the id is free
+    sched.check_integrity()  # the deferred blocks count as held
+    assert sched.pool.num_used_blocks == len(held) and sched.num_leaked_blocks() == 0
+    sched.commit(plan, ScriptedRunner().execute(plan), 0.2)  # the old entry is skipped
+    sched.release_deferred(0.2)
+    sched.check_integrity()
+    run_to_completion(sched)
+    assert again.num_output_tokens == 2 and again.finish_reason is FinishReason.LENGTH
+    assert sched.pool.num_used_blocks == 0
