@@ -100,6 +100,13 @@ class TransferConfig(_Frozen):
     """Fixed cost of one device<->host copy batch."""
     disk_latency_us: float = Field(default=100.0, ge=0)
     """Fixed cost of one disk read or write batch."""
+    peer_gbps: float = Field(default=12.0, gt=0)
+    """GB/s of a pull from a peer into the cpu tier. The default is 100 Gb/s RDMA
+    (~12 GB/s achievable); loopback TCP through the peer service measures ~1-3 GB/s on
+    a small VM (`benchmarks/p2p_bandwidth.py` prints the figure to put here)."""
+    peer_latency_us: float = Field(default=10.0, ge=0)
+    """Fixed cost of one pull from a peer (request, lease and reply). The default is
+    RDMA's; loopback TCP through the peer service measures ~100-300 us."""
 
 
 class KVConfig(_Frozen):
@@ -147,6 +154,43 @@ class KVConfig(_Frozen):
                 "(kv.cpu.num_blocks > 0): blocks reach disk through cpu"
             )
         return self
+
+
+class PeerConfig(_Frozen):
+    """The peer service (one per instance) and its pulls; see docs/peer.md."""
+
+    host: str = "127.0.0.1"
+    """Address the peer service binds; anything but loopback needs `secret`."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """TCP port of the peer service (0: any free port)."""
+    secret: str | None = None
+    """Shared secret of the fleet: both ends of a connection prove they know it (HMAC
+    challenge-response). Required when `host` is not a loopback address."""
+    model_id: str = ""
+    """Identity of the weights (a path, name or digest) that goes into the model
+    fingerprint with the KV layout: instances whose fingerprints differ exchange no
+    blocks."""
+    max_frame_bytes: int = Field(default=256 * 2**20, ge=4096)
+    """Largest frame either side accepts (header excluded); a larger announced length
+    closes the connection before its payload is read."""
+    max_inflight_pulls: int = Field(default=16, ge=1)
+    """Pulls one connection may have outstanding at once; more are answered with an
+    ERROR frame."""
+    max_connections: int = Field(default=64, ge=1)
+    """Connections the service holds at once; more are closed on accept."""
+    lease_ttl_s: float = Field(default=10.0, gt=0)
+    """How long the owner pins the blocks of one pull; a transfer not done by then is
+    abandoned (the connection closes) and the pins are released."""
+    pull_timeout_s: float = Field(default=5.0, gt=0)
+    """A pull not answered in full within this time fails and marks the peer down."""
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    """Time allowed for the HELLO/CHALLENGE/AUTH exchange."""
+    event_interval_s: float = Field(default=0.05, gt=0)
+    """How often a service sends its batched block events to subscribed peers."""
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    """How often a service sends a heartbeat (with its last event number)."""
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    """A peer not heard from for this long is marked down and its entries dropped."""
 
 
 class SimRunnerConfig(_Frozen):
@@ -217,6 +261,7 @@ class KVFlowConfig(_Frozen):
     kv: KVConfig = KVConfig()
     sim: SimRunnerConfig = SimRunnerConfig()
     policies: PoliciesConfig = PoliciesConfig()
+    peer: PeerConfig = PeerConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> KVFlowConfig:

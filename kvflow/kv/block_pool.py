@@ -19,13 +19,15 @@ one. Only the key index (a dict from block key to block) is per-block Python wor
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice, repeat, takewhile
 
 import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
+KeyListener = Callable[[bool, list[int]], None]
+"""Told `(True, keys)` when keys enter a pool's index, `(False, keys)` when they leave."""
 BlockIds = Sequence[int] | IntArray
 """Block ids as a list or an int64 array (`PrefixMatch.ids`)."""
 
@@ -91,6 +93,9 @@ class BlockPool:
         self.key_versions = np.zeros(num_blocks, dtype=np.int64)
         """Bumped for a block each time its key leaves the index: a block matched at
         one version still holds that key while its version is unchanged."""
+        self.key_listener: KeyListener | None = None
+        """Called synchronously with every change of the index (see `KeyListener`); the
+        store uses it to publish block events to peers. None costs nothing."""
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -249,8 +254,11 @@ class BlockPool:
                 self._num_evictable -= 1
                 self.num_evictions += 1
                 self.key_versions[b] += 1
-                del self._cached[self.block_keys[b]]  # type: ignore[arg-type]
+                key = self.block_keys[b]
+                del self._cached[key]  # type: ignore[arg-type]
                 self.block_keys[b] = None
+                if self.key_listener is not None:
+                    self.key_listener(False, [key])  # type: ignore[list-item]
                 return b
         raise IntegrityError("the LRU ran out with evictable blocks still counted")
 
@@ -262,9 +270,14 @@ class BlockPool:
         self._num_evictable -= len(out)
         cached = self._cached
         block_keys = self.block_keys
+        dropped: list[int] = []
         for b in out.tolist():
-            del cached[block_keys[b]]
+            key = block_keys[b]
+            del cached[key]
             block_keys[b] = None
+            dropped.append(key)
+        if self.key_listener is not None and dropped:
+            self.key_listener(False, dropped)
         return out
 
     def _push_lru(self, ids: IntArray) -> None:
@@ -300,6 +313,8 @@ class BlockPool:
         self._cached[key] = block_id
         self.block_keys[block_id] = key
         self._keyed[block_id] = True
+        if self.key_listener is not None:
+            self.key_listener(True, [key])
         return True
 
     def seal_many(self, block_ids: Sequence[int], keys: Sequence[int]) -> list[int]:
@@ -318,6 +333,8 @@ class BlockPool:
         for b, key in zip(block_ids, keys, strict=True):
             block_keys[b] = key
         self._keyed[_ids(block_ids)] = True
+        if self.key_listener is not None and keys:
+            self.key_listener(True, list(keys))
         return list(block_ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
@@ -346,6 +363,7 @@ class BlockPool:
     def forget(self, block_ids: Iterable[int]) -> None:
         """Drop these referenced blocks' keys from the index (their contents are bad);
         each returns to the free list, not the LRU, when released."""
+        dropped: list[int] = []
         for b in block_ids:
             key = self.block_keys[b]
             if key is not None:
@@ -353,6 +371,9 @@ class BlockPool:
                 self.block_keys[b] = None
                 self._keyed[b] = False
                 self.key_versions[b] += 1
+                dropped.append(key)
+        if self.key_listener is not None and dropped:
+            self.key_listener(False, dropped)
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block; returns how many were dropped."""

@@ -11,7 +11,7 @@ are neither indexed nor reusable, so a block is never read before its copy ends.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 
 TierName = Literal["device", "cpu", "disk"]
 TIERS: tuple[TierName, ...] = ("device", "cpu", "disk")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    """Keys that entered (`stored`) or left (`dropped`) one tier's index. A block moving
+    between tiers is a `stored` in one and, when it leaves the other, a `dropped` there."""
+
+    kind: Literal["stored", "dropped"]
+    tier: TierName
+    keys: tuple[int, ...]
+
+
+BlockListener = Callable[[BlockEvent], None]
 
 
 @dataclass(slots=True)
@@ -79,6 +92,9 @@ class KVStore:
         }
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
+        self._listeners: list[BlockListener] = []
+        self.export_pins: dict[str, dict[int, int]] = {"device": {}, "cpu": {}, "disk": {}}
+        """Slot -> pins held by transfers to peers (`kvflow.kv.export`), per tier."""
         policy = config.write_policy
         self.write_through = policy == "write_through"
         self.selective = policy == "write_through_selective"
@@ -105,6 +121,24 @@ class KVStore:
     @property
     def has_lower_tiers(self) -> bool:
         return self.cpu is not None
+
+    def add_listener(self, listener: BlockListener) -> None:
+        """Call `listener` synchronously with every change of which keys a tier holds
+        (what a peer service publishes to its peers). Listeners must not touch the store."""
+        self._listeners.append(listener)
+        if len(self._listeners) > 1:
+            return
+        for tier, pool in self._pools.items():
+            if pool is not None:
+                pool.key_listener = self._tier_listener(tier)  # type: ignore[arg-type]
+
+    def _tier_listener(self, tier: TierName) -> Callable[[bool, list[int]], None]:
+        def on_keys(stored: bool, keys: list[int]) -> None:
+            event = BlockEvent("stored" if stored else "dropped", tier, tuple(keys))
+            for listener in self._listeners:
+                listener(event)
+
+        return on_keys
 
     def close(self) -> None:
         self.engine.close()
@@ -352,6 +386,9 @@ class KVStore:
         pins: dict[str, list[int]] = {
             tier: [0] * pool.num_blocks for tier, pool in self._pools.items() if pool
         }
+        for tier, slot_pins in self.export_pins.items():
+            for slot, num_pins in slot_pins.items():
+                pins[tier][slot] += num_pins
         for t in self._inflight.values():
             for s in t.src_slots:
                 pins[t.src_tier][s] += 1

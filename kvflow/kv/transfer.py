@@ -26,18 +26,25 @@ if TYPE_CHECKING:
 
     from kvflow.kv.storage import DiskStorage, TensorStorage
 
-Direction = Literal["device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device"]
+Direction = Literal[
+    "device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device", "peer_to_cpu"
+]
 DIRECTIONS: tuple[Direction, ...] = (
     "device_to_cpu",
     "cpu_to_device",
     "cpu_to_disk",
     "disk_to_device",
 )
+"""The copies between this instance's tiers (what `StoreStats.bytes_moved` counts)."""
+PEER_DIRECTION: Direction = "peer_to_cpu"
+"""A pull from another instance into the cpu tier: modelled by `SimCopyEngine`, carried
+out for real by `kvflow.peer`."""
 _TIERS: dict[Direction, tuple[str, str]] = {
     "device_to_cpu": ("device", "cpu"),
     "cpu_to_device": ("cpu", "device"),
     "cpu_to_disk": ("cpu", "disk"),
     "disk_to_device": ("disk", "device"),
+    "peer_to_cpu": ("peer", "cpu"),
 }
 _ids = itertools.count()
 
@@ -105,14 +112,16 @@ class SimCopyEngine(CopyEngine):
             "cpu_to_device": config.cpu_to_device_gbps * 1e9,
             "cpu_to_disk": config.cpu_to_disk_gbps * 1e9,
             "disk_to_device": config.disk_to_device_gbps * 1e9,
+            "peer_to_cpu": config.peer_gbps * 1e9,
         }
         self.latency_s: dict[Direction, float] = {
             "device_to_cpu": config.pcie_latency_us * 1e-6,
             "cpu_to_device": config.pcie_latency_us * 1e-6,
             "cpu_to_disk": config.disk_latency_us * 1e-6,
             "disk_to_device": config.disk_latency_us * 1e-6,
+            "peer_to_cpu": config.peer_latency_us * 1e-6,
         }
-        self._busy_until: dict[Direction, float] = dict.fromkeys(DIRECTIONS, 0.0)
+        self._busy_until: dict[Direction, float] = dict.fromkeys(_TIERS, 0.0)
         self._heap: list[tuple[float, int, Transfer]] = []
 
     def duration_s(self, direction: Direction, num_bytes: int) -> float:

@@ -1,0 +1,190 @@
+"""Serving a store's blocks to another instance: the owner's side of a peer pull.
+
+`pin_run` re-validates a hint (which of the asked keys this store still holds, from the
+fastest tier) and pins that leading run so no block of it is evicted or reused while its
+bytes are sent; `read_run` gives the bytes (views straight into host pools, or a bounce
+buffer for disk and non-host devices) with each block's xxh3; `unpin` ends the pins.
+`held_keys` is the snapshot a peer resyncs from. The store is single-threaded: call
+`pin_run`, `unpin` and `held_keys` on the thread that owns it; `read_run` may run in a
+worker thread (it reads only pinned blocks).
+
+A remote instance sees this store only through these functions and the store's block
+events (`KVStore.add_listener`); `kvflow.peer` carries both over the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from kvflow.kv.store import TIERS, KVStore, TierName
+
+if TYPE_CHECKING:
+    from kvflow.kv.block_pool import BlockPool
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedRun:
+    """The leading run of asked keys that a store holds, pinned: block `i` is `keys[i]`
+    at `slots[i]` of tier `tiers[i]`."""
+
+    keys: tuple[int, ...]
+    tiers: tuple[TierName, ...]
+    slots: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class RunBytes:
+    """The bytes of a pinned run's first `len(views)` blocks (a disk block that failed
+    its checksum ends the run early), with each block's xxh3."""
+
+    views: list[memoryview]
+    checksums: list[int]
+
+
+def _pools(store: KVStore) -> list[tuple[TierName, BlockPool]]:
+    return [(tier, pool) for tier in TIERS if (pool := store._pools[tier]) is not None]
+
+
+def pin_run(store: KVStore, keys: Sequence[int]) -> PinnedRun:
+    """Pin the leading run of `keys` that `store` holds now, each block from the
+    fastest tier that holds it; a key it does not hold ends the run."""
+    pools = _pools(store)
+    run_keys: list[int] = []
+    run_tiers: list[TierName] = []
+    run_slots: list[int] = []
+    for key in keys:
+        for tier, pool in pools:
+            slot = pool.lookup(key)
+            if slot is not None:
+                run_keys.append(key)
+                run_tiers.append(tier)
+                run_slots.append(slot)
+                break
+        else:
+            break
+    run = PinnedRun(tuple(run_keys), tuple(run_tiers), tuple(run_slots))
+    _change_pins(store, run, +1)
+    return run
+
+
+def unpin(store: KVStore, run: PinnedRun) -> None:
+    """Release the pins `pin_run` took (exactly once per run)."""
+    _change_pins(store, run, -1)
+
+
+def _change_pins(store: KVStore, run: PinnedRun, delta: int) -> None:
+    by_tier: dict[TierName, list[int]] = {}
+    for tier, slot in zip(run.tiers, run.slots, strict=True):
+        by_tier.setdefault(tier, []).append(slot)
+    for tier, slots in by_tier.items():
+        pool = store._pool(tier)
+        pins = store.export_pins[tier]
+        if delta > 0:
+            pool.touch(slots, hit=False)
+        else:
+            pool.release(slots)
+        for slot in slots:
+            n = pins.get(slot, 0) + delta
+            if n:
+                pins[slot] = n
+            else:
+                del pins[slot]
+
+
+class RunReader:
+    """Reads pinned runs of one store (byte views of its host pools are made once)."""
+
+    def __init__(self, store: KVStore) -> None:
+        from kvflow.kv.storage import byte_view
+
+        if store.device_storage is None:
+            raise ValueError("the store has no block bytes to serve (built without tensors)")
+        self.store = store
+        self.bytes_per_block = store.bytes_per_block
+        self._host: dict[TierName, memoryview] = {}
+        device = store.device_storage.data
+        if device.device.type == "cpu":
+            self._host["device"] = byte_view(device)
+        if store.cpu_storage is not None:
+            self._host["cpu"] = byte_view(store.cpu_storage.data)
+
+    def read_run(self, run: PinnedRun) -> RunBytes:
+        """The run's bytes and checksums; a disk block that fails its checksum (or a
+        tier whose bytes cannot be read) ends the run there. Blocking: disk reads and
+        hashing release the GIL, so a worker thread may call this."""
+        size = self.bytes_per_block
+        views: list[memoryview] = []
+        checksums: list[int] = []
+        digest = xxhash.xxh3_64_intdigest
+        i = 0
+        n = len(run)
+        while i < n:
+            tier = run.tiers[i]
+            j = i
+            while j < n and run.tiers[j] == tier:
+                j += 1
+            slots = run.slots[i:j]
+            host = self._host.get(tier)
+            if host is not None:
+                for s in slots:
+                    view = host[s * size : (s + 1) * size]
+                    views.append(view)
+                    checksums.append(digest(view))
+            elif tier == "disk":
+                num_good = self._read_disk(slots, views, checksums)
+                if num_good < len(slots):
+                    break
+            else:
+                self._read_device(slots, views, checksums)
+            i = j
+        return RunBytes(views, checksums)
+
+    def _read_disk(self, slots: Sequence[int], views: list[memoryview], sums: list[int]) -> int:
+        disk = self.store.disk_storage
+        if disk is None:
+            return 0
+        size = self.bytes_per_block
+        bounce = memoryview(bytearray(len(slots) * size))
+        ok = disk.read_into(slots, bounce, range(len(slots)))
+        num_good = ok.index(False) if False in ok else len(ok)
+        for i in range(num_good):
+            checksum = disk.checksums[slots[i]]
+            if checksum is None:  # overwritten since the read: not this block any more
+                return i
+            views.append(bounce[i * size : (i + 1) * size])
+            sums.append(checksum)
+        return num_good
+
+    def _read_device(self, slots: Sequence[int], views: list[memoryview], sums: list[int]) -> None:
+        """Blocks of a device pool that is not host memory, through a host copy."""
+        from kvflow.kv.storage import byte_view
+
+        assert self.store.device_storage is not None
+        data = self.store.device_storage.data
+        index = np.asarray(slots, dtype=np.int64)
+        host = byte_view(data[index].cpu().contiguous())
+        size = self.bytes_per_block
+        digest = xxhash.xxh3_64_intdigest
+        for i in range(len(slots)):
+            view = host[i * size : (i + 1) * size]
+            views.append(view)
+            sums.append(digest(view))
+
+
+def held_keys(store: KVStore) -> dict[TierName, npt.NDArray[np.uint64]]:
+    """Every key each tier holds now, as a sorted uint64 array per tier."""
+    out: dict[TierName, npt.NDArray[np.uint64]] = {}
+    for tier, pool in _pools(store):
+        keys = np.fromiter(pool._cached.keys(), dtype=np.uint64, count=len(pool._cached))
+        keys.sort()
+        out[tier] = keys
+    return out

@@ -1,0 +1,308 @@
+"""Pulling blocks from a peer: connect, authenticate, and receive straight into slots.
+
+`connect_peer` opens an authenticated connection; `PeerClient.pull(keys, views)` asks for
+the blocks and `recv_into`s their bytes straight into the destination views (slots of
+the local cpu tier), verifying each block's xxh3 on arrival: the result is how many
+leading blocks landed intact. Pulls on one connection are pipelined. A peer that stalls
+past `peer.pull_timeout_s`, closes, or sends anything malformed fails every pending pull
+with `PeerDownError` and the client is down (`down_reason`); no byte is written into a
+destination after its pull has returned or raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import numpy as np
+import xxhash
+
+from kvflow.config import PeerConfig
+from kvflow.kv.store import KVStore
+from kvflow.peer.frames import (
+    BLOCKS_HEAD,
+    TIER_NAMES,
+    FrameError,
+    FrameKind,
+    SeqFrame,
+    pack_header,
+    pack_pull,
+    unpack_blocks_head,
+    unpack_blocks_tail,
+    unpack_error,
+    unpack_seq,
+)
+from kvflow.peer.handshake import PeerRefusedError, client_handshake
+from kvflow.peer.identity import PeerIdentity
+from kvflow.peer.wire import THREAD_BYTES, Wire, recv_views_blocking
+
+FrameHandler = Callable[[FrameKind, SeqFrame], None]
+"""Told each EVENTS, RESYNC and HEARTBEAT frame a subscribed connection receives."""
+
+
+class PeerDownError(ConnectionError):
+    """The peer died, stalled or misbehaved; it is marked down and the pull failed."""
+
+
+class PeerRequestError(RuntimeError):
+    """The peer refused one request (ERROR frame); the connection stays up."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    num_blocks: int
+    """Leading blocks that landed with a good checksum (the rest are misses)."""
+    tiers: tuple[str, ...]
+    """Where the owner held each of them."""
+
+
+@dataclass(eq=False)
+class _Pull:
+    views: Sequence[memoryview]
+    deadline: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: PullResult | None = None
+    error: Exception | None = None
+
+
+class PeerClient:
+    """One authenticated connection to a peer's service (see `connect_peer`)."""
+
+    def __init__(self, wire: Wire, me: PeerIdentity, peer: PeerIdentity, config: PeerConfig):
+        self.wire = wire
+        self.me = me
+        self.peer = peer
+        """The peer's identity from its CHALLENGE."""
+        self.config = config
+        self.down_reason: str | None = None
+        self.on_frame: FrameHandler | None = None
+        self._pending: dict[int, _Pull] = {}
+        self._request_ids = itertools.count(1)
+        self._reader_done = anyio.Event()
+
+    @property
+    def is_down(self) -> bool:
+        return self.down_reason is not None
+
+    async def pull(self, keys: Sequence[int], views: Sequence[memoryview]) -> PullResult:
+        """Pull the blocks `keys` into `views` (one per key, each one block long).
+        Returns how many leading blocks landed intact; raises `PeerDownError` when the
+        peer fails (then `views` hold garbage) or `PeerRequestError` when it refuses."""
+        if len(keys) != len(views):
+            raise ValueError(f"{len(keys)} keys but {len(views)} destination views")
+        if self.down_reason is not None:
+            raise PeerDownError(self.down_reason)
+        if not keys:
+            return PullResult(0, ())
+        timeout = self.config.pull_timeout_s
+        request_id = next(self._request_ids)
+        pull = _Pull(views, time.monotonic() + timeout)
+        self._pending[request_id] = pull
+        try:
+            frame = pack_pull(self.peer.fingerprint, request_id, np.asarray(keys, dtype=np.uint64))
+            size = sum(len(part) for part in frame)
+            await self.wire.send(
+                [pack_header(FrameKind.PULL, request_id, size), *frame], pull.deadline
+            )
+            with anyio.move_on_after(max(0.0, pull.deadline - time.monotonic())):
+                await pull.done.wait()
+        except OSError as err:
+            self.mark_down(f"peer {self.peer.peer_id!r}: sending a pull failed: {err}")
+        finally:
+            del self._pending[request_id]
+            if not pull.done.is_set():
+                self.mark_down(
+                    f"peer {self.peer.peer_id!r} did not answer a pull of {len(keys)} blocks "
+                    f"within {timeout} s"
+                )
+                # Until the reader has stopped it may still write into `views`.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                    await self._reader_done.wait()
+        if pull.error is not None:
+            raise pull.error
+        assert pull.result is not None
+        return pull.result
+
+    async def subscribe(self) -> None:
+        """Ask for the peer's key set (a RESYNC frame) and its block events from then on,
+        delivered to `on_frame`."""
+        deadline = time.monotonic() + self.config.pull_timeout_s
+        await self.wire.send([pack_header(FrameKind.RESYNC, 0, 0)], deadline)
+
+    def mark_down(self, reason: str) -> None:
+        """Fail every pending pull and close the connection."""
+        if self.down_reason is None:
+            self.down_reason = reason
+        self.wire.shutdown()
+
+    # -- the reader task -------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                header = await self.wire.read_header()
+                kind = header.kind
+                if kind == FrameKind.BLOCKS:
+                    await self._read_blocks(header.request_id, header.payload_length)
+                elif kind == FrameKind.ERROR:
+                    payload = await self.wire.read_exact(header.payload_length)
+                    self._on_error(header.request_id, *unpack_error(payload))
+                elif kind in (FrameKind.EVENTS, FrameKind.RESYNC, FrameKind.HEARTBEAT):
+                    payload = await self.wire.read_exact(header.payload_length)
+                    frame = unpack_seq(payload, kind)
+                    if self.on_frame is not None:
+                        self.on_frame(kind, frame)
+                else:
+                    raise FrameError(f"unexpected {kind.name} frame from the peer")
+        except Exception as err:
+            self.mark_down(f"peer {self.peer.peer_id!r}: {err}")
+        finally:
+            reason = self.down_reason or "connection closed"
+            for pull in self._pending.values():
+                if not pull.done.is_set():
+                    pull.error = PeerDownError(reason)
+                    pull.done.set()
+            self._reader_done.set()
+
+    def _on_error(self, request_id: int, code: int, message: str) -> None:
+        pull = self._pending.get(request_id)
+        if pull is None:
+            raise PeerRefusedError(code, message)
+        pull.error = PeerRequestError(code, message)
+        pull.done.set()
+
+    async def _read_blocks(self, request_id: int, payload_length: int) -> None:
+        pull = self._pending.get(request_id)
+        if pull is None:
+            raise FrameError(f"BLOCKS for request {request_id}, which is not pending")
+        wire = self.wire
+        head = unpack_blocks_head(await wire.read_exact(BLOCKS_HEAD.size), payload_length)
+        n = head.num_blocks
+        views = pull.views[:n]
+        if n > len(pull.views):
+            raise FrameError(f"BLOCKS has {n} blocks for a pull of {len(pull.views)}")
+        if n and head.bytes_per_block != len(views[0]):
+            raise FrameError(
+                f"BLOCKS of {head.bytes_per_block} bytes per block, expected {len(views[0])}"
+            )
+        checksums, codes = unpack_blocks_tail(await wire.read_exact(9 * n), n)
+        if n * head.bytes_per_block > THREAD_BYTES:
+            args = (wire.sock, views, checksums, pull.deadline)
+            num_good = await anyio.to_thread.run_sync(_recv_verified, *args)
+        else:
+            await wire.recv_views(views, pull.deadline)
+            num_good = _num_verified(views, checksums)
+        pull.result = PullResult(num_good, tuple(TIER_NAMES[c] for c in codes[:num_good]))
+        pull.done.set()
+
+
+def _num_verified(views: Sequence[memoryview], checksums: Sequence[int]) -> int:
+    digest = xxhash.xxh3_64_intdigest
+    for i, (view, checksum) in enumerate(zip(views, checksums, strict=True)):
+        if digest(view) != checksum:
+            return i
+    return len(views)
+
+
+def _recv_verified(
+    sock: socket.socket, views: Sequence[memoryview], checksums: Sequence[int], deadline: float
+) -> int:
+    """Receive each block and check it while its bytes are still in cache; every byte
+    is read (the stream stays aligned) but the run ends at the first bad block."""
+    digest = xxhash.xxh3_64_intdigest
+    num_good: int | None = None
+    for i, view in enumerate(views):
+        recv_views_blocking(sock, [view], deadline)
+        if num_good is None and digest(view) != checksums[i]:
+            num_good = i
+    return len(views) if num_good is None else num_good
+
+
+def slot_views(
+    pool_bytes: memoryview, slots: Sequence[int], bytes_per_block: int
+) -> list[memoryview]:
+    """One view per slot of a pool's bytes (`kvflow.kv.storage.byte_view`)."""
+    size = bytes_per_block
+    return [pool_bytes[s * size : (s + 1) * size] for s in slots]
+
+
+async def pull_into_cpu(client: PeerClient, store: KVStore, keys: Sequence[int]) -> int:
+    """Pull `keys` from the peer into fresh slots of `store`'s cpu tier and index the
+    leading run that landed intact (the rest of the slots go back). Returns its length;
+    raises like `PeerClient.pull`. Run on the thread that owns the store."""
+    from kvflow.kv.storage import byte_view
+
+    cpu, storage = store.cpu, store.cpu_storage
+    if cpu is None or storage is None:
+        raise ValueError("pulling from a peer needs a cpu tier with tensors")
+    slots = cpu.allocate(len(keys))
+    try:
+        views = slot_views(byte_view(storage.data), slots, store.bytes_per_block)
+        result = await client.pull(keys, views)
+        n = result.num_blocks
+        cpu.seal_many(slots[:n], keys[:n])
+        return n
+    finally:
+        cpu.release(slots)
+
+
+@asynccontextmanager
+async def connect_peer(
+    host: str, port: int, me: PeerIdentity, config: PeerConfig
+) -> AsyncIterator[PeerClient]:
+    """An authenticated connection to the peer service at `host:port`, closed on exit.
+    Raises `PeerRefusedError` (secret or fingerprint differ) or `PeerDownError`."""
+    try:
+        with anyio.fail_after(config.handshake_timeout_s):
+            sock = await _connect(host, port)
+    except (OSError, TimeoutError) as err:
+        raise PeerDownError(f"cannot connect to peer {host}:{port}: {err}") from None
+    wire = Wire(sock, config.max_frame_bytes)
+    try:
+        try:
+            with anyio.fail_after(config.handshake_timeout_s):
+                peer = await client_handshake(wire, me, config)
+        except PeerRefusedError:
+            raise
+        except (FrameError, OSError, TimeoutError) as err:
+            raise PeerDownError(f"handshake with peer {host}:{port} failed: {err}") from None
+        client = PeerClient(wire, me, peer, config)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client._read_loop)
+            try:
+                yield client
+            finally:
+                client.mark_down("connection closed by this instance")
+                tg.cancel_scope.cancel()
+    finally:
+        wire.close()
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, errno.errorcode.get(err, str(err)))
+        await anyio.wait_writable(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, errno.errorcode.get(err, str(err)))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,359 @@
+"""The peer service: serves this instance's blocks to authenticated peers and tells
+subscribed peers which blocks it holds.
+
+One task per connection reads frames; each PULL runs as its own task, so requests on
+one connection are pipelined (replies carry the request id). A pull re-validates its
+keys against the store, pins the leading run it still holds under a lease, sends the
+blocks' bytes straight from the tier buffers, and unpins: every step that can block is
+bounded by the lease's deadline, so no pin outlives `peer.lease_ttl_s` even when the
+client vanishes. Anything malformed closes that connection and nothing else.
+
+The service must run on the event loop thread that owns the store (the engine's):
+pinning and snapshots touch the store's pools, which are single-threaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import numpy as np
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from kvflow.config import PeerConfig
+from kvflow.kv.export import PinnedRun, RunReader, held_keys, pin_run, unpin
+from kvflow.kv.store import BlockEvent, KVStore
+from kvflow.peer.frames import (
+    MAX_CONTROL_BYTES,
+    PULL_HEAD,
+    ErrorCode,
+    FrameError,
+    FrameKind,
+    KeyRecord,
+    SeqFrame,
+    blocks_meta_size,
+    pack_blocks_meta,
+    pack_header,
+    pack_seq,
+    unpack_pull,
+)
+from kvflow.peer.handshake import PeerRefusedError, send_error, server_handshake
+from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
+from kvflow.peer.wire import THREAD_BYTES, PeerClosedError, Wire
+
+_SUBSCRIBER_QUEUE = 256
+"""EVENTS frames queued for one slow subscriber before it is dropped (it resyncs)."""
+_CONNECTION_ERRORS = (FrameError, PeerClosedError, PeerRefusedError, TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    num_connections: int
+    num_subscribers: int
+    num_active_leases: int
+    num_pulls: int
+    num_blocks_served: int
+    num_bytes_served: int
+    num_refused: int
+    """Connections refused at the handshake (secret, fingerprint, malformed)."""
+    num_closed_for_errors: int
+    """Connections closed for a malformed frame, a protocol violation or a dead transfer."""
+
+
+@dataclass(eq=False)
+class _Connection:
+    wire: Wire
+    peer: PeerIdentity | None = None
+    num_inflight: int = 0
+    events: MemoryObjectSendStream[bytes] | None = None
+    connection_id: int = field(default_factory=itertools.count().__next__)
+
+
+class PeerService:
+    """Serves `store`'s blocks on `config.host:config.port`.
+
+    Use as `async with PeerService(store, config) as service:`; `service.port` is the
+    bound port. `model_id` defaults to `config.model_id` (see `model_fingerprint`).
+    """
+
+    def __init__(self, store: KVStore, config: PeerConfig, peer_id: str | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.identity = PeerIdentity(
+            peer_id=peer_id or f"kvflow-{uuid.uuid4().hex[:8]}",
+            fingerprint=model_fingerprint(store.config, config.model_id),
+            incarnation=new_incarnation(),
+        )
+        self.bytes_per_block = store.bytes_per_block
+        limit = config.max_frame_bytes - blocks_meta_size(0)
+        self.max_blocks_per_pull = max(1, limit // (self.bytes_per_block + 9))
+        self.seq = 0
+        """Sequence number of the last batch of block events published."""
+        self._reader = RunReader(store)
+        self._listener: socket.socket | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._connections: dict[int, _Connection] = {}
+        self._pending: list[BlockEvent] = []
+        self._leases: dict[tuple[int, int], float] = {}
+        self._counts = dict.fromkeys(
+            ("pulls", "blocks", "bytes", "refused", "closed_for_errors"), 0
+        )
+        self._open = False
+        store.add_listener(self._on_block_event)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        check_bind(self.config)
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        listener = socket.create_server((self.config.host, self.config.port), family=family)
+        listener.setblocking(False)
+        self._listener = listener
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._open = True
+        self._tg.start_soon(self._accept_loop, listener)
+        self._tg.start_soon(self._publish_loop)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        return None
+
+    async def aclose(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        assert self._tg is not None and self._listener is not None
+        for conn in self._connections.values():
+            conn.wire.shutdown()
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        self._listener.close()
+
+    @property
+    def port(self) -> int:
+        if self._listener is None:
+            raise RuntimeError("the peer service is not started")
+        return int(self._listener.getsockname()[1])
+
+    def stats(self) -> ServiceStats:
+        c = self._counts
+        return ServiceStats(
+            num_connections=len(self._connections),
+            num_subscribers=sum(1 for x in self._connections.values() if x.events is not None),
+            num_active_leases=len(self._leases),
+            num_pulls=c["pulls"],
+            num_blocks_served=c["blocks"],
+            num_bytes_served=c["bytes"],
+            num_refused=c["refused"],
+            num_closed_for_errors=c["closed_for_errors"],
+        )
+
+    # -- connections -----------------------------------------------------------------
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        assert self._tg is not None
+        while True:
+            await anyio.wait_readable(listener)
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:  # out of fds, aborted handshake: keep serving the others
+                await anyio.sleep(0.01)
+                continue
+            if len(self._connections) >= self.config.max_connections:
+                sock.close()
+                continue
+            self._tg.start_soon(self._serve_connection, sock)
+
+    async def _serve_connection(self, sock: socket.socket) -> None:
+        conn = _Connection(Wire(sock, self.config.max_frame_bytes))
+        self._connections[conn.connection_id] = conn
+        try:
+            try:
+                with anyio.fail_after(self.config.handshake_timeout_s):
+                    conn.peer = await server_handshake(conn.wire, self.identity, self.config)
+            except _CONNECTION_ERRORS:
+                self._counts["refused"] += 1
+                return
+            async with anyio.create_task_group() as tg:
+                try:
+                    await self._read_loop(conn, tg)
+                except Exception as err:
+                    if not isinstance(err, PeerClosedError):
+                        self._counts["closed_for_errors"] += 1
+                    if isinstance(err, FrameError):
+                        with contextlib.suppress(*_CONNECTION_ERRORS), anyio.move_on_after(1):
+                            await send_error(conn.wire, 0, ErrorCode.BAD_FRAME, str(err))
+                conn.wire.shutdown()
+                tg.cancel_scope.cancel()
+        except Exception:
+            self._counts["closed_for_errors"] += 1
+        finally:
+            if conn.events is not None:
+                conn.events.close()
+            del self._connections[conn.connection_id]
+            conn.wire.close()
+
+    async def _read_loop(self, conn: _Connection, tg: anyio.abc.TaskGroup) -> None:
+        wire = conn.wire
+        max_pull_bytes = PULL_HEAD.size + 8 * self.max_blocks_per_pull
+        while True:
+            header = await wire.read_header()
+            kind = header.kind
+            if kind == FrameKind.PULL:
+                if header.payload_length > max_pull_bytes:
+                    raise FrameError(
+                        f"PULL of {header.payload_length} bytes asks for more than "
+                        f"{self.max_blocks_per_pull} blocks"
+                    )
+                payload = await wire.read_exact(header.payload_length)
+                if conn.num_inflight >= self.config.max_inflight_pulls:
+                    message = f"more than {self.config.max_inflight_pulls} pulls in flight"
+                    tg.start_soon(_try_send_error, wire, header.request_id, message)
+                    continue
+                conn.num_inflight += 1
+                tg.start_soon(self._serve_pull, conn, header.request_id, payload)
+            elif kind == FrameKind.RESYNC:
+                if header.payload_length:
+                    raise FrameError("a RESYNC request carries no payload")
+                self._subscribe(conn, tg)
+            elif kind == FrameKind.HEARTBEAT:
+                await wire.read_exact(min(header.payload_length, MAX_CONTROL_BYTES))
+            else:
+                raise FrameError(f"unexpected {kind.name} frame from a connected peer")
+
+    # -- pulls -------------------------------------------------------------------------
+    async def _serve_pull(self, conn: _Connection, request_id: int, payload: bytearray) -> None:
+        wire = conn.wire
+        deadline = time.monotonic() + self.config.lease_ttl_s
+        run: PinnedRun | None = None
+        lease = (conn.connection_id, request_id)
+        try:
+            fingerprint, lease_id, keys = unpack_pull(payload)
+            if fingerprint != self.identity.fingerprint:
+                message = (
+                    f"pull for model fingerprint {fingerprint.hex()}, this instance serves "
+                    f"{self.identity.fingerprint.hex()}"
+                )
+                await send_error(wire, request_id, ErrorCode.FINGERPRINT_MISMATCH, message)
+                raise FrameError(message)
+            run = pin_run(self.store, keys.tolist())
+            self._leases[lease] = deadline
+            size = self.bytes_per_block
+            if len(run) * size > THREAD_BYTES or "disk" in run.tiers:
+                data = await anyio.to_thread.run_sync(self._reader.read_run, run)
+            else:
+                data = self._reader.read_run(run)
+            n = len(data.views)
+            meta = pack_blocks_meta(lease_id, size, data.checksums, list(run.tiers[:n]))
+            header = pack_header(FrameKind.BLOCKS, request_id, len(meta) + n * size)
+            await wire.send([header, meta, *data.views], deadline)
+            self._counts["pulls"] += 1
+            self._counts["blocks"] += n
+            self._counts["bytes"] += n * size
+        except Exception:
+            # A transfer that failed half-way leaves the stream unusable: end it.
+            self._counts["closed_for_errors"] += 1
+            wire.shutdown()
+        finally:
+            if run is not None:
+                unpin(self.store, run)
+            self._leases.pop(lease, None)
+            conn.num_inflight -= 1
+
+    # -- block events ------------------------------------------------------------------
+    def _on_block_event(self, event: BlockEvent) -> None:
+        if self._open:
+            self._pending.append(event)
+
+    def _subscribe(self, conn: _Connection, tg: anyio.abc.TaskGroup) -> None:
+        """Queue a snapshot of every key held (at the current sequence number) for this
+        connection, then every later batch."""
+        self._flush()
+        if conn.events is None:
+            send, receive = anyio.create_memory_object_stream[bytes](_SUBSCRIBER_QUEUE)
+            conn.events = send
+            tg.start_soon(self._send_events, conn, receive)
+        records = tuple(KeyRecord("stored", t, k) for t, k in held_keys(self.store).items())
+        snapshot = SeqFrame(self.identity.incarnation, self.seq, records)
+        self._queue(conn, self._frame(FrameKind.RESYNC, snapshot))
+
+    async def _send_events(
+        self, conn: _Connection, frames: MemoryObjectReceiveStream[bytes]
+    ) -> None:
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            async with frames:
+                async for frame in frames:
+                    deadline = time.monotonic() + self.config.lease_ttl_s
+                    await conn.wire.send([frame], deadline)
+        conn.wire.shutdown()
+
+    def _frame(self, kind: FrameKind, frame: SeqFrame) -> bytes:
+        payload = pack_seq(frame)
+        return pack_header(kind, 0, len(payload)) + payload
+
+    def _queue(self, conn: _Connection, frame: bytes) -> None:
+        if conn.events is None:
+            return
+        if len(frame) > self.config.max_frame_bytes:
+            return  # not sent: the subscriber sees a gap in the sequence and resyncs
+        try:
+            conn.events.send_nowait(frame)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            conn.wire.shutdown()  # too slow to follow: it reconnects and resyncs
+
+    def _flush(self) -> None:
+        """Publish the events since the last batch as batch `seq + 1`."""
+        if not self._pending:
+            return
+        events, self._pending = self._pending, []
+        self.seq += 1
+        records: list[KeyRecord] = []
+        i = 0
+        while i < len(events):  # merge runs of events of one kind and tier, in order
+            e = events[i]
+            keys = list(e.keys)
+            i += 1
+            while i < len(events) and (events[i].kind, events[i].tier) == (e.kind, e.tier):
+                keys.extend(events[i].keys)
+                i += 1
+            records.append(KeyRecord(e.kind, e.tier, np.array(keys, dtype=np.uint64)))
+        frame = self._frame(
+            FrameKind.EVENTS, SeqFrame(self.identity.incarnation, self.seq, tuple(records))
+        )
+        for conn in list(self._connections.values()):
+            self._queue(conn, frame)
+
+    async def _publish_loop(self) -> None:
+        next_heartbeat = time.monotonic()
+        while True:
+            self._flush()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.config.heartbeat_interval_s
+                beat = self._frame(
+                    FrameKind.HEARTBEAT, SeqFrame(self.identity.incarnation, self.seq, ())
+                )
+                for conn in list(self._connections.values()):
+                    self._queue(conn, beat)
+            await anyio.sleep(self.config.event_interval_s)
+
+
+async def _try_send_error(wire: Wire, request_id: int, message: str) -> None:
+    with contextlib.suppress(*_CONNECTION_ERRORS):
+        await send_error(wire, request_id, ErrorCode.BUSY, message)
