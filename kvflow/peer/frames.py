@@ -223,7 +223,7 @@ RECORD_HEAD = struct.Struct("!BBI")
 RECORD_KINDS = {"stored": 1, "dropped": 2}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class KeyRecord:
     """Keys stored in or dropped from one tier of the sender."""
 
@@ -232,7 +232,7 @@ class KeyRecord:
     keys: npt.NDArray[np.uint64]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SeqFrame:
     """An EVENTS batch, a RESYNC snapshot (records of kind `stored`) or a HEARTBEAT (no
     records): the sender's incarnation and the sequence number it is at."""
