@@ -73,6 +73,4 @@ def no_pins(store: KVStore) -> bool:
     """Nothing holds a reference on any block of any tier, and the store agrees."""
     store.check_integrity()
     pools = [p for p in (store.device, store.cpu, store.disk) if p is not None]
-    return all(int(p.ref_counts.sum()) == 0 for p in pools) and not any(
-        store.export_pins.values()
-    )
+    return all(int(p.ref_counts.sum()) == 0 for p in pools) and not any(store.export_pins.values())

@@ -27,6 +27,7 @@ import xxhash
 
 from kvflow.config import PeerConfig
 from kvflow.kv.store import KVStore
+from kvflow.peer.directory import Directory
 from kvflow.peer.frames import (
     BLOCKS_HEAD,
     TIER_NAMES,
@@ -44,8 +45,9 @@ from kvflow.peer.handshake import PeerRefusedError, client_handshake
 from kvflow.peer.identity import PeerIdentity
 from kvflow.peer.wire import THREAD_BYTES, Wire, recv_views_blocking
 
-FrameHandler = Callable[[FrameKind, SeqFrame], None]
-"""Told each EVENTS, RESYNC and HEARTBEAT frame a subscribed connection receives."""
+FrameHandler = Callable[[FrameKind, SeqFrame], bool]
+"""Told each EVENTS, RESYNC and HEARTBEAT frame a subscribed connection receives;
+returns whether it needs a fresh snapshot (a gap), which the client then asks for."""
 
 
 class PeerDownError(ConnectionError):
@@ -91,6 +93,7 @@ class PeerClient:
         self._pending: dict[int, _Pull] = {}
         self._request_ids = itertools.count(1)
         self._reader_done = anyio.Event()
+        self._resync_asked = False
 
     @property
     def is_down(self) -> bool:
@@ -138,8 +141,25 @@ class PeerClient:
     async def subscribe(self) -> None:
         """Ask for the peer's key set (a RESYNC frame) and its block events from then on,
         delivered to `on_frame`."""
+        self._resync_asked = True
         deadline = time.monotonic() + self.config.pull_timeout_s
         await self.wire.send([pack_header(FrameKind.RESYNC, 0, 0)], deadline)
+
+    def follow(self, directory: Directory, clock: Callable[[], float] = time.monotonic) -> None:
+        """Keep `directory`'s entries for this peer from the frames of a subscription
+        (call `subscribe` next); a gap asks for a resync."""
+        peer = self.peer.peer_id
+        appliers = {
+            FrameKind.EVENTS: directory.apply_events,
+            FrameKind.RESYNC: directory.apply_resync,
+            FrameKind.HEARTBEAT: directory.heartbeat,
+        }
+
+        def on_frame(kind: FrameKind, frame: SeqFrame) -> bool:
+            appliers[kind](peer, frame, clock())
+            return directory.needs_resync(peer)
+
+        self.on_frame = on_frame
 
     def mark_down(self, reason: str) -> None:
         """Fail every pending pull and close the connection."""
@@ -161,8 +181,11 @@ class PeerClient:
                 elif kind in (FrameKind.EVENTS, FrameKind.RESYNC, FrameKind.HEARTBEAT):
                     payload = await self.wire.read_exact(header.payload_length)
                     frame = unpack_seq(payload, kind)
-                    if self.on_frame is not None:
-                        self.on_frame(kind, frame)
+                    if kind == FrameKind.RESYNC:
+                        self._resync_asked = False
+                    wants_resync = self.on_frame is not None and self.on_frame(kind, frame)
+                    if wants_resync and not self._resync_asked:
+                        await self.subscribe()
                 else:
                     raise FrameError(f"unexpected {kind.name} frame from the peer")
         except Exception as err:
