@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 
 from kvflow.config import KVConfig, KVFlowConfig, PeerConfig
@@ -74,3 +76,9 @@ def no_pins(store: KVStore) -> bool:
     store.check_integrity()
     pools = [p for p in (store.device, store.cpu, store.disk) if p is not None]
     return all(int(p.ref_counts.sum()) == 0 for p in pools) and not any(store.export_pins.values())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds (the caller bounds it with `anyio.fail_after`)."""
+    while not condition():  # noqa: ASYNC110 - the conditions are other tasks' state
+        await anyio.sleep(0.005)

@@ -133,6 +133,8 @@ class PeerClient:
                 # Until the reader has stopped it may still write into `views`.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
                     await self._reader_done.wait()
+                if pull.result is None and pull.error is None:
+                    pull.error = PeerDownError(self.down_reason)
         if pull.error is not None:
             raise pull.error
         assert pull.result is not None
@@ -220,12 +222,18 @@ class PeerClient:
                 f"BLOCKS of {head.bytes_per_block} bytes per block, expected {len(views[0])}"
             )
         checksums, codes = unpack_blocks_tail(await wire.read_exact(9 * n), n)
-        if n * head.bytes_per_block > THREAD_BYTES:
-            args = (wire.sock, views, checksums, pull.deadline)
-            num_good = await anyio.to_thread.run_sync(_recv_verified, *args)
-        else:
-            await wire.recv_views(views, pull.deadline)
-            num_good = _num_verified(views, checksums)
+        try:
+            if n * head.bytes_per_block > THREAD_BYTES:
+                args = (wire.sock, views, checksums, pull.deadline)
+                num_good = await anyio.to_thread.run_sync(_recv_verified, *args)
+            else:
+                await wire.recv_views(views, pull.deadline)
+                num_good = _num_verified(views, checksums)
+        except TimeoutError:
+            raise TimeoutError(
+                f"did not answer a pull of {len(pull.views)} blocks within "
+                f"{self.config.pull_timeout_s} s (stalled mid-transfer)"
+            ) from None
         pull.result = PullResult(num_good, tuple(TIER_NAMES[c] for c in codes[:num_good]))
         pull.done.set()
 

@@ -5,7 +5,6 @@ marked down."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -14,7 +13,7 @@ import pytest
 from kvflow.peer.client import connect_peer, pull_into_cpu
 from kvflow.peer.directory import Directory, RunHint
 from kvflow.peer.service import PeerService
-from tests.peer_builders import make_store, peer_config, put_blocks
+from tests.peer_builders import make_store, peer_config, put_blocks, until
 
 pytestmark = pytest.mark.anyio
 
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait (bounded by the caller's timeout) until `condition()` holds."""
-    while not condition():
-        await anyio.sleep(0.005)
 
 
 async def test_the_directory_follows_stores_moves_and_drops(tmp_path: Path) -> None:
@@ -40,16 +33,16 @@ async def test_the_directory_follows_stores_moves_and_drops(tmp_path: Path) -> N
             async with connect_peer("127.0.0.1", service.port, me, service.config) as client:
                 client.follow(directory)
                 await client.subscribe()
-                await until(lambda: directory.held("A") == {1: {"disk"}, 2: {"disk"}}, "resync")
+                await until(lambda: directory.held("A") == {1: {"disk"}, 2: {"disk"}})
                 put_blocks(a, "cpu", [2, 3])  # 2 now in cpu too: a move up
                 await until(
                     lambda: directory.held("A") == {1: {"disk"}, 2: {"cpu", "disk"}, 3: {"cpu"}},
                     "stored events",
                 )
-                assert directory.longest_run([1, 2, 3, 4]) == RunHint("A", 3, "disk")
+                assert directory.longest_run([1, 2, 3, 4]) == RunHint("A", 3)
                 assert a.disk is not None
                 a.disk.reset_prefix_cache()  # the disk copies are dropped
-                await until(lambda: directory.held("A") == {2: {"cpu"}, 3: {"cpu"}}, "drops")
+                await until(lambda: directory.held("A") == {2: {"cpu"}, 3: {"cpu"}})
                 hint = directory.longest_run([2, 3])
                 assert hint == RunHint("A", 2, "cpu")
                 assert await pull_into_cpu(client, b, [2, 3][: hint.num_blocks]) == 2
@@ -66,12 +59,14 @@ async def test_a_restarted_peer_is_resynced_and_a_silent_one_marked_down(
     directory = Directory(heartbeat_timeout_s=0.5)
     me = PeerService(b, peer_config(), peer_id="B").identity
     with anyio.fail_after(30):
-        async with PeerService(a, peer_config(), peer_id="A") as first:
-            async with connect_peer("127.0.0.1", first.port, me, first.config) as client:
-                client.follow(directory)
-                await client.subscribe()
-                await until(lambda: len(directory.held("A")) == 3, "first resync")
-                old = directory._peers["A"].incarnation
+        async with (
+            PeerService(a, peer_config(), peer_id="A") as first,
+            connect_peer("127.0.0.1", first.port, me, first.config) as client,
+        ):
+            client.follow(directory)
+            await client.subscribe()
+            await until(lambda: len(directory.held("A")) == 3)
+            old = directory._peers["A"].incarnation
         assert a.cpu is not None
         a.cpu.reset_prefix_cache()
         put_blocks(a, "cpu", [7])  # what the restarted instance holds
@@ -80,7 +75,7 @@ async def test_a_restarted_peer_is_resynced_and_a_silent_one_marked_down(
             async with connect_peer("127.0.0.1", second.port, me, second.config) as client:
                 client.follow(directory)
                 await client.subscribe()
-                await until(lambda: directory.held("A") == {7: {"cpu"}}, "second resync")
+                await until(lambda: directory.held("A") == {7: {"cpu"}})
                 assert directory.num_restarts == 1
         await anyio.sleep(0.6)  # no heartbeat from A any more
         assert directory.expire(time.monotonic()) == ["A"]
