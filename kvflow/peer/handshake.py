@@ -12,6 +12,7 @@ import time
 
 from kvflow.config import PeerConfig
 from kvflow.peer.frames import (
+    MAX_CONTROL_BYTES,
     ErrorCode,
     FrameError,
     FrameKind,
@@ -50,7 +51,8 @@ async def send_error(wire: Wire, request_id: int, code: ErrorCode, message: str)
 
 
 async def _expect(wire: Wire, kind: FrameKind) -> bytearray:
-    header = await wire.read_header()
+    # Before authentication nothing but a small control frame is read, whatever its kind.
+    header = await wire.read_header(MAX_CONTROL_BYTES)
     payload = await wire.read_exact(header.payload_length)
     if header.kind == FrameKind.ERROR:
         code, message = unpack_error(payload)

@@ -53,9 +53,12 @@ class Wire:
         self.closed = False
 
     # -- reading ---------------------------------------------------------------------
-    async def read_header(self) -> Header:
+    async def read_header(self, max_payload_bytes: int | None = None) -> Header:
+        """The next frame's header, its length checked against `max_payload_bytes`
+        (default: the connection's limit) before anything of the payload is read."""
         data = await self.read_exact(HEADER_SIZE)
-        return unpack_header(data, self.max_payload_bytes)
+        limit = self.max_payload_bytes if max_payload_bytes is None else max_payload_bytes
+        return unpack_header(data, limit)
 
     async def read_exact(self, num_bytes: int) -> bytearray:
         """`num_bytes` (already checked against a limit by the caller)."""
