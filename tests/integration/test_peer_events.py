@@ -36,10 +36,9 @@ async def test_the_directory_follows_stores_moves_and_drops(tmp_path: Path) -> N
                 await until(lambda: directory.held("A") == {1: {"disk"}, 2: {"disk"}})
                 put_blocks(a, "cpu", [2, 3])  # 2 now in cpu too: a move up
                 await until(
-                    lambda: directory.held("A") == {1: {"disk"}, 2: {"cpu", "disk"}, 3: {"cpu"}},
-                    "stored events",
+                    lambda: directory.held("A") == {1: {"disk"}, 2: {"cpu", "disk"}, 3: {"cpu"}}
                 )
-                assert directory.longest_run([1, 2, 3, 4]) == RunHint("A", 3)
+                assert directory.longest_run([1, 2, 3, 4]) == RunHint("A", 3, "disk")
                 assert a.disk is not None
                 a.disk.reset_prefix_cache()  # the disk copies are dropped
                 await until(lambda: directory.held("A") == {2: {"cpu"}, 3: {"cpu"}})

@@ -1,0 +1,70 @@
+"""The store's side of sharing: block events as keys enter and leave tiers, and pinned
+runs that re-validate a hint and survive eviction pressure until unpinned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from kvflow.config import TransferConfig
+from kvflow.kv.export import RunReader, held_keys, pin_run, unpin
+from kvflow.kv.store import BlockEvent
+from kvflow.kv.transfer import PEER_DIRECTION, SimCopyEngine
+from tests.peer_builders import make_store, no_pins, put_blocks
+
+
+def test_events_follow_a_block_down_the_tiers_and_out(tmp_path: Path) -> None:
+    store = make_store(tmp_path, num_blocks=4)
+    events: list[BlockEvent] = []
+    store.add_listener(events.append)
+    blocks = store.device.allocate(2)
+    store.device.seal_many(blocks, [11, 12])
+    store.release_device(blocks, now=0.0, keep=True)  # write_back: copied down to cpu
+    store.drain(0.0)
+    assert store.disk is not None
+    store.disk.reset_prefix_cache()
+
+    def keys(kind: str, tier: str) -> set[int]:
+        return {k for e in events if (e.kind, e.tier) == (kind, tier) for k in e.keys}
+
+    assert (events[0].kind, events[0].tier, set(events[0].keys)) == ("stored", "device", {11, 12})
+    assert keys("stored", "cpu") == {11, 12}
+    assert keys("stored", "disk") == keys("dropped", "disk") == {11, 12}
+    assert keys("dropped", "device") == keys("dropped", "cpu") == set()
+    assert held_keys(store)["device"].tolist() == [11, 12]
+    assert held_keys(store)["disk"].tolist() == []
+    store.close()
+
+
+def test_a_pinned_run_stops_at_the_first_missing_key_and_resists_eviction(
+    tmp_path: Path,
+) -> None:
+    store = make_store(tmp_path, num_blocks=4)
+    put_blocks(store, "cpu", [1, 2])
+    put_blocks(store, "disk", [3], seed=1)
+    run = pin_run(store, [1, 2, 3, 9, 4])
+    assert (run.keys, run.tiers) == ((1, 2, 3), ("cpu", "cpu", "disk"))
+    assert store.cpu is not None
+    assert store.cpu.num_free_blocks == 2  # the pinned two cannot be evicted
+    store.check_integrity()
+    data = RunReader(store).read_run(run)
+    assert len(data.views) == 3
+    assert data.checksums == [xxhash.xxh3_64_intdigest(v) for v in data.views]
+    unpin(store, run)
+    assert no_pins(store) and store.cpu.num_free_blocks == 4
+    store.close()
+
+
+def test_a_store_without_tensors_has_nothing_to_serve() -> None:
+    from kvflow.kv.store import KVStore
+    from tests.builders import make_config
+
+    with pytest.raises(ValueError, match="without tensors"):
+        RunReader(KVStore(make_config().kv))
+
+
+def test_the_copy_model_prices_a_peer_pull() -> None:
+    engine = SimCopyEngine(TransferConfig(peer_gbps=2.0, peer_latency_us=100.0))
+    assert engine.duration_s(PEER_DIRECTION, 2 * 10**9) == pytest.approx(1.0001)
