@@ -44,10 +44,11 @@ class PinnedRun:
 @dataclass(frozen=True, slots=True)
 class RunBytes:
     """The bytes of a pinned run's first `len(views)` blocks (a disk block that failed
-    its checksum ends the run early), with each block's xxh3."""
+    its checksum ends the run early), with each block's xxh3 (None: not computed yet,
+    see `read_run`)."""
 
     views: list[memoryview]
-    checksums: list[int]
+    checksums: list[int | None]
 
 
 def _pools(store: KVStore) -> list[tuple[TierName, BlockPool]]:
@@ -117,14 +118,18 @@ class RunReader:
         if store.cpu_storage is not None:
             self._host["cpu"] = byte_view(store.cpu_storage.data)
 
-    def read_run(self, run: PinnedRun) -> RunBytes:
+    def read_run(self, run: PinnedRun, hash_host: bool = True) -> RunBytes:
         """The run's bytes and checksums; a disk block that fails its checksum (or a
         tier whose bytes cannot be read) ends the run there. Blocking: disk reads and
-        hashing release the GIL, so a worker thread may call this."""
+        hashing release the GIL, so a worker thread may call this.
+
+        With `hash_host=False`, blocks viewed in place in a host pool get no checksum
+        (None) here: a sender hashes each just before sending it, overlapping hashing
+        with the transfer of the blocks before."""
         size = self.bytes_per_block
         views: list[memoryview] = []
-        checksums: list[int] = []
-        digest = xxhash.xxh3_64_intdigest
+        checksums: list[int | None] = []
+        digest = xxhash.xxh3_64_intdigest if hash_host else _no_digest
         i = 0
         n = len(run)
         while i < n:
@@ -148,7 +153,9 @@ class RunReader:
             i = j
         return RunBytes(views, checksums)
 
-    def _read_disk(self, slots: Sequence[int], views: list[memoryview], sums: list[int]) -> int:
+    def _read_disk(
+        self, slots: Sequence[int], views: list[memoryview], sums: list[int | None]
+    ) -> int:
         disk = self.store.disk_storage
         if disk is None:
             return 0
@@ -164,7 +171,9 @@ class RunReader:
             sums.append(checksum)
         return num_good
 
-    def _read_device(self, slots: Sequence[int], views: list[memoryview], sums: list[int]) -> None:
+    def _read_device(
+        self, slots: Sequence[int], views: list[memoryview], sums: list[int | None]
+    ) -> None:
         """Blocks of a device pool that is not host memory, through a host copy."""
         from kvflow.kv.storage import byte_view
 
@@ -178,6 +187,10 @@ class RunReader:
             view = host[i * size : (i + 1) * size]
             views.append(view)
             sums.append(digest(view))
+
+
+def _no_digest(view: memoryview) -> None:
+    return None
 
 
 def held_keys(store: KVStore) -> dict[TierName, npt.NDArray[np.uint64]]:

@@ -30,16 +30,16 @@ from kvflow.kv.store import KVStore
 from kvflow.peer.directory import Directory
 from kvflow.peer.frames import (
     BLOCKS_HEAD,
-    TIER_NAMES,
     FrameError,
     FrameKind,
     SeqFrame,
     pack_header,
     pack_pull,
     unpack_blocks_head,
-    unpack_blocks_tail,
+    unpack_checksums,
     unpack_error,
     unpack_seq,
+    unpack_tier_codes,
 )
 from kvflow.peer.handshake import PeerRefusedError, client_handshake
 from kvflow.peer.identity import PeerIdentity
@@ -221,43 +221,45 @@ class PeerClient:
             raise FrameError(
                 f"BLOCKS of {head.bytes_per_block} bytes per block, expected {len(views[0])}"
             )
-        checksums, codes = unpack_blocks_tail(await wire.read_exact(9 * n), n)
+        tiers = unpack_tier_codes(await wire.read_exact(n))
+        trailer = memoryview(bytearray(8 * n))
         try:
             if n * head.bytes_per_block > THREAD_BYTES:
-                args = (wire.sock, views, checksums, pull.deadline)
+                args = (wire.sock, views, trailer, pull.deadline)
                 num_good = await anyio.to_thread.run_sync(_recv_verified, *args)
             else:
-                await wire.recv_views(views, pull.deadline)
-                num_good = _num_verified(views, checksums)
+                await wire.recv_views([*views, trailer], pull.deadline)
+                digests = [xxhash.xxh3_64_intdigest(v) for v in views]
+                num_good = _num_matching(digests, unpack_checksums(trailer, n))
         except TimeoutError:
             raise TimeoutError(
                 f"did not answer a pull of {len(pull.views)} blocks within "
                 f"{self.config.pull_timeout_s} s (stalled mid-transfer)"
             ) from None
-        pull.result = PullResult(num_good, tuple(TIER_NAMES[c] for c in codes[:num_good]))
+        pull.result = PullResult(num_good, tiers[:num_good])
         pull.done.set()
 
 
-def _num_verified(views: Sequence[memoryview], checksums: Sequence[int]) -> int:
-    digest = xxhash.xxh3_64_intdigest
-    for i, (view, checksum) in enumerate(zip(views, checksums, strict=True)):
-        if digest(view) != checksum:
+def _num_matching(digests: Sequence[int], checksums: Sequence[int]) -> int:
+    """The leading run of blocks whose digest matches the owner's checksum."""
+    for i, (got, expected) in enumerate(zip(digests, checksums, strict=True)):
+        if got != expected:
             return i
-    return len(views)
+    return len(digests)
 
 
 def _recv_verified(
-    sock: socket.socket, views: Sequence[memoryview], checksums: Sequence[int], deadline: float
+    sock: socket.socket, views: Sequence[memoryview], trailer: memoryview, deadline: float
 ) -> int:
-    """Receive each block and check it while its bytes are still in cache; every byte
-    is read (the stream stays aligned) but the run ends at the first bad block."""
+    """Receive each block and hash it while its bytes are still in cache, then the
+    checksums; the run ends at the first block whose digest differs."""
     digest = xxhash.xxh3_64_intdigest
-    num_good: int | None = None
-    for i, view in enumerate(views):
+    digests: list[int] = []
+    for view in views:
         recv_views_blocking(sock, [view], deadline)
-        if num_good is None and digest(view) != checksums[i]:
-            num_good = i
-    return len(views) if num_good is None else num_good
+        digests.append(digest(view))
+    recv_views_blocking(sock, [trailer], deadline)
+    return _num_matching(digests, unpack_checksums(trailer, len(views)))
 
 
 def slot_views(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ class FrameKind(enum.IntEnum):
     PULL = 4
     """request: fingerprint, lease id, keys (packed uint64)."""
     BLOCKS = 5
-    """reply to PULL: lease id, count, per-block checksums and tiers, then raw bytes."""
+    """reply to PULL: lease id, count, tiers, the raw block bytes, then their checksums."""
     EVENTS = 6
     """server -> subscriber: one sequence-numbered batch of block events."""
     RESYNC = 7
@@ -169,22 +169,31 @@ def unpack_pull(payload: bytes | bytearray) -> tuple[bytes, int, npt.NDArray[np.
 
 # -- BLOCKS -----------------------------------------------------------------------------
 BLOCKS_HEAD = struct.Struct("!QII")
-"""lease id, number of blocks served, bytes per block."""
+"""lease id, number of blocks served, bytes per block. A BLOCKS payload is this head,
+one tier code per block, the blocks' bytes, and last one xxh3 per block: checksums come
+after the bytes so the owner hashes each block just before sending it, while the
+puller is still receiving the ones before."""
 TIER_CODES = {"device": 0, "cpu": 1, "disk": 2}
 TIER_NAMES = ("device", "cpu", "disk")
 
 
 def blocks_meta_size(num_blocks: int) -> int:
-    """Bytes before the block bytes: head, checksums (8 each), tier codes (1 each)."""
+    """Bytes of a BLOCKS payload besides the blocks: head, tier codes, checksums."""
     return BLOCKS_HEAD.size + 9 * num_blocks
 
 
-def pack_blocks_meta(
-    lease_id: int, bytes_per_block: int, checksums: list[int], tiers: list[str]
-) -> bytes:
-    sums = np.array(checksums, dtype=np.uint64).astype(KEY_DTYPE).tobytes()
+def pack_blocks_head(lease_id: int, bytes_per_block: int, tiers: Sequence[str]) -> bytes:
     codes = bytes(TIER_CODES[t] for t in tiers)
-    return BLOCKS_HEAD.pack(lease_id, len(checksums), bytes_per_block) + sums + codes
+    return BLOCKS_HEAD.pack(lease_id, len(tiers), bytes_per_block) + codes
+
+
+def pack_checksums(checksums: Sequence[int]) -> bytes:
+    return np.array(checksums, dtype=np.uint64).astype(KEY_DTYPE).tobytes()
+
+
+def unpack_checksums(data: bytes | bytearray | memoryview, num_blocks: int) -> list[int]:
+    sums = np.frombuffer(data, dtype=KEY_DTYPE, count=num_blocks).astype(np.uint64)
+    return sums.tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,13 +215,10 @@ def unpack_blocks_head(data: bytes | bytearray, payload_length: int) -> BlocksHe
     return BlocksHead(lease_id, num_blocks, bytes_per_block)
 
 
-def unpack_blocks_tail(data: bytes | bytearray, num_blocks: int) -> tuple[list[int], bytes]:
-    """(checksums, tier codes) from the bytes after the fixed head."""
-    sums = np.frombuffer(data, dtype=KEY_DTYPE, count=num_blocks).astype(np.uint64)
-    codes = data[8 * num_blocks :]
-    if any(c >= len(TIER_NAMES) for c in codes):
-        raise FrameError(f"BLOCKS tier codes {list(codes)[:8]} out of range")
-    return sums.tolist(), bytes(codes)
+def unpack_tier_codes(data: bytes | bytearray) -> tuple[str, ...]:
+    if any(c >= len(TIER_NAMES) for c in data):
+        raise FrameError(f"BLOCKS tier codes {list(data)[:8]} out of range")
+    return tuple(TIER_NAMES[c] for c in data)
 
 
 # -- EVENTS / RESYNC / HEARTBEAT ---------------------------------------------------------

@@ -19,14 +19,15 @@ import itertools
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import numpy as np
+import xxhash
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvflow.config import PeerConfig
@@ -41,7 +42,8 @@ from kvflow.peer.frames import (
     KeyRecord,
     SeqFrame,
     blocks_meta_size,
-    pack_blocks_meta,
+    pack_blocks_head,
+    pack_checksums,
     pack_header,
     pack_seq,
     unpack_pull,
@@ -50,6 +52,7 @@ from kvflow.peer.handshake import PeerRefusedError, send_error, server_handshake
 from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
 from kvflow.peer.wire import THREAD_BYTES, PeerClosedError, Wire
 
+digest = xxhash.xxh3_64_intdigest
 _SUBSCRIBER_QUEUE = 256
 """EVENTS frames queued for one slow subscriber before it is dropped (it resyncs)."""
 _CONNECTION_ERRORS = (FrameError, PeerClosedError, PeerRefusedError, TimeoutError, OSError)
@@ -254,18 +257,34 @@ class PeerService:
                 raise FrameError(message)
             run = pin_run(self.store, keys.tolist())
             self._leases[lease] = deadline
+            served: list[int] = []
             size = self.bytes_per_block
+
+            def parts() -> Iterator[Sequence[bytes | memoryview]]:
+                data = self._reader.read_run(run, hash_host=False)
+                n = len(data.views)
+                served.append(n)
+                payload_length = blocks_meta_size(n) + n * size
+                yield [
+                    pack_header(FrameKind.BLOCKS, request_id, payload_length),
+                    pack_blocks_head(lease_id, size, run.tiers[:n]),
+                ]
+                sums = data.checksums
+                step = max(1, THREAD_BYTES // size)
+                for lo in range(0, n, step):  # hash a part, send it, hash the next...
+                    for i in range(lo, min(lo + step, n)):
+                        if sums[i] is None:
+                            sums[i] = digest(data.views[i])
+                    yield data.views[lo : lo + step]
+                yield [pack_checksums(sums)]  # type: ignore[arg-type]
+
             if len(run) * size > THREAD_BYTES or "disk" in run.tiers:
-                data = await anyio.to_thread.run_sync(self._reader.read_run, run)
+                await wire.send_built(parts, deadline)  # read, hash and send: one thread
             else:
-                data = self._reader.read_run(run)
-            n = len(data.views)
-            meta = pack_blocks_meta(lease_id, size, data.checksums, list(run.tiers[:n]))
-            header = pack_header(FrameKind.BLOCKS, request_id, len(meta) + n * size)
-            await wire.send([header, meta, *data.views], deadline)
+                await wire.send([b for part in parts() for b in part], deadline)
             self._counts["pulls"] += 1
-            self._counts["blocks"] += n
-            self._counts["bytes"] += n * size
+            self._counts["blocks"] += served[0]
+            self._counts["bytes"] += served[0] * size
         except Exception:
             # A transfer that failed half-way leaves the stream unusable: end it.
             self._counts["closed_for_errors"] += 1

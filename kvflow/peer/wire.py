@@ -14,7 +14,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 import anyio.to_thread
@@ -115,6 +115,23 @@ class Wire:
                     except OSError as err:
                         raise PeerClosedError(f"connection lost: {err}") from None
                     _advance(views, num)
+
+    async def send_built(
+        self, parts: Callable[[], Iterable[Sequence[Buffer]]], deadline: float
+    ) -> None:
+        """Send one frame made of `parts()`, built lazily and sent part by part in one
+        worker thread (for a frame whose building blocks too: disk reads, hashing, which
+        then overlap with the transfer of the parts before)."""
+
+        def build_and_send() -> None:
+            for part in parts():
+                views = [memoryview(b).cast("B") for b in part]
+                send_views_blocking(self.sock, views, deadline)
+
+        async with self._send_lock:
+            if self.closed:
+                raise PeerClosedError("connection already closed")
+            await anyio.to_thread.run_sync(build_and_send)
 
     def shutdown(self) -> None:
         """End the connection both ways: blocked reads see EOF, blocked sends fail, so

@@ -17,10 +17,18 @@ import anyio
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from kvflow.kv.storage import byte_view
 from kvflow.peer.client import PeerDownError, connect_peer, pull_into_cpu, slot_views
-from kvflow.peer.frames import FrameKind, pack_blocks_meta, pack_header, pack_pull
+from kvflow.peer.frames import (
+    FrameKind,
+    blocks_meta_size,
+    pack_blocks_head,
+    pack_checksums,
+    pack_header,
+    pack_pull,
+)
 from kvflow.peer.handshake import client_handshake, server_handshake
 from kvflow.peer.service import PeerService
 from kvflow.peer.wire import Wire
@@ -127,8 +135,8 @@ async def test_a_peer_stalling_mid_transfer_fails_the_pull_after_the_timeout(
         await server_handshake(wire, stalling.identity, config)
         header = await wire.read_header()
         await wire.read_exact(header.payload_length)
-        meta = pack_blocks_meta(header.request_id, size, [0] * 4, ["cpu"] * 4)
-        head = pack_header(FrameKind.BLOCKS, header.request_id, len(meta) + 4 * size)
+        meta = pack_blocks_head(header.request_id, size, ["cpu"] * 4)
+        head = pack_header(FrameKind.BLOCKS, header.request_id, blocks_meta_size(4) + 4 * size)
         await wire.send([head, meta, b"\0" * (2 * size)], time.monotonic() + 5)
         stalled.set()
         await anyio.sleep(60)
@@ -144,6 +152,46 @@ async def test_a_peer_stalling_mid_transfer_fails_the_pull_after_the_timeout(
     listener.close()
     assert no_pins(b)
     a.close()
+    b.close()
+
+
+async def test_a_block_whose_checksum_differs_ends_the_run(tmp_path: Path) -> None:
+    """A peer whose third block arrives with a checksum that does not match its bytes."""
+    b = make_store(tmp_path, "b")
+    config = peer_config()
+    liar = PeerService(make_store(tmp_path, "liar"), config, peer_id="A")
+    me = PeerService(b, config, peer_id="B").identity
+    size = b.bytes_per_block
+    blocks = [bytes([i + 1]) * size for i in range(4)]
+    sums = [xxhash.xxh3_64_intdigest(block) for block in blocks]
+    sums[2] ^= 1
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+
+    async def lying_peer() -> None:
+        await anyio.wait_readable(listener)
+        sock, _ = listener.accept()
+        wire = Wire(sock, config.max_frame_bytes)
+        await server_handshake(wire, liar.identity, config)
+        header = await wire.read_header()
+        await wire.read_exact(header.payload_length)
+        meta = pack_blocks_head(header.request_id, size, ["cpu"] * 4)
+        head = pack_header(FrameKind.BLOCKS, header.request_id, blocks_meta_size(4) + 4 * size)
+        await wire.send([head, meta, *blocks, pack_checksums(sums)], time.monotonic() + 5)
+        await anyio.sleep(60)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lying_peer)
+            async with connect_peer("127.0.0.1", listener.getsockname()[1], me, config) as client:
+                assert await pull_into_cpu(client, b, [1, 2, 3, 4]) == 2
+                assert not client.is_down  # the stream stayed aligned: the next pull works
+            tg.cancel_scope.cancel()
+    listener.close()
+    assert b.cpu is not None and b.cpu_storage is not None
+    assert [b.cpu.lookup(k) is not None for k in (1, 2, 3, 4)] == [True, True, False, False]
+    assert bytes(byte_view(b.cpu_storage.data[b.cpu.lookup(2)])) == blocks[1]  # type: ignore[index]
+    assert no_pins(b)
     b.close()
 
 

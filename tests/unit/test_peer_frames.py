@@ -17,15 +17,17 @@ from kvflow.peer.frames import (
     KeyRecord,
     SeqFrame,
     blocks_meta_size,
-    pack_blocks_meta,
+    pack_blocks_head,
+    pack_checksums,
     pack_header,
     pack_pull,
     pack_seq,
     unpack_blocks_head,
-    unpack_blocks_tail,
+    unpack_checksums,
     unpack_header,
     unpack_pull,
     unpack_seq,
+    unpack_tier_codes,
 )
 from kvflow.peer.identity import model_fingerprint
 
@@ -68,15 +70,18 @@ def test_pull_round_trip_and_a_wrong_key_count() -> None:
         unpack_pull(head[:5])
 
 
-def test_blocks_meta_round_trip_and_a_length_that_disagrees() -> None:
-    meta = pack_blocks_meta(9, 64, [1, 2**64 - 1], ["cpu", "disk"])
-    assert len(meta) == blocks_meta_size(2)
-    head = unpack_blocks_head(meta[:16], blocks_meta_size(2) + 2 * 64)
+def test_blocks_head_and_checksums_round_trip_and_a_length_that_disagrees() -> None:
+    head_bytes = pack_blocks_head(9, 64, ["cpu", "disk"])
+    sums = pack_checksums([1, 2**64 - 1])
+    assert len(head_bytes) + len(sums) == blocks_meta_size(2)
+    head = unpack_blocks_head(head_bytes[:16], blocks_meta_size(2) + 2 * 64)
     assert (head.lease_id, head.num_blocks, head.bytes_per_block) == (9, 2, 64)
-    checksums, codes = unpack_blocks_tail(meta[16:], 2)
-    assert checksums == [1, 2**64 - 1] and list(codes) == [1, 2]
+    assert unpack_tier_codes(head_bytes[16:]) == ("cpu", "disk")
+    assert unpack_checksums(sums, 2) == [1, 2**64 - 1]
     with pytest.raises(FrameError, match="announces 2 blocks of 64 bytes"):
-        unpack_blocks_head(meta[:16], blocks_meta_size(2) + 2 * 64 + 1)
+        unpack_blocks_head(head_bytes[:16], blocks_meta_size(2) + 2 * 64 + 1)
+    with pytest.raises(FrameError, match="tier codes"):
+        unpack_tier_codes(b"\x01\x07")
 
 
 def test_seq_frames_round_trip_and_cut_records_are_rejected() -> None:

@@ -1,0 +1,210 @@
+"""Peer pulls over loopback TCP beside a raw socket moving the same bytes, and the
+copy model fitted to them.
+
+For 1, 4, 16 and 64 MiB of blocks: the time of one `PeerClient.pull` from a running
+`PeerService` (request, re-validation and pins at the owner, xxh3 of every block on
+both sides, bytes straight from the owner's cpu tier into the puller's) beside a raw
+loopback TCP connection sending the same block buffers with `sendmsg` into the same
+destination with `recv_into`, in worker threads, with the same socket buffer sizes
+(`kvflow.peer.wire.SOCKET_BUFFER_BYTES`). Peer and raw runs alternate; each keeps its
+best and median. Then the latency of a one-block pull (p50, p99). Then the virtual-time
+copy model (`SimCopyEngine`, direction `peer_to_cpu`) with `kv.transfer.peer_gbps` and
+`peer_latency_us` fitted to the measured pull times (least squares), beside them.
+
+Service and client run in one process (one event loop, bulk work in threads), so the
+two ends share one GIL: a pull across processes does not pay that.
+
+    python benchmarks/p2p_bandwidth.py [--repeat 7] [--pulls 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from kvflow.config import KVFlowConfig, PeerConfig, TransferConfig
+from kvflow.kv.storage import byte_view
+from kvflow.kv.store import KVStore
+from kvflow.kv.transfer import PEER_DIRECTION, SimCopyEngine
+from kvflow.peer.client import PeerClient, connect_peer, slot_views
+from kvflow.peer.service import PeerService
+from kvflow.peer.wire import recv_views_blocking, send_views_blocking, tune
+
+MIB = 2**20
+LAYOUT = {"num_layers": 4, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"}
+"""16-token blocks of 256 KiB (a 4-layer slice of Llama-3-8B's KV)."""
+
+
+def make_store(directory: Path, name: str, num_blocks: int) -> KVStore:
+    kv = KVFlowConfig.from_dict(
+        {
+            "kv": {
+                "block_size": 16,
+                "layout": LAYOUT,
+                "device": {"num_blocks": 1},
+                "cpu": {"num_blocks": num_blocks},
+                "disk": {"num_blocks": 0, "path": str(directory / f"{name}.slab")},
+            }
+        }
+    ).kv
+    return KVStore.with_tensors(kv)
+
+
+def fill(store: KVStore, keys: list[int]) -> None:
+    import torch
+
+    assert store.cpu is not None and store.cpu_storage is not None
+    slots = store.cpu.allocate(len(keys))
+    data = store.cpu_storage.data
+    data[slots] = torch.randn(data[slots].shape, dtype=torch.float32).to(data.dtype)
+    store.cpu.seal_many(slots, keys)
+    store.cpu.release(slots)
+
+
+def raw_pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    sender = socket.create_connection(listener.getsockname())
+    receiver, _ = listener.accept()
+    listener.close()
+    for sock in (sender, receiver):
+        tune(sock)
+    return sender, receiver
+
+
+def raw_transfer(
+    pair: tuple[socket.socket, socket.socket], src: list[memoryview], dst: list[memoryview]
+) -> float:
+    sender, receiver = pair
+    deadline = time.monotonic() + 60
+    thread = threading.Thread(target=send_views_blocking, args=(sender, list(src), deadline))
+    t0 = time.perf_counter()
+    thread.start()
+    recv_views_blocking(receiver, dst, deadline)
+    elapsed = time.perf_counter() - t0
+    thread.join()
+    return elapsed
+
+
+async def peer_transfer(client: PeerClient, keys: list[int], dst: list[memoryview]) -> float:
+    t0 = time.perf_counter()
+    result = await client.pull(keys, dst)
+    elapsed = time.perf_counter() - t0
+    if result.num_blocks != len(keys):
+        raise RuntimeError(f"pulled {result.num_blocks} of {len(keys)} blocks")
+    return elapsed
+
+
+async def run(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes_mib.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        a = make_store(Path(tmp), "a", max(sizes) * 4)
+        b = make_store(Path(tmp), "b", max(sizes) * 4)
+        size = a.bytes_per_block
+        keys = list(range(1, max(sizes) * MIB // size + 1))
+        fill(a, keys)
+        assert a.cpu_storage is not None and b.cpu_storage is not None
+        src_all = slot_views(byte_view(a.cpu_storage.data), range(len(keys)), size)
+        dst_all = slot_views(byte_view(b.cpu_storage.data), range(len(keys)), size)
+        config = PeerConfig(pull_timeout_s=60)
+        me = PeerService(b, config, peer_id="B").identity
+        pair = raw_pair()
+        measured: dict[int, float] = {}
+        async with (
+            PeerService(a, config, peer_id="A") as service,
+            connect_peer("127.0.0.1", service.port, me, config) as client,
+        ):
+            for mib in sizes:
+                n = mib * MIB // size
+                peer_times: list[float] = []
+                raw_times: list[float] = []
+                for _ in range(args.repeat):
+                    peer_times.append(await peer_transfer(client, keys[:n], dst_all[:n]))
+                    raw_times.append(raw_transfer(pair, src_all[:n], dst_all[:n]))
+                measured[mib] = statistics.median(peer_times)
+                best_peer, best_raw = min(peer_times), min(raw_times)
+                med_peer, med_raw = statistics.median(peer_times), statistics.median(raw_times)
+                print(
+                    json.dumps(
+                        {
+                            "figure": "p2p_pull_throughput",
+                            "mib": mib,
+                            "num_blocks": n,
+                            "peer_gb_s_best": round(n * size / best_peer / 1e9, 3),
+                            "raw_gb_s_best": round(n * size / best_raw / 1e9, 3),
+                            "ratio_best": round(best_raw / best_peer, 3),
+                            "ratio_median": round(med_raw / med_peer, 3),
+                            "peer_ms_median": round(med_peer * 1e3, 3),
+                            "raw_ms_median": round(med_raw * 1e3, 3),
+                            "repeat": args.repeat,
+                        }
+                    ),
+                    flush=True,
+                )
+            one = [await peer_transfer(client, keys[:1], dst_all[:1]) for _ in range(args.pulls)]
+        for sock in pair:
+            sock.close()
+        one_ms = np.array(one) * 1e3
+        print(
+            json.dumps(
+                {
+                    "figure": "p2p_one_block_pull_ms",
+                    "bytes_per_block": size,
+                    "p50": round(float(np.percentile(one_ms, 50)), 4),
+                    "p99": round(float(np.percentile(one_ms, 99)), 4),
+                    "pulls": args.pulls,
+                }
+            ),
+            flush=True,
+        )
+        print_model(measured, float(np.percentile(one, 50)), size)
+        a.close()
+        b.close()
+
+
+def print_model(measured: dict[int, float], one_block_s: float, bytes_per_block: int) -> None:
+    """Fit latency + bytes / bandwidth to the measured pulls (the one-block pull too) and
+    print the copy model's times with those settings beside the measured ones."""
+    sizes_bytes = [bytes_per_block, *(mib * MIB for mib in measured)]
+    times = [one_block_s, *measured.values()]
+    # Weighted by 1/time: the fit minimises relative errors, small pulls count as much.
+    slope, intercept = np.polyfit(sizes_bytes, times, 1, w=1 / np.array(times))
+    peer_gbps = 1 / slope / 1e9
+    latency_us = max(0.0, intercept * 1e6)
+    model = SimCopyEngine(TransferConfig(peer_gbps=peer_gbps, peer_latency_us=latency_us))
+    for mib, seconds in measured.items():
+        modelled = model.duration_s(PEER_DIRECTION, mib * MIB)
+        print(
+            json.dumps(
+                {
+                    "figure": "p2p_model_vs_measured",
+                    "mib": mib,
+                    "measured_ms": round(seconds * 1e3, 3),
+                    "modelled_ms": round(modelled * 1e3, 3),
+                    "error": round(modelled / seconds - 1, 3),
+                    "kv.transfer.peer_gbps": round(peer_gbps, 3),
+                    "kv.transfer.peer_latency_us": round(latency_us, 1),
+                }
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--pulls", type=int, default=1000, help="one-block pulls timed")
+    parser.add_argument("--sizes-mib", default="1,4,16,64")
+    anyio.run(run, parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
