@@ -21,8 +21,11 @@ import anyio.to_thread
 
 from kvflow.peer.frames import HEADER_SIZE, Header, unpack_header
 
-THREAD_BYTES = 1 << 20
-"""Transfers larger than this run in a worker thread instead of on the event loop."""
+THREAD_BYTES = 256 << 10
+"""Transfers larger than this run in a worker thread instead of on the event loop. On
+the loop, a transfer larger than the socket's window ping-pongs between the two ends'
+wakeups: 1 MiB took 4 ms there against 1.4 ms in threads (benchmarks/p2p_bandwidth.py,
+on a loaded 2-core VM)."""
 SOCKET_BUFFER_BYTES = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of peer sockets (the benchmark's raw socket uses the same)."""
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
