@@ -132,6 +132,13 @@ class KVStore:
             if pool is not None:
                 pool.key_listener = self._tier_listener(tier)  # type: ignore[arg-type]
 
+    def remove_listener(self, listener: BlockListener) -> None:
+        self._listeners.remove(listener)
+        if not self._listeners:
+            for pool in self._pools.values():
+                if pool is not None:
+                    pool.key_listener = None
+
     def _tier_listener(self, tier: TierName) -> Callable[[bool, list[int]], None]:
         def on_keys(stored: bool, keys: list[int]) -> None:
             event = BlockEvent("stored" if stored else "dropped", tier, tuple(keys))

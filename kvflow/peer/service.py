@@ -111,7 +111,6 @@ class PeerService:
             ("pulls", "blocks", "bytes", "refused", "closed_for_errors"), 0
         )
         self._open = False
-        store.add_listener(self._on_block_event)
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -123,6 +122,7 @@ class PeerService:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._open = True
+        self.store.add_listener(self._on_block_event)
         self._tg.start_soon(self._accept_loop, listener)
         self._tg.start_soon(self._publish_loop)
         return self
@@ -140,6 +140,7 @@ class PeerService:
         if not self._open:
             return
         self._open = False
+        self.store.remove_listener(self._on_block_event)
         assert self._tg is not None and self._listener is not None
         for conn in self._connections.values():
             conn.wire.shutdown()

@@ -14,7 +14,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import anyio
 import anyio.to_thread
@@ -101,9 +101,7 @@ class Wire:
         """Send the buffers as one contiguous byte stream (one frame), by the deadline."""
         views = [memoryview(b).cast("B") for b in buffers]
         total = sum(len(v) for v in views)
-        async with self._send_lock:
-            if self.closed:
-                raise PeerClosedError("connection already closed")
+        async with self._locked(deadline):
             if total > THREAD_BYTES:
                 await anyio.to_thread.run_sync(send_views_blocking, self.sock, views, deadline)
                 return
@@ -131,10 +129,21 @@ class Wire:
                 views = [memoryview(b).cast("B") for b in part]
                 send_views_blocking(self.sock, views, deadline)
 
-        async with self._send_lock:
+        async with self._locked(deadline):
+            await anyio.to_thread.run_sync(build_and_send)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, deadline: float) -> AsyncIterator[None]:
+        """The send lock, waited for no later than `deadline` (a frame queued behind a
+        stuck one must not hold its pins past its own lease)."""
+        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            await self._send_lock.acquire()
+        try:
             if self.closed:
                 raise PeerClosedError("connection already closed")
-            await anyio.to_thread.run_sync(build_and_send)
+            yield
+        finally:
+            self._send_lock.release()
 
     def shutdown(self) -> None:
         """End the connection both ways: blocked reads see EOF, blocked sends fail, so
