@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from kvflow.config import KVConfig
 from kvflow.kv.block_pool import BlockPool, IntegrityError
 from kvflow.kv.location import PrefixLocation
+from kvflow.kv.remote import RemoteTier
 from kvflow.kv.transfer import DIRECTIONS, CopyEngine, Direction, SimCopyEngine, Transfer
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class KVStore:
         self.cpu_storage = cpu_storage
         self.disk_storage = disk_storage
         self.stats = StoreStats()
+        self.remote: RemoteTier | None = None
+        """Blocks held by peers (hints), asked after the local tiers by `locate`."""
         self._pools: dict[str, BlockPool | None] = {
             "device": self.device,
             "cpu": self.cpu,
@@ -158,13 +161,20 @@ class KVStore:
         those below it, each counted in the fastest lower tier that holds it. Pass
         `num_device` when the device run is known (from `BlockPool.match`)."""
         d = self.device.count_prefix(block_keys) if num_device is None else num_device
-        if self.cpu is None or d == len(block_keys):
+        if d == len(block_keys) or (self.cpu is None and self.remote is None):
             return PrefixLocation(device_tokens=d * self.block_size)
-        num_cpu, num_disk = self._count_below(block_keys, d)
+        num_cpu, num_disk = self._count_below(block_keys, d) if self.cpu is not None else (0, 0)
         bs = self.block_size
-        return PrefixLocation(
+        location = PrefixLocation(
             device_tokens=d * bs, cpu_tokens=num_cpu * bs, disk_tokens=num_disk * bs
         )
+        end = d + num_cpu + num_disk
+        if self.remote is None or end == len(block_keys):
+            return location
+        run = self.remote.longest_run(block_keys, end)
+        if run is None:
+            return location
+        return location._replace(peer_tokens=run.num_blocks * bs, peer=run.peer)
 
     def _count_below(self, keys: Sequence[int], start: int) -> tuple[int, int]:
         assert self.cpu is not None

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from kvflow.kv.remote import RemoteRun, RemoteTier
 from kvflow.peer.frames import KeyRecord, SeqFrame
 
 _TIER_BITS = {"device": 1, "cpu": 2, "disk": 4}
@@ -26,14 +27,7 @@ _TIER_RANK = ("device", "cpu", "disk")
 Outcome = Literal["applied", "duplicate", "gap", "ignored"]
 
 
-@dataclass(frozen=True, slots=True)
-class RunHint:
-    """The longest run of asked keys one peer holds: `num_blocks` from `start`, and the
-    slowest tier any of them is held in (what a pull of the run costs)."""
-
-    peer: str
-    num_blocks: int
-    tier: str
+RunHint = RemoteRun
 
 
 @dataclass(eq=False, slots=True)
@@ -47,8 +41,9 @@ class PeerEntries:
     """key -> bit set of tiers (device 1, cpu 2, disk 4)."""
 
 
-class Directory:
-    """Entries of every peer this instance hears from (never of itself)."""
+class Directory(RemoteTier):
+    """Entries of every peer this instance hears from (never of itself). Set it as a
+    store's `remote` and `locate` reports the longest run a peer holds."""
 
     def __init__(self, heartbeat_timeout_s: float) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s

@@ -10,8 +10,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvflow.kv.location import PrefixLocation
+from kvflow.kv.store import KVStore
 from kvflow.peer.directory import Directory, RunHint
 from kvflow.peer.frames import KeyRecord, SeqFrame
+from tests.builders import make_config
 
 TIERS = ("device", "cpu", "disk")
 INC_A, INC_B = b"a" * 16, b"b" * 16
@@ -201,3 +204,24 @@ class DirectoryMachine(RuleBasedStateMachine):
 
 DirectoryMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60)
 TestDirectoryMachine = DirectoryMachine.TestCase
+
+
+def test_a_store_locates_the_run_a_peer_holds_after_its_own_tiers() -> None:
+    store = KVStore(make_config(**{"kv.cpu.num_blocks": 8, "kv.block_size": 4}).kv)
+    for pool, key in ((store.device, 1), (store.cpu, 2)):
+        assert pool is not None
+        slots = pool.allocate(1)
+        pool.seal_many(slots, [key])
+        pool.release(slots)
+    directory = Directory(heartbeat_timeout_s=5)
+    directory.apply_resync(
+        "A", frame(INC_A, 0, ("stored", "disk", [3, 4]), ("stored", "cpu", [2])), 0
+    )
+    directory.apply_resync("B", frame(INC_B, 0, ("stored", "cpu", [3])), 0)
+    assert store.locate([1, 2, 3, 4, 5]) == PrefixLocation(device_tokens=4, cpu_tokens=4)
+    store.remote = directory
+    assert store.locate([1, 2, 3, 4, 5]) == PrefixLocation(
+        device_tokens=4, cpu_tokens=4, peer_tokens=8, peer="A"
+    )
+    assert store.locate([9, 1]) == PrefixLocation()
+    assert store.locate([1, 2]) == PrefixLocation(device_tokens=4, cpu_tokens=4)
