@@ -22,12 +22,14 @@ import xxhash
 from kvflow.kv.storage import byte_view
 from kvflow.peer.client import PeerDownError, connect_peer, pull_into_cpu, slot_views
 from kvflow.peer.frames import (
+    ErrorCode,
     FrameKind,
     blocks_meta_size,
     pack_blocks_head,
     pack_checksums,
     pack_header,
     pack_pull,
+    unpack_error,
 )
 from kvflow.peer.handshake import client_handshake, server_handshake
 from kvflow.peer.service import PeerService
@@ -226,4 +228,37 @@ def test_slot_views_cover_one_block_each(tmp_path: Path) -> None:
     assert [len(v) for v in views] == [a.bytes_per_block] * 2
     views[0][:8] = b"\x01" * 8
     assert a.cpu_storage.data[3].flatten()[0].item() != 0
+    a.close()
+
+
+async def test_pulls_past_the_in_flight_limit_are_answered_busy(tmp_path: Path) -> None:
+    """With one pull in flight allowed, a second pipelined behind a large first one is
+    refused with ERROR busy, after the first's blocks; the connection stays up."""
+    a = make_store(tmp_path, "a", num_blocks=24, head_dim=1024, num_kv_heads=8)  # 1 MiB blocks
+    keys = list(range(1, 25))
+    put_blocks(a, "cpu", keys)
+    config = peer_config(max_inflight_pulls=1)
+    with anyio.fail_after(30):
+        async with PeerService(a, config, peer_id="A") as service:
+            sock = socket.create_connection(("127.0.0.1", service.port))
+            wire = Wire(sock, config.max_frame_bytes)
+            await client_handshake(wire, service.identity, config)
+            for request_id, run in ((1, keys), (2, keys[:1])):
+                parts = pack_pull(service.identity.fingerprint, 1, np.array(run, dtype=np.uint64))
+                head = pack_header(FrameKind.PULL, request_id, sum(len(p) for p in parts))
+                await wire.send([head, *parts], time.monotonic() + 5)
+            replies = []
+            for _ in range(2):
+                header = await wire.read_header()
+                payload = await wire.read_exact(header.payload_length)
+                replies.append((header.kind, header.request_id, payload))
+            assert [(kind, rid) for kind, rid, _ in replies] == [
+                (FrameKind.BLOCKS, 1),
+                (FrameKind.ERROR, 2),
+            ]
+            code, message = unpack_error(replies[1][2])
+            assert code == ErrorCode.BUSY and "more than 1 pulls in flight" in message
+            assert service.stats().num_connections == 1
+            wire.close()
+    assert no_pins(a)
     a.close()
