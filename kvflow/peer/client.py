@@ -190,7 +190,7 @@ class PeerClient:
                         await self.subscribe()
                 else:
                     raise FrameError(f"unexpected {kind.name} frame from the peer")
-        except Exception as err:
+        except Exception as err:  # whatever went wrong, this peer is down
             self.mark_down(f"peer {self.peer.peer_id!r}: {err}")
         finally:
             reason = self.down_reason or "connection closed"

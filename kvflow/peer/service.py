@@ -197,7 +197,7 @@ class PeerService:
             async with anyio.create_task_group() as tg:
                 try:
                     await self._read_loop(conn, tg)
-                except Exception as err:
+                except Exception as err:  # whatever it was, it ends this connection only
                     if not isinstance(err, PeerClosedError):
                         self._counts["closed_for_errors"] += 1
                     if isinstance(err, FrameError):
@@ -205,7 +205,7 @@ class PeerService:
                             await send_error(conn.wire, 0, ErrorCode.BAD_FRAME, str(err))
                 conn.wire.shutdown()
                 tg.cancel_scope.cancel()
-        except Exception:
+        except Exception:  # a bug in one connection must not end the service
             self._counts["closed_for_errors"] += 1
         finally:
             if conn.events is not None:
@@ -286,7 +286,7 @@ class PeerService:
             self._counts["pulls"] += 1
             self._counts["blocks"] += served[0]
             self._counts["bytes"] += served[0] * size
-        except Exception:
+        except Exception:  # one failed pull ends its connection, nothing else
             # A transfer that failed half-way leaves the stream unusable: end it.
             self._counts["closed_for_errors"] += 1
             wire.shutdown()
