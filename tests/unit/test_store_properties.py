@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kvflow.config import KVFlowConfig
-from kvflow.kv.store import KVStore
+from kvflow.kv.store import BlockEvent, KVStore
 from kvflow.request import FinishReason, RequestStatus
 from kvflow.scheduler import Scheduler
 from kvflow.traces.replay import make_policy
@@ -73,6 +73,20 @@ def _drive(
 ) -> None:
     sched = Scheduler(config, make_policy("fcfs", config), store)
     runner = ScriptedRunner(step_s=0.01)
+    # What a peer learns from the store's block events: replayed, always its index.
+    held: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
+
+    def on_event(e: BlockEvent) -> None:
+        keys = set(e.keys)
+        if e.kind == "stored":
+            assert keys.isdisjoint(held[e.tier]), f"{e.tier}: stored twice {keys}"
+            held[e.tier] |= keys
+        else:
+            assert keys <= held[e.tier], f"{e.tier}: dropped unheld {keys - held[e.tier]}"
+            held[e.tier] -= keys
+
+    store.add_listener(on_event)
+    pools = {"device": store.device, "cpu": store.cpu, "disk": store.disk}
     states = {}
     now = 0.0
     for step in range(3000):
@@ -100,6 +114,8 @@ def _drive(
                 now += result.duration_s
                 sched.commit(plan, result, now)
         sched.check_integrity()
+        for tier, pool in pools.items():
+            assert held[tier] == (set(pool._cached) if pool is not None else set()), tier
     else:
         raise AssertionError("did not finish")
     store.drain(now)
