@@ -91,7 +91,7 @@ class PeerClient:
         self.down_reason: str | None = None
         self.on_frame: FrameHandler | None = None
         self._pending: dict[int, _Pull] = {}
-        self._request_ids = itertools.count(1)
+        self._request_ids = itertools.cycle(range(1, 2**32))  # 0: the connection itself
         self._reader_done = anyio.Event()
         self._resync_asked = False
 
@@ -111,11 +111,11 @@ class PeerClient:
             return PullResult(0, ())
         timeout = self.config.pull_timeout_s
         request_id = next(self._request_ids)
+        frame = pack_pull(self.peer.fingerprint, request_id, np.asarray(keys, dtype=np.uint64))
+        size = sum(len(part) for part in frame)
         pull = _Pull(views, time.monotonic() + timeout)
         self._pending[request_id] = pull
         try:
-            frame = pack_pull(self.peer.fingerprint, request_id, np.asarray(keys, dtype=np.uint64))
-            size = sum(len(part) for part in frame)
             await self.wire.send(
                 [pack_header(FrameKind.PULL, request_id, size), *frame], pull.deadline
             )
