@@ -3,6 +3,7 @@ identical, stale hints become shorter runs, refused peers exchange nothing."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -176,3 +177,21 @@ async def test_binding_beyond_loopback_needs_a_secret(tmp_path: Path) -> None:
         async with PeerService(a, peer_config(host="0.0.0.0", secret="s")) as service:
             assert service.port > 0
     a.close()
+
+
+async def test_a_corrupt_disk_block_at_the_owner_ends_the_run(tmp_path: Path) -> None:
+    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    blocks = put_blocks(a, "disk", [1, 2, 3], seed=7)
+    assert a.disk is not None and a.disk_storage is not None
+    slot = a.disk.lookup(2)
+    assert slot is not None
+    os.pwrite(a.disk_storage.fd, b"\xff" * 8, slot * a.bytes_per_block)  # bit rot on disk
+    with anyio.fail_after(30):
+        async with serving(a) as service, client_of(service, b) as client:
+            assert await pull_into_cpu(client, b, [1, 2, 3]) == 1
+    assert torch.equal(cpu_block(b, 1), blocks[1])
+    assert b.cpu is not None and b.cpu.lookup(2) is None and b.cpu.lookup(3) is None
+    assert a.disk_storage.num_errors == 1
+    assert no_pins(a) and no_pins(b)
+    a.close()
+    b.close()
