@@ -12,8 +12,10 @@ copy model (`SimCopyEngine`, direction `peer_to_cpu`) with `kv.transfer.peer_gbp
 `peer_latency_us` fitted to the measured pull times (the best of each size, least
 squares on relative error), beside them.
 
-Service and client run in one process (one event loop, bulk work in threads), so the
-two ends share one GIL: a pull across processes does not pay that.
+The owner (its store, peer service, and the raw baseline's sender, which answers an
+8-byte request with the blocks as a pull does) runs in a child process, the puller in
+this one, as two instances would: in one process the two ends' threads fight for one
+GIL, and a sender thread that drops and retakes it between sends starves the other.
 
     python benchmarks/p2p_bandwidth.py [--repeat 7] [--pulls 1000]
 """
@@ -24,6 +26,8 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -71,28 +75,45 @@ def fill(store: KVStore, keys: list[int]) -> None:
     store.cpu.release(slots)
 
 
-def raw_pair() -> tuple[socket.socket, socket.socket]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    sender = socket.create_connection(listener.getsockname())
-    receiver, _ = listener.accept()
-    listener.close()
-    for sock in (sender, receiver):
-        tune(sock)
-    return sender, receiver
+def serve_raw(listener: socket.socket, src: list[memoryview]) -> None:
+    """The raw baseline's owner: for each 8-byte count received, send that many blocks."""
+    conn, _ = listener.accept()
+    tune(conn)
+    request = memoryview(bytearray(8))
+    while True:
+        try:
+            recv_views_blocking(conn, [request], time.monotonic() + 3600)
+        except ConnectionError:
+            return
+        n = int.from_bytes(request, "big")
+        send_views_blocking(conn, list(src[:n]), time.monotonic() + 60)
 
 
-def raw_transfer(
-    pair: tuple[socket.socket, socket.socket], src: list[memoryview], dst: list[memoryview]
-) -> float:
-    sender, receiver = pair
+async def owner(args: argparse.Namespace) -> None:
+    """The owner's process: a store holding the blocks, its peer service, and the raw
+    baseline's sender; prints both ports, then serves until killed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        num_blocks = args.owner
+        a = make_store(Path(tmp), "a", num_blocks)
+        fill(a, list(range(1, num_blocks + 1)))
+        assert a.cpu is not None and a.cpu_storage is not None
+        slots = [a.cpu.lookup(k) for k in range(1, num_blocks + 1)]
+        src = slot_views(byte_view(a.cpu_storage.data), slots, a.bytes_per_block)  # type: ignore[arg-type]
+        listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=serve_raw, args=(listener, src), daemon=True).start()
+        async with PeerService(a, PeerConfig(pull_timeout_s=60), peer_id="A") as service:
+            ports = {"peer": service.port, "raw": listener.getsockname()[1]}
+            print(json.dumps(ports), flush=True)
+            await anyio.sleep_forever()
+
+
+def raw_transfer(sock: socket.socket, dst: list[memoryview]) -> float:
+    """Ask the raw owner for `len(dst)` blocks and receive them, as a pull does."""
     deadline = time.monotonic() + 60
-    thread = threading.Thread(target=send_views_blocking, args=(sender, list(src), deadline))
     t0 = time.perf_counter()
-    thread.start()
-    recv_views_blocking(receiver, dst, deadline)
-    elapsed = time.perf_counter() - t0
-    thread.join()
-    return elapsed
+    send_views_blocking(sock, [memoryview(len(dst).to_bytes(8, "big"))], deadline)
+    recv_views_blocking(sock, dst, deadline)
+    return time.perf_counter() - t0
 
 
 async def peer_transfer(client: PeerClient, keys: list[int], dst: list[memoryview]) -> float:
@@ -104,71 +125,79 @@ async def peer_transfer(client: PeerClient, keys: list[int], dst: list[memoryvie
     return elapsed
 
 
-async def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        a = make_store(Path(tmp), "a", max(sizes) * 4)
         b = make_store(Path(tmp), "b", max(sizes) * 4)
-        size = a.bytes_per_block
-        keys = list(range(1, max(sizes) * MIB // size + 1))
-        fill(a, keys)
-        assert a.cpu_storage is not None and b.cpu_storage is not None
-        src_all = slot_views(byte_view(a.cpu_storage.data), range(len(keys)), size)
-        dst_all = slot_views(byte_view(b.cpu_storage.data), range(len(keys)), size)
-        config = PeerConfig(pull_timeout_s=60)
-        me = PeerService(b, config, peer_id="B").identity
-        pair = raw_pair()
-        measured: dict[int, float] = {}
-        async with (
-            PeerService(a, config, peer_id="A") as service,
-            connect_peer("127.0.0.1", service.port, me, config) as client,
-        ):
-            for mib in sizes:
-                n = mib * MIB // size
-                peer_times: list[float] = []
-                raw_times: list[float] = []
-                for _ in range(args.repeat):
-                    peer_times.append(await peer_transfer(client, keys[:n], dst_all[:n]))
-                    raw_times.append(raw_transfer(pair, src_all[:n], dst_all[:n]))
-                measured[mib] = min(peer_times)
-                best_peer, best_raw = min(peer_times), min(raw_times)
-                med_peer, med_raw = statistics.median(peer_times), statistics.median(raw_times)
-                print(
-                    json.dumps(
-                        {
-                            "figure": "p2p_pull_throughput",
-                            "mib": mib,
-                            "num_blocks": n,
-                            "peer_gb_s_best": round(n * size / best_peer / 1e9, 3),
-                            "raw_gb_s_best": round(n * size / best_raw / 1e9, 3),
-                            "ratio_best": round(best_raw / best_peer, 3),
-                            "ratio_median": round(med_raw / med_peer, 3),
-                            "peer_ms_median": round(med_peer * 1e3, 3),
-                            "raw_ms_median": round(med_raw * 1e3, 3),
-                            "repeat": args.repeat,
-                        }
-                    ),
-                    flush=True,
-                )
-            one = [await peer_transfer(client, keys[:1], dst_all[:1]) for _ in range(args.pulls)]
-        for sock in pair:
-            sock.close()
-        one_ms = np.array(one) * 1e3
-        print(
-            json.dumps(
-                {
-                    "figure": "p2p_one_block_pull_ms",
-                    "bytes_per_block": size,
-                    "p50": round(float(np.percentile(one_ms, 50)), 4),
-                    "p99": round(float(np.percentile(one_ms, 99)), 4),
-                    "pulls": args.pulls,
-                }
-            ),
-            flush=True,
+        keys = list(range(1, max(sizes) * MIB // b.bytes_per_block + 1))
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--owner", str(len(keys))], stdout=subprocess.PIPE, text=True
         )
-        print_model(measured, min(one), size)
-        a.close()
-        b.close()
+        try:
+            assert child.stdout is not None
+            ports = json.loads(child.stdout.readline())
+            anyio.run(measure, args, sizes, b, keys, ports)
+        finally:
+            child.kill()
+            child.wait()
+            b.close()
+
+
+async def measure(
+    args: argparse.Namespace, sizes: list[int], b: KVStore, keys: list[int], ports: dict[str, int]
+) -> None:
+    size = b.bytes_per_block
+    assert b.cpu_storage is not None
+    dst_all = slot_views(byte_view(b.cpu_storage.data), range(len(keys)), size)
+    config = PeerConfig(pull_timeout_s=60)
+    me = PeerService(b, config, peer_id="B").identity
+    raw = socket.create_connection(("127.0.0.1", ports["raw"]))
+    tune(raw)
+    measured: dict[int, float] = {}
+    async with connect_peer("127.0.0.1", ports["peer"], me, config) as client:
+        for mib in sizes:
+            n = mib * MIB // size
+            peer_times: list[float] = []
+            raw_times: list[float] = []
+            for _ in range(args.repeat):
+                peer_times.append(await peer_transfer(client, keys[:n], dst_all[:n]))
+                raw_times.append(raw_transfer(raw, dst_all[:n]))
+            measured[mib] = min(peer_times)
+            best_peer, best_raw = min(peer_times), min(raw_times)
+            med_peer, med_raw = statistics.median(peer_times), statistics.median(raw_times)
+            print(
+                json.dumps(
+                    {
+                        "figure": "p2p_pull_throughput",
+                        "mib": mib,
+                        "num_blocks": n,
+                        "peer_gb_s_best": round(n * size / best_peer / 1e9, 3),
+                        "raw_gb_s_best": round(n * size / best_raw / 1e9, 3),
+                        "ratio_best": round(best_raw / best_peer, 3),
+                        "ratio_median": round(med_raw / med_peer, 3),
+                        "peer_ms_median": round(med_peer * 1e3, 3),
+                        "raw_ms_median": round(med_raw * 1e3, 3),
+                        "repeat": args.repeat,
+                    }
+                ),
+                flush=True,
+            )
+        one = [await peer_transfer(client, keys[:1], dst_all[:1]) for _ in range(args.pulls)]
+    raw.close()
+    one_ms = np.array(one) * 1e3
+    print(
+        json.dumps(
+            {
+                "figure": "p2p_one_block_pull_ms",
+                "bytes_per_block": size,
+                "p50": round(float(np.percentile(one_ms, 50)), 4),
+                "p99": round(float(np.percentile(one_ms, 99)), 4),
+                "pulls": args.pulls,
+            }
+        ),
+        flush=True,
+    )
+    print_model(measured, min(one), size)
 
 
 def print_model(measured: dict[int, float], one_block_s: float, bytes_per_block: int) -> None:
@@ -204,7 +233,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--pulls", type=int, default=1000, help="one-block pulls timed")
     parser.add_argument("--sizes-mib", default="1,4,16,64")
-    anyio.run(run, parser.parse_args())
+    parser.add_argument("--owner", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.owner:
+        anyio.run(owner, args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import anyio
 import anyio.abc
@@ -53,6 +53,9 @@ from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, ne
 from kvflow.peer.wire import THREAD_BYTES, PeerClosedError, Wire
 
 digest = xxhash.xxh3_64_intdigest
+SEND_PART_BYTES = 256 << 10
+"""A large reply is hashed and sent in parts of about this size (at least a block), so
+the puller receives one part while the owner hashes the next."""
 _SUBSCRIBER_QUEUE = 256
 """EVENTS frames queued for one slow subscriber before it is dropped (it resyncs)."""
 _CONNECTION_ERRORS = (FrameError, PeerClosedError, PeerRefusedError, TimeoutError, OSError)
@@ -266,18 +269,19 @@ class PeerService:
                 n = len(data.views)
                 served.append(n)
                 payload_length = blocks_meta_size(n) + n * size
-                yield [
+                head: list[bytes | memoryview] = [
                     pack_header(FrameKind.BLOCKS, request_id, payload_length),
                     pack_blocks_head(lease_id, size, run.tiers[:n]),
                 ]
                 sums = data.checksums
-                step = max(1, THREAD_BYTES // size)
+                step = max(1, SEND_PART_BYTES // size)
                 for lo in range(0, n, step):  # hash a part, send it, hash the next...
                     for i in range(lo, min(lo + step, n)):
                         if sums[i] is None:
                             sums[i] = digest(data.views[i])
-                    yield data.views[lo : lo + step]
-                yield [pack_checksums(sums)]  # type: ignore[arg-type]
+                    yield [*head, *data.views[lo : lo + step]]
+                    head = []
+                yield [*head, pack_checksums(cast("list[int]", sums))]  # all hashed by now
 
             if len(run) * size > THREAD_BYTES or "disk" in run.tiers:
                 await wire.send_built(parts, deadline)  # read, hash and send: one thread

@@ -21,11 +21,12 @@ import anyio.to_thread
 
 from kvflow.peer.frames import HEADER_SIZE, Header, unpack_header
 
-THREAD_BYTES = 256 << 10
-"""Transfers larger than this run in a worker thread instead of on the event loop. On
-the loop, a transfer larger than the socket's window ping-pongs between the two ends'
-wakeups: 1 MiB took 4 ms there against 1.4 ms in threads (benchmarks/p2p_bandwidth.py,
-on a loaded 2-core VM)."""
+THREAD_BYTES = 4 << 20
+"""Transfers larger than this run in a worker thread instead of on the event loop. A hop
+to a worker and back wakes two threads, each of which waits for a core on a busy host:
+between two processes on the loaded 2-core VM, pulls of 1 and 4 MiB took 6.9 and 15.9
+ms (medians) through threads against 1.9 and 4.1 ms on the loop
+(benchmarks/p2p_bandwidth.py). Larger transfers would hold the loop too long."""
 SOCKET_BUFFER_BYTES = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of peer sockets (the benchmark's raw socket uses the same)."""
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)

@@ -115,11 +115,14 @@ async def test_a_stalled_peer_fails_the_pull_after_the_timeout(
     b.close()
 
 
+@pytest.mark.parametrize("head_dim", [8, 2048], ids=["on-the-loop", "in-a-thread"])
 async def test_a_peer_stalling_mid_transfer_fails_the_pull_after_the_timeout(
-    tmp_path: Path,
+    tmp_path: Path, head_dim: int
 ) -> None:
-    """A peer that sends half of a BLOCKS frame and then nothing."""
-    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    """A peer that sends half of a BLOCKS frame and then nothing (blocks small enough to
+    be received on the event loop, or 2 MiB ones received by a worker thread)."""
+    a = make_store(tmp_path, "a", num_blocks=8, head_dim=head_dim, num_kv_heads=8)
+    b = make_store(tmp_path, "b", num_blocks=8, head_dim=head_dim, num_kv_heads=8)
     config = peer_config(pull_timeout_s=0.5)
     stalling = PeerService(a, config, peer_id="A")
     me = PeerService(b, config, peer_id="B").identity
