@@ -102,12 +102,12 @@ class TransferConfig(_Frozen):
     """Fixed cost of one disk read or write batch."""
     peer_gbps: float = Field(default=12.0, gt=0)
     """GB/s of a pull from a peer into the cpu tier. The default is 100 Gb/s RDMA
-    (~12 GB/s achievable); loopback TCP through the peer service measured 0.5-1.2 GB/s
+    (~12 GB/s achievable); loopback TCP through the peer service measured 0.4-1.2 GB/s
     on this project's loaded 2-core VM (`benchmarks/p2p_bandwidth.py` fits the figure
     to put here)."""
     peer_latency_us: float = Field(default=10.0, ge=0)
     """Fixed cost of one pull from a peer (request, lease and reply). The default is
-    RDMA's; loopback TCP through the peer service measured 40-460 us on a loaded VM."""
+    RDMA's; loopback TCP through the peer service measured up to ~460 us on a loaded VM."""
 
 
 class KVConfig(_Frozen):
