@@ -1,7 +1,10 @@
 """Random, truncated, oversized and wrong-version frames against a running peer service,
 before and after authentication: each closes its own connection and nothing else, no
 large buffer is allocated for a length the limits refuse, and a good client is served
-correctly afterwards. Marked slow: 2,000 connections take ~30 s on a busy machine."""
+correctly afterwards. The random run is marked slow (2,000 connections take ~30 s on a
+busy machine) and checks the process's peak memory, which earlier tests in the same
+process may already have raised; the targeted run of lengths past the limits checks
+traced allocations exactly."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import resource
 import socket
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import anyio
@@ -172,5 +176,33 @@ def test_fuzzed_frames_close_only_their_connection(tmp_path: Path) -> None:
     for key, block in blocks.items():
         assert torch.equal(cpu_block(b, key), block)
     assert no_pins(a)
+    a.close()
+    b.close()
+
+
+def test_announced_lengths_past_the_limits_allocate_nothing(tmp_path: Path) -> None:
+    """Every kind with a length past its limit (or just under the frame limit for a kind
+    that may not be that large), before and after authentication: the service's peak of
+    traced allocations stays far below what any of those lengths would take."""
+    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    config = peer_config()
+    me = PeerService(b, config, peer_id="B").identity
+    lengths = [2**27, MAX_FRAME, MAX_FRAME + 1, 2**40]
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(PeerService(a, config, peer_id="A")) as service,
+    ):
+        tracemalloc.start()
+        try:
+            for kind in KINDS:
+                for length in lengths:
+                    frame = pack_header(kind, 1, length) + b"\0" * 64
+                    send_unauthenticated(service.port, frame)
+                    portal.call(send_authenticated, service.port, me, config, frame)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * 2**20, f"peak of {peak} bytes traced"
+        assert service.stats().num_active_leases == 0
     a.close()
     b.close()
