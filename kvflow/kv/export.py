@@ -118,6 +118,11 @@ class RunReader:
         if store.cpu_storage is not None:
             self._host["cpu"] = byte_view(store.cpu_storage.data)
 
+    def in_host_memory(self, run: PinnedRun) -> bool:
+        """Whether every block of the run is viewed in place (no disk read, no copy from
+        a device), so reading it costs only hashing."""
+        return all(tier in self._host for tier in run.tiers)
+
     def read_run(self, run: PinnedRun, hash_host: bool = True) -> RunBytes:
         """The run's bytes and checksums; a disk block that fails its checksum (or a
         tier whose bytes cannot be read) ends the run there. Blocking: disk reads and

@@ -283,7 +283,7 @@ class PeerService:
                     head = []
                 yield [*head, pack_checksums(cast("list[int]", sums))]  # all hashed by now
 
-            if len(run) * size > THREAD_BYTES or "disk" in run.tiers:
+            if len(run) * size > THREAD_BYTES or not self._reader.in_host_memory(run):
                 await wire.send_built(parts, deadline)  # read, hash and send: one thread
             else:
                 await wire.send([b for part in parts() for b in part], deadline)

@@ -49,7 +49,12 @@ def test_a_pinned_run_stops_at_the_first_missing_key_and_resists_eviction(
     assert store.cpu is not None
     assert store.cpu.num_free_blocks == 2  # the pinned two cannot be evicted
     store.check_integrity()
-    data = RunReader(store).read_run(run)
+    reader = RunReader(store)
+    assert not reader.in_host_memory(run)  # the disk block is read, not viewed
+    cpu_only = pin_run(store, [1, 2])
+    assert reader.in_host_memory(cpu_only)
+    unpin(store, cpu_only)
+    data = reader.read_run(run)
     assert len(data.views) == 3
     assert data.checksums == [xxhash.xxh3_64_intdigest(v) for v in data.views]
     unpin(store, run)
