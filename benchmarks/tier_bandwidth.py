@@ -127,8 +127,10 @@ def main() -> None:
                 raw = {
                     "device_to_cpu": lambda s=src_dev, d=dst_cpu: (d.copy_(s), _sync()),
                     "cpu_to_device": lambda s=dst_cpu, d=src_dev: (d.copy_(s), _sync()),
-                    "cpu_to_disk": lambda b=dst_cpu: _raw_write(disk.path, b),
-                    "disk_to_device": lambda h=dst_cpu, d=src_dev: _raw_read(disk.path, h, d),
+                    "cpu_to_disk": lambda b=dst_cpu: _raw_write(disk.path, disk.data_offset, b),
+                    "disk_to_device": lambda h=dst_cpu, d=src_dev: _raw_read(
+                        disk.path, disk.data_offset, h, d
+                    ),
                 }
                 cases: list[tuple[Direction, str | None]] = [
                     ("device_to_cpu", None),
@@ -174,27 +176,29 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _raw_write(path: Path, tensor: torch.Tensor) -> None:
-    """The tensor's bytes to the start of the file, then fsync. On the slab they are the
-    bytes the store writes there, so its blocks and checksums stay valid."""
+def _raw_write(path: Path, offset: int, tensor: torch.Tensor) -> None:
+    """The tensor's bytes to the file at `offset` (the slab's block 0), then fsync. On
+    the slab they are the bytes the store writes there, so its blocks and checksums
+    stay valid."""
     data = memoryview(tensor.contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.write(fd, data)
+        os.pwrite(fd, data, offset)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _raw_read(path: Path, host: torch.Tensor, dst: torch.Tensor) -> None:
-    """The file's first `dst.nbytes` bytes into `dst`: straight in when it is host
-    memory, else through the (pinned) host tensor `host`, as the store does."""
+def _raw_read(path: Path, offset: int, host: torch.Tensor, dst: torch.Tensor) -> None:
+    """`dst.nbytes` bytes of the file from `offset` (the slab's block 0) into `dst`:
+    straight in when it is host memory, else through the (pinned) host tensor `host`,
+    as the store does."""
     if not dst.is_cuda:
         host = dst
     buf = memoryview(host.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.preadv(fd, [buf], 0)
+        os.preadv(fd, [buf], offset)
     finally:
         os.close(fd)
     if dst.is_cuda:

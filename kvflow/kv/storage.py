@@ -3,8 +3,9 @@
 Every tier holds blocks of one layout, `(num_layers, 2, block_size, num_kv_heads,
 head_dim)`, so a pool is one tensor of shape `(num_blocks, *block_shape)` and a block
 is one contiguous slice of it; the disk tier stores the same bytes at
-`slot * bytes_per_block` in a preallocated file. torch is imported only here, and only
-when real storage is built: the simulator never needs it.
+`data_offset + slot * bytes_per_block` in a preallocated slab file (`kvflow.kv.slab`:
+its header, and how kvflow opens it without harming what it did not create). torch is
+imported only here, and only when real storage is built: the simulator never needs it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from kvflow.config import KVConfig
+from kvflow.kv.capacity import check_disk_room
+from kvflow.kv.slab import HEADER_BYTES, SlabLayout, check_slab_path, open_slab, remove_slab
 
 if TYPE_CHECKING:
     import torch
@@ -77,42 +80,60 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 class DiskStorage:
-    """A slab file of `num_blocks` blocks with an xxh3 checksum per written block.
+    """A slab file of `layout.num_blocks` blocks with an xxh3 checksum per written block.
+
+    Opening refuses a path that is not a slab kvflow may use (`kvflow.kv.slab.open_slab`);
+    `close` removes the file only if this process created it.
 
     Reads verify the checksum: a mismatch, a short read or an I/O error makes the block
     a miss (`read_into` reports it), never bad data. A full disk disables the tier.
     """
 
-    def __init__(
-        self, path: Path, num_blocks: int, bytes_per_block: int, fsync: bool = False
-    ) -> None:
+    def __init__(self, path: Path, layout: SlabLayout, fsync: bool = False) -> None:
         self.path = path
-        self.num_blocks = num_blocks
-        self.bytes_per_block = bytes_per_block
+        self.layout = layout
+        self.num_blocks = layout.num_blocks
+        self.bytes_per_block = layout.bytes_per_block
+        self.data_offset = HEADER_BYTES
+        """Where block 0 starts in the file (after the slab header)."""
         self.fsync = fsync
-        self.checksums: list[int | None] = [None] * num_blocks
+        self.checksums: list[int | None] = [None] * layout.num_blocks
         self.disabled_reason: str | None = None
         self.num_errors = 0
         self._errors_lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd, self.created = open_slab(path, layout)
+        """`created`: this process made the file, so `close` may remove it."""
         preallocate = getattr(os, "posix_fallocate", None)  # absent on macOS
         try:
             if preallocate is not None:
-                preallocate(self.fd, 0, num_blocks * bytes_per_block)
-            else:  # a sparse file: a full disk shows up at write time instead
-                os.ftruncate(self.fd, num_blocks * bytes_per_block)
+                preallocate(self.fd, 0, layout.file_bytes)
+            elif os.fstat(self.fd).st_size < layout.file_bytes:
+                os.ftruncate(self.fd, layout.file_bytes)  # sparse: a full disk shows later
         except OSError as err:
-            self._disable(f"cannot preallocate {num_blocks * bytes_per_block} bytes: {err}")
+            self._disable(f"cannot preallocate {layout.file_bytes} bytes: {err}")
 
     @classmethod
     def create(cls, config: KVConfig, num_blocks: int) -> DiskStorage:
+        """The slab at `kv.disk.path` (default: a new file under the cache directory),
+        after checking the path is safe to use and its file system has room for it.
+
+        Raises:
+            SlabPathError: `kv.disk.path` is not a slab kvflow may use.
+            CapacityError: the file system lacks the room.
+        """
         if config.disk.path is not None:
             path = Path(config.disk.path).expanduser()
         else:
             base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvflow"
             path = base / f"kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.slab"
-        return cls(path, num_blocks, config.bytes_per_block(), config.disk.fsync)
+        layout = SlabLayout.of(config, num_blocks)
+        existing_bytes = check_slab_path(path, layout)
+        check_disk_room(config, path, layout.file_bytes - existing_bytes)
+        return cls(path, layout, config.disk.fsync)
+
+    def block_offset(self, slot: int) -> int:
+        """Where block `slot` starts in the file."""
+        return self.data_offset + slot * self.bytes_per_block
 
     @property
     def enabled(self) -> bool:
@@ -170,7 +191,7 @@ class DiskStorage:
         while lo < hi:
             views = [src[s * size : (s + 1) * size] for s in src_slots[lo:hi]]
             try:
-                num_written = os.pwritev(self.fd, views, slots[lo] * size) // size
+                num_written = os.pwritev(self.fd, views, self.block_offset(slots[lo])) // size
             except OSError as err:
                 self._count_error(hi - lo)
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -218,6 +239,7 @@ class DiskStorage:
         ok: list[bool] = []
         size = self.bytes_per_block
         fd = self.fd
+        base = self.data_offset
         checksums = self.checksums
         digest = xxhash.xxh3_64_intdigest
         flags = 0
@@ -228,7 +250,7 @@ class DiskStorage:
         for slot, d in zip(slots, dst_slots, strict=True):
             view = dst[d * size : (d + 1) * size]
             try:
-                num_read = os.preadv(fd, [view], slot * size, flags)
+                num_read = os.preadv(fd, [view], base + slot * size, flags)
             except OSError:
                 if nowait:  # not cached (EAGAIN), or no RWF_NOWAIT here (EOPNOTSUPP: tmpfs)
                     break
@@ -247,11 +269,13 @@ class DiskStorage:
             self.num_errors += num_errors
 
     def close(self, remove: bool = True) -> None:
+        """Close the slab; with `remove`, delete it if this process created it (a slab
+        that was there before is left in place)."""
         if self.fd >= 0:
+            if remove and self.created:
+                remove_slab(self.path, self.fd)
             os.close(self.fd)
             self.fd = -1
-            if remove:
-                self.path.unlink(missing_ok=True)
 
 
 def block_digests(src: memoryview, src_slots: Sequence[int], bytes_per_block: int) -> list[int]:

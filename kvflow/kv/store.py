@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kvflow.config import KVConfig
 from kvflow.kv.block_pool import BlockPool, IntegrityError
+from kvflow.kv.capacity import check_bookkeeping, check_tensors
 from kvflow.kv.location import PrefixLocation
 from kvflow.kv.remote import RemoteTier
+from kvflow.kv.slab import SlabLayout, check_slab_path
 from kvflow.kv.transfer import DIRECTIONS, CopyEngine, Direction, SimCopyEngine, Transfer
 
 if TYPE_CHECKING:
@@ -62,6 +65,11 @@ class KVStore:
         engine: carries out copies; the virtual-time `SimCopyEngine` when omitted.
         device_storage, cpu_storage, disk_storage: real block bytes, when a runner
             needs them (see `with_tensors`); the simulator runs without.
+
+    Raises:
+        CapacityError: the pools' bookkeeping would not fit in available RAM.
+        SlabPathError: `kv.disk.path` names something a real store would refuse
+            (checked without a slab too, so a simulated run is refused alike).
     """
 
     def __init__(
@@ -73,12 +81,17 @@ class KVStore:
         cpu_storage: TensorStorage | None = None,
         disk_storage: DiskStorage | None = None,
     ) -> None:
+        num_cpu = config.tier_blocks("cpu")
+        num_disk = config.tier_blocks("disk")
+        check_bookkeeping(config)  # before the pools allocate it
+        if disk_storage is None and num_disk and num_cpu and config.disk.path is not None:
+            # No slab here (the simulator), but the path must be one a real store would
+            # accept: a run is refused alike whether or not it writes the file.
+            check_slab_path(Path(config.disk.path).expanduser(), SlabLayout.of(config, num_disk))
         self.config = config
         self.block_size = config.block_size
         self.bytes_per_block = config.bytes_per_block()
         self.device = BlockPool(config.tier_blocks("device"))
-        num_cpu = config.tier_blocks("cpu")
-        num_disk = config.tier_blocks("disk")
         self.cpu: BlockPool | None = BlockPool(num_cpu) if num_cpu else None
         self.disk: BlockPool | None = BlockPool(num_disk) if num_disk and num_cpu else None
         self.engine = engine if engine is not None else SimCopyEngine(config.transfer)
@@ -109,15 +122,27 @@ class KVStore:
     def with_tensors(
         cls, config: KVConfig, device: str | torch.device = "cpu", max_workers: int = 2
     ) -> KVStore:
-        """A store with real tensor pools (and a slab file for disk) and threaded copies."""
+        """A store with real tensor pools (and a slab file for disk) and threaded copies.
+
+        Raises:
+            CapacityError: a tier larger than the memory or disk that would hold it.
+            SlabPathError: `kv.disk.path` is not a slab kvflow may use.
+        """
         from kvflow.kv.storage import DiskStorage, TensorStorage
         from kvflow.kv.transfer import TensorCopyEngine
 
-        dev = TensorStorage.allocate(config, config.tier_blocks("device"), device)
+        check_tensors(config, device)
         num_cpu = config.tier_blocks("cpu")
-        cpu = TensorStorage.allocate(config, num_cpu, "cpu", pin=True) if num_cpu else None
         num_disk = config.tier_blocks("disk")
+        # The slab first: a refused kv.disk.path fails before any tensor is allocated.
         disk = DiskStorage.create(config, num_disk) if num_disk and num_cpu else None
+        try:
+            dev = TensorStorage.allocate(config, config.tier_blocks("device"), device)
+            cpu = TensorStorage.allocate(config, num_cpu, "cpu", pin=True) if num_cpu else None
+        except BaseException:
+            if disk is not None:
+                disk.close()
+            raise
         engine = TensorCopyEngine(dev, cpu, disk, max_workers=max_workers)
         return cls(config, engine, device_storage=dev, cpu_storage=cpu, disk_storage=disk)
 

@@ -85,9 +85,9 @@ def test_a_disk_read_in_parts_keeps_block_order_and_misses_only_the_corrupt_bloc
     disk_slots = [7, 6, 5, 4, 3, 2]
     assert run(engine, "cpu_to_disk", [0, 1, 2, 3, 4, 5], disk_slots) == [True] * 6
     with open(tiers.disk.path, "r+b") as f:  # flip a byte of the block in disk slot 3
-        f.seek(3 * tiers.bytes_per_block + 5)
+        f.seek(tiers.disk.block_offset(3) + 5)
         byte = f.read(1)
-        f.seek(3 * tiers.bytes_per_block + 5)
+        f.seek(tiers.disk.block_offset(3) + 5)
         f.write(bytes([byte[0] ^ 0xFF]))
 
     device_slots = [2, 0, 1, 7, 6, 5]
@@ -219,14 +219,12 @@ def test_a_short_disk_write_is_carried_on_where_it_stopped(
 def test_blocks_written_before_the_disk_fills_are_synced_and_readable(
     tiers: Tiers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    disk = DiskStorage(
-        tiers.disk.path.with_name("synced.slab"), NUM_BLOCKS, tiers.bytes_per_block, fsync=True
-    )
+    disk = DiskStorage(tiers.disk.path.with_name("synced.slab"), tiers.disk.layout, fsync=True)
     pwritev, fsync = os.pwritev, os.fsync
     synced: list[list[int | None]] = []
 
     def pwritev_until_slot_4(fd: int, buffers: list[memoryview], offset: int) -> int:
-        if offset >= 4 * tiers.bytes_per_block:
+        if offset >= disk.block_offset(4):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return pwritev(fd, buffers, offset)
 

@@ -10,6 +10,7 @@ import torch
 
 from kvflow import policies
 from kvflow.config import KVConfig, KVFlowConfig
+from kvflow.kv.slab import SlabLayout
 from kvflow.kv.storage import byte_view
 from kvflow.kv.store import KVStore
 from kvflow.request import Request, RequestStatus
@@ -17,6 +18,8 @@ from kvflow.scheduler.core import Scheduler
 from kvflow.scheduler.plan import StepResult
 
 LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
+SLAB_64 = SlabLayout((1, 2, 1, 2, 4), "float32", num_blocks=4)
+"""Four blocks of 64 bytes."""
 
 
 def tiny_kv(tmp_path: Path, **sections: object) -> KVConfig:
@@ -63,7 +66,7 @@ def test_a_block_goes_down_to_cpu_and_disk_and_back_byte_for_byte(store: KVStore
     assert cpu_slot is not None and disk_slot is not None
     assert torch.equal(store.cpu_storage.data[cpu_slot], data)
     with open(store.disk_storage.path, "rb") as f:
-        f.seek(disk_slot * store.bytes_per_block)
+        f.seek(store.disk_storage.block_offset(disk_slot))
         on_disk = f.read(store.bytes_per_block)
     assert on_disk == data.numpy().tobytes()
 
@@ -89,9 +92,9 @@ def test_a_block_goes_down_to_cpu_and_disk_and_back_byte_for_byte(store: KVStore
     # Corrupt the disk copy: the next read is a miss and a counted error, never data.
     store.device.reset_prefix_cache()
     with open(store.disk_storage.path, "r+b") as f:
-        f.seek(disk_slot * store.bytes_per_block + 17)
+        f.seek(store.disk_storage.block_offset(disk_slot) + 17)
         byte = f.read(1)
-        f.seek(disk_slot * store.bytes_per_block + 17)
+        f.seek(store.disk_storage.block_offset(disk_slot) + 17)
         f.write(bytes([byte[0] ^ 0xFF]))
     (target2,) = store.device.allocate(1)
     store.start_load(store.find_below([111], 0, 1), [111], [target2], now=2.0)
@@ -115,25 +118,34 @@ def test_a_short_or_failed_disk_read_is_a_miss(store: KVStore) -> None:
     # Truncate the slab: the read comes back short.
     import os
 
-    os.truncate(store.disk_storage.path, slot * store.bytes_per_block + 8)
+    os.truncate(store.disk_storage.path, store.disk_storage.block_offset(slot) + 8)
     buf = torch.empty(store.disk_storage.bytes_per_block // 4, dtype=torch.float32)
     assert store.disk_storage.read_into([slot], byte_view(buf), [0]) == [False]
     assert store.disk_storage.num_errors == 1
 
 
-def test_full_disk_disables_the_tier_with_a_warning(tmp_path: Path) -> None:
-    # /dev/full answers every write with ENOSPC.
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full on this system")
+def test_full_disk_disables_the_tier_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
     from kvflow.kv.storage import DiskStorage
 
+    disk = DiskStorage(tmp_path / "kv.slab", SLAB_64)
+
+    # Every write fails as on a full file system (what /dev/full did before kvflow
+    # refused device nodes as slabs: test_disk_slab.py).
+    def full(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", full)
     with pytest.warns(RuntimeWarning, match="disabled"):
-        disk = DiskStorage(Path("/dev/full"), 4, 64)
         block = torch.zeros(16, dtype=torch.float32)
         ok = disk.write_from(byte_view(block), [0], [0])
     assert ok == [False]
     assert not disk.enabled
-    disk.close(remove=False)
+    disk.close()
 
 
 def test_a_slab_without_posix_fallocate_is_sized_and_works(
@@ -144,8 +156,8 @@ def test_a_slab_without_posix_fallocate_is_sized_and_works(
     from kvflow.kv.storage import DiskStorage
 
     monkeypatch.delattr(os, "posix_fallocate")  # as on macOS
-    disk = DiskStorage(tmp_path / "kv.slab", 4, 64)
-    assert disk.enabled and os.path.getsize(disk.path) == 4 * 64
+    disk = DiskStorage(tmp_path / "kv.slab", SLAB_64)
+    assert disk.enabled and os.path.getsize(disk.path) == disk.data_offset + 4 * 64
     block = torch.arange(16, dtype=torch.float32)
     assert disk.write_from(byte_view(block), [0], [2]) == [True]
     back = torch.zeros(16, dtype=torch.float32)
@@ -207,7 +219,7 @@ def test_a_load_that_fails_is_not_counted_as_a_hit(tmp_path: Path) -> None:
         bad_slot = store.disk.lookup(first.block_keys[1])
         assert bad_slot is not None
         with open(store.disk_storage.path, "r+b") as f:
-            f.seek(bad_slot * store.bytes_per_block)
+            f.seek(store.disk_storage.block_offset(bad_slot))
             f.write(b"\xff" * 8)
 
         second = scheduler.add(Request("b", prompt, max_new_tokens=1), 1.0)

@@ -1,0 +1,55 @@
+"""The command line refuses, with one `kvflow: error:` line and no traceback, what would
+destroy a file or take more memory than the machine has."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TIMEOUT_S = 120
+
+
+def kvflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`kvflow ARGS` as a user runs it, in a fresh process (this checkout's package)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run(
+        [sys.executable, "-m", "kvflow", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=TIMEOUT_S,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvflow: error: "), done.stderr[-4000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_replay_refuses_a_disk_path_that_is_a_document_and_leaves_it_intact(
+    tmp_path: Path,
+) -> None:
+    doc = tmp_path / "thesis.txt"
+    doc.write_text("three years of work\n")
+    done = kvflow(
+        "replay",
+        "-p",
+        "fcfs",
+        "--set",
+        "kv.cpu.num_blocks=64",
+        "--set",
+        "kv.disk.num_blocks=64",
+        "--set",
+        f"kv.disk.path={doc}",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(done, "kv.disk.path", str(doc))
+    assert doc.read_text() == "three years of work\n"
