@@ -4,11 +4,21 @@ destroy a file or take more memory than the machine has."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 TIMEOUT_S = 120
+
+
+MAX_ADDRESS_SPACE = 4 * 2**30
+"""The CLI runs under this limit of virtual memory: a run that would take gigabytes
+fails fast instead of taking the machine's RAM."""
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MAX_ADDRESS_SPACE, MAX_ADDRESS_SPACE))
 
 
 def kvflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -21,6 +31,7 @@ def kvflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         cwd=cwd,
         env=env,
         timeout=TIMEOUT_S,
+        preexec_fn=_limit_memory,
     )
 
 
@@ -53,3 +64,9 @@ def test_replay_refuses_a_disk_path_that_is_a_document_and_leaves_it_intact(
     )
     assert_one_line_error(done, "kv.disk.path", str(doc))
     assert doc.read_text() == "three years of work\n"
+
+
+def test_replay_refuses_a_billion_device_blocks_before_allocating(tmp_path: Path) -> None:
+    done = kvflow("replay", "-p", "fcfs", "--set", "kv.device.num_blocks=1000000000", cwd=tmp_path)
+    line = assert_one_line_error(done, "kv.device.num_blocks=1000000000", "RAM available")
+    assert "MemoryError" not in line
