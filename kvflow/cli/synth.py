@@ -135,7 +135,8 @@ def parse_tenant(text: str) -> TenantSpec:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.distributions import AllAtOnce, ArrivalProcess, Gamma, Poisson, parse_length
-    from kvflow.traces.formats.mooncake import dump_mooncake
+    from kvflow.traces.formats.mooncake import MOONCAKE_BLOCK_TOKENS, dump_mooncake
+    from kvflow.traces.limits import check_total
     from kvflow.traces.native import dump_native
     from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
 
@@ -162,8 +163,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         tenants=tenants,
         seed=args.seed,
     )
-    records = generate_workload(spec)
+    records = generate_workload(spec)  # refuses lengths replay would refuse
     out = Path(args.out)
+    # What replay will need to read it back, checked before anything is written.
+    if args.out_format == "mooncake":  # whole 512-token blocks
+        size = MOONCAKE_BLOCK_TOKENS
+        check_total(out, [-(-r.num_prompt_tokens // size) * size for r in records])
+    else:
+        check_total(out, [r.num_prompt_tokens for r in records])
     if args.out_format == "mooncake":
         dump_mooncake([r.to_request() for r in records], out)
     else:

@@ -40,6 +40,11 @@ class LengthDist(ABC):
     def min_value(self) -> int:
         """The smallest length it can give."""
 
+    @property
+    @abstractmethod
+    def max_length(self) -> int | None:
+        """The largest length it can give (None: no bound)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Fixed(LengthDist):
@@ -61,6 +66,10 @@ class Fixed(LengthDist):
 
     @property
     def min_value(self) -> int:
+        return self.value
+
+    @property
+    def max_length(self) -> int:
         return self.value
 
 
@@ -87,6 +96,10 @@ class Uniform(LengthDist):
     def min_value(self) -> int:
         return self.lo
 
+    @property
+    def max_length(self) -> int:
+        return self.hi
+
 
 @dataclass(frozen=True, slots=True)
 class LogNormal(LengthDist):
@@ -112,7 +125,8 @@ class LogNormal(LengthDist):
         )
 
     def sample(self, rng: random.Random) -> int:
-        value = max(1, round(rng.lognormvariate(math.log(self.median), self.sigma)))
+        draw = rng.lognormvariate(math.log(self.median), self.sigma)
+        value = max(1, round(min(draw, 2.0**62)))  # a huge sigma can draw inf
         return value if self.max_value is None else min(value, self.max_value)
 
     def spec(self) -> str:
@@ -122,6 +136,10 @@ class LogNormal(LengthDist):
     @property
     def min_value(self) -> int:
         return 1
+
+    @property
+    def max_length(self) -> int | None:
+        return self.max_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +176,10 @@ class Empirical(LengthDist):
     @property
     def min_value(self) -> int:
         return min(self.values)
+
+    @property
+    def max_length(self) -> int:
+        return max(self.values)
 
 
 LengthSpec = int | tuple[int, int] | LengthDist

@@ -6,9 +6,9 @@ other non-blank line is one request object:
 | key | | meaning |
 | --- | --- | --- |
 | `arrival_s` | required | arrival time in seconds, a finite number >= 0 |
-| `output_len` | required | output tokens to generate, an integer >= 1 |
-| `prompt_token_ids` | either | the prompt, a non-empty list of integers in [0, 2**32) |
-| `prompt_len` | or | prompt length, an integer >= 1; tokens are synthesised |
+| `output_len` | required | output tokens to generate, an integer in [1, 2**24] |
+| `prompt_token_ids` | either | the prompt, 1 to 2**24 integers in [0, 2**32) |
+| `prompt_len` | or | prompt length, an integer in [1, 2**24]; tokens are synthesised |
 | `prefix_group` | optional | with `prompt_len`: name of a group of shared prefixes |
 | `prefix_len` | optional | with `prefix_group`: leading tokens taken from the group (0) |
 | `id` | optional | request id, unique in the file (default ``r{index}``, 0-based) |
@@ -20,7 +20,8 @@ other non-blank line is one request object:
 With `prompt_len`, the first `prefix_len` tokens are the group's (see
 `kvflow.traces.tokens`), identical for every request of the group in every process;
 the rest come from the request id. Unknown keys are errors, and every error names the
-file, the line and the field.
+file, the line and the field. Lengths are capped at `kvflow.traces.limits.MAX_TRACE_TOKENS`
+(2**24), and a file whose prompts would not fit in RAM is refused before any is built.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from kvflow.traces.formats import read_trace
 from kvflow.traces.formats._io import iter_json_lines as _iter_json_lines
 from kvflow.traces.formats._io import show
 from kvflow.traces.formats.base import LoadLog, TraceOptions
+from kvflow.traces.limits import MAX_TRACE_TOKENS, check_length
 from kvflow.traces.tokens import prompt_token_ids as _synth_prompt
 
 FORMAT_NAME = "kvflow-trace"
@@ -74,6 +76,12 @@ def _check_token_ids(value: object) -> None:
     expected = "a non-empty list of integers in [0, 2**32)"
     if not isinstance(value, list | tuple) or not value:
         raise FieldError("prompt_token_ids", f"expected {expected}, got {show(value)}")
+    if len(value) > MAX_TRACE_TOKENS:
+        raise FieldError(
+            "prompt_token_ids",
+            f"expected at most {MAX_TRACE_TOKENS} tokens "
+            f"(kvflow.traces.limits.MAX_TRACE_TOKENS), got {len(value)}",
+        )
     if set(map(type, value)) == {int}:  # C-speed checks: prompts run to 100k+ tokens
         try:
             array("I", value)
@@ -110,7 +118,7 @@ class TraceRecord:
     def __post_init__(self) -> None:
         _expect(_is_name(self.request_id), "id", "a non-empty string", self.request_id)
         _expect(_is_time(self.arrival_s), "arrival_s", "a finite number >= 0", self.arrival_s)
-        _expect(_is_int(self.output_len, 1), "output_len", "an integer >= 1", self.output_len)
+        check_length("output_len", self.output_len, show(self.output_len))
         self._check_prompt()
         _expect(_is_name(self.tenant), "tenant", "a non-empty string", self.tenant)
         _expect(_is_int(self.priority), "priority", "an integer", self.priority)
@@ -134,7 +142,7 @@ class TraceRecord:
         elif self.prompt_len is None:
             raise FieldError("prompt_len", "missing (give prompt_len or prompt_token_ids)")
         else:
-            _expect(_is_int(self.prompt_len, 1), "prompt_len", "an integer >= 1", self.prompt_len)
+            check_length("prompt_len", self.prompt_len, show(self.prompt_len))
         _expect(group is None or _is_name(group), "prefix_group", "a non-empty string", group)
         limit = self.prompt_len or 0
         ok = _is_int(self.prefix_len, 0) and self.prefix_len <= limit

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvflow.kv.capacity import available_ram_bytes, human_bytes
 from kvflow.request import SLO
 from kvflow.traces.distributions import (
     ArrivalProcess,
@@ -29,6 +30,7 @@ from kvflow.traces.distributions import (
     Poisson,
     as_length_dist,
 )
+from kvflow.traces.limits import BYTES_PER_PROMPT_TOKEN, BYTES_PER_REQUEST, MAX_TRACE_TOKENS
 from kvflow.traces.native import TraceRecord
 from kvflow.traces.tokens import group_prefix_token_ids, name_seed
 
@@ -37,6 +39,7 @@ __all__ = [
     "SystemPrompts",
     "TenantSpec",
     "WorkloadSpec",
+    "check_workload",
     "gamma_arrivals",
     "generate_workload",
     "poisson_arrivals",
@@ -242,6 +245,7 @@ def generate_workload(spec: WorkloadSpec) -> list[TraceRecord]:
     are compact (`prompt_len` and `prefix_group`, as `dump_native` writes them) except
     for multi-turn sessions under a system prompt, which carry their token ids.
     """
+    check_workload(spec)
     seed = spec.seed
     starts = spec.arrivals.times(spec.num_sessions, _stream(seed, "arrivals"))
     turns_rng, prompt_rng = _stream(seed, "turns"), _stream(seed, "prompt")
@@ -263,6 +267,13 @@ def generate_workload(spec: WorkloadSpec) -> list[TraceRecord]:
         for k in range(num_turns):
             prompt_len = history + spec.prompt_len.sample(prompt_rng)
             output_len = spec.output_len.sample(output_rng)
+            if max(prompt_len, output_len) > MAX_TRACE_TOKENS:  # unbounded lengths drew it
+                raise ValueError(
+                    f"session {i}, turn {k}: a prompt of {prompt_len} tokens (system prompt, "
+                    f"earlier turns and their outputs, new tokens) and {output_len} output "
+                    f"tokens; each must be at most {MAX_TRACE_TOKENS} "
+                    "(kvflow.traces.limits.MAX_TRACE_TOKENS)"
+                )
             records.append(
                 TraceRecord(
                     request_id=f"r{i}" if single_turn else f"s{i}-{k}",
@@ -278,6 +289,45 @@ def generate_workload(spec: WorkloadSpec) -> list[TraceRecord]:
             history = prompt_len + output_len
     records.sort(key=lambda r: r.arrival_s)
     return records
+
+
+def check_workload(spec: WorkloadSpec) -> None:
+    """Refuse, before generating anything, a workload whose records could not be read
+    back: a length over `MAX_TRACE_TOKENS` for every bounded distribution (a multi-turn
+    prompt carries the whole session before it), or more records than fit in RAM even
+    at their smallest.
+
+    Raises:
+        ValueError: naming the option and quoting its value.
+    """
+    system_len = spec.system_prompts.num_tokens if spec.system_prompts else 0
+    turns, prompt = spec.turns.max_length, spec.prompt_len.max_length
+    output = spec.output_len.max_length
+    if output is not None and output > MAX_TRACE_TOKENS:
+        raise ValueError(
+            f"output_len={spec.output_len.spec()!r} gives up to {output} tokens, more than "
+            f"{MAX_TRACE_TOKENS} (kvflow.traces.limits.MAX_TRACE_TOKENS)"
+        )
+    if turns is not None and prompt is not None and output is not None:
+        longest = system_len + turns * prompt + (turns - 1) * output
+        if longest > MAX_TRACE_TOKENS:
+            raise ValueError(
+                f"prompts of up to {longest} tokens (system_prompt_len={system_len}, "
+                f"turns={spec.turns.spec()!r}, prompt_len={spec.prompt_len.spec()!r}, "
+                f"output_len={spec.output_len.spec()!r}: a turn's prompt holds the "
+                f"session before it), more than {MAX_TRACE_TOKENS} "
+                "(kvflow.traces.limits.MAX_TRACE_TOKENS)"
+            )
+    num_records = spec.num_sessions * spec.turns.min_value
+    num_tokens = num_records * (system_len + spec.prompt_len.min_value)
+    needed = num_records * BYTES_PER_REQUEST + num_tokens * BYTES_PER_PROMPT_TOKEN
+    available = available_ram_bytes()
+    if needed > available:
+        raise ValueError(
+            f"num_sessions={spec.num_sessions}: at least {num_records} requests with "
+            f"{num_tokens} prompt tokens, which need {human_bytes(needed)} of RAM to "
+            f"generate or replay; {human_bytes(available)} RAM available"
+        )
 
 
 def _prompt_fields(

@@ -20,6 +20,8 @@ from collections import OrderedDict
 
 import xxhash
 
+from kvflow.traces.limits import MAX_TRACE_TOKENS
+
 VOCAB_SIZE = 32000
 """Generated token ids lie in [0, VOCAB_SIZE)."""
 
@@ -32,6 +34,15 @@ _PIECES_SEED = 0x6B76_7069_6563_65  # "kvpiece"
 _NEEDS_BYTESWAP = sys.byteorder != "little"
 
 _group_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+
+
+def _check_num_tokens(num_tokens: int) -> None:
+    # Readers check lengths against the cap with file and line; this guards direct calls.
+    if num_tokens > MAX_TRACE_TOKENS:
+        raise ValueError(
+            f"num_tokens={num_tokens!r} exceeds kvflow.traces.limits.MAX_TRACE_TOKENS "
+            f"({MAX_TRACE_TOKENS})"
+        )
 
 
 @functools.cache
@@ -47,9 +58,13 @@ def random_token_ids(seed: int, num_tokens: int) -> tuple[int, ...]:
     """`num_tokens` pseudo-random ids in [0, VOCAB_SIZE), a pure function of `seed`.
 
     A shorter sequence is always a prefix of a longer one with the same seed.
+
+    Raises:
+        ValueError: `num_tokens` over `MAX_TRACE_TOKENS`.
     """
     if num_tokens <= 0:
         return ()
+    _check_num_tokens(num_tokens)
     # Whole 32-bit words only, so that the stream does not depend on the length asked.
     num_words = (num_tokens + 1) // 2
     raw = array("H", random.Random(seed).randbytes(4 * num_words))
@@ -78,6 +93,7 @@ def keyed_token_ids(key: str, num_tokens: int) -> tuple[int, ...]:
     """
     if num_tokens <= 0:
         return ()
+    _check_num_tokens(num_tokens)
     num_head = min(num_tokens, _PIECE_TOKENS)
     num_pieces = -(-(num_tokens - num_head) // _PIECE_TOKENS)
     digest = hashlib.shake_128(key.encode()).digest(2 * _PIECE_TOKENS + num_pieces)
@@ -109,7 +125,9 @@ def group_prefix_token_ids(group: str, num_tokens: int) -> tuple[int, ...]:
     """
     cached = _group_cache.get(group)
     if cached is None or len(cached) < num_tokens:
-        length = max(num_tokens, 2 * len(cached) if cached else 0, 256)
+        _check_num_tokens(num_tokens)
+        grown = min(2 * len(cached), MAX_TRACE_TOKENS) if cached else 0
+        length = max(num_tokens, grown, 256)
         cached = random_token_ids(name_seed(group, salt=_GROUP_SEED), length)
         _group_cache[group] = cached
         if len(_group_cache) > _MAX_CACHED_GROUPS:

@@ -265,7 +265,8 @@ def test_the_message_quotes_the_bad_value(tmp_path: Path) -> None:
     path = write_trace(tmp_path, GOOD, '{"arrival_s": 0, "prompt_len": 4, "output_len": -3}')
     with pytest.raises(
         TraceFormatError,
-        match=r"trace\.jsonl:2: field 'output_len': expected an integer >= 1, got -3$",
+        match=r"trace\.jsonl:2: field 'output_len': expected an integer in \[1, 16777216\] "
+        r"\(kvflow\.traces\.limits\.MAX_TRACE_TOKENS\), got -3$",
     ):
         load_native(path)
 

@@ -27,6 +27,7 @@ from kvflow.traces.formats.base import (
     column_key,
     rebase,
 )
+from kvflow.traces.limits import check_length, check_total
 from kvflow.traces.tokens import keyed_token_ids
 
 if TYPE_CHECKING:
@@ -90,13 +91,14 @@ class CSVRows:
             yield line_no, {name: row[i] for name, i in index.items()}
 
 
-def parse_int(text: str, field_name: str, minimum: int = 0) -> int:
-    """A CSV cell as an integer >= `minimum` ("12" or "12.0").
+def parse_length(text: str, field_name: str) -> int:
+    """A CSV cell as a token count in [0, MAX_TRACE_TOKENS] ("12" or "12.0").
 
     Raises:
         FieldError: naming the field and quoting the text.
     """
     stripped = text.strip()
+    value: object
     try:
         value = int(stripped)
     except ValueError:
@@ -104,14 +106,9 @@ def parse_int(text: str, field_name: str, minimum: int = 0) -> int:
             number = float(stripped)
         except ValueError:
             number = math.nan
-        if not number.is_integer():
-            raise FieldError(
-                field_name, f"expected an integer >= {minimum}, got {show(text)}"
-            ) from None
-        value = int(number)
-    if value < minimum:
-        raise FieldError(field_name, f"expected an integer >= {minimum}, got {show(text)}")
-    return value
+        # Whole numbers only, and no int() of 1e300: the cap is checked on the float.
+        value = int(number) if number.is_integer() and abs(number) <= 2**63 else None
+    return check_length(field_name, value, show(text), minimum=0)
 
 
 def parse_seconds(text: str, field_name: str) -> float:
@@ -172,8 +169,8 @@ class CSVFormat(TraceFormat):
         for index, (line_no, row) in enumerate(CSVRows(path, log, self.columns)):
             try:
                 ticks = self.parse_time(row[time_column])
-                num_in = parse_int(row[prompt_column], prompt_column)
-                num_out = parse_int(row[output_column], output_column)
+                num_in = parse_length(row[prompt_column], prompt_column)
+                num_out = parse_length(row[output_column], output_column)
             except ValueError as err:
                 log.bad(line_no, err)
                 continue
@@ -183,6 +180,7 @@ class CSVFormat(TraceFormat):
                 log.drop(self.no_output_reason)
             else:
                 rows.append((f"r{index}", ticks, num_in, max(num_out, 1)))
+        check_total(path, [row[2] for row in rows])
         namespace = options.namespace_of(path)
         arrivals = [t / self.ticks_per_second for t in rebase([row[1] for row in rows])]
         return [

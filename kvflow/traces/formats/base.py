@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvflow.request import Request
 from kvflow.traces.errors import BadLinesSkippedWarning, TraceFormatError
+from kvflow.traces.limits import MAX_TRACE_TOKENS
 
 T = TypeVar("T", int, float)
 
@@ -45,7 +46,7 @@ class TraceOptions(BaseModel):
     """Name that seeds the synthesised tokens of formats without token ids (Mooncake
     hash ids, Azure and BurstGPT prompts); default: the file name's stem. Files read
     with the same namespace share the blocks of equal hash ids."""
-    hash_block_size: int = Field(default=512, ge=1)
+    hash_block_size: int = Field(default=512, ge=1, le=MAX_TRACE_TOKENS)
     """Tokens per Mooncake hash id (512 in the Mooncake releases)."""
     tokenizer: str | None = Field(default=None, min_length=1)
     """ShareGPT: a transformers tokenizer installed locally (name or path); default:

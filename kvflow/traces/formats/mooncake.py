@@ -39,6 +39,7 @@ from kvflow.request import Request
 from kvflow.traces.errors import FieldError
 from kvflow.traces.formats._io import iter_json_lines, show
 from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions, rebase
+from kvflow.traces.limits import check_length, check_total
 from kvflow.traces.tokens import keyed_token_ids
 
 MOONCAKE_BLOCK_TOKENS = 512
@@ -110,8 +111,7 @@ def _check_record(obj: object, block_size: int) -> tuple[float, int, int, list[i
         )
     num_in, num_out = obj["input_length"], obj["output_length"]
     for key, value in (("input_length", num_in), ("output_length", num_out)):
-        if type(value) is not int or value < 1:
-            raise FieldError(key, f"expected an integer >= 1, got {show(value)}")
+        check_length(key, value, show(value))
     ids = obj["hash_ids"]
     if not isinstance(ids, list) or not all(type(h) is int and h >= 0 for h in ids):
         raise FieldError("hash_ids", f"expected a list of integers >= 0, got {show(ids)}")
@@ -147,6 +147,8 @@ class MooncakeFormat(TraceFormat):
                 log.bad(line_no, err)
                 continue
             parsed.append((f"r{index}", ts, num_in, num_out, ids))
+        # Whole blocks: a partial last block's tokens are made (and cached) in full.
+        check_total(path, [len(p[4]) * block_size for p in parsed])
         blocks = BlockTokens(options.namespace_of(path), block_size)
         arrivals = [ms / 1000 for ms in rebase([p[1] for p in parsed])]
         return [

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kvflow.request import Request
 from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions
+from kvflow.traces.limits import check_total
 from kvflow.traces.native import FORMAT_NAME, read_native
 
 _NATIVE_KEYS = frozenset({"arrival_s", "output_len", "prompt_len", "prompt_token_ids"})
@@ -24,4 +25,6 @@ class NativeFormat(TraceFormat):
         return not head.first_line and head.suffix == ".jsonl"  # empty: an empty trace
 
     def read(self, path: Path, options: TraceOptions, log: LoadLog) -> list[Request]:
-        return [record.to_request() for record in read_native(path, log)]
+        records = read_native(path, log)
+        check_total(path, [record.num_prompt_tokens for record in records])
+        return [record.to_request() for record in records]

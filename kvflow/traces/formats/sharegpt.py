@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from kvflow.request import Request
 from kvflow.traces.errors import FieldError, TraceFormatError
 from kvflow.traces.formats._io import iter_json_lines, open_binary, show
 from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions, rebase
+from kvflow.traces.limits import check_length, check_total
 from kvflow.traces.synthetic import poisson_arrivals
 from kvflow.traces.text_tokenizer import TextTokenizer, load_tokenizer
 
@@ -56,11 +58,15 @@ _SPACE = re.compile(r"\s*")
 Turns = list[tuple[str, str]]
 
 
+def _turns_key(obj: dict[str, Any]) -> str:
+    return "conversations" if "conversations" in obj else "messages"
+
+
 def _turns(obj: object) -> tuple[str | None, Turns]:
     """(conversation id or None, [(role, text), ...]) of one conversation object."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {show(obj)}")
-    key = "conversations" if "conversations" in obj else "messages"
+    key = _turns_key(obj)
     turns = obj.get(key)
     if not isinstance(turns, list):
         problem = "missing" if turns is None else f"expected a list of turns, got {show(turns)}"
@@ -85,18 +91,53 @@ def _turns(obj: object) -> tuple[str | None, Turns]:
     return (None if conv_id is None else str(conv_id)), out
 
 
-def session_prompts(turns: Turns, tokenizer: TextTokenizer) -> list[tuple[tuple[int, ...], int]]:
-    """(prompt tokens, output length) of each request of one conversation."""
+@dataclass(frozen=True, slots=True)
+class EncodedSession:
+    """A conversation's tokens, before its requests' prompts are built.
+
+    Attributes:
+        context: every turn's role header and tokens, in order.
+        cuts: for each request, (index of its assistant turn, prompt tokens before the
+            assistant header, output length): its prompt is ``context[:n] + header``.
+    """
+
+    context: list[int]
+    cuts: list[tuple[int, int, int]]
+
+
+def encode_session(turns: Turns, tokenizer: TextTokenizer) -> EncodedSession:
+    """Tokenize one conversation (linear in its text; no prompt built yet)."""
     context: list[int] = []
-    requests = []
-    answer = tokenizer.role_header("assistant")
+    cuts = []
     for i, (role, text) in enumerate(turns):
         tokens = tokenizer.encode(text)
         if role == "assistant" and i > 0:
-            requests.append((tuple(context) + answer, max(1, len(tokens))))
+            cuts.append((i, len(context), max(1, len(tokens))))
         context.extend(tokenizer.role_header(role))
         context.extend(tokens)
-    return requests
+    return EncodedSession(context, cuts)
+
+
+def session_prompts(turns: Turns, tokenizer: TextTokenizer) -> list[tuple[tuple[int, ...], int]]:
+    """(prompt tokens, output length) of each request of one conversation."""
+    return _build_prompts(encode_session(turns, tokenizer), tokenizer.role_header("assistant"))
+
+
+def _build_prompts(
+    session: EncodedSession, answer: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], int]]:
+    context = session.context
+    return [(tuple(context[:n]) + answer, num_out) for _, n, num_out in session.cuts]
+
+
+def _check_lengths(session: EncodedSession, key: str, num_answer_tokens: int) -> None:
+    """Each request's prompt and output within `MAX_TRACE_TOKENS` (prompts grow with
+    the conversation: a long one is refused before its prompts are built)."""
+    for i, n, num_out in session.cuts:
+        check_length(
+            f"{key}[{i}]", n + num_answer_tokens, f"a prompt of {n + num_answer_tokens} tokens"
+        )
+        check_length(f"{key}[{i}].value", num_out, f"a reply of {num_out} tokens")
 
 
 def _iter_array(path: Path) -> Iterator[tuple[int, Any]]:
@@ -154,7 +195,8 @@ class ShareGPTFormat(TraceFormat):
         is_array = not isinstance(head.first_json, dict) and head.text.lstrip()[:1] == "["
         items = _iter_array(path) if is_array else iter_json_lines(path, log)
         tokenizer = load_tokenizer(options.tokenizer)
-        sessions: list[tuple[str, list[tuple[tuple[int, ...], int]]]] = []
+        answer = tokenizer.role_header("assistant")
+        encoded: list[tuple[str, EncodedSession]] = []
         line_of_id: dict[str, int] = {}
         for index, (line_no, obj) in enumerate(items):
             try:
@@ -166,15 +208,18 @@ class ShareGPTFormat(TraceFormat):
                         f"duplicate conversation id {conv_id!r} (first on line "
                         f"{line_of_id[conv_id]})",
                     )
+                session = encode_session(turns, tokenizer)
+                _check_lengths(session, _turns_key(obj), len(answer))
             except ValueError as err:
                 log.bad(line_no, err)
                 continue
             line_of_id[conv_id] = line_no
-            prompts = session_prompts(turns, tokenizer)
-            if prompts:
-                sessions.append((conv_id, prompts))
+            if session.cuts:
+                encoded.append((conv_id, session))
             else:
                 log.drop("conversations without an assistant reply")
+        check_total(path, [n + len(answer) for _, session in encoded for _, n, _ in session.cuts])
+        sessions = [(conv_id, _build_prompts(session, answer)) for conv_id, session in encoded]
         rate, seed = options.session_rate_rps, options.seed
         starts = rebase(poisson_arrivals(len(sessions), rate, seed=seed))
         think = options.think_time_s
