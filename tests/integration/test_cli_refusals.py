@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvflow.kv.block_pool import BlockPool
+from kvflow.kv.capacity import available_ram_bytes
+
 TIMEOUT_S = 120
 
 
@@ -67,6 +70,8 @@ def test_replay_refuses_a_disk_path_that_is_a_document_and_leaves_it_intact(
 
 
 def test_replay_refuses_a_billion_device_blocks_before_allocating(tmp_path: Path) -> None:
-    done = kvflow("replay", "-p", "fcfs", "--set", "kv.device.num_blocks=1000000000", cwd=tmp_path)
-    line = assert_one_line_error(done, "kv.device.num_blocks=1000000000", "RAM available")
+    # 10**9, or more where the RAM would hold their bookkeeping (~185 GB).
+    n = max(10**9, 4 * available_ram_bytes() // BlockPool.BYTES_PER_BLOCK)
+    done = kvflow("replay", "-p", "fcfs", "--set", f"kv.device.num_blocks={n}", cwd=tmp_path)
+    line = assert_one_line_error(done, f"kv.device.num_blocks={n}", "RAM available")
     assert "MemoryError" not in line

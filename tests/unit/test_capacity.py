@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvflow.config import ConfigError, KVFlowConfig
+from kvflow.kv.block_pool import BlockPool
+from kvflow.kv.capacity import available_ram_bytes
 from kvflow.kv.store import KVStore
 
 TINY_LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
@@ -19,8 +21,14 @@ def numbers_in(message: str) -> list[int]:
     return [int(n) for n in re.findall(r"(\d+) bytes", message)]
 
 
+def billion_or_more() -> int:
+    """10**9 blocks, or more on a machine whose RAM would hold their bookkeeping."""
+    return max(10**9, 4 * available_ram_bytes() // BlockPool.BYTES_PER_BLOCK)
+
+
 def test_a_billion_simulated_blocks_are_refused_before_the_bookkeeping_is_allocated() -> None:
-    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 10**9}).kv
+    num_blocks = billion_or_more()
+    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": num_blocks}).kv
     tracemalloc.start()
     try:
         with pytest.raises(ConfigError) as err:
@@ -30,18 +38,19 @@ def test_a_billion_simulated_blocks_are_refused_before_the_bookkeeping_is_alloca
         tracemalloc.stop()
     assert peak < 16 * 2**20  # refused, not allocated (unchanged code took 23.5 GB)
     message = str(err.value)
-    assert "kv.device.num_blocks=1000000000 needs" in message
+    assert f"kv.device.num_blocks={num_blocks} needs" in message
     needed, available = numbers_in(message)
-    assert needed >= 10**9 * 65 and available < needed
+    assert needed >= num_blocks * 65 and available < needed
     assert "bookkeeping" in message and "RAM available" in message
 
 
 def test_the_bookkeeping_of_every_tier_adds_up() -> None:
+    n = billion_or_more()
     config = KVFlowConfig.from_dict(
         {},
-        {"kv.device.num_blocks": 10, "kv.cpu.num_blocks": 10**9, "kv.disk.num_blocks": 10**9},
+        {"kv.device.num_blocks": 10, "kv.cpu.num_blocks": n, "kv.disk.num_blocks": n},
     ).kv
-    with pytest.raises(ConfigError, match=r"kv\.cpu\.num_blocks=1000000000 \(\d+ bytes\), "):
+    with pytest.raises(ConfigError, match=rf"kv\.cpu\.num_blocks={n} \(\d+ bytes\), "):
         KVStore(config)
 
 

@@ -115,7 +115,8 @@ def test_lengths_of_exactly_the_cap_are_read(tmp_path: Path) -> None:
 def test_many_records_under_the_cap_that_add_up_past_ram_are_refused_unbuilt(
     tmp_path: Path,
 ) -> None:
-    num_lines = available_ram_bytes() // (MAX_TRACE_TOKENS * BYTES_PER_PROMPT_TOKEN) + 1
+    # Twice what fits: the RAM other processes free meanwhile cannot make it fit.
+    num_lines = 2 * (available_ram_bytes() // (MAX_TRACE_TOKENS * BYTES_PER_PROMPT_TOKEN)) + 1
     line = json.dumps({"arrival_s": 0.0, "prompt_len": MAX_TRACE_TOKENS, "output_len": 1})
     path = write_lines(tmp_path / "t.jsonl", [line] * num_lines)
     assert path.stat().st_size < 1000 * num_lines  # a small file
@@ -142,7 +143,8 @@ def test_a_sharegpt_conversation_whose_prompts_add_up_past_ram_is_refused_unbuil
     # t tokens make prompts of ~t * n**2 / 4 tokens in all, from a file linear in n.
     per_turn = len(tokenizer.role_header("user")) + len(tokenizer.encode("ok"))
     budget_tokens = available_ram_bytes() // BYTES_PER_PROMPT_TOKEN
-    num_turns = 2 * int((4 * budget_tokens / per_turn) ** 0.5) + 16
+    # Prompts of 3x the RAM: what other processes free meanwhile cannot make them fit.
+    num_turns = 2 * int((4 * 3 * budget_tokens / per_turn) ** 0.5) + 16
     assert num_turns * per_turn < MAX_TRACE_TOKENS  # each prompt is under the cap
     turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": "ok"} for i in range(num_turns)]
     path = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "long", "conversations": turns})])
