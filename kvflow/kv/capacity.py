@@ -115,19 +115,25 @@ def check_bookkeeping(config: KVConfig) -> None:
 
 def check_tensors(config: KVConfig, device: str | torch.device) -> None:
     """The device and cpu tiers' tensors and every pool's bookkeeping fit: the device
-    tier in the device's free memory (RAM on the CPU), the cpu tier and the bookkeeping
-    in available RAM (with the device tier when the device is the CPU)."""
+    tier in the device's free memory (RAM on the CPU), the cpu tier, the bookkeeping and
+    the slab's in-memory checksums in available RAM (with the device tier when the
+    device is the CPU)."""
     import torch
 
     block = config.bytes_per_block()
     on_cpu = torch.device(device).type == "cpu"
     device_need = (tier_setting(config, "device"), config.tier_blocks("device") * block)
+    tiers = _enabled_tiers(config)
     ram_needs = [
         (f"{tier_setting(config, t)} (bookkeeping)", BlockPool.bytes_needed(config.tier_blocks(t)))
-        for t in _enabled_tiers(config)
+        for t in tiers
     ]
-    if "cpu" in _enabled_tiers(config):
+    if "cpu" in tiers:
         ram_needs.append((tier_setting(config, "cpu"), config.tier_blocks("cpu") * block))
+    if "disk" in tiers:  # the slab's checksums live in memory: a list slot and an int
+        ram_needs.append(
+            (f"{tier_setting(config, 'disk')} (checksums)", config.tier_blocks("disk") * 40)
+        )
     if on_cpu:
         ram_needs.insert(0, device_need)
     else:

@@ -205,6 +205,7 @@ def open_slab(path: Path, layout: SlabLayout) -> tuple[int, bool]:
     except OSError as err:
         raise _refuse(path, f"cannot be created ({err.strerror})") from None
     try:
+        os.set_blocking(fd, True)
         _lock(path, fd)
         os.pwrite(fd, layout.header(), 0)
     except BaseException:
