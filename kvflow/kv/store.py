@@ -83,7 +83,8 @@ class KVStore:
     ) -> None:
         num_cpu = config.tier_blocks("cpu")
         num_disk = config.tier_blocks("disk")
-        check_bookkeeping(config)  # before the pools allocate it
+        if device_storage is None:  # with_tensors checked it with the tensors
+            check_bookkeeping(config)  # before the pools allocate it
         if disk_storage is None and num_disk and num_cpu and config.disk.path is not None:
             # No slab here (the simulator), but the path must be one a real store would
             # accept: a run is refused alike whether or not it writes the file.
