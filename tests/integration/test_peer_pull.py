@@ -185,7 +185,7 @@ async def test_a_corrupt_disk_block_at_the_owner_ends_the_run(tmp_path: Path) ->
     assert a.disk is not None and a.disk_storage is not None
     slot = a.disk.lookup(2)
     assert slot is not None
-    os.pwrite(a.disk_storage.fd, b"\xff" * 8, slot * a.bytes_per_block)  # bit rot on disk
+    os.pwrite(a.disk_storage.fd, b"\xff" * 8, a.disk_storage.block_offset(slot))  # bit rot on disk
     with anyio.fail_after(30):
         async with serving(a) as service, client_of(service, b) as client:
             assert await pull_into_cpu(client, b, [1, 2, 3]) == 1
