@@ -304,11 +304,14 @@ class RequestOutput:
     """Arrival to first token, once there is one."""
     e2e_s: float | None = None
     """Arrival to finish, once finished."""
+    queue_s: float | None = None
+    """Arrival to first scheduled, once scheduled."""
 
     @classmethod
     def of(cls, state: RequestState, new_token_ids: Iterable[int]) -> RequestOutput:
         first = state.first_token_time
         done = state.finish_time
+        scheduled = state.first_scheduled_time
         return cls(
             request_id=state.request_id,
             new_token_ids=tuple(new_token_ids),
@@ -319,4 +322,5 @@ class RequestOutput:
             num_cached_tokens=state.num_cached_tokens,
             ttft_s=None if first is None else first - state.arrival_time,
             e2e_s=None if done is None else done - state.arrival_time,
+            queue_s=None if scheduled is None else scheduled - state.arrival_time,
         )

@@ -12,6 +12,7 @@ from rich.console import Console
 from kvflow.cli import calibrate as calibrate_cmd
 from kvflow.cli import policies as policies_cmd
 from kvflow.cli import replay as replay_cmd
+from kvflow.cli import serve as serve_cmd
 from kvflow.cli import sweep as sweep_cmd
 from kvflow.cli import synth as synth_cmd
 from kvflow.cli.common import CLIError
@@ -19,7 +20,7 @@ from kvflow.config import ConfigError
 from kvflow.policies import PolicyLoadError
 from kvflow.registry import PluginLoadError, UnknownNameError
 
-SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, calibrate_cmd, policies_cmd)
+SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, calibrate_cmd, serve_cmd, policies_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

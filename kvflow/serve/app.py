@@ -1,0 +1,189 @@
+"""The FastAPI application: OpenAI's completions, chat completions and models endpoints,
+/health and /metrics, around the engine an `EngineHost` runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Receive, Scope, Send
+
+from kvflow.serve.errors import APIError, bad_request, install_error_handlers
+from kvflow.serve.host import EngineHost, HostStatus
+from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from kvflow.serve.serving import OpenAIServing, unavailable, usage
+
+
+class _EventStream(StreamingResponse):
+    """A streaming response that always closes its body iterator, so a client that goes
+    away mid-stream aborts its request at once (not whenever the iterator is collected)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+async def _parse(request: Request, model: type[CompletionRequest | ChatCompletionRequest]) -> Any:
+    """The body as `model`; invalid JSON or fields raise `RequestValidationError`."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad_request(f"the body is not valid JSON: {err}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors(include_url=False)) from None
+
+
+def build_app(host: EngineHost) -> FastAPI:
+    """The app for `host`; its lifespan runs the host (load, serve, close)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(host.run)
+            yield
+            await host.stop()
+
+    app = FastAPI(title="kvflow", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    started = int(time.time())
+
+    def serving() -> OpenAIServing:
+        if host.status is HostStatus.DRAINING:
+            raise unavailable("the server is shutting down")
+        if host.serving is None:
+            raise unavailable(f"the server is {host.status} (not ready)")
+        return host.serving
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = host.status is HostStatus.SERVING
+        return JSONResponse({"status": str(host.status)}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(host.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        served = host.serving.model if host.serving is not None else None
+        if served is None:
+            return ModelList(data=[])
+        card = ModelCard(id=served.name, created=started, max_model_len=served.max_model_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body: CompletionRequest = await _parse(request, CompletionRequest)
+        api = serving()
+        api.check_common(body)
+        prompt_ids = api.completion_prompt(body)
+        req = api.make_request(body, prompt_ids, body.max_tokens, "cmpl")
+        gen = await api.submit(req)
+        name = api.model.name
+        created = int(time.time())
+        rid = req.request_id
+        num_prompt = len(prompt_ids)
+        stops = body.stop_strings
+
+        def head() -> dict[str, Any]:
+            return {"id": rid, "object": "text_completion", "created": created, "model": name}
+
+        if not body.stream:
+            text, reason, num_tokens = await api.collect(gen, stops)
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            cached = gen.first.num_cached_tokens
+            return JSONResponse(
+                {**head(), "choices": [choice], "usage": usage(num_prompt, num_tokens, cached)}
+            )
+        with_usage = body.include_usage
+
+        def chunk(text: str, reason: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            out = {**head(), "choices": [choice]}
+            if with_usage:
+                out["usage"] = None
+            return out
+
+        def usage_chunk(num_tokens: int) -> dict[str, Any]:
+            cached = gen.first.num_cached_tokens
+            return {**head(), "choices": [], "usage": usage(num_prompt, num_tokens, cached)}
+
+        events = api.stream(gen, stops, chunk, usage_chunk if with_usage else None)
+        return _EventStream(events, media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+        api = serving()
+        api.check_common(body)
+        prompt_ids = api.chat_prompt(body)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        req = api.make_request(body, prompt_ids, max_tokens, "chatcmpl")
+        gen = await api.submit(req)
+        name = api.model.name
+        created = int(time.time())
+        rid = req.request_id
+        num_prompt = len(prompt_ids)
+        stops = body.stop_strings
+
+        def head(kind: str) -> dict[str, Any]:
+            return {"id": rid, "object": kind, "created": created, "model": name}
+
+        if not body.stream:
+            text, reason, num_tokens = await api.collect(gen, stops)
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            cached = gen.first.num_cached_tokens
+            return JSONResponse(
+                {
+                    **head("chat.completion"),
+                    "choices": [choice],
+                    "usage": usage(num_prompt, num_tokens, cached),
+                }
+            )
+        with_usage = body.include_usage
+
+        def chunk_of(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            out = {**head("chat.completion.chunk"), "choices": [choice]}
+            if with_usage:
+                out["usage"] = None
+            return out
+
+        def chunk(text: str, reason: str | None) -> dict[str, Any]:
+            return chunk_of({"content": text} if text else {}, reason)
+
+        def usage_chunk(num_tokens: int) -> dict[str, Any]:
+            cached = gen.first.num_cached_tokens
+            return {
+                **head("chat.completion.chunk"),
+                "choices": [],
+                "usage": usage(num_prompt, num_tokens, cached),
+            }
+
+        first = chunk_of({"role": "assistant", "content": ""}, None)
+        events = api.stream(gen, stops, chunk, usage_chunk if with_usage else None, first)
+        return _EventStream(events, media_type="text/event-stream")
+
+    return app
+
+
+__all__ = ["APIError", "build_app"]

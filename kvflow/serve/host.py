@@ -1,0 +1,174 @@
+"""The engine a server hosts: loaded in the background (the server answers /health with
+503 meanwhile), run until shutdown, then drained or aborted."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+from prometheus_client import CollectorRegistry
+
+from kvflow.config import KVFlowConfig
+from kvflow.engine import AsyncEngine
+from kvflow.engine_adapters.base import ModelRunner
+from kvflow.kv.store import KVStore
+from kvflow.serve.metrics import EngineMetrics
+from kvflow.serve.serving import OpenAIServing, ServedModel
+from kvflow.serve.text import TextCodec
+
+logger = logging.getLogger("kvflow.serve")
+
+ServeEngineName = Literal["sim", "torch", "hf"]
+
+SIM_MODEL_NAME = "kvflow-sim"
+
+
+class HostStatus(enum.StrEnum):
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """What `kvflow serve` was asked to serve."""
+
+    engine: ServeEngineName = "sim"
+    model: str | None = None
+    """Checkpoint directory (engines torch and hf)."""
+    dtype: str | None = None
+    policy: str = "fcfs"
+    config_file: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Dotted config overrides (`--set`)."""
+    served_model_name: str | None = None
+    """The name clients send as `model` (default: the --model argument, or kvflow-sim)."""
+    max_num_pending: int = 4096
+    on_close: Literal["drain", "abort"] = "drain"
+    seed: int = 0
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.model is not None else SIM_MODEL_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    config: KVFlowConfig
+    runner: ModelRunner
+    store: KVStore | None
+    codec: TextCodec
+    vocab_size: int
+
+
+def load(options: ServeOptions) -> _Loaded:
+    """Build the runner, store and text codec (blocking: a model loads here).
+
+    Raises:
+        ConfigError, ValueError, OSError: bad settings or an unloadable model.
+    """
+    if options.engine == "sim":
+        from kvflow.engine_adapters.realtime_sim import SIM_VOCAB_SIZE, RealTimeSimRunner
+        from kvflow.serve.text import PlaceholderCodec
+
+        config = KVFlowConfig.load(options.config_file, options.settings)
+        runner = RealTimeSimRunner.from_config(config.sim)
+        return _Loaded(config, runner, None, PlaceholderCodec(), SIM_VOCAB_SIZE)
+    from kvflow.engine_adapters.factory import build_runner, load_model
+    from kvflow.serve.text import HFTextCodec
+
+    if options.model is None:
+        raise ValueError(f"--engine {options.engine} needs --model DIR")
+    codec = HFTextCodec.from_model_dir(options.model)
+    model = load_model(options.model, options.engine, options.dtype)
+    settings = dict(options.settings)
+    settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)
+    built = build_runner(model, settings, config_file=options.config_file, seed=options.seed)
+    return _Loaded(built.config, built.runner, built.store, codec, model.vocab_size)
+
+
+class EngineHost:
+    """Loads and runs one `AsyncEngine` for a server; `metrics` reads it at scrape time."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.status = HostStatus.LOADING
+        self.failure: str | None = None
+        self.engine: AsyncEngine | None = None
+        self.serving: OpenAIServing | None = None
+        self.registry = CollectorRegistry()
+        self.metrics = EngineMetrics(lambda: self.engine, options.model_name, self.registry)
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
+
+    async def run(self) -> None:
+        """Load, serve until `stop`, then close the engine (drain or abort by
+        `on_close`). A failure to load sets `failure` and returns."""
+        store: KVStore | None = None
+        try:
+            try:
+                loaded = await anyio.to_thread.run_sync(load, self.options)
+            except Exception as err:  # reported by the CLI, which exits 1
+                self.failure = str(err) or type(err).__name__
+                self.status = HostStatus.FAILED
+                return
+            store = loaded.store
+            engine = AsyncEngine(
+                loaded.config,
+                loaded.runner,
+                self.options.policy,
+                loaded.store,
+                max_num_pending=self.options.max_num_pending,
+                on_close=self.options.on_close,
+            )
+            async with engine:
+                self.engine = engine
+                served = ServedModel(
+                    name=self.options.model_name,
+                    engine_name=self.options.engine,
+                    codec=loaded.codec,
+                    engine=engine,
+                    max_model_len=loaded.config.scheduler.max_model_len,
+                    vocab_size=loaded.vocab_size,
+                    metrics=self.metrics.requests,
+                )
+                self.serving = OpenAIServing(served)
+                if self.status is HostStatus.LOADING:
+                    self.status = HostStatus.SERVING
+                    logger.info("kvflow: serving %r", self.options.model_name)
+                await self._stop.wait()
+                if self.options.on_close == "abort":
+                    self.abort_all()
+        finally:
+            if store is not None:
+                store.close()
+            self._stopped.set()
+
+    def begin_draining(self) -> None:
+        """Shutdown was asked for: /health answers 503, new requests are refused; with
+        `on_close="abort"` the requests in flight are aborted now."""
+        if self.status is not HostStatus.FAILED:
+            self.status = HostStatus.DRAINING
+        if self.options.on_close == "abort":
+            self.abort_all()
+
+    def abort_all(self) -> None:
+        if self.engine is not None and self.serving is not None:
+            for rid in list(self.serving.in_flight):
+                self.engine.abort(rid)
+
+    async def stop(self) -> None:
+        """Close the engine and wait until it has."""
+        self.begin_draining()
+        self._stop.set()
+        await self._stopped.wait()
+
+
+__all__ = ["EngineHost", "HostStatus", "ServeEngineName", "ServeOptions", "load"]

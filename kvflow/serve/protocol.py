@@ -1,0 +1,180 @@
+"""The request bodies of OpenAI's completions and chat completions APIs, as kvflow takes
+them, and the response objects it sends back.
+
+Fields OpenAI defines and kvflow cannot honour are either absent (an unknown field is a
+400 that names it) or limited to the value that means "off" (`n` = 1, `echo` false).
+kvflow's own fields (`priority`, `tenant`, SLOs, `deadline_s`) ride along as extra
+body fields, as vLLM takes `priority`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    """Send a last chunk with the request's usage (and `usage: null` in the others)."""
+    continuous_usage_stats: bool = False
+    """Accepted for vLLM clients; kvflow reports usage only in the last chunk."""
+
+
+class GenerationFields(_Body):
+    """What both endpoints take: sampling, stopping, streaming, and kvflow's fields."""
+
+    model: str
+    """The served model name (`GET /v1/models`)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens to generate (default: 16 for completions, the rest of the context
+    for chat)."""
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """0 is greedy."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    """0 or -1: no top-k filter (vLLM uses -1)."""
+    seed: int | None = None
+    """Seeds this request's draws: the same seed gives the same tokens."""
+    stop: str | list[str] | None = None
+    """The output ends before the first of these strings (which is not returned)."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end the output (included in it, as vLLM does)."""
+    ignore_eos: bool = False
+    """Keep generating past the model's end-of-sequence token."""
+    n: int = 1
+    """Completions per prompt; kvflow serves exactly 1."""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    """Only 0 (no penalty) is served."""
+    frequency_penalty: float = 0.0
+    """Only 0 (no penalty) is served."""
+    user: str | None = None
+    """Accepted and ignored (OpenAI's end-user id); `tenant` is kvflow's grouping."""
+    # -- kvflow's own fields -----------------------------------------------------------
+    priority: int = 0
+    """Lower is more important (as in vLLM); the `priority` policy orders by it."""
+    tenant: str = Field(default="default", min_length=1)
+    """Who sent the request: the `fair` policy shares the instance between tenants."""
+    ttft_slo_ms: float | None = Field(default=None, gt=0)
+    """Time-to-first-token objective in ms (the `edf` policy's deadline)."""
+    tpot_slo_ms: float | None = Field(default=None, gt=0)
+    """Time-per-output-token objective in ms."""
+    deadline_s: float | None = Field(default=None, gt=0)
+    """Seconds after arrival the first token is due (overrides `ttft_slo_ms` for `edf`)."""
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(GenerationFields):
+    """`POST /v1/completions`."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    """Text, or token ids; a list of one of either is taken too (batches are not)."""
+    echo: bool = False
+    """Only false is served."""
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Log-probabilities of this many most likely tokens per position."""
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: the template's business
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """OpenAI's newer name for `max_tokens`; wins when both are given."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    add_generation_prompt: bool = True
+    """Open an assistant turn after the messages (the chat template's flag)."""
+
+
+# -- responses -------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvflow"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ErrorInfo",
+    "ErrorResponse",
+    "GenerationFields",
+    "ModelCard",
+    "ModelList",
+    "PromptTokensDetails",
+    "StreamOptions",
+    "Usage",
+]

@@ -1,0 +1,70 @@
+"""Run the app under uvicorn (uvloop when installed), with kvflow's shutdown: on SIGTERM
+or SIGINT the server stops accepting connections, /health turns 503, requests in flight
+drain (or are aborted, by `on_close`), and `serve` returns instead of re-raising the
+signal, so the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from types import FrameType
+
+import uvicorn
+
+from kvflow.serve.app import build_app
+from kvflow.serve.host import EngineHost, HostStatus, ServeOptions
+
+logger = logging.getLogger("kvflow.serve")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, host: EngineHost) -> None:
+        super().__init__(config)
+        self.host = host
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.host.status is HostStatus.FAILED:
+            return True  # the model did not load: stop (the CLI reports it)
+        return await super().on_tick(counter)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn's own handler records the signal to re-raise it after shutdown, which
+        # would end the process by the signal; a server asked to stop exits 0.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+        if self._loop is not None:  # in the loop's thread, not inside this handler
+            self._loop.call_soon_threadsafe(self.host.begin_draining)
+
+
+def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> EngineHost:
+    """Serve until SIGTERM/SIGINT. Returns the host (its `failure` says whether the
+    model failed to load)."""
+    engine_host = EngineHost(options)
+    app = build_app(engine_host)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="auto",  # uvloop when installed
+        http="auto",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=None,
+    )
+    server = _Server(config, engine_host)
+    logger.info("kvflow serve: http://%s:%d (model %r)", host, port, options.model_name)
+    server.run()
+    return engine_host
+
+
+__all__ = ["serve"]

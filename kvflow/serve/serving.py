@@ -1,0 +1,297 @@
+"""From an OpenAI request body to an engine `Request`, and its outputs back to OpenAI
+response objects: whole, or as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
+from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
+from kvflow.serve.errors import APIError, bad_request
+from kvflow.serve.metrics import RequestMetrics, RequestObserver, finish_reason_name
+from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
+from kvflow.serve.text import StopStrings, TextCodec
+
+RETRY_AFTER_S = "1"
+"""What a 503 tells clients to wait before retrying, in seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What the server serves and how requests reach it."""
+
+    name: str
+    engine_name: str
+    codec: TextCodec
+    engine: AsyncEngine
+    max_model_len: int
+    vocab_size: int
+    metrics: RequestMetrics
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, code="unavailable", headers={"Retry-After": RETRY_AFTER_S})
+
+
+class OutputText:
+    """A request's outputs as text deltas: detokenized incrementally, cut at stop strings."""
+
+    def __init__(self, codec: TextCodec, stops: Sequence[str]) -> None:
+        self._detokenizer = codec.detokenizer()
+        self._stops = StopStrings(stops)
+
+    def feed(self, out: RequestOutput) -> tuple[str, str | None]:
+        """The new text, and the finish reason once the output is over ("stop" when a
+        stop string ended it: then leave the stream, which aborts the request)."""
+        text = self._detokenizer.push(out.new_token_ids)
+        if out.finished:
+            text += self._detokenizer.flush()
+        text, stopped = self._stops.feed(text)
+        if stopped:
+            return text, "stop"
+        if out.finished:
+            return text + self._stops.flush(), finish_reason_name(out.finish_reason)
+        return text, None
+
+
+@dataclass(slots=True)
+class Generation:
+    """A request submitted to the engine, its first output already in hand."""
+
+    request: Request
+    first: RequestOutput
+    outputs: AsyncIterator[RequestOutput]
+    observer: RequestObserver
+    in_flight: set[str]
+
+    async def each(self) -> AsyncIterator[RequestOutput]:
+        yield self.first
+        if not self.first.finished:
+            async for out in self.outputs:
+                yield out
+
+    async def aclose(self) -> None:
+        """Leave the stream: an unfinished request is aborted and its blocks freed."""
+        self.in_flight.discard(self.request.request_id)
+        aclose: Callable[[], Any] | None = getattr(self.outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        self.observer.finish("abort")
+
+
+class OpenAIServing:
+    """The handlers behind `/v1/completions` and `/v1/chat/completions`."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+        self.in_flight: set[str] = set()
+        """Ids of the requests submitted and not yet left."""
+
+    # -- requests in -------------------------------------------------------------------
+    def check_common(self, body: GenerationFields) -> None:
+        if body.model != self.model.name:
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this server serves {self.model.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        if body.n != 1:
+            raise bad_request(f"n={body.n!r} is not supported: kvflow serves n=1 only", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name) != 0:
+                raise bad_request(f"{name}={getattr(body, name)!r} is not supported (only 0)", name)
+
+    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+        given: Any = body.prompt
+        if isinstance(given, list) and given and isinstance(given[0], str | list):
+            if len(given) != 1:
+                raise bad_request(
+                    f"prompt: a batch of {len(given)} prompts is not supported; send one",
+                    "prompt",
+                )
+            given = given[0]
+        prompt = cast("str | list[int]", given)
+        if body.echo:
+            raise bad_request("echo=true is not supported", "echo")
+        if body.logprobs is not None:
+            raise self._no_logprobs("logprobs")
+        ids = self.model.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self._checked_ids(ids, "prompt")
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        if body.logprobs or body.top_logprobs:
+            raise self._no_logprobs("logprobs" if body.logprobs else "top_logprobs")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = self.model.codec.encode_chat(messages, body.add_generation_prompt)
+        except ValueError as err:
+            raise bad_request(str(err), "messages") from None
+        return self._checked_ids(ids, "messages")
+
+    def _no_logprobs(self, param: str) -> APIError:
+        return bad_request(
+            f"{param}: log-probabilities are not supported by engine {self.model.engine_name!r}",
+            param,
+        )
+
+    def _checked_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise bad_request(f"{param} is empty (0 tokens)", param)
+        vocab = self.model.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"{param}: token id {bad!r} is outside [0, {vocab})", param)
+        return ids
+
+    def make_request(
+        self, body: GenerationFields, prompt_ids: list[int], max_tokens: int | None, prefix: str
+    ) -> Request:
+        max_len = self.model.max_model_len
+        num_prompt = len(prompt_ids)
+        where = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        if num_prompt >= max_len:
+            raise bad_request(
+                f"the {where} has {num_prompt} tokens; max_model_len is {max_len}, which "
+                "leaves no room for output",
+                where,
+            )
+        if max_tokens is None:
+            max_tokens = 16 if where == "prompt" else max_len - num_prompt
+        if num_prompt + max_tokens > max_len:
+            raise bad_request(
+                f"max_model_len is {max_len} tokens, but the request needs "
+                f"{num_prompt + max_tokens} ({num_prompt} in the {where} + {max_tokens} "
+                "max_tokens); shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        stop_ids = list(body.stop_token_ids or ())
+        eos = self.model.codec.eos_token_id
+        if eos is not None and not body.ignore_eos and eos not in stop_ids:
+            stop_ids.append(eos)
+        engine = self.model.engine
+        try:
+            sampling = SamplingParams(
+                temperature=body.temperature,
+                top_k=max(body.top_k, 0),
+                top_p=body.top_p,
+                seed=body.seed,
+                stop_token_ids=tuple(stop_ids),
+            )
+            return Request(
+                f"{prefix}-{uuid.uuid4().hex}",
+                tuple(prompt_ids),
+                max_tokens,
+                priority=body.priority,
+                tenant=body.tenant,
+                slo=SLO(body.ttft_slo_ms, body.tpot_slo_ms),
+                deadline=None if body.deadline_s is None else engine.clock() + body.deadline_s,
+                sampling=sampling,
+            )
+        except ValueError as err:
+            raise bad_request(str(err)) from None
+
+    async def submit(self, request: Request) -> Generation:
+        """Submit, and wait for the first output (a rejection comes back at once).
+
+        Raises:
+            APIError: 503 when the engine is full or closing, 400 when it rejects the
+                request (e.g. it needs more KV blocks than the device holds).
+        """
+        engine = self.model.engine
+        observer = self.model.metrics.observer(len(request.prompt_token_ids))
+        outputs = engine.generate(request)
+        rid = request.request_id
+        self.in_flight.add(rid)  # from now on, a shutdown with on_close=abort aborts it
+        try:
+            first = await outputs.__anext__()
+            if first.finished and first.finish_reason is FinishReason.REJECTED:
+                raise bad_request(f"request rejected: {first.finish_detail}", "max_tokens")
+        except EngineOverloadedError as err:
+            self.in_flight.discard(rid)
+            raise unavailable(f"the server is at capacity ({err}); retry later") from None
+        except EngineClosedError as err:
+            self.in_flight.discard(rid)
+            raise unavailable(f"the server is shutting down ({err})") from None
+        except BaseException:
+            self.in_flight.discard(rid)
+            raise
+        observer.observe(first)
+        return Generation(request, first, outputs, observer, self.in_flight)
+
+    # -- outputs back ------------------------------------------------------------------
+    async def collect(self, gen: Generation, stops: Sequence[str]) -> tuple[str, str, int]:
+        """The whole output: text, finish reason, completion tokens."""
+        text = OutputText(self.model.codec, stops)
+        parts: list[str] = []
+        reason: str | None = None
+        num_tokens = 0
+        try:
+            async for out in gen.each():
+                if out is not gen.first:
+                    gen.observer.observe(out)
+                delta, reason = text.feed(out)
+                parts.append(delta)
+                num_tokens = out.num_output_tokens
+                if reason is not None:
+                    gen.observer.finish(reason)
+                    break
+        finally:
+            await gen.aclose()
+        return "".join(parts), reason or "abort", num_tokens
+
+    async def stream(
+        self,
+        gen: Generation,
+        stops: Sequence[str],
+        chunk: Callable[[str, str | None], dict[str, Any]],
+        usage_chunk: Callable[[int], dict[str, Any]] | None,
+        first_chunk: dict[str, Any] | None = None,
+    ) -> AsyncIterator[str]:
+        """Server-sent events: `first_chunk` (the chat role), one chunk per output with
+        new text, the usage chunk when asked for, then `[DONE]`."""
+        text = OutputText(self.model.codec, stops)
+        num_tokens = 0
+        try:
+            if first_chunk is not None:
+                yield _event(first_chunk)
+            async for out in gen.each():
+                if out is not gen.first:
+                    gen.observer.observe(out)
+                delta, reason = text.feed(out)
+                num_tokens = out.num_output_tokens
+                if delta or reason is not None:
+                    yield _event(chunk(delta, reason))
+                if reason is not None:
+                    gen.observer.finish(reason)
+                    break
+            if usage_chunk is not None:
+                yield _event(usage_chunk(num_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached},
+    }
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+__all__ = ["Generation", "OpenAIServing", "OutputText", "ServedModel", "unavailable", "usage"]

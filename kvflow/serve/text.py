@@ -1,0 +1,226 @@
+"""Text in and out: a codec per served model, incremental detokenization, stop strings.
+
+`HFTextCodec` wraps the model directory's transformers tokenizer and chat template;
+`PlaceholderCodec` serves `--engine sim`, which has no tokenizer: a word is one token,
+a token reads back as ``"tok123 "``.
+
+Streaming decodes as vLLM's detokenizer and transformers' `TextStreamer` do: the new
+text of a step is the decoding of a short window of recent tokens minus the decoding of
+the window without the new ones, emitted only once it no longer ends in U+FFFD (the
+replacement character a partial multi-byte character decodes to).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from kvflow.engine_adapters.realtime_sim import SIM_FIRST_TOKEN_ID, SIM_VOCAB_SIZE
+
+Message = dict[str, str]
+"""A chat message: {"role": ..., "content": ...}."""
+
+_REPLACEMENT = "\ufffd"
+
+
+class Detokenizer(abc.ABC):
+    """Turns a request's output tokens into text, step by step."""
+
+    @abc.abstractmethod
+    def push(self, token_ids: Sequence[int]) -> str:
+        """The text the new tokens complete (possibly empty: held back)."""
+
+    @abc.abstractmethod
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of the output."""
+
+
+class WindowDetokenizer(Detokenizer):
+    """The prefix-offset method (vLLM's `detokenize_incrementally`), over any decode."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self._token_ids.extend(token_ids)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        ids = self._token_ids
+        if self._read_offset == len(ids):
+            return ""
+        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith(_REPLACEMENT) and not final):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(ids)
+        return new_text[len(prefix_text) :]
+
+
+class _PlaceholderDetokenizer(Detokenizer):
+    def push(self, token_ids: Sequence[int]) -> str:
+        return "".join([f"tok{t} " for t in token_ids])
+
+    def flush(self) -> str:
+        return ""
+
+
+class TextCodec(abc.ABC):
+    """A served model's text side: prompts to token ids, token ids to text."""
+
+    eos_token_id: int | None
+    """The end-of-sequence token (None: the model has none; output ends by length)."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """A completion prompt's token ids (with the model's BOS, as vLLM adds it)."""
+
+    @abc.abstractmethod
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        """The token ids of `messages` rendered by the chat template."""
+
+    @abc.abstractmethod
+    def detokenizer(self) -> Detokenizer:
+        """A fresh incremental detokenizer for one output."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of whole `token_ids` (special tokens left out)."""
+
+
+class PlaceholderCodec(TextCodec):
+    """For the simulated engine: a whitespace-separated word is one token (``tokN``
+    reads back as id N; any other word hashes into the vocabulary), token N decodes to
+    ``"tokN "``; a chat message is its role word then its content's words."""
+
+    eos_token_id = None
+    _TOKEN = re.compile(r"tok(\d+)")
+
+    def encode(self, text: str) -> list[int]:
+        return [self._word_id(w) for w in text.split()]
+
+    def _word_id(self, word: str) -> int:
+        m = self._TOKEN.fullmatch(word)
+        if m is not None and int(m.group(1)) < SIM_VOCAB_SIZE:
+            return int(m.group(1))
+        span = SIM_VOCAB_SIZE - SIM_FIRST_TOKEN_ID
+        return SIM_FIRST_TOKEN_ID + xxhash.xxh64_intdigest(word.encode()) % span
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        words = [w for m in messages for w in (f"{m['role']}:", *m["content"].split())]
+        if add_generation_prompt:
+            words.append("assistant:")
+        return [self._word_id(w) for w in words]
+
+    def detokenizer(self) -> Detokenizer:
+        return _PlaceholderDetokenizer()
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(f"tok{t} " for t in token_ids)
+
+
+class HFTextCodec(TextCodec):
+    """A transformers tokenizer (`AutoTokenizer.from_pretrained(model_dir)`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        self.eos_token_id = None if eos is None else int(eos)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> HFTextCodec:
+        """The tokenizer saved with the checkpoint.
+
+        Raises:
+            ValueError: the directory has no tokenizer transformers can load.
+        """
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model {str(model_dir)!r}: no loadable tokenizer: {err}") from None
+        return cls(tokenizer)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        if not self.has_chat_template:
+            raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
+        # Rendered to text first, then encoded without special tokens: the template
+        # writes the BOS itself (as vLLM does).
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenizer(self) -> Detokenizer:
+        return WindowDetokenizer(self.decode)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return text
+
+
+class StopStrings:
+    """Cuts an output before its first stop string, holding back text that could be
+    the start of one, so a streamed output never shows more than the final one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was found (then the text is
+        everything before it and the output is over)."""
+        if not self.stops:
+            return text, False
+        held = self._held + text
+        cut = min((i for i in (held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return held[:cut], True
+        keep = self._longest_partial(held)
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _longest_partial(self, text: str) -> int:
+        """Length of the longest suffix of `text` that a stop string starts with."""
+        longest = min(len(text), max(len(s) for s in self.stops) - 1)
+        for k in range(longest, 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+
+__all__ = [
+    "Detokenizer",
+    "HFTextCodec",
+    "Message",
+    "PlaceholderCodec",
+    "StopStrings",
+    "TextCodec",
+    "WindowDetokenizer",
+]
