@@ -1,7 +1,9 @@
 """The offline API, in the shape users know from vLLM:
 
     llm = kvflow.LLM(model="path/to/llama", settings={"kv.device.num_blocks": 64})
-    outputs = llm.generate([[1, 2, 3], [1, 2, 4]], max_new_tokens=16)
+    outputs = llm.generate([[1, 2, 3], [1, 2, 4]], max_new_tokens=16)   # token ids
+    outputs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=16))  # text
+    outputs = llm.chat([{"role": "user", "content": "Hello"}])             # chat template
 
 It runs the same `AsyncEngine` as online serving underneath, over a tiered store whose
 device tier is the runner's KV cache, so prefix hits persist across `generate` calls.
@@ -9,12 +11,13 @@ device tier is the runner's KV cache, so prefix hits persist across `generate` c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import anyio
 
@@ -30,6 +33,7 @@ from kvflow.request import (
     SamplingParams,
     first_bad_token,
 )
+from kvflow.serve.text import HFTextCodec, OutputText
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,8 @@ class CompletionOutput:
     num_cached_tokens: int
     ttft_s: float | None
     e2e_s: float | None
+    text: str = ""
+    """The output as text (`generate` with text or `SamplingParams`, and `chat`)."""
 
 
 class LLM:
@@ -56,6 +62,8 @@ class LLM:
         dtype: compute dtype for a model loaded from a directory (e.g. "float64").
         seed: default sampling seed.
         overlap: plan each step while the previous one runs (see `AsyncEngine`).
+        tokenizer: a transformers tokenizer for text prompts and `chat` (default: the
+            one saved in the `model` directory, loaded on first use).
     """
 
     def __init__(
@@ -68,8 +76,11 @@ class LLM:
         dtype: str | None = None,
         seed: int = 0,
         overlap: bool = True,
+        tokenizer: Any = None,
     ) -> None:
         self.policy = policy
+        self._model_source = model
+        self._codec: HFTextCodec | None = None if tokenizer is None else HFTextCodec(tokenizer)
         self.overlap = overlap
         self.num_overlapped_steps = 0
         """Steps planned while the previous one ran, over all `generate` calls."""
@@ -81,9 +92,10 @@ class LLM:
         self.store: KVStore = built.store
         self.runner: ModelRunner = built.runner
 
+    @overload
     def generate(
         self,
-        prompt_token_ids: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]],
         max_new_tokens: int = 16,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -91,10 +103,29 @@ class LLM:
         seed: int | None = None,
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-    ) -> list[list[int]]:
-        """Output token ids per prompt, in prompt order. Generation stops after
-        `max_new_tokens`, or at a stop token or one of the model's end-of-sequence tokens
-        (kept as the last output token), unless `ignore_eos` (see `SamplingParams`).
+    ) -> list[list[int]]: ...
+
+    @overload
+    def generate(
+        self, prompts: str | Sequence[str], sampling_params: SamplingParams | None = None
+    ) -> list[CompletionOutput]: ...
+
+    @overload
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams
+    ) -> list[CompletionOutput]: ...
+
+    def generate(
+        self, prompts: Any, *args: Any, **kwargs: Any
+    ) -> list[list[int]] | list[CompletionOutput]:
+        """Output token ids per prompt, in prompt order, for token-id prompts and the
+        sampling keywords (`max_new_tokens`, `temperature`, ... as `generate_outputs`);
+        or, as vLLM's `generate`, for text prompts (a string or a list) or a
+        `SamplingParams` (`max_tokens`, `stop`, `ignore_eos`, ...) as the second
+        argument or `sampling_params=`: one `CompletionOutput` with `text` and
+        `token_ids` per prompt. Generation stops after `max_new_tokens` (`max_tokens`),
+        or at a stop token or one of the model's end-of-sequence tokens (kept as the last
+        output token), unless `ignore_eos` (see `SamplingParams`).
 
         Raises:
             ValueError: a bad argument or a prompt the model or the configuration cannot
@@ -105,17 +136,77 @@ class LLM:
             RequestFailedError: the runner raised while executing a step (the error is
                 its `__cause__`).
         """
-        outs = self.generate_outputs(
-            prompt_token_ids,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop_token_ids,
-            ignore_eos,
+        params = kwargs.pop("sampling_params", None)
+        if params is None and args and isinstance(args[0], SamplingParams):
+            params, args = args[0], args[1:]
+        if params is None and not isinstance(prompts, str) and not _has_text(prompts):
+            outs = self.generate_outputs(prompts, *args, **kwargs)
+            return [o.token_ids for o in outs]
+        if args or kwargs:
+            raise TypeError(
+                "generate(prompts, sampling_params) takes no other arguments; got "
+                f"{len(args)} more positional and {sorted(kwargs)!r}"
+            )
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        codec = self.codec if _has_text(prompts) else None
+        ids = [codec.encode(p) if codec and isinstance(p, str) else list(p) for p in prompts]
+        return self._generate_text(ids, params or SamplingParams())
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[CompletionOutput]:
+        """Generate replies to one conversation (a list of `{"role", "content"}`
+        messages) or several, rendered by the tokenizer's chat template (as vLLM's
+        `chat`); one `CompletionOutput` per conversation."""
+        conversations: Any = (
+            [messages] if messages and isinstance(messages[0], Mapping) else messages
         )
-        return [o.token_ids for o in outs]
+        codec = self.codec
+        ids = [
+            codec.encode_chat([dict(m) for m in conv], add_generation_prompt)
+            for conv in conversations
+        ]
+        return self._generate_text(ids, sampling_params or SamplingParams())
+
+    @property
+    def codec(self) -> HFTextCodec:
+        """The tokenizer's text side (loaded from the model directory on first use).
+
+        Raises:
+            ValueError: no tokenizer was given and the model is not a directory.
+        """
+        if self._codec is None:
+            if not isinstance(self._model_source, str | Path):
+                raise ValueError(
+                    "text prompts need a tokenizer: pass LLM(..., tokenizer=...) with a "
+                    "loaded model"
+                )
+            self._codec = HFTextCodec.from_model_dir(self._model_source)
+        return self._codec
+
+    def _generate_text(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[CompletionOutput]:
+        stop_ids = list(params.stop_token_ids or ())
+        try:
+            eos = self.codec.eos_token_id
+        except ValueError:  # token ids in, no tokenizer: the model's EOS is unknown
+            eos = None
+        if eos is not None and not params.ignore_eos and eos not in stop_ids:
+            stop_ids.append(eos)
+        sampling = dataclasses.replace(params, stop_token_ids=tuple(stop_ids))
+        max_tokens = params.max_tokens or 16
+        requests = [
+            Request(f"llm-{next(self._ids)}", tuple(p), max_tokens, sampling=sampling)
+            for p in prompt_ids
+        ]
+        outputs: list[CompletionOutput] = run_blocking(self._serve, requests, params.stop)
+        return outputs
 
     def generate_outputs(
         self,
@@ -161,7 +252,9 @@ class LLM:
             )
         return tokens
 
-    async def _serve(self, requests: list[Request]) -> list[CompletionOutput]:
+    async def _serve(
+        self, requests: list[Request], stops: Sequence[str] | None = None
+    ) -> list[CompletionOutput]:
         results: dict[str, CompletionOutput | RequestFailedError] = {}
         engine = AsyncEngine(
             self.config, self.runner, self.policy, self.store, overlap=self.overlap
@@ -173,7 +266,10 @@ class LLM:
                 raise ValueError(f"prompt_token_ids[{i}]: {reason}")
         async with engine, anyio.create_task_group() as tg:
             for req in requests:
-                tg.start_soon(self._collect, engine, req, results)
+                if stops is None:
+                    tg.start_soon(self._collect, engine, req, results)
+                else:
+                    tg.start_soon(self._collect_text, engine, req, results, stops)
         self.num_overlapped_steps += engine.num_overlapped_steps
         self.num_preemptions += engine.scheduler.stats.num_preemptions
         outputs = []
@@ -209,6 +305,48 @@ class LLM:
             e2e_s=last.e2e_s,
         )
 
+    async def _collect_text(
+        self,
+        engine: AsyncEngine,
+        request: Request,
+        results: dict[str, CompletionOutput | RequestFailedError],
+        stops: Sequence[str],
+    ) -> None:
+        """As `_collect`, with the text decoded as the server streams it: a stop string
+        ends the request (aborting the rest) and the text before it."""
+        text = OutputText(self.codec, stops)
+        parts: list[str] = []
+        tokens: list[int] = []
+        last: RequestOutput | None = None
+        reason: FinishReason | None = None
+        outputs = engine.generate(request)
+        try:
+            async for out in outputs:
+                tokens.extend(out.new_token_ids)
+                last = out
+                delta, finish = text.feed(out)
+                parts.append(delta)
+                if finish is not None:
+                    reason = FinishReason.STOP if finish == "stop" else out.finish_reason
+                    break
+        except RequestFailedError as err:  # raised once every prompt has ended
+            results[request.request_id] = err
+            return
+        finally:
+            aclose = getattr(outputs, "aclose", None)  # leaving early aborts the request
+            if aclose is not None:
+                await aclose()
+        assert last is not None  # a stream always ends with a final output
+        results[request.request_id] = CompletionOutput(
+            request_id=request.request_id,
+            token_ids=tokens,
+            finish_reason=reason,
+            num_cached_tokens=last.num_cached_tokens,
+            ttft_s=last.ttft_s,
+            e2e_s=last.e2e_s,
+            text="".join(parts),
+        )
+
     def close(self) -> None:
         self.store.close()
 
@@ -217,6 +355,10 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _has_text(prompts: Any) -> bool:
+    return bool(prompts) and isinstance(prompts[0], str)
 
 
 __all__ = ["LLM", "CompletionOutput"]

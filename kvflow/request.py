@@ -95,6 +95,10 @@ class SamplingParams:
             (any sequence; kept as a tuple).
         ignore_eos: keep generating past the model's EOS tokens (benchmarks and trace
             replay use it, so outputs keep their lengths); `stop_token_ids` still stop.
+        max_tokens: most output tokens, for `kvflow.LLM` (default 16; an engine
+            `Request` carries `max_new_tokens` itself).
+        stop: text output ends before the first of these strings (`kvflow.LLM` and
+            `kvflow serve` cut the text; the engine works on tokens).
     """
 
     temperature: float = 0.0
@@ -103,6 +107,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
@@ -112,6 +118,13 @@ class SamplingParams:
         bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         _check(not bad, f"stop_token_ids must be token ids (ints >= 0), got {bad[:1]!r}")
         object.__setattr__(self, "stop_token_ids", stops)
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            f"max_tokens must be >= 1, got {self.max_tokens!r}",
+        )
+        stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _check(all(stop_strings), f"stop strings must not be empty, got {stop_strings!r}")
+        object.__setattr__(self, "stop", stop_strings)
 
 
 @dataclass(frozen=True, slots=True)

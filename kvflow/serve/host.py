@@ -75,12 +75,13 @@ def load(options: ServeOptions) -> _Loaded:
         ConfigError, ValueError, OSError: bad settings or an unloadable model.
     """
     if options.engine == "sim":
-        from kvflow.engine_adapters.realtime_sim import SIM_VOCAB_SIZE, RealTimeSimRunner
+        from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
         from kvflow.serve.text import PlaceholderCodec
 
         config = KVFlowConfig.load(options.config_file, options.settings)
         runner = RealTimeSimRunner.from_config(config.sim)
-        return _Loaded(config, runner, None, PlaceholderCodec(), SIM_VOCAB_SIZE)
+        # Any uint32 token id is a valid prompt: traces' ids run as they are.
+        return _Loaded(config, runner, None, PlaceholderCodec(), 2**32)
     from kvflow.engine_adapters.factory import build_runner, load_model
     from kvflow.serve.text import HFTextCodec
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from kvflow.request import FinishReason, RequestOutput
+from kvflow.request import RequestOutput
+from kvflow.serve.text import finish_reason_name
 
 if TYPE_CHECKING:
     from kvflow.engine import AsyncEngine
@@ -238,13 +239,6 @@ class RequestObserver:
         self._metrics._count_finished(reason, self._num_prompt_tokens)
 
 
-def finish_reason_name(reason: FinishReason | None) -> str:
-    """OpenAI's (and vLLM's) word for a kvflow finish reason."""
-    if reason is None:
-        return "unknown"
-    return "abort" if reason is FinishReason.ABORTED else str(reason)
-
-
 class EngineMetrics:
     """Both halves on one registry (a fresh one by default)."""
 
@@ -269,5 +263,4 @@ __all__ = [
     "EngineMetrics",
     "RequestMetrics",
     "RequestObserver",
-    "finish_reason_name",
 ]

@@ -13,9 +13,9 @@ from typing import Any, cast
 from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
 from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from kvflow.serve.errors import APIError, bad_request
-from kvflow.serve.metrics import RequestMetrics, RequestObserver, finish_reason_name
+from kvflow.serve.metrics import RequestMetrics, RequestObserver
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
-from kvflow.serve.text import StopStrings, TextCodec
+from kvflow.serve.text import OutputText, TextCodec
 
 RETRY_AFTER_S = "1"
 """What a 503 tells clients to wait before retrying, in seconds."""
@@ -36,27 +36,6 @@ class ServedModel:
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, code="unavailable", headers={"Retry-After": RETRY_AFTER_S})
-
-
-class OutputText:
-    """A request's outputs as text deltas: detokenized incrementally, cut at stop strings."""
-
-    def __init__(self, codec: TextCodec, stops: Sequence[str]) -> None:
-        self._detokenizer = codec.detokenizer()
-        self._stops = StopStrings(stops)
-
-    def feed(self, out: RequestOutput) -> tuple[str, str | None]:
-        """The new text, and the finish reason once the output is over ("stop" when a
-        stop string ended it: then leave the stream, which aborts the request)."""
-        text = self._detokenizer.push(out.new_token_ids)
-        if out.finished:
-            text += self._detokenizer.flush()
-        text, stopped = self._stops.feed(text)
-        if stopped:
-            return text, "stop"
-        if out.finished:
-            return text + self._stops.flush(), finish_reason_name(out.finish_reason)
-        return text, None
 
 
 @dataclass(slots=True)
@@ -294,4 +273,4 @@ def now_s() -> int:
     return int(time.time())
 
 
-__all__ = ["Generation", "OpenAIServing", "OutputText", "ServedModel", "unavailable", "usage"]
+__all__ = ["Generation", "OpenAIServing", "ServedModel", "unavailable", "usage"]

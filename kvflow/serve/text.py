@@ -21,6 +21,7 @@ from typing import Any
 import xxhash
 
 from kvflow.engine_adapters.realtime_sim import SIM_FIRST_TOKEN_ID, SIM_VOCAB_SIZE
+from kvflow.request import FinishReason, RequestOutput
 
 Message = dict[str, str]
 """A chat message: {"role": ..., "content": ...}."""
@@ -215,12 +216,42 @@ class StopStrings:
         return 0
 
 
+class OutputText:
+    """A request's outputs as text deltas: detokenized incrementally, cut at stop strings."""
+
+    def __init__(self, codec: TextCodec, stops: Sequence[str]) -> None:
+        self._detokenizer = codec.detokenizer()
+        self._stops = StopStrings(stops)
+
+    def feed(self, out: RequestOutput) -> tuple[str, str | None]:
+        """The new text, and the finish reason once the output is over ("stop" when a
+        stop string ended it: then leave the stream, which aborts the request)."""
+        text = self._detokenizer.push(out.new_token_ids)
+        if out.finished:
+            text += self._detokenizer.flush()
+        text, stopped = self._stops.feed(text)
+        if stopped:
+            return text, "stop"
+        if out.finished:
+            return text + self._stops.flush(), finish_reason_name(out.finish_reason)
+        return text, None
+
+
+def finish_reason_name(reason: FinishReason | None) -> str:
+    """OpenAI's (and vLLM's) word for a kvflow finish reason."""
+    if reason is None:
+        return "unknown"
+    return "abort" if reason is FinishReason.ABORTED else str(reason)
+
+
 __all__ = [
     "Detokenizer",
     "HFTextCodec",
     "Message",
+    "OutputText",
     "PlaceholderCodec",
     "StopStrings",
     "TextCodec",
     "WindowDetokenizer",
+    "finish_reason_name",
 ]
