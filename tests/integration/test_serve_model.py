@@ -1,0 +1,180 @@
+"""`kvflow serve --engine torch` with a tiny random Llama and a tokenizer built here, in
+float64, as a process on loopback, through the official `openai` client: text in and
+out equals `kvflow.LLM` in-process (greedy), streamed or not; stop strings, usage,
+cached prefixes, bad requests, and a client that goes away."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import kvflow  # noqa: E402
+from kvflow.request import SamplingParams  # noqa: E402
+from tests.serve_process import ServerProcess  # noqa: E402
+from tests.text_model import build_text_model  # noqa: E402
+
+MODEL = "tiny"
+SETTINGS = {"kv.block_size": 4, "kv.device.num_blocks": 256}
+PROMPT = "The quick brown fox jumps over"
+MESSAGES = [{"role": "user", "content": "Café 🚀 schedulers decide"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    path = tmp_path_factory.mktemp("text-model")
+    return path, build_text_model(path, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def server(
+    model_dir: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    args = ["--engine", "torch", "--model", str(model_dir[0]), "--dtype", "float64"]
+    args += ["--served-model-name", MODEL]
+    for key, value in SETTINGS.items():
+        args += ["--set", f"{key}={value}"]
+    log = tmp_path_factory.mktemp("serve-model") / "serve.log"
+    with ServerProcess(args, log) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=60.0)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: tuple[Path, Any]) -> Iterator[kvflow.LLM]:
+    with kvflow.LLM(model_dir[0], engine="torch", dtype="float64", settings=SETTINGS) as llm:
+        yield llm
+
+
+GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 12}
+NO_EOS = {"ignore_eos": True}
+
+
+def test_completion_text_streamed_or_not_equals_llm_generate(
+    client: openai.OpenAI, llm: kvflow.LLM, model_dir: tuple[Path, Any]
+) -> None:
+    tokenizer = model_dir[1]
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, extra_body=NO_EOS, **GREEDY)
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_EOS,
+            **GREEDY,
+        )
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    [expected] = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))
+    assert expected.text == tokenizer.decode(expected.token_ids, skip_special_tokens=True)
+    assert len(expected.token_ids) == 12
+    assert whole.choices[0].text == streamed == expected.text
+    assert whole.choices[0].finish_reason == "length"
+    num_prompt = len(tokenizer.encode(PROMPT))
+    for usage in (whole.usage, chunks[-1].usage):
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (num_prompt, 12)
+        assert usage.total_tokens == num_prompt + 12
+
+
+def test_chat_text_streamed_or_not_equals_llm_chat(
+    client: openai.OpenAI, llm: kvflow.LLM, model_dir: tuple[Path, Any]
+) -> None:
+    tokenizer = model_dir[1]
+    whole = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, extra_body=NO_EOS, **GREEDY
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, extra_body=NO_EOS, **GREEDY
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    [expected] = llm.chat(MESSAGES, SamplingParams(max_tokens=12, ignore_eos=True))
+    assert whole.choices[0].message.content == streamed == expected.text
+    assert whole.usage is not None
+    rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert whole.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def test_a_stop_string_cuts_the_output_streamed_or_not(client: openai.OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt=PROMPT, extra_body=NO_EOS, **GREEDY)
+    text = full.choices[0].text
+    stop = text[4:7]
+    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    expected = text[: text.find(stop)]
+    cut = client.completions.create(
+        model=MODEL, prompt=PROMPT, stop=[stop], extra_body=NO_EOS, **GREEDY
+    )
+    assert cut.choices[0].text == expected
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, stop=stop, stream=True, extra_body=NO_EOS, **GREEDY
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_shared_prefix_reports_cached_tokens_and_counts_hits(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    prefix = "Caching the key and value tensors of a shared prefix saves prefill work. " * 3
+    client.completions.create(model=MODEL, prompt=prefix + "one", max_tokens=2)
+    hits = server.metric("kvflow:prefix_cache_hits_total")
+    second = client.completions.create(model=MODEL, prompt=prefix + "two", max_tokens=2)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and cached > 0 and cached % 4 == 0
+    assert server.metric("kvflow:prefix_cache_hits_total") == hits + cached
+
+
+def test_bad_requests_get_their_documented_4xx(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    bad_json = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert "gpt-4" in str(unknown.value)
+    with pytest.raises(openai.BadRequestError) as two:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, n=2)
+    assert two.value.body is not None and two.value.body["param"] == "n"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=MODEL, prompt=[5] * 250, max_tokens=10)
+    assert "max_model_len is 256" in str(long.value) and "260" in str(long.value)
+    with pytest.raises(openai.BadRequestError) as vocab:
+        client.completions.create(model=MODEL, prompt=[5, 100000], max_tokens=1)
+    assert "100000" in str(vocab.value)
+
+
+def test_a_client_leaving_mid_stream_frees_its_request(server: ServerProcess) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "stream": True}
+    body["ignore_eos"] = True
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(2):
+            next(line for line in lines if line.startswith("data: {"))
+        assert server.metric("kvflow:kv_blocks_used", tier="device") > 0
+    server.wait_for_metric("kvflow:num_requests_running", 0)
+    server.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
