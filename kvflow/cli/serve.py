@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError("--model is for --engine torch|hf; --engine sim serves no model")
     if args.engine != "sim" and not args.model:
         raise CLIError(f"--engine {args.engine} needs --model DIR")
+    if args.model and not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model!r} is not a directory")
     settings = config_overrides(args)
     KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
     if args.policy not in policy_names():

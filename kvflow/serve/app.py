@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from kvflow.serve.errors import APIError, bad_request, install_error_handlers
 from kvflow.serve.host import EngineHost, HostStatus
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from kvflow.serve.serving import OpenAIServing, unavailable, usage
+from kvflow.serve.serving import Generation, OpenAIServing, unavailable, usage
 
 
 class _EventStream(StreamingResponse):
@@ -49,6 +49,29 @@ async def _parse(request: Request, model: type[CompletionRequest | ChatCompletio
         return model.model_validate(data)
     except ValidationError as err:
         raise RequestValidationError(err.errors(include_url=False)) from None
+
+
+async def _collect_unless_gone(
+    request: Request, api: OpenAIServing, gen: Generation, stops: list[str]
+) -> tuple[str, str, int]:
+    """`api.collect`, cancelled (aborting the request) when the client disconnects."""
+    result: list[tuple[str, str, int]] = []
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        # The body has been read: the next message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        try:
+            result.append(await api.collect(gen, stops))
+        finally:
+            tg.cancel_scope.cancel()
+    if not result:  # the client is gone: nobody reads an answer
+        raise APIError(499, "the client closed the connection")
+    return result[0]
 
 
 def build_app(host: EngineHost) -> FastAPI:
@@ -107,7 +130,7 @@ def build_app(host: EngineHost) -> FastAPI:
             return {"id": rid, "object": "text_completion", "created": created, "model": name}
 
         if not body.stream:
-            text, reason, num_tokens = await api.collect(gen, stops)
+            text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops)
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
             cached = gen.first.num_cached_tokens
             return JSONResponse(
@@ -148,7 +171,7 @@ def build_app(host: EngineHost) -> FastAPI:
             return {"id": rid, "object": kind, "created": created, "model": name}
 
         if not body.stream:
-            text, reason, num_tokens = await api.collect(gen, stops)
+            text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops)
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
             cached = gen.first.num_cached_tokens

@@ -111,7 +111,9 @@ def test_chat_text_streamed_or_not_equals_llm_chat(
     assert whole.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
 
 
-def test_a_stop_string_cuts_the_output_streamed_or_not(client: openai.OpenAI) -> None:
+def test_a_stop_string_cuts_the_output_streamed_or_not(
+    client: openai.OpenAI, llm: kvflow.LLM
+) -> None:
     full = client.completions.create(model=MODEL, prompt=PROMPT, extra_body=NO_EOS, **GREEDY)
     text = full.choices[0].text
     stop = text[4:7]
@@ -129,6 +131,9 @@ def test_a_stop_string_cuts_the_output_streamed_or_not(client: openai.OpenAI) ->
     )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
+    [offline] = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
+    assert offline.text == expected
+    assert offline.finish_reason is kvflow.FinishReason.STOP
 
 
 def test_a_shared_prefix_reports_cached_tokens_and_counts_hits(

@@ -17,6 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from kvflow.cli import main  # noqa: E402
 from tests.serve_process import ServerProcess  # noqa: E402
 
 MODEL = "kvflow-sim"
@@ -27,7 +28,8 @@ SIM = ["--set", "sim.preset=null", "--set", "sim.fixed_ms=2"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("serve-sim") / "serve.log"
-    with ServerProcess(["--engine", "sim", *SIM], log) as proc:
+    args = ["--engine", "sim", *SIM, "--set", "scheduler.max_model_len=1024"]
+    with ServerProcess(args, log) as proc:
         yield proc
 
 
@@ -115,7 +117,7 @@ def test_kvflow_fields_are_accepted_and_checked(server: ServerProcess) -> None:
         ('{"model": "kvflow-sim", "prompt": "x", "n": 2}', 400, "n"),
         ('{"model": "kvflow-sim", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
         ('{"model": "kvflow-sim", "prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
-        ('{"model": "kvflow-sim", "prompt": "x", "max_tokens": 131072}', 400, "max_tokens"),
+        ('{"model": "kvflow-sim", "prompt": "x", "max_tokens": 1024}', 400, "max_tokens"),
         ('{"model": "kvflow-sim", "prompt": "x", "logprobs": 2}', 400, "logprobs"),
         ("[1, 2]", 400, None),
     ],
@@ -138,19 +140,29 @@ def test_bad_requests_get_openai_error_bodies(
 
 def test_too_long_prompt_names_max_model_len_and_the_lengths(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=MODEL, prompt=[7] * 131070, max_tokens=5)
+        client.completions.create(model=MODEL, prompt=[7] * 1020, max_tokens=5)
     message = str(caught.value)
-    assert "max_model_len" in message and "131072" in message and "131075" in message
+    assert "max_model_len is 1024" in message and "1025" in message and "1020" in message
 
 
 def test_a_client_leaving_mid_stream_aborts_its_request(server: ServerProcess) -> None:
     aborted = server.metric("kvflow:request_success_total", finished_reason="abort")
-    body = {"model": MODEL, "prompt": "p q r", "max_tokens": 5000, "stream": True}
+    body = {"model": MODEL, "prompt": "p q r", "max_tokens": 1000, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()  # kept: a discarded iterator closes the response
         for _ in range(3):
             next(line for line in lines if line.startswith("data: {"))
         assert server.metric("kvflow:num_requests_running") == 1
+    server.wait_for_metric("kvflow:num_requests_running", 0)
+    server.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
+    server.wait_for_metric("kvflow:request_success_total", aborted + 1, finished_reason="abort")
+
+
+def test_a_client_leaving_a_plain_request_aborts_it(server: ServerProcess) -> None:
+    aborted = server.metric("kvflow:request_success_total", finished_reason="abort")
+    body = {"model": MODEL, "prompt": "p q r", "max_tokens": 1000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.5)
     server.wait_for_metric("kvflow:num_requests_running", 0)
     server.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
     server.wait_for_metric("kvflow:request_success_total", aborted + 1, finished_reason="abort")
@@ -241,3 +253,37 @@ def test_sigterm_drains_or_aborts_then_exits_0(tmp_path: Path, on_close: str, re
         chunks = [json.loads(line[6:]) for line in rest[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == reason
         assert server.proc.wait(timeout=60) == 0, server.log()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine", "torch"], "--engine torch needs --model DIR"),
+        (["--engine", "hf", "--model", "/nonexistent/model"], "'/nonexistent/model'"),
+        (["--set", "scheduler.max_num_seqs=0"], "scheduler.max_num_seqs=0"),
+        (["--policy", "nope"], "'nope' is not a known policy"),
+        (["--port", "70000"], "70000"),
+    ],
+)
+def test_bad_serve_arguments_fail_before_serving(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    try:
+        status = main(["serve", *args])
+    except SystemExit as exit_:  # argparse's own errors
+        status = int(str(exit_.code))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_model_that_fails_to_load_exits_1_with_the_reason(tmp_path: Path) -> None:
+    args = ["--engine", "sim", "--set", "sim.preset_file=/nonexistent/preset.json"]
+    proc = ServerProcess(args, tmp_path / "serve.log")
+    try:
+        assert proc.proc.wait(timeout=120) == 1
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert "kvflow: error: " in log and "/nonexistent/preset.json" in log, log
+    assert "Traceback" not in log
