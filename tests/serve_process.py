@@ -42,6 +42,8 @@ class ServerProcess:
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         command = [sys.executable, "-m", "kvflow", "serve", "--port", str(self.port), *args]
+        self.health_seen: list[tuple[int, str]] = []
+        """(status, body) of each /health answer while waiting for the server."""
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
@@ -66,10 +68,13 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvflow serve exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
-                    return
+                health = httpx.get(f"{self.base_url}/health", timeout=2.0)
             except httpx.TransportError:
                 pass
+            else:
+                self.health_seen.append((health.status_code, health.text))
+                if health.status_code == 200:
+                    return
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"kvflow serve not healthy in {self.startup_timeout_s} s:\n{self.log()}")

@@ -37,7 +37,9 @@ def build_tokenizer(model_dir: Path | None = None, vocab_size: int = 400) -> Any
         show_progress=False,
     )
     tok.train_from_iterator(TRAINING_TEXT.splitlines(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     if model_dir is not None:
         fast.save_pretrained(str(model_dir))

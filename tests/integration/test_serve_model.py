@@ -10,23 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import kvflow  # noqa: E402
-from kvflow.request import SamplingParams  # noqa: E402
-from tests.serve_process import ServerProcess  # noqa: E402
-from tests.text_model import build_text_model  # noqa: E402
+import kvflow
+from kvflow.request import SamplingParams
+from tests.serve_process import ServerProcess
+from tests.text_model import build_text_model
 
 MODEL = "tiny"
 SETTINGS = {"kv.block_size": 4, "kv.device.num_blocks": 256}
 PROMPT = "The quick brown fox jumps over"
-MESSAGES = [{"role": "user", "content": "Café 🚀 schedulers decide"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "Café 🚀 schedulers decide"}]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +60,13 @@ def llm(model_dir: tuple[Path, Any]) -> Iterator[kvflow.LLM]:
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 12}
 NO_EOS = {"ignore_eos": True}
+
+
+def test_health_answers_503_while_the_model_loads(server: ServerProcess) -> None:
+    # The socket is bound before the model loads (torch alone takes seconds to import).
+    statuses = [status for status, _ in server.health_seen]
+    assert statuses[0] == 503 and '"loading"' in server.health_seen[0][1]
+    assert statuses[-1] == 200 and set(statuses[:-1]) == {503}
 
 
 def test_completion_text_streamed_or_not_equals_llm_generate(
@@ -164,7 +170,7 @@ def test_bad_requests_get_their_documented_4xx(
     assert "gpt-4" in str(unknown.value)
     with pytest.raises(openai.BadRequestError) as two:
         client.completions.create(model=MODEL, prompt="x", max_tokens=1, n=2)
-    assert two.value.body is not None and two.value.body["param"] == "n"  # type: ignore[index]
+    assert two.value.param == "n"
     with pytest.raises(openai.BadRequestError) as long:
         client.completions.create(model=MODEL, prompt=[5] * 250, max_tokens=10)
     assert "max_model_len is 256" in str(long.value) and "260" in str(long.value)

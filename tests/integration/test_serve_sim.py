@@ -12,13 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-from kvflow.cli import main  # noqa: E402
-from tests.serve_process import ServerProcess  # noqa: E402
+from kvflow.cli import main
+from tests.serve_process import ServerProcess
 
 MODEL = "kvflow-sim"
 # Steps of 2 ms in real time, so requests take long enough to be caught in flight.

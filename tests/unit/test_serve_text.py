@@ -4,6 +4,8 @@ simulated engine reads its own text back."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from kvflow.request import FinishReason, RequestOutput
@@ -30,8 +32,8 @@ def test_window_detokenizer_streams_whole_characters_of_a_bpe_tokenizer() -> Non
 def test_window_detokenizer_flushes_a_truncated_character_at_the_end() -> None:
     data = "é".encode()
 
-    def decode(ids: object) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")  # type: ignore[call-overload]
+    def decode(ids: Sequence[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
 
     detok = WindowDetokenizer(decode)
     assert detok.push([data[0]]) == ""  # half a character: held back
