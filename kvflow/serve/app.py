@@ -15,10 +15,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import Receive, Scope, Send
 
+from kvflow.request import Request as EngineRequest
 from kvflow.serve.errors import APIError, bad_request, install_error_handlers
 from kvflow.serve.host import EngineHost, HostStatus
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from kvflow.serve.serving import Generation, OpenAIServing, unavailable, usage
+from kvflow.serve.responses import ResponseShape
+from kvflow.serve.serving import Generation, OpenAIServing, unavailable
 
 
 class _EventStream(StreamingResponse):
@@ -74,6 +76,22 @@ async def _collect_unless_gone(
     return result[0]
 
 
+async def _respond(
+    request: Request,
+    api: OpenAIServing,
+    req: EngineRequest,
+    stops: list[str],
+    shape: ResponseShape,
+    stream: bool,
+) -> Response:
+    """Submit `req`; answer with the whole response or an event stream."""
+    gen = await api.submit(req)
+    if stream:
+        return _EventStream(api.stream(gen, stops, shape), media_type="text/event-stream")
+    text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops)
+    return JSONResponse(shape.whole(text, reason, api.usage(gen, num_tokens)))
+
+
 def build_app(host: EngineHost) -> FastAPI:
     """The app for `host`; its lifespan runs the host (load, serve, close)."""
 
@@ -119,38 +137,8 @@ def build_app(host: EngineHost) -> FastAPI:
         api.check_common(body)
         prompt_ids = api.completion_prompt(body)
         req = api.make_request(body, prompt_ids, body.max_tokens, "cmpl")
-        gen = await api.submit(req)
-        name = api.model.name
-        created = int(time.time())
-        rid = req.request_id
-        num_prompt = len(prompt_ids)
-        stops = body.stop_strings
-
-        def head() -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": name}
-
-        if not body.stream:
-            text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops)
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            cached = gen.first.num_cached_tokens
-            return JSONResponse(
-                {**head(), "choices": [choice], "usage": usage(num_prompt, num_tokens, cached)}
-            )
-        with_usage = body.include_usage
-
-        def chunk(text: str, reason: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            out = {**head(), "choices": [choice]}
-            if with_usage:
-                out["usage"] = None
-            return out
-
-        def usage_chunk(num_tokens: int) -> dict[str, Any]:
-            cached = gen.first.num_cached_tokens
-            return {**head(), "choices": [], "usage": usage(num_prompt, num_tokens, cached)}
-
-        events = api.stream(gen, stops, chunk, usage_chunk if with_usage else None)
-        return _EventStream(events, media_type="text/event-stream")
+        shape = ResponseShape("completion", req.request_id, api.model.name, body.include_usage)
+        return await _respond(request, api, req, body.stop_strings, shape, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -160,51 +148,8 @@ def build_app(host: EngineHost) -> FastAPI:
         prompt_ids = api.chat_prompt(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         req = api.make_request(body, prompt_ids, max_tokens, "chatcmpl")
-        gen = await api.submit(req)
-        name = api.model.name
-        created = int(time.time())
-        rid = req.request_id
-        num_prompt = len(prompt_ids)
-        stops = body.stop_strings
-
-        def head(kind: str) -> dict[str, Any]:
-            return {"id": rid, "object": kind, "created": created, "model": name}
-
-        if not body.stream:
-            text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops)
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-            cached = gen.first.num_cached_tokens
-            return JSONResponse(
-                {
-                    **head("chat.completion"),
-                    "choices": [choice],
-                    "usage": usage(num_prompt, num_tokens, cached),
-                }
-            )
-        with_usage = body.include_usage
-
-        def chunk_of(delta: dict[str, str], reason: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            out = {**head("chat.completion.chunk"), "choices": [choice]}
-            if with_usage:
-                out["usage"] = None
-            return out
-
-        def chunk(text: str, reason: str | None) -> dict[str, Any]:
-            return chunk_of({"content": text} if text else {}, reason)
-
-        def usage_chunk(num_tokens: int) -> dict[str, Any]:
-            cached = gen.first.num_cached_tokens
-            return {
-                **head("chat.completion.chunk"),
-                "choices": [],
-                "usage": usage(num_prompt, num_tokens, cached),
-            }
-
-        first = chunk_of({"role": "assistant", "content": ""}, None)
-        events = api.stream(gen, stops, chunk, usage_chunk if with_usage else None, first)
-        return _EventStream(events, media_type="text/event-stream")
+        shape = ResponseShape("chat", req.request_id, api.model.name, body.include_usage)
+        return await _respond(request, api, req, body.stop_strings, shape, body.stream)
 
     return app
 

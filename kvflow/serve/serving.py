@@ -3,8 +3,6 @@ response objects: whole, or as server-sent events."""
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingPa
 from kvflow.serve.errors import APIError, bad_request
 from kvflow.serve.metrics import RequestMetrics, RequestObserver
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
+from kvflow.serve.responses import DONE, ResponseShape, usage
 from kvflow.serve.text import OutputText, TextCodec
 
 RETRY_AFTER_S = "1"
@@ -225,52 +224,36 @@ class OpenAIServing:
         return "".join(parts), reason or "abort", num_tokens
 
     async def stream(
-        self,
-        gen: Generation,
-        stops: Sequence[str],
-        chunk: Callable[[str, str | None], dict[str, Any]],
-        usage_chunk: Callable[[int], dict[str, Any]] | None,
-        first_chunk: dict[str, Any] | None = None,
-    ) -> AsyncIterator[str]:
-        """Server-sent events: `first_chunk` (the chat role), one chunk per output with
-        new text, the usage chunk when asked for, then `[DONE]`."""
+        self, gen: Generation, stops: Sequence[str], shape: ResponseShape
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events: the shape's first chunk (chat's role), one chunk per
+        output with new text, the usage chunk when asked for, then `[DONE]`."""
         text = OutputText(self.model.codec, stops)
         num_tokens = 0
         try:
-            if first_chunk is not None:
-                yield _event(first_chunk)
+            first = shape.first_event()
+            if first is not None:
+                yield first
             async for out in gen.each():
                 if out is not gen.first:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
                 num_tokens = out.num_output_tokens
                 if delta or reason is not None:
-                    yield _event(chunk(delta, reason))
+                    yield shape.event(delta, reason)
                 if reason is not None:
                     gen.observer.finish(reason)
                     break
-            if usage_chunk is not None:
-                yield _event(usage_chunk(num_tokens))
-            yield "data: [DONE]\n\n"
+            if shape.with_usage:
+                yield shape.usage_event(self.usage(gen, num_tokens))
+            yield DONE
         finally:
             await gen.aclose()
 
-
-def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": num_prompt_tokens,
-        "completion_tokens": num_completion_tokens,
-        "total_tokens": num_prompt_tokens + num_completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": num_cached},
-    }
+    @staticmethod
+    def usage(gen: Generation, num_completion_tokens: int) -> dict[str, Any]:
+        num_prompt = len(gen.request.prompt_token_ids)
+        return usage(num_prompt, num_completion_tokens, gen.first.num_cached_tokens)
 
 
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def now_s() -> int:
-    return int(time.time())
-
-
-__all__ = ["Generation", "OpenAIServing", "ServedModel", "unavailable", "usage"]
+__all__ = ["Generation", "OpenAIServing", "ServedModel", "unavailable"]
