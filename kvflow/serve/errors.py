@@ -48,15 +48,18 @@ class APIError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
-    def response(self) -> JSONResponse:
+    def body(self) -> dict[str, Any]:
+        """`{"error": {"message", "type", "param", "code"}}`."""
         info = ErrorInfo(
             message=self.message,
             type=_TYPES.get(self.status, "server_error" if self.status >= 500 else "error"),
             param=self.param,
             code=self.code,
         )
-        body = ErrorResponse(error=info).model_dump(mode="json")
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return ErrorResponse(error=info).model_dump(mode="json")
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

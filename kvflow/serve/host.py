@@ -129,28 +129,35 @@ class EngineHost:
                 max_num_pending=self.options.max_num_pending,
                 on_close=self.options.on_close,
             )
-            async with engine:
-                self.engine = engine
-                served = ServedModel(
-                    name=self.options.model_name,
-                    engine_name=self.options.engine,
-                    codec=loaded.codec,
-                    engine=engine,
-                    max_model_len=loaded.config.scheduler.max_model_len,
-                    vocab_size=loaded.vocab_size,
-                    metrics=self.metrics.requests,
-                )
-                self.serving = OpenAIServing(served)
-                if self.status is HostStatus.LOADING:
-                    self.status = HostStatus.SERVING
-                    logger.info("kvflow: serving %r", self.options.model_name)
-                await self._stop.wait()
-                if self.options.on_close == "abort":
-                    self.abort_all()
+            try:
+                await self._serve(engine, loaded)
+            except Exception as err:  # the step loop failed (a runner error): stop serving
+                self.failure = f"the engine failed: {_first_error(err)}"
+                self.status = HostStatus.FAILED
         finally:
             if store is not None:
                 store.close()
             self._stopped.set()
+
+    async def _serve(self, engine: AsyncEngine, loaded: _Loaded) -> None:
+        async with engine:
+            self.engine = engine
+            served = ServedModel(
+                name=self.options.model_name,
+                engine_name=self.options.engine,
+                codec=loaded.codec,
+                engine=engine,
+                max_model_len=loaded.config.scheduler.max_model_len,
+                vocab_size=loaded.vocab_size,
+                metrics=self.metrics.requests,
+            )
+            self.serving = OpenAIServing(served)
+            if self.status is HostStatus.LOADING:
+                self.status = HostStatus.SERVING
+                logger.info("kvflow: serving %r", self.options.model_name)
+            await self._stop.wait()
+            if self.options.on_close == "abort":
+                self.abort_all()
 
     def begin_draining(self) -> None:
         """Shutdown was asked for: /health answers 503, new requests are refused; with
@@ -170,6 +177,13 @@ class EngineHost:
         self.begin_draining()
         self._stop.set()
         await self._stopped.wait()
+
+
+def _first_error(err: BaseException) -> str:
+    """The first leaf of an exception group (task groups wrap what their tasks raise)."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return f"{type(err).__name__}: {err}"
 
 
 __all__ = ["EngineHost", "HostStatus", "ServeEngineName", "ServeOptions", "load"]

@@ -3,6 +3,7 @@ response objects: whole, or as server-sent events."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,17 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     metrics: RequestMetrics
+
+
+def engine_failure(err: Exception) -> APIError:
+    """A 500 for a request the engine failed (e.g. the runner raised in its step)."""
+    return APIError(500, f"the request failed in the engine: {err}", code="engine_error")
+
+
+def error_event(err: APIError) -> bytes:
+    """An error inside an event stream, as vLLM sends one: `data: {"error": ...}`."""
+    body = err.body()
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
 
 def unavailable(message: str) -> APIError:
@@ -219,6 +231,9 @@ class OpenAIServing:
                 if reason is not None:
                     gen.observer.finish(reason)
                     break
+        except Exception as err:  # the runner or the engine failed the request
+            gen.observer.finish("error")
+            raise engine_failure(err) from None
         finally:
             await gen.aclose()
         return "".join(parts), reason or "abort", num_tokens
@@ -246,9 +261,12 @@ class OpenAIServing:
                     break
             if shape.with_usage:
                 yield shape.usage_event(self.usage(gen, num_tokens))
-            yield DONE
+        except Exception as err:  # after the headers: the error goes in the stream
+            gen.observer.finish("error")
+            yield error_event(engine_failure(err))
         finally:
             await gen.aclose()
+        yield DONE
 
     @staticmethod
     def usage(gen: Generation, num_completion_tokens: int) -> dict[str, Any]:
