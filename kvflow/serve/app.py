@@ -65,12 +65,17 @@ async def _collect_unless_gone(
             pass
         scope.cancel()
 
+    failed: list[APIError] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
         try:
             result.append(await api.collect(gen, stops))
+        except APIError as err:  # raised outside the group, not wrapped in an ExceptionGroup
+            failed.append(err)
         finally:
             tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     if not result:  # the client is gone: nobody reads an answer
         raise APIError(499, "the client closed the connection")
     return result[0]
