@@ -19,6 +19,8 @@ from kvflow.request import RequestState
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 CHECKPOINT_PLACEHOLDER = "path/to/llama-checkpoint"
+ASYNC_ENGINE_MARKER = 'AsyncEngine(config, runner, "lpm", store)'
+"""The AsyncEngine snippet (the metrics snippet builds an AsyncEngine too)."""
 
 
 def python_snippets() -> list[str]:
@@ -53,8 +55,10 @@ def test_every_snippet_is_covered_here() -> None:
     markers = [
         "replay(requests, config",
         "kvflow.LLM(",
-        "AsyncEngine(",
+        ASYNC_ENGINE_MARKER,
         "class ShortestPromptFirst",
+        "from openai import OpenAI",
+        "EngineMetrics(",
     ]
     assert len(python_snippets()) == len(markers)
     for marker in markers:
@@ -92,7 +96,7 @@ def test_llm_snippet_generates(
 def test_async_engine_snippet_streams(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    code = snippet("AsyncEngine(").replace(CHECKPOINT_PLACEHOLDER, str(tiny_checkpoint))
+    code = snippet(ASYNC_ENGINE_MARKER).replace(CHECKPOINT_PLACEHOLDER, str(tiny_checkpoint))
     run_snippet(code, tmp_path, monkeypatch)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) >= 2
@@ -106,3 +110,27 @@ def test_policy_snippet_replays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     # One request at a time, shortest prompt first: r2 (100 tokens), r1, r0 (300).
     first = {s.request_id: s.first_token_time for s in result.states}
     assert first["r2"] < first["r1"] < first["r0"]
+
+
+def test_openai_client_snippet_talks_to_a_sim_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from tests.serve_process import ServerProcess
+
+    with ServerProcess(["--engine", "sim"], tmp_path / "serve.log") as server:
+        code = snippet("from openai import OpenAI").replace(
+            "http://127.0.0.1:8000", server.base_url
+        )
+        ns = run_snippet(code, tmp_path, monkeypatch)
+    assert ns["out"].usage.completion_tokens >= 1
+    out = capsys.readouterr().out
+    assert re.search(r"(tok\d+ )+", out)
+
+
+def test_engine_metrics_snippet_prints_kvflow_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    run_snippet(snippet("EngineMetrics("), tmp_path, monkeypatch)
+    out = capsys.readouterr().out
+    assert 'kvflow:generation_tokens_total{model_name="my-model"} 8.0' in out
+    assert 'kvflow:request_success_total{finished_reason="length",model_name="my-model"} 1.0' in out
