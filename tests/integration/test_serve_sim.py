@@ -193,9 +193,13 @@ def test_priority_policy_and_back_pressure_behind_the_server(tmp_path: Path) -> 
     Retry-After; of two queued requests the more important (lower priority) goes first."""
     args = ["--engine", "sim", "--policy", "priority", "--max-num-pending", "3"]
     args += ["--set", "sim.preset=null", "--set", "sim.fixed_ms=10"]
-    args += ["--set", "scheduler.max_num_seqs=1"]
+    args += ["--set", "scheduler.max_num_seqs=1", "--set", "kv.device.num_blocks=64"]
     with ServerProcess(args, tmp_path / "serve.log") as server:
         url = f"{server.base_url}/v1/completions"
+        # 64 blocks of 16 tokens hold 1024: the engine rejects a longer request at once.
+        too_big = httpx.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": 1500})
+        assert too_big.status_code == 400
+        assert "the device tier holds 64" in too_big.json()["error"]["message"]
         done: list[str] = []
 
         def send(name: str, priority: int) -> None:
