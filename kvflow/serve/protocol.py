@@ -50,10 +50,14 @@ class GenerationFields(_Body):
     """Completions per prompt; kvflow serves exactly 1."""
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Fields kvflow takes only at the value that turns them off (see NEUTRAL_VALUES), so
+    # clients that always send them (vLLM's benchmark client, ...) work as they are.
     presence_penalty: float = 0.0
-    """Only 0 (no penalty) is served."""
     frequency_penalty: float = 0.0
-    """Only 0 (no penalty) is served."""
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     """Accepted and ignored (OpenAI's end-user id); `tenant` is kvflow's grouping."""
     # -- kvflow's own fields -----------------------------------------------------------
@@ -85,6 +89,17 @@ class GenerationFields(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+NEUTRAL_VALUES: dict[str, tuple[object, ...]] = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "min_tokens": (0,),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+}
+"""Fields taken only at these values (anything else is a 400 naming the field)."""
 
 
 class CompletionRequest(GenerationFields):
@@ -166,6 +181,7 @@ class ModelList(BaseModel):
 
 
 __all__ = [
+    "NEUTRAL_VALUES",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",

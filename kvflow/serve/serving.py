@@ -13,7 +13,12 @@ from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
 from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from kvflow.serve.errors import APIError, bad_request
 from kvflow.serve.metrics import RequestMetrics, RequestObserver
-from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationFields
+from kvflow.serve.protocol import (
+    NEUTRAL_VALUES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationFields,
+)
 from kvflow.serve.responses import DONE, ResponseShape, usage
 from kvflow.serve.text import OutputText, TextCodec
 
@@ -93,9 +98,11 @@ class OpenAIServing:
             )
         if body.n != 1:
             raise bad_request(f"n={body.n!r} is not supported: kvflow serves n=1 only", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name) != 0:
-                raise bad_request(f"{name}={getattr(body, name)!r} is not supported (only 0)", name)
+        for name, neutral in NEUTRAL_VALUES.items():
+            value = getattr(body, name)
+            if value not in neutral:
+                allowed = " or ".join(repr(v) for v in neutral)
+                raise bad_request(f"{name}={value!r} is not supported (only {allowed})", name)
 
     def completion_prompt(self, body: CompletionRequest) -> list[int]:
         given: Any = body.prompt
