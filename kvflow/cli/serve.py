@@ -81,6 +81,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sp.set_defaults(handler=run)
 
 
+def _require_serve_extra() -> None:
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("fastapi", "uvicorn", "prometheus_client")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise CLIError(f"kvflow serve needs {', '.join(missing)}: pip install 'kvflow[serve]'")
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.config import KVFlowConfig
     from kvflow.policies import names as policy_names
@@ -92,6 +104,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--engine {args.engine} needs --model DIR")
     if args.model and not Path(args.model).is_dir():
         raise CLIError(f"--model {args.model!r} is not a directory")
+    _require_serve_extra()
     settings = config_overrides(args)
     KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
     if args.policy not in policy_names():

@@ -11,8 +11,10 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from kvflow.request import Request as EngineRequest
@@ -39,9 +41,6 @@ class _EventStream(StreamingResponse):
 
 async def _parse(request: Request, model: type[CompletionRequest | ChatCompletionRequest]) -> Any:
     """The body as `model`; invalid JSON or fields raise `RequestValidationError`."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-
     raw = await request.body()
     try:
         data = json.loads(raw)
@@ -159,4 +158,4 @@ def build_app(host: EngineHost) -> FastAPI:
     return app
 
 
-__all__ = ["APIError", "build_app"]
+__all__ = ["build_app"]
