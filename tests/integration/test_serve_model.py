@@ -5,6 +5,7 @@ cached prefixes, bad requests, and a client that goes away."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,24 @@ def test_a_client_leaving_mid_stream_frees_its_request(server: ServerProcess) ->
         assert server.metric("kvflow:kv_blocks_used", tier="device") > 0
     server.wait_for_metric("kvflow:num_requests_running", 0)
     server.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
+
+
+def test_concurrent_requests_batch_to_the_same_text_as_alone(
+    client: openai.OpenAI, llm: kvflow.LLM
+) -> None:
+    """Requests that share the server's steps (batched, prefixes shared) get the text
+    each gets alone."""
+    prompts = [PROMPT, PROMPT + " the lazy dog", "Schedulers decide", "日本語のテキスト"]
+    texts: dict[int, str] = {}
+
+    def send(i: int) -> None:
+        out = client.completions.create(model=MODEL, prompt=prompts[i], extra_body=NO_EOS, **GREEDY)
+        texts[i] = out.choices[0].text
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    expected = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    assert [texts[i] for i in range(len(prompts))] == [e.text for e in expected]
