@@ -70,3 +70,6 @@ async def test_a_library_engine_exports_vllm_named_metrics() -> None:
     # b and c find the first 2 blocks (8 of 12 tokens; the last block stays uncached).
     assert got["kvflow:prefix_cache_queries_total", frozenset({model})] == 36
     assert got["kvflow:prefix_cache_hits_total", frozenset({model})] == 16
+    # Re-admissions after preemption are counted apart (none here).
+    assert got["kvflow:prefix_cache_readmission_queries_total", frozenset({model})] == 0
+    assert got["kvflow:prefix_cache_readmission_hits_total", frozenset({model})] == 0
