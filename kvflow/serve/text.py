@@ -106,7 +106,7 @@ class PlaceholderCodec(TextCodec):
     reads back as id N; any other word hashes into the vocabulary), token N decodes to
     ``"tokN "``; a chat message is its role word then its content's words."""
 
-    eos_token_id = None
+    eos_token_id: int | None = None
     _TOKEN = re.compile(r"tok(\d+)")
 
     def encode(self, text: str) -> list[int]:

@@ -7,9 +7,6 @@ import time
 
 import anyio
 import pytest
-
-pytest.importorskip("prometheus_client")
-
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
