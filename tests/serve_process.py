@@ -26,13 +26,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m kvflow serve ARGS --port P`, its output in `log_path`.
+    """`python -m kvflow serve --port P ARGS` (or `python PROGRAM --port P ARGS`), its
+    output in `log_path`.
 
     Use as a context manager: entering waits until /health answers 200 (bounded),
     leaving kills the process if it is still running.
     """
 
-    def __init__(self, args: Sequence[str], log_path: Path, startup_timeout_s: float = 180.0):
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        startup_timeout_s: float = 180.0,
+        program: Sequence[str] = ("-m", "kvflow", "serve"),
+    ):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -41,7 +48,7 @@ class ServerProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
-        command = [sys.executable, "-m", "kvflow", "serve", "--port", str(self.port), *args]
+        command = [sys.executable, *program, "--port", str(self.port), *args]
         self.health_seen: list[tuple[int, str]] = []
         """(status, body) of each /health answer while waiting for the server."""
         self._log = log_path.open("wb")

@@ -308,3 +308,49 @@ def test_a_model_that_fails_to_load_exits_1_with_the_reason(tmp_path: Path) -> N
     log = proc.log()
     assert "kvflow: error: " in log and "/nonexistent/preset.json" in log, log
     assert "Traceback" not in log
+
+
+FAULTY_SERVE = '''
+"""kvflow serve whose simulated runner raises, as a failing device would, in any step
+of a request whose prompt starts with token 13 once it has 2 output tokens."""
+import sys
+
+from kvflow.cli import main
+from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
+
+execute = RealTimeSimRunner.execute
+
+
+def failing(self, plan):
+    if any(r.token_ids[0] == 13 and r.num_output_tokens >= 2 for r in plan.requests):
+        raise RuntimeError("injected device fault")
+    return execute(self, plan)
+
+
+RealTimeSimRunner.execute = failing
+sys.exit(main(["serve", *sys.argv[1:]]))
+'''
+
+
+def test_a_runner_error_fails_its_request_with_500_and_the_server_serves_on(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "faulty_serve.py"
+    script.write_text(FAULTY_SERVE)
+    with ServerProcess(SIM, tmp_path / "serve.log", program=[str(script)]) as server:
+        url = f"{server.base_url}/v1/completions"
+        body = {"model": MODEL, "prompt": [13, 1, 2], "max_tokens": 10}
+        failed = httpx.post(url, json=body, timeout=30)
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["code"] == "engine_error" and "injected device fault" in error["message"]
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200  # the failure comes after the first tokens
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert "injected device fault" in json.loads(events[-2][6:])["error"]["message"]
+        ok = httpx.post(url, json={**body, "prompt": [7, 1, 2]}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+        assert server.metric("kvflow:request_success_total", finished_reason="error") == 2
+        server.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
