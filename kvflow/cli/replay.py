@@ -18,6 +18,7 @@ from kvflow.cli.common import (
     load_requests,
     trace_path,
 )
+from kvflow.cli.endpoint import add_endpoint_arguments, run_endpoint
 from kvflow.cli.options import (
     add_model_arguments,
     add_output_arguments,
@@ -77,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="check scheduler and store invariants after every step (slow)",
     )
+    add_endpoint_arguments(rp)
     rp.set_defaults(handler=run)
 
 
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.timeseries import TimeSeriesRecorder, chain_hooks
     from kvflow.traces.trace_events import TraceEventWriter
 
+    if args.endpoint:
+        return run_endpoint(args, console)
     if args.engine != "sim":
         return run_real(args, console)
     config = load_config(args)

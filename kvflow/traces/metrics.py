@@ -63,6 +63,7 @@ __all__ = [
     "RequestOutcome",
     "RunReport",
     "TenantReport",
+    "is_unknown",
     "render_table",
     "request_outcome",
     "summarize",
@@ -257,6 +258,12 @@ def summarize_replay(
         wall_s=result.wall_s,
         extra={**tiers, **(extra or {})},
     )
+
+
+def is_unknown(report: RunReport, name: str) -> bool:
+    """Whether the run could not know figure `name`: `extra` sets it to None (JSON null),
+    as a replay against a server that does not report it does. Tables show "-"."""
+    return name in report.extra and report.extra[name] is None
 
 
 def render_table(reports: Sequence[RunReport], width: int | None = None) -> Table:

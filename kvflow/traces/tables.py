@@ -18,7 +18,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from kvflow.traces.latency import LatencySummary
-from kvflow.traces.metrics import RunReport
+from kvflow.traces.metrics import RunReport, is_unknown
 from kvflow.traces.sweep import DEFAULT_ATTAINMENT_TARGET, SweepPoint
 from kvflow.traces.tenants import TenantReport
 
@@ -108,6 +108,15 @@ def _has_lower_tier_hits(report: RunReport) -> bool:
     return bool(by_tier.get("cpu") or by_tier.get("disk"))
 
 
+def _hit_rate(report: RunReport) -> str:
+    return NO_FIGURE if is_unknown(report, "prefix_hit_rate") else f"{report.prefix_hit_rate:.1%}"
+
+
+def _known(report: RunReport, name: str, value: int) -> str:
+    """`value`, or no figure where the run could not know it (`is_unknown`)."""
+    return NO_FIGURE if is_unknown(report, name) else str(value)
+
+
 def _run_columns(reports: Sequence[RunReport]) -> list[_Column[RunReport]]:
     columns: list[_Column[RunReport]] = [
         _Column("policy", lambda r: r.policy, left=True),
@@ -121,15 +130,15 @@ def _run_columns(reports: Sequence[RunReport]) -> list[_Column[RunReport]]:
         _Column("ITL ms\np99", lambda r: _one(r.itl_ms, "p99"), keep=3),
         _Column("E2E ms\np50", lambda r: _one(r.e2e_ms, "p50"), keep=4),
         _Column("out\ntok/s", lambda r: f"{r.throughput_tokens_per_s:.0f}", keep=6),
-        _Column("hit\nrate", lambda r: f"{r.prefix_hit_rate:.1%}"),
+        _Column("hit\nrate", _hit_rate),
     ]
     if any(_has_lower_tier_hits(r) for r in reports):
         columns.append(_Column("hit by tier\ndev/cpu/disk", _tier_split, keep=5))
     columns += [
         _Column("SLO\nmet", lambda r: _share(r.slo_attainment, r.num_finished)),
         _Column("goodput\nreq/s", lambda r: f"{r.goodput_rps:.2f}"),
-        _Column("preempt", lambda r: str(r.num_preemptions), keep=7),
-        _Column("steps", lambda r: str(r.sim_steps), keep=2),
+        _Column("preempt", lambda r: _known(r, "num_preemptions", r.num_preemptions), keep=7),
+        _Column("steps", lambda r: _known(r, "sim_steps", r.sim_steps), keep=2),
         _Column("wall s", lambda r: f"{r.wall_s:.2f}", keep=1),
     ]
     return columns
@@ -153,6 +162,12 @@ def render_tenant_table(reports: Sequence[RunReport], width: int | None = None) 
         for report in reports
         for tenant, figures in report.per_tenant.items()
     ]
+    # A run that could not know a figure (a replay against a server) could not know it
+    # per tenant either.
+    unknown = {
+        report.policy: {n for n in ("kv_wait_ms", "prefix_hit_rate") if is_unknown(report, n)}
+        for report in reports
+    }
     columns: list[_Column[_TenantRow]] = [
         _Column("policy", lambda row: row[0], left=True),
         _Column("tenant", lambda row: row[1], left=True),
@@ -164,8 +179,22 @@ def render_tenant_table(reports: Sequence[RunReport], width: int | None = None) 
         _Column("TTFT ms\np50 / p99", lambda row: _p50_p99(row[2].ttft_ms)),
         _Column("TPOT ms\np50 / p99", lambda row: _p50_p99(row[2].tpot_ms), keep=5),
         _Column("queue ms\np50 / p99", lambda row: _p50_p99(row[2].queue_ms), keep=3),
-        _Column("KV wait\nms p99", lambda row: _one(row[2].kv_wait_ms, "p99"), keep=2),
-        _Column("hit\nrate", lambda row: f"{row[2].prefix_hit_rate:.1%}", keep=4),
+        _Column(
+            "KV wait\nms p99",
+            lambda row: (
+                NO_FIGURE if "kv_wait_ms" in unknown[row[0]] else _one(row[2].kv_wait_ms, "p99")
+            ),
+            keep=2,
+        ),
+        _Column(
+            "hit\nrate",
+            lambda row: (
+                NO_FIGURE
+                if "prefix_hit_rate" in unknown[row[0]]
+                else f"{row[2].prefix_hit_rate:.1%}"
+            ),
+            keep=4,
+        ),
         _Column("SLO\nmet", lambda row: _share(row[2].slo_attainment, row[2].num_finished)),
         _Column("goodput\nreq/s", lambda row: f"{row[2].goodput_rps:.2f}"),
     ]
