@@ -1,7 +1,8 @@
 """`kvflow replay --endpoint` against a real `kvflow serve --engine sim` process on
-loopback: the report, hit rates from `cached_tokens`, a refused port, and agreement with
-the virtual-time simulator. No timed assertions beyond the simulator comparison, whose
-latency model is slow enough (steps of >= 20 ms) that HTTP costs stay small beside it."""
+loopback (and against a small server of another kind): the report, hit rates from
+`cached_tokens`, failures, a refused port, and agreement with the virtual-time
+simulator. No timed assertions beyond the simulator comparison, whose latency model is
+slow enough (steps of 100 ms) that HTTP costs stay small beside it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -32,44 +32,17 @@ from kvflow.traces import read_trace
 from kvflow.traces.endpoint import EndpointOptions, replay_endpoint, summarize_endpoint
 from kvflow.traces.metrics import summarize_replay
 from kvflow.traces.replay import replay
+from tests.serve_process import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER_START_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
 def sim_server(settings: dict[str, Any], tmp_path: Path) -> Iterator[str]:
     """A `kvflow serve --engine sim` process with `settings` (--set); its base URL."""
-    port = free_port()
     sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-    argv = [sys.executable, "-m", "kvflow", "serve", "--engine", "sim", "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    log = tmp_path / f"serve-{port}.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([*argv, *sets], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert server.poll() is None, f"kvflow serve exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"kvflow serve not up: {log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(SERVER_START_S)
+    with ServerProcess(["--engine", "sim", *sets], tmp_path / "serve.log") as server:
+        yield server.base_url
 
 
 def write_trace(path: Path, lines: list[dict[str, Any]]) -> Path:
