@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +100,7 @@ class EndpointResult:
     """What a replay against an endpoint gathered (see `summarize_endpoint`)."""
 
     model: str
-    states: list[RequestState]
+    states: Sequence[RequestState]
     num_failed: int
     failures: dict[str, int]
     """Failed requests by reason (`HTTP 503`, `ReadTimeout`, ...)."""
@@ -194,12 +193,12 @@ async def _run(
     path: str,
     bodies: list[dict[str, Any]],
     pending: list[Request],
-) -> tuple[list[RequestState], list[bool], list[tuple[int, str, str]], float]:
+) -> tuple[list[_ClientState], list[bool], list[tuple[int, str, str]], float]:
     """Send each body at its request's arrival offset; the states, whether each reported
     `cached_tokens`, the failures (index, kind, message) in request order, and the
     seconds the run took."""
     first = pending[0].arrival_time
-    states = [RequestState(_shifted(r, first)) for r in pending]
+    states = [_ClientState(_shifted(r, first)) for r in pending]
     cached_reported = [False] * len(states)
     failures: list[tuple[int, str, str]] = []
     wall_start = time.perf_counter()
@@ -272,6 +271,21 @@ def summarize_endpoint(result: EndpointResult, *, policy: str | None = None) -> 
 # -- states ---------------------------------------------------------------------------------
 
 
+class _ClientState(RequestState):
+    """A request as the client saw it: the server's token counts stand in for the token
+    ids it never sends (nothing is allocated by a count a server reports)."""
+
+    __slots__ = ("num_streamed_tokens",)
+
+    def __init__(self, request: Request) -> None:
+        super().__init__(request)
+        self.num_streamed_tokens = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_streamed_tokens
+
+
 def _shifted(request: Request, first: float) -> Request:
     """`request` on the replay's clock, where the first arrival is 0."""
     deadline = None if request.deadline is None else request.deadline - first
@@ -279,7 +293,7 @@ def _shifted(request: Request, first: float) -> Request:
     return dataclasses.replace(request, arrival_time=arrival, deadline=deadline)
 
 
-def _fill_served(state: RequestState, streamed: Streamed) -> bool:
+def _fill_served(state: _ClientState, streamed: Streamed) -> bool:
     """Record a served request in `state`; whether the server reported `cached_tokens`."""
     usage = streamed.usage or {}
     num_output = _count(usage.get("completion_tokens"), len(streamed.token_times))
@@ -287,7 +301,7 @@ def _fill_served(state: RequestState, streamed: Streamed) -> bool:
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     state.num_prompt_tokens = num_prompt
-    state.token_ids = array("I", [0]) * (num_prompt + num_output)
+    state.num_streamed_tokens = num_output
     state.token_times = streamed.token_times
     state.first_token_time = streamed.token_times[0]
     state.finish_time = streamed.token_times[-1]
