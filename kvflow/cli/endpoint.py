@@ -11,7 +11,9 @@ from rich.console import Console
 
 from kvflow.cli.common import CLIError, load_requests, trace_path
 from kvflow.cli.options import (
+    REPORT_SCHEMA_VERSION,
     check_plot_dependency,
+    check_report_outputs,
     report_console,
     slo_settings,
     write_json,
@@ -98,9 +100,11 @@ def run_endpoint(args: argparse.Namespace, console: Console) -> int:
     )
     slo = slo_settings(args)
     check_plot_dependency(args)
-    out = report_console(args, console)
     path = trace_path(args)
-    requests = slo.apply(load_requests(args))
+    check_report_outputs(args, path)
+    out = report_console(args, console)
+    loaded = load_requests(args)
+    requests = slo.apply(loaded)
     out.print(f"replaying {len(requests)} requests in real time against {options.base_url} ...")
     try:
         result = replay_endpoint(requests, options)
@@ -113,8 +117,8 @@ def run_endpoint(args: argparse.Namespace, console: Console) -> int:
         if "ignore_eos" in omitted:
             note += " (outputs may end before the trace's lengths)"
         print(note, file=sys.stderr)
-    what = f"{path.name} ({len(requests)} requests, {options.base_url}, {options.api})"
-    print_reports(out, [report], what)
+    what = f"{path.name}, {len(requests)} requests | {options.base_url} ({options.api})"
+    print_reports(out, [report], f"{what} | SLOs: {slo.source(loaded)}")
     if result.num_failed:
         print(
             f"kvflow: warning: {result.num_failed} of {len(requests)} requests failed "
@@ -130,6 +134,7 @@ def run_endpoint(args: argparse.Namespace, console: Console) -> int:
         out.print(f"wrote {len(written)} plots to {args.plot}")
     if args.json:
         doc = {
+            "schema_version": REPORT_SCHEMA_VERSION,
             "trace": str(path),
             "engine": "endpoint",
             "endpoint": options.base_url,

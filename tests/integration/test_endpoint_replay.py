@@ -95,7 +95,7 @@ def test_report_json_and_hit_rate_from_cached_tokens(tmp_path: Path) -> None:
     with sim_server(FAST, tmp_path) as url:
         assert main(["replay", str(trace), "--endpoint", url, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert list(doc) == ["trace", "engine", "endpoint", "model", "runs", "slo"]
+    assert list(doc) == ["schema_version", "trace", "engine", "endpoint", "model", "runs", "slo"]
     assert doc["engine"] == "endpoint" and doc["endpoint"] == url
     assert doc["model"] == "kvflow-sim"
     (run,) = doc["runs"]
