@@ -5,8 +5,9 @@ kvflow's `/v1/completions`) get them as they are, folded into `[0, vocab_size)` 
 modulo vocab size; equal ids stay equal, so shared prefixes stay shared). Anywhere else
 (chat, or servers that take text only) the prompt is text: each id becomes one word of
 `WORDS` (id modulo the list's length), joined by spaces. The words are among the
-commonest of English, each one token (with its leading space) in the BPE and
-SentencePiece vocabularies of GPT-2, Llama 2 and 3, Mistral and Qwen, so:
+commonest of English, chosen to be one token each (with their leading space) in common
+BPE and SentencePiece vocabularies (GPT-2's, Llama's, Mistral's, Qwen's; not checked
+against each here, where no vocabulary files are at hand), so:
 
 - the prompt tokenizes to about the trace's length (plus the server's BOS and, for chat,
   the chat template's tokens);
@@ -51,7 +52,8 @@ WORDS = (
     "picture", "being", "study", "second", "eyes", "soon", "times", "story", "boys", "since",
     "white", "days",
 )  # fmt: skip
-"""Common English words, one token each in common tokenizers (see the module doc)."""
+"""Common English words, meant to be one token each in common tokenizers (see the module
+doc)."""
 
 
 OPTIONAL_FIELDS = ("min_tokens", "ignore_eos")
