@@ -255,6 +255,31 @@ class PoliciesConfig(_Frozen):
     fair: FairOptions = FairOptions()
 
 
+class CacheAwareOptions(_Frozen):
+    balance_abs_threshold: int = Field(default=8192, ge=0)
+    """Loads (queued prefill tokens + running decodes) diverge when the most loaded
+    instance exceeds the least loaded by more than this and by more than
+    balance_rel_threshold times; then the least loaded instance gets the request (as
+    SGLang's router switches to shortest-queue)."""
+    balance_rel_threshold: float = Field(default=2.0, ge=1)
+    """See balance_abs_threshold: the ratio of the highest load to the lowest (+1)."""
+
+
+class PowerOfTwoOptions(_Frozen):
+    seed: int = 0
+    """Seed of the two random choices per request (the same seed, the same choices)."""
+
+
+class RouterConfig(_Frozen):
+    """Which instance of a fleet serves each request (see kvflow.cluster.routers)."""
+
+    name: str = "cache-aware"
+    """Router used when none is named (built-in: round-robin, least-loaded, power-of-two,
+    cache-aware; plugins register under the entry-point group kvflow.routers)."""
+    cache_aware: CacheAwareOptions = CacheAwareOptions()
+    power_of_two: PowerOfTwoOptions = PowerOfTwoOptions()
+
+
 class KVFlowConfig(_Frozen):
     """The whole configuration of one kvflow instance."""
 
@@ -263,6 +288,7 @@ class KVFlowConfig(_Frozen):
     sim: SimRunnerConfig = SimRunnerConfig()
     policies: PoliciesConfig = PoliciesConfig()
     peer: PeerConfig = PeerConfig()
+    router: RouterConfig = RouterConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> KVFlowConfig:

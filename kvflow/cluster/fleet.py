@@ -1,0 +1,372 @@
+"""Fleet replay: N simulated instances and a router in one discrete-event loop.
+
+Events are ordered by (time, kind, seq): at one moment, steps end (commit) first, then
+requests arrive and are routed (the router sees the fleet as it is then), then pulled
+prefixes land, then instances plan their next step, as the single-instance replay
+orders them. Each instance steps on its own clock; nothing sleeps, and the same inputs
+give the same results, bit for bit.
+
+With peers on, a request routed to an instance that lacks a prefix another instance
+holds (as the router's index says) first pulls those blocks over the modelled network,
+when that is faster than prefilling them: the owner re-validates what it holds, the
+blocks land in the instance's cpu tier (device when it has none) after `latency +
+bytes / bandwidth`, and only then is the request added, to find them there as any
+cached prefix. The scheduler and store are the single-instance ones, unchanged.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvflow.cluster.index import BlockIndex
+from kvflow.cluster.instance import Phase, SimInstance
+from kvflow.cluster.routers import Router
+from kvflow.cluster.view import FleetView, PeerNetwork
+from kvflow.config import KVFlowConfig
+from kvflow.kv.store import StoreStats
+from kvflow.policies.base import Policy
+from kvflow.request import Request, RequestState
+from kvflow.scheduler.stats import SchedulerStats
+
+_COMMIT, _ARRIVE, _LAND, _PLAN = range(4)
+
+
+class FleetStalledError(RuntimeError):
+    """Instances hold requests they cannot schedule, and no event is due."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """A prefix pulled from a peer for one request."""
+
+    request_id: str
+    source: int
+    target: int
+    num_local_tokens: int
+    """Tokens of the prompt the target was expected to hold already."""
+    num_tokens: int
+    """Tokens pulled."""
+    num_bytes: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceResult:
+    """What one instance of the fleet did."""
+
+    index: int
+    states: list[RequestState]
+    stats: SchedulerStats
+    store_stats: StoreStats
+    num_leaked_blocks: int
+    end_time: float
+    landing_tier: str
+    """The tier pulled blocks landed in (their hits are counted there by its scheduler)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetResult:
+    """A fleet replay's outcome: each instance's, and the fleet's own figures."""
+
+    policy: str
+    router: str
+    peers: bool
+    instances: list[InstanceResult]
+    pulls: list[Pull]
+    routed: list[int]
+    """Requests routed to each instance."""
+    load_imbalance: float
+    """Sum over arrivals of the highest instance load (queued prefill tokens) divided
+    by the sum of the mean load: 1 is perfectly even, N all on one instance of N."""
+    end_time: float
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def states(self) -> list[RequestState]:
+        return [s for inst in self.instances for s in inst.states]
+
+    @property
+    def network_bytes(self) -> int:
+        return sum(p.num_bytes for p in self.pulls)
+
+
+def replay_fleet(
+    requests: Sequence[Request],
+    configs: Sequence[KVFlowConfig],
+    policies: Sequence[Policy],
+    router: Router,
+    *,
+    peers: bool = False,
+    policy_name: str = "",
+    check_integrity: bool = False,
+) -> FleetResult:
+    """Replay `requests` through a fleet in virtual time.
+
+    Args:
+        requests: in any order; arrival times on the replay clock (seconds).
+        configs: one configuration per instance.
+        policies: one policy object per instance (not shared: policies keep state).
+        router: decides the instance of each request at its arrival.
+        peers: pull prefixes other instances hold over the modelled network (needs
+            equal `kv.block_size` and `kv.layout` everywhere).
+        policy_name: the policies' name, for the report.
+        check_integrity: check every instance's invariants after every commit (slow).
+
+    Raises:
+        ValueError: no instance, or configs and policies of different lengths, or peers
+            between instances whose blocks differ.
+        FleetStalledError: an instance holds requests it can never schedule.
+    """
+    loop = _FleetLoop(configs, policies, router, peers, check_integrity)
+    wall_start = time.perf_counter()
+    end = loop.run(sorted(requests, key=lambda r: r.arrival_time))
+    results = [loop.finish(inst) for inst in loop.instances]
+    return FleetResult(
+        policy=policy_name or type(policies[0]).__name__,
+        router=router.name or type(router).__name__,
+        peers=peers,
+        instances=results,
+        pulls=loop.pulls,
+        routed=loop.routed,
+        load_imbalance=loop.sum_max_load / loop.sum_mean_load if loop.sum_mean_load else 1.0,
+        end_time=end,
+        wall_s=time.perf_counter() - wall_start,
+    )
+
+
+def _network(configs: Sequence[KVFlowConfig]) -> PeerNetwork:
+    first = configs[0].kv
+    for i, config in enumerate(configs):
+        kv = config.kv
+        if kv.block_size != first.block_size or kv.layout != first.layout:
+            raise ValueError(
+                f"peers need equal blocks on every instance: instance {i} has "
+                f"kv.block_size={kv.block_size!r} and kv.layout={kv.layout.model_dump()!r}, "
+                f"instance 0 has {first.block_size!r} and {first.layout.model_dump()!r}"
+            )
+    return PeerNetwork(
+        first.transfer.peer_gbps, first.transfer.peer_latency_us, first.bytes_per_block()
+    )
+
+
+class _FleetLoop:
+    def __init__(
+        self,
+        configs: Sequence[KVFlowConfig],
+        policies: Sequence[Policy],
+        router: Router,
+        peers: bool,
+        check_integrity: bool,
+    ) -> None:
+        if not configs:
+            raise ValueError("a fleet needs at least one instance")
+        if len(configs) != len(policies):
+            raise ValueError(f"{len(configs)} instance configs but {len(policies)} policies")
+        n = len(configs)
+        self.index = BlockIndex(n)
+        self.instances = [
+            SimInstance(i, c, p, self.index.listener(i))
+            for i, (c, p) in enumerate(zip(configs, policies, strict=True))
+        ]
+        self.view = FleetView(
+            [inst.latency for inst in self.instances],
+            self.index,
+            configs[0].kv.block_size,
+            _network(configs) if peers else None,
+        )
+        self.router = router
+        self.check_integrity = check_integrity
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = itertools.count()
+        self.pulls: list[Pull] = []
+        self.routed = [0] * n
+        self.sum_max_load = 0.0
+        self.sum_mean_load = 0.0
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, pending: list[Request]) -> float:
+        heap = self.heap
+        pop = heapq.heappop
+        i, n = 0, len(pending)
+        now = pending[0].arrival_time if pending else 0.0
+        while True:
+            t_arrival = pending[i].arrival_time if i < n else None
+            if heap and (t_arrival is None or (heap[0][0], heap[0][1]) < (t_arrival, _ARRIVE)):
+                now, kind, _, payload = pop(heap)
+                if kind == _COMMIT:
+                    self._commit(payload, now)
+                elif kind == _PLAN:
+                    inst, version = payload
+                    if version == inst.plan_version:
+                        self._plan(inst, now)
+                else:
+                    inst, request, keys = payload
+                    inst.land(keys)
+                    self._deliver(inst, request, now)
+            elif t_arrival is not None:
+                now = t_arrival
+                self._arrive(pending[i], now)
+                i += 1
+            else:
+                break
+        stalled = [inst for inst in self.instances if inst.scheduler.has_unfinished]
+        if stalled:
+            inst = stalled[0]
+            raise FleetStalledError(
+                f"at t={now:.6f}s instance {inst.index} holds "
+                f"{inst.scheduler.num_unfinished} requests but scheduled nothing, and no "
+                "arrival or copy is due"
+            )
+        return now
+
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (t, kind, next(self.seq), payload))
+
+    # -- arrivals --------------------------------------------------------------------
+    def _arrive(self, request: Request, now: float) -> None:
+        view = self.view
+        view.advance(now)
+        queued = view.num_queued_tokens
+        self.sum_max_load += max(queued)
+        self.sum_mean_load += sum(queued) / len(queued)
+        target = self.router.route(request, view)
+        if not 0 <= target < view.num_instances:
+            raise ValueError(
+                f"router {self.router.name!r} chose instance {target!r} for "
+                f"{request.request_id!r}; the fleet has 0..{view.num_instances - 1}"
+            )
+        self.routed[target] += 1
+        view.num_routed[target] += 1
+        inst = self.instances[target]
+        if view.network is not None and self._try_pull(inst, request, now):
+            return
+        expected_cached = view.cached_blocks(request)[target] * view.block_size
+        self._deliver(inst, request, now, expected_cached)
+
+    def _try_pull(self, inst: SimInstance, request: Request, now: float) -> bool:
+        """Start pulling the prefix a peer holds beyond what `inst` holds, when faster
+        than prefilling it. Returns whether a pull started (the request waits for it)."""
+        view = self.view
+        network = view.network
+        assert network is not None
+        runs = view.cached_blocks(request)
+        best = max(runs)
+        local = runs[inst.index]
+        if best <= local:
+            return False
+        source = self.instances[runs.index(best)]
+        keys = view.block_keys(request)
+        # The owner re-validates: the index is advisory, its store is the truth.
+        held = source.store.locate(keys[:best]).local_tokens // view.block_size
+        num_blocks = held - local
+        if num_blocks <= 0:
+            return False
+        pull_s = network.pull_time_s(num_blocks)
+        bs = view.block_size
+        if pull_s >= num_blocks * bs * inst.latency.prefill_token_us * 1e-6:
+            return False
+        pull = Pull(
+            request.request_id,
+            source.index,
+            inst.index,
+            local * bs,
+            num_blocks * bs,
+            num_blocks * network.bytes_per_block,
+            now,
+            now + pull_s,
+        )
+        self.pulls.append(pull)
+        view.num_queued_tokens[inst.index] += len(request.prompt_token_ids) - held * bs
+        self._push(pull.end, _LAND, (inst, request, keys[local:held]))
+        return True
+
+    def _deliver(
+        self, inst: SimInstance, request: Request, now: float, expected_cached: int = -1
+    ) -> None:
+        i = inst.index
+        if expected_cached >= 0:
+            queued = len(request.prompt_token_ids) - expected_cached
+            self.view.num_queued_tokens[i] += queued
+        state = inst.add(request, now)
+        if state.finish_reason is not None:  # rejected at once
+            return
+        if inst.phase is Phase.BUSY:
+            return  # it plans when its step ends
+        if inst.phase is Phase.WAITING and inst.next_plan_time <= now:
+            return
+        self._schedule_plan(inst, now)
+
+    # -- instances -------------------------------------------------------------------
+    def _schedule_plan(self, inst: SimInstance, t: float) -> None:
+        inst.plan_version += 1
+        inst.phase = Phase.WAITING
+        inst.next_plan_time = t
+        self._push(t, _PLAN, (inst, inst.plan_version))
+
+    def _plan(self, inst: SimInstance, now: float) -> None:
+        scheduler = inst.scheduler
+        inst.clock = now
+        i = inst.index
+        view = self.view
+        if not scheduler.has_unfinished:
+            inst.phase = Phase.IDLE
+            view.num_queued_tokens[i] = 0
+            view.num_running[i] = 0
+            return
+        plan = scheduler.plan(now)
+        view.num_running[i] = len(scheduler.running) + len(scheduler.loading)
+        if plan.preempted_ids:
+            waiting = scheduler.waiting
+            for rid in plan.preempted_ids:
+                state = waiting.get(rid)
+                if state is not None:
+                    view.num_queued_tokens[i] += len(state.token_ids)
+        if plan.is_empty:
+            t_copy = scheduler.next_event_time()
+            if t_copy is not None:
+                self._schedule_plan(inst, max(now, t_copy))
+            elif scheduler.has_unfinished:
+                inst.phase = Phase.STALLED
+            else:  # the policy dropped the rest
+                inst.phase = Phase.IDLE
+                view.num_queued_tokens[i] = 0
+            return
+        result = inst.runner.execute(plan)
+        inst.step = (plan, result)
+        inst.phase = Phase.BUSY
+        self._push(now + result.duration_s, _COMMIT, inst)
+
+    def _commit(self, inst: SimInstance, now: float) -> None:
+        assert inst.step is not None
+        plan, result = inst.step
+        inst.step = None
+        inst.clock = now
+        inst.scheduler.commit(plan, result, now)
+        i = inst.index
+        queued = self.view.num_queued_tokens
+        queued[i] = max(0, queued[i] - plan.num_prefill_tokens)
+        if self.check_integrity:
+            inst.scheduler.check_integrity()
+        self._schedule_plan(inst, now)
+
+    def finish(self, inst: SimInstance) -> InstanceResult:
+        scheduler = inst.scheduler
+        scheduler.store.drain(inst.clock)
+        if self.check_integrity:
+            scheduler.check_integrity()
+        return InstanceResult(
+            index=inst.index,
+            states=inst.states,
+            stats=scheduler.stats,
+            store_stats=scheduler.store.stats,
+            num_leaked_blocks=scheduler.num_leaked_blocks(),
+            end_time=inst.clock,
+            landing_tier="cpu" if scheduler.store.cpu is not None else "device",
+        )

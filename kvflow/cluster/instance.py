@@ -1,0 +1,80 @@
+"""One simulated instance of a fleet: a scheduler, its store and a simulated runner,
+stepping on its own clock inside the fleet's event loop."""
+
+from __future__ import annotations
+
+import enum
+
+from kvflow.config import KVFlowConfig
+from kvflow.engine_adapters.simulated import SimulatedRunner
+from kvflow.kv.block_pool import BlockPool
+from kvflow.kv.store import BlockListener
+from kvflow.policies.base import Policy
+from kvflow.request import Request, RequestState
+from kvflow.scheduler.core import Scheduler
+from kvflow.scheduler.plan import StepPlan, StepResult
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    """Nothing to do until a request arrives."""
+    WAITING = "waiting"
+    """Planned nothing; the next plan is due at `next_plan_time` (a copy lands)."""
+    STALLED = "stalled"
+    """Holds requests but could schedule nothing, with no copy due: only an arrival
+    can unblock it."""
+    BUSY = "busy"
+    """A step is executing; its commit is due."""
+
+
+class SimInstance:
+    """An instance of the fleet simulation.
+
+    Args:
+        index: its number in the fleet.
+        config: its configuration (instances may differ).
+        policy: its own policy object (policies keep per-instance state).
+        listener: receives its store's block events (the fleet's index).
+    """
+
+    def __init__(
+        self, index: int, config: KVFlowConfig, policy: Policy, listener: BlockListener
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.scheduler = Scheduler(config, policy)
+        self.store = self.scheduler.store
+        self.runner = SimulatedRunner.from_config(config.sim)
+        self.latency = self.runner.latency
+        self.store.add_listener(listener)
+        self.states: list[RequestState] = []
+        self.phase = Phase.IDLE
+        self.next_plan_time = 0.0
+        self.plan_version = 0
+        """Bumped when a pending plan event is superseded (stale ones are skipped)."""
+        self.clock = 0.0
+        """Virtual time of its latest event."""
+        self.step: tuple[StepPlan, StepResult] | None = None
+
+    @property
+    def landing_pool(self) -> BlockPool:
+        """Where blocks pulled from a peer land: the cpu tier, else the device tier."""
+        return self.store.cpu if self.store.cpu is not None else self.store.device
+
+    def add(self, request: Request, now: float) -> RequestState:
+        state = self.scheduler.add(request, now)
+        self.states.append(state)
+        return state
+
+    def land(self, keys: list[int]) -> int:
+        """Index pulled blocks (in chain order) as cached blocks of the landing tier, as
+        many as it has room for. Returns how many landed."""
+        pool = self.landing_pool
+        new_keys = [k for k in keys if pool.lookup(k) is None]
+        n = min(len(new_keys), pool.num_free_blocks)
+        if n == 0:
+            return 0
+        blocks = pool.allocate(n)
+        pool.seal_many(blocks, new_keys[:n])
+        pool.release(blocks)
+        return n

@@ -1,0 +1,202 @@
+"""Routers: which instance of a fleet serves a request.
+
+A router is pure and synchronous like the scheduler: `route(request, view)` reads the
+`FleetView` (loads, latency models, the block index built from the instances' block
+events) and returns an instance index, so the same code routes in virtual time and in
+a router process. Built-ins and plugins (entry-point group `kvflow.routers`) come out
+of one `Registry`; `create(name, config)` takes the router's options from the config's
+`router` section.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from kvflow.cluster.view import FleetView
+from kvflow.config import KVFlowConfig
+from kvflow.registry import Registry, UnknownNameError
+from kvflow.request import Request
+
+
+class Router(ABC):
+    """Chooses an instance for each request."""
+
+    name: str = ""
+
+    @abstractmethod
+    def route(self, request: Request, view: FleetView) -> int:
+        """The instance (0..view.num_instances-1) that should serve `request`.
+
+        Args:
+            request: the arriving request.
+            view: the fleet at this moment (read only).
+        """
+
+
+class RoundRobinRouter(Router):
+    """Instances in turn, whatever they hold or carry."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def route(self, request: Request, view: FleetView) -> int:
+        i = self._next % view.num_instances
+        self._next = i + 1
+        return i
+
+
+class LeastLoadedRouter(Router):
+    """The instance with the least queued prefill tokens + running requests (on ties,
+    the one that got the fewest requests, then the lowest-numbered)."""
+
+    name = "least-loaded"
+
+    def route(self, request: Request, view: FleetView) -> int:
+        loads = view.loads()
+        routed = view.num_routed
+        return min(range(view.num_instances), key=lambda i: (loads[i], routed[i]))
+
+
+class PowerOfTwoRouter(Router):
+    """The less loaded of two instances picked at random (seeded: repeatable)."""
+
+    name = "power-of-two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def route(self, request: Request, view: FleetView) -> int:
+        n = view.num_instances
+        if n == 1:
+            return 0
+        a, b = self._rng.sample(range(n), 2)
+        return a if view.load(a) <= view.load(b) else b
+
+
+class CacheAwareRouter(Router):
+    """The instance with the least expected time to first token:
+
+        T_queue (its queued work) + T_prefill (prompt tokens it does not hold)
+        + T_transfer (pulling, when peers are on, the blocks another instance holds
+        beyond its own, where that is faster than prefilling them)
+
+    each from the instance's latency model and the network model (Mooncake's conductor
+    weighs the same three). When loads diverge (the highest exceeds the lowest by more
+    than `balance_abs_threshold` and more than `balance_rel_threshold` times), the
+    least loaded instance gets the request instead, so one hot prefix cannot pile every
+    request onto the instance that holds it (SGLang's router does the same).
+
+    Ties (equal expected TTFT: typically idle instances holding the same prefix, or
+    none of it) go to the least loaded, then the one whose cache holds the fewest
+    blocks, then the one that got the fewest requests: new prefixes spread over the
+    fleet's caches instead of filling the first instance's."""
+
+    name = "cache-aware"
+
+    def __init__(
+        self, balance_abs_threshold: int = 8192, balance_rel_threshold: float = 2.0
+    ) -> None:
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = balance_rel_threshold
+
+    def route(self, request: Request, view: FleetView) -> int:
+        loads = view.loads()
+        lowest, highest = min(loads), max(loads)
+        if (
+            highest - lowest > self.balance_abs_threshold
+            and highest > (lowest + 1) * self.balance_rel_threshold
+        ):
+            return loads.index(lowest)
+        runs = view.cached_blocks(request)
+        best_run = max(runs)
+        bs = view.block_size
+        num_prompt = len(request.prompt_token_ids)
+        network = view.network
+        held = view.index.num_blocks
+        routed = view.num_routed
+        best, best_rank = 0, (float("inf"), 0, 0, 0)
+        for i in range(view.num_instances):
+            prefill_us = view.latency[i].prefill_token_us
+            num_uncached = num_prompt - runs[i] * bs
+            cost = view.queue_time_s(i)
+            num_pull = best_run - runs[i]
+            if network is not None and num_pull > 0:
+                pull = network.pull_time_s(num_pull)
+                if pull < num_pull * bs * prefill_us * 1e-6:
+                    cost += pull
+                    num_uncached -= num_pull * bs
+            cost += num_uncached * prefill_us * 1e-6
+            rank = (cost, loads[i], held[i], routed[i])
+            if rank < best_rank:
+                best, best_rank = i, rank
+        return best
+
+
+RouterFactory = Callable[..., Router]
+
+BUILTIN_ROUTERS = {
+    "round-robin": "kvflow.cluster.routers:RoundRobinRouter",
+    "least-loaded": "kvflow.cluster.routers:LeastLoadedRouter",
+    "power-of-two": "kvflow.cluster.routers:PowerOfTwoRouter",
+    "cache-aware": "kvflow.cluster.routers:CacheAwareRouter",
+}
+
+registry: Registry[RouterFactory] = Registry("router", "kvflow.routers", BUILTIN_ROUTERS)
+
+
+class RouterLoadError(TypeError):
+    """A registered router that does not produce a `Router`."""
+
+
+def names() -> list[str]:
+    """Every router name the registry can load, plugins included."""
+    return registry.names()
+
+
+def router_options(name: str, config: KVFlowConfig) -> dict[str, Any]:
+    """The options of router `name` from `config.router` (its section is the name with
+    `-` as `_`); none when it has no section."""
+    section = getattr(config.router, name.replace("-", "_"), None)
+    return section.model_dump() if isinstance(section, BaseModel) else {}
+
+
+def create(name: str, config: KVFlowConfig | None = None) -> Router:
+    """A router by name (built-in or plugin), with its options from `config`.
+
+    Raises:
+        UnknownNameError: no such router; the message lists the known ones.
+        RouterLoadError: the plugin made something that is not a `Router`.
+    """
+    factory = registry.load(name)
+    options = router_options(name, config) if config is not None else {}
+    router = factory(**options)
+    if not isinstance(router, Router):
+        raise RouterLoadError(
+            f"router {name!r} ({registry.source(name)}) produced {type(router).__name__}, "
+            "not a kvflow.cluster.routers.Router"
+        )
+    if not router.name:
+        router.name = name
+    return router
+
+
+__all__ = [
+    "BUILTIN_ROUTERS",
+    "CacheAwareRouter",
+    "LeastLoadedRouter",
+    "PowerOfTwoRouter",
+    "RoundRobinRouter",
+    "Router",
+    "RouterLoadError",
+    "UnknownNameError",
+    "create",
+    "names",
+    "registry",
+]

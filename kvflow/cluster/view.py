@@ -1,0 +1,116 @@
+"""What a router sees of a fleet when it routes one request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvflow.cluster.index import BlockIndex
+from kvflow.engine_adapters.simulated import LatencyModel
+from kvflow.kv.hashing import ChainMemo, root_key
+from kvflow.request import Request
+
+
+class PeerNetwork:
+    """The modelled network between instances: a pull of n blocks takes
+    `latency + n * bytes_per_block / bandwidth` (links are not shared: each pull gets
+    the whole bandwidth).
+
+    Args:
+        gbps: GB/s of one pull (`kv.transfer.peer_gbps`).
+        latency_us: fixed cost of one pull (`kv.transfer.peer_latency_us`).
+        bytes_per_block: bytes of one block's KV (equal on every instance that shares).
+    """
+
+    def __init__(self, gbps: float, latency_us: float, bytes_per_block: int) -> None:
+        self.gbps = gbps
+        self.latency_us = latency_us
+        self.bytes_per_block = bytes_per_block
+
+    def pull_time_s(self, num_blocks: int) -> float:
+        if num_blocks <= 0:
+            return 0.0
+        return self.latency_us * 1e-6 + num_blocks * self.bytes_per_block / (self.gbps * 1e9)
+
+
+class FleetView:
+    """The fleet as a router sees it at one moment: each instance's load and latency
+    model, and the index of who holds which block (built from block events).
+
+    Loads are kept by the fleet: `num_queued_tokens[i]` estimates the prefill tokens
+    instance i has yet to compute (each routed request adds its prompt less the prefix
+    it was expected to find cached; each step takes off its prefill tokens; an idle
+    instance has none); `num_running[i]` counts its admitted requests.
+    """
+
+    def __init__(
+        self,
+        latency: Sequence[LatencyModel],
+        index: BlockIndex,
+        block_size: int,
+        network: PeerNetwork | None,
+    ) -> None:
+        self.num_instances = len(latency)
+        self.latency = list(latency)
+        self.index = index
+        self.block_size = block_size
+        self.network = network
+        """How pulls between instances are timed; None when peers are off."""
+        self.num_queued_tokens = [0] * self.num_instances
+        self.num_running = [0] * self.num_instances
+        self.num_routed = [0] * self.num_instances
+        """Requests routed to each instance so far."""
+        self.now = 0.0
+        self._memo = ChainMemo(block_size)
+        self._roots: dict[tuple[str, ...], int] = {}
+        self._keys_for: tuple[Request, list[int]] | None = None
+        self._runs_for: tuple[Request, list[int]] | None = None
+
+    def advance(self, now: float) -> None:
+        """Move the view to a new moment (the per-request answers are recomputed)."""
+        self.now = now
+        self._keys_for = self._runs_for = None
+
+    @property
+    def peers(self) -> bool:
+        return self.network is not None
+
+    def load(self, instance: int) -> int:
+        """Queued prefill tokens plus running requests (each one decode per step)."""
+        return self.num_queued_tokens[instance] + self.num_running[instance]
+
+    def loads(self) -> list[int]:
+        return [q + r for q, r in zip(self.num_queued_tokens, self.num_running, strict=True)]
+
+    def queue_time_s(self, instance: int) -> float:
+        """Expected wait before a new request's prefill starts: the queued prefill
+        tokens and one decode per running request, at the instance's latency model."""
+        lat = self.latency[instance]
+        return (
+            self.num_queued_tokens[instance] * lat.prefill_token_us
+            + self.num_running[instance] * lat.decode_seq_us
+        ) * 1e-6
+
+    def block_keys(self, request: Request) -> list[int]:
+        """The keys of the request's full prompt blocks (hashed once per request)."""
+        memo = self._keys_for
+        if memo is not None and memo[0] is request:
+            return memo[1]
+        extra = request.extra_keys
+        root = self._roots.get(extra)
+        if root is None:
+            root = self._roots[extra] = root_key(extra)
+        keys: list[int] = []
+        prompt = request.prompt_array
+        self._memo.extend(keys, prompt, len(prompt) // self.block_size, root)
+        self._keys_for = (request, keys)
+        return keys
+
+    def cached_blocks(self, request: Request) -> list[int]:
+        """How many leading blocks of the request's prompt each instance holds, as
+        the index says (computed once per request)."""
+        memo = self._runs_for
+        if memo is not None and memo[0] is request:
+            return memo[1]
+        runs = self.index.prefix_runs(self.block_keys(request))
+        self._runs_for = (request, runs)
+        return runs

@@ -1,0 +1,174 @@
+"""The report of a fleet replay: fleet-wide figures (the instances' request states and
+counters merged, through the single-instance `summarize_replay`) with per-instance
+reports and the fleet's own figures under the `fleet` key."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.table import Table
+
+from kvflow.cluster.fleet import FleetResult, InstanceResult
+from kvflow.kv.store import StoreStats
+from kvflow.scheduler.stats import SchedulerStats
+from kvflow.traces.metrics import RunReport, render_table, summarize_replay
+from kvflow.traces.replay import ReplayResult
+
+
+def peer_hit_tokens(result: FleetResult) -> list[int]:
+    """Per instance, the prompt tokens its requests found cached because a pull from a
+    peer brought them: of each pulled request's cached tokens at its first admission,
+    those past what the instance held itself, at most the tokens pulled."""
+    by_id = {s.request_id: s for inst in result.instances for s in inst.states}
+    hits = [0] * len(result.instances)
+    for pull in result.pulls:
+        state = by_id.get(pull.request_id)
+        if state is None:
+            continue
+        gained = state.num_cached_tokens - pull.num_local_tokens
+        hits[pull.target] += max(0, min(gained, pull.num_tokens))
+    return hits
+
+
+def _with_peer_tier(stats: SchedulerStats, num_peer: int, landing_tier: str) -> SchedulerStats:
+    """A copy of `stats` with `num_peer` hit tokens moved from the tier pulled blocks
+    landed in to `peer`."""
+    by_tier = dict(stats.hit_tokens_by_tier)
+    by_tier[landing_tier] = by_tier.get(landing_tier, 0) - num_peer
+    by_tier["peer"] = by_tier.get("peer", 0) + num_peer
+    return dataclasses.replace(stats, hit_tokens_by_tier=by_tier)
+
+
+def _merged_stats(stats: Sequence[SchedulerStats]) -> SchedulerStats:
+    merged = SchedulerStats()
+    merged.hit_tokens_by_tier = {}
+    for s in stats:
+        for f in dataclasses.fields(SchedulerStats):
+            value = getattr(s, f.name)
+            if isinstance(value, dict):
+                total = getattr(merged, f.name)
+                for key, amount in value.items():
+                    total[key] = total.get(key, 0) + amount
+            else:
+                setattr(merged, f.name, getattr(merged, f.name) + value)
+    return merged
+
+
+def _merged_store_stats(stats: Sequence[StoreStats]) -> StoreStats:
+    merged = StoreStats()
+    for s in stats:
+        for f in dataclasses.fields(StoreStats):
+            value = getattr(s, f.name)
+            if isinstance(value, dict):
+                total = getattr(merged, f.name)
+                for key, amount in value.items():
+                    total[key] = total.get(key, 0) + amount
+            else:
+                setattr(merged, f.name, getattr(merged, f.name) + value)
+    return merged
+
+
+def _instance_replay(
+    inst: InstanceResult, stats: SchedulerStats, name: str, wall_s: float
+) -> ReplayResult:
+    return ReplayResult(
+        policy=name,
+        states=inst.states,
+        stats=stats,
+        store_stats=inst.store_stats,
+        num_leaked_blocks=inst.num_leaked_blocks,
+        end_time=inst.end_time,
+        wall_s=wall_s,
+    )
+
+
+def run_name(result: FleetResult) -> str:
+    """How a fleet run is named in tables and JSON: router/policy, `+peers` with peers."""
+    return f"{result.router}/{result.policy}{'+peers' if result.peers else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetReport:
+    """A fleet run's report: the fleet-wide `report` (whose `to_json()` carries the
+    `fleet` key) and one report per instance."""
+
+    report: RunReport
+    instances: list[RunReport]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report.to_json()
+
+
+def summarize_fleet(result: FleetResult) -> FleetReport:
+    """The fleet-wide report over every instance's requests and counters, with the
+    fleet's figures under `extra["fleet"]`: instances, router, policy, peers, load
+    imbalance, pulls, bytes over the network, peer hit tokens, requests routed to each
+    instance, and each instance's report (`per_instance`, in instance order)."""
+    name = run_name(result)
+    peer_hits = peer_hit_tokens(result)
+    stats = [
+        _with_peer_tier(inst.stats, peer_hits[inst.index], inst.landing_tier)
+        for inst in result.instances
+    ]
+    per_instance = [
+        summarize_replay(_instance_replay(inst, s, f"{name}#{inst.index}", result.wall_s))
+        for inst, s in zip(result.instances, stats, strict=True)
+    ]
+    merged = ReplayResult(
+        policy=name,
+        states=result.states,
+        stats=_merged_stats(stats),
+        store_stats=_merged_store_stats([inst.store_stats for inst in result.instances]),
+        num_leaked_blocks=sum(inst.num_leaked_blocks for inst in result.instances),
+        end_time=result.end_time,
+        wall_s=result.wall_s,
+    )
+    fleet: dict[str, Any] = {
+        "num_instances": len(result.instances),
+        "router": result.router,
+        "policy": result.policy,
+        "peers": result.peers,
+        "load_imbalance": result.load_imbalance,
+        "num_pulls": len(result.pulls),
+        "network_bytes": result.network_bytes,
+        "peer_hit_tokens": sum(peer_hits),
+        "routed_requests": list(result.routed),
+        "per_instance": [r.to_json() for r in per_instance],
+    }
+    return FleetReport(summarize_replay(merged, extra={"fleet": fleet}), per_instance)
+
+
+def render_fleet_tables(reports: Sequence[FleetReport]) -> list[Table]:
+    """The runs table (each fleet run's row followed by its instances' rows) and a
+    table of the fleet figures."""
+    rows: list[RunReport] = []
+    for fr in reports:
+        rows.append(fr.report)
+        rows.extend(fr.instances)
+    figures = Table(title="fleet")
+    for header in (
+        "run",
+        "instances",
+        "routed",
+        "load imbalance",
+        "peer hits",
+        "pulls",
+        "network MiB",
+    ):
+        figures.add_column(header, justify="left" if header == "run" else "right")
+    for fr in reports:
+        fleet = fr.report.extra["fleet"]
+        queried = fr.report.num_prompt_tokens
+        figures.add_row(
+            fr.report.policy,
+            str(fleet["num_instances"]),
+            " ".join(str(n) for n in fleet["routed_requests"]),
+            f"{fleet['load_imbalance']:.2f}",
+            f"{fleet['peer_hit_tokens'] / queried:.1%}" if queried else "-",
+            str(fleet["num_pulls"]),
+            f"{fleet['network_bytes'] / 2**20:.1f}",
+        )
+    return [render_table(rows), figures]
