@@ -256,12 +256,14 @@ class PoliciesConfig(_Frozen):
 
 
 class CacheAwareOptions(_Frozen):
-    balance_abs_threshold: int = Field(default=8192, ge=0)
+    balance_abs_threshold: int = Field(default=65536, ge=0)
     """Loads (queued prefill tokens + running decodes) diverge when the most loaded
     instance exceeds the least loaded by more than this and by more than
     balance_rel_threshold times; then the least loaded instance gets the request (as
-    SGLang's router switches to shortest-queue)."""
-    balance_rel_threshold: float = Field(default=2.0, ge=1)
+    SGLang's router switches to shortest-queue). Below that, the expected-TTFT cost
+    already weighs queues against cache hits; this is the safety net (65536 tokens is
+    ~2 s of prefill at 32 us a token)."""
+    balance_rel_threshold: float = Field(default=4.0, ge=1)
     """See balance_abs_threshold: the ratio of the highest load to the lowest (+1)."""
 
 

@@ -19,6 +19,7 @@ from kvflow.cli.common import (
     trace_path,
 )
 from kvflow.cli.endpoint import add_endpoint_arguments, run_endpoint
+from kvflow.cli.fleet import add_fleet_arguments, run_fleet
 from kvflow.cli.options import (
     add_model_arguments,
     add_output_arguments,
@@ -79,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="check scheduler and store invariants after every step (slow)",
     )
     add_endpoint_arguments(rp)
+    add_fleet_arguments(rp)
     rp.set_defaults(handler=run)
 
 
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.endpoint:
         return run_endpoint(args, console)
+    if args.instances is not None:
+        return run_fleet(args, console)
     if args.engine != "sim":
         return run_real(args, console)
     config = load_config(args)

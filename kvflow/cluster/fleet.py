@@ -177,6 +177,7 @@ class _FleetLoop:
         ]
         self.view = FleetView(
             [inst.latency for inst in self.instances],
+            [inst.capacity for inst in self.instances],
             self.index,
             configs[0].kv.block_size,
             _network(configs) if peers else None,
@@ -207,9 +208,9 @@ class _FleetLoop:
                     if version == inst.plan_version:
                         self._plan(inst, now)
                 else:
-                    inst, request, keys = payload
+                    inst, request, keys, expected_cached = payload
                     inst.land(keys)
-                    self._deliver(inst, request, now)
+                    self._deliver(inst, request, now, expected_cached)
             elif t_arrival is not None:
                 now = t_arrival
                 self._arrive(pending[i], now)
@@ -233,6 +234,7 @@ class _FleetLoop:
     def _arrive(self, request: Request, now: float) -> None:
         view = self.view
         view.advance(now)
+        self._refresh_loads()
         queued = view.num_queued_tokens
         self.sum_max_load += max(queued)
         self.sum_mean_load += sum(queued) / len(queued)
@@ -283,17 +285,14 @@ class _FleetLoop:
             now + pull_s,
         )
         self.pulls.append(pull)
-        view.num_queued_tokens[inst.index] += len(request.prompt_token_ids) - held * bs
-        self._push(pull.end, _LAND, (inst, request, keys[local:held]))
+        self._push(pull.end, _LAND, (inst, request, keys[local:held], held * bs))
         return True
 
     def _deliver(
-        self, inst: SimInstance, request: Request, now: float, expected_cached: int = -1
+        self, inst: SimInstance, request: Request, now: float, expected_cached: int
     ) -> None:
-        i = inst.index
-        if expected_cached >= 0:
-            queued = len(request.prompt_token_ids) - expected_cached
-            self.view.num_queued_tokens[i] += queued
+        inst.expected_cached[request.request_id] = expected_cached
+        inst.dirty = True
         state = inst.add(request, now)
         if state.finish_reason is not None:  # rejected at once
             return
@@ -302,6 +301,16 @@ class _FleetLoop:
         if inst.phase is Phase.WAITING and inst.next_plan_time <= now:
             return
         self._schedule_plan(inst, now)
+
+    def _refresh_loads(self) -> None:
+        """Bring the view's loads up to date for instances that changed since."""
+        view = self.view
+        for inst in self.instances:
+            if inst.dirty:
+                inst.dirty = False
+                view.num_queued_tokens[inst.index] = inst.num_queued_tokens()
+                scheduler = inst.scheduler
+                view.num_running[inst.index] = len(scheduler.running) + len(scheduler.loading)
 
     # -- instances -------------------------------------------------------------------
     def _schedule_plan(self, inst: SimInstance, t: float) -> None:
@@ -313,21 +322,11 @@ class _FleetLoop:
     def _plan(self, inst: SimInstance, now: float) -> None:
         scheduler = inst.scheduler
         inst.clock = now
-        i = inst.index
-        view = self.view
+        inst.dirty = True
         if not scheduler.has_unfinished:
             inst.phase = Phase.IDLE
-            view.num_queued_tokens[i] = 0
-            view.num_running[i] = 0
             return
         plan = scheduler.plan(now)
-        view.num_running[i] = len(scheduler.running) + len(scheduler.loading)
-        if plan.preempted_ids:
-            waiting = scheduler.waiting
-            for rid in plan.preempted_ids:
-                state = waiting.get(rid)
-                if state is not None:
-                    view.num_queued_tokens[i] += len(state.token_ids)
         if plan.is_empty:
             t_copy = scheduler.next_event_time()
             if t_copy is not None:
@@ -336,7 +335,6 @@ class _FleetLoop:
                 inst.phase = Phase.STALLED
             else:  # the policy dropped the rest
                 inst.phase = Phase.IDLE
-                view.num_queued_tokens[i] = 0
             return
         result = inst.runner.execute(plan)
         inst.step = (plan, result)
@@ -348,10 +346,9 @@ class _FleetLoop:
         plan, result = inst.step
         inst.step = None
         inst.clock = now
-        inst.scheduler.commit(plan, result, now)
-        i = inst.index
-        queued = self.view.num_queued_tokens
-        queued[i] = max(0, queued[i] - plan.num_prefill_tokens)
+        for state in inst.scheduler.commit(plan, result, now):
+            inst.expected_cached.pop(state.request_id, None)
+        inst.dirty = True
         if self.check_integrity:
             inst.scheduler.check_integrity()
         self._schedule_plan(inst, now)

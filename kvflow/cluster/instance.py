@@ -47,6 +47,9 @@ class SimInstance:
         self.runner = SimulatedRunner.from_config(config.sim)
         self.latency = self.runner.latency
         self.store.add_listener(listener)
+        kv = config.kv
+        self.capacity = kv.tier_blocks("device") + kv.tier_blocks("cpu") + kv.tier_blocks("disk")
+        """Blocks it can cache, over all tiers."""
         self.states: list[RequestState] = []
         self.phase = Phase.IDLE
         self.next_plan_time = 0.0
@@ -55,6 +58,10 @@ class SimInstance:
         self.clock = 0.0
         """Virtual time of its latest event."""
         self.step: tuple[StepPlan, StepResult] | None = None
+        self.expected_cached: dict[str, int] = {}
+        """Prompt tokens each unfinished request was expected to find cached when routed."""
+        self.dirty = True
+        """Its state changed since the fleet last counted its load."""
 
     @property
     def landing_pool(self) -> BlockPool:
@@ -65,6 +72,22 @@ class SimInstance:
         state = self.scheduler.add(request, now)
         self.states.append(state)
         return state
+
+    def num_queued_tokens(self) -> int:
+        """Prefill tokens still to compute: each waiting request's tokens less those it
+        was expected to find cached, and each running request's rest of its prefill."""
+        scheduler = self.scheduler
+        expected = self.expected_cached
+        total = 0
+        for state in scheduler.waiting.values():
+            uncached = len(state.token_ids) - expected.get(state.request_id, 0)
+            if uncached > 0:
+                total += uncached
+        for state in scheduler.running:
+            rest = len(state.token_ids) - state.num_computed_tokens
+            if rest > 1:
+                total += rest
+        return total
 
     def land(self, keys: list[int]) -> int:
         """Index pulled blocks (in chain order) as cached blocks of the landing tier, as

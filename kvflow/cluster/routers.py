@@ -101,7 +101,7 @@ class CacheAwareRouter(Router):
     name = "cache-aware"
 
     def __init__(
-        self, balance_abs_threshold: int = 8192, balance_rel_threshold: float = 2.0
+        self, balance_abs_threshold: int = 65536, balance_rel_threshold: float = 4.0
     ) -> None:
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
@@ -132,7 +132,10 @@ class CacheAwareRouter(Router):
                 if pull < num_pull * bs * prefill_us * 1e-6:
                     cost += pull
                     num_uncached -= num_pull * bs
-            cost += num_uncached * prefill_us * 1e-6
+            # What it computes it caches, evicting blocks others may want back: on a
+            # full cache, recomputing them later costs about as much again.
+            fill = min(held[i] / view.capacity[i], 1.0)
+            cost += num_uncached * prefill_us * 1e-6 * (1.0 + fill)
             rank = (cost, loads[i], held[i], routed[i])
             if rank < best_rank:
                 best, best_rank = i, rank
@@ -151,7 +154,7 @@ BUILTIN_ROUTERS = {
 registry: Registry[RouterFactory] = Registry("router", "kvflow.routers", BUILTIN_ROUTERS)
 
 
-class RouterLoadError(TypeError):
+class RouterLoadError(ValueError):
     """A registered router that does not produce a `Router`."""
 
 

@@ -45,12 +45,15 @@ class FleetView:
     def __init__(
         self,
         latency: Sequence[LatencyModel],
+        capacity: Sequence[int],
         index: BlockIndex,
         block_size: int,
         network: PeerNetwork | None,
     ) -> None:
         self.num_instances = len(latency)
         self.latency = list(latency)
+        self.capacity = list(capacity)
+        """Blocks each instance can cache (all its tiers)."""
         self.index = index
         self.block_size = block_size
         self.network = network

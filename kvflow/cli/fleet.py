@@ -1,0 +1,144 @@
+"""`kvflow replay --instances N`: a fleet of simulated instances behind a router."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+
+from kvflow.cli.common import CLIError, config_overrides, load_requests, trace_path
+from kvflow.config import ConfigError, KVFlowConfig
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    fleet = parser.add_argument_group("a fleet (virtual time only)")
+    fleet.add_argument(
+        "--instances",
+        type=int,
+        metavar="N",
+        help="simulate N instances behind a router; --set instances.K.KEY=VALUE "
+        "configures instance K alone (0-based)",
+    )
+    fleet.add_argument(
+        "--router",
+        action="append",
+        dest="routers",
+        metavar="R",
+        help="router, repeatable (default: router.name from the config, cache-aware): "
+        "round-robin, least-loaded, power-of-two, cache-aware, or a plugin",
+    )
+    fleet.add_argument(
+        "--peers",
+        choices=["on", "off"],
+        default="off",
+        help="instances pull prefixes other instances hold over the modelled network "
+        "(kv.transfer.peer_gbps, peer_latency_us) when faster than prefilling "
+        "(default: off)",
+    )
+
+
+def split_instance_overrides(
+    settings: dict[str, Any], num_instances: int
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The overrides for every instance, and those for single instances
+    (`instances.K.KEY`) by instance."""
+    shared: dict[str, Any] = {}
+    per_instance: dict[int, dict[str, Any]] = {}
+    for key, value in settings.items():
+        if not key.startswith("instances."):
+            shared[key] = value
+            continue
+        _, index, rest = [*key.split(".", 2), "", ""][:3]
+        if not index.isdigit() or not rest:
+            raise CLIError(f"--set {key}: expected instances.K.KEY=VALUE with K a number")
+        k = int(index)
+        if k >= num_instances:
+            raise CLIError(
+                f"--set {key}: the fleet has {num_instances} instances (0..{num_instances - 1})"
+            )
+        per_instance.setdefault(k, {})[rest] = value
+    return shared, per_instance
+
+
+def fleet_configs(args: argparse.Namespace, num_instances: int) -> list[KVFlowConfig]:
+    """One config per instance: the file and shared overrides, then its own."""
+    shared, per_instance = split_instance_overrides(config_overrides(args), num_instances)
+    base = KVFlowConfig.load(args.config, shared)
+    configs = []
+    for k in range(num_instances):
+        own = per_instance.get(k)
+        if not own:
+            configs.append(base)
+            continue
+        try:
+            configs.append(base.with_overrides(own))
+        except ConfigError as err:
+            raise CLIError(f"instances.{k}: {err}") from None
+    return configs
+
+
+def run_fleet(args: argparse.Namespace, console: Console) -> int:
+    from kvflow.cli.options import report_console, report_doc, slo_settings, write_json
+    from kvflow.cluster import routers
+    from kvflow.cluster.fleet import replay_fleet
+    from kvflow.traces.fleet_report import render_fleet_tables, summarize_fleet
+    from kvflow.traces.replay import make_policy
+
+    n = args.instances
+    if args.engine != "sim":
+        raise CLIError("--instances needs --engine sim (a fleet replays in virtual time)")
+    if n < 1:
+        raise CLIError(f"--instances must be >= 1, got {n!r}")
+    if args.plot or args.trace_events:
+        raise CLIError("--plot and --trace-events are not supported with --instances yet")
+    configs = fleet_configs(args, n)
+    policy_names = args.policies or ["fcfs"]
+    router_names = args.routers or [configs[0].router.name]
+    for name in policy_names:
+        make_policy(name, configs[0])  # fail on a bad name before replaying
+    for name in router_names:
+        routers.create(name, configs[0])
+    slo = slo_settings(args)
+    out = report_console(args, console)
+    path = trace_path(args)
+    requests = slo.apply(load_requests(args))
+    if not requests:
+        raise CLIError(f"{path}: no requests to replay")
+    peers = args.peers == "on"
+    reports = []
+    for policy in policy_names:
+        for router in router_names:
+            out.print(
+                f"replaying {len(requests)} requests on {n} instances ({router}, {policy}) ..."
+            )
+            result = replay_fleet(
+                requests,
+                configs,
+                [make_policy(policy, c) for c in configs],
+                routers.create(router, configs[0]),
+                peers=peers,
+                policy_name=policy,
+                check_integrity=args.check_integrity,
+            )
+            reports.append(summarize_fleet(result))
+    tables = render_fleet_tables(reports)
+    tables[0].title = f"kvflow replay: {path.name} ({len(requests)} requests, {n} instances)"
+    for table in tables:
+        out.print(table)
+    if args.json:
+        fleet = {
+            "num_instances": n,
+            "peers": peers,
+            "instance_configs": {
+                str(k): c.model_dump(mode="json") for k, c in enumerate(configs) if c != configs[0]
+            },
+        }
+        doc = report_doc(
+            path, "sim", configs[0], slo, runs=[r.to_json() for r in reports], fleet=fleet
+        )
+        write_json(doc, args.json)
+    if not any(r.report.num_finished for r in reports):
+        out.print("kvflow: error: no request was served")
+        return 1
+    return 0
