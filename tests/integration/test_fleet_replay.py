@@ -1,0 +1,180 @@
+"""Fleet replay: routers over 8 simulated instances, peers, the CLI, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvflow.config import KVFlowConfig
+from kvflow.traces.fleet_report import summarize_fleet
+from kvflow.traces.formats import read_trace
+from kvflow.traces.native import dump_native
+from kvflow.traces.replay import replay
+from tests.fleet_helpers import (
+    conversations,
+    ideal_hit_rate,
+    one_system_prompt,
+    run_fleet,
+)
+
+N = 8
+REPO = Path(__file__).resolve().parents[2]
+# CI checks out the repository beside ../shared; a worktree sits one level deeper.
+MOONCAKE = next(
+    (
+        p / "shared" / "traces" / "mooncake_synthetic_tail.jsonl"
+        for p in (REPO.parent, REPO.parent.parent)
+        if (p / "shared" / "traces" / "mooncake_synthetic_tail.jsonl").exists()
+    ),
+    REPO.parent / "shared" / "traces" / "mooncake_synthetic_tail.jsonl",
+)
+
+
+@pytest.fixture(scope="module")
+def small_device() -> KVFlowConfig:
+    """500 device blocks: the conversations' working set does not fit one instance."""
+    return KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 500})
+
+
+def test_one_instance_fleet_replays_exactly_like_the_single_instance_replay() -> None:
+    requests = conversations(num_sessions=30)
+    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 300})
+    single = replay(requests, config, "fcfs")
+    fleet = run_fleet(requests, config, 1, "round-robin", check_integrity=True)
+    by_id = {s.request_id: s for s in single.states}
+    assert len(fleet.states) == len(single.states) == len(requests)
+    for state in fleet.states:
+        other = by_id[state.request_id]
+        assert state.token_times == other.token_times
+        assert state.num_cached_tokens == other.num_cached_tokens
+    assert fleet.instances[0].stats.num_steps == single.stats.num_steps
+
+
+def test_cache_aware_comes_within_90_percent_of_one_instance_with_the_fleet_cache(
+    small_device: KVFlowConfig,
+) -> None:
+    requests = conversations()
+    ideal = ideal_hit_rate(requests, small_device, N)
+    cache_aware = summarize_fleet(run_fleet(requests, small_device, N, "cache-aware")).report
+    round_robin = summarize_fleet(run_fleet(requests, small_device, N, "round-robin")).report
+    assert cache_aware.num_finished == round_robin.num_finished == len(requests)
+    assert cache_aware.num_leaked_blocks == 0
+    assert cache_aware.prefix_hit_rate >= 0.9 * ideal
+    assert round_robin.prefix_hit_rate <= 0.75 * ideal
+    assert cache_aware.ttft_ms.p99 < round_robin.ttft_ms.p99
+
+
+def test_peers_pull_prefixes_and_count_them_as_peer_hits() -> None:
+    # A busy fleet: the holder of a prefix is often queued, so pulling it pays.
+    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 400, "kv.cpu.num_blocks": 400})
+    requests = conversations(num_sessions=60, rate=30.0)
+    result = run_fleet(requests, config, N, "cache-aware", peers=True, check_integrity=True)
+    report = summarize_fleet(result).report
+    fleet = report.extra["fleet"]
+    assert result.pulls and fleet["network_bytes"] == sum(p.num_bytes for p in result.pulls)
+    assert fleet["peer_hit_tokens"] > 0
+    assert report.extra["hit_tokens_by_tier"]["peer"] == fleet["peer_hit_tokens"]
+    assert report.num_leaked_blocks == 0
+    for pull in result.pulls:
+        assert pull.source != pull.target and pull.end > pull.start
+
+
+def test_one_hot_system_prompt_does_not_pile_onto_one_instance() -> None:
+    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 2000})
+    requests = one_system_prompt()
+    cache_aware = run_fleet(requests, config, N, "cache-aware")
+    round_robin = run_fleet(requests, config, N, "round-robin")
+    mean = len(requests) / N
+    assert max(cache_aware.routed) <= 1.3 * mean
+    assert cache_aware.load_imbalance <= 1.2 * round_robin.load_imbalance
+
+
+@pytest.mark.skipif(not MOONCAKE.exists(), reason=f"{MOONCAKE} is absent")
+def test_mooncake_excerpt_cache_aware_against_round_robin() -> None:
+    requests = read_trace(MOONCAKE).requests
+    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 2000})
+    ideal = ideal_hit_rate(requests, config, N)
+    cache_aware = summarize_fleet(run_fleet(requests, config, N, "cache-aware")).report
+    round_robin = summarize_fleet(run_fleet(requests, config, N, "round-robin")).report
+    assert cache_aware.prefix_hit_rate >= 0.9 * ideal
+    assert round_robin.prefix_hit_rate <= 0.5 * cache_aware.prefix_hit_rate
+
+
+def _without_wall_clock(value: Any) -> Any:
+    """The report less `wall_s` (the one figure that measures the machine)."""
+    if isinstance(value, dict):
+        return {k: _without_wall_clock(v) for k, v in value.items() if k != "wall_s"}
+    if isinstance(value, list):
+        return [_without_wall_clock(v) for v in value]
+    return value
+
+
+def _kvflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from kvflow.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
+
+
+def test_fleet_reports_are_byte_identical_across_processes(tmp_path: Path) -> None:
+    trace = tmp_path / "conv.jsonl"
+    dump_native(conversations(num_sessions=40), trace)
+    repo = REPO
+    texts = []
+    for k in range(2):
+        out = tmp_path / f"run{k}.json"
+        done = _kvflow(
+            "replay", str(trace), "--instances", "4", "--router", "cache-aware",
+            "--router", "power-of-two", "--peers", "on",
+            "--set", "kv.device.num_blocks=300", "--set", "kv.cpu.num_blocks=300",
+            "--json", str(out), cwd=repo,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        doc = _without_wall_clock(json.loads(out.read_text()))
+        texts.append(json.dumps(doc, indent=2))
+    assert texts[0] == texts[1]
+    doc = json.loads(texts[0])
+    assert [run["fleet"]["router"] for run in doc["runs"]] == ["cache-aware", "power-of-two"]
+    assert len(doc["runs"][0]["fleet"]["per_instance"]) == 4
+
+
+def test_cli_per_instance_overrides_and_errors(tmp_path: Path) -> None:
+    trace = tmp_path / "conv.jsonl"
+    dump_native(conversations(num_sessions=10), trace)
+    repo = REPO
+    out = tmp_path / "r.json"
+    done = _kvflow(
+        "replay", str(trace), "--instances", "3", "--router", "round-robin",
+        "--set", "instances.2.kv.device.num_blocks=123", "--json", str(out), cwd=repo,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    assert doc["fleet"]["instance_configs"]["2"]["kv"]["device"]["num_blocks"] == 123
+    assert list(doc["fleet"]["instance_configs"]) == ["2"]
+    bad_index = _kvflow(
+        "replay", str(trace), "--instances", "3",
+        "--set", "instances.3.kv.device.num_blocks=1", cwd=repo,
+    )  # fmt: skip
+    assert bad_index.returncode == 2
+    assert "the fleet has 3 instances (0..2)" in bad_index.stderr
+    assert "Traceback" not in bad_index.stderr
+    bad_router = _kvflow("replay", str(trace), "--instances", "2", "--router", "x", cwd=repo)
+    assert bad_router.returncode == 2
+    assert "unknown router 'x'; known: round-robin" in bad_router.stderr
+    bad_value = _kvflow(
+        "replay", str(trace), "--instances", "2",
+        "--set", "instances.1.kv.device.num_blocks=0", cwd=repo,
+    )  # fmt: skip
+    assert bad_value.returncode == 2 and "instances.1:" in bad_value.stderr
