@@ -14,6 +14,12 @@ separately; requests_per_s counts only `kvflow.traces.replay.replay(requests, co
 
     python benchmarks/replay_speed.py [--policy lpm] [--repeat 3] [--profile]
         [--prompt-len LEN] [--output-len LEN] [--system-prompt-len N] [--rate R]
+        [--instances N] [--router cache-aware]
+
+With `--instances N`, a fleet of N instances (`kvflow.cluster.fleet.replay_fleet`, each
+with the single instance's config) behind `--router` replays N times the sessions
+arriving N times as fast (the same 448 s of virtual time), so each instance carries the
+single-instance workload.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvflow.cluster import routers
+from kvflow.cluster.fleet import replay_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
 from kvflow.traces.distributions import Fixed, LengthDist, Poisson, parse_length
 from kvflow.traces.formats import read_trace
 from kvflow.traces.formats.mooncake import dump_mooncake
-from kvflow.traces.replay import replay
+from kvflow.traces.replay import make_policy, replay
 from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
 
 NUM_SESSIONS = 2500
@@ -51,10 +59,11 @@ def mooncake_style_trace(
     output_len: LengthDist,
     system_prompt_len: int,
     session_rate: float,
+    num_sessions: int = NUM_SESSIONS,
 ) -> None:
     """Write the benchmark's trace to `path` in Mooncake format."""
     spec = WorkloadSpec(
-        num_sessions=NUM_SESSIONS,
+        num_sessions=num_sessions,
         prompt_len=prompt_len,
         output_len=output_len,
         arrivals=Poisson(session_rate),
@@ -64,6 +73,33 @@ def mooncake_style_trace(
         seed=0,
     )
     dump_mooncake([record.to_request() for record in generate_workload(spec)], path)
+
+
+def run_fleet_once(
+    requests: list[Request], config: KVFlowConfig, policy: str, instances: int, router: str
+) -> dict[str, Any]:
+    gc.collect()
+    start = time.perf_counter()
+    result = replay_fleet(
+        requests,
+        [config] * instances,
+        [make_policy(policy, config) for _ in range(instances)],
+        routers.create(router, config),
+        policy_name=policy,
+    )
+    wall_s = time.perf_counter() - start
+    hits = sum(i.stats.prefix_hit_tokens for i in result.instances)
+    queried = sum(i.stats.prefix_query_tokens for i in result.instances)
+    return {
+        "replay_wall_s": round(wall_s, 3),
+        "requests_per_s": round(len(requests) / wall_s, 1),
+        "sim_steps": sum(i.stats.num_steps for i in result.instances),
+        "prefix_hit_rate": round(hits / queried if queried else 0.0, 4),
+        "num_preemptions": sum(i.stats.num_preemptions for i in result.instances),
+        "sim_duration_s": round(result.end_time - requests[0].arrival_time, 1),
+        "num_leaked_blocks": sum(i.num_leaked_blocks for i in result.instances),
+        "load_imbalance": round(result.load_imbalance, 3),
+    }
 
 
 def run_once(requests: list[Request], config: KVFlowConfig, policy: str) -> dict[str, Any]:
@@ -94,6 +130,8 @@ def main() -> None:
     parser.add_argument(
         "--block-size", type=int, default=16, help="kv.block_size (device tier keeps 512k tokens)"
     )
+    parser.add_argument("--instances", type=int, default=1, help="fleet size (default 1)")
+    parser.add_argument("--router", default="cache-aware", help="the fleet's router")
     args = parser.parse_args()
     config = KVFlowConfig.from_dict(
         CONFIG,
@@ -106,7 +144,8 @@ def main() -> None:
             parse_length(args.prompt_len, "prompt"),
             parse_length(args.output_len, "output"),
             args.system_prompt_len,
-            args.rate,
+            args.rate * args.instances,
+            NUM_SESSIONS * args.instances,
         )
         gc.collect()
         start = time.perf_counter()
@@ -118,7 +157,13 @@ def main() -> None:
         profiler.runcall(replay, requests, config, args.policy)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return
-    runs = [run_once(requests, config, args.policy) for _ in range(args.repeat)]
+    if args.instances > 1:
+        runs = [
+            run_fleet_once(requests, config, args.policy, args.instances, args.router)
+            for _ in range(args.repeat)
+        ]
+    else:
+        runs = [run_once(requests, config, args.policy) for _ in range(args.repeat)]
     best = max(runs, key=lambda r: float(r["requests_per_s"]))
     num_tokens = [len(r.prompt_token_ids) for r in requests]
     num_outputs = [r.max_new_tokens for r in requests]
@@ -127,6 +172,11 @@ def main() -> None:
             {
                 "benchmark": "replay_speed",
                 "policy": args.policy,
+                **(
+                    {"instances": args.instances, "router": args.router}
+                    if args.instances > 1
+                    else {}
+                ),
                 "block_size": args.block_size,
                 "num_requests": len(requests),
                 "mean_prompt_tokens": round(statistics.fmean(num_tokens), 1),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -190,6 +191,7 @@ class _FleetLoop:
         self.routed = [0] * n
         self.sum_max_load = 0.0
         self.sum_mean_load = 0.0
+        self.next_arrival_time = math.inf
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, pending: list[Request]) -> float:
@@ -199,6 +201,7 @@ class _FleetLoop:
         now = pending[0].arrival_time if pending else 0.0
         while True:
             t_arrival = pending[i].arrival_time if i < n else None
+            self.next_arrival_time = t_arrival if t_arrival is not None else math.inf
             if heap and (t_arrival is None or (heap[0][0], heap[0][1]) < (t_arrival, _ARRIVE)):
                 now, kind, _, payload = pop(heap)
                 if kind == _COMMIT:
@@ -293,7 +296,8 @@ class _FleetLoop:
     ) -> None:
         inst.expected_cached[request.request_id] = expected_cached
         inst.dirty = True
-        state = inst.add(request, now)
+        keys = self.view.block_keys(request) if inst.block_size == self.view.block_size else None
+        state = inst.add(request, now, keys)
         if state.finish_reason is not None:  # rejected at once
             return
         if inst.phase is Phase.BUSY:
@@ -351,7 +355,11 @@ class _FleetLoop:
         inst.dirty = True
         if self.check_integrity:
             inst.scheduler.check_integrity()
-        self._schedule_plan(inst, now)
+        heap = self.heap
+        if now < self.next_arrival_time and not (heap and heap[0][0] <= now and heap[0][1] < _PLAN):
+            self._plan(inst, now)  # nothing due before its plan: skip the event
+        else:
+            self._schedule_plan(inst, now)
 
     def finish(self, inst: SimInstance) -> InstanceResult:
         scheduler = inst.scheduler

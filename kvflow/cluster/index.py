@@ -6,11 +6,17 @@ from collections.abc import Sequence
 
 from kvflow.kv.store import BlockEvent
 
+_TIER_BITS = {"device": 0, "cpu": 1, "disk": 2}
+_BITS_PER_INSTANCE = len(_TIER_BITS)
+
 
 class BlockIndex:
     """Block key -> the instances holding it (in any tier), fed by each instance's
     `BlockEvent` stream (`apply`). The index is advisory, like the peer directory it
     stands for: an instance may have dropped a block since it said so.
+
+    Each key maps to one int with a bit per (instance, tier), so an event costs one
+    lookup and one store per key.
 
     Args:
         num_instances: instances are numbered 0..num_instances-1.
@@ -18,8 +24,11 @@ class BlockIndex:
 
     def __init__(self, num_instances: int) -> None:
         self.num_instances = num_instances
-        self._holders: dict[int, dict[int, int]] = {}
-        """key -> {instance: how many of its tiers hold the key}."""
+        self._holders: dict[int, int] = {}
+        self._masks = [
+            ((1 << _BITS_PER_INSTANCE) - 1) << (_BITS_PER_INSTANCE * i)
+            for i in range(num_instances)
+        ]
         self.num_blocks = [0] * num_instances
         """Distinct keys each instance holds (its cache's fill, as the index sees it)."""
 
@@ -29,37 +38,42 @@ class BlockIndex:
 
     def apply(self, instance: int, event: BlockEvent) -> None:
         """Learn one event of `instance`'s stream (in order, none missed: the fleet's
-        listeners are synchronous)."""
+        listeners are synchronous).
+
+        Raises:
+            ValueError: an unknown tier.
+        """
+        tier = _TIER_BITS.get(event.tier)
+        if tier is None:
+            raise ValueError(f"block event of an unknown tier {event.tier!r}")
+        bit = 1 << (_BITS_PER_INSTANCE * instance + tier)
+        mask = self._masks[instance]
         holders = self._holders
+        get = holders.get
+        changed = 0  # keys the instance gained or lost as a whole
         if event.kind == "stored":
-            num_new = 0
             for key in event.keys:
-                tiers = holders.get(key)
-                if tiers is None:
-                    holders[key] = {instance: 1}
-                    num_new += 1
-                else:
-                    n = tiers.get(instance, 0)
-                    tiers[instance] = n + 1
-                    num_new += not n
-            self.num_blocks[instance] += num_new
-        else:
-            for key in event.keys:
-                tiers = holders.get(key)
-                if tiers is None or instance not in tiers:
-                    continue  # never learned (e.g. the listener attached late)
-                n = tiers[instance] - 1
-                if n:
-                    tiers[instance] = n
-                else:
-                    del tiers[instance]
-                    self.num_blocks[instance] -= 1
-                    if not tiers:
-                        del holders[key]
+                held = get(key, 0)
+                changed += not held & mask
+                holders[key] = held | bit
+            self.num_blocks[instance] += changed
+            return
+        for key in event.keys:
+            before = get(key, 0)
+            if not before & bit:
+                continue  # never learned (the listener came later)
+            held = before & ~bit
+            if held:
+                holders[key] = held
+            else:
+                holders.pop(key, None)
+            changed += not held & mask
+        self.num_blocks[instance] -= changed
 
     def holders(self, key: int) -> frozenset[int]:
         """The instances said to hold `key`."""
-        return frozenset(self._holders.get(key, ()))
+        held = self._holders.get(key, 0)
+        return frozenset(i for i, mask in enumerate(self._masks) if held & mask)
 
     def prefix_runs(self, keys: Sequence[int]) -> list[int]:
         """How many leading blocks of `keys` each instance holds.
@@ -69,16 +83,18 @@ class BlockIndex:
         stores evict a prefix's tail before its root, so what an instance holds of a
         chain is a leading run (the index is advisory either way)."""
         holders = self._holders
-        first = holders.get(keys[0]) if keys else None
         runs = [0] * self.num_instances
+        first = holders.get(keys[0], 0) if keys else 0
         if not first:
             return runs
-        for i in first:
-            lo, hi = 1, len(keys)
+        n = len(keys)
+        for i, mask in enumerate(self._masks):
+            if not first & mask:
+                continue
+            lo, hi = 1, n
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                tiers = holders.get(keys[mid - 1])
-                if tiers is not None and i in tiers:
+                if holders.get(keys[mid - 1], 0) & mask:
                     lo = mid
                 else:
                     hi = mid - 1

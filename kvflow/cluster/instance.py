@@ -44,6 +44,7 @@ class SimInstance:
         self.config = config
         self.scheduler = Scheduler(config, policy)
         self.store = self.scheduler.store
+        self.block_size = self.store.block_size
         self.runner = SimulatedRunner.from_config(config.sim)
         self.latency = self.runner.latency
         self.store.add_listener(listener)
@@ -68,8 +69,12 @@ class SimInstance:
         """Where blocks pulled from a peer land: the cpu tier, else the device tier."""
         return self.store.cpu if self.store.cpu is not None else self.store.device
 
-    def add(self, request: Request, now: float) -> RequestState:
-        state = self.scheduler.add(request, now)
+    def add(
+        self, request: Request, now: float, block_keys: list[int] | None = None
+    ) -> RequestState:
+        """Queue a request; `block_keys` are its prompt's keys when the fleet hashed
+        them for this instance's block size already."""
+        state = self.scheduler.add(request, now, block_keys=block_keys)
         self.states.append(state)
         return state
 

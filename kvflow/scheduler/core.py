@@ -93,9 +93,19 @@ class Scheduler:
         held until `release_deferred`."""
 
     # -- requests in and out ---------------------------------------------------
-    def add(self, request: Request, now: float | None = None) -> RequestState:
+    def add(
+        self,
+        request: Request,
+        now: float | None = None,
+        *,
+        block_keys: Sequence[int] | None = None,
+    ) -> RequestState:
         """Queue a request. One that can never be served is finished as rejected at
-        once; check `state.status` / `state.finish_detail`."""
+        once; check `state.status` / `state.finish_detail`.
+
+        `block_keys`: the keys of the prompt's full blocks when the caller hashed them
+        already (a fleet's router does), as `kvflow.kv.hashing` chains them for this
+        block size and the request's extra keys; they are then not hashed again."""
         rid = request.request_id
         if rid in self._active_ids:
             raise ValueError(f"request id {rid!r} is already queued or running")
@@ -107,6 +117,8 @@ class Scheduler:
             self.stats.num_rejected += 1
             return state
         if self.sched_config.enable_prefix_caching:
+            if block_keys is not None:
+                state.block_keys.extend(block_keys)
             self._extend_keys(state, state.num_prompt_tokens // self.block_size)
         self.waiting[rid] = state
         self._active_ids.add(rid)
