@@ -85,6 +85,8 @@ class FleetResult:
     load_imbalance: float
     """Sum over arrivals of the highest instance load (queued prefill tokens) divided
     by the sum of the mean load: 1 is perfectly even, N all on one instance of N."""
+    request_imbalance: float
+    """The same over the requests each instance holds (waiting, loading, running)."""
     end_time: float
     wall_s: float
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,10 +138,15 @@ def replay_fleet(
         instances=results,
         pulls=loop.pulls,
         routed=loop.routed,
-        load_imbalance=loop.sum_max_load / loop.sum_mean_load if loop.sum_mean_load else 1.0,
+        load_imbalance=_ratio(loop.sum_max_load, loop.sum_mean_load),
+        request_imbalance=_ratio(loop.sum_max_held, loop.sum_mean_held),
         end_time=end,
         wall_s=time.perf_counter() - wall_start,
     )
+
+
+def _ratio(total_max: float, total_mean: float) -> float:
+    return total_max / total_mean if total_mean else 1.0
 
 
 def _network(configs: Sequence[KVFlowConfig]) -> PeerNetwork:
@@ -191,6 +198,9 @@ class _FleetLoop:
         self.routed = [0] * n
         self.sum_max_load = 0.0
         self.sum_mean_load = 0.0
+        self.num_held = [0] * n
+        self.sum_max_held = 0.0
+        self.sum_mean_held = 0.0
         self.next_arrival_time = math.inf
 
     # -- the loop ----------------------------------------------------------------------
@@ -241,6 +251,9 @@ class _FleetLoop:
         queued = view.num_queued_tokens
         self.sum_max_load += max(queued)
         self.sum_mean_load += sum(queued) / len(queued)
+        held = self.num_held
+        self.sum_max_held += max(held)
+        self.sum_mean_held += sum(held) / len(held)
         target = self.router.route(request, view)
         if not 0 <= target < view.num_instances:
             raise ValueError(
@@ -315,6 +328,7 @@ class _FleetLoop:
                 view.num_queued_tokens[inst.index] = inst.num_queued_tokens()
                 scheduler = inst.scheduler
                 view.num_running[inst.index] = len(scheduler.running) + len(scheduler.loading)
+                self.num_held[inst.index] = scheduler.num_unfinished
 
     # -- instances -------------------------------------------------------------------
     def _schedule_plan(self, inst: SimInstance, t: float) -> None:

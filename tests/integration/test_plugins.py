@@ -23,6 +23,9 @@ fails-to-build = "kvflow_test_plugin:make_raising"
 fails-to-import = "kvflow_test_plugin.broken:Policy"
 names-nothing = "kvflow_test_plugin:NoSuchPolicy"
 
+[project.entry-points."kvflow.routers"]
+last-instance = "kvflow_test_plugin:LastInstance"
+
 [build-system]
 requires = ["setuptools"]
 build-backend = "setuptools.build_meta"
@@ -51,6 +54,16 @@ def make_wrong(**options):
 
 def make_raising(**options):
     raise RuntimeError("needs a GPU cluster")
+
+
+from kvflow.cluster.routers import Router
+
+
+class LastInstance(Router):
+    """Sends every request to the highest-numbered instance."""
+
+    def route(self, request, view):
+        return view.num_instances - 1
 '''
 
 BROKEN_MODULE = '''"""A plugin module that cannot be imported."""
@@ -158,3 +171,15 @@ def test_broken_plugins_are_listed_with_their_errors(plugin_site: Path) -> None:
     out = _kvflow(plugin_site, "policies")
     assert out.returncode == 0, out.stderr
     assert "fails-to-import" in out.stdout and "fails to load" in out.stdout
+
+
+def test_plugin_router_runs_a_fleet(plugin_site: Path, tmp_path: Path) -> None:
+    report = tmp_path / "fleet.json"
+    out = _kvflow(
+        plugin_site, "replay", "--instances", "3", "--router", "last-instance",
+        "--limit", "30", "--json", str(report),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    run = json.loads(report.read_text())["runs"][0]
+    assert run["fleet"]["router"] == "last-instance"
+    assert run["fleet"]["routed_requests"] == [0, 0, 30]
