@@ -79,10 +79,19 @@ def fleet_configs(args: argparse.Namespace, num_instances: int) -> list[KVFlowCo
 
 
 def run_fleet(args: argparse.Namespace, console: Console) -> int:
-    from kvflow.cli.options import report_console, report_doc, slo_settings, write_json
+    from kvflow.cli.options import (
+        check_report_outputs,
+        fail_if_nothing_served,
+        report_console,
+        report_doc,
+        sim_description,
+        slo_settings,
+        write_json,
+    )
     from kvflow.cluster import routers
     from kvflow.cluster.fleet import replay_fleet
-    from kvflow.traces.fleet_report import render_fleet_tables, summarize_fleet
+    from kvflow.traces.fleet_report import render_fleet_tables, run_name, summarize_fleet
+    from kvflow.traces.outcome import nothing_served_reason
     from kvflow.traces.replay import make_policy
 
     n = args.instances
@@ -100,13 +109,15 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
     for name in router_names:
         routers.create(name, configs[0])
     slo = slo_settings(args)
-    out = report_console(args, console)
     path = trace_path(args)
+    check_report_outputs(args, path, configs[0])
+    out = report_console(args, console)
     requests = slo.apply(load_requests(args))
     if not requests:
         raise CLIError(f"{path}: no requests to replay")
     peers = args.peers == "on"
     reports = []
+    unserved: dict[str, str | None] = {}
     for policy in policy_names:
         for router in router_names:
             out.print(
@@ -122,9 +133,12 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
                 check_integrity=args.check_integrity,
             )
             reports.append(summarize_fleet(result))
-    tables = render_fleet_tables(reports)
-    tables[0].title = f"kvflow replay: {path.name} ({len(requests)} requests, {n} instances)"
-    for table in tables:
+            unserved[run_name(result)] = nothing_served_reason(result.states, configs[0])
+    title = (
+        f"kvflow replay: {path.name}, {len(requests)} requests | {n} instances, "
+        f"{sim_description(configs[0])}"
+    )
+    for table in render_fleet_tables(reports, out.width, title):
         out.print(table)
     if args.json:
         fleet = {
@@ -138,7 +152,4 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
             path, "sim", configs[0], slo, runs=[r.to_json() for r in reports], fleet=fleet
         )
         write_json(doc, args.json)
-    if not any(r.report.num_finished for r in reports):
-        out.print("kvflow: error: no request was served")
-        return 1
-    return 0
+    return fail_if_nothing_served(unserved)

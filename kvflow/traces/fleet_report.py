@@ -14,8 +14,9 @@ from rich.table import Table
 from kvflow.cluster.fleet import FleetResult, InstanceResult
 from kvflow.kv.store import StoreStats
 from kvflow.scheduler.stats import SchedulerStats
-from kvflow.traces.metrics import RunReport, render_table, summarize_replay
+from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import ReplayResult
+from kvflow.traces.tables import render_run_table
 
 
 def peer_hit_tokens(result: FleetResult) -> list[int]:
@@ -142,9 +143,11 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
     return FleetReport(summarize_replay(merged, extra={"fleet": fleet}), per_instance)
 
 
-def render_fleet_tables(reports: Sequence[FleetReport]) -> list[Table]:
-    """The runs table (each fleet run's row followed by its instances' rows) and a
-    table of the fleet figures."""
+def render_fleet_tables(
+    reports: Sequence[FleetReport], width: int | None = None, title: str = "kvflow fleet"
+) -> list[Table]:
+    """The runs table (each fleet run's row followed by its instances' rows), fitted to
+    `width`, and a table of the fleet figures."""
     rows: list[RunReport] = []
     for fr in reports:
         rows.append(fr.report)
@@ -172,4 +175,4 @@ def render_fleet_tables(reports: Sequence[FleetReport]) -> list[Table]:
             str(fleet["num_pulls"]),
             f"{fleet['network_bytes'] / 2**20:.1f}",
         )
-    return [render_table(rows), figures]
+    return [render_run_table(rows, width, title=title), figures]
