@@ -312,6 +312,7 @@ class _FleetLoop:
         keys = self.view.block_keys(request) if inst.block_size == self.view.block_size else None
         state = inst.add(request, now, keys)
         if state.finish_reason is not None:  # rejected at once
+            del inst.expected_cached[request.request_id]
             return
         if inst.phase is Phase.BUSY:
             return  # it plans when its step ends
