@@ -95,6 +95,8 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.replay import make_policy
 
     n = args.instances
+    if n is None:
+        raise CLIError("--router and --peers need --instances N")
     if args.engine != "sim":
         raise CLIError("--instances needs --engine sim (a fleet replays in virtual time)")
     if n < 1:

@@ -29,6 +29,7 @@ from kvflow.cluster.instance import Phase, SimInstance
 from kvflow.cluster.routers import Router
 from kvflow.cluster.view import FleetView, PeerNetwork
 from kvflow.config import KVFlowConfig
+from kvflow.gc_pause import cyclic_gc_paused
 from kvflow.kv.store import StoreStats
 from kvflow.policies.base import Policy
 from kvflow.request import Request, RequestState
@@ -129,7 +130,8 @@ def replay_fleet(
     """
     loop = _FleetLoop(configs, policies, router, peers, check_integrity)
     wall_start = time.perf_counter()
-    end = loop.run(sorted(requests, key=lambda r: r.arrival_time))
+    with cyclic_gc_paused():
+        end = loop.run(sorted(requests, key=lambda r: r.arrival_time))
     results = [loop.finish(inst) for inst in loop.instances]
     return FleetResult(
         policy=policy_name or type(policies[0]).__name__,
@@ -346,6 +348,8 @@ class _FleetLoop:
             inst.phase = Phase.IDLE
             return
         plan = scheduler.plan(now)
+        if plan.preempted_ids:
+            inst.on_preempted(plan.preempted_ids)
         if plan.is_empty:
             t_copy = scheduler.next_event_time()
             if t_copy is not None:

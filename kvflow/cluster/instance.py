@@ -10,7 +10,7 @@ from kvflow.engine_adapters.simulated import SimulatedRunner
 from kvflow.kv.block_pool import BlockPool
 from kvflow.kv.store import BlockListener
 from kvflow.policies.base import Policy
-from kvflow.request import Request, RequestState
+from kvflow.request import Request, RequestState, RequestStatus
 from kvflow.scheduler.core import Scheduler
 from kvflow.scheduler.plan import StepPlan, StepResult
 
@@ -63,6 +63,9 @@ class SimInstance:
         """Prompt tokens each unfinished request was expected to find cached when routed."""
         self.dirty = True
         """Its state changed since the fleet last counted its load."""
+        self.prefilling: dict[str, RequestState] = {}
+        """Requests that may still have prompt tokens to prefill (pruned as they finish
+        their prefill, added again when preempted)."""
 
     @property
     def landing_pool(self) -> BlockPool:
@@ -76,7 +79,17 @@ class SimInstance:
         them for this instance's block size already."""
         state = self.scheduler.add(request, now, block_keys=block_keys)
         self.states.append(state)
+        if state.finish_reason is None:
+            self.prefilling[state.request_id] = state
         return state
+
+    def on_preempted(self, request_ids: list[str]) -> None:
+        """Preempted requests prefill again when readmitted."""
+        waiting = self.scheduler.waiting
+        for rid in request_ids:
+            state = waiting.get(rid)
+            if state is not None:
+                self.prefilling[rid] = state
 
     def num_queued_tokens(self) -> int:
         """Prefill tokens still to compute: each waiting request's tokens less those it
@@ -88,10 +101,20 @@ class SimInstance:
             uncached = len(state.token_ids) - expected.get(state.request_id, 0)
             if uncached > 0:
                 total += uncached
-        for state in scheduler.running:
-            rest = len(state.token_ids) - state.num_computed_tokens
-            if rest > 1:
-                total += rest
+        done: list[str] = []
+        for rid, state in self.prefilling.items():
+            status = state.status
+            if status is RequestStatus.FINISHED:
+                done.append(rid)
+            elif status is RequestStatus.RUNNING or status is RequestStatus.WAITING_FOR_KV:
+                if state.num_computed_tokens >= state.num_prompt_tokens:
+                    done.append(rid)
+                    continue
+                rest = len(state.token_ids) - state.num_computed_tokens
+                if rest > 1:
+                    total += rest
+        for rid in done:
+            del self.prefilling[rid]
         return total
 
     def land(self, keys: list[int]) -> int:

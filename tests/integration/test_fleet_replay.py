@@ -178,6 +178,8 @@ def test_cli_per_instance_overrides_and_errors(tmp_path: Path) -> None:
     bad_router = _kvflow("replay", str(trace), "--instances", "2", "--router", "x", cwd=repo)
     assert bad_router.returncode == 2
     assert "unknown router 'x'; known: round-robin" in bad_router.stderr
+    no_fleet = _kvflow("replay", str(trace), "--router", "round-robin", cwd=repo)
+    assert no_fleet.returncode == 2 and "need --instances N" in no_fleet.stderr
     bad_value = _kvflow(
         "replay", str(trace), "--instances", "2",
         "--set", "instances.1.kv.device.num_blocks=0", cwd=repo,
