@@ -38,11 +38,12 @@ from typing import Any
 from kvflow.cluster import routers
 from kvflow.cluster.fleet import replay_fleet
 from kvflow.config import KVFlowConfig
+from kvflow.policies import make_policy
 from kvflow.request import Request
 from kvflow.traces.distributions import Fixed, LengthDist, Poisson, parse_length
 from kvflow.traces.formats import read_trace
 from kvflow.traces.formats.mooncake import dump_mooncake
-from kvflow.traces.replay import make_policy, replay
+from kvflow.traces.replay import replay
 from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
 
 NUM_SESSIONS = 2500

@@ -8,10 +8,11 @@ from kvflow.cluster import routers
 from kvflow.cluster.fleet import FleetResult, replay_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.simulated import latency_model_from_config
+from kvflow.policies import make_policy
 from kvflow.request import Request
 from kvflow.traces.distributions import Fixed, Poisson, parse_length
 from kvflow.traces.metrics import summarize_replay
-from kvflow.traces.replay import make_policy, replay
+from kvflow.traces.replay import replay
 from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
 
 

@@ -90,9 +90,9 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
     )
     from kvflow.cluster import routers
     from kvflow.cluster.fleet import replay_fleet
+    from kvflow.policies import make_policy
     from kvflow.traces.fleet_report import render_fleet_tables, run_name, summarize_fleet
     from kvflow.traces.outcome import nothing_served_reason
-    from kvflow.traces.replay import make_policy
 
     n = args.instances
     if n is None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from kvflow.cluster import routers
-from kvflow.cluster.index import BlockIndex, StaleEventError
+from kvflow.cluster.index import BlockIndex
 from kvflow.cluster.view import FleetView, PeerNetwork
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.simulated import PRESETS
-from kvflow.kv.events import BlockEvent
-from kvflow.kv.store import KVStore
+from kvflow.kv.store import BlockEvent, KVStore
 from kvflow.request import Request
 
 LAT = PRESETS["llama3-8b-h100"]
@@ -30,8 +29,8 @@ def test_store_events_feed_the_index_stored_and_dropped() -> None:
     store = KVStore(config.kv)
     index = BlockIndex(2)
     events: list[BlockEvent] = []
-    store.add_block_listener(index.listener(1))
-    store.add_block_listener(events.append)
+    store.add_listener(index.listener(1))
+    store.add_listener(events.append)
     pool = store.device
     blocks = pool.allocate(2)
     pool.seal_many(blocks, [11, 12])
@@ -39,32 +38,22 @@ def test_store_events_feed_the_index_stored_and_dropped() -> None:
     assert index.holders(11) == {1} and index.holders(12) == {1}
     assert index.num_blocks == [0, 2]
     pool.allocate(1)  # evicts the least recently used cached block
-    assert [(e.seq, e.kind, e.tier) for e in events] == [
-        (0, "stored", "device"),
-        (1, "dropped", "device"),
-    ]
+    assert [(e.kind, e.tier) for e in events] == [("stored", "device"), ("dropped", "device")]
     assert len(index) == 1 and index.num_blocks == [0, 1]
 
 
-def test_a_store_without_listeners_sets_no_hooks() -> None:
-    store = KVStore(KVFlowConfig().kv)
-    assert store.device.on_stored is None and store.device.on_dropped is None
-
-
-def test_a_gap_in_an_instance_stream_is_an_error() -> None:
-    index = BlockIndex(1)
-    index.apply(0, BlockEvent(0, "stored", "device", (1,)))
-    with pytest.raises(StaleEventError, match="event 2 arrived, 1 was next"):
-        index.apply(0, BlockEvent(2, "stored", "device", (2,)))
+def test_an_event_of_an_unknown_tier_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown tier 'tape'"):
+        BlockIndex(1).apply(0, BlockEvent("stored", "tape", (1,)))  # type: ignore[arg-type]
 
 
 def test_prefix_runs_count_each_instance_leading_blocks() -> None:
     index = BlockIndex(3)
-    index.apply(0, BlockEvent(0, "stored", "device", (1, 2, 3)))
-    index.apply(1, BlockEvent(0, "stored", "cpu", (1,)))
+    index.apply(0, BlockEvent("stored", "device", (1, 2, 3)))
+    index.apply(1, BlockEvent("stored", "cpu", (1,)))
     assert index.prefix_runs([1, 2, 3, 4]) == [3, 1, 0]
     assert index.prefix_runs([9, 2]) == [0, 0, 0]
-    index.apply(0, BlockEvent(1, "dropped", "device", (3,)))
+    index.apply(0, BlockEvent("dropped", "device", (3,)))
     assert index.prefix_runs([1, 2, 3]) == [2, 1, 0]
 
 
@@ -91,8 +80,8 @@ def test_power_of_two_is_seeded_and_picks_the_less_loaded_of_its_two() -> None:
     assert 3 not in picks  # the most loaded never wins a pair
 
 
-def feed(view: FleetView, instance: int, keys: list[int], seq: int = 0) -> None:
-    view.index.apply(instance, BlockEvent(seq, "stored", "device", tuple(keys)))
+def feed(view: FleetView, instance: int, keys: list[int]) -> None:
+    view.index.apply(instance, BlockEvent("stored", "device", tuple(keys)))
 
 
 def test_cache_aware_goes_where_the_prefix_is() -> None:
