@@ -66,6 +66,24 @@ class DiskTierConfig(_Frozen):
     """Slab file for the disk tier (default: a new file under ~/.cache/kvflow)."""
     fsync: bool = False
     """fsync after each batch of writes (durability; slower)."""
+    persist: bool = False
+    """Keep the slab across runs: each block is written with a record (key, checksum)
+    and the next run at `path` rebuilds the tier from them (docs/disk.md). Needs `path`
+    and `peer.model_id` (blocks of different models never mix); the slab is never
+    removed. A real store only: the simulator writes no slab and refuses it."""
+    verify_on_start: bool = True
+    """With `persist`: read and checksum every recovered block at start (a full read of
+    the slab), so only good blocks are indexed and announced to peers. Off, blocks are
+    checked at their first read (every disk read is), and a bad one is a miss then."""
+
+    @model_validator(mode="after")
+    def _persist_needs_path(self) -> DiskTierConfig:
+        if self.persist and self.path is None:
+            raise ValueError(
+                "kv.disk.persist=true needs kv.disk.path (a slab file you own, kept "
+                "across runs); the default path is a fresh file each run"
+            )
+        return self
 
 
 class KVLayoutConfig(_Frozen):

@@ -136,7 +136,7 @@ def build_runner(
         ConfigError: a bad setting.
     """
     config = KVFlowConfig.load(config_file, {**model.layout, **dict(settings or {})})
-    store = KVStore.with_tensors(config.kv, device=model.device)
+    store = KVStore.with_tensors(config.kv, device=model.device, model_id=config.peer.model_id)
     if store.device_storage is None:  # with_tensors always makes it
         raise RuntimeError("the store has no device tensor")
     kv_cache = store.device_storage.data

@@ -347,6 +347,24 @@ class BlockPool:
             self.key_listener(True, list(keys))
         return list(block_ids)
 
+    def adopt(self, block_ids: Sequence[int], keys: Sequence[int]) -> None:
+        """Index free blocks that already hold data (a persistent disk tier's recovered
+        blocks) under their distinct `keys`, as cached, unreferenced blocks: evictable,
+        the first of them first."""
+        if not len(block_ids):
+            return
+        ids = _ids(block_ids)
+        free = self._free[: self._num_free]
+        taken = np.isin(free, ids)
+        if np.count_nonzero(taken) != len(ids) or len(set(keys)) != len(keys):
+            raise IntegrityError("adopt takes distinct free blocks under distinct keys")
+        rest = free[~taken]
+        self._free[: len(rest)] = rest
+        self._num_free = len(rest)
+        if len(self.seal_many(block_ids, keys)) != len(ids):
+            raise IntegrityError("adopt: a key is cached already")
+        self._push_lru(ids)
+
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block. Tail blocks are released first, so a
         prefix's root is the last of its blocks to be evicted."""

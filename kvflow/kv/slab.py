@@ -8,22 +8,24 @@ per block, number of blocks), with an xxh3 checksum over those fields:
 | offset | size | field |
 | --- | --- | --- |
 | 0 | 8 | magic `b"\\x89KVSLAB\\n"` |
-| 8 | 4 | format version (1) |
-| 12 | 4 | data offset: where block 0 starts (`HEADER_BYTES`) |
-| 16 | 4 | flags (0; reserved: a persistent block index follows) |
-| 20 | 4 | bytes of a per-block record (0 in version 1) |
+| 8 | 4 | format version: 1, or 2 for a persistent slab |
+| 12 | 4 | data offset: where block 0 starts |
+| 16 | 4 | flags (bit 0: per-block records follow the header; version 2) |
+| 20 | 4 | bytes of a per-block record (0 in version 1, 32 in version 2) |
 | 24 | 8 | number of blocks |
 | 32 | 8 | bytes per block |
 | 40 | 20 | block shape: 5 x u32 (layers, 2, block size, kv heads, head dim) |
 | 60 | 16 | dtype name, ASCII, zero padded |
-| 76 | 32 | model fingerprint (zeros in version 1; reserved) |
+| 76 | 32 | model fingerprint (version 2: 16 bytes, zero padded; version 1: zeros) |
 | 108 | 8 | xxh3-64 of bytes 0..108 |
 
-All integers little-endian; the rest of the header is zeros. Version 1 keeps the block
-index (keys, checksums) in memory only, so a slab's blocks are never reused across runs.
-A later version that persists the index can put per-block records (key, checksum,
-fingerprint) between the header and the blocks, raise the version, and set the data
-offset and record size: readers of version 1 refuse it rather than misread it.
+All integers little-endian; the rest of the header is zeros. Version 1 (`kv.disk.persist`
+off) keeps the block index in memory only: block 0 starts at `HEADER_BYTES`, and a
+slab's blocks are never reused across runs. Version 2 (`kv.disk.persist` on) puts one
+32-byte record per block after the header (`kvflow.kv.persist` describes it), block 0
+at the next page boundary after them, and the fingerprint of the model and layout
+(`kvflow.kv.fingerprint`) in the header: a slab of another model is refused like one
+of another layout.
 
 Safety (what `open_slab` promises): kvflow writes only to a file it created (with
 `O_EXCL`) or to an existing slab whose header matches the layout; it never opens a path
@@ -47,12 +49,18 @@ from pathlib import Path
 import xxhash
 
 from kvflow.config import ConfigError, KVConfig
+from kvflow.kv.fingerprint import FINGERPRINT_SIZE
 
 MAGIC = b"\x89KVSLAB\n"
 """The first bytes of every slab (a high first byte: no text file starts with it)."""
 FORMAT_VERSION = 1
+PERSISTENT_VERSION = 2
+"""The format version of a slab with per-block records (`kv.disk.persist`)."""
 HEADER_BYTES = 4096
-"""The header's size in version 1, a page: block data stays page aligned."""
+"""The header's size, a page: block data stays page aligned."""
+RECORD_BYTES = 32
+"""One block's record in a persistent slab (`kvflow.kv.persist`)."""
+_FLAG_RECORDS = 1
 
 _FIELDS = struct.Struct("<8sIIIIQQ5I16s32s")
 _CHECKSUM = struct.Struct("<Q")
@@ -72,12 +80,26 @@ class SlabLayout:
     block_shape: tuple[int, int, int, int, int]
     dtype: str
     num_blocks: int
+    fingerprint: bytes | None = None
+    """The model fingerprint of a persistent slab (version 2); None: version 1."""
 
     @classmethod
-    def of(cls, config: KVConfig, num_blocks: int) -> SlabLayout:
+    def of(cls, config: KVConfig, num_blocks: int, fingerprint: bytes | None = None) -> SlabLayout:
         layout = config.layout
         shape = (layout.num_layers, 2, config.block_size, layout.num_kv_heads, layout.head_dim)
-        return cls(shape, layout.dtype, num_blocks)
+        return cls(shape, layout.dtype, num_blocks, fingerprint)
+
+    @property
+    def persistent(self) -> bool:
+        return self.fingerprint is not None
+
+    @property
+    def data_offset(self) -> int:
+        """Where block 0 starts: after the header, and the records rounded up to a page."""
+        if not self.persistent:
+            return HEADER_BYTES
+        records = -(-self.num_blocks * RECORD_BYTES // HEADER_BYTES) * HEADER_BYTES
+        return HEADER_BYTES + records
 
     @property
     def bytes_per_block(self) -> int:
@@ -86,27 +108,31 @@ class SlabLayout:
     @property
     def file_bytes(self) -> int:
         """The slab's size: header and blocks."""
-        return HEADER_BYTES + self.num_blocks * self.bytes_per_block
+        return self.data_offset + self.num_blocks * self.bytes_per_block
 
     def header(self) -> bytes:
+        persistent = self.fingerprint is not None
         fields = _FIELDS.pack(
             MAGIC,
-            FORMAT_VERSION,
-            HEADER_BYTES,
-            0,
-            0,
+            PERSISTENT_VERSION if persistent else FORMAT_VERSION,
+            self.data_offset,
+            _FLAG_RECORDS if persistent else 0,
+            RECORD_BYTES if persistent else 0,
             self.num_blocks,
             self.bytes_per_block,
             *self.block_shape,
             self.dtype.encode("ascii"),
-            bytes(32),
+            (self.fingerprint or b"").ljust(32, b"\0"),
         )
         head = fields + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(fields))
         return head.ljust(HEADER_BYTES, b"\0")
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.block_shape))
-        return f"{self.num_blocks} blocks of {shape} {self.dtype}"
+        text = f"{self.num_blocks} blocks of {shape} {self.dtype}"
+        if self.fingerprint is None:
+            return text
+        return f"{text}, persistent, model fingerprint {self.fingerprint.hex()}"
 
 
 def read_layout(header: bytes) -> SlabLayout | str:
@@ -120,13 +146,27 @@ def read_layout(header: bytes) -> SlabLayout | str:
     (checksum,) = _CHECKSUM.unpack_from(header, _FIELDS.size)
     if xxhash.xxh3_64_intdigest(fields) != checksum:
         return "a kvflow slab with a damaged header (bad checksum)"
-    _, version, data_offset, _, _, num_blocks, _, *shape, dtype, _ = _FIELDS.unpack(fields)
-    if version != FORMAT_VERSION or data_offset != HEADER_BYTES:
-        return f"a kvflow slab of format version {version} (this kvflow reads {FORMAT_VERSION})"
+    _, version, data_offset, flags, record_bytes, num_blocks, _, *shape, dtype, fp = _FIELDS.unpack(
+        fields
+    )
+    if version == FORMAT_VERSION and (flags, record_bytes) == (0, 0):
+        fingerprint = None
+    elif version == PERSISTENT_VERSION and (flags, record_bytes) == (_FLAG_RECORDS, RECORD_BYTES):
+        fingerprint = fp[:FINGERPRINT_SIZE]
+    else:
+        return (
+            f"a kvflow slab of format version {version} (this kvflow reads "
+            f"{FORMAT_VERSION} and {PERSISTENT_VERSION})"
+        )
     name = dtype.rstrip(b"\0").decode("ascii", errors="replace")
     if name not in _ITEMSIZE:
         return f"a kvflow slab of unknown dtype {name!r}"
-    return SlabLayout((shape[0], shape[1], shape[2], shape[3], shape[4]), name, num_blocks)
+    found = SlabLayout(
+        (shape[0], shape[1], shape[2], shape[3], shape[4]), name, num_blocks, fingerprint
+    )
+    if data_offset != found.data_offset:
+        return f"a kvflow slab with a data offset of {data_offset} (expected {found.data_offset})"
+    return found
 
 
 def _refuse(path: Path, problem: str) -> SlabPathError:

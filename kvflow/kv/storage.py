@@ -11,6 +11,7 @@ imported only here, and only when real storage is built: the simulator never nee
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import threading
 import uuid
@@ -21,9 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from kvflow.config import KVConfig
+from kvflow.config import ConfigError, KVConfig
 from kvflow.kv.capacity import check_disk_room
-from kvflow.kv.slab import HEADER_BYTES, SlabLayout, check_slab_path, open_slab, remove_slab
+from kvflow.kv.fingerprint import model_fingerprint
+from kvflow.kv.persist import Recovered, pack_record, record_offset, recover
+from kvflow.kv.slab import (
+    PERSISTENT_VERSION,
+    SlabLayout,
+    check_slab_path,
+    open_slab,
+    remove_slab,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -83,19 +92,23 @@ class DiskStorage:
     """A slab file of `layout.num_blocks` blocks with an xxh3 checksum per written block.
 
     Opening refuses a path that is not a slab kvflow may use (`kvflow.kv.slab.open_slab`);
-    `close` removes the file only if this process created it.
+    `close` removes the file only if this process created it and it is not persistent.
+    A persistent slab (`layout.fingerprint` set) gets a record per written block
+    (`kvflow.kv.persist`) and, when it existed, its good blocks are in `recovered`.
 
     Reads verify the checksum: a mismatch, a short read or an I/O error makes the block
     a miss (`read_into` reports it), never bad data. A full disk disables the tier.
     """
 
-    def __init__(self, path: Path, layout: SlabLayout, fsync: bool = False) -> None:
+    def __init__(
+        self, path: Path, layout: SlabLayout, fsync: bool = False, verify_on_start: bool = True
+    ) -> None:
         self.path = path
         self.layout = layout
         self.num_blocks = layout.num_blocks
         self.bytes_per_block = layout.bytes_per_block
-        self.data_offset = HEADER_BYTES
-        """Where block 0 starts in the file (after the slab header)."""
+        self.data_offset = layout.data_offset
+        """Where block 0 starts in the file (after the slab header and any records)."""
         self.fsync = fsync
         self.checksums: list[int | None] = [None] * layout.num_blocks
         self.disabled_reason: str | None = None
@@ -103,6 +116,17 @@ class DiskStorage:
         self._errors_lock = threading.Lock()
         self.fd, self.created = open_slab(path, layout)
         """`created`: this process made the file, so `close` may remove it."""
+        self.recovered = Recovered([], [], [], 1, 0)
+        """The blocks a persistent slab held when opened (verified if `verify_on_start`)."""
+        if layout.fingerprint is not None and not self.created:
+            try:  # before preallocating: a truncated slab's missing blocks are seen
+                self.recovered = recover(self.fd, layout, verify_on_start)
+            except BaseException:
+                self.close(remove=False)
+                raise
+            for slot, digest in zip(self.recovered.slots, self.recovered.digests, strict=True):
+                self.checksums[slot] = digest
+        self._generations = itertools.count(self.recovered.next_generation)
         preallocate = getattr(os, "posix_fallocate", None)  # absent on macOS
         try:
             if preallocate is not None:
@@ -113,23 +137,36 @@ class DiskStorage:
             self._disable(f"cannot preallocate {layout.file_bytes} bytes: {err}")
 
     @classmethod
-    def create(cls, config: KVConfig, num_blocks: int) -> DiskStorage:
+    def create(cls, config: KVConfig, num_blocks: int, model_id: str = "") -> DiskStorage:
         """The slab at `kv.disk.path` (default: a new file under the cache directory),
         after checking the path is safe to use and its file system has room for it.
+        With `kv.disk.persist`, a persistent slab keyed by the fingerprint of `model_id`
+        and the layout, whose surviving blocks are recovered.
 
         Raises:
-            SlabPathError: `kv.disk.path` is not a slab kvflow may use.
+            SlabPathError: `kv.disk.path` is not a slab kvflow may use (or one of
+                another layout or model).
+            ConfigError: `kv.disk.persist` without a `model_id`.
             CapacityError: the file system lacks the room.
         """
+        fingerprint = None
+        if config.disk.persist:
+            if not model_id:
+                raise ConfigError(
+                    "kv.disk.persist=true needs a model identity (set peer.model_id to the "
+                    "weights' name, path or digest): blocks of different models must never "
+                    "mix in one slab"
+                )
+            fingerprint = model_fingerprint(config, model_id, PERSISTENT_VERSION)
         if config.disk.path is not None:
             path = Path(config.disk.path).expanduser()
         else:
             base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvflow"
             path = base / f"kv-{os.getpid()}-{uuid.uuid4().hex[:8]}.slab"
-        layout = SlabLayout.of(config, num_blocks)
+        layout = SlabLayout.of(config, num_blocks, fingerprint)
         existing_bytes = check_slab_path(path, layout)
         check_disk_room(config, path, layout.file_bytes - existing_bytes)
-        return cls(path, layout, config.disk.fsync)
+        return cls(path, layout, config.disk.fsync, config.disk.verify_on_start)
 
     def block_offset(self, slot: int) -> int:
         """Where block `slot` starts in the file."""
@@ -153,10 +190,12 @@ class DiskStorage:
         slots: Sequence[int],
         *,
         checksum: bool = True,
+        keys: Sequence[int] | None = None,
     ) -> list[bool]:
         """Write blocks `src_slots` of a host pool's bytes `src` (block i at
         `i * bytes_per_block`) to `slots`, one `pwritev` per run of consecutive slots,
-        then fsync if configured; returns per-block success.
+        then fsync if configured; returns per-block success. A persistent slab also
+        gets the blocks' records when their `keys` are given (see `set_checksums`).
 
         With `checksum=False` the written blocks stay unreadable (a read is a miss) until
         `set_checksums` gives their digests, which `block_digests` can compute in another
@@ -173,7 +212,7 @@ class DiskStorage:
                 break  # the disk is full; what landed before is still synced below
         if self.fsync:
             os.fsync(self.fd)
-        return ok if digests is None else self.set_checksums(slots, digests, ok)
+        return ok if digests is None else self.set_checksums(slots, digests, ok, keys)
 
     def _write_run(
         self,
@@ -206,18 +245,52 @@ class DiskStorage:
         return True
 
     def set_checksums(
-        self, slots: Sequence[int], digests: Sequence[int] | None, ok: list[bool]
+        self,
+        slots: Sequence[int],
+        digests: Sequence[int] | None,
+        ok: list[bool],
+        keys: Sequence[int] | None = None,
     ) -> list[bool]:
         """Make the blocks whose write landed (`ok`) readable, checked against `digests`
-        (None when they could not be computed: the blocks stay unreadable). Returns the
-        per-block success of the whole write."""
+        (None when they could not be computed: the blocks stay unreadable). In a
+        persistent slab, first write the records of those blocks (with their `keys`;
+        then fsync if configured): a block is reported written only once its bytes and
+        its record are. Returns the per-block success of the whole write."""
         if digests is None:
             self._count_error(sum(ok))
             return [False] * len(ok)
+        if keys is not None and self.layout.fingerprint is not None:
+            ok = self._write_records(slots, digests, ok, keys, self.layout.fingerprint)
         checksums = self.checksums
         for slot, digest, good in zip(slots, digests, ok, strict=True):
             if good:
                 checksums[slot] = digest
+        return ok
+
+    def _write_records(
+        self,
+        slots: Sequence[int],
+        digests: Sequence[int],
+        ok: list[bool],
+        keys: Sequence[int],
+        fingerprint: bytes,
+    ) -> list[bool]:
+        """Write the records of the landed blocks, one `pwrite` each (32 bytes; the
+        data writes dominate); a block whose record fails to land fails."""
+        ok = list(ok)
+        for i, (slot, digest, key) in enumerate(zip(slots, digests, keys, strict=True)):
+            if not ok[i]:
+                continue
+            record = pack_record(fingerprint, key, digest, next(self._generations))
+            try:
+                landed = os.pwrite(self.fd, record, record_offset(slot)) == len(record)
+            except OSError:
+                landed = False
+            if not landed:
+                ok[i] = False
+                self._count_error()
+        if self.fsync:
+            os.fsync(self.fd)
         return ok
 
     def read_into(
@@ -270,9 +343,9 @@ class DiskStorage:
 
     def close(self, remove: bool = True) -> None:
         """Close the slab; with `remove`, delete it if this process created it (a slab
-        that was there before is left in place)."""
+        that was there before, or a persistent one, is left in place)."""
         if self.fd >= 0:
-            if remove and self.created:
+            if remove and self.created and self.layout.fingerprint is None:
                 remove_slab(self.path, self.fd)
             os.close(self.fd)
             self.fd = -1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from kvflow.config import KVConfig
+from kvflow.config import ConfigError, KVConfig
 from kvflow.kv.block_pool import BlockPool, IntegrityError
 from kvflow.kv.capacity import check_bookkeeping, check_tensors
 from kvflow.kv.location import PrefixLocation
@@ -54,6 +54,11 @@ class StoreStats:
     num_demoted_blocks: int = 0
     num_disk_writes: int = 0
     num_tier_errors: int = 0
+    num_disk_blocks_recovered: int = 0
+    """Blocks a persistent disk tier found good at start, indexed as cached blocks."""
+    num_disk_blocks_dropped: int = 0
+    """Blocks a persistent disk tier dropped at start: a torn record, missing bytes (a
+    truncated slab) or bytes that fail their checksum."""
     bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
 
 
@@ -70,6 +75,7 @@ class KVStore:
         CapacityError: the pools' bookkeeping would not fit in available RAM.
         SlabPathError: `kv.disk.path` names something a real store would refuse
             (checked without a slab too, so a simulated run is refused alike).
+        ConfigError: `kv.disk.persist` without a real slab (`disk_storage`).
     """
 
     def __init__(
@@ -85,6 +91,11 @@ class KVStore:
         num_disk = config.tier_blocks("disk")
         if device_storage is None:  # with_tensors checked it with the tensors
             check_bookkeeping(config)  # before the pools allocate it
+        if disk_storage is None and num_disk and num_cpu and config.disk.persist:
+            raise ConfigError(
+                "kv.disk.persist=true: the simulator writes no slab, so nothing would "
+                "persist; set kv.disk.persist=false for a simulated run"
+            )
         if disk_storage is None and num_disk and num_cpu and config.disk.path is not None:
             # No slab here (the simulator), but the path must be one a real store would
             # accept: a run is refused alike whether or not it writes the file.
@@ -118,14 +129,32 @@ class KVStore:
         self._threshold = config.write_through_threshold
         sim_engine = self.engine if isinstance(self.engine, SimCopyEngine) else None
         self._cost_model = sim_engine or SimCopyEngine(config.transfer)
+        if disk_storage is not None and self.disk is not None:
+            self._adopt_recovered(disk_storage, self.disk)
+
+    def _adopt_recovered(self, storage: DiskStorage, pool: BlockPool) -> None:
+        """Index what a persistent slab held at start as cached disk blocks. No listener
+        is attached yet: peers learn these keys from the snapshot (`held_keys`) every
+        subscriber gets first, as they learn any key held before they connected."""
+        recovered = storage.recovered
+        pool.adopt(recovered.slots, recovered.keys)
+        self.stats.num_disk_blocks_recovered = len(recovered.slots)
+        self.stats.num_disk_blocks_dropped = recovered.num_dropped
 
     @classmethod
     def with_tensors(
-        cls, config: KVConfig, device: str | torch.device = "cpu", max_workers: int = 2
+        cls,
+        config: KVConfig,
+        device: str | torch.device = "cpu",
+        max_workers: int = 2,
+        model_id: str = "",
     ) -> KVStore:
         """A store with real tensor pools (and a slab file for disk) and threaded copies.
+        `model_id` (the weights' identity, `peer.model_id`) keys a persistent slab
+        (`kv.disk.persist`), whose surviving blocks the disk tier starts with.
 
         Raises:
+            ConfigError: `kv.disk.persist` without a `model_id`.
             CapacityError: a tier larger than the memory or disk that would hold it.
             SlabPathError: `kv.disk.path` is not a slab kvflow may use.
         """
@@ -136,7 +165,7 @@ class KVStore:
         num_cpu = config.tier_blocks("cpu")
         num_disk = config.tier_blocks("disk")
         # The slab first: a refused kv.disk.path fails before any tensor is allocated.
-        disk = DiskStorage.create(config, num_disk) if num_disk and num_cpu else None
+        disk = DiskStorage.create(config, num_disk, model_id) if num_disk and num_cpu else None
         try:
             dev = TensorStorage.allocate(config, config.tier_blocks("device"), device)
             cpu = TensorStorage.allocate(config, num_cpu, "cpu", pin=True) if num_cpu else None

@@ -285,7 +285,7 @@ class TensorCopyEngine(CopyEngine):
         ok = job.merged()
         if t.direction == "cpu_to_disk":
             assert self.disk is not None
-            ok = self.disk.set_checksums(t.dst_slots, job.digests, ok)
+            ok = self.disk.set_checksums(t.dst_slots, job.digests, ok, t.keys)
         with self._cond:
             self._finished.append((t, ok))
             self._num_running -= 1

@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kvflow.kv.fingerprint import FINGERPRINT_SIZE as KV_FINGERPRINT_SIZE
+
 MAGIC = b"KVFP"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!4sBBHIQ")
 HEADER_SIZE = HEADER.size
-FINGERPRINT_SIZE = 16
+FINGERPRINT_SIZE = KV_FINGERPRINT_SIZE
 KEY_DTYPE = np.dtype(">u8")
 """Keys and checksums on the wire: big-endian uint64."""
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 import socket
 from dataclasses import dataclass
 
 from kvflow.config import KVConfig, PeerConfig
-from kvflow.peer.frames import FINGERPRINT_SIZE, PROTOCOL_VERSION
+from kvflow.kv.fingerprint import model_fingerprint as kv_fingerprint
+from kvflow.peer.frames import PROTOCOL_VERSION
 
 NONCE_SIZE = 32
 
@@ -27,22 +27,9 @@ class PeerConfigError(ValueError):
 
 
 def model_fingerprint(kv: KVConfig, model_id: str) -> bytes:
-    """16 bytes that differ between instances whose blocks must not mix: the weights'
-    identity, the KV dtype, block size and layout (shape and its order), and the
-    protocol version (which fixes how keys are hashed and bytes laid out)."""
-    layout = kv.layout
-    identity = {
-        "model_id": model_id,
-        "block_size": kv.block_size,
-        "num_layers": layout.num_layers,
-        "num_kv_heads": layout.num_kv_heads,
-        "head_dim": layout.head_dim,
-        "dtype": layout.dtype,
-        "block_layout": "layers,kv,tokens,heads,head_dim",
-        "protocol": PROTOCOL_VERSION,
-    }
-    text = json.dumps(identity, sort_keys=True).encode()
-    return hashlib.sha256(text).digest()[:FINGERPRINT_SIZE]
+    """The fingerprint peers compare (`kvflow.kv.fingerprint.model_fingerprint` at this
+    protocol version): instances whose fingerprints differ exchange no blocks."""
+    return kv_fingerprint(kv, model_id, PROTOCOL_VERSION)
 
 
 def new_incarnation() -> bytes:
