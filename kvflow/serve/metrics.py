@@ -137,6 +137,12 @@ class EngineCollector:
             "Blocks a tier copy failed to move (a bad checksum reads as a miss).",
             store.num_tier_errors,
         )
+        for field, doc in (
+            ("recovered", "found good in a persistent slab at start (kv.disk.persist)."),
+            ("dropped", "dropped at start from a persistent slab (torn, truncated, corrupt)."),
+        ):
+            num_blocks = getattr(store, f"num_disk_blocks_{field}")
+            yield counter(f"kv_disk_blocks_{field}", f"Disk blocks {doc}", num_blocks)
         yield counter("num_steps", "Engine steps planned.", stats.num_steps)
 
 

@@ -231,8 +231,9 @@ def summarize_replay(
     """`summarize` applied to a replay's result (`policy` defaults to the result's), with
     the KV store's figures per tier added: `hit_tokens_by_tier` (first admissions),
     `bytes_moved` per direction, block promotions, demotions and disk writes, swaps and
-    tier errors, and the hits of preempted requests admitted again
-    (`readmission_hit_tokens`, `readmission_query_tokens`, by tier)."""
+    tier errors, the blocks a persistent disk tier recovered and dropped at start, and
+    the hits of preempted requests admitted again (`readmission_hit_tokens`,
+    `readmission_query_tokens`, by tier)."""
     stats = result.stats
     store = result.store_stats
     tiers: dict[str, Any] = {
@@ -243,6 +244,8 @@ def summarize_replay(
         "num_disk_writes": store.num_disk_writes,
         "num_swaps": stats.num_swaps,
         "num_tier_errors": store.num_tier_errors,
+        "num_disk_blocks_recovered": store.num_disk_blocks_recovered,
+        "num_disk_blocks_dropped": store.num_disk_blocks_dropped,
         "readmission_hit_tokens": stats.readmission_hit_tokens,
         "readmission_query_tokens": stats.readmission_query_tokens,
         "readmission_hit_tokens_by_tier": dict(stats.readmission_hit_tokens_by_tier),

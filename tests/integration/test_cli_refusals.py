@@ -75,3 +75,23 @@ def test_replay_refuses_a_billion_device_blocks_before_allocating(tmp_path: Path
     done = kvflow("replay", "-p", "fcfs", "--set", f"kv.device.num_blocks={n}", cwd=tmp_path)
     line = assert_one_line_error(done, f"kv.device.num_blocks={n}", "RAM available")
     assert "MemoryError" not in line
+
+
+def test_a_simulated_replay_refuses_a_persistent_disk_tier(tmp_path: Path) -> None:
+    slab = tmp_path / "kv.slab"
+    done = kvflow(
+        "replay",
+        "-p",
+        "fcfs",
+        "--set",
+        "kv.cpu.num_blocks=64",
+        "--set",
+        "kv.disk.num_blocks=64",
+        "--set",
+        f"kv.disk.path={slab}",
+        "--set",
+        "kv.disk.persist=true",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(done, "kv.disk.persist=true", "the simulator writes no slab")
+    assert not slab.exists()

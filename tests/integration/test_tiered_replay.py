@@ -104,6 +104,41 @@ def test_real_copies_reach_the_ideal_through_every_tier(tmp_path: Path) -> None:
     assert real.num_leaked_blocks == 0 and real.store_stats.num_tier_errors == 0
 
 
+def test_a_restarted_replay_finds_the_last_runs_blocks_on_a_persistent_disk(
+    tmp_path: Path,
+) -> None:
+    from kvflow.traces.metrics import summarize_replay
+
+    requests = revisiting_workload(30)
+    kv = {
+        "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 200,
+        "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"), "disk.persist": True,
+    }  # fmt: skip
+    config = KVFlowConfig.from_dict(
+        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
+    )
+    results = []
+    for _ in range(2):  # two runs, one after the other, on the same slab
+        store = KVStore.with_tensors(config.kv, model_id="tiny")
+        try:
+            results.append(replay(requests, config, "fcfs", store=store, check_integrity=True))
+        finally:
+            store.close()
+    first, second = results
+    assert first.store_stats.num_disk_blocks_recovered == 0
+    # Everything the first run computed is on disk (200 blocks hold it all): the
+    # second run computes no full prompt block it can reuse, even its first requests.
+    assert second.store_stats.num_disk_blocks_recovered > 0
+    assert second.store_stats.num_disk_blocks_dropped == 0
+    usable = sum((len(r.prompt_token_ids) - 1) // BS * BS for r in requests)
+    assert sum(s.num_cached_tokens for s in second.states) == usable
+    assert sum(s.num_cached_tokens for s in first.states) < usable
+    assert second.stats.hit_tokens_by_tier["disk"] > 0
+    assert second.num_leaked_blocks == 0 and second.store_stats.num_tier_errors == 0
+    report = summarize_replay(second).to_json()
+    assert report["num_disk_blocks_recovered"] == second.store_stats.num_disk_blocks_recovered
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preemption_swaps_or_recomputes_as_configured(mode: str) -> None:
     rng = random.Random(0)
