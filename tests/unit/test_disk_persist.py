@@ -162,6 +162,14 @@ def test_a_persistent_slab_of_another_model_or_layout_is_refused_naming_both(
         KVStore.with_tensors(kv_config(path, persist=False))  # a non-persistent run too
     assert path.read_bytes() == before
 
+    plain = tmp_path / "plain.slab"
+    left = KVStore.with_tensors(kv_config(plain, persist=False))
+    assert left.disk_storage is not None
+    left.engine.close()
+    left.disk_storage.close(remove=False)  # a version 1 slab left behind
+    with pytest.raises(ConfigError, match="another layout"):
+        open_store(plain)  # persistence never adopts a slab that kept no records
+
 
 def test_the_header_says_persistent_and_records_precede_page_aligned_data(
     tmp_path: Path,
