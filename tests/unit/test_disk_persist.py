@@ -225,3 +225,24 @@ def test_a_direct_write_without_keys_is_readable_now_but_not_recovered(tmp_path:
     assert again.disk is not None
     assert again.stats.num_disk_blocks_recovered == 1 and again.disk.lookup(77) == 4
     again.close()
+
+
+def test_a_crash_between_a_blocks_bytes_and_its_record_drops_that_block(tmp_path: Path) -> None:
+    path = tmp_path / "kv.slab"
+    store = open_store(path)
+    written = compute_blocks(store, [11, 22])
+    disk, pool = store.disk_storage, store.disk
+    assert disk is not None and pool is not None
+    slot = pool.lookup(22)
+    assert slot is not None
+    # What a crash leaves when a new block's bytes landed over slot 22's and its record
+    # did not: the old record (key 22) over other bytes.
+    other = torch.full((disk.bytes_per_block // 8,), 3.0, dtype=torch.float64)
+    assert disk.write_from(byte_view(other), [0], [slot]) == [True]
+    store.close()
+    again = open_store(path)
+    assert (again.stats.num_disk_blocks_recovered, again.stats.num_disk_blocks_dropped) == (1, 1)
+    assert again.locate([22]).total_tokens == 0
+    back = load_from_disk(again, 11)
+    assert back is not None and torch.equal(back, written[11])
+    again.close()
