@@ -146,7 +146,7 @@ class Request:
     """
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: Sequence[int]
     max_new_tokens: int
     arrival_time: float = 0.0
     priority: int = 0

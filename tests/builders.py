@@ -21,7 +21,7 @@ def make_config(**settings: Any) -> KVFlowConfig:
     return KVFlowConfig.from_dict({}, settings)
 
 
-def make_scheduler(policy: str | Policy = "fcfs", **settings: Any) -> Scheduler:
+def make_scheduler(policy: str | Policy = "fcfs", /, **settings: Any) -> Scheduler:
     config = make_config(**settings)
     if isinstance(policy, str):
         policy = make_policy(policy, config)
@@ -72,7 +72,7 @@ def run_to_completion(
     """Step the scheduler until idle, checking integrity after every commit."""
     runner = runner or ScriptedRunner()
     now = 0.0
-    plans = []
+    plans: list[StepPlan] = []
     for _ in range(max_steps):
         if not scheduler.has_unfinished:
             return plans

@@ -4,6 +4,7 @@ whose contents follow from their keys (so another process can check them)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ def kv_config(path: Path, persist: bool = True, **disk: object) -> KVConfig:
     ).kv
 
 
-def open_store(path: Path, model_id: str = MODEL, **disk: object) -> KVStore:
+def open_store(path: Path, model_id: str = MODEL, **disk: Any) -> KVStore:
     return KVStore.with_tensors(kv_config(path, **disk), model_id=model_id)
 
 

@@ -20,6 +20,7 @@ and the server's `usage.prompt_tokens`, not the trace, is what the report counts
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from kvflow.request import Request
@@ -61,7 +62,7 @@ OPTIONAL_FIELDS = ("min_tokens", "ignore_eos")
 that validate strictly); the client leaves out those the server names in a 400."""
 
 
-def prompt_text(token_ids: tuple[int, ...]) -> str:
+def prompt_text(token_ids: Sequence[int]) -> str:
     """The text standing for `token_ids`: one word of `WORDS` per id."""
     words = WORDS
     num_words = len(words)

@@ -194,7 +194,7 @@ class TraceRecord:
             request_id=request.request_id,
             arrival_s=request.arrival_time,
             output_len=request.max_new_tokens,
-            prompt_token_ids=request.prompt_token_ids,
+            prompt_token_ids=tuple(request.prompt_token_ids),
             tenant=request.tenant,
             priority=request.priority,
             ttft_slo_ms=request.slo.ttft_ms,

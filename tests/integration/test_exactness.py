@@ -127,7 +127,7 @@ def test_torch_llama_logits_equal_transformers(checkpoint: tuple[Path, Any]) -> 
     path, hf_model = checkpoint
     model = TorchLlama.from_pretrained(path, dtype="float64", device="cpu")
     assert model.spec == SPEC
-    tokens = make_requests(1)[0].prompt_token_ids * 3
+    tokens = list(make_requests(1)[0].prompt_token_ids) * 3
     with torch.no_grad():
         expected = hf_model(torch.tensor([tokens])).logits[0]
     logits = model.prompt_logits(tokens, block_size=4)

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import kvflow  # noqa: E402
+from kvflow.engine_adapters.factory import EngineName  # noqa: E402
 from kvflow.engine_adapters.hf import save_random_hf_llama  # noqa: E402
 from tests.integration.test_exactness import SPEC  # noqa: E402
 
@@ -39,7 +40,7 @@ def shared_prefix_prompts(n: int = 32) -> list[list[int]]:
 
 @pytest.mark.parametrize("engine", ["torch", "hf"])
 def test_llm_greedy_tokens_equal_generate_through_every_tier(
-    model_dir: tuple[Path, Any], tmp_path: Path, engine: str
+    model_dir: tuple[Path, Any], tmp_path: Path, engine: EngineName
 ) -> None:
     path, hf_model = model_dir
     prompts = shared_prefix_prompts()

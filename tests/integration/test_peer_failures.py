@@ -195,7 +195,7 @@ async def test_a_block_whose_checksum_differs_ends_the_run(tmp_path: Path) -> No
     listener.close()
     assert b.cpu is not None and b.cpu_storage is not None
     assert [b.cpu.lookup(k) is not None for k in (1, 2, 3, 4)] == [True, True, False, False]
-    assert bytes(byte_view(b.cpu_storage.data[b.cpu.lookup(2)])) == blocks[1]  # type: ignore[index]
+    assert bytes(byte_view(b.cpu_storage.data[b.cpu.lookup(2)])) == blocks[1]
     assert no_pins(b)
     b.close()
 

@@ -194,7 +194,7 @@ def test_announced_lengths_past_the_limits_allocate_nothing(tmp_path: Path) -> N
     ):
         tracemalloc.start()
         try:
-            for kind in KINDS:
+            for kind in FrameKind:
                 for length in lengths:
                     frame = pack_header(kind, 1, length) + b"\0" * 64
                     send_unauthenticated(service.port, frame)

@@ -4,6 +4,7 @@ with real copies."""
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ def ideal_hit_tokens(requests: list[Request]) -> int:
     return total
 
 
-def run(requests: list[Request], store: KVStore | None = None, **kv: Any) -> ReplayResult:
+def run(
+    requests: list[Request], kv: Mapping[str, Any], store: KVStore | None = None
+) -> ReplayResult:
     config = KVFlowConfig.from_dict(
         {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
     )
@@ -60,8 +63,8 @@ def run(requests: list[Request], store: KVStore | None = None, **kv: Any) -> Rep
 def test_lower_tiers_recover_hits_a_small_device_tier_loses() -> None:
     requests = revisiting_workload()
     ideal = ideal_hit_tokens(requests)
-    device_only = run(requests, **{"device.num_blocks": 8})
-    tiered = run(requests, **{"device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 64})
+    device_only = run(requests, {"device.num_blocks": 8})
+    tiered = run(requests, {"device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 64})
     assert device_only.stats.prefix_hit_tokens < tiered.stats.prefix_hit_tokens
     by_tier = tiered.stats.hit_tokens_by_tier
     assert by_tier["cpu"] > 0 and by_tier["disk"] > 0
@@ -76,9 +79,9 @@ def test_lower_tiers_recover_hits_a_small_device_tier_loses() -> None:
 def test_tiers_that_hold_everything_reach_the_ideal_hit_rate() -> None:
     requests = revisiting_workload()
     ideal = ideal_hit_tokens(requests)
-    big = run(requests, **{"device.num_blocks": 8, "cpu.num_blocks": 400, "disk.num_blocks": 400})
+    big = run(requests, {"device.num_blocks": 8, "cpu.num_blocks": 400, "disk.num_blocks": 400})
     assert big.stats.prefix_hit_tokens == ideal
-    huge_device = run(requests, **{"device.num_blocks": 2000})
+    huge_device = run(requests, {"device.num_blocks": 2000})
     assert huge_device.stats.prefix_hit_tokens == ideal
 
 
@@ -89,13 +92,13 @@ def test_real_copies_reach_the_ideal_through_every_tier(tmp_path: Path) -> None:
         "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 200,
         "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"),
     }  # fmt: skip
-    virtual = run(requests, **kv)
+    virtual = run(requests, kv)
     config = KVFlowConfig.from_dict(
         {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
     )
     store = KVStore.with_tensors(config.kv)
     try:
-        real = run(requests, store=store, **kv)
+        real = run(requests, kv, store=store)
     finally:
         store.close()
     for result in (virtual, real):

@@ -80,6 +80,7 @@ def test_a_block_goes_down_to_cpu_and_disk_and_back_byte_for_byte(store: KVStore
     sources = store.find_below([111], 0, 1)
     assert sources == [("disk", disk_slot)]
     (target,) = store.device.allocate(1)
+    assert store.device_storage is not None
     store.device_storage.data[target].zero_()
     store.start_load(sources, [111], [target], now=1.0)
     assert store.device.lookup(111) is None  # not readable before its copy ends

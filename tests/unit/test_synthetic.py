@@ -6,6 +6,7 @@ import itertools
 import random
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ from kvflow.traces.synthetic import (
 from kvflow.traces.tokens import group_prefix_token_ids
 
 
-def common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from kvflow.engine_adapters.torch import (  # noqa: E402
+from kvflow.engine_adapters.torch import (
     BatchEntry,
     LlamaSpec,
     Sampler,
@@ -20,9 +19,9 @@ from kvflow.engine_adapters.torch import (  # noqa: E402
     filter_logits,
     sample_seed,
 )
-from kvflow.request import Request, RequestState, SamplingParams  # noqa: E402
-from kvflow.scheduler import StepPlan  # noqa: E402
-from tests.builders import make_config, make_request, make_scheduler  # noqa: E402
+from kvflow.request import Request, RequestState, SamplingParams
+from kvflow.scheduler import StepPlan
+from tests.builders import make_config, make_request, make_scheduler
 
 SPEC = LlamaSpec(
     vocab_size=128,

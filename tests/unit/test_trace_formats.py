@@ -8,6 +8,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def write(tmp_path: Path, name: str, *lines: str) -> Path:
     return path
 
 
-def common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def write_trace(tmp_path: Path, *lines: str, name: str = "trace.jsonl") -> Path:
     return path
 
 
-def common_prefix_len(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )

@@ -29,7 +29,7 @@ import math
 import os
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ class MooncakeFormat(TraceFormat):
         ]
 
 
-def _pack(tokens: tuple[int, ...]) -> bytes:
+def _pack(tokens: Sequence[int]) -> bytes:
     packed = array("I", tokens)
     if _NEEDS_BYTESWAP:  # pragma: no cover - big-endian hosts
         packed.byteswap()
