@@ -213,8 +213,9 @@ class PeerConfig(_Frozen):
 
 
 class SimRunnerConfig(_Frozen):
-    """Linear latency model of one step:
-    fixed + prefill tokens * a + decode sequences * b + KV tokens attended * c."""
+    """Latency model of one step (see `kvflow.engine_adapters.simulated.LatencyModel`):
+    fixed + prefill tokens * a + decode sequences * b + KV tokens attended * c, plus the
+    terms a calibration fits (prefill attention, per-chunk, padded decode, engine)."""
 
     preset: str | None = "llama3-8b-h100"
     """Named latency preset (see kvflow.engine_adapters.simulated.PRESETS); fields set
@@ -230,6 +231,24 @@ class SimRunnerConfig(_Frozen):
     """Cost per decoding sequence in microseconds."""
     kv_token_ns: float | None = Field(default=None, ge=0)
     """Cost per KV-cache token attended in nanoseconds (context length summed over the batch)."""
+    prefill_attn_ns: float | None = Field(default=None, ge=0)
+    """Cost per query x key pair of prefill attention in ns: a chunk of l tokens after
+    `start` cached ones has l * (start + l). Presets without it: 0."""
+    prefill_seq_us: float | None = Field(default=None, ge=0)
+    """Cost per prefill chunk in a step in microseconds. Presets without it: 0."""
+    decode_padded_kv_ns: float | None = Field(default=None, ge=0)
+    """Cost per token of a padded decode batch in ns (decode sequences x the longest
+    decode context). Presets without it: 0."""
+    step_overhead_ms: float | None = Field(default=None, ge=0)
+    """The engine's own time per step around the runner (thread hop, commit) in ms.
+    Presets without it: 0."""
+    seq_overhead_us: float | None = Field(default=None, ge=0)
+    """The engine's own time per scheduled request per step (commit, streaming) in
+    microseconds. Presets without it: 0."""
+    overlap: bool = False
+    """Model the async engine's overlapped scheduling in virtual-time replay: step N+1
+    is planned when step N starts (so it misses requests arriving during step N) and
+    runs after step N's commit, as `AsyncEngine` does by default."""
 
 
 class LPMOptions(_Frozen):
@@ -337,13 +356,15 @@ class KVFlowConfig(_Frozen):
         merged = json.loads(json.dumps(dict(data)))  # deep copy of plain data
         for key, value in (overrides or {}).items():
             _set_dotted(merged, key, value)
+        _fill_from_preset_file(merged)
         try:
             return cls.model_validate(merged)
         except ValidationError as err:
             raise ConfigError(_describe(err)) from None
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> KVFlowConfig:
-        return self.from_dict(self.model_dump(), overrides)
+        # Only what was set: a preset file named in the overrides fills in the rest.
+        return self.from_dict(self.model_dump(exclude_unset=True), overrides)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -373,6 +394,37 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw
     return key.strip(), value
+
+
+def _fill_from_preset_file(data: dict[str, Any]) -> None:
+    """A `sim.preset_file` may carry `kv.transfer` values (`kvflow calibrate` writes
+    the tier copy figures it measured there) and `sim.overlap` (true for a preset of
+    the async engine): they fill in the keys the config leaves unset."""
+    sim = data.get("sim")
+    path = sim.get("preset_file") if isinstance(sim, dict) else None
+    if not isinstance(path, str):
+        return
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"sim.preset_file={path!r}: cannot read it: {err}") from None
+    preset_sim = doc.get("sim") if isinstance(doc, dict) else None
+    if isinstance(preset_sim, dict) and "overlap" in preset_sim and isinstance(sim, dict):
+        sim.setdefault("overlap", preset_sim["overlap"])
+    kv = doc.get("kv") if isinstance(doc, dict) else None
+    transfer = kv.get("transfer") if isinstance(kv, dict) else None
+    if transfer is None:
+        return
+    if not isinstance(transfer, dict):
+        raise ConfigError(
+            f"sim.preset_file={path!r}: kv.transfer must be an object, got {transfer!r}"
+        )
+    target = data.setdefault("kv", {})
+    if isinstance(target, dict):
+        section = target.setdefault("transfer", {})
+        if isinstance(section, dict):
+            for key, value in transfer.items():
+                section.setdefault(key, value)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -1,31 +1,41 @@
-"""Calibration: time a real runner over a grid of step mixes and fit the simulator's
-`LatencyModel` to the measurements.
+"""Calibration: time a real runner over a grid of step mixes; the fit itself is in
+`kvflow.engine_adapters.latency_fit` (re-exported here).
 
-A mix is one step's shape: a prefill chunk of `num_prefill_tokens` (from position 0),
-plus `num_decode_seqs` sequences decoding one token each after `context_len` tokens of
-KV. `measure` builds each mix's `StepPlan` directly (block tables over a scratch cache;
-the KV contents do not matter for timing), runs it `repeat` times after a warm-up and
-keeps the median. `fit` solves for the four coefficients by least squares on relative
-error (each sample weighted by 1/measured, so short and long steps count alike), with
-every coefficient >= 0: the best of all 16 subsets of free coefficients, each solved
-exactly, which for four unknowns is the non-negative optimum.
+A mix is one step's shape: `num_prefills` prefill chunks sharing `num_prefill_tokens`,
+each after `prefill_context` cached tokens, plus `num_decode_seqs` sequences decoding
+one token each after `context_len` tokens of KV (or, with `decode_ramp`, after
+contexts spread evenly up to `context_len`, as in a real batch). `measure` builds each
+mix's `StepPlan` directly (block tables over a scratch cache; the KV contents do not
+matter for timing), runs it `repeat` times after a warm-up and keeps a statistic of
+the runs; the spread between the two halves of the runs is the machine's noise.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
-from kvflow.config import ConfigError
 from kvflow.engine_adapters.base import ModelRunner
-from kvflow.engine_adapters.simulated import LatencyModel
+from kvflow.engine_adapters.latency_fit import (
+    LINEAR_TERMS,
+    RUNNER_TERMS,
+    Sample,
+    fit,
+    median_rel_error,
+    predict_s,
+    preset_fields,
+    read_preset,
+    relative_errors,
+    residuals_by_shape,
+    term_shares,
+    write_preset,
+)
+from kvflow.engine_adapters.simulated import StepFeatures
 from kvflow.request import Request, RequestState
 from kvflow.scheduler.plan import StepPlan
 
@@ -36,40 +46,80 @@ class Mix(NamedTuple):
     num_prefill_tokens: int
     num_decode_seqs: int
     context_len: int
+    prefill_context: int = 0
+    num_prefills: int = 1
+    decode_ramp: bool = False
 
+    def chunks(self) -> list[int]:
+        """The prefill chunks' lengths (the first takes the remainder)."""
+        if not self.num_prefill_tokens:
+            return []
+        k = self.num_prefills
+        base = self.num_prefill_tokens // k
+        return [base + self.num_prefill_tokens - base * k] + [base] * (k - 1)
 
-class Sample(NamedTuple):
-    """A step's counts, as `StepPlan` reports them, and its measured duration."""
-
-    num_prefill_tokens: int
-    num_decode_seqs: int
-    num_kv_tokens: int
-    duration_s: float
+    def decode_contexts(self) -> list[int]:
+        d, c = self.num_decode_seqs, self.context_len
+        if self.decode_ramp:
+            return [max(1, c * (i + 1) // d) for i in range(d)]
+        return [c] * d
 
 
 @dataclass(frozen=True, slots=True)
 class Grid:
-    """Mixes to time: every combination of the three axes (a mix without decode
-    sequences is taken once, whatever the context)."""
+    """Mixes to time: every combination of the first three axes (a mix without decode
+    sequences is taken once, whatever the context); then each prefill size after each
+    of `prefill_contexts` cached tokens (alone, and beside a middle decode batch), split
+    into each of `chunk_counts` chunks, and beside ramped decode batches."""
 
     prefill_tokens: tuple[int, ...] = (0, 32, 128, 512)
     decode_seqs: tuple[int, ...] = (0, 1, 4, 16, 32)
     context_lens: tuple[int, ...] = (16, 128, 512)
+    prefill_contexts: tuple[int, ...] = (256, 1024)
+    chunk_counts: tuple[int, ...] = (4,)
+    ramp: bool = True
 
     def mixes(self, max_positions: int | None = None) -> list[Mix]:
         """The grid's mixes, leaving out those longer than `max_positions`."""
         found: dict[Mix, None] = {}
+
+        def add(mix: Mix) -> None:
+            longest = max(
+                mix.prefill_context + max(mix.chunks(), default=0),
+                max(mix.decode_contexts(), default=0) + 1,
+            )
+            if max_positions is None or longest <= max_positions:
+                found[mix] = None
+
         for p, d, c in itertools.product(self.prefill_tokens, self.decode_seqs, self.context_lens):
-            mix = Mix(p, d, c if d else 0)
-            if p + d == 0 or (max_positions is not None and max(p, c + 1) > max_positions):
-                continue
-            found[mix] = None
+            if p + d:
+                add(Mix(p, d, c if d else 0))
+        prefills = [p for p in self.prefill_tokens if p > 1]
+        mid_d = self.decode_seqs[len(self.decode_seqs) // 2]
+        mid_c = self.context_lens[len(self.context_lens) // 2]
+        for p, pc in itertools.product(prefills, self.prefill_contexts):
+            add(Mix(p, 0, 0, prefill_context=pc))
+            if mid_d:
+                add(Mix(p, mid_d, mid_c, prefill_context=pc))
+        for p, k in itertools.product(prefills, self.chunk_counts):
+            if p // k > 1:
+                add(Mix(p, 0, 0, num_prefills=k))
+        if self.ramp:
+            for d, c in itertools.product(self.decode_seqs, self.context_lens):
+                if d > 1:
+                    add(Mix(0, d, c, decode_ramp=True))
+                    if prefills:
+                        add(Mix(prefills[len(prefills) // 2], d, c, decode_ramp=True))
         return list(found)
 
 
 TRAIN_GRID = Grid()
 HOLDOUT_GRID = Grid(
-    prefill_tokens=(0, 16, 64, 256), decode_seqs=(0, 2, 8, 24), context_lens=(64, 256)
+    prefill_tokens=(0, 16, 64, 256),
+    decode_seqs=(0, 2, 8, 24),
+    context_lens=(64, 256),
+    prefill_contexts=(512,),
+    chunk_counts=(2, 3),
 )
 """Off the training grid on every axis: the mixes the fit error is reported on."""
 
@@ -95,10 +145,10 @@ def plan_for(
         num_tokens.append(length - start)
         starts.append(start)
 
-    if mix.num_prefill_tokens:
-        add(mix.num_prefill_tokens, 0)
-    for _ in range(mix.num_decode_seqs):
-        add(mix.context_len + 1, mix.context_len)
+    for chunk in mix.chunks():
+        add(mix.prefill_context + chunk, mix.prefill_context)
+    for context in mix.decode_contexts():
+        add(context + 1, context)
     return StepPlan(
         step_id=0,
         now=0.0,
@@ -115,12 +165,29 @@ def blocks_needed(mixes: Iterable[Mix], block_size: int) -> int:
     """Blocks for the largest mix's plan without sharing any block."""
     return max(
         (
-            math.ceil(m.num_prefill_tokens / block_size)
-            + m.num_decode_seqs * math.ceil((m.context_len + 1) / block_size)
+            sum(math.ceil((m.prefill_context + c) / block_size) for c in m.chunks())
+            + sum(math.ceil((c + 1) / block_size) for c in m.decode_contexts())
             for m in mixes
         ),
         default=1,
     )
+
+
+Statistic = Literal["median", "mean", "min"]
+STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {
+    "median": statistics.median,
+    "mean": statistics.fmean,
+    "min": min,
+}
+
+
+class Measured(NamedTuple):
+    """`measure`'s result: one sample per mix, and per mix the relative difference
+    between the statistic of the first and of the second half of the runs (the
+    machine's run-to-run noise for that mix; 0 with a single run)."""
+
+    samples: list[Sample]
+    spreads: list[float]
 
 
 def measure(
@@ -131,20 +198,23 @@ def measure(
     num_blocks: int,
     vocab_size: int,
     repeat: int = 5,
-    statistic: Literal["median", "min"] = "median",
+    statistic: Statistic = "median",
     seed: int = 0,
-) -> list[Sample]:
+) -> Measured:
     """Time `runner.execute` on each mix: one warm-up run of every mix, then `repeat`
-    rounds over all mixes in a fresh random order each, keeping each mix's median (or
-    minimum) of the runner's reported durations. Interleaving spreads slow spells of a
-    shared machine over every mix instead of skewing a few; the minimum discards them,
-    estimating the step time of an otherwise idle machine.
+    rounds over all mixes in a fresh random order each, keeping each mix's `statistic`
+    of the runner's reported durations. Interleaving spreads slow spells of a shared
+    machine over every mix instead of skewing a few. The median (or mean) describes the
+    machine as it is, load included; the minimum, an idle one.
 
     Raises:
-        ValueError: `repeat` < 1.
+        ValueError: `repeat` < 1 or an unknown statistic.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    reduce = STATISTICS[statistic]
     plans = [plan_for(m, block_size, num_blocks, vocab_size, seed=i) for i, m in enumerate(mixes)]
     for plan in plans:
         runner.execute(plan)  # warm-up: allocator, kernels, caches
@@ -155,138 +225,25 @@ def measure(
         rng.shuffle(order)
         for i in order:
             durations[i].append(runner.execute(plans[i]).duration_s)
-    reduce = min if statistic == "min" else statistics.median
-    return [
-        Sample(p.num_prefill_tokens, p.num_decode_tokens, p.num_kv_tokens, reduce(d))
-        for p, d in zip(plans, durations, strict=True)
+    samples = [Sample(StepFeatures.of(p), reduce(d)) for p, d in zip(plans, durations, strict=True)]
+    half = repeat // 2
+    spreads = [
+        abs(reduce(d[:half]) - reduce(d[half:])) / reduce(d) if half else 0.0 for d in durations
     ]
-
-
-# Units of the columns: ms per unit of each count, so the solution is in the model's units.
-_SCALES = (1.0, 1e-3, 1e-3, 1e-6)
-
-
-def _row(s: Sample) -> tuple[float, float, float, float]:
-    return (1.0, float(s.num_prefill_tokens), float(s.num_decode_seqs), float(s.num_kv_tokens))
-
-
-def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(rhs)
-    a = [[*row, b] for row, b in zip(matrix, rhs, strict=True)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[pivot][col]) < 1e-12:
-            return None
-        a[col], a[pivot] = a[pivot], a[col]
-        for r in range(n):
-            if r != col:
-                factor = a[r][col] / a[col][col]
-                for k in range(col, n + 1):
-                    a[r][k] -= factor * a[col][k]
-    return [a[i][n] / a[i][i] for i in range(n)]
-
-
-def fit(samples: Sequence[Sample]) -> LatencyModel:
-    """The non-negative `LatencyModel` minimising the squared relative error of its
-    step times over `samples`.
-
-    Raises:
-        ValueError: no samples, or a sample with a non-positive duration.
-    """
-    if not samples:
-        raise ValueError("fit needs at least one sample")
-    bad = [s for s in samples if not s.duration_s > 0]
-    if bad:
-        raise ValueError(f"samples need positive durations, got {bad[0]!r}")
-    # Rows divided by the measured time (relative error); columns scaled to unit size
-    # so the normal equations stay well conditioned.
-    rows = [[v * u / (s.duration_s * 1e3) for v, u in zip(_row(s), _SCALES, strict=True)]
-            for s in samples]  # fmt: skip
-    norms = [max(abs(r[j]) for r in rows) or 1.0 for j in range(4)]
-    rows = [[r[j] / norms[j] for j in range(4)] for r in rows]
-    best: tuple[float, list[float]] | None = None
-    for size in range(1, 5):
-        for free in itertools.combinations(range(4), size):
-            gram = [[sum(r[i] * r[j] for r in rows) for j in free] for i in free]
-            rhs = [sum(r[i] for r in rows) for i in free]
-            solution = _solve(gram, rhs)
-            if solution is None or any(x < 0 for x in solution):
-                continue
-            coef = [0.0] * 4
-            for j, x in zip(free, solution, strict=True):
-                coef[j] = x
-            loss = sum((sum(r[j] * coef[j] for j in range(4)) - 1.0) ** 2 for r in rows)
-            if best is None or loss < best[0] - 1e-15:
-                best = (loss, coef)
-    if best is None:  # every subset singular: all counts zero; a fixed cost fits
-        return LatencyModel(statistics.fmean(s.duration_s for s in samples) * 1e3, 0, 0, 0)
-    c = [best[1][j] / norms[j] for j in range(4)]
-    return LatencyModel(fixed_ms=c[0], prefill_token_us=c[1], decode_seq_us=c[2], kv_token_ns=c[3])
-
-
-def predict_s(model: LatencyModel, sample: Sample) -> float:
-    """The model's step time for the sample's counts."""
-    return model.step_time_s(
-        sample.num_prefill_tokens, sample.num_decode_seqs, sample.num_kv_tokens
-    )
-
-
-def relative_errors(model: LatencyModel, samples: Sequence[Sample]) -> list[float]:
-    """|predicted - measured| / measured per sample."""
-    return [abs(predict_s(model, s) - s.duration_s) / s.duration_s for s in samples]
-
-
-def median_rel_error(model: LatencyModel, samples: Sequence[Sample]) -> float:
-    """The median of `relative_errors` (nan for no samples)."""
-    errors = relative_errors(model, samples)
-    return statistics.median(errors) if errors else math.nan
-
-
-# -- preset files ----------------------------------------------------------------------
-_COEFFICIENTS = ("fixed_ms", "prefill_token_us", "decode_seq_us", "kv_token_ns")
-
-
-def preset_fields(model: LatencyModel) -> dict[str, float]:
-    """The model's four coefficients by name, as a preset file holds them."""
-    return {name: float(getattr(model, name)) for name in _COEFFICIENTS}
-
-
-def write_preset(path: str | Path, latency: LatencyModel, **info: Any) -> dict[str, Any]:
-    """Write the model's coefficients and `info` (fit figures, model, device) as JSON;
-    returns the document."""
-    doc: dict[str, Any] = {**preset_fields(latency), **info}
-    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
-    return doc
-
-
-def read_preset(path: str | Path) -> LatencyModel:
-    """A latency model from a preset file written by `write_preset` (`kvflow calibrate`).
-
-    Raises:
-        ConfigError: an unreadable file or one without the four coefficients.
-    """
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"sim.preset_file={str(path)!r}: cannot read it: {err}") from None
-    values: dict[str, float] = {}
-    for name in _COEFFICIENTS:
-        value = doc.get(name) if isinstance(doc, dict) else None
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
-            raise ConfigError(
-                f"sim.preset_file={str(path)!r}: {name} must be a number >= 0, got {value!r}"
-            )
-        values[name] = float(value)
-    return LatencyModel(**values)
+    return Measured(samples, spreads)
 
 
 __all__ = [
     "HOLDOUT_GRID",
+    "LINEAR_TERMS",
+    "RUNNER_TERMS",
+    "STATISTICS",
     "TRAIN_GRID",
     "Grid",
+    "Measured",
     "Mix",
     "Sample",
+    "Statistic",
     "blocks_needed",
     "fit",
     "measure",
@@ -296,5 +253,7 @@ __all__ = [
     "preset_fields",
     "read_preset",
     "relative_errors",
+    "residuals_by_shape",
+    "term_shares",
     "write_preset",
 ]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from kvflow.config import ConfigError, SimRunnerConfig
+from kvflow.config import ConfigError, KVFlowConfig, SimRunnerConfig
 from kvflow.engine_adapters.calibrate import (
     HOLDOUT_GRID,
+    LINEAR_TERMS,
+    RUNNER_TERMS,
     TRAIN_GRID,
     Grid,
     Mix,
@@ -20,20 +23,42 @@ from kvflow.engine_adapters.calibrate import (
     plan_for,
     preset_fields,
     read_preset,
+    residuals_by_shape,
+    term_shares,
     write_preset,
 )
-from kvflow.engine_adapters.simulated import LatencyModel, latency_model_from_config
+from kvflow.engine_adapters.simulated import (
+    LatencyModel,
+    SimulatedRunner,
+    StepFeatures,
+    latency_model_from_config,
+)
 
 KNOWN = LatencyModel(fixed_ms=2.5, prefill_token_us=30.0, decode_seq_us=45.0, kv_token_ns=12.0)
+FULL = LatencyModel(
+    fixed_ms=2.5,
+    prefill_token_us=30.0,
+    decode_seq_us=45.0,
+    kv_token_ns=12.0,
+    prefill_attn_ns=40.0,
+    prefill_seq_us=400.0,
+    decode_padded_kv_ns=20.0,
+)
+"""Every runner term non-zero, the quadratic prefill attention among them."""
 
 
-def samples_of(model: LatencyModel, mixes: list[Mix]) -> list[Sample]:
-    """What a runner that takes exactly `model`'s time would measure."""
+def samples_of(
+    model: LatencyModel, mixes: list[Mix], noise: float = 0.0, seed: int = 0
+) -> list[Sample]:
+    """What a runner that takes exactly `model`'s time would measure; with `noise`,
+    each time is multiplied by a seeded factor uniform in [1 - noise, 1 + noise]."""
+    rng = random.Random(seed)
     out = []
     for mix in mixes:
         plan = plan_for(mix, block_size=4, num_blocks=blocks_needed(mixes, 4), vocab_size=50)
-        p, d, kv = plan.num_prefill_tokens, plan.num_decode_tokens, plan.num_kv_tokens
-        out.append(Sample(p, d, kv, model.step_time_s(p, d, kv)))
+        features = StepFeatures.of(plan)
+        factor = 1.0 + rng.uniform(-noise, noise)
+        out.append(Sample(features, model.features_time_s(features) * factor))
     return out
 
 
@@ -48,14 +73,35 @@ def test_plan_of_a_mix_has_the_counts_the_simulator_reads() -> None:
     assert len(set(used)) == len(used) == blocks_needed([Mix(10, 3, 7)], 4)
 
 
+def test_features_of_chunked_prefills_with_context_and_ramped_decodes() -> None:
+    mix = Mix(30, 4, 16, prefill_context=8, num_prefills=3, decode_ramp=True)
+    plan = plan_for(mix, block_size=4, num_blocks=blocks_needed([mix], 4), vocab_size=50)
+    f = StepFeatures.of(plan)
+    assert mix.chunks() == [10, 10, 10] and mix.decode_contexts() == [4, 8, 12, 16]
+    assert f.num_prefill_seqs == 3 and f.num_prefill_tokens == 30
+    assert f.prefill_attn_pairs == 3 * 10 * (8 + 10)
+    assert f.num_decode_seqs == 4 and f.decode_padded_kv == 4 * 17
+    assert f.num_kv_tokens == 3 * 18 + (5 + 9 + 13 + 17)
+    assert f.num_seqs == 7
+    assert Mix(7, 0, 0, num_prefills=2).chunks() == [4, 3]
+
+
 def test_grid_takes_a_prefill_only_mix_once_and_respects_max_positions() -> None:
-    mixes = Grid(prefill_tokens=(0, 8), decode_seqs=(0, 2), context_lens=(4, 600)).mixes(512)
-    assert mixes == [Mix(0, 2, 4), Mix(8, 0, 0), Mix(8, 2, 4)]
+    grid = Grid(
+        prefill_tokens=(0, 8),
+        decode_seqs=(0, 2),
+        context_lens=(4, 600),
+        prefill_contexts=(1000,),
+        chunk_counts=(),
+        ramp=False,
+    )
+    assert grid.mixes(512) == [Mix(0, 2, 4), Mix(8, 0, 0), Mix(8, 2, 4)]
+    assert Mix(8, 0, 0, prefill_context=1000) in grid.mixes()
     assert not set(TRAIN_GRID.mixes()) & set(HOLDOUT_GRID.mixes())
 
 
 def test_fit_recovers_known_coefficients_exactly() -> None:
-    fitted = fit(samples_of(KNOWN, TRAIN_GRID.mixes()))
+    fitted = fit(samples_of(KNOWN, TRAIN_GRID.mixes()), LINEAR_TERMS)
     assert fitted.fixed_ms == pytest.approx(KNOWN.fixed_ms, rel=1e-6)
     assert fitted.prefill_token_us == pytest.approx(KNOWN.prefill_token_us, rel=1e-6)
     assert fitted.decode_seq_us == pytest.approx(KNOWN.decode_seq_us, rel=1e-6)
@@ -63,13 +109,48 @@ def test_fit_recovers_known_coefficients_exactly() -> None:
     assert median_rel_error(fitted, samples_of(KNOWN, HOLDOUT_GRID.mixes())) < 1e-6
 
 
+def test_fit_recovers_every_term_including_the_quadratic_one() -> None:
+    fitted = fit(samples_of(FULL, TRAIN_GRID.mixes()))
+    for name in RUNNER_TERMS:
+        assert getattr(fitted, name) == pytest.approx(getattr(FULL, name), rel=1e-5), name
+    assert fitted.step_overhead_ms == 0.0 and fitted.seq_overhead_us == 0.0
+
+
+def test_fit_recovers_the_terms_from_noisy_timings() -> None:
+    # 3% noise on every timing (seeded). The terms the grid tells apart come back within
+    # 10%, the quadratic attention among them; the two KV terms (summed and padded
+    # context) differ only on the ramped decode mixes, so noise may move time between
+    # them, but held-out steps are still predicted within the noise.
+    noisy = samples_of(FULL, TRAIN_GRID.mixes(), noise=0.03, seed=1)
+    fitted = fit(noisy)
+    for name in ("fixed_ms", "prefill_token_us", "decode_seq_us", "prefill_attn_ns",
+                 "prefill_seq_us"):  # fmt: skip
+        assert getattr(fitted, name) == pytest.approx(getattr(FULL, name), rel=0.10), name
+    assert median_rel_error(fitted, samples_of(FULL, HOLDOUT_GRID.mixes())) < 0.01
+    # The four-term model cannot price the quadratic attention: it misses by more.
+    linear = fit(noisy, LINEAR_TERMS)
+    assert median_rel_error(linear, noisy) > 2 * median_rel_error(fitted, noisy)
+
+
+def test_term_shares_add_up_and_residuals_group_by_shape() -> None:
+    samples = samples_of(FULL, TRAIN_GRID.mixes())
+    shares = term_shares(FULL, samples)
+    assert set(shares) == set(RUNNER_TERMS)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    biases = residuals_by_shape(FULL, samples)
+    assert set(biases) == {"prefill", "decode", "mixed"}
+    assert all(abs(b) < 1e-9 for b in biases.values())
+    slow = [Sample(s.features, s.duration_s * 2) for s in samples]
+    assert all(b == pytest.approx(-0.5) for b in residuals_by_shape(FULL, slow).values())
+
+
 def test_fit_recovers_a_zero_coefficient_and_never_goes_negative() -> None:
     no_kv = LatencyModel(fixed_ms=1.0, prefill_token_us=5.0, decode_seq_us=50.0, kv_token_ns=0.0)
-    fitted = fit(samples_of(no_kv, TRAIN_GRID.mixes()))
+    fitted = fit(samples_of(no_kv, TRAIN_GRID.mixes()), LINEAR_TERMS)
     assert fitted.kv_token_ns == pytest.approx(0.0, abs=1e-9)
     assert fitted.decode_seq_us == pytest.approx(50.0, rel=1e-6)
     # Longer steps taking less time would need a negative cost per token: it is clamped.
-    shrinking = [Sample(n, 0, n, 0.01 / (1 + n)) for n in (1, 10, 100, 1000)]
+    shrinking = [Sample(StepFeatures(n, 0, n), 0.01 / (1 + n)) for n in (1, 10, 100, 1000)]
     clamped = fit(shrinking)
     assert min(preset_fields(clamped).values()) >= 0.0
     assert clamped.prefill_token_us == 0.0 and clamped.kv_token_ns == 0.0
@@ -79,17 +160,62 @@ def test_fit_rejects_what_it_cannot_use() -> None:
     with pytest.raises(ValueError, match="at least one sample"):
         fit([])
     with pytest.raises(ValueError, match="positive durations"):
-        fit([Sample(1, 0, 1, 0.0)])
+        fit([Sample(StepFeatures(1, 0, 1), 0.0)])
+    with pytest.raises(ValueError, match="unknown latency terms"):
+        fit([Sample(StepFeatures(1, 0, 1), 1.0)], ["fixed_ms", "warp_ns"])
 
 
 def test_a_preset_file_round_trips_and_the_simulator_loads_it(tmp_path: Path) -> None:
     path = tmp_path / "preset.json"
-    doc = write_preset(path, KNOWN, fit={"median_rel_error": 0.05, "num_points": 9}, model="m")
+    doc = write_preset(path, FULL, fit={"median_rel_error": 0.05, "num_points": 9}, model="m")
     assert json.loads(path.read_text()) == doc
-    assert read_preset(path) == KNOWN
-    assert latency_model_from_config(SimRunnerConfig(preset_file=str(path))) == KNOWN
-    overridden = latency_model_from_config(SimRunnerConfig(preset_file=str(path), fixed_ms=9.0))
-    assert overridden.fixed_ms == 9.0 and overridden.kv_token_ns == KNOWN.kv_token_ns
+    assert read_preset(path) == FULL
+    assert latency_model_from_config(SimRunnerConfig(preset_file=str(path))) == FULL
+    overridden = latency_model_from_config(
+        SimRunnerConfig(preset_file=str(path), fixed_ms=9.0, prefill_attn_ns=0.0)
+    )
+    assert overridden.fixed_ms == 9.0 and overridden.kv_token_ns == FULL.kv_token_ns
+    assert overridden.prefill_attn_ns == 0.0 and overridden.prefill_seq_us == FULL.prefill_seq_us
+
+
+def test_a_preset_of_the_four_original_terms_loads_and_prices_steps_as_before(
+    tmp_path: Path,
+) -> None:
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**{t: getattr(KNOWN, t) for t in LINEAR_TERMS}, "fit": {}}))
+    loaded = read_preset(old)
+    assert loaded == KNOWN and loaded.is_linear and loaded.prefill_attn_ns == 0.0
+    plan = plan_for(Mix(10, 3, 7, prefill_context=4), block_size=4, num_blocks=100, vocab_size=50)
+    expected = KNOWN.step_time_s(
+        plan.num_prefill_tokens, plan.num_decode_tokens, plan.num_kv_tokens
+    )
+    assert SimulatedRunner(loaded).execute(plan).duration_s == expected
+    assert KNOWN.features_time_s(StepFeatures.of(plan)) == pytest.approx(expected)
+    assert not FULL.is_linear
+    assert SimulatedRunner(FULL).execute(plan).duration_s == pytest.approx(
+        FULL.features_time_s(StepFeatures.of(plan))
+    )
+
+
+def test_a_preset_carries_tier_copy_figures_and_overlap_into_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "preset.json"
+    transfer = {"cpu_to_disk_gbps": 1.5, "disk_latency_us": 250.0}
+    doc = write_preset(path, FULL, transfer, overlap=True)
+    assert doc["kv"] == {"transfer": transfer} and doc["sim"] == {"overlap": True}
+    config = KVFlowConfig.load(None, {"sim.preset_file": str(path)})
+    assert config.kv.transfer.cpu_to_disk_gbps == 1.5
+    assert config.kv.transfer.disk_latency_us == 250.0
+    assert config.kv.transfer.cpu_to_device_gbps == 50.0  # not in the preset: default
+    assert config.sim.overlap is True
+    explicit = KVFlowConfig().with_overrides(
+        {"sim.preset_file": str(path), "kv.transfer.disk_latency_us": 7.0, "sim.overlap": False}
+    )
+    assert explicit.kv.transfer.disk_latency_us == 7.0 and explicit.sim.overlap is False
+    assert explicit.kv.transfer.cpu_to_disk_gbps == 1.5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**preset_fields(KNOWN), "kv": {"transfer": [1]}}))
+    with pytest.raises(ConfigError, match=r"kv\.transfer must be an object"):
+        KVFlowConfig.load(None, {"sim.preset_file": str(bad)})
 
 
 def test_a_bad_preset_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
