@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 from anyio.abc import TaskGroup
@@ -52,6 +52,7 @@ def replay_realtime(
     runner: ModelRunner,
     store: KVStore | None = None,
     time_scale: float = 1.0,
+    clock: Callable[[], float] | None = None,
 ) -> ReplayResult:
     """Replay `requests` in wall-clock time through an `AsyncEngine`; blocks until the
     last request finishes. Runs its own event loop (asyncio, uvloop when installed);
@@ -65,12 +66,15 @@ def replay_realtime(
         runner: a real runner (its cache the device tier of `store`) or any other.
         store: the KV store; for a real runner, the one its cache belongs to.
         time_scale: multiplies arrival offsets (0.5 replays twice as fast).
+        clock: the engine's clock, seconds from the start of the replay (it must read
+            about 0 when called); by default `time.monotonic` from the call. Pass your
+            own to put what you measure on the engine's time line.
 
     Raises:
         ValueError: `time_scale` is not positive.
     """
     result: ReplayResult = run_blocking(
-        replay_realtime_async, requests, config, policy, runner, store, time_scale
+        replay_realtime_async, requests, config, policy, runner, store, time_scale, clock
     )
     return result
 
@@ -82,6 +86,7 @@ async def replay_realtime_async(
     runner: ModelRunner,
     store: KVStore | None = None,
     time_scale: float = 1.0,
+    clock: Callable[[], float] | None = None,
 ) -> ReplayResult:
     """`replay_realtime` on the running event loop."""
     if not time_scale > 0:
@@ -90,10 +95,7 @@ async def replay_realtime_async(
     pending = sorted(requests, key=lambda r: r.arrival_time)
     first = pending[0].arrival_time if pending else 0.0
     wall_start = time.perf_counter()
-    t0 = time.monotonic()
-
-    def clock() -> float:
-        return time.monotonic() - t0
+    clock = clock or seconds_since_now()
 
     states: list[RequestState] = []
     engine = AsyncEngine(
@@ -118,6 +120,16 @@ async def replay_realtime_async(
     )
 
 
+def seconds_since_now() -> Callable[[], float]:
+    """A clock reading seconds since this call (`time.monotonic`)."""
+    t0 = time.monotonic()
+
+    def clock() -> float:
+        return time.monotonic() - t0
+
+    return clock
+
+
 def _submit(engine: AsyncEngine, request: Request, tg: TaskGroup) -> RequestState:
     # A trace gives output lengths: a model's EOS must not cut them short.
     sampling = dataclasses.replace(request.sampling, ignore_eos=True)
@@ -132,4 +144,4 @@ def _submit(engine: AsyncEngine, request: Request, tg: TaskGroup) -> RequestStat
     return stream.state
 
 
-__all__ = ["fit_to_vocab", "replay_realtime", "replay_realtime_async"]
+__all__ = ["fit_to_vocab", "replay_realtime", "replay_realtime_async", "seconds_since_now"]

@@ -77,6 +77,9 @@ def replay(
         check_integrity: call `Scheduler.check_integrity()` after every commit (slow;
             for tests).
         on_step: called after every commit with (scheduler, plan, result, now).
+
+    With `config.sim.overlap` (and a runner that supports it), steps follow
+    `AsyncEngine`'s overlapped loop (`_run_overlapped`).
     """
     name, policy = resolve_policy(policy, config)
     if runner is None:
@@ -85,8 +88,9 @@ def replay(
     pending = sorted(requests, key=lambda r: r.arrival_time)
     states: list[RequestState] = []
     wall_start = time.perf_counter()
+    run = _run_overlapped if config.sim.overlap and runner.supports_overlap else _run
     with cyclic_gc_paused():
-        now = _run(scheduler, runner, pending, states, check_integrity, on_step)
+        now = run(scheduler, runner, pending, states, check_integrity, on_step)
     scheduler.store.drain(now)  # demotions still in flight
     if check_integrity:
         scheduler.check_integrity()
@@ -154,4 +158,69 @@ def _run(
             scheduler.check_integrity()
         if on_step is not None:
             on_step(scheduler, plan, result, now)
+    return now
+
+
+def _run_overlapped(
+    scheduler: Scheduler,
+    runner: ModelRunner,
+    pending: list[Request],
+    states: list[RequestState],
+    check_integrity: bool,
+    on_step: StepHook | None,
+) -> float:
+    """`_run` as `AsyncEngine` steps with overlap: when step N starts, step N+1 is
+    planned (`overlapped=True`) from the arrivals until then, and it executes right
+    after step N's commit; a request arriving while step N runs waits for step N+2.
+    After a plan short of blocks the next one is made after the commit, as the engine
+    does. Idle gaps are skipped as in `_run`."""
+    now = pending[0].arrival_time if pending else 0.0
+    i = 0
+    n = len(pending)
+    plan: StepPlan | None = None
+    while True:
+        while i < n and pending[i].arrival_time <= now:
+            states.append(scheduler.add(pending[i]))
+            i += 1
+        if plan is None:
+            if not scheduler.has_unfinished:
+                if i >= n:
+                    break
+                _settle_real_copies(scheduler)
+                now = pending[i].arrival_time
+                continue
+            plan = scheduler.plan(now)
+            if plan.is_empty:
+                plan = None
+                t_copy = scheduler.next_event_time()
+                candidates = [t for t in (t_copy,) if t is not None]
+                if i < n:
+                    candidates.append(pending[i].arrival_time)
+                if candidates:
+                    _settle_real_copies(scheduler)
+                    now = max(now, min(candidates))
+                    continue
+                if scheduler.store.num_inflight:
+                    scheduler.store.wait(1.0)
+                    continue
+                if not scheduler.has_unfinished:
+                    break
+                raise ReplayStalledError(
+                    f"at t={now:.6f}s the scheduler holds {scheduler.num_unfinished} "
+                    "requests but scheduled nothing, and no arrival or copy is due"
+                )
+        next_plan = None
+        if not scheduler.last_plan_short_of_blocks:
+            next_plan = scheduler.plan(now, overlapped=True)
+        result = runner.execute(plan)
+        now += result.duration_s
+        while i < n and pending[i].arrival_time <= now:  # they arrived during the step
+            states.append(scheduler.add(pending[i]))
+            i += 1
+        scheduler.commit(plan, result, now)
+        if check_integrity:
+            scheduler.check_integrity()
+        if on_step is not None:
+            on_step(scheduler, plan, result, now)
+        plan = next_plan if next_plan is not None and not next_plan.is_empty else None
     return now

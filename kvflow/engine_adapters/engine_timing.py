@@ -1,0 +1,209 @@
+"""What `AsyncEngine` spends per step around the runner's forward pass.
+
+A step of the engine is more than `runner.execute`: the hop to the worker thread and
+back, the overlapped planning of the next step competing for the interpreter, the
+commit, and each request's new tokens put on its stream (and the consumer tasks that
+wake up for them). `StepTimer` wraps a runner and records when each step started;
+while the engine is busy (the next step was planned before this one ended), the time
+from one step's start to the next one's is the engine's whole step. What the runner
+model does not explain of it is the engine's overhead, fitted as a cost per step plus
+a cost per scheduled request (`fit_overhead`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from kvflow.config import KVFlowConfig
+from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_adapters.simulated import LatencyModel, StepFeatures
+from kvflow.kv.store import KVStore
+from kvflow.request import Request
+from kvflow.scheduler.plan import StepPlan, StepResult
+
+
+class TimedStep(NamedTuple):
+    features: StepFeatures
+    planned_at: float
+    """The plan's `now` (the engine's clock when it was made)."""
+    started_at: float
+    """The engine's clock when execute began."""
+    execute_s: float
+    """The runner's reported duration."""
+
+
+class StepTimer(ModelRunner):
+    """A runner that runs `inner` and records every step (`steps`), on `clock` (the
+    engine's clock)."""
+
+    def __init__(self, inner: ModelRunner, clock: Callable[[], float]) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.name = inner.name
+        self.supports_overlap = inner.supports_overlap
+        self.steps: list[TimedStep] = []
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        started = self.clock()
+        result = self.inner.execute(plan)
+        self.steps.append(TimedStep(StepFeatures.of(plan), plan.now, started, result.duration_s))
+        return result
+
+
+class EngineStep(NamedTuple):
+    """A busy step: its features, the runner's duration and the engine's (start to the
+    next step's start)."""
+
+    features: StepFeatures
+    execute_s: float
+    period_s: float
+
+
+def busy_steps(steps: Sequence[TimedStep]) -> list[EngineStep]:
+    """Steps whose successor was planned before they ended (the engine went straight
+    on: overlap), so the time to the successor's start is all engine work."""
+    out = []
+    for step, after in itertools.pairwise(steps):
+        if after.planned_at <= step.started_at + step.execute_s:
+            out.append(
+                EngineStep(step.features, step.execute_s, after.started_at - step.started_at)
+            )
+    return out
+
+
+class Overhead(NamedTuple):
+    step_overhead_ms: float
+    seq_overhead_us: float
+    num_steps: int
+    median_rel_error: float
+    """Median |predicted - measured| / measured of whole engine steps: the runner
+    model plus this overhead against each busy step's period."""
+    runner_median_rel_error: float
+    """Median |predicted - measured| / measured of the runner model against the
+    runner's own durations inside the engine (includes any drift of the machine's
+    speed since the grid was timed)."""
+
+
+def fit_overhead(runner_model: LatencyModel, steps: Sequence[EngineStep]) -> Overhead:
+    """The engine's overhead as a cost per step plus one per scheduled request: the
+    least-squares fit (both >= 0) of each busy step's period minus the runner's own
+    duration of that step. Both are measured in the same run, so a machine that got
+    slower or faster since the grid was timed does not leak into the overhead. Least
+    squares on absolute time predicts the sum of step times, which latencies add up.
+
+    Raises:
+        ValueError: no steps.
+    """
+    from scipy.optimize import nnls
+
+    if not steps:
+        raise ValueError("fit_overhead needs at least one busy engine step")
+    residual = np.array([s.period_s - s.execute_s for s in steps])
+    matrix = np.array([[1e-3, s.features.num_seqs * 1e-6] for s in steps])
+    norms = matrix.max(axis=0)
+    norms[norms == 0] = 1.0
+    coef, _ = nnls(matrix / norms, residual, maxiter=100)
+    per_step, per_seq = (float(c) for c in coef / norms)
+    model = dataclasses.replace(runner_model, step_overhead_ms=per_step, seq_overhead_us=per_seq)
+    whole = [abs(model.features_time_s(s.features) - s.period_s) / s.period_s for s in steps]
+    runner = [
+        abs(runner_model.features_time_s(s.features) - s.execute_s) / s.execute_s
+        for s in steps
+        if s.execute_s > 0
+    ]
+    return Overhead(
+        per_step,
+        per_seq,
+        len(steps),
+        statistics.median(whole),
+        statistics.median(runner) if runner else float("nan"),
+    )
+
+
+def engine_noise(steps: Sequence[EngineStep]) -> float:
+    """The median relative deviation of `period / execute` from its median: how much
+    the engine's step varies around the runner's for the same work, a measure of the
+    machine's noise during the run."""
+    ratios = [s.period_s / s.execute_s for s in steps if s.execute_s > 0]
+    if not ratios:
+        return float("nan")
+    mid = statistics.median(ratios)
+    return statistics.median(abs(r / mid - 1.0) for r in ratios)
+
+
+def calibration_workload(
+    num_requests: int, vocab_size: int, max_len: int, seed: int = 7
+) -> list[Request]:
+    """Requests for timing the engine: two shared system prompts, varied own prompts
+    and outputs, all at t=0 (`measure_engine` spreads them). Folded into the vocabulary;
+    every request fits in `max_len` positions."""
+    from kvflow.traces.realtime import fit_to_vocab
+    from kvflow.traces.synthetic import shared_prefix_workload
+
+    prefix = max(1, min(128, max_len // 4))
+    records = shared_prefix_workload(
+        num_requests,
+        num_groups=2,
+        prefix_len=prefix,
+        suffix_len=(4, max(4, min(384, max_len // 2 - prefix))),
+        output_len=(4, max(4, min(48, max_len // 4))),
+        seed=seed,
+    )
+    return fit_to_vocab([r.to_request() for r in records], vocab_size)
+
+
+def measure_engine(
+    runner: ModelRunner,
+    config: KVFlowConfig,
+    store: KVStore,
+    runner_model: LatencyModel,
+    requests: Sequence[Request],
+    load: float = 2.0,
+) -> tuple[Overhead, float]:
+    """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
+    a Poisson stream at `load` times the rate the runner model says the engine can
+    serve (so queues form and steps mix prefills and decodes), and fit the engine's
+    overhead on the busy steps. Returns the fit and `engine_noise` of the run.
+
+    Raises:
+        ValueError: no busy step was seen (too few requests).
+    """
+    import random
+
+    from kvflow.engine_adapters.simulated import SimulatedRunner
+    from kvflow.traces.realtime import replay_realtime, seconds_since_now
+    from kvflow.traces.replay import replay
+
+    burst = [dataclasses.replace(r, arrival_time=0.0) for r in requests]
+    makespan = replay(burst, config, "fcfs", SimulatedRunner(runner_model)).end_time
+    rate = load * len(burst) / makespan if makespan > 0 else 1e3
+    rng = random.Random(0)
+    t = 0.0
+    timed = []
+    for r in burst:
+        timed.append(dataclasses.replace(r, arrival_time=t))
+        t += rng.expovariate(rate)
+    clock = seconds_since_now()
+    timer = StepTimer(runner, clock)
+    replay_realtime(timed, config, "fcfs", timer, store, clock=clock)
+    steps = busy_steps(timer.steps)
+    return fit_overhead(runner_model, steps), engine_noise(steps)
+
+
+__all__ = [
+    "EngineStep",
+    "Overhead",
+    "StepTimer",
+    "TimedStep",
+    "busy_steps",
+    "calibration_workload",
+    "engine_noise",
+    "fit_overhead",
+    "measure_engine",
+]
