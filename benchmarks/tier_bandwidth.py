@@ -34,35 +34,14 @@ import argparse
 import json
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from kvflow.config import KVFlowConfig
+from kvflow.kv.bandwidth import MIB, best_of_pair, drop_cached_pages, store_copy
 from kvflow.kv.storage import DiskStorage, TensorStorage
-from kvflow.kv.transfer import Direction, TensorCopyEngine, Transfer
-
-MIB = 2**20
-
-
-def best_of_pair(
-    repeat: int,
-    first: Callable[[], object],
-    second: Callable[[], object],
-    before_each: Callable[[], object] = lambda: None,
-) -> tuple[float, float]:
-    """Best times of two operations, measured alternately so that a busy spell on a
-    shared machine hits both alike; `before_each` runs untimed before every run."""
-    best = [float("inf"), float("inf")]
-    for _ in range(repeat):
-        for i, fn in enumerate((first, second)):
-            before_each()
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], best[1]
+from kvflow.kv.transfer import Direction, TensorCopyEngine
 
 
 def main() -> None:
@@ -108,20 +87,6 @@ def main() -> None:
                 n = size * MIB // bpb
                 slots = list(range(n))
 
-                def store_copy(
-                    direction: Direction, slots: list[int] = slots
-                ) -> Callable[[], None]:
-                    def run() -> None:
-                        engine.submit(
-                            Transfer(direction, slots, slots, slots, len(slots) * bpb), 0.0
-                        )
-                        engine.settle()
-                        ((_, ok),) = engine.completed(0.0)
-                        if not all(ok):  # a miss would be fast, and no copy at all
-                            raise RuntimeError(f"the store's {direction} copy failed")
-
-                    return run
-
                 src_dev = dev.data[:n]
                 dst_cpu = cpu.data[:n]
                 raw = {
@@ -141,12 +106,14 @@ def main() -> None:
                 ]
                 for direction, source in cases:
                     if direction == "disk_to_device":
-                        store_copy("cpu_to_disk")()  # something valid to read back
+                        store_copy(
+                            engine, "cpu_to_disk", slots, n * bpb
+                        )()  # something valid to read back
                     t_store, t_raw = best_of_pair(
                         args.repeat,
-                        store_copy(direction),
+                        store_copy(engine, direction, slots, n * bpb),
                         raw[direction],  # type: ignore[arg-type]
-                        (lambda: _drop_cached_pages(disk.path))
+                        (lambda: drop_cached_pages(disk.path))
                         if source == "storage"
                         else lambda: None,
                     )
@@ -204,15 +171,6 @@ def _raw_read(path: Path, offset: int, host: torch.Tensor, dst: torch.Tensor) ->
     if dst.is_cuda:
         dst.copy_(host)
         _sync()
-
-
-def _drop_cached_pages(path: Path) -> None:
-    """Evict the file's (clean, fsynced) pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":
