@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kvflow.cli.common import CLIError, parse_comma_list
+from kvflow.cli.common import CLIError, config_overrides, parse_comma_list
 from kvflow.cli.options import add_model_arguments
 
 
@@ -25,27 +25,76 @@ def _int_list(text: str) -> tuple[int, ...]:
     )
 
 
+def _mib_list(text: str) -> tuple[float, ...]:
+    return tuple(
+        parse_comma_list(
+            text,
+            float,
+            lambda v: v > 0,
+            malformed="expected sizes in MiB like 1,4,16",
+            invalid="expected sizes > 0",
+        )
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cp = sub.add_parser(
         "calibrate",
         help="time a real runner and fit the simulator's latency model to it",
-        description="Time --engine's runner over a grid of step mixes (prefill tokens x "
-        "decode sequences x context lengths), fit the simulated runner's four coefficients "
-        "(non-negative least squares on relative error), report the fit's error on held-out "
-        "mixes, and write a preset that `kvflow replay --set sim.preset_file=FILE` loads.",
+        description="Time --engine's runner over a grid of step mixes (prefill chunks, "
+        "decode sequences, contexts), fit the simulated runner's latency model (non-negative "
+        "least squares on relative error), time the async engine's overhead around it and the "
+        "store's tier copies, report the fit's error on held-out mixes (and with --validate, "
+        "on a whole trace), and write a preset that `kvflow replay --set sim.preset_file=FILE` "
+        "loads.",
     )
     cp.add_argument("--engine", choices=["torch", "hf"], default="torch", help="runner to time")
     add_model_arguments(cp, required=True)
     cp.add_argument("--out", metavar="PRESET.json", help="write the fitted preset here")
-    cp.add_argument(
-        "--repeat", type=int, default=5, metavar="N", help="timed runs per mix (median; 5)"
-    )
+    cp.add_argument("--repeat", type=int, default=5, metavar="N", help="timed runs per mix (5)")
     cp.add_argument(
         "--statistic",
-        choices=["median", "min"],
+        choices=["median", "mean", "min"],
         default="median",
-        help="per mix, the median of the timed runs (default) or their minimum (the step "
-        "time of an idle machine; steadier where other work shares the CPU)",
+        help="per mix, the median of the timed runs (default; predicts a machine as loaded "
+        "as during calibration), their mean, or their minimum (an idle machine's step time)",
+    )
+    cp.add_argument(
+        "--engine-requests",
+        type=int,
+        default=24,
+        metavar="N",
+        help="time the async engine's whole steps over N requests in real time and fit its "
+        "overhead per step and per request (default 24; 0 skips it)",
+    )
+    cp.add_argument(
+        "--no-tiers",
+        dest="tiers",
+        action="store_false",
+        help="skip timing the store's tier copies (kv.transfer.* of the preset)",
+    )
+    cp.add_argument("--tier-dir", metavar="DIR", help="directory for the disk tier's test slab")
+    cp.add_argument(
+        "--tier-mib",
+        type=_mib_list,
+        default=(1.0, 4.0, 16.0),
+        metavar="MIB,..",
+        help="copy batch sizes to time each tier direction at (default 1,4,16)",
+    )
+    cp.add_argument(
+        "--validate",
+        metavar="TRACE",
+        help="replay TRACE twice in real time and once simulated with the fitted model and "
+        "compare TTFT/TPOT/ITL/E2E percentiles, steps and hit rate (kept in the preset's fit)",
+    )
+    cp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="settings",
+        metavar="KEY=VALUE",
+        help="config override for the engine timing and the validation runs, both real and "
+        "simulated (e.g. scheduler.max_num_batched_tokens=512)",
     )
     cp.add_argument("--block-size", type=int, default=16, metavar="N", help="KV block size (16)")
     cp.add_argument(
@@ -70,9 +119,25 @@ def _device_name(device: Any) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
+def _grid(args: argparse.Namespace) -> Any:
     import dataclasses
+
+    from kvflow.engine_adapters import calibrate as cal
+
+    train_grid = cal.TRAIN_GRID
+    for field, value in (
+        ("prefill_tokens", args.prefill),
+        ("decode_seqs", args.decode),
+        ("context_lens", args.context),
+    ):
+        if value is not None:
+            train_grid = dataclasses.replace(train_grid, **{field: value})
+    return train_grid
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
     import json
+    import statistics
     from pathlib import Path
 
     from kvflow.engine_adapters import calibrate as cal
@@ -82,26 +147,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--repeat must be >= 1, got {args.repeat}")
     if args.block_size < 1:
         raise CLIError(f"--block-size must be >= 1, got {args.block_size}")
+    if args.engine_requests < 0:
+        raise CLIError(f"--engine-requests must be >= 0, got {args.engine_requests}")
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    train_grid = cal.TRAIN_GRID
-    for field, value in (
-        ("prefill_tokens", args.prefill),
-        ("decode_seqs", args.decode),
-        ("context_lens", args.context),
-    ):
-        if value is not None:
-            train_grid = dataclasses.replace(train_grid, **{field: value})
+    settings = {"kv.block_size": args.block_size, **config_overrides(args)}
+    validate_requests = _validation_trace(args) if args.validate else None
     model = load_model(args.model, args.engine, args.dtype)
-    train = train_grid.mixes(model.max_position_embeddings)
+    settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)
+    train = _grid(args).mixes(model.max_position_embeddings)
     holdout = cal.HOLDOUT_GRID.mixes(model.max_position_embeddings)
-    if len(train) < 4:
-        raise CLIError(f"the training grid has {len(train)} mixes; 4 coefficients need >= 4")
+    if len(train) < len(cal.RUNNER_TERMS):
+        raise CLIError(
+            f"the training grid has {len(train)} mixes; {len(cal.RUNNER_TERMS)} coefficients "
+            f"need >= {len(cal.RUNNER_TERMS)}"
+        )
     num_blocks = cal.blocks_needed([*train, *holdout], args.block_size)
-    settings = {"kv.block_size": args.block_size, "kv.device.num_blocks": num_blocks}
-    _, runner, store = build_runner(model, settings)
+    _, runner, store = build_runner(
+        model, {"kv.block_size": args.block_size, "kv.device.num_blocks": num_blocks}
+    )
     sizes = {
         "block_size": args.block_size,
         "num_blocks": num_blocks,
@@ -114,23 +180,42 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"on {device} ..."
         )
         # One interleaved measurement of both sets, so a slow spell skews neither.
-        samples = cal.measure(
+        measured = cal.measure(
             runner, [*train, *holdout], repeat=args.repeat, statistic=args.statistic, **sizes
         )
-        train_samples, holdout_samples = samples[: len(train)], samples[len(train) :]
     finally:
         store.close()
+    train_samples = measured.samples[: len(train)]
+    holdout_samples = measured.samples[len(train) :]
     fitted = cal.fit(train_samples)
-    train_error = cal.median_rel_error(fitted, train_samples)
-    holdout_error = cal.median_rel_error(fitted, holdout_samples)
-    fit_info = {
-        "median_rel_error": holdout_error,
+    linear = cal.fit(train_samples, cal.LINEAR_TERMS)
+    noise = statistics.median(measured.spreads)
+    fit_info: dict[str, Any] = {
+        "median_rel_error": cal.median_rel_error(fitted, holdout_samples),
         "num_points": len(train_samples),
-        "train_median_rel_error": train_error,
+        "train_median_rel_error": cal.median_rel_error(fitted, train_samples),
         "num_holdout_points": len(holdout_samples),
+        "noise_median_rel_spread": noise,
+        "linear_median_rel_error": cal.median_rel_error(linear, holdout_samples),
+        "holdout_bias_by_shape": cal.residuals_by_shape(fitted, holdout_samples),
+        "term_shares": cal.term_shares(fitted, train_samples),
         "repeat": args.repeat,
         "statistic": args.statistic,
     }
+    if args.engine_requests:
+        fitted, fit_info["engine"] = _time_engine(args, console, model, fitted, settings)
+    transfer = _time_tiers(args, console, model) if args.tiers else None
+    _print_fit(console, args, device, fitted, fit_info)
+    if validate_requests is not None:
+        from kvflow.traces.validate import validate
+
+        console.print(
+            f"validating on {args.validate} ({len(validate_requests)} requests): two real-time "
+            "runs and one simulated ..."
+        )
+        checked = validate(validate_requests, model, fitted, settings)
+        fit_info["validation"] = {"trace": str(args.validate), **checked.to_json()}
+        _print_validation(console, checked)
     info: dict[str, Any] = {
         "fit": fit_info,
         "model": str(args.model),
@@ -139,32 +224,123 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "device": device,
         "block_size": args.block_size,
     }
-    table = Table(title=f"kvflow calibrate: {args.model} ({args.engine}, {device})")
-    for header in ("fixed ms", "prefill tok us", "decode seq us", "KV tok ns", "train err",
-                   "held-out err"):  # fmt: skip
-        table.add_column(header, justify="right")
-    table.add_row(
-        f"{fitted.fixed_ms:.4g}",
-        f"{fitted.prefill_token_us:.4g}",
-        f"{fitted.decode_seq_us:.4g}",
-        f"{fitted.kv_token_ns:.4g}",
-        f"{train_error:.1%}",
-        f"{holdout_error:.1%}",
-    )
-    console.print(table)
-    console.print(
-        f"median relative error of predicted step times: {holdout_error:.1%} on "
-        f"{len(holdout_samples)} held-out mixes ({train_error:.1%} on {len(train_samples)} fitted)"
-    )
     if args.out:
-        cal.write_preset(args.out, fitted, **info)
+        cal.write_preset(args.out, fitted, transfer, overlap=runner.supports_overlap, **info)
         console.print(f"wrote {args.out}; use it with --set sim.preset_file={args.out}")
     if args.json:
         doc = {
             **cal.preset_fields(fitted),
+            **({"kv": {"transfer": transfer}} if transfer else {}),
             **info,
-            "samples": [s._asdict() for s in train_samples],
-            "holdout_samples": [s._asdict() for s in holdout_samples],
+            "samples": [s.to_json() for s in train_samples],
+            "holdout_samples": [s.to_json() for s in holdout_samples],
+            "spreads": measured.spreads,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+
     return 0
+
+
+def _validation_trace(args: argparse.Namespace) -> list[Any]:
+    from kvflow.cli.common import load_requests
+
+    requests = load_requests(argparse.Namespace(trace=args.validate))
+    if not requests:
+        raise CLIError(f"--validate {args.validate}: the trace has no requests")
+    return requests
+
+
+def _time_engine(
+    args: argparse.Namespace,
+    console: Console,
+    model: Any,
+    fitted: Any,
+    settings: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    """The runner model plus the engine's overhead, and the figures of that fit."""
+    import dataclasses
+
+    from kvflow.engine_adapters.engine_timing import calibration_workload, measure_engine
+    from kvflow.engine_adapters.factory import build_runner
+
+    config, runner, store = build_runner(model, settings)
+    requests = calibration_workload(
+        args.engine_requests, model.vocab_size, min(2048, config.scheduler.max_model_len)
+    )
+    console.print(f"timing the engine's steps over {len(requests)} requests in real time ...")
+    try:
+        overhead, noise = measure_engine(runner, config, store, fitted, requests)
+    finally:
+        store.close()
+    with_engine = dataclasses.replace(
+        fitted,
+        step_overhead_ms=overhead.step_overhead_ms,
+        seq_overhead_us=overhead.seq_overhead_us,
+    )
+    figures = {
+        "num_steps": overhead.num_steps,
+        "median_rel_error": overhead.median_rel_error,
+        "runner_median_rel_error": overhead.runner_median_rel_error,
+        "noise_median_rel_dev": noise,
+    }
+    return with_engine, figures
+
+
+def _time_tiers(args: argparse.Namespace, console: Console, model: Any) -> dict[str, float]:
+    from kvflow.config import KVFlowConfig
+    from kvflow.kv.bandwidth import measure_transfer, transfer_settings
+
+    kv = KVFlowConfig.load(None, {**model.layout, "kv.block_size": args.block_size}).kv
+    console.print("timing the store's tier copies (device<->cpu, cpu->disk, disk->device) ...")
+    fits = measure_transfer(kv, model.device, sizes_mib=args.tier_mib, directory=args.tier_dir)
+    return transfer_settings(fits)
+
+
+def _print_fit(
+    console: Console, args: argparse.Namespace, device: str, fitted: Any, info: dict[str, Any]
+) -> None:
+    from kvflow.engine_adapters import calibrate as cal
+
+    shares = info["term_shares"]
+    table = Table(title=f"kvflow calibrate: {args.model} ({args.engine}, {device})")
+    for header in ("term", "coefficient", "share of fitted time"):
+        table.add_column(header, justify="right")
+    for name, value in cal.preset_fields(fitted).items():
+        share = f"{shares[name]:.1%}" if name in shares else ""
+        table.add_row(name, f"{value:.4g}", share)
+    console.print(table)
+    console.print(
+        f"median relative error of predicted step times: {info['median_rel_error']:.1%} on "
+        f"{info['num_holdout_points']} held-out mixes ({info['train_median_rel_error']:.1%} on "
+        f"{info['num_points']} fitted; the four-term linear model: "
+        f"{info['linear_median_rel_error']:.1%}); run-to-run noise of the timings: "
+        f"{info['noise_median_rel_spread']:.1%} (median spread between two halves of the runs)"
+    )
+    engine = info.get("engine")
+    if engine:
+        console.print(
+            f"engine overhead: {fitted.step_overhead_ms:.3g} ms per step + "
+            f"{fitted.seq_overhead_us:.3g} us per scheduled request; whole engine steps "
+            f"predicted within {engine['median_rel_error']:.1%} median over "
+            f"{engine['num_steps']} busy steps (the runner model alone, against the runner's "
+            f"time in the engine: {engine['runner_median_rel_error']:.1%}; noise "
+            f"{engine['noise_median_rel_dev']:.1%})"
+        )
+
+
+def _print_validation(console: Console, checked: Any) -> None:
+    table = Table(title="validation: simulated vs real (error = sim / real - 1)")
+    for header in ("metric", "real", "real again", "simulated", "error", "real spread"):
+        table.add_column(header, justify="right")
+    for row in checked.rows:
+        again = "" if row.real_again is None else f"{row.real_again:.4g}"
+        spread = "" if row.spread is None else f"{row.spread:+.1%}"
+        table.add_row(
+            row.metric,
+            f"{row.real:.4g}",
+            again,
+            f"{row.simulated:.4g}",
+            f"{row.error:+.1%}",
+            spread,
+        )
+    console.print(table)

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from kvflow.cli import build_parser, main
+from kvflow.config import TransferConfig
 from kvflow.engine_adapters.calibrate import read_preset
 from kvflow.engine_adapters.factory import build_runner, load_model
 from kvflow.engine_adapters.hf import save_random_hf_llama
@@ -129,15 +130,46 @@ def test_kvflow_replay_with_a_real_engine_needs_a_model(
     assert "--model" in capsys.readouterr().err
 
 
-def test_calibrate_writes_a_preset_that_replay_loads(model_dir: Path, tmp_path: Path) -> None:
+def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
+    model_dir: Path, tmp_path: Path
+) -> None:
     preset = tmp_path / "preset.json"
+    trace = write_trace(tmp_path / "validate.jsonl", num_requests=10, span_s=0.3)
     grid = ["--prefill", "0,8,32", "--decode", "0,1,4", "--context", "8,32"]
-    argv = ["calibrate", "--model", str(model_dir), "--out", str(preset), "--repeat", "1", *grid]
+    argv = ["calibrate", "--model", str(model_dir), "--out", str(preset), "--repeat", "2",
+            "--engine-requests", "6", "--tier-dir", str(tmp_path), "--tier-mib", "0.25,1",
+            "--validate", str(trace),
+            "--block-size", "4", *grid]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads(preset.read_text())
-    for key in ("fixed_ms", "prefill_token_us", "decode_seq_us", "kv_token_ns"):
+    for key in ("fixed_ms", "prefill_token_us", "decode_seq_us", "kv_token_ns",
+                "prefill_attn_ns", "prefill_seq_us", "decode_padded_kv_ns",
+                "step_overhead_ms", "seq_overhead_us"):  # fmt: skip
         assert doc[key] >= 0
-    assert doc["fit"]["num_points"] == 14 and doc["fit"]["median_rel_error"] >= 0
+    fit = doc["fit"]
+    assert fit["num_points"] == len(_grid_of(grid, SPEC.max_position_embeddings))
+    assert fit["median_rel_error"] >= 0 and fit["noise_median_rel_spread"] >= 0
+    assert sum(fit["term_shares"].values()) == pytest.approx(1.0)
+    assert fit["engine"]["num_steps"] >= 1 and fit["engine"]["median_rel_error"] >= 0
+    # The tiers were timed: every kv.transfer figure, bandwidths positive.
+    transfer = doc["kv"]["transfer"]
+    assert set(transfer) == set(TransferConfig.model_fields)
+    assert all(transfer[k] > 0 for k in transfer if k.endswith("gbps"))
+    assert doc["sim"] == {"overlap": True}
+    # The validation: real (twice), simulated, error and spread for every metric.
+    validation = fit["validation"]
+    assert validation["trace"] == str(trace) and validation["real_runs"] == 2
+    metrics = {m["metric"]: m for m in validation["metrics"]}
+    assert list(metrics)[:3] == ["ttft p50", "ttft p90", "ttft p99"]
+    assert {"tpot p99", "itl p50", "e2e p99", "steps", "hit rate"} <= set(metrics)
+    for row in metrics.values():
+        assert row["real"] >= 0 and row["real_again"] >= 0 and row["simulated"] >= 0
+        if row["real"] > 0:
+            assert row["error"] == pytest.approx(row["simulated"] / row["real"] - 1)
+            assert row["spread"] == pytest.approx(row["real_again"] / row["real"] - 1)
+    assert metrics["ttft p50"]["real"] > 0 and metrics["e2e p50"]["simulated"] > 0
+    assert metrics["hit rate"]["real"] > 0  # three groups share 16-token prefixes
+    assert validation["max_abs_error_p50"] >= 0
     from kvflow.engine_adapters.torch.spec import default_device
 
     assert doc["model"] == str(model_dir)
@@ -148,5 +180,21 @@ def test_calibrate_writes_a_preset_that_replay_loads(model_dir: Path, tmp_path: 
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["config"]["sim"]["preset_file"] == str(preset)
+    assert report["config"]["sim"]["overlap"] is True
+    assert report["config"]["kv"]["transfer"] == transfer
     assert report["runs"][0]["num_finished"] == 20
-    assert read_preset(preset).fixed_ms == doc["fixed_ms"]
+    assert read_preset(preset).prefill_attn_ns == doc["prefill_attn_ns"]
+
+
+def _grid_of(argv: list[str], max_positions: int) -> list[object]:
+    from kvflow.engine_adapters.calibrate import TRAIN_GRID
+
+    values = {argv[i]: tuple(int(v) for v in argv[i + 1].split(",")) for i in (0, 2, 4)}
+    return list(
+        dataclasses.replace(
+            TRAIN_GRID,
+            prefill_tokens=values["--prefill"],
+            decode_seqs=values["--decode"],
+            context_lens=values["--context"],
+        ).mixes(max_positions)
+    )

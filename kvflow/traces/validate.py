@@ -1,0 +1,178 @@
+"""End-to-end validation of a latency model: one trace replayed in real time through a
+real runner (twice, for the machine's run-to-run spread) and in virtual time through
+the simulator, compared metric by metric.
+
+The simulated run is set up as the real one: the same scheduler and KV settings (block
+counts included), the same policy, the engine's overlapped scheduling
+(`sim.overlap`), and output lengths from the trace on both sides (a real run with a
+random-weight model has no end-of-sequence token; the simulated runner never stops
+early).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvflow.traces.metrics import RunReport, summarize_replay
+
+if TYPE_CHECKING:
+    from kvflow.engine_adapters.factory import LoadedModel
+    from kvflow.engine_adapters.simulated import LatencyModel
+    from kvflow.request import Request
+
+LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+PERCENTILES = ("p50", "p90", "p99")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRow:
+    """One figure of the comparison. `error` is simulated / real - 1 (negative:
+    the simulator is optimistic); `spread` is the second real run / the first - 1,
+    the noise any prediction is judged against."""
+
+    metric: str
+    real: float
+    real_again: float | None
+    simulated: float
+    error: float
+    spread: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "real": self.real,
+            "real_again": self.real_again,
+            "simulated": self.simulated,
+            "error": self.error,
+            "spread": self.spread,
+        }
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b - 1, or 0 where both are 0 (nan where only b is)."""
+    if b == 0:
+        return 0.0 if a == 0 else float("nan")
+    return a / b - 1.0
+
+
+def _figures(report: RunReport) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for metric in LATENCY_METRICS:
+        summary = getattr(report, metric)
+        for pct in PERCENTILES:
+            out[f"{metric.removesuffix('_ms')} {pct}"] = float(getattr(summary, pct))
+    out["steps"] = float(report.sim_steps)
+    out["hit rate"] = report.prefix_hit_rate
+    return out
+
+
+def compare(real: Sequence[RunReport], simulated: RunReport) -> list[MetricRow]:
+    """Rows of real (the first run), the second real run when there is one, simulated,
+    the simulator's error and the real runs' spread, per metric (TTFT, TPOT, ITL, E2E
+    at p50/p90/p99 in ms, steps, prefix hit rate).
+
+    Raises:
+        ValueError: no real run.
+    """
+    if not real:
+        raise ValueError("compare needs at least one real run")
+    first = _figures(real[0])
+    again = _figures(real[1]) if len(real) > 1 else None
+    sim = _figures(simulated)
+    rows = []
+    for name, value in first.items():
+        other = again[name] if again is not None else None
+        rows.append(
+            MetricRow(
+                name,
+                value,
+                other,
+                sim[name],
+                _ratio(sim[name], value),
+                None if other is None else _ratio(other, value),
+            )
+        )
+    return rows
+
+
+def summary_errors(rows: Sequence[MetricRow]) -> dict[str, float]:
+    """The largest |error| and |spread| over the latency rows at p50 and at p99."""
+    out: dict[str, float] = {}
+    for pct in ("p50", "p99"):
+        picked = [r for r in rows if r.metric.endswith(pct)]
+        out[f"max_abs_error_{pct}"] = max((abs(r.error) for r in picked), default=0.0)
+        spreads = [abs(r.spread) for r in picked if r.spread is not None]
+        if spreads:
+            out[f"max_abs_spread_{pct}"] = max(spreads)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    rows: list[MetricRow]
+    real: list[RunReport]
+    simulated: RunReport
+
+    def to_json(self) -> dict[str, Any]:
+        """The comparison as a preset's `fit.validation` record holds it."""
+        return {
+            "metrics": [r.to_json() for r in self.rows],
+            **summary_errors(self.rows),
+            "num_requests": self.simulated.num_requests,
+            "real_runs": len(self.real),
+        }
+
+
+def validate(
+    requests: Sequence[Request],
+    model: LoadedModel,
+    latency: LatencyModel,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    policy: str = "fcfs",
+    real_runs: int = 2,
+) -> Validation:
+    """Replay `requests` (folded into the model's vocabulary) `real_runs` times in real
+    time through `model`'s runner, each over a fresh store and cache, and once in
+    virtual time through the simulated runner with `latency`, over a simulated store
+    of the same config (`settings` on top of the model's layout) with `sim.overlap`
+    on when the real runner overlaps; compare them.
+
+    Raises:
+        ValueError: `real_runs` < 1 or no requests.
+    """
+    from kvflow.engine_adapters.factory import build_runner
+    from kvflow.engine_adapters.simulated import SimulatedRunner
+    from kvflow.traces.realtime import fit_to_vocab, replay_realtime
+    from kvflow.traces.replay import replay
+
+    if real_runs < 1 or not requests:
+        raise ValueError(f"need real_runs >= 1 and requests, got {real_runs!r}, {len(requests)}")
+    folded = fit_to_vocab(requests, model.vocab_size)
+    real = []
+    config = None
+    overlap = False
+    for _ in range(real_runs):
+        config, runner, store = build_runner(model, settings)
+        overlap = runner.supports_overlap
+        try:
+            real.append(summarize_replay(replay_realtime(folded, config, policy, runner, store)))
+        finally:
+            store.close()
+    assert config is not None  # real_runs >= 1
+    sim_config = config.with_overrides({"sim.overlap": overlap})
+    simulated = summarize_replay(replay(folded, sim_config, policy, SimulatedRunner(latency)))
+    return Validation(compare(real, simulated), real, simulated)
+
+
+__all__ = [
+    "LATENCY_METRICS",
+    "PERCENTILES",
+    "MetricRow",
+    "Validation",
+    "compare",
+    "summary_errors",
+    "validate",
+]

@@ -1,0 +1,111 @@
+"""The simulator's model of the engine: overlapped scheduling in virtual time, the
+engine's overhead around the runner, and the real-vs-simulated comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvflow.engine_adapters.engine_timing import (
+    EngineStep,
+    TimedStep,
+    busy_steps,
+    engine_noise,
+    fit_overhead,
+)
+from kvflow.engine_adapters.simulated import LatencyModel, SimulatedRunner, StepFeatures
+from kvflow.request import Request
+from kvflow.traces.metrics import RunReport, summarize_replay
+from kvflow.traces.replay import replay
+from kvflow.traces.validate import compare, summary_errors
+from tests.builders import make_config
+
+TEN_MS = LatencyModel(fixed_ms=10.0, prefill_token_us=0.0, decode_seq_us=0.0, kv_token_ns=0.0)
+
+
+def first_token_times(overlap: bool) -> dict[str, list[float]]:
+    config = make_config().with_overrides({"sim.overlap": overlap})
+    requests = [
+        Request("a", tuple(range(8)), 4, arrival_time=0.0),
+        Request("b", tuple(range(100, 108)), 2, arrival_time=0.005),
+    ]
+    result = replay(requests, config, "fcfs", SimulatedRunner(TEN_MS))
+    assert result.num_leaked_blocks == 0
+    return {s.request.request_id: [round(t, 6) for t in s.token_times] for s in result.states}
+
+
+def test_overlap_plans_the_next_step_when_a_step_starts() -> None:
+    # b arrives during step 1 (0-10 ms). Planned after step 1, step 2 takes it in; with
+    # overlap step 2 was planned when step 1 started, so b waits for step 3 (20-30 ms).
+    plain, overlapped = first_token_times(False), first_token_times(True)
+    assert plain["b"][0] == pytest.approx(0.020)
+    assert overlapped["b"][0] == pytest.approx(0.030)
+    # a decodes every step either way, one token per 10 ms step.
+    assert plain["a"] == overlapped["a"] == pytest.approx([0.01, 0.02, 0.03, 0.04])
+
+
+def test_overlap_is_off_by_default_so_replays_are_unchanged() -> None:
+    assert make_config().sim.overlap is False
+
+
+def timed(planned: float, started: float, execute: float, seqs: int = 1) -> TimedStep:
+    return TimedStep(StepFeatures(0, seqs, seqs, num_seqs=seqs), planned, started, execute)
+
+
+def test_busy_steps_are_those_whose_successor_was_planned_before_they_ended() -> None:
+    steps = [
+        timed(0.0, 0.001, 0.010),  # next planned at 0.001 (overlap): busy
+        timed(0.001, 0.012, 0.010),  # next planned at 0.5, after an idle gap: not busy
+        timed(0.5, 0.501, 0.010),  # the last: no successor
+    ]
+    (busy,) = busy_steps(steps)
+    assert busy.period_s == pytest.approx(0.011) and busy.execute_s == 0.010
+
+
+def test_fit_overhead_recovers_a_cost_per_step_and_per_request() -> None:
+    runner = LatencyModel(1.0, 0.0, 100.0, 0.0)
+    steps = []
+    for n in (1, 2, 4, 8, 16, 3, 5):
+        execute = runner.features_time_s(StepFeatures(0, n, n, num_seqs=n))
+        period = execute + 0.5e-3 + n * 40e-6
+        steps.append(EngineStep(StepFeatures(0, n, n, num_seqs=n), execute, period))
+    overhead = fit_overhead(runner, steps)
+    assert overhead.step_overhead_ms == pytest.approx(0.5, rel=1e-6)
+    assert overhead.seq_overhead_us == pytest.approx(40.0, rel=1e-6)
+    assert overhead.median_rel_error < 1e-9 and overhead.runner_median_rel_error < 1e-9
+    assert engine_noise(steps) >= 0.0
+    with pytest.raises(ValueError, match="at least one busy engine step"):
+        fit_overhead(runner, [])
+
+
+def test_compare_reports_error_and_spread_per_metric() -> None:
+    requests = [
+        Request(f"r{i}", tuple(range(i, i + 40)), 6, arrival_time=i * 0.01) for i in range(12)
+    ]
+    config = make_config()
+
+    def run(fixed_ms: float) -> RunReport:
+        model = LatencyModel(fixed_ms, 50.0, 20.0, 1.0)
+        return summarize_replay(replay(requests, config, "fcfs", SimulatedRunner(model)))
+
+    real, again, sim = run(10.0), run(11.0), run(12.0)
+    rows = compare([real, again], sim)
+    names = [r.metric for r in rows]
+    assert names[:3] == ["ttft p50", "ttft p90", "ttft p99"]
+    assert names[-2:] == ["steps", "hit rate"] and len(rows) == 14
+    tpot = rows[names.index("tpot p50")]
+    assert tpot.error == pytest.approx(tpot.simulated / tpot.real - 1)
+    assert tpot.error > 0 and tpot.spread is not None and 0 < tpot.spread < tpot.error
+    hit = rows[-1]
+    assert hit.error == 0.0  # same trace and cache: same hits
+    summary = summary_errors(rows)
+    assert summary["max_abs_error_p50"] >= abs(tpot.error)
+    assert set(summary) == {
+        "max_abs_error_p50",
+        "max_abs_error_p99",
+        "max_abs_spread_p50",
+        "max_abs_spread_p99",
+    }
+    single = compare([real], sim)
+    assert all(r.real_again is None and r.spread is None for r in single)
+    with pytest.raises(ValueError, match="at least one real run"):
+        compare([], sim)
