@@ -199,13 +199,17 @@ def measure(
     vocab_size: int,
     repeat: int = 5,
     statistic: Statistic = "median",
+    warm: bool = True,
     seed: int = 0,
 ) -> Measured:
     """Time `runner.execute` on each mix: one warm-up run of every mix, then `repeat`
     rounds over all mixes in a fresh random order each, keeping each mix's `statistic`
     of the runner's reported durations. Interleaving spreads slow spells of a shared
     machine over every mix instead of skewing a few. The median (or mean) describes the
-    machine as it is, load included; the minimum, an idle one.
+    machine as it is, load included; the minimum, an idle one. With `warm`, each timed
+    run follows an untimed run of the same mix: in a live engine a step mostly follows
+    steps of like shape, whose data is still in the CPU's caches, while after another
+    mix (a long prefill) a short step pays for refilling them.
 
     Raises:
         ValueError: `repeat` < 1 or an unknown statistic.
@@ -224,6 +228,8 @@ def measure(
     for _ in range(repeat):
         rng.shuffle(order)
         for i in order:
+            if warm:
+                runner.execute(plans[i])
             durations[i].append(runner.execute(plans[i]).duration_s)
     samples = [Sample(StepFeatures.of(p), reduce(d)) for p, d in zip(plans, durations, strict=True)]
     half = repeat // 2

@@ -11,6 +11,7 @@ early).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,22 +29,34 @@ PERCENTILES = ("p50", "p90", "p99")
 
 @dataclass(frozen=True, slots=True)
 class MetricRow:
-    """One figure of the comparison. `error` is simulated / real - 1 (negative:
-    the simulator is optimistic); `spread` is the second real run / the first - 1,
-    the noise any prediction is judged against."""
+    """One figure of the comparison. `real` is the mean over the real runs (each in
+    `real_runs`); `error` is simulated / real - 1 (negative: the simulator is
+    optimistic); `spread` is (largest - smallest real run) / real, the machine's own
+    run-to-run noise that any prediction is judged against (None for one run)."""
 
     metric: str
-    real: float
-    real_again: float | None
+    real_runs: tuple[float, ...]
     simulated: float
-    error: float
-    spread: float | None
+
+    @property
+    def real(self) -> float:
+        return statistics.fmean(self.real_runs)
+
+    @property
+    def error(self) -> float:
+        return _ratio(self.simulated, self.real)
+
+    @property
+    def spread(self) -> float | None:
+        if len(self.real_runs) < 2:
+            return None
+        return _ratio(max(self.real_runs), self.real) - _ratio(min(self.real_runs), self.real)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
             "real": self.real,
-            "real_again": self.real_again,
+            "real_runs": list(self.real_runs),
             "simulated": self.simulated,
             "error": self.error,
             "spread": self.spread,
@@ -69,32 +82,17 @@ def _figures(report: RunReport) -> dict[str, float]:
 
 
 def compare(real: Sequence[RunReport], simulated: RunReport) -> list[MetricRow]:
-    """Rows of real (the first run), the second real run when there is one, simulated,
-    the simulator's error and the real runs' spread, per metric (TTFT, TPOT, ITL, E2E
-    at p50/p90/p99 in ms, steps, prefix hit rate).
+    """Per metric (TTFT, TPOT, ITL, E2E at p50/p90/p99 in ms, steps, prefix hit rate),
+    the real runs' figures and the simulated one (see `MetricRow`).
 
     Raises:
         ValueError: no real run.
     """
     if not real:
         raise ValueError("compare needs at least one real run")
-    first = _figures(real[0])
-    again = _figures(real[1]) if len(real) > 1 else None
+    runs = [_figures(r) for r in real]
     sim = _figures(simulated)
-    rows = []
-    for name, value in first.items():
-        other = again[name] if again is not None else None
-        rows.append(
-            MetricRow(
-                name,
-                value,
-                other,
-                sim[name],
-                _ratio(sim[name], value),
-                None if other is None else _ratio(other, value),
-            )
-        )
-    return rows
+    return [MetricRow(name, tuple(run[name] for run in runs), sim[name]) for name in sim]
 
 
 def summary_errors(rows: Sequence[MetricRow]) -> dict[str, float]:

@@ -93,8 +93,12 @@ def test_compare_reports_error_and_spread_per_metric() -> None:
     assert names[:3] == ["ttft p50", "ttft p90", "ttft p99"]
     assert names[-2:] == ["steps", "hit rate"] and len(rows) == 14
     tpot = rows[names.index("tpot p50")]
+    assert tpot.real_runs == (real.tpot_ms.p50, again.tpot_ms.p50)
+    assert tpot.real == pytest.approx((real.tpot_ms.p50 + again.tpot_ms.p50) / 2)
     assert tpot.error == pytest.approx(tpot.simulated / tpot.real - 1)
+    assert tpot.spread == pytest.approx((again.tpot_ms.p50 - real.tpot_ms.p50) / tpot.real)
     assert tpot.error > 0 and tpot.spread is not None and 0 < tpot.spread < tpot.error
+    assert tpot.to_json()["real_runs"] == list(tpot.real_runs)
     hit = rows[-1]
     assert hit.error == 0.0  # same trace and cache: same hits
     summary = summary_errors(rows)
@@ -106,6 +110,6 @@ def test_compare_reports_error_and_spread_per_metric() -> None:
         "max_abs_spread_p99",
     }
     single = compare([real], sim)
-    assert all(r.real_again is None and r.spread is None for r in single)
+    assert all(len(r.real_runs) == 1 and r.spread is None for r in single)
     with pytest.raises(ValueError, match="at least one real run"):
         compare([], sim)
