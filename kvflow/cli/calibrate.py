@@ -215,8 +215,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "statistic": args.statistic,
         "warm": args.warm,
     }
+    engine_steps: list[Any] = []
     if args.engine_requests:
-        fitted, fit_info["engine"] = _time_engine(args, console, model, fitted, settings)
+        fitted, fit_info["engine"], engine_steps = _time_engine(
+            args, console, model, fitted, settings
+        )
     transfer = _time_tiers(args, console, model) if args.tiers else None
     _print_fit(console, args, device, fitted, fit_info)
     if validate_requests is not None:
@@ -248,6 +251,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             "samples": [s.to_json() for s in train_samples],
             "holdout_samples": [s.to_json() for s in holdout_samples],
             "spreads": measured.spreads,
+            "engine_steps": [
+                {**s.features._asdict(), "execute_s": s.execute_s, "period_s": s.period_s}
+                for s in engine_steps
+            ],
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -269,10 +276,12 @@ def _time_engine(
     model: Any,
     fitted: Any,
     settings: dict[str, Any],
-) -> tuple[Any, dict[str, Any]]:
-    """The runner model plus the engine's overhead, and the figures of that fit."""
+) -> tuple[Any, dict[str, Any], list[Any]]:
+    """The runner model plus the engine's overhead, the figures of that fit, and the
+    engine's busy steps."""
     import dataclasses
 
+    from kvflow.engine_adapters.calibrate import Sample, residuals_by_shape
     from kvflow.engine_adapters.engine_timing import calibration_workload, measure_engine
     from kvflow.engine_adapters.factory import build_runner
 
@@ -282,7 +291,7 @@ def _time_engine(
     )
     console.print(f"timing the engine's steps over {len(requests)} requests in real time ...")
     try:
-        overhead, noise = measure_engine(runner, config, store, fitted, requests)
+        overhead, noise, steps = measure_engine(runner, config, store, fitted, requests)
     finally:
         store.close()
     with_engine = dataclasses.replace(
@@ -295,8 +304,11 @@ def _time_engine(
         "median_rel_error": overhead.median_rel_error,
         "runner_median_rel_error": overhead.runner_median_rel_error,
         "noise_median_rel_dev": noise,
+        "bias_by_shape": residuals_by_shape(
+            with_engine, [Sample(s.features, s.period_s) for s in steps]
+        ),
     }
-    return with_engine, figures
+    return with_engine, figures, steps
 
 
 def _time_tiers(args: argparse.Namespace, console: Console, model: Any) -> dict[str, float]:
@@ -327,7 +339,9 @@ def _print_fit(
         f"{info['num_holdout_points']} held-out mixes ({info['train_median_rel_error']:.1%} on "
         f"{info['num_points']} fitted; the four-term linear model: "
         f"{info['linear_median_rel_error']:.1%}); run-to-run noise of the timings: "
-        f"{info['noise_median_rel_spread']:.1%} (median spread between two halves of the runs)"
+        f"{info['noise_median_rel_spread']:.1%} (median spread between two halves of the "
+        "runs); median signed error by kind of step: "
+        + ", ".join(f"{k} {v:+.1%}" for k, v in info["holdout_bias_by_shape"].items())
     )
     engine = info.get("engine")
     if engine:
@@ -337,7 +351,8 @@ def _print_fit(
             f"predicted within {engine['median_rel_error']:.1%} median over "
             f"{engine['num_steps']} busy steps (the runner model alone, against the runner's "
             f"time in the engine: {engine['runner_median_rel_error']:.1%}; noise "
-            f"{engine['noise_median_rel_dev']:.1%})"
+            f"{engine['noise_median_rel_dev']:.1%}); median signed error by kind of step: "
+            + ", ".join(f"{k} {v:+.1%}" for k, v in engine["bias_by_shape"].items())
         )
 
 

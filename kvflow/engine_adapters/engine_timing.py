@@ -165,11 +165,12 @@ def measure_engine(
     runner_model: LatencyModel,
     requests: Sequence[Request],
     load: float = 2.0,
-) -> tuple[Overhead, float]:
+) -> tuple[Overhead, float, list[EngineStep]]:
     """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
     a Poisson stream at `load` times the rate the runner model says the engine can
     serve (so queues form and steps mix prefills and decodes), and fit the engine's
-    overhead on the busy steps. Returns the fit and `engine_noise` of the run.
+    overhead on the busy steps. Returns the fit, `engine_noise` of the run and the busy
+    steps.
 
     Raises:
         ValueError: no busy step was seen (too few requests).
@@ -193,7 +194,7 @@ def measure_engine(
     timer = StepTimer(runner, clock)
     replay_realtime(timed, config, "fcfs", timer, store, clock=clock)
     steps = busy_steps(timer.steps)
-    return fit_overhead(runner_model, steps), engine_noise(steps)
+    return fit_overhead(runner_model, steps), engine_noise(steps), steps
 
 
 __all__ = [

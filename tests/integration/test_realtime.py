@@ -151,6 +151,8 @@ def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
     assert fit["median_rel_error"] >= 0 and fit["noise_median_rel_spread"] >= 0
     assert sum(fit["term_shares"].values()) == pytest.approx(1.0)
     assert fit["engine"]["num_steps"] >= 1 and fit["engine"]["median_rel_error"] >= 0
+    assert set(fit["engine"]["bias_by_shape"]) <= {"prefill", "decode", "mixed"}
+    assert set(fit["holdout_bias_by_shape"]) == {"prefill", "decode", "mixed"}
     # The tiers were timed: every kv.transfer figure, bandwidths positive.
     transfer = doc["kv"]["transfer"]
     assert set(transfer) == set(TransferConfig.model_fields)
