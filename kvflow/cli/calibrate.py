@@ -75,6 +75,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "overhead per step and per request (default 24; 0 skips it)",
     )
     cp.add_argument(
+        "--no-rescale",
+        dest="rescale",
+        action="store_false",
+        help="keep the grid's level of step times (default: scale the runner's terms by the "
+        "median ratio of its measured to predicted time over the engine's live steps)",
+    )
+    cp.add_argument(
         "--no-tiers",
         dest="tiers",
         action="store_false",
@@ -282,7 +289,11 @@ def _time_engine(
     import dataclasses
 
     from kvflow.engine_adapters.calibrate import Sample, residuals_by_shape
-    from kvflow.engine_adapters.engine_timing import calibration_workload, measure_engine
+    from kvflow.engine_adapters.engine_timing import (
+        calibration_workload,
+        measure_engine,
+        scaled,
+    )
     from kvflow.engine_adapters.factory import build_runner
 
     config, runner, store = build_runner(model, settings)
@@ -291,11 +302,13 @@ def _time_engine(
     )
     console.print(f"timing the engine's steps over {len(requests)} requests in real time ...")
     try:
-        overhead, noise, steps = measure_engine(runner, config, store, fitted, requests)
+        overhead, noise, steps = measure_engine(
+            runner, config, store, fitted, requests, rescale=args.rescale
+        )
     finally:
         store.close()
     with_engine = dataclasses.replace(
-        fitted,
+        scaled(fitted, overhead.runner_scale) if args.rescale else fitted,
         step_overhead_ms=overhead.step_overhead_ms,
         seq_overhead_us=overhead.seq_overhead_us,
     )
@@ -303,6 +316,8 @@ def _time_engine(
         "num_steps": overhead.num_steps,
         "median_rel_error": overhead.median_rel_error,
         "runner_median_rel_error": overhead.runner_median_rel_error,
+        "runner_scale": overhead.runner_scale,
+        "rescaled": args.rescale,
         "noise_median_rel_dev": noise,
         "bias_by_shape": residuals_by_shape(
             with_engine, [Sample(s.features, s.period_s) for s in steps]
@@ -349,8 +364,11 @@ def _print_fit(
             f"engine overhead: {fitted.step_overhead_ms:.3g} ms per step + "
             f"{fitted.seq_overhead_us:.3g} us per scheduled request; whole engine steps "
             f"predicted within {engine['median_rel_error']:.1%} median over "
-            f"{engine['num_steps']} busy steps (the runner model alone, against the runner's "
-            f"time in the engine: {engine['runner_median_rel_error']:.1%}; noise "
+            f"{engine['num_steps']} busy steps (the grid's runner model alone, against the "
+            f"runner's time in the engine: {engine['runner_median_rel_error']:.1%}, measured / "
+            f"predicted {engine['runner_scale']:.3g}"
+            + (", applied to the runner's terms" if engine["rescaled"] else "")
+            + f"; noise "
             f"{engine['noise_median_rel_dev']:.1%}); median signed error by kind of step: "
             + ", ".join(f"{k} {v:+.1%}" for k, v in engine["bias_by_shape"].items())
         )

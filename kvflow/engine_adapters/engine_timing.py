@@ -22,7 +22,7 @@ import numpy as np
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
-from kvflow.engine_adapters.simulated import LatencyModel, StepFeatures
+from kvflow.engine_adapters.simulated import ENGINE_TERMS, TERMS, LatencyModel, StepFeatures
 from kvflow.kv.store import KVStore
 from kvflow.request import Request
 from kvflow.scheduler.plan import StepPlan, StepResult
@@ -83,19 +83,36 @@ class Overhead(NamedTuple):
     num_steps: int
     median_rel_error: float
     """Median |predicted - measured| / measured of whole engine steps: the runner
-    model plus this overhead against each busy step's period."""
+    model (times `runner_scale` when the fit rescales) plus this overhead against each
+    busy step's period."""
     runner_median_rel_error: float
-    """Median |predicted - measured| / measured of the runner model against the
-    runner's own durations inside the engine (includes any drift of the machine's
-    speed since the grid was timed)."""
+    """Median |predicted - measured| / measured of the runner model as given against
+    the runner's own durations inside the engine (a large figure: the machine's speed
+    moved since the grid was timed, or live steps run warmer or colder than the grid's)."""
+    runner_scale: float
+    """Median of (runner's duration in the engine / the runner model's time) over the
+    busy steps."""
 
 
-def fit_overhead(runner_model: LatencyModel, steps: Sequence[EngineStep]) -> Overhead:
+def scaled(model: LatencyModel, factor: float) -> LatencyModel:
+    """`model` with every runner term (not the engine's) multiplied by `factor`."""
+    return dataclasses.replace(
+        model, **{t: getattr(model, t) * factor for t in TERMS if t not in ENGINE_TERMS}
+    )
+
+
+def fit_overhead(
+    runner_model: LatencyModel, steps: Sequence[EngineStep], *, rescale: bool = False
+) -> Overhead:
     """The engine's overhead as a cost per step plus one per scheduled request: the
     least-squares fit (both >= 0) of each busy step's period minus the runner's own
     duration of that step. Both are measured in the same run, so a machine that got
     slower or faster since the grid was timed does not leak into the overhead. Least
     squares on absolute time predicts the sum of step times, which latencies add up.
+
+    With `rescale`, `median_rel_error` is that of the runner model times `runner_scale`
+    (the grid gives the relative costs of steps, the engine's own steps the level), as
+    `kvflow calibrate` writes it.
 
     Raises:
         ValueError: no steps.
@@ -110,19 +127,23 @@ def fit_overhead(runner_model: LatencyModel, steps: Sequence[EngineStep]) -> Ove
     norms[norms == 0] = 1.0
     coef, _ = nnls(matrix / norms, residual, maxiter=100)
     per_step, per_seq = (float(c) for c in coef / norms)
-    model = dataclasses.replace(runner_model, step_overhead_ms=per_step, seq_overhead_us=per_seq)
+    predicted = [runner_model.features_time_s(s.features) for s in steps]
+    pairs = [(p, s.execute_s) for p, s in zip(predicted, steps, strict=True) if p > 0]
+    scale = statistics.median(e / p for p, e in pairs) if pairs else 1.0
+    runner = [abs(p - e) / e for p, e in pairs if e > 0]
+    model = dataclasses.replace(
+        scaled(runner_model, scale) if rescale else runner_model,
+        step_overhead_ms=per_step,
+        seq_overhead_us=per_seq,
+    )
     whole = [abs(model.features_time_s(s.features) - s.period_s) / s.period_s for s in steps]
-    runner = [
-        abs(runner_model.features_time_s(s.features) - s.execute_s) / s.execute_s
-        for s in steps
-        if s.execute_s > 0
-    ]
     return Overhead(
         per_step,
         per_seq,
         len(steps),
         statistics.median(whole),
         statistics.median(runner) if runner else float("nan"),
+        scale,
     )
 
 
@@ -165,12 +186,14 @@ def measure_engine(
     runner_model: LatencyModel,
     requests: Sequence[Request],
     load: float = 2.0,
+    *,
+    rescale: bool = False,
 ) -> tuple[Overhead, float, list[EngineStep]]:
     """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
     a Poisson stream at `load` times the rate the runner model says the engine can
     serve (so queues form and steps mix prefills and decodes), and fit the engine's
-    overhead on the busy steps. Returns the fit, `engine_noise` of the run and the busy
-    steps.
+    overhead on the busy steps (`fit_overhead`, with `rescale`). Returns the fit,
+    `engine_noise` of the run and the busy steps.
 
     Raises:
         ValueError: no busy step was seen (too few requests).
@@ -194,7 +217,7 @@ def measure_engine(
     timer = StepTimer(runner, clock)
     replay_realtime(timed, config, "fcfs", timer, store, clock=clock)
     steps = busy_steps(timer.steps)
-    return fit_overhead(runner_model, steps), engine_noise(steps), steps
+    return fit_overhead(runner_model, steps, rescale=rescale), engine_noise(steps), steps
 
 
 __all__ = [
@@ -207,4 +230,5 @@ __all__ = [
     "engine_noise",
     "fit_overhead",
     "measure_engine",
+    "scaled",
 ]

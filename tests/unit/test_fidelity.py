@@ -11,6 +11,7 @@ from kvflow.engine_adapters.engine_timing import (
     busy_steps,
     engine_noise,
     fit_overhead,
+    scaled,
 )
 from kvflow.engine_adapters.simulated import LatencyModel, SimulatedRunner, StepFeatures
 from kvflow.request import Request
@@ -72,7 +73,20 @@ def test_fit_overhead_recovers_a_cost_per_step_and_per_request() -> None:
     assert overhead.step_overhead_ms == pytest.approx(0.5, rel=1e-6)
     assert overhead.seq_overhead_us == pytest.approx(40.0, rel=1e-6)
     assert overhead.median_rel_error < 1e-9 and overhead.runner_median_rel_error < 1e-9
+    assert overhead.runner_scale == pytest.approx(1.0)
     assert engine_noise(steps) >= 0.0
+    # The runner ran 20% faster in the engine than the grid said: the scale finds it,
+    # and the rescaled model predicts the whole steps again.
+    faster = [EngineStep(s.features, s.execute_s * 0.8, s.period_s - s.execute_s * 0.2)
+              for s in steps]  # fmt: skip
+    plain = fit_overhead(runner, faster)
+    rescaled = fit_overhead(runner, faster, rescale=True)
+    assert plain.runner_scale == rescaled.runner_scale == pytest.approx(0.8)
+    assert plain.runner_median_rel_error == pytest.approx(0.25)
+    assert rescaled.step_overhead_ms == pytest.approx(0.5, rel=1e-6)
+    assert rescaled.median_rel_error < 1e-9 < plain.median_rel_error
+    model = scaled(runner, 0.8)
+    assert model.fixed_ms == pytest.approx(0.8) and model.decode_seq_us == pytest.approx(80.0)
     with pytest.raises(ValueError, match="at least one busy engine step"):
         fit_overhead(runner, [])
 
