@@ -406,8 +406,10 @@ def _fill_from_preset_file(data: dict[str, Any]) -> None:
         return
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"sim.preset_file={path!r}: cannot read it: {err}") from None
+    except (OSError, ValueError):
+        # Reported where the simulator reads the preset's coefficients (the runner is
+        # built), as before presets carried config values.
+        return
     preset_sim = doc.get("sim") if isinstance(doc, dict) else None
     if isinstance(preset_sim, dict) and "overlap" in preset_sim and isinstance(sim, dict):
         sim.setdefault("overlap", preset_sim["overlap"])
