@@ -14,6 +14,8 @@ import abc
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from kvflow.kv.transfer import CopyEngine
+
 
 class RemoteRun(NamedTuple):
     """The longest run of asked keys one peer holds: `num_blocks` from the start asked
@@ -31,3 +33,12 @@ class RemoteTier(abc.ABC):
     def longest_run(self, keys: Sequence[int], start: int = 0) -> RemoteRun | None:
         """The peer holding the longest run of `keys[start:]`, or None when no peer is
         known to hold `keys[start]`. Synchronous and cheap: `locate` calls it."""
+
+    @property
+    def pull_engine(self) -> CopyEngine | None:
+        """Carries out the store's pulls (`peer_to_cpu` transfers, `Transfer.peer` naming
+        the peer, into the cpu slots `dst_slots`) and reports per block whether it landed
+        intact. None (the default): the store's own copy engine models them, so in
+        virtual time a pull takes `peer_latency_us` + bytes / `peer_gbps` and lands whole.
+        A modelled fleet can return an engine that prices or fails pulls its own way."""
+        return None

@@ -20,9 +20,16 @@ from kvflow.config import ConfigError, KVConfig
 from kvflow.kv.block_pool import BlockPool, IntegrityError
 from kvflow.kv.capacity import check_bookkeeping, check_tensors
 from kvflow.kv.location import PrefixLocation
-from kvflow.kv.remote import RemoteTier
+from kvflow.kv.remote import RemoteRun, RemoteTier
 from kvflow.kv.slab import SlabLayout, check_slab_path
-from kvflow.kv.transfer import DIRECTIONS, CopyEngine, Direction, SimCopyEngine, Transfer
+from kvflow.kv.transfer import (
+    DIRECTIONS,
+    PEER_DIRECTION,
+    CopyEngine,
+    Direction,
+    SimCopyEngine,
+    Transfer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +66,13 @@ class StoreStats:
     num_disk_blocks_dropped: int = 0
     """Blocks a persistent disk tier dropped at start: a torn record, missing bytes (a
     truncated slab) or bytes that fail their checksum."""
-    bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0))
+    bytes_moved: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys((*DIRECTIONS, PEER_DIRECTION), 0)
+    )
+    """Bytes per direction; `peer_to_cpu` counts the bytes of pulled blocks that landed."""
+    num_pulls: int = 0
+    num_failed_pulls: int = 0
+    """Pulls that landed fewer blocks than asked (stale hint, bad checksum, peer down)."""
 
 
 class KVStore:
@@ -121,6 +134,8 @@ class KVStore:
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
         self._listeners: list[BlockListener] = []
+        self._pull_engine: CopyEngine | None = None
+        """The remote tier's engine, once a pull went through it (real pulls)."""
         self.export_pins: dict[str, dict[int, int]] = {"device": {}, "cpu": {}, "disk": {}}
         """Slot -> pins held by transfers to peers (`kvflow.kv.export`), per tier."""
         policy = config.write_policy
@@ -268,6 +283,20 @@ class KVStore:
             out.append(("disk", slot))
         return out
 
+    def find_remote(
+        self, block_keys: Sequence[int], start: int, max_blocks: int
+    ) -> RemoteRun | None:
+        """The run of blocks `start..` (at most up to `max_blocks`) a peer holds by the
+        remote tier's hints, capped at what the cpu tier can take in now."""
+        remote = self.remote
+        if remote is None or self.cpu is None or start >= min(max_blocks, len(block_keys)):
+            return None
+        run = remote.longest_run(block_keys[:max_blocks], start)
+        if run is None:
+            return None
+        n = min(run.num_blocks, self.cpu.num_free_blocks)
+        return run._replace(num_blocks=n) if n > 0 else None
+
     # -- costs --------------------------------------------------------------------------
     def load_time_s(self, sources: Sequence[tuple[TierName, int]]) -> float:
         """Estimated time to bring these blocks to device."""
@@ -280,6 +309,21 @@ class KVStore:
         if num_disk:
             t += model.duration_s("disk_to_device", num_disk * self.bytes_per_block)
         return t
+
+    def pull_time_s(self, num_blocks: int) -> float:
+        """Estimated time to pull blocks from a peer into cpu and bring them to device."""
+        nbytes = num_blocks * self.bytes_per_block
+        model = self._cost_model
+        return model.duration_s(PEER_DIRECTION, nbytes) + model.duration_s("cpu_to_device", nbytes)
+
+    def should_pull(self, num_blocks: int) -> bool:
+        """Whether pulling `num_blocks` from a peer beats recomputing them (load_policy)."""
+        policy = self.config.load_policy
+        if num_blocks <= 0 or policy == "never":
+            return False
+        return policy == "always" or self.pull_time_s(num_blocks) < self.recompute_time_s(
+            num_blocks
+        )
 
     def recompute_time_s(self, num_blocks: int) -> float:
         return num_blocks * self.block_size * self.config.recompute_token_us * 1e-6
@@ -325,6 +369,41 @@ class KVStore:
             transfers.append(self._submit(direction, src_slots, dst_slots, tier_keys, now))
         self.stats.num_promoted_blocks += len(device_blocks)
         return transfers
+
+    def start_pull(self, peer: str, keys: Sequence[int], now: float) -> Transfer | None:
+        """Pull the blocks `keys` from `peer` into fresh cpu slots (as many as the cpu
+        tier has room for; None when none): the remote tier's engine does it for real,
+        else the store's engine models it. The blocks that land intact are indexed in
+        cpu when the transfer completes (`poll`); `cpu_slots_of` finds them then."""
+        cpu = self._pool("cpu")
+        n = min(len(keys), cpu.num_free_blocks)
+        if n <= 0:
+            return None
+        remote = self.remote
+        engine = remote.pull_engine if remote is not None else None
+        if engine is not None:
+            self._pull_engine = engine
+        dst = cpu.allocate(n)
+        keys = list(keys[:n])
+        t = Transfer(PEER_DIRECTION, [], dst, keys, n * self.bytes_per_block, now, peer=peer)
+        self._inflight[t.transfer_id] = t
+        self._inflight_keys["cpu"].update(keys)
+        self.stats.num_pulls += 1
+        (engine or self.engine).submit(t, now)
+        return t
+
+    def cpu_slots_of(self, keys: Sequence[int]) -> list[int]:
+        """The cpu slots holding the leading run of `keys` (a pull's landed blocks)."""
+        if self.cpu is None:
+            return []
+        index = self.cpu._cached
+        out: list[int] = []
+        for key in keys:
+            slot = index.get(key)
+            if slot is None:
+                break
+            out.append(slot)
+        return out
 
     # -- moving blocks down -------------------------------------------------------------
     def release_device(self, block_ids: Sequence[int], now: float, *, keep: bool) -> None:
@@ -400,6 +479,8 @@ class KVStore:
         """Finish the copies done by `now`: index their blocks where they landed, unpin
         sources, and start the next copy down (cpu -> disk). Returns them."""
         done = self.engine.completed(now)
+        if self._pull_engine is not None:
+            done += self._pull_engine.completed(now)
         for t, ok in done:
             self._finish(t, ok, now)
         return done
@@ -408,6 +489,9 @@ class KVStore:
         del self._inflight[t.transfer_id]
         dst_tier = t.dst_tier
         self._inflight_keys[dst_tier].difference_update(t.keys)
+        if t.peer is not None:
+            self._finish_pull(t, ok)
+            return
         src_pool = self._pool(t.src_tier)
         dst_pool = self._pool(dst_tier)
         landed: list[int] = []
@@ -429,6 +513,17 @@ class KVStore:
             if landed:
                 self._copy_down("cpu_to_disk", landed, now)
 
+    def _finish_pull(self, t: Transfer, ok: list[bool]) -> None:
+        """Index the leading run of pulled blocks that landed intact; the rest of the
+        slots go back (a block after a bad one is a miss, never garbage)."""
+        cpu = self._pool("cpu")
+        n = ok.index(False) if not all(ok) else len(ok)
+        landed = cpu.seal_many(t.dst_slots[:n], t.keys[:n]) if n else []
+        self.stats.bytes_moved[PEER_DIRECTION] += len(landed) * self.bytes_per_block
+        if n < len(ok):
+            self.stats.num_failed_pulls += 1
+        cpu.release(t.dst_slots)
+
     def next_event_time(self) -> float | None:
         """When the next copy finishes in virtual time (None if none or unknown)."""
         return self.engine.next_completion()
@@ -439,10 +534,17 @@ class KVStore:
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until a copy finishes (real copy engines)."""
-        self.engine.wait(timeout_s)
+        pulls = self._pull_engine
+        if pulls is not None and pulls.num_pending and not self.engine.num_pending:
+            pulls.wait(timeout_s)  # only pulls in flight: wait for them, not spin
+        else:
+            self.engine.wait(timeout_s)
 
     def drain(self, now: float) -> None:
-        """Finish every copy in flight (waiting for real ones)."""
+        """Finish every copy in flight (waiting for real ones). Pulls from peers are
+        given up (closing their engine fails them): they run on the caller's loop."""
+        if self._pull_engine is not None:
+            self._pull_engine.close()
         while self._inflight:
             t_next = self.engine.next_completion()
             if t_next is not None:

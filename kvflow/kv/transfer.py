@@ -61,6 +61,8 @@ class Transfer:
     num_bytes: int
     submitted_at: float = 0.0
     transfer_id: int = field(default_factory=lambda: next(_ids))
+    peer: str | None = None
+    """The peer a `peer_to_cpu` transfer pulls from (its `src_slots` are empty)."""
 
     @property
     def src_tier(self) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from kvflow.config import KVFlowConfig
 from kvflow.kv.block_pool import IntArray
 from kvflow.kv.location import PrefixLocation
+from kvflow.kv.remote import RemoteRun
 from kvflow.kv.store import KVStore, TierName
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.request import FinishReason, Request, RequestState, RequestStatus
@@ -221,7 +222,7 @@ class Scheduler:
         stats.num_steps += 1
         view = self.view
         view._begin_step(now, self.pool.num_free_blocks, len(self.running), len(self.waiting))
-        if self.store.num_inflight:
+        if self.store.num_inflight or self._loads.ready_now:
             self.running.extend(self._loads.finish_copies(now))
         if self._policy_drops and self.waiting:
             self._apply_drops(now)
@@ -369,17 +370,22 @@ class Scheduler:
             hits: list[int] = []
             hit_ids: IntArray | list[int] = hits
             below: list[tuple[TierName, int]] = []
+            pull: RemoteRun | None = None
             if self.sched_config.enable_prefix_caching:
                 max_hit_blocks = (num_tokens - 1) // bs
                 match = self._match_device(req, max_hit_blocks)
                 hits, hit_ids = match.block_ids, match.ids
                 if store.has_lower_tiers and len(hits) < max_hit_blocks:
                     below = store.find_below(req.block_keys, len(hits), max_hit_blocks)
-                    if not store.should_load(below):
-                        below = []
-            num_cached = (len(hits) + len(below)) * bs
+                    if below and not store.should_load(below):
+                        below = []  # recomputing them is cheaper, and what follows
+                    elif store.remote is not None:
+                        pull = self._find_pull(req, len(hits), below, max_hit_blocks)
+            num_pulled = pull.num_blocks if pull is not None else 0
+            num_cached = (len(hits) + len(below) + num_pulled) * bs
             # A request that loads runs nothing this step; otherwise it takes a chunk.
-            n = 0 if below else min(num_tokens - num_cached, self._chunk_cap, batch.budget)
+            loads = bool(below) or pull is not None
+            n = 0 if loads else min(num_tokens - num_cached, self._chunk_cap, batch.budget)
             num_new = (num_cached + n + bs - 1) // bs - len(hits)
             num_free = pool.num_free_blocks
             # Touching a hit takes it out of the free pool if nobody held it; counting
@@ -403,20 +409,36 @@ class Scheduler:
         pool.touch(hit_ids)
         req.block_ids = hits + pool.allocate(num_new)
         req.num_sealed_blocks = len(hits)
-        first_admission = self._count_hits(req, len(hits), below, num_tokens, now)
-        if below:
-            self._loads.start(req, below, len(hits), first_admission, now)
+        first_admission = self._count_hits(req, len(hits), below, num_pulled, num_tokens, now)
+        if loads:
+            self._loads.start(req, below, len(hits), first_admission, now, pull)
             return True
         req.status = _RUNNING
         self.running.append(req)
         batch.add(req, num_cached, n)
         return True
 
+    def _find_pull(
+        self,
+        req: RequestState,
+        num_device: int,
+        below: Sequence[tuple[TierName, int]],
+        max_hit_blocks: int,
+    ) -> RemoteRun | None:
+        """The run after the local hits that a peer holds, when pulling it beats
+        recomputing it (else None: those tokens are recomputed)."""
+        store = self.store
+        run = store.find_remote(req.block_keys, num_device + len(below), max_hit_blocks)
+        if run is None or not store.should_pull(run.num_blocks):
+            return None
+        return run
+
     def _count_hits(
         self,
         req: RequestState,
         num_device: int,
         below: Sequence[tuple[TierName, int]],
+        num_pulled: int,
         num_tokens: int,
         now: float,
     ) -> bool:
@@ -430,12 +452,14 @@ class Scheduler:
         stats.count_hits(first_admission, "device", num_device * bs)
         stats.count_hits(first_admission, "cpu", num_cpu * bs)
         stats.count_hits(first_admission, "disk", (len(below) - num_cpu) * bs)
+        if num_pulled:
+            stats.count_hits(first_admission, "peer", num_pulled * bs)
         if not first_admission:
             stats.readmission_query_tokens += num_tokens
             return False
         stats.prefix_query_tokens += num_tokens
         req.first_scheduled_time = now
-        req.num_cached_tokens = (num_device + len(below)) * bs
+        req.num_cached_tokens = (num_device + len(below) + num_pulled) * bs
         return True
 
     def _pending_keys(self) -> set[int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 
 def _by_tier() -> dict[str, int]:
-    return {"device": 0, "cpu": 0, "disk": 0}
+    return {"device": 0, "cpu": 0, "disk": 0, "peer": 0}
 
 
 @dataclass(slots=True)
@@ -28,7 +28,8 @@ class SchedulerStats:
     prefix_query_tokens: int = 0
     """Prompt tokens of the requests admitted (each once); the hit rate's denominator."""
     hit_tokens_by_tier: dict[str, int] = field(default_factory=_by_tier)
-    """`prefix_hit_tokens` by the tier they were served from (loads from cpu/disk included)."""
+    """`prefix_hit_tokens` by the tier they were served from (loads from cpu/disk and
+    pulls from peers, `peer`, included)."""
     num_swaps: int = 0
     """Preemptions that kept the victim's blocks (demoted to cpu) rather than dropping them."""
     readmission_hit_tokens: int = 0

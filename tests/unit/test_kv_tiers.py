@@ -233,7 +233,7 @@ def test_a_load_that_fails_is_not_counted_as_a_hit(tmp_path: Path) -> None:
         assert store.stats.num_tier_errors == 1
         assert plan.start_positions == [4] and plan.num_tokens == [5]
         stats = scheduler.stats
-        assert stats.hit_tokens_by_tier == {"device": 0, "cpu": 0, "disk": 4}
+        assert stats.hit_tokens_by_tier == {"device": 0, "cpu": 0, "disk": 4, "peer": 0}
         assert stats.prefix_hit_tokens == 4
         assert second.num_cached_tokens == 4
         scheduler.commit(plan, StepResult([7]), 1.1)
