@@ -526,7 +526,11 @@ class KVStore:
 
     def next_event_time(self) -> float | None:
         """When the next copy finishes in virtual time (None if none or unknown)."""
-        return self.engine.next_completion()
+        t = self.engine.next_completion()
+        if self._pull_engine is None:
+            return t
+        t_pull = self._pull_engine.next_completion()
+        return t_pull if t is None else t if t_pull is None else min(t, t_pull)
 
     @property
     def num_inflight(self) -> int:
