@@ -297,6 +297,17 @@ class AsyncEngine:
                     if not sched.has_unfinished:
                         if self._closing:
                             return
+                        if sched.store.num_inflight:
+                            # Copies started by the last step (demotions of finished
+                            # requests' blocks) land while idle: index and unpin them.
+                            t_next = sched.store.next_event_time()
+                            if t_next is None:  # real copies
+                                await anyio.to_thread.run_sync(sched.store.wait, 0.05)
+                            else:  # modelled ones: sleep (a little at least) until due
+                                due = min(0.05, max(0.005, t_next - self.clock()))
+                                await self._sleep_until_woken(due)
+                            sched.reap_copies(self.clock())
+                            continue
                         await self._sleep_until_woken()
                         continue
                     plan = sched.plan(self.clock())

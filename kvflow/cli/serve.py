@@ -77,6 +77,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sp.add_argument(
         "--seed", type=int, default=0, help="seed of sampling for requests without a seed"
     )
+    peer = sp.add_argument_group(
+        "peer-to-peer KV sharing", "pull cached prefixes from other instances (docs/peer.md)"
+    )
+    peer.add_argument(
+        "--peer-port",
+        type=_port,
+        metavar="P",
+        help="run the peer service on this port (peer.port; 0: any free port); it binds "
+        "peer.host (default 127.0.0.1: loopback; any other address needs a secret)",
+    )
+    peer.add_argument(
+        "--peers",
+        metavar="HOST:PORT,...",
+        help="peer services to connect to and pull from (a static list; implies the peer service)",
+    )
+    peer.add_argument(
+        "--peer-secret-file",
+        metavar="F",
+        help="file holding the fleet's shared secret (peer.secret; first line)",
+    )
+    peer.add_argument(
+        "--model-id",
+        metavar="ID",
+        help="identity of the weights in the model fingerprint (peer.model_id; default: "
+        "the served model name): instances exchange blocks only when it matches",
+    )
     add_config_arguments(sp)
     sp.set_defaults(handler=run)
 
@@ -106,7 +132,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--model {args.model!r} is not a directory")
     _require_serve_extra()
     settings = config_overrides(args)
-    KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
+    peers = _peer_settings(args, settings)
+    config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
+    if peers is not None:
+        from kvflow.peer.identity import PeerConfigError, check_bind
+
+        try:
+            check_bind(config.peer)
+        except PeerConfigError as err:
+            raise CLIError(str(err)) from None
     if args.policy not in policy_names():
         raise CLIError(
             f"--policy {args.policy!r} is not a known policy; known: {', '.join(policy_names())}"
@@ -122,6 +156,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         max_num_pending=args.max_num_pending,
         on_close=args.on_close,
         seed=args.seed,
+        peers=peers,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from kvflow.serve.server import serve
@@ -131,3 +166,36 @@ def run(args: argparse.Namespace, console: Console) -> int:
         print(f"kvflow: error: {host.failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _peer_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple[str, ...] | None:
+    """Fold the peer options into `settings`; the peer list, or None without a peer layer."""
+    if args.peer_port is None and args.peers is None:
+        if args.peer_secret_file or args.model_id:
+            raise CLIError("--peer-secret-file and --model-id need --peer-port or --peers")
+        return None
+    if args.engine == "sim":
+        raise CLIError("--peer-port and --peers need --engine torch or hf (sim holds no KV bytes)")
+    from kvflow.peer.node import PeerAddress
+
+    peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    for text in peers:
+        try:
+            PeerAddress.parse(text)
+        except ValueError as err:
+            raise CLIError(f"--peers: {err}") from None
+    if args.peer_port is not None:
+        settings["peer.port"] = args.peer_port
+    if args.model_id is not None:
+        settings["peer.model_id"] = args.model_id
+    if args.peer_secret_file is not None:
+        path = Path(args.peer_secret_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CLIError(f"--peer-secret-file {str(path)!r}: {err}") from None
+        secret = lines[0].strip() if lines else ""
+        if not secret:
+            raise CLIError(f"--peer-secret-file {str(path)!r}: the first line is empty")
+        settings["peer.secret"] = secret
+    return peers

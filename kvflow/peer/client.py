@@ -140,6 +140,10 @@ class PeerClient:
         assert pull.result is not None
         return pull.result
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is down (closed, failed or marked down)."""
+        await self._reader_done.wait()
+
     async def subscribe(self) -> None:
         """Ask for the peer's key set (a RESYNC frame) and its block events from then on,
         delivered to `on_frame`."""

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from kvflow.kv.remote import RemoteRun, RemoteTier
+from kvflow.kv.transfer import CopyEngine
 from kvflow.peer.frames import KeyRecord, SeqFrame
 
 _TIER_BITS = {"device": 1, "cpu": 2, "disk": 4}
@@ -50,6 +51,12 @@ class Directory(RemoteTier):
         self._peers: dict[str, PeerEntries] = {}
         self.num_gaps = 0
         self.num_restarts = 0
+        self.puller: CopyEngine | None = None
+        """Carries out the store's pulls from these peers (`kvflow.peer.pulls`)."""
+
+    @property
+    def pull_engine(self) -> CopyEngine | None:
+        return self.puller
 
     # -- what peers tell us ----------------------------------------------------------
     def _entries(self, peer: str, incarnation: bytes, now: float) -> PeerEntries:
@@ -121,6 +128,10 @@ class Directory(RemoteTier):
     def needs_resync(self, peer: str) -> bool:
         entries = self._peers.get(peer)
         return entries is None or entries.needs_resync
+
+    def num_keys(self) -> int:
+        """Keys held at peers, summed over the peers (one per peer holding a key)."""
+        return sum(len(entries.tiers) for entries in self._peers.values())
 
     def peers(self) -> list[str]:
         return sorted(self._peers)

@@ -200,6 +200,11 @@ class Scheduler:
         nothing is in flight or the copies are real)."""
         return self.store.next_event_time() if self.store.num_inflight else None
 
+    def reap_copies(self, now: float) -> None:
+        """Apply the KV copies finished by `now` without planning a step (when idle)."""
+        if self.store.num_inflight:
+            self.running.extend(self._loads.finish_copies(now))
+
     # -- the cache ---------------------------------------------------------------
     def locate(self, state: RequestState) -> PrefixLocation:
         """Where the leading full blocks of the request's known tokens are cached."""

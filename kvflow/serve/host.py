@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -19,6 +20,9 @@ from kvflow.kv.store import KVStore
 from kvflow.serve.metrics import EngineMetrics
 from kvflow.serve.serving import OpenAIServing, ServedModel
 from kvflow.serve.text import TextCodec
+
+if TYPE_CHECKING:
+    from kvflow.peer.node import PeerNode
 
 logger = logging.getLogger("kvflow.serve")
 
@@ -51,6 +55,8 @@ class ServeOptions:
     max_num_pending: int = 4096
     on_close: Literal["drain", "abort"] = "drain"
     seed: int = 0
+    peers: tuple[str, ...] | None = None
+    """Run a peer service and pull from these peers (`host:port`); None: no peer layer."""
 
     @property
     def model_name(self) -> str:
@@ -106,6 +112,11 @@ class EngineHost:
         self.serving: OpenAIServing | None = None
         self.registry = CollectorRegistry()
         self.metrics = EngineMetrics(lambda: self.engine, options.model_name, self.registry)
+        self.peer_node: PeerNode | None = None
+        if options.peers is not None:
+            from kvflow.serve.peer_metrics import PeerCollector
+
+            self.registry.register(PeerCollector(lambda: self.peer_node, options.model_name))
         self._stop = anyio.Event()
         self._stopped = anyio.Event()
 
@@ -140,7 +151,9 @@ class EngineHost:
             self._stopped.set()
 
     async def _serve(self, engine: AsyncEngine, loaded: _Loaded) -> None:
-        async with engine:
+        async with engine, contextlib.AsyncExitStack() as stack:
+            if self.options.peers is not None:
+                self.peer_node = await stack.enter_async_context(self._peer_node(engine, loaded))
             self.engine = engine
             served = ServedModel(
                 name=self.options.model_name,
@@ -158,6 +171,21 @@ class EngineHost:
             await self._stop.wait()
             if self.options.on_close == "abort":
                 self.abort_all()
+
+    def _peer_node(self, engine: AsyncEngine, loaded: _Loaded) -> PeerNode:
+        """The peer layer beside the engine, on its loop; the model's identity defaults
+        to the served model's name."""
+        from kvflow.peer.node import PeerAddress, PeerNode
+
+        config = loaded.config.peer
+        if not config.model_id:
+            config = config.model_copy(update={"model_id": self.options.model_name})
+        peers = [PeerAddress.parse(p) for p in self.options.peers or ()]
+        node = PeerNode(engine.scheduler.store, config, peers)
+        logger.info(
+            "kvflow: peer service on %s (peers: %s)", config.host, ", ".join(map(str, peers))
+        )
+        return node
 
     def begin_draining(self) -> None:
         """Shutdown was asked for: /health answers 503, new requests are refused; with

@@ -107,8 +107,7 @@ class ShortPulls(SimCopyEngine):
 
     def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:
         return [
-            (t, [i < self.num_landing for i in range(len(ok))])
-            for t, ok in super().completed(now)
+            (t, [i < self.num_landing for i in range(len(ok))]) for t, ok in super().completed(now)
         ]
 
 

@@ -1,0 +1,186 @@
+"""Two real `kvflow serve --engine torch` processes on loopback sharing KV blocks
+through their peer services (tiny random Llama, float64): B serves a prompt whose prefix
+A computed by pulling A's blocks (no prefill of them on B), with the tokens of computing
+it alone; a stalled then killed A leaves B recomputing within the pull timeout, with no
+leak; a peer with another model's fingerprint or the wrong secret is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from tests.serve_process import ServerProcess, free_port
+from tests.text_model import build_text_model
+
+MODEL = "tiny"
+PULL_TIMEOUT_S = 1.0
+SETTINGS = {
+    "kv.block_size": 4,
+    "kv.device.num_blocks": 256,
+    "kv.cpu.num_blocks": 256,
+    "kv.load_policy": "always",
+    "peer.pull_timeout_s": PULL_TIMEOUT_S,
+    "peer.heartbeat_interval_s": 0.2,
+    "peer.heartbeat_timeout_s": 30.0,  # a stalled peer is found by its pull timing out
+}
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "kvflow",
+    "schedulers",
+    "decide",
+]
+
+
+def prompt(seed: int, num_words: int = 40) -> str:
+    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(num_words))
+
+
+def serve_args(model_dir: Path, peer_port: int, peers: list[int], *extra: str) -> list[str]:
+    args = ["--engine", "torch", "--model", str(model_dir), "--dtype", "float64"]
+    args += ["--served-model-name", MODEL, "--peer-port", str(peer_port)]
+    args += ["--peers", ",".join(f"127.0.0.1:{p}" for p in peers)]
+    for key, value in SETTINGS.items():
+        args += ["--set", f"{key}={value}"]
+    return [*args, *extra]
+
+
+def complete(server: ServerProcess, text: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    body = {"model": MODEL, "prompt": text, "max_tokens": 8, "temperature": 0.0}
+    body["ignore_eos"] = True
+    reply = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=timeout_s)
+    assert reply.status_code == 200, reply.text
+    data: dict[str, Any] = reply.json()
+    return data
+
+
+def wait_until(what: str, check: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not {what} within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text-model")
+    build_text_model(path, max_position_embeddings=256)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, ServerProcess, int]]:
+    logs = tmp_path_factory.mktemp("serve-peers")
+    port_a, port_b = free_port(), free_port()
+    with (
+        ServerProcess(serve_args(model_dir, port_a, [port_b]), logs / "a.log") as a,
+        ServerProcess(serve_args(model_dir, port_b, [port_a]), logs / "b.log") as b,
+    ):
+        for server in (a, b):
+            wait_until("peers up", lambda s=server: s.metric("kvflow:peers_up") == 1)
+        yield a, b, port_b
+
+
+def peer_hits(server: ServerProcess) -> float:
+    return server.metric("kvflow:prefix_cache_hits_by_tier_total", tier="peer")
+
+
+def test_b_pulls_the_prefix_a_computed(pair: tuple[ServerProcess, ServerProcess, int]) -> None:
+    a, b, _ = pair
+    text = prompt(1)
+    keys_before = b.metric("kvflow:peer_directory_keys")
+    alone = complete(a, text)  # A computes it alone
+    wait_until(
+        "A's blocks known at B", lambda: b.metric("kvflow:peer_directory_keys") > keys_before
+    )
+    assert peer_hits(b) == 0
+    pulled = complete(b, text)
+    assert pulled["choices"][0]["text"] == alone["choices"][0]["text"]
+    num_prompt = pulled["usage"]["prompt_tokens"]
+    cached = pulled["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # B prefilled only the tokens after the pulled blocks (the last one is always computed).
+    assert cached == peer_hits(b) > 0
+    assert num_prompt - cached <= 4
+    assert b.metric("kvflow:peer_bytes_pulled_total") > 0
+    assert b.metric("kvflow:peer_pull_failures_total") == 0
+    assert a.metric("kvflow:peer_blocks_served_total") * 4 == cached
+    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
+
+
+def test_a_stalled_then_killed_peer_leaves_b_recomputing(
+    pair: tuple[ServerProcess, ServerProcess, int],
+) -> None:
+    a, b, _ = pair
+    text = prompt(2)
+    keys = b.metric("kvflow:peer_directory_keys")
+    alone = complete(a, text)
+    wait_until("A's new blocks known at B", lambda: b.metric("kvflow:peer_directory_keys") > keys)
+    hits_before = peer_hits(b)
+    os.kill(a.proc.pid, signal.SIGSTOP)  # A stalls: B's hints stay, its pull times out
+    try:
+        started = time.monotonic()
+        recomputed = complete(b, text, timeout_s=PULL_TIMEOUT_S + 30)
+        took = time.monotonic() - started
+    finally:
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(timeout=30)
+    assert recomputed["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert b.metric("kvflow:peer_pull_failures_total") >= 1
+    assert recomputed["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert peer_hits(b) == hits_before  # the failed pull's hits were taken back
+    assert took >= PULL_TIMEOUT_S  # it waited for the pull's timeout, not forever
+    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
+    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="cpu")
+    wait_until("A down at B", lambda: b.metric("kvflow:peers_up") == 0)
+    # With A dead and its hints gone, B serves the next request by itself.
+    again = complete(b, prompt(3))
+    assert again["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("mismatch", ["model", "secret"])
+def test_a_peer_of_another_model_or_secret_is_refused(
+    pair: tuple[ServerProcess, ServerProcess, int],
+    model_dir: Path,
+    tmp_path: Path,
+    mismatch: str,
+) -> None:
+    _, b, port_b = pair
+    served = b.metric("kvflow:peer_blocks_served_total")
+    refused = b.metric("kvflow:peer_connections_refused_total")
+    extra = ["--model-id", "another-model"]
+    if mismatch == "secret":
+        (tmp_path / "secret").write_text("not-the-fleet-secret\n")
+        extra = ["--peer-secret-file", str(tmp_path / "secret")]
+    args = serve_args(model_dir, free_port(), [port_b], *extra)
+    with ServerProcess(args, tmp_path / "c.log") as c:
+        wait_until("refused by B", lambda: c.metric("kvflow:peer_refused_total") >= 1)
+        assert c.metric("kvflow:peers_up") == 0
+        assert c.metric("kvflow:peer_directory_keys") == 0
+        text = prompt(1)
+        complete(c, text)
+        assert peer_hits(c) == 0
+    assert b.metric("kvflow:peer_connections_refused_total") > refused
+    assert b.metric("kvflow:peer_blocks_served_total") == served
