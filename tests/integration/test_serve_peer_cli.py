@@ -1,0 +1,48 @@
+"""`kvflow serve`'s peer options refuse bad input with one `kvflow: error:` line, before
+anything is bound or loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.integration.test_cli_refusals import assert_one_line_error, kvflow
+
+
+def torch_serve(tmp_path: Path, *args: str) -> list[str]:
+    # Any directory passes the --model check; these refusals come before loading it.
+    return ["serve", "--engine", "torch", "--model", str(tmp_path), *args]
+
+
+def test_a_peer_service_off_loopback_without_a_secret_is_refused(tmp_path: Path) -> None:
+    args = torch_serve(tmp_path, "--peer-port", "0", "--set", "peer.host=0.0.0.0")
+    line = assert_one_line_error(kvflow(*args, cwd=tmp_path), "peer.host='0.0.0.0'")
+    assert "peer.secret" in line
+
+
+def test_the_sim_engine_has_no_blocks_to_share(tmp_path: Path) -> None:
+    done = kvflow("serve", "--peer-port", "0", cwd=tmp_path)
+    assert_one_line_error(done, "--peer-port", "--engine torch")
+
+
+def test_a_malformed_peer_address_is_quoted(tmp_path: Path) -> None:
+    done = kvflow(*torch_serve(tmp_path, "--peers", "127.0.0.1:1,localhost"), cwd=tmp_path)
+    assert_one_line_error(done, "--peers", "'localhost'")
+
+
+def test_a_missing_or_empty_secret_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-secret"
+    done = kvflow(
+        *torch_serve(tmp_path, "--peer-port", "0", "--peer-secret-file", str(missing)), cwd=tmp_path
+    )
+    assert_one_line_error(done, str(missing))
+    empty = tmp_path / "empty-secret"
+    empty.write_text("\n")
+    done = kvflow(
+        *torch_serve(tmp_path, "--peer-port", "0", "--peer-secret-file", str(empty)), cwd=tmp_path
+    )
+    assert_one_line_error(done, str(empty), "empty")
+
+
+def test_peer_options_without_a_peer_service_are_refused(tmp_path: Path) -> None:
+    done = kvflow(*torch_serve(tmp_path, "--model-id", "x"), cwd=tmp_path)
+    assert_one_line_error(done, "--model-id", "--peer-port")
