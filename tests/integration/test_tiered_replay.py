@@ -183,12 +183,14 @@ def test_the_replay_report_shows_hits_and_bytes_per_tier(tmp_path: Path) -> None
     assert main(args) == 0
     run = json.loads(out.read_text())["runs"][0]
     by_tier = run["hit_tokens_by_tier"]
-    assert set(by_tier) == {"device", "cpu", "disk"} and by_tier["cpu"] > 0 and by_tier["disk"] > 0
+    assert set(by_tier) == {"device", "cpu", "disk", "peer"}  # peer: 0 with no remote tier
+    assert by_tier["cpu"] > 0 and by_tier["disk"] > 0 and by_tier["peer"] == 0
     again = run["readmission_hit_tokens_by_tier"]
     loaded_from_disk = by_tier["disk"] + again["disk"]
     assert set(run["bytes_moved"]) == {
-        "device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device"
+        "device_to_cpu", "cpu_to_device", "cpu_to_disk", "disk_to_device", "peer_to_cpu"
     }  # fmt: skip
+    assert run["bytes_moved"]["peer_to_cpu"] == 0
     block_bytes = 16 * 2 * 32 * 8 * 128 * 2  # the default layout
     assert run["bytes_moved"]["disk_to_device"] == (loaded_from_disk // 16) * block_bytes
     promoted = by_tier["cpu"] + by_tier["disk"] + again["cpu"] + again["disk"]
