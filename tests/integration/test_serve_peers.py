@@ -92,7 +92,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pair(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServerProcess, ServerProcess, int]]:
+) -> Iterator[tuple[ServerProcess, ServerProcess, int, int]]:
     logs = tmp_path_factory.mktemp("serve-peers")
     port_a, port_b = free_port(), free_port()
     with (
@@ -101,15 +101,15 @@ def pair(
     ):
         for server in (a, b):
             wait_until("peers up", lambda s=server: s.metric("kvflow:peers_up") == 1)
-        yield a, b, port_b
+        yield a, b, port_a, port_b
 
 
 def peer_hits(server: ServerProcess) -> float:
     return server.metric("kvflow:prefix_cache_hits_by_tier_total", tier="peer")
 
 
-def test_b_pulls_the_prefix_a_computed(pair: tuple[ServerProcess, ServerProcess, int]) -> None:
-    a, b, _ = pair
+def test_b_pulls_the_prefix_a_computed(pair: tuple[ServerProcess, ServerProcess, int, int]) -> None:
+    a, b, _, _ = pair
     text = prompt(1)
     keys_before = b.metric("kvflow:peer_directory_keys")
     alone = complete(a, text)  # A computes it alone
@@ -131,9 +131,9 @@ def test_b_pulls_the_prefix_a_computed(pair: tuple[ServerProcess, ServerProcess,
 
 
 def test_a_stalled_then_killed_peer_leaves_b_recomputing(
-    pair: tuple[ServerProcess, ServerProcess, int],
+    pair: tuple[ServerProcess, ServerProcess, int, int],
 ) -> None:
-    a, b, _ = pair
+    a, b, _, _ = pair
     text = prompt(2)
     keys = b.metric("kvflow:peer_directory_keys")
     alone = complete(a, text)
@@ -160,14 +160,36 @@ def test_a_stalled_then_killed_peer_leaves_b_recomputing(
     assert again["usage"]["completion_tokens"] == 8
 
 
+def test_a_restarted_empty_peer_attracts_nothing(
+    pair: tuple[ServerProcess, ServerProcess, int, int], model_dir: Path, tmp_path: Path
+) -> None:
+    a, b, port_a, port_b = pair
+    assert a.proc.poll() is not None  # killed by the test before
+    wait_until("A's entries dropped at B", lambda: b.metric("kvflow:peer_directory_keys") == 0)
+    args = serve_args(model_dir, port_a, [port_b])
+    with ServerProcess(args, tmp_path / "a2.log") as restarted:
+        wait_until("A up again at B", lambda: b.metric("kvflow:peers_up") == 1)
+        wait_until("B up at A", lambda: restarted.metric("kvflow:peers_up") == 1)
+        assert b.metric("kvflow:peer_directory_keys") == 0  # a new, empty incarnation
+        hits = peer_hits(b)
+        complete(b, prompt(2))  # A computed it before it died: nothing to pull now
+        assert peer_hits(b) == hits
+        alone = complete(restarted, prompt(4))  # a warm restarted peer is found again
+        keys = lambda: b.metric("kvflow:peer_directory_keys")  # noqa: E731
+        wait_until("A's new blocks known at B", lambda: keys() > 0)
+        pulled = complete(b, prompt(4))
+        assert pulled["choices"][0]["text"] == alone["choices"][0]["text"]
+        assert peer_hits(b) > hits
+
+
 @pytest.mark.parametrize("mismatch", ["model", "secret"])
 def test_a_peer_of_another_model_or_secret_is_refused(
-    pair: tuple[ServerProcess, ServerProcess, int],
+    pair: tuple[ServerProcess, ServerProcess, int, int],
     model_dir: Path,
     tmp_path: Path,
     mismatch: str,
 ) -> None:
-    _, b, port_b = pair
+    _, b, _, port_b = pair
     served = b.metric("kvflow:peer_blocks_served_total")
     refused = b.metric("kvflow:peer_connections_refused_total")
     extra = ["--model-id", "another-model"]
