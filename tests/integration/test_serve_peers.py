@@ -175,8 +175,7 @@ def test_a_restarted_empty_peer_attracts_nothing(
         complete(b, prompt(2))  # A computed it before it died: nothing to pull now
         assert peer_hits(b) == hits
         alone = complete(restarted, prompt(4))  # a warm restarted peer is found again
-        keys = lambda: b.metric("kvflow:peer_directory_keys")  # noqa: E731
-        wait_until("A's new blocks known at B", lambda: keys() > 0)
+        wait_until("A's new blocks known at B", lambda: b.metric("kvflow:peer_directory_keys") > 0)
         pulled = complete(b, prompt(4))
         assert pulled["choices"][0]["text"] == alone["choices"][0]["text"]
         assert peer_hits(b) > hits
