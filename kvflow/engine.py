@@ -199,6 +199,8 @@ class AsyncEngine:
             EngineOverloadedError: too many requests in flight.
             EngineClosedError: the engine is closing.
             RequestIdInUseError: the id's previous stream has not ended.
+            ValueError: the request asks for log-probabilities and the runner computes
+                none (`ModelRunner.supports_logprobs`).
             RequestFailedError: the runner raised while executing a step of this
                 request (its outputs so far were yielded).
         """
@@ -226,6 +228,11 @@ class AsyncEngine:
                 f"the engine's step loop failed: {self._error!r}"
             ) from self._error
         rid = request.request_id
+        if request.sampling.logprobs is not None and not self.runner.supports_logprobs:
+            raise ValueError(
+                f"request {rid!r}: logprobs={request.sampling.logprobs!r}, but runner "
+                f"{self.runner.name!r} computes no log-probabilities"
+            )
         if rid in self._streams:
             raise RequestIdInUseError(f"request id {rid!r} is in use: its stream has not ended")
         if len(self._streams) >= self.max_num_pending:

@@ -99,6 +99,10 @@ class SamplingParams:
             `Request` carries `max_new_tokens` itself).
         stop: text output ends before the first of these strings (`kvflow.LLM` and
             `kvflow serve` cut the text; the engine works on tokens).
+        logprobs: return each output token's log-probability and this many most likely
+            tokens' (0: the sampled token's only), from the model's raw distribution
+            (before temperature, top-k and top-p, as vLLM's default); None returns none.
+            Only runners with `supports_logprobs` compute them.
     """
 
     temperature: float = 0.0
@@ -109,6 +113,7 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
@@ -125,6 +130,10 @@ class SamplingParams:
         stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(stop_strings), f"stop strings must not be empty, got {stop_strings!r}")
         object.__setattr__(self, "stop", stop_strings)
+        _check(
+            self.logprobs is None or self.logprobs >= 0,
+            f"logprobs must be None or >= 0, got {self.logprobs!r}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +203,18 @@ class Request:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probabilities at one output position, of the model's raw distribution
+    (log-softmax of its logits, before temperature, top-k and top-p)."""
+
+    logprob: float
+    """The sampled token's."""
+    top: tuple[tuple[int, float], ...] = ()
+    """`(token id, logprob)` of the most likely tokens, most likely first
+    (`SamplingParams.logprobs` of them)."""
+
+
 _NO_STOPS: frozenset[int] = frozenset()
 
 
@@ -217,6 +238,7 @@ class RequestState:
         "first_scheduled_time",
         "first_token_time",
         "kv_wait_s",
+        "logprobs",
         "max_new_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -272,6 +294,8 @@ class RequestState:
         self.num_preemptions = 0
         self.kv_wait_s = 0.0
         """Seconds spent in WAITING_FOR_KV (loads from lower tiers or peers)."""
+        self.logprobs: list[TokenLogprobs] | None = None if sampling.logprobs is None else []
+        """One entry per output token when the request asked for log-probabilities."""
 
     @property
     def num_tokens(self) -> int:
@@ -319,15 +343,19 @@ class RequestOutput:
     """Arrival to finish, once finished."""
     queue_s: float | None = None
     """Arrival to first scheduled, once scheduled."""
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    """One per new token, when the request asked for log-probabilities."""
 
     @classmethod
     def of(cls, state: RequestState, new_token_ids: Iterable[int]) -> RequestOutput:
+        new = tuple(new_token_ids)
+        lps = state.logprobs
         first = state.first_token_time
         done = state.finish_time
         scheduled = state.first_scheduled_time
         return cls(
             request_id=state.request_id,
-            new_token_ids=tuple(new_token_ids),
+            new_token_ids=new,
             num_output_tokens=state.num_output_tokens,
             finished=state.is_finished,
             finish_reason=state.finish_reason,
@@ -336,4 +364,5 @@ class RequestOutput:
             ttft_s=None if first is None else first - state.arrival_time,
             e2e_s=None if done is None else done - state.arrival_time,
             queue_s=None if scheduled is None else scheduled - state.arrival_time,
+            logprobs=None if lps is None else tuple(lps[len(lps) - len(new) :]),
         )

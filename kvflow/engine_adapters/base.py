@@ -22,6 +22,9 @@ class ModelRunner(abc.ABC):
     runner reads only the plan (tokens through `plan.requests[i].token_ids`, blocks
     through `plan.block_table(i)`) and skips finished requests; step N+1 executes
     after step N's commit, so its tokens are there by then."""
+    supports_logprobs: bool = False
+    """Whether `execute` returns log-probabilities (`StepResult.logprobs`) for the
+    requests that ask (`SamplingParams.logprobs`); other runners return none."""
     model_info: ModelInfo = ModelInfo()
     """The model's vocabulary size, positions and end-of-sequence tokens, which the
     engine's scheduler checks requests against and stops generation at (nothing known

@@ -27,6 +27,7 @@ from kvflow.engine_adapters.torch.attention import kv_cache_shape, resolve_kv_ca
 from kvflow.engine_adapters.torch.sampling import Sampler
 from kvflow.engine_adapters.torch.spec import DTYPES, LlamaSpec, default_device, default_dtype
 from kvflow.engine_adapters.torch.step import live_entries, step_result
+from kvflow.request import TokenLogprobs
 from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
 
 
@@ -120,6 +121,7 @@ class HFRunner(ModelRunner):
 
     name = "hf"
     supports_overlap = True
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -168,10 +170,13 @@ class HFRunner(ModelRunner):
                     rows.append(logits)
                     sampling.append(i)
             tokens: list[int] = []
+            logprobs: list[TokenLogprobs | None] | None = None
             if rows:
                 stacked = torch.stack(rows)
-                tokens = self.sampler.sample(stacked, [plan.requests[i] for i in sampling])
-        return step_result(plan, sampling, tokens, self.device, began)
+                requests = [plan.requests[i] for i in sampling]
+                tokens = self.sampler.sample(stacked, requests)
+                logprobs = self.sampler.logprobs(stacked, requests, tokens)
+        return step_result(plan, sampling, tokens, self.device, began, logprobs)
 
     def _run_entry(self, token_ids: list[int], start: int, block_ids: list[int]) -> Tensor:
         """Compute one entry's tokens; returns the last token's logits [vocab_size]."""

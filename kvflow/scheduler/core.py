@@ -23,7 +23,7 @@ from kvflow.kv.location import PrefixLocation
 from kvflow.kv.remote import RemoteRun
 from kvflow.kv.store import KVStore, TierName
 from kvflow.policies.base import Policy, SchedulerView
-from kvflow.request import FinishReason, Request, RequestState, RequestStatus
+from kvflow.request import FinishReason, Request, RequestState, RequestStatus, TokenLogprobs
 from kvflow.scheduler import integrity
 from kvflow.scheduler.batch import Batch
 from kvflow.scheduler.loads import Loads
@@ -510,6 +510,8 @@ class Scheduler:
                 f"step {plan.step_id}: runner returned {len(sampled)} sampled tokens "
                 f"for {len(plan.requests)} scheduled requests"
             )
+        if result.logprobs is not None:
+            self._commit_logprobs(plan, result.logprobs)
         bs = self.block_size
         caching = self.sched_config.enable_prefix_caching
         finished: list[RequestState] = []
@@ -542,6 +544,22 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if r.status is _RUNNING]
         return finished
+
+    @staticmethod
+    def _commit_logprobs(plan: StepPlan, logprobs: Sequence[TokenLogprobs | None]) -> None:
+        """Keep the log-probabilities of the tokens `commit` appends (the same entries:
+        running, and sampling at the end of their tokens). Apart from the token loop,
+        so steps without log-probabilities pay nothing."""
+        for req, start, n, lp in zip(
+            plan.requests, plan.start_positions, plan.num_tokens, logprobs, strict=True
+        ):
+            if (
+                lp is not None
+                and req.logprobs is not None
+                and req.status is _RUNNING
+                and start + n == len(req.token_ids)
+            ):
+                req.logprobs.append(lp)
 
     def _stop_detail(self, req: RequestState, token: int) -> str:
         # The model's EOS is named first when a token is both, as vLLM checks it first.

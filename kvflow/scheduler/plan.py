@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvflow.request import Request, RequestState
+from kvflow.request import Request, RequestState, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +106,6 @@ class StepResult:
 
     sampled_token_ids: Sequence[int | None]
     duration_s: float = 0.0
+    logprobs: Sequence[TokenLogprobs | None] | None = None
+    """Per entry, the log-probabilities of a sampled token whose request asked for
+    them; None (the whole list) when no entry asked."""

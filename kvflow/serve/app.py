@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from kvflow.request import Request as EngineRequest
 from kvflow.serve.errors import APIError, bad_request, install_error_handlers
 from kvflow.serve.host import EngineHost, HostStatus
+from kvflow.serve.logprobs import LogprobsFormatter
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from kvflow.serve.responses import ResponseShape
 from kvflow.serve.serving import Generation, OpenAIServing, unavailable
@@ -53,7 +54,11 @@ async def _parse(request: Request, model: type[CompletionRequest | ChatCompletio
 
 
 async def _collect_unless_gone(
-    request: Request, api: OpenAIServing, gen: Generation, stops: list[str]
+    request: Request,
+    api: OpenAIServing,
+    gen: Generation,
+    stops: list[str],
+    logprobs: LogprobsFormatter | None,
 ) -> tuple[str, str, int]:
     """`api.collect`, cancelled (aborting the request) when the client disconnects."""
     result: list[tuple[str, str, int]] = []
@@ -68,7 +73,7 @@ async def _collect_unless_gone(
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch, tg.cancel_scope)
         try:
-            result.append(await api.collect(gen, stops))
+            result.append(await api.collect(gen, stops, logprobs))
         except APIError as err:  # raised outside the group, not wrapped in an ExceptionGroup
             failed.append(err)
         finally:
@@ -89,11 +94,16 @@ async def _respond(
     stream: bool,
 ) -> Response:
     """Submit `req`; answer with the whole response or an event stream."""
+    logprobs = None
+    if req.sampling.logprobs is not None:
+        logprobs = LogprobsFormatter(shape.kind, api.model.codec)
     gen = await api.submit(req)
     if stream:
-        return _EventStream(api.stream(gen, stops, shape), media_type="text/event-stream")
-    text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops)
-    return JSONResponse(shape.whole(text, reason, api.usage(gen, num_tokens)))
+        events = api.stream(gen, stops, shape, logprobs)
+        return _EventStream(events, media_type="text/event-stream")
+    text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops, logprobs)
+    whole = None if logprobs is None else logprobs.whole()
+    return JSONResponse(shape.whole(text, reason, api.usage(gen, num_tokens), whole))
 
 
 def build_app(host: EngineHost) -> FastAPI:
@@ -140,7 +150,8 @@ def build_app(host: EngineHost) -> FastAPI:
         api = serving()
         api.check_common(body)
         prompt_ids = api.completion_prompt(body)
-        req = api.make_request(body, prompt_ids, body.max_tokens, "cmpl")
+        asked = api.logprobs_asked(body)
+        req = api.make_request(body, prompt_ids, body.max_tokens, "cmpl", asked)
         shape = ResponseShape("completion", req.request_id, api.model.name, body.include_usage)
         return await _respond(request, api, req, body.stop_strings, shape, body.stream)
 
@@ -151,7 +162,8 @@ def build_app(host: EngineHost) -> FastAPI:
         api.check_common(body)
         prompt_ids = api.chat_prompt(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        req = api.make_request(body, prompt_ids, max_tokens, "chatcmpl")
+        asked = api.logprobs_asked(body)
+        req = api.make_request(body, prompt_ids, max_tokens, "chatcmpl", asked)
         shape = ResponseShape("chat", req.request_id, api.model.name, body.include_usage)
         return await _respond(request, api, req, body.stop_strings, shape, body.stream)
 

@@ -54,14 +54,20 @@ class ResponseShape:
         self._prefix = "data: " + _dumps(chunk_head)[:-1] + ',"choices":[{"index":0,'
         self._suffix = ',"usage":null}\n\n' if with_usage else "}\n\n"
 
-    def whole(self, text: str, finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
+    def whole(
+        self,
+        text: str,
+        finish_reason: str,
+        usage: dict[str, Any],
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The non-streaming response."""
         choice: dict[str, Any] = {"index": 0}
         if self.kind == "completion":
             choice["text"] = text
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None
+        choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         return {**self._head, "choices": [choice], "usage": usage}
 
@@ -71,22 +77,25 @@ class ResponseShape:
             return None
         return self._event('"delta":{"role":"assistant","content":""}', None)
 
-    def event(self, text: str, finish_reason: str | None) -> bytes:
-        """A chunk with new text (possibly empty) and, at the end, the finish reason."""
+    def event(
+        self, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+    ) -> bytes:
+        """A chunk with new text (possibly empty), its tokens' `logprobs` object when the
+        request asked, and, at the end, the finish reason."""
         if self.kind == "completion":
             body = '"text":' + _dumps(text)
         else:
             body = '"delta":{"content":' + _dumps(text) + "}" if text else '"delta":{}'
-        return self._event(body, finish_reason)
+        return self._event(body, finish_reason, "null" if logprobs is None else _dumps(logprobs))
 
     def usage_event(self, usage: dict[str, Any]) -> bytes:
         """The last chunk of `include_usage`: no choices, the usage."""
         return f"data: {_dumps({**self._chunk_head, 'choices': [], 'usage': usage})}\n\n".encode()
 
-    def _event(self, body: str, finish_reason: str | None) -> bytes:
+    def _event(self, body: str, finish_reason: str | None, logprobs: str = "null") -> bytes:
         reason = "null" if finish_reason is None else _dumps(finish_reason)
         return (
-            f'{self._prefix}{body},"logprobs":null,"finish_reason":{reason}}}]{self._suffix}'
+            f'{self._prefix}{body},"logprobs":{logprobs},"finish_reason":{reason}}}]{self._suffix}'
         ).encode()
 
 

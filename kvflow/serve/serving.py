@@ -12,6 +12,7 @@ from typing import Any, cast
 from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
 from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from kvflow.serve.errors import APIError, bad_request
+from kvflow.serve.logprobs import LogprobsFormatter
 from kvflow.serve.metrics import RequestMetrics, RequestObserver
 from kvflow.serve.protocol import (
     NEUTRAL_VALUES,
@@ -116,14 +117,10 @@ class OpenAIServing:
         prompt = cast("str | list[int]", given)
         if body.echo:
             raise bad_request("echo=true is not supported", "echo")
-        if body.logprobs is not None:
-            raise self._no_logprobs("logprobs")
         ids = self.model.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return self._checked_ids(ids, "prompt")
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        if body.logprobs or body.top_logprobs:
-            raise self._no_logprobs("logprobs" if body.logprobs else "top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = self.model.codec.encode_chat(messages, body.add_generation_prompt)
@@ -131,11 +128,24 @@ class OpenAIServing:
             raise bad_request(str(err), "messages") from None
         return self._checked_ids(ids, "messages")
 
-    def _no_logprobs(self, param: str) -> APIError:
-        return bad_request(
-            f"{param}: log-probabilities are not supported by engine {self.model.engine_name!r}",
-            param,
-        )
+    def logprobs_asked(self, body: CompletionRequest | ChatCompletionRequest) -> int | None:
+        """How many top log-probabilities the request asks for per token (0: the sampled
+        token's only), or None; a 400 when the engine computes none."""
+        if isinstance(body, CompletionRequest):
+            asked, param = body.logprobs, "logprobs"
+        else:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise bad_request(
+                    f"top_logprobs={body.top_logprobs!r} needs logprobs=true", "top_logprobs"
+                )
+            asked, param = (body.top_logprobs or 0) if body.logprobs else None, "logprobs"
+        if asked is not None and not self.model.engine.runner.supports_logprobs:
+            raise bad_request(
+                f"{param}: log-probabilities are not supported by engine "
+                f"{self.model.engine_name!r}",
+                param,
+            )
+        return asked
 
     def _checked_ids(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -147,7 +157,12 @@ class OpenAIServing:
         return ids
 
     def make_request(
-        self, body: GenerationFields, prompt_ids: list[int], max_tokens: int | None, prefix: str
+        self,
+        body: GenerationFields,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        prefix: str,
+        logprobs: int | None = None,
     ) -> Request:
         max_len = self.model.max_model_len
         num_prompt = len(prompt_ids)
@@ -179,6 +194,7 @@ class OpenAIServing:
                 top_p=body.top_p,
                 seed=body.seed,
                 stop_token_ids=tuple(stop_ids),
+                logprobs=logprobs,
             )
             return Request(
                 f"{prefix}-{uuid.uuid4().hex}",
@@ -222,8 +238,11 @@ class OpenAIServing:
         return Generation(request, first, outputs, observer, self.in_flight)
 
     # -- outputs back ------------------------------------------------------------------
-    async def collect(self, gen: Generation, stops: Sequence[str]) -> tuple[str, str, int]:
-        """The whole output: text, finish reason, completion tokens."""
+    async def collect(
+        self, gen: Generation, stops: Sequence[str], logprobs: LogprobsFormatter | None = None
+    ) -> tuple[str, str, int]:
+        """The whole output: text, finish reason, completion tokens; the tokens'
+        log-probabilities go to `logprobs` when given."""
         text = OutputText(self.model.codec, stops)
         parts: list[str] = []
         reason: str | None = None
@@ -234,6 +253,8 @@ class OpenAIServing:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
                 parts.append(delta)
+                if logprobs is not None and out.logprobs is not None:
+                    logprobs.add(out.new_token_ids, out.logprobs)
                 num_tokens = out.num_output_tokens
                 if reason is not None:
                     gen.observer.finish(reason)
@@ -246,10 +267,15 @@ class OpenAIServing:
         return "".join(parts), reason or "abort", num_tokens
 
     async def stream(
-        self, gen: Generation, stops: Sequence[str], shape: ResponseShape
+        self,
+        gen: Generation,
+        stops: Sequence[str],
+        shape: ResponseShape,
+        logprobs: LogprobsFormatter | None = None,
     ) -> AsyncIterator[bytes]:
         """Server-sent events: the shape's first chunk (chat's role), one chunk per
-        output with new text, the usage chunk when asked for, then `[DONE]`."""
+        output with new text (or new log-probabilities, with `logprobs`), the usage
+        chunk when asked for, then `[DONE]`."""
         text = OutputText(self.model.codec, stops)
         num_tokens = 0
         try:
@@ -261,8 +287,11 @@ class OpenAIServing:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
                 num_tokens = out.num_output_tokens
-                if delta or reason is not None:
-                    yield shape.event(delta, reason)
+                lps = None
+                if logprobs is not None and out.logprobs:
+                    lps = logprobs.chunk(out.new_token_ids, out.logprobs)
+                if delta or reason is not None or lps is not None:
+                    yield shape.event(delta, reason, lps)
                 if reason is not None:
                     gen.observer.finish(reason)
                     break

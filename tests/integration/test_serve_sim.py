@@ -155,6 +155,18 @@ def test_bad_requests_get_openai_error_bodies(
     assert error["param"] == param
 
 
+def test_logprobs_are_a_400_naming_the_engine(client: openai.OpenAI) -> None:
+    # The simulator has no distribution to report: no made-up values.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=0)
+    assert "not supported by engine 'sim'" in str(caught.value)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2, logprobs=True
+        )
+    assert "not supported by engine 'sim'" in str(caught.value)
+
+
 def test_too_long_prompt_names_max_model_len_and_the_lengths(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=[7] * 1020, max_tokens=5)

@@ -43,6 +43,7 @@ class TorchRunner(ModelRunner):
 
     name = "torch"
     supports_overlap = True
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -100,5 +101,7 @@ class TorchRunner(ModelRunner):
         with torch.inference_mode():
             batch = build_batch(entries, self.block_size, self.device)
             logits = self.model(batch, self.kv_cache)
-            tokens = self.sampler.sample(logits, [plan.requests[i] for i in sampling])
-        return step_result(plan, sampling, tokens, self.device, began)
+            requests = [plan.requests[i] for i in sampling]
+            tokens = self.sampler.sample(logits, requests)
+            logprobs = self.sampler.logprobs(logits, requests, tokens)
+        return step_result(plan, sampling, tokens, self.device, began, logprobs)

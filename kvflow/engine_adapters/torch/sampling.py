@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kvflow.request import RequestState, SamplingParams
+from kvflow.request import RequestState, SamplingParams, TokenLogprobs
 
 
 def sample_seed(seed: int, request_id: str, output_index: int) -> int:
@@ -72,6 +72,29 @@ class Sampler:
             for i in random_rows:
                 tokens[i] = self._draw(logits[i], requests[i])
         return [int(t) for t in tokens.tolist()]
+
+    @staticmethod
+    def logprobs(
+        logits: Tensor, requests: Sequence[RequestState], tokens: Sequence[int]
+    ) -> list[TokenLogprobs | None] | None:
+        """The log-probabilities of `tokens` (sampled from `logits` for `requests`) and
+        of the most likely tokens, for the requests that asked (`SamplingParams.logprobs`);
+        None when none did. They are of the raw logits (before temperature, top-k and
+        top-p, as vLLM's default), computed in at least float32."""
+        asked = [i for i, r in enumerate(requests) if r.request.sampling.logprobs is not None]
+        if not asked:
+            return None
+        rows = logits[asked]
+        rows = torch.log_softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), -1)
+        out: list[TokenLogprobs | None] = [None] * len(requests)
+        for row, i in zip(rows, asked, strict=True):
+            k = min(requests[i].request.sampling.logprobs or 0, row.shape[-1])
+            top: tuple[tuple[int, float], ...] = ()
+            if k:
+                values, ids = torch.topk(row, k)
+                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            out[i] = TokenLogprobs(float(row[tokens[i]]), top)
+        return out
 
     def _draw(self, logits: Tensor, state: RequestState) -> Tensor:
         params = state.request.sampling

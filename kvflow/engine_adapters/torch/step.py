@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kvflow.request import RequestState, RequestStatus
+from kvflow.request import RequestState, RequestStatus, TokenLogprobs
 from kvflow.scheduler.plan import StepPlan, StepResult
 
 
@@ -28,12 +28,19 @@ def step_result(
     tokens: Sequence[int],
     device: torch.device,
     began: float,
+    logprobs: Sequence[TokenLogprobs | None] | None = None,
 ) -> StepResult:
-    """The sampled `tokens` placed at the entries `sampling` (None elsewhere), and the
-    wall time since `began` (`time.perf_counter()`) with the CUDA stream synchronised."""
+    """The sampled `tokens` (and their `logprobs`, when any request asked) placed at the
+    entries `sampling` (None elsewhere), and the wall time since `began`
+    (`time.perf_counter()`) with the CUDA stream synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampled: list[int | None] = [None] * len(plan.requests)
     for i, token in zip(sampling, tokens, strict=True):
         sampled[i] = token
-    return StepResult(sampled, time.perf_counter() - began)
+    placed: list[TokenLogprobs | None] | None = None
+    if logprobs is not None:
+        placed = [None] * len(plan.requests)
+        for i, lp in zip(sampling, logprobs, strict=True):
+            placed[i] = lp
+    return StepResult(sampled, time.perf_counter() - began, placed)
