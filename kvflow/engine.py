@@ -104,6 +104,16 @@ class _Stream:
         self.receive: MemoryObjectReceiveStream[RequestOutput] = receive
 
 
+def _joined(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output for two consecutive ones of a request: both's tokens, `then`'s state."""
+    logprobs = first.logprobs
+    if logprobs is not None:
+        logprobs += then.logprobs or ()
+    return dataclasses.replace(
+        then, new_token_ids=first.new_token_ids + then.new_token_ids, logprobs=logprobs
+    )
+
+
 class AsyncEngine:
     """Serves requests through a scheduler and a runner.
 
@@ -186,9 +196,14 @@ class AsyncEngine:
         self.scheduler.store.drain(self.clock())
 
     # -- requests ------------------------------------------------------------------
-    async def generate(self, request: Request) -> AsyncGenerator[RequestOutput, None]:
-        """Stream a request's outputs: one `RequestOutput` per step that produced tokens,
-        the last with `finished=True` and a finish reason (`length`, `stop`, `aborted`,
+    async def generate(
+        self, request: Request, *, coalesce: bool = False
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream a request's outputs: one `RequestOutput` per step that produced tokens
+        (with `coalesce`, one per resumption of the consumer, holding every step's tokens
+        since the last: a consumer slower than the steps catches up in one go, as a server
+        writing each output to a socket wants), the last with `finished=True` and a
+        finish reason (`length`, `stop`, `aborted`,
         or `rejected` with the reason in `finish_detail`: a request the model or the
         configuration can never serve is answered at once, never raised). Leaving the
         iteration early (an exception, the consumer's task being cancelled, closing the
@@ -205,9 +220,27 @@ class AsyncEngine:
                 request (its outputs so far were yielded).
         """
         stream = self.submit(request)
+        receive = stream.receive
+        held: RequestOutput | None = None
         try:
-            async with stream.receive:
-                async for out in stream.receive:
+            async with receive:
+                while True:
+                    if held is not None:
+                        out, held = held, None
+                    else:
+                        try:
+                            out = await receive.receive()
+                        except anyio.EndOfStream:
+                            return
+                    while coalesce and not out.finished:
+                        try:
+                            later = receive.receive_nowait()
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                        if later.finish_reason is FinishReason.ERROR:
+                            held = later  # the tokens before the error are yielded first
+                            break
+                        out = _joined(out, later)
                     if out.finish_reason is FinishReason.ERROR:
                         raise RequestFailedError(
                             request.request_id,
@@ -398,16 +431,24 @@ class AsyncEngine:
     async def _execute(
         self, plan: StepPlan, overlap: bool
     ) -> tuple[StepResult | Exception, StepPlan | None]:
-        """Run `plan` in a worker thread; with `overlap`, plan the next step meanwhile
+        """Run `plan` in a worker thread (on the loop for a runner that `runs_on_loop`);
+        with `overlap`, plan the next step meanwhile
         (it executes after this step's commit, so it sees this step's tokens). Returns
         the step's result (or what the runner raised) and the next plan."""
         results: list[StepResult] = []
         errors: list[Exception] = []
         next_plan: StepPlan | None = None
 
+        runner = self.runner
+
         async def run() -> None:
             try:
-                results.append(await anyio.to_thread.run_sync(self.runner.execute, plan))
+                if runner.runs_on_loop:  # a step that only waits: no thread handoff
+                    result, wait_s = runner.start_step(plan)
+                    await anyio.sleep(max(wait_s, 0.0))
+                    results.append(result)
+                else:
+                    results.append(await anyio.to_thread.run_sync(runner.execute, plan))
             except Exception as err:  # the step's requests fail; the engine serves on
                 errors.append(err)
 

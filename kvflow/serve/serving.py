@@ -218,7 +218,9 @@ class OpenAIServing:
         """
         engine = self.model.engine
         observer = self.model.metrics.observer(len(request.prompt_token_ids))
-        outputs = engine.generate(request)
+        # One output per resumption: the tokens of every step since the last go out
+        # in one event, so a stream that falls behind catches up in one write.
+        outputs = engine.generate(request, coalesce=True)
         rid = request.request_id
         self.in_flight.add(rid)  # from now on, a shutdown with on_close=abort aborts it
         try:

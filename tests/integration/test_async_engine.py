@@ -3,6 +3,7 @@ on asyncio with uvloop."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -71,6 +72,22 @@ async def test_tokens_stream_step_by_step_and_end_with_a_reason() -> None:
     assert 0 < outs[-1].ttft_s <= outs[-1].e2e_s
     assert stats.num_finished == 1 and stats.num_running == 0
     assert eng.num_overlapped_steps > 0  # the paced runner lets steps be planned ahead
+
+
+async def test_coalesce_joins_the_outputs_a_slow_consumer_missed() -> None:
+    with anyio.fail_after(30):
+        async with engine() as eng:
+            outputs: list[RequestOutput] = []
+            request = make_request(8, 40, base=10)
+            async for out in eng.generate(request, coalesce=True):
+                outputs.append(out)
+                await anyio.sleep(0.02)  # ~10 steps of 2 ms pass meanwhile
+    assert 1 < len(outputs) < 40  # several steps' tokens per output
+    assert sum(len(o.new_token_ids) for o in outputs) == 40
+    counts = [o.num_output_tokens for o in outputs]
+    assert counts == list(itertools.accumulate(len(o.new_token_ids) for o in outputs))
+    assert outputs[-1].finished and outputs[-1].finish_reason is FinishReason.LENGTH
+    assert not any(o.finished for o in outputs[:-1])
 
 
 async def test_cancelling_half_of_100_streams_leaks_no_block() -> None:

@@ -330,16 +330,16 @@ import sys
 from kvflow.cli import main
 from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
 
-execute = RealTimeSimRunner.execute
+start_step = RealTimeSimRunner.start_step  # what both execute and the engine's loop call
 
 
 def failing(self, plan):
     if any(r.token_ids[0] == 13 and r.num_output_tokens >= 2 for r in plan.requests):
         raise RuntimeError("injected device fault")
-    return execute(self, plan)
+    return start_step(self, plan)
 
 
-RealTimeSimRunner.execute = failing
+RealTimeSimRunner.start_step = failing
 sys.exit(main(["serve", *sys.argv[1:]]))
 '''
 
