@@ -31,6 +31,7 @@ from kvflow.request import (
     Request,
     RequestOutput,
     SamplingParams,
+    TokenLogprobs,
     first_bad_token,
 )
 from kvflow.serve.text import HFTextCodec, OutputText
@@ -48,6 +49,8 @@ class CompletionOutput:
     e2e_s: float | None
     text: str = ""
     """The output as text (`generate` with text or `SamplingParams`, and `chat`)."""
+    logprobs: list[TokenLogprobs] | None = None
+    """One per output token, when `SamplingParams.logprobs` asked for them."""
 
 
 class LLM:
@@ -287,10 +290,13 @@ class LLM:
         results: dict[str, CompletionOutput | RequestFailedError],
     ) -> None:
         tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
         last: RequestOutput | None = None
         try:
             async for out in engine.generate(request):
                 tokens.extend(out.new_token_ids)
+                if out.logprobs is not None:
+                    logprobs.extend(out.logprobs)
                 last = out
         except RequestFailedError as err:  # raised once every prompt has ended
             results[request.request_id] = err
@@ -303,6 +309,7 @@ class LLM:
             num_cached_tokens=last.num_cached_tokens,
             ttft_s=last.ttft_s,
             e2e_s=last.e2e_s,
+            logprobs=None if request.sampling.logprobs is None else logprobs,
         )
 
     async def _collect_text(
@@ -317,12 +324,15 @@ class LLM:
         text = OutputText(self.codec, stops)
         parts: list[str] = []
         tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
         last: RequestOutput | None = None
         reason: FinishReason | None = None
         outputs = engine.generate(request)
         try:
             async for out in outputs:
                 tokens.extend(out.new_token_ids)
+                if out.logprobs is not None:
+                    logprobs.extend(out.logprobs)
                 last = out
                 delta, finish = text.feed(out)
                 parts.append(delta)
@@ -345,6 +355,7 @@ class LLM:
             ttft_s=last.ttft_s,
             e2e_s=last.e2e_s,
             text="".join(parts),
+            logprobs=None if request.sampling.logprobs is None else logprobs,
         )
 
     def close(self) -> None:

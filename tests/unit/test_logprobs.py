@@ -4,6 +4,7 @@ one per output token; runners without them refuse such requests."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -81,6 +82,26 @@ def test_runner_and_commit_keep_one_logprob_per_output_token() -> None:
     out = RequestOutput.of(asks, tokens[-2:])
     assert out.logprobs == tuple(asks.logprobs[-2:])
     assert RequestOutput.of(plain, []).logprobs is None
+
+
+def test_llm_generate_returns_one_logprob_per_token_when_asked(tmp_path: Path) -> None:
+    import kvflow
+    from tests.text_model import build_text_model
+
+    build_text_model(tmp_path)
+    model = TorchLlama.from_pretrained(tmp_path, dtype="float64")
+    settings = {"kv.block_size": 4, "kv.device.num_blocks": 32}
+    with kvflow.LLM(tmp_path, engine="torch", dtype="float64", settings=settings) as llm:
+        [asked, plain] = [
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True, logprobs=n))[0]
+            for n in (1, None)
+        ]
+    assert plain.logprobs is None
+    assert asked.logprobs is not None and len(asked.logprobs) == 4
+    raw = torch.log_softmax(model.prompt_logits([5, 6, 7, *asked.token_ids[:-1]]), -1)
+    for i, (lp, token) in enumerate(zip(asked.logprobs, asked.token_ids, strict=True)):
+        assert lp.logprob == pytest.approx(float(raw[2 + i, token]), abs=1e-9)
+        assert lp.top[0][0] == token
 
 
 @pytest.fixture
