@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from kvflow.serve.errors import APIError, bad_request, install_error_handlers
 from kvflow.serve.host import EngineHost, HostStatus
 from kvflow.serve.logprobs import LogprobsFormatter
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from kvflow.serve.responses import ResponseShape
+from kvflow.serve.responses import ResponseShape, usage
 from kvflow.serve.serving import Generation, OpenAIServing, unavailable
 
 
@@ -56,12 +56,14 @@ async def _parse(request: Request, model: type[CompletionRequest | ChatCompletio
 async def _collect_unless_gone(
     request: Request,
     api: OpenAIServing,
-    gen: Generation,
+    gens: Sequence[Generation],
     stops: list[str],
-    logprobs: LogprobsFormatter | None,
-) -> tuple[str, str, int]:
-    """`api.collect`, cancelled (aborting the request) when the client disconnects."""
-    result: list[tuple[str, str, int]] = []
+    formatters: Sequence[LogprobsFormatter | None],
+) -> list[tuple[str, str, int]]:
+    """`api.collect` of each generation at once, all cancelled (aborting their
+    requests) when the client disconnects or one of them fails."""
+    results: dict[int, tuple[str, str, int]] = {}
+    failed: list[APIError] = []
 
     async def watch(scope: anyio.CancelScope) -> None:
         # The body has been read: the next message is the disconnect.
@@ -69,41 +71,62 @@ async def _collect_unless_gone(
             pass
         scope.cancel()
 
-    failed: list[APIError] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
+    async def one(i: int, scope: anyio.CancelScope) -> None:
         try:
-            result.append(await api.collect(gen, stops, logprobs))
+            results[i] = await api.collect(gens[i], stops, formatters[i])
         except APIError as err:  # raised outside the group, not wrapped in an ExceptionGroup
             failed.append(err)
-        finally:
-            tg.cancel_scope.cancel()
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        async with anyio.create_task_group() as collecting:
+            for i in range(len(gens)):
+                collecting.start_soon(one, i, tg.cancel_scope)
+        tg.cancel_scope.cancel()
     if failed:
         raise failed[0]
-    if not result:  # the client is gone: nobody reads an answer
+    if len(results) < len(gens):  # the client is gone: nobody reads an answer
         raise APIError(499, "the client closed the connection")
-    return result[0]
+    return [results[i] for i in range(len(gens))]
 
 
 async def _respond(
     request: Request,
     api: OpenAIServing,
-    req: EngineRequest,
+    reqs: Sequence[EngineRequest],
     stops: list[str],
     shape: ResponseShape,
     stream: bool,
 ) -> Response:
-    """Submit `req`; answer with the whole response or an event stream."""
-    logprobs = None
-    if req.sampling.logprobs is not None:
-        logprobs = LogprobsFormatter(shape.kind, api.model.codec)
-    gen = await api.submit(req)
+    """Submit `reqs` (one per choice); answer with the whole response or, for one
+    request, an event stream."""
+    formatters = [
+        None if r.sampling.logprobs is None else LogprobsFormatter(shape.kind, api.model.codec)
+        for r in reqs
+    ]
+    gens: list[Generation] = []
+    try:
+        for req in reqs:
+            gen = await api.submit(req)
+            gens.append(gen)
+    except BaseException:
+        for gen in gens:  # the batch's earlier requests are aborted
+            await gen.aclose()
+        raise
     if stream:
-        events = api.stream(gen, stops, shape, logprobs)
+        [gen] = gens
+        events = api.stream(gen, stops, shape, formatters[0])
         return _EventStream(events, media_type="text/event-stream")
-    text, reason, num_tokens = await _collect_unless_gone(request, api, gen, stops, logprobs)
-    whole = None if logprobs is None else logprobs.whole()
-    return JSONResponse(shape.whole(text, reason, api.usage(gen, num_tokens), whole))
+    results = await _collect_unless_gone(request, api, gens, stops, formatters)
+    choices = [
+        (text, reason, None if f is None else f.whole())
+        for (text, reason, _), f in zip(results, formatters, strict=True)
+    ]
+    num_prompt = sum(len(g.request.prompt_token_ids) for g in gens)
+    num_cached = sum(g.first.num_cached_tokens for g in gens)
+    total = usage(num_prompt, sum(n for _, _, n in results), num_cached)
+    return JSONResponse(shape.whole(choices, total))
 
 
 def build_app(host: EngineHost) -> FastAPI:
@@ -149,11 +172,11 @@ def build_app(host: EngineHost) -> FastAPI:
         body: CompletionRequest = await _parse(request, CompletionRequest)
         api = serving()
         api.check_common(body)
-        prompt_ids = api.completion_prompt(body)
+        prompts = api.completion_prompts(body)
         asked = api.logprobs_asked(body)
-        req = api.make_request(body, prompt_ids, body.max_tokens, "cmpl", asked)
-        shape = ResponseShape("completion", req.request_id, api.model.name, body.include_usage)
-        return await _respond(request, api, req, body.stop_strings, shape, body.stream)
+        reqs = [api.make_request(body, ids, body.max_tokens, "cmpl", asked) for ids in prompts]
+        shape = ResponseShape("completion", reqs[0].request_id, api.model.name, body.include_usage)
+        return await _respond(request, api, reqs, body.stop_strings, shape, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -165,7 +188,7 @@ def build_app(host: EngineHost) -> FastAPI:
         asked = api.logprobs_asked(body)
         req = api.make_request(body, prompt_ids, max_tokens, "chatcmpl", asked)
         shape = ResponseShape("chat", req.request_id, api.model.name, body.include_usage)
-        return await _respond(request, api, req, body.stop_strings, shape, body.stream)
+        return await _respond(request, api, [req], body.stop_strings, shape, body.stream)
 
     return app
 

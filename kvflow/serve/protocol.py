@@ -106,7 +106,7 @@ class CompletionRequest(GenerationFields):
     """`POST /v1/completions`."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    """Text, or token ids; a list of one of either is taken too (batches are not)."""
+    """Text, or token ids; or a batch: a list of either, one choice per prompt."""
     echo: bool = False
     """Only false is served."""
     logprobs: int | None = Field(default=None, ge=0, le=20)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 _COMPACT = (",", ":")
@@ -55,21 +56,21 @@ class ResponseShape:
         self._suffix = ',"usage":null}\n\n' if with_usage else "}\n\n"
 
     def whole(
-        self,
-        text: str,
-        finish_reason: str,
-        usage: dict[str, Any],
-        logprobs: dict[str, Any] | None = None,
+        self, choices: Sequence[tuple[str, str, dict[str, Any] | None]], usage: dict[str, Any]
     ) -> dict[str, Any]:
-        """The non-streaming response."""
-        choice: dict[str, Any] = {"index": 0}
-        if self.kind == "completion":
-            choice["text"] = text
-        else:
-            choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = logprobs
-        choice["finish_reason"] = finish_reason
-        return {**self._head, "choices": [choice], "usage": usage}
+        """The non-streaming response: one choice per `(text, finish reason, logprobs)`
+        (a batch of prompts gives several), and the usage of them all."""
+        out: list[dict[str, Any]] = []
+        for index, (text, finish_reason, logprobs) in enumerate(choices):
+            choice: dict[str, Any] = {"index": index}
+            if self.kind == "completion":
+                choice["text"] = text
+            else:
+                choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = logprobs
+            choice["finish_reason"] = finish_reason
+            out.append(choice)
+        return {**self._head, "choices": out, "usage": usage}
 
     def first_event(self) -> bytes | None:
         """The chunk before any text: chat announces the assistant's role."""

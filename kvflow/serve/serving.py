@@ -105,20 +105,27 @@ class OpenAIServing:
                 allowed = " or ".join(repr(v) for v in neutral)
                 raise bad_request(f"{name}={value!r} is not supported (only {allowed})", name)
 
-    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """The prompt's token ids; a batch (a list of strings or of token-id lists) gives
+        one list per prompt, each a choice of the response (as vLLM answers)."""
         given: Any = body.prompt
-        if isinstance(given, list) and given and isinstance(given[0], str | list):
-            if len(given) != 1:
-                raise bad_request(
-                    f"prompt: a batch of {len(given)} prompts is not supported; send one",
-                    "prompt",
-                )
-            given = given[0]
-        prompt = cast("str | list[int]", given)
+        batch = isinstance(given, list) and bool(given) and isinstance(given[0], str | list)
+        prompts = cast("list[str | list[int]]", given if batch else [given])
         if body.echo:
             raise bad_request("echo=true is not supported", "echo")
-        ids = self.model.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self._checked_ids(ids, "prompt")
+        if batch and body.stream and len(prompts) > 1:
+            raise bad_request(
+                f"prompt: streaming a batch of {len(prompts)} prompts is not supported; "
+                "send them one per request, or stream=false",
+                "prompt",
+            )
+        encode = self.model.codec.encode
+        return [
+            self._checked_ids(
+                encode(p) if isinstance(p, str) else list(p), f"prompt[{i}]" if batch else "prompt"
+            )
+            for i, p in enumerate(prompts)
+        ]
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -49,6 +49,22 @@ def test_completion_counts_prompt_words_and_generates_max_tokens(client: openai.
     assert out.usage.total_tokens == 8
 
 
+def test_a_batch_of_prompts_gets_one_choice_each(client: openai.OpenAI) -> None:
+    for batch, num_prompt in ((["one two", "three four five"], 5), ([[5, 6], [7, 8, 9]], 5)):
+        out = client.completions.create(model=MODEL, prompt=batch, max_tokens=3)
+        assert [c.index for c in out.choices] == [0, 1]
+        for choice in out.choices:
+            assert re.fullmatch(r"(tok\d+ ){3}", choice.text) and choice.finish_reason == "length"
+        assert out.usage is not None
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (num_prompt, 6)
+    with pytest.raises(openai.BadRequestError) as caught:  # an empty one names its index
+        client.completions.create(model=MODEL, prompt=[[5, 6], []], max_tokens=3)
+    assert "prompt[1] is empty" in str(caught.value)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=3, stream=True)
+    assert "streaming a batch of 2 prompts is not supported" in str(caught.value)
+
+
 def test_token_id_prompt_is_taken_as_is(client: openai.OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=2)
     assert out.usage is not None and out.usage.prompt_tokens == 4
