@@ -431,24 +431,16 @@ class AsyncEngine:
     async def _execute(
         self, plan: StepPlan, overlap: bool
     ) -> tuple[StepResult | Exception, StepPlan | None]:
-        """Run `plan` in a worker thread (on the loop for a runner that `runs_on_loop`);
-        with `overlap`, plan the next step meanwhile
+        """Run `plan` in a worker thread; with `overlap`, plan the next step meanwhile
         (it executes after this step's commit, so it sees this step's tokens). Returns
         the step's result (or what the runner raised) and the next plan."""
         results: list[StepResult] = []
         errors: list[Exception] = []
         next_plan: StepPlan | None = None
 
-        runner = self.runner
-
         async def run() -> None:
             try:
-                if runner.runs_on_loop:  # a step that only waits: no thread handoff
-                    result, wait_s = runner.start_step(plan)
-                    await anyio.sleep(max(wait_s, 0.0))
-                    results.append(result)
-                else:
-                    results.append(await anyio.to_thread.run_sync(runner.execute, plan))
+                results.append(await anyio.to_thread.run_sync(self.runner.execute, plan))
             except Exception as err:  # the step's requests fail; the engine serves on
                 errors.append(err)
 

@@ -22,11 +22,6 @@ class ModelRunner(abc.ABC):
     runner reads only the plan (tokens through `plan.requests[i].token_ids`, blocks
     through `plan.block_table(i)`) and skips finished requests; step N+1 executes
     after step N's commit, so its tokens are there by then."""
-    runs_on_loop: bool = False
-    """Whether the engine may run steps on its event loop through `start_step` instead
-    of `execute` in a worker thread: for runners whose step computes next to nothing
-    and waits (a simulated runner in real time), where the thread handoff would be the
-    step's whole cost."""
     supports_logprobs: bool = False
     """Whether `execute` returns log-probabilities (`StepResult.logprobs`) for the
     requests that ask (`SamplingParams.logprobs`); other runners return none."""
@@ -43,8 +38,3 @@ class ModelRunner(abc.ABC):
             `StepResult` with one sampled token (or None) per plan entry and the step's
             duration in seconds (virtual for simulated runners, measured for real ones).
         """
-
-    def start_step(self, plan: StepPlan) -> tuple[StepResult, float]:
-        """The step's result at once, and the wall seconds the step still takes (the
-        engine awaits them on its loop); only runners with `runs_on_loop` have it."""
-        raise NotImplementedError(f"runner {self.name!r} does not run on the event loop")

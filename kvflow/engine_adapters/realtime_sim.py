@@ -45,7 +45,6 @@ class RealTimeSimRunner(SimulatedRunner):
 
     name = "sim"
     supports_overlap = True
-    runs_on_loop = True
 
     def __init__(self, latency: LatencyModel) -> None:
         super().__init__(latency)
@@ -55,12 +54,6 @@ class RealTimeSimRunner(SimulatedRunner):
         return cls(latency_model_from_config(config))
 
     def execute(self, plan: StepPlan) -> StepResult:
-        result, remaining = self.start_step(plan)
-        if remaining > 0:
-            time.sleep(remaining)
-        return result
-
-    def start_step(self, plan: StepPlan) -> tuple[StepResult, float]:
         began = time.perf_counter()
         duration = self.latency.step_time_s(
             plan.num_prefill_tokens, plan.num_decode_tokens, plan.num_kv_tokens
@@ -73,7 +66,10 @@ class RealTimeSimRunner(SimulatedRunner):
                 sampled.append(None)
             else:
                 sampled.append(sim_token_id(req.request_id, req.num_output_tokens))
-        return StepResult(sampled, duration), duration - (time.perf_counter() - began)
+        remaining = duration - (time.perf_counter() - began)
+        if remaining > 0:
+            time.sleep(remaining)
+        return StepResult(sampled, duration)
 
 
 __all__ = ["SIM_FIRST_TOKEN_ID", "SIM_VOCAB_SIZE", "RealTimeSimRunner", "sim_token_id"]

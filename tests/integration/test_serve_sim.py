@@ -346,16 +346,16 @@ import sys
 from kvflow.cli import main
 from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
 
-start_step = RealTimeSimRunner.start_step  # what both execute and the engine's loop call
+execute = RealTimeSimRunner.execute
 
 
 def failing(self, plan):
     if any(r.token_ids[0] == 13 and r.num_output_tokens >= 2 for r in plan.requests):
         raise RuntimeError("injected device fault")
-    return start_step(self, plan)
+    return execute(self, plan)
 
 
-RealTimeSimRunner.start_step = failing
+RealTimeSimRunner.execute = failing
 sys.exit(main(["serve", *sys.argv[1:]]))
 '''
 
