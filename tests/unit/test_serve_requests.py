@@ -56,7 +56,8 @@ def test_sampling_and_kvflow_fields_reach_the_request() -> None:
         tpot_slo_ms=40,
         deadline_s=1.5,
     )
-    req = api.make_request(body, api.completion_prompt(body), body.max_tokens, "cmpl")
+    [ids] = api.completion_prompts(body)
+    req = api.make_request(body, ids, body.max_tokens, "cmpl")
     assert req.prompt_token_ids == (5, 6, 7) and req.max_new_tokens == 9
     assert (req.priority, req.tenant) == (-3, "team-b")
     assert req.slo == SLO(ttft_ms=250, tpot_ms=40)
@@ -69,7 +70,8 @@ def test_sampling_and_kvflow_fields_reach_the_request() -> None:
 def test_ignore_eos_leaves_the_eos_out_and_defaults_follow_openai() -> None:
     api = serving()
     body = CompletionRequest(model="m", prompt="a b c", ignore_eos=True)
-    req = api.make_request(body, api.completion_prompt(body), body.max_tokens, "cmpl")
+    [ids] = api.completion_prompts(body)
+    req = api.make_request(body, ids, body.max_tokens, "cmpl")
     assert req.sampling.stop_token_ids == ()
     assert req.max_new_tokens == 16  # completions' default
     assert req.sampling.temperature == 1.0
@@ -85,11 +87,12 @@ def test_prompt_checks_name_the_field() -> None:
     for body, param in [
         (CompletionRequest(model="m", prompt=[1, 2**32]), "prompt"),
         (CompletionRequest(model="m", prompt=""), "prompt"),
-        (CompletionRequest(model="m", prompt=["a", "b"]), "prompt"),
+        (CompletionRequest(model="m", prompt=["a", "b"], stream=True), "prompt"),
+        (CompletionRequest(model="m", prompt=["a", ""]), "prompt[1]"),
         (CompletionRequest(model="m", prompt="x", echo=True), "echo"),
     ]:
         with pytest.raises(APIError) as caught:
-            api.completion_prompt(body)
+            api.completion_prompts(body)
         assert (caught.value.status, caught.value.param) == (400, param)
     long_body = CompletionRequest(model="m", prompt=[1] * 60, max_tokens=5)
     with pytest.raises(APIError) as caught:
