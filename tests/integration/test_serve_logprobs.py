@@ -35,7 +35,6 @@ def reference(model_path: Path, prompt_ids: list[int]) -> tuple[list[int], torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float64)
-    model.eval()
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(NUM_TOKENS):
