@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
@@ -23,6 +23,9 @@ from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.outcome import nothing_served_reason
 from kvflow.traces.replay import make_policy, replay
 from kvflow.traces.shaping import mean_rate, scale_to_rate
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DEFAULT_ATTAINMENT_TARGET = 0.9
 """SLO attainment a policy must keep for a rate to count as within its capacity."""
@@ -61,18 +64,79 @@ def run_point(
     return SweepPoint(policy, rate_rps, report, nothing_served_reason(result.states, config))
 
 
-_worker_inputs: tuple[Sequence[Request], KVFlowConfig] | None = None
+def _sweep_task(
+    shared: tuple[Sequence[Request], KVFlowConfig], point: tuple[str, float]
+) -> SweepPoint:
+    return run_point(*shared, *point)
 
 
-def _init_worker(requests: Sequence[Request], config: KVFlowConfig) -> None:
-    global _worker_inputs
-    _worker_inputs = (requests, config)
+_worker_shared: Any = None
 
 
-def _run_in_worker(policy: str, rate_rps: float) -> SweepPoint:
-    if _worker_inputs is None:
-        raise RuntimeError("sweep worker used before its initializer ran")
-    return run_point(*_worker_inputs, policy, rate_rps)
+def _init_worker(shared: Any) -> None:
+    global _worker_shared
+    _worker_shared = shared
+
+
+def _call_in_worker(task: Callable[[Any, T], R], item: T) -> R:
+    if _worker_shared is None:
+        raise RuntimeError("worker used before its initializer ran")
+    return task(_worker_shared, item)
+
+
+class ProcessRunner:
+    """Runs `task(shared, item)` for many items in worker processes that each receive
+    `shared` (the trace, the config) once, when they start; `jobs == 1` runs in this
+    process. A context manager: the pool lives until it exits, across `map` calls.
+
+    Args:
+        shared: picklable inputs every task needs.
+        jobs: worker processes, >= 1.
+    """
+
+    def __init__(self, shared: Any, jobs: int) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+        self._shared = shared
+        self._pool = (
+            None
+            if jobs == 1
+            else ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(shared,))
+        )
+
+    def __enter__(self) -> ProcessRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def map(
+        self,
+        task: Callable[[Any, T], R],
+        items: Sequence[T],
+        on_result: Callable[[R], None] | None = None,
+    ) -> list[R]:
+        """`task(shared, item)` for each item, in the items' order; `on_result` is called
+        in this process as each finishes (in finishing order). `task` must be a
+        module-level function (it is pickled by name)."""
+        if self._pool is None:
+            results = []
+            for item in items:
+                results.append(task(self._shared, item))
+                if on_result is not None:
+                    on_result(results[-1])
+            return results
+        futures: dict[Future[R], int] = {
+            self._pool.submit(_call_in_worker, task, item): i for i, item in enumerate(items)
+        }
+        done: dict[int, R] = {}
+        for future in as_completed(futures):
+            result = future.result()
+            done[futures[future]] = result
+            if on_result is not None:
+                on_result(result)
+        return [done[i] for i in range(len(items))]
 
 
 def default_jobs(num_points: int) -> int:
@@ -116,28 +180,8 @@ def sweep(
         make_policy(name, config)
     grid = [(policy, rate) for policy in policies for rate in rates]
     jobs = default_jobs(len(grid)) if jobs is None else jobs
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
-    if jobs == 1:
-        points = []
-        for policy, rate in grid:
-            points.append(run_point(requests, config, policy, rate))
-            if on_point is not None:
-                on_point(points[-1])
-        return points
-    with ProcessPoolExecutor(
-        max_workers=jobs, initializer=_init_worker, initargs=(list(requests), config)
-    ) as pool:
-        futures: dict[Future[SweepPoint], int] = {
-            pool.submit(_run_in_worker, policy, rate): i for i, (policy, rate) in enumerate(grid)
-        }
-        done: list[SweepPoint | None] = [None] * len(grid)
-        for future in as_completed(futures):
-            point = future.result()
-            done[futures[future]] = point
-            if on_point is not None:
-                on_point(point)
-    return [point for point in done if point is not None]
+    with ProcessRunner((list(requests), config), jobs) as runner:
+        return runner.map(_sweep_task, grid, on_point)
 
 
 def capacity(
