@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from kvflow.cli import calibrate as calibrate_cmd
+from kvflow.cli import plan as plan_cmd
 from kvflow.cli import policies as policies_cmd
 from kvflow.cli import replay as replay_cmd
 from kvflow.cli import serve as serve_cmd
@@ -20,7 +21,15 @@ from kvflow.config import ConfigError
 from kvflow.policies import PolicyLoadError
 from kvflow.registry import PluginLoadError, UnknownNameError
 
-SUBCOMMANDS = (replay_cmd, sweep_cmd, synth_cmd, calibrate_cmd, serve_cmd, policies_cmd)
+SUBCOMMANDS = (
+    replay_cmd,
+    sweep_cmd,
+    plan_cmd,
+    synth_cmd,
+    calibrate_cmd,
+    serve_cmd,
+    policies_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Terminal tables (rich): the runs compared, per tenant, and per sweep point.
+"""Terminal tables (rich): the runs compared, per tenant, per sweep point, and a fleet plan.
 
 Each table fits a width: when its columns need more, the least important ones are left
 out (the caption names them; the JSON report has every figure), so no cell is ever cut
@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from rich import box
 from rich.console import Console
@@ -21,6 +21,9 @@ from kvflow.traces.latency import LatencySummary
 from kvflow.traces.metrics import RunReport, is_unknown
 from kvflow.traces.sweep import DEFAULT_ATTAINMENT_TARGET, SweepPoint
 from kvflow.traces.tenants import TenantReport
+
+if TYPE_CHECKING:
+    from kvflow.cluster.plan import FleetCost, SizePlan
 
 R = TypeVar("R")
 
@@ -244,3 +247,56 @@ def render_sweep_table(
         line = f"capacity (SLO met >= {attainment_target:.0%}): {shown}"
         table.caption = line if table.caption is None else f"{line}\n{table.caption}"
     return table
+
+
+# -- a capacity plan ----------------------------------------------------------------------
+PlanRow = tuple["SizePlan", "FleetCost | None"]
+
+
+def _attainment(plan: SizePlan, below: bool) -> str:
+    e = plan.below if below else plan.meeting
+    return NO_FIGURE if e is None else f"{e.attainment:.1%}"
+
+
+def _money(value: float | None, digits: int = 2) -> str:
+    return NO_FIGURE if value is None else f"{value:,.{digits}f}"
+
+
+def render_plan_table(rows: Sequence[PlanRow], width: int | None = None) -> Table:
+    """One row per load: the smallest fleet meeting the target, its cost, and what
+    fails one instance below it (at --max-instances when no size met the target)."""
+
+    def cost(row: PlanRow) -> FleetCost | None:
+        return row[1]
+
+    def size(row: PlanRow) -> str:
+        plan = row[0]
+        return f"> {plan.max_instances}" if plan.num_instances is None else str(plan.num_instances)
+
+    def binding(row: PlanRow) -> str:
+        below = row[0].below
+        return NO_FIGURE if below is None else below.binding_constraint()
+
+    columns: list[_Column[PlanRow]] = [
+        _Column("rate\nscale", lambda r: f"x{r[0].rate_scale:g}", left=True),
+        _Column("instances", size),
+        _Column("GPUs", lambda r: _money(None if (c := cost(r)) is None else c.num_gpus, 0)),
+        _Column("$/hour", lambda r: _money(None if (c := cost(r)) is None else c.dollars_per_hour)),
+        _Column(
+            "$ per M\nout tokens",
+            lambda r: _money(
+                None if (c := cost(r)) is None else c.dollars_per_million_output_tokens, 3
+            ),
+        ),
+        _Column(
+            "goodput\nreq/$",
+            lambda r: _money(None if (c := cost(r)) is None else c.goodput_per_dollar, 0),
+            keep=4,
+        ),
+        _Column("SLO met\nat N", lambda r: _attainment(r[0], below=False)),
+        _Column("SLO met\nbelow", lambda r: _attainment(r[0], below=True), keep=3),
+        _Column("binding\nbelow", binding),
+        _Column("sizes\nreplayed", lambda r: str(len(r[0].evaluations)), keep=2),
+        _Column("monotone", lambda r: "yes" if r[0].monotone else "NO", keep=1),
+    ]
+    return _fit_table("kvflow plan: the smallest fleet per load", columns, rows, width)

@@ -1,0 +1,273 @@
+"""`kvflow plan`: the smallest fleet that meets SLOs at each load, and what it costs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from kvflow.cli.common import (
+    CLIError,
+    add_config_arguments,
+    add_trace_arguments,
+    config_overrides,
+    load_requests,
+    parse_comma_list,
+    trace_path,
+)
+from kvflow.cli.options import (
+    add_slo_arguments,
+    check_report_outputs,
+    report_console,
+    report_doc,
+    sim_description,
+    slo_settings,
+    write_json,
+)
+from kvflow.cli.sweep import _fraction
+
+if TYPE_CHECKING:
+    from kvflow.cluster.plan import FleetEvaluation, FleetSpec, SizePlan
+    from kvflow.cluster.prices import GpuPrice
+    from kvflow.request import Request
+
+DEFAULT_GPU = "h100"
+DEFAULT_MAX_INSTANCES = 16
+
+
+def _scales(text: str) -> list[float]:
+    return parse_comma_list(
+        text,
+        float,
+        lambda r: math.isfinite(r) and r > 0,
+        malformed="expected rate scales like 1,2,4",
+        invalid="expected positive rate scales like 1,2,4",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sp = sub.add_parser(
+        "plan",
+        help="the smallest fleet meeting SLOs at each load, and its cost",
+        description="For each --rate-scale (the trace's arrivals compressed by it), find "
+        "the smallest number of colocated simulated instances whose fleet replay meets "
+        "--attainment (the share of all requests meeting every SLO) by exponential search "
+        "and bisection in parallel processes, and report GPUs, $/hour, $ per million "
+        "output tokens, goodput per dollar and what fails one instance below.",
+    )
+    add_trace_arguments(sp)
+    plan = sp.add_argument_group("the plan")
+    plan.add_argument(
+        "--rate-scale",
+        type=_scales,
+        action="append",
+        dest="rate_scales",
+        metavar="S1,S2,...",
+        help="loads to plan for, as multiples of the trace's rate (default: 1)",
+    )
+    plan.add_argument(
+        "--attainment",
+        type=_fraction,
+        default=0.9,
+        metavar="F",
+        help="share of all requests (rejected ones count as missed) that must meet every "
+        "SLO (default 0.9)",
+    )
+    plan.add_argument(
+        "--max-instances",
+        type=int,
+        default=DEFAULT_MAX_INSTANCES,
+        metavar="N",
+        help=f"largest fleet to consider (default {DEFAULT_MAX_INSTANCES})",
+    )
+    plan.add_argument("--router", metavar="R", help="router (default: router.name, cache-aware)")
+    plan.add_argument("--policy", default="fcfs", metavar="P", help="policy (default: fcfs)")
+    plan.add_argument(
+        "--peers", choices=["on", "off"], default="off", help="peer pulls (default: off)"
+    )
+    plan.add_argument(
+        "--jobs", "-j", type=int, metavar="J", help="worker processes (default: CPU count)"
+    )
+    cost = sp.add_argument_group("prices")
+    cost.add_argument(
+        "--gpu", metavar="NAME", help=f"entry of the prices file (default: {DEFAULT_GPU})"
+    )
+    cost.add_argument(
+        "--prices", metavar="FILE", help="prices TOML file (default: kvflow's example prices)"
+    )
+    cost.add_argument(
+        "--price-per-hour",
+        type=float,
+        metavar="USD",
+        help="USD per GPU-hour: overrides the --gpu entry's price; without --gpu, prices "
+        "an instance simulated as the config says (e.g. --set sim.preset_file=FILE)",
+    )
+    cost.add_argument(
+        "--gpus-per-instance",
+        type=int,
+        metavar="K",
+        help="GPUs per instance with --price-per-hour (default: the entry's, or 1)",
+    )
+    add_config_arguments(sp)
+    add_slo_arguments(sp)
+    sp.add_argument("--json", metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    sp.set_defaults(handler=run, plot=None)
+
+
+def _gpu(args: argparse.Namespace) -> GpuPrice:
+    import dataclasses
+
+    from kvflow.cluster.prices import GpuPrice, load_prices, pick_gpu
+
+    price, gpus = args.price_per_hour, args.gpus_per_instance
+    if price is not None and not (math.isfinite(price) and price > 0):
+        raise CLIError(f"--price-per-hour must be a number > 0, got {price!r}")
+    if gpus is not None and gpus < 1:
+        raise CLIError(f"--gpus-per-instance must be >= 1, got {gpus!r}")
+    if gpus is not None and price is None:
+        raise CLIError("--gpus-per-instance needs --price-per-hour")
+    if price is not None and args.gpu is None and args.prices is None:
+        return GpuPrice("custom", price, gpus or 1)
+    prices = load_prices(args.prices)
+    source = f"prices file {args.prices!r}" if args.prices else "kvflow's example prices"
+    gpu = pick_gpu(prices, args.gpu or DEFAULT_GPU, source)
+    if price is not None:
+        gpu = dataclasses.replace(
+            gpu, price_per_gpu_hour=price, gpus_per_instance=gpus or gpu.gpus_per_instance
+        )
+    return gpu
+
+
+def _plan_task(shared: tuple[Sequence[Request], FleetSpec], item: tuple[float, int]) -> Any:
+    from kvflow.cluster.plan import evaluate_fleet, scaled
+
+    requests, spec = shared
+    scale, n = item
+    return evaluate_fleet(scaled(requests, scale), spec, n, scale)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from kvflow.cluster import routers
+    from kvflow.cluster.plan import FleetSpec, fleet_cost, search_size
+    from kvflow.config import KVFlowConfig
+    from kvflow.policies import make_policy
+    from kvflow.traces.sweep import ProcessRunner
+    from kvflow.traces.tables import render_plan_table
+
+    if args.max_instances < 1:
+        raise CLIError(f"--max-instances must be >= 1, got {args.max_instances!r}")
+    if args.jobs is not None and args.jobs < 1:
+        raise CLIError(f"--jobs must be >= 1, got {args.jobs!r}")
+    gpu = _gpu(args)
+    overrides = config_overrides(args)
+    for key in overrides:
+        if key.startswith("instances."):
+            raise CLIError(f"--set {key}: kvflow plan sizes fleets of identical instances")
+    config = KVFlowConfig.load(args.config, {**gpu.config_overrides(), **overrides})
+    spec = FleetSpec(config, args.router or config.router.name, args.policy, args.peers == "on")
+    routers.create(spec.router, config)  # fail on a bad name before replaying
+    make_policy(spec.policy, config)
+    slo = slo_settings(args)
+    path = trace_path(args)
+    check_report_outputs(args, path, config)
+    out = report_console(args, console)
+    loaded = load_requests(args)
+    requests = slo.apply(loaded)
+    if not any(r.slo.ttft_ms or r.slo.tpot_ms or r.deadline is not None for r in requests):
+        raise CLIError("a plan needs SLOs: give --ttft-slo-ms and/or --tpot-slo-ms")
+    scales = sorted({s for group in args.rate_scales or [[1.0]] for s in group})
+    jobs = args.jobs or os.cpu_count() or 1
+    target = args.attainment
+    plans: list[SizePlan] = []
+    with ProcessRunner((requests, spec), jobs) as runner:
+        for scale in scales:
+            out.print(f"planning x{scale:g}: {len(requests)} requests, {jobs} job(s) ...")
+
+            def evaluate(sizes: Sequence[int], scale: float = scale) -> list[FleetEvaluation]:
+                return runner.map(_plan_task, [(scale, n) for n in sizes])
+
+            plans.append(search_size(evaluate, scale, target, args.max_instances, jobs))
+    rows = [(p, None if p.meeting is None else fleet_cost(gpu, p.meeting)) for p in plans]
+    table = render_plan_table(rows, out.width)
+    table.title = (
+        f"kvflow plan: {path.name}, {len(requests)} requests | {gpu.name} "
+        f"(${gpu.price_per_gpu_hour:g}/GPU-hour, {gpu.gpus_per_instance} GPU/instance) | "
+        f"{sim_description(config)} | {spec.router} | SLOs: {slo.source(loaded)} | "
+        f"SLO met >= {target:.0%}"
+    )
+    out.print(table)
+    if args.json:
+        doc = report_doc(
+            path,
+            "sim",
+            config,
+            slo,
+            plan=_plan_json(rows, spec, gpu, target, args.max_instances),
+        )
+        write_json(doc, args.json)
+    return _verdict(plans, args.max_instances)
+
+
+def _plan_json(
+    rows: Sequence[tuple[SizePlan, Any]],
+    spec: FleetSpec,
+    gpu: GpuPrice,
+    target: float,
+    max_instances: int,
+) -> dict[str, Any]:
+    return {
+        "gpu": {
+            "name": gpu.name,
+            "price_per_gpu_hour": gpu.price_per_gpu_hour,
+            "gpus_per_instance": gpu.gpus_per_instance,
+            "sim_preset": gpu.sim_preset,
+            "device_blocks": gpu.device_blocks,
+        },
+        "attainment_target": target,
+        "max_instances": max_instances,
+        "router": spec.router,
+        "policy": spec.policy,
+        "peers": spec.peers,
+        "loads": [
+            {
+                "rate_scale": plan.rate_scale,
+                "num_instances": plan.num_instances,
+                "cost": None if cost is None else cost.to_json(),
+                "at_n": None if plan.meeting is None else plan.meeting.to_json(),
+                "below": None if plan.below is None else plan.below.to_json(),
+                "monotone": plan.monotone,
+                "evaluations": [e.to_json() for e in plan.evaluations],
+            }
+            for plan, cost in rows
+        ],
+    }
+
+
+def _verdict(plans: Sequence[SizePlan], max_instances: int) -> int:
+    """Exit status 1, after one `kvflow: error:` line per load no fleet size met; a
+    warning where the evaluated sizes were not monotone."""
+    failed = 0
+    for plan in plans:
+        if not plan.monotone:
+            print(
+                f"kvflow: warning: x{plan.rate_scale:g}: SLO attainment was not monotone in "
+                "the fleet sizes replayed; the answer is the smallest size meeting the "
+                "target above one that does not",
+                file=sys.stderr,
+            )
+        below = plan.below
+        if plan.num_instances is None and below is not None:
+            failed += 1
+            print(
+                f"kvflow: error: x{plan.rate_scale:g}: SLO attainment {below.attainment:.1%} "
+                f"< {plan.target:.0%} even at --max-instances {max_instances} (most "
+                f"failures: {below.binding_constraint()}); raise --max-instances or relax "
+                "the SLOs",
+                file=sys.stderr,
+            )
+    return 1 if failed else 0

@@ -1,0 +1,272 @@
+"""Capacity planning: the smallest colocated fleet that meets an SLO attainment target.
+
+For each load (the trace's arrivals compressed by a rate scale), the planner replays the
+trace through fleets of N simulated instances and searches N: first upward 1, 2, 4, ...
+until a fleet meets the target (or --max-instances fails), then bisection between the
+last failing and the first meeting size. Each round evaluates up to `jobs` sizes in
+parallel processes (a k-ary bisection; plain bisection with one job).
+
+Attainment here is the share of *all* requests that met every SLO: a request the fleet
+rejected (it never fit in memory) counts as missed, unlike `RunReport.slo_attainment`
+(met / served), so a fleet too small to hold the requests cannot look good.
+
+Bisection assumes attainment does not fall as instances are added (more instances,
+less queueing). Routing makes that only nearly true, so the result records whether the
+sizes it evaluated agree (`monotone`); the answer N itself is always checked: N meets
+the target and N - 1 does not (both are replayed by the search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvflow.cluster import routers
+from kvflow.cluster.fleet import replay_fleet
+from kvflow.cluster.prices import GpuPrice
+from kvflow.config import KVFlowConfig
+from kvflow.policies import make_policy
+from kvflow.request import FinishReason, Request
+from kvflow.traces.fleet_report import summarize_fleet
+from kvflow.traces.outcome import SERVED, request_outcome
+from kvflow.traces.shaping import time_scale
+
+_SLO_RTOL = 1e-9  # as kvflow.traces.outcome: float noise must not fail an SLO met exactly
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEvaluation:
+    """One fleet size replayed at one load."""
+
+    rate_scale: float
+    num_instances: int
+    num_requests: int
+    num_met: int
+    num_ttft_missed: int
+    """Served requests over their TTFT objective (or deadline)."""
+    num_tpot_missed: int
+    num_unserved: int
+    """Requests rejected or aborted (did not fit in memory)."""
+    num_preemptions: int
+    output_tokens_per_s: float
+    goodput_rps: float
+
+    @property
+    def attainment(self) -> float:
+        """Requests that met every SLO / all requests."""
+        return self.num_met / self.num_requests if self.num_requests else 0.0
+
+    def binding_constraint(self) -> str:
+        """What failed most: ``ttft``, ``tpot`` or ``memory`` (requests not served);
+        ``-`` when nothing failed."""
+        counts = {
+            "memory": self.num_unserved,
+            "ttft": self.num_ttft_missed,
+            "tpot": self.num_tpot_missed,
+        }
+        worst = max(counts, key=lambda k: counts[k])
+        return worst if counts[worst] > 0 else "-"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_instances": self.num_instances,
+            "attainment": self.attainment,
+            "num_requests": self.num_requests,
+            "num_met": self.num_met,
+            "num_ttft_missed": self.num_ttft_missed,
+            "num_tpot_missed": self.num_tpot_missed,
+            "num_unserved": self.num_unserved,
+            "num_preemptions": self.num_preemptions,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "goodput_rps": self.goodput_rps,
+            "binding_constraint": self.binding_constraint(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    """What every candidate fleet shares (sent to each worker process once)."""
+
+    config: KVFlowConfig
+    router: str = "cache-aware"
+    policy: str = "fcfs"
+    peers: bool = False
+
+
+def _missed(value_s: float | None, limit_ms: float | None) -> bool:
+    return (
+        value_s is not None and limit_ms is not None and value_s * 1e3 > limit_ms * (1 + _SLO_RTOL)
+    )
+
+
+def evaluate_fleet(
+    requests: Sequence[Request], spec: FleetSpec, num_instances: int, rate_scale: float = 1.0
+) -> FleetEvaluation:
+    """Replay `requests` (already at the load to plan for) on `num_instances` instances
+    of `spec.config` and count what met its SLOs and what failed which."""
+    configs = [spec.config] * num_instances
+    result = replay_fleet(
+        requests,
+        configs,
+        [make_policy(spec.policy, c) for c in configs],
+        routers.create(spec.router, spec.config),
+        peers=spec.peers,
+        policy_name=spec.policy,
+    )
+    report = summarize_fleet(result).report
+    ttft = tpot = unserved = 0
+    for state in result.states:
+        if state.finish_reason not in SERVED:
+            unserved += state.finish_reason in (FinishReason.REJECTED, FinishReason.ABORTED)
+            continue
+        outcome = request_outcome(state)
+        slo, deadline = state.request.slo, state.request.deadline
+        first_token = None if outcome.ttft_s is None else state.arrival_time + outcome.ttft_s
+        late = deadline is not None and first_token is not None and first_token > deadline
+        ttft += _missed(outcome.ttft_s, slo.ttft_ms) or late
+        tpot += _missed(outcome.tpot_s, slo.tpot_ms)
+    return FleetEvaluation(
+        rate_scale=rate_scale,
+        num_instances=num_instances,
+        num_requests=report.num_requests,
+        num_met=report.num_slo_met,
+        num_ttft_missed=ttft,
+        num_tpot_missed=tpot,
+        num_unserved=unserved,
+        num_preemptions=report.num_preemptions,
+        output_tokens_per_s=report.throughput_tokens_per_s,
+        goodput_rps=report.goodput_rps,
+    )
+
+
+def scaled(requests: Sequence[Request], rate_scale: float) -> list[Request]:
+    """The trace's arrivals compressed by `rate_scale` (2: twice the offered rate)."""
+    return time_scale(requests, 1.0 / rate_scale)
+
+
+@dataclass(frozen=True, slots=True)
+class SizePlan:
+    """The search's answer at one load."""
+
+    rate_scale: float
+    target: float
+    num_instances: int | None
+    """The smallest size meeting the target; None: not even `max_instances`."""
+    max_instances: int
+    evaluations: tuple[FleetEvaluation, ...]
+    """Every size evaluated, by size."""
+
+    def at(self, num_instances: int) -> FleetEvaluation | None:
+        return next((e for e in self.evaluations if e.num_instances == num_instances), None)
+
+    @property
+    def meeting(self) -> FleetEvaluation | None:
+        return None if self.num_instances is None else self.at(self.num_instances)
+
+    @property
+    def below(self) -> FleetEvaluation | None:
+        """The evaluation that shows the answer is the smallest: at N - 1 (None when N
+        is 1), or at `max_instances` when no size met the target."""
+        if self.num_instances is None:
+            return self.at(self.max_instances)
+        return self.at(self.num_instances - 1)
+
+    @property
+    def monotone(self) -> bool:
+        """Every evaluated size below the answer fails and every one from it meets."""
+        n = self.num_instances if self.num_instances is not None else self.max_instances + 1
+        return all(
+            (e.attainment >= self.target) == (e.num_instances >= n) for e in self.evaluations
+        )
+
+
+Evaluate = Callable[[Sequence[int]], list[FleetEvaluation]]
+
+
+def search_size(
+    evaluate: Evaluate, rate_scale: float, target: float, max_instances: int, jobs: int = 1
+) -> SizePlan:
+    """The smallest fleet size in 1..`max_instances` whose attainment is >= `target`.
+
+    Args:
+        evaluate: replays the given sizes (at this load) and returns their evaluations.
+        jobs: sizes evaluated per round.
+    """
+    if max_instances < 1 or jobs < 1:
+        raise ValueError(f"max_instances and jobs must be >= 1, got {max_instances}, {jobs}")
+    seen: dict[int, FleetEvaluation] = {}
+
+    def run(sizes: Sequence[int]) -> None:
+        for e in evaluate([n for n in sizes if n not in seen]):
+            seen[e.num_instances] = e
+
+    def meets(n: int) -> bool:
+        return seen[n].attainment >= target
+
+    ladder = []
+    n = 1
+    while n < max_instances:
+        ladder.append(n)
+        n *= 2
+    ladder.append(max_instances)
+    lo, hi = 0, None  # lo fails (0: no fleet at all), hi meets
+    for start in range(0, len(ladder), jobs):
+        batch = ladder[start : start + jobs]
+        run(batch)
+        hi = next((n for n in batch if meets(n)), None)
+        if hi is not None:
+            lo = max([lo, *(n for n in batch if n < hi)])
+            break
+        lo = batch[-1]
+    if hi is not None:
+        for _ in range(max_instances):  # each round narrows (lo, hi) by at least one
+            if hi - lo <= 1:
+                break
+            gap = hi - lo
+            k = min(jobs, gap - 1)
+            probes = sorted({lo + (gap * (i + 1)) // (k + 1) for i in range(k)} - {lo, hi})
+            run(probes)
+            meeting = [n for n in probes if meets(n)]
+            if meeting:
+                hi = meeting[0]
+            lo = max([lo, *(n for n in probes if n < hi)])
+    return SizePlan(rate_scale, target, hi, max_instances, tuple(seen[n] for n in sorted(seen)))
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCost:
+    """What a fleet of `num_instances` instances of one GPU entry costs."""
+
+    num_instances: int
+    num_gpus: int
+    dollars_per_hour: float
+    dollars_per_million_output_tokens: float | None
+    """None when the fleet produced no tokens."""
+    goodput_per_dollar: float
+    """Requests meeting every SLO per dollar."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_instances": self.num_instances,
+            "num_gpus": self.num_gpus,
+            "dollars_per_hour": self.dollars_per_hour,
+            "dollars_per_million_output_tokens": self.dollars_per_million_output_tokens,
+            "goodput_per_dollar": self.goodput_per_dollar,
+        }
+
+
+def fleet_cost(gpu: GpuPrice, evaluation: FleetEvaluation) -> FleetCost:
+    """The cost of the evaluated fleet at the rate its replay served output tokens."""
+    n = evaluation.num_instances
+    per_hour = n * gpu.price_per_instance_hour
+    tokens_per_hour = evaluation.output_tokens_per_s * 3600.0
+    return FleetCost(
+        num_instances=n,
+        num_gpus=n * gpu.gpus_per_instance,
+        dollars_per_hour=per_hour,
+        dollars_per_million_output_tokens=(
+            per_hour / tokens_per_hour * 1e6 if tokens_per_hour > 0 else None
+        ),
+        goodput_per_dollar=evaluation.goodput_rps * 3600.0 / per_hour,
+    )
