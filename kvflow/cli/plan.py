@@ -155,6 +155,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cluster import routers
     from kvflow.cluster.plan import FleetSpec, fleet_cost, search_size
     from kvflow.config import KVFlowConfig
+    from kvflow.engine_adapters.simulated import latency_model_from_config
     from kvflow.policies import make_policy
     from kvflow.traces.sweep import ProcessRunner
     from kvflow.traces.tables import render_plan_table
@@ -170,7 +171,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise CLIError(f"--set {key}: kvflow plan sizes fleets of identical instances")
     config = KVFlowConfig.load(args.config, {**gpu.config_overrides(), **overrides})
     spec = FleetSpec(config, args.router or config.router.name, args.policy, args.peers == "on")
-    routers.create(spec.router, config)  # fail on a bad name before replaying
+    latency_model_from_config(config.sim)  # fail on a bad preset file before replaying
+    routers.create(spec.router, config)
     make_policy(spec.policy, config)
     slo = slo_settings(args)
     path = trace_path(args)
