@@ -143,7 +143,9 @@ def _gpu(args: argparse.Namespace) -> GpuPrice:
     return gpu
 
 
-def _plan_task(shared: tuple[Sequence[Request], FleetSpec], item: tuple[float, int]) -> Any:
+def _plan_task(
+    shared: tuple[Sequence[Request], FleetSpec], item: tuple[float, int]
+) -> FleetEvaluation:
     from kvflow.cluster.plan import evaluate_fleet, scaled
 
     requests, spec = shared
