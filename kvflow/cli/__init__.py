@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from kvflow.cli import calibrate as calibrate_cmd
+from kvflow.cli import cluster as cluster_cmd
 from kvflow.cli import plan as plan_cmd
 from kvflow.cli import policies as policies_cmd
 from kvflow.cli import replay as replay_cmd
+from kvflow.cli import router as router_cmd
 from kvflow.cli import serve as serve_cmd
 from kvflow.cli import sweep as sweep_cmd
 from kvflow.cli import synth as synth_cmd
@@ -28,6 +30,8 @@ SUBCOMMANDS = (
     synth_cmd,
     calibrate_cmd,
     serve_cmd,
+    router_cmd,
+    cluster_cmd,
     policies_cmd,
 )
 
