@@ -84,5 +84,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         health_interval_s=args.health_interval,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
     run_router(options, create(args.router), args.host, args.port)
     return 0

@@ -99,7 +99,9 @@ def healthy(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _spawn(role: str, args: Sequence[str], port: int, log: Path) -> Proc:
+def _spawn(
+    role: str, args: Sequence[str], port: int, log: Path
+) -> tuple[Proc, subprocess.Popen[bytes]]:
     env = dict(os.environ)
     # A child finds this kvflow even when it runs from a checkout on PYTHONPATH.
     root = str(Path(__file__).resolve().parent.parent.parent)
@@ -113,7 +115,7 @@ def _spawn(role: str, args: Sequence[str], port: int, log: Path) -> Proc:
             env=env,
             start_new_session=True,  # outlives `up`; not stopped by the terminal's ^C
         )
-    return Proc(role, proc.pid, port, f"http://127.0.0.1:{port}", str(log))
+    return Proc(role, proc.pid, port, f"http://127.0.0.1:{port}", str(log)), proc
 
 
 def _tail(path: str, num_lines: int = 15) -> str:
@@ -123,17 +125,21 @@ def _tail(path: str, num_lines: int = 15) -> str:
         return "(no log)"
 
 
-def _wait_healthy(procs: Sequence[Proc], deadline: float) -> None:
+def _wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadline: float) -> None:
+    # Liveness from the child's own handle: its /proc entry may still show the
+    # interpreter's launcher for a moment after it started.
     pending = list(procs)
     while pending:
-        for p in list(pending):
-            if not is_ours(p.pid):
-                raise ClusterError(f"{p.role} on port {p.port} exited:\n{_tail(p.log)}")
+        for p, popen in list(pending):
+            if popen.poll() is not None:
+                raise ClusterError(
+                    f"{p.role} on port {p.port} exited {popen.returncode}:\n{_tail(p.log)}"
+                )
             if healthy(p.url):
-                pending.remove(p)
+                pending.remove((p, popen))
         if pending and time.monotonic() > deadline:
-            names = ", ".join(f"{p.role} {p.url}" for p in pending)
-            raise ClusterError(f"not healthy in time: {names}\n{_tail(pending[0].log)}")
+            names = ", ".join(f"{p.role} {p.url}" for p, _ in pending)
+            raise ClusterError(f"not healthy in time: {names}\n{_tail(pending[0][0].log)}")
         if pending:
             time.sleep(0.2)
 
@@ -157,7 +163,7 @@ def up(
             )
         state_path.unlink()  # ours, and everything it lists is gone
     state_dir.mkdir(parents=True, exist_ok=True)
-    started: list[Proc] = []
+    started: list[tuple[Proc, subprocess.Popen[bytes]]] = []
     deadline = time.monotonic() + timeout_s
     try:
         for i in range(num_instances):
@@ -166,17 +172,25 @@ def up(
             started.append(_spawn("instance", ["serve", *serve_args], port, log))
         _wait_healthy(started, deadline)
         args = ["router", "--router", router]
-        for p in started:
+        for p, _ in started:
             args += ["--instance", p.url]
         started.append(_spawn("router", args, router_port, state_dir / "router.log"))
         _wait_healthy(started[-1:], deadline)
-        state = ClusterState(tuple(started))
+        state = ClusterState(tuple(p for p, _ in started))
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(state.to_json())
         tmp.replace(state_path)
         return state
     except BaseException:
-        stop(started, timeout_s=10.0)
+        for _, popen in started:
+            if popen.poll() is None:
+                popen.terminate()
+        for _, popen in started:
+            try:
+                popen.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(timeout=10.0)
         raise
 
 

@@ -1,0 +1,100 @@
+"""A `kvflow cluster up` cluster for the tests: started by the real CLI in a
+subprocess, stopped with `kvflow cluster down`, and every pid it lists killed in the
+end whatever happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvflow.cluster.launcher import is_ours
+from tests.serve_process import REPO_ROOT, free_port
+
+# Steps of 2 ms in real time.
+SIM = ["--set", "sim.preset=null", "--set", "sim.fixed_ms=2"]
+
+
+def kvflow(*args: str, timeout_s: float = 240.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "kvflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        check=False,
+    )
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    url: str
+    state: dict[str, Any]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p["pid"] for p in self.state["procs"]]
+
+    @property
+    def instances(self) -> list[dict[str, Any]]:
+        return [p for p in self.state["procs"] if p["role"] == "instance"]
+
+    def router_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return metrics(self.url)
+
+
+def metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in metrics(url).items() if n == name and wanted <= ls)
+
+
+@contextmanager
+def cluster(state_dir: Path, num_instances: int, *args: str) -> Iterator[Cluster]:
+    port = free_port()
+    up = kvflow(
+        "cluster", "up", "--instances", str(num_instances), "--port", str(port),
+        "--state-dir", str(state_dir), *SIM, *args,
+    )  # fmt: skip
+    state_path = state_dir / "cluster.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"procs": []}
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip().splitlines()[-1] == f"http://127.0.0.1:{port}"
+        yield Cluster(state_dir, f"http://127.0.0.1:{port}", state)
+    finally:
+        if state_path.exists():
+            kvflow("cluster", "down", "--state-dir", str(state_dir), "--timeout", "20")
+        for pid in [p["pid"] for p in state["procs"]]:
+            if is_ours(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def kill_all(pids: Sequence[int]) -> None:
+    for pid in pids:
+        if is_ours(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+__all__ = ["SIM", "Cluster", "cluster", "kill_all", "kvflow", "metric", "metrics"]

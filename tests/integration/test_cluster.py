@@ -1,0 +1,119 @@
+"""`kvflow cluster up/status/down` with real `kvflow serve --engine sim` processes
+behind a real `kvflow router`, driven through the official `openai` client."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from kvflow.cluster.launcher import is_ours
+from tests.cluster_process import Cluster, cluster, kvflow, metric
+
+MODEL = "kvflow-sim"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster(tmp_path_factory.mktemp("cluster"), 3) as c:
+        yield c
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=30.0, max_retries=0)
+
+
+def test_requests_through_the_router_streamed_and_not(fleet: Cluster) -> None:
+    client = _client(fleet.url)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    out = client.completions.create(model=MODEL, prompt="one two three", max_tokens=5)
+    assert out.usage is not None and out.usage.completion_tokens == 5
+    chunks = list(client.completions.create(model=MODEL, prompt="a b", max_tokens=7, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices).count("tok") == 7
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    deltas = [c.choices[0].delta.content or "" for c in chat if c.choices]
+    assert "".join(deltas).count("tok") == 4
+    routed = metric(fleet.url, "kvflow:router_requests_total")
+    assert routed == 3
+    status = kvflow("cluster", "status", "--state-dir", str(fleet.state_dir))
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count(" ok ") == 4
+
+
+def test_cache_aware_keeps_each_conversation_on_one_instance(fleet: Cluster) -> None:
+    before = {p["url"]: metric(p["url"], "kvflow:prefix_cache_hits_total") for p in fleet.instances}
+    conversations = [
+        [{"role": "system", "content": " ".join(f"c{c}w{i}" for i in range(120))}] for c in range(3)
+    ]
+    seen: list[set[str]] = [set() for _ in conversations]
+    for turn in range(4):
+        for c, messages in enumerate(conversations):
+            messages.append({"role": "user", "content": f"question {turn} of {c}"})
+            r = httpx.post(
+                f"{fleet.url}/v1/chat/completions",
+                json={"model": MODEL, "messages": messages, "max_tokens": 4},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            seen[c].add(r.headers["x-kvflow-instance"])
+            messages.append(
+                {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}
+            )
+    assert all(len(s) == 1 for s in seen), seen
+    for s in seen:
+        (url,) = s
+        assert metric(url, "kvflow:prefix_cache_hits_total") > before[url]
+
+
+def test_a_killed_instance_leaves_the_rotation_and_down_leaves_no_process(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3, "--router", "round-robin") as c:
+        victim = c.instances[1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        client = _client(c.url)
+        served = set()
+        for i in range(12):
+            out = client.completions.with_raw_response.create(
+                model=MODEL, prompt=f"request {i}", max_tokens=3
+            )
+            assert out.parse().usage is not None
+            served.add(out.headers["x-kvflow-instance"])
+        assert victim["url"] not in served and len(served) == 2
+        healthy = "kvflow:router_instance_healthy"
+        assert metric(c.url, healthy, instance=victim["url"]) == 0
+        status = kvflow("cluster", "status", "--state-dir", str(tmp_path))
+        assert status.returncode == 1 and "gone" in status.stdout
+        down = kvflow("cluster", "down", "--state-dir", str(tmp_path), "--timeout", "30")
+        assert down.returncode == 0, down.stderr
+        assert not (tmp_path / "cluster.json").exists()
+        assert (tmp_path / "router.log").exists()  # logs stay
+        assert [pid for pid in c.pids if is_ours(pid)] == []
+
+
+def test_up_refuses_a_second_cluster_in_the_same_state_dir(fleet: Cluster) -> None:
+    again = kvflow("cluster", "up", "--instances", "1", "--state-dir", str(fleet.state_dir))
+    assert again.returncode == 2 and "already up" in again.stderr
+
+
+def test_status_and_down_without_a_cluster_say_so(tmp_path: Path) -> None:
+    for action in ("status", "down"):
+        out = kvflow("cluster", action, "--state-dir", str(tmp_path))
+        assert out.returncode == 2
+        assert out.stderr.startswith("kvflow: error: no cluster state at")
+        assert "Traceback" not in out.stderr
+
+
+def test_a_failing_instance_stops_what_up_started(tmp_path: Path) -> None:
+    # A bad policy passes the CLI's own checks only as far as the instances.
+    out = kvflow(
+        "cluster", "up", "--instances", "2", "--state-dir", str(tmp_path),
+        "--engine", "sim", "--policy", "no-such-policy", "--timeout", "60",
+    )  # fmt: skip
+    assert out.returncode == 2 and "exited" in out.stderr
+    assert not (tmp_path / "cluster.json").exists()

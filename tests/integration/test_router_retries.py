@@ -1,0 +1,109 @@
+"""`kvflow router` over `kvflow serve --engine sim` processes: a request an instance
+refuses (503) or cannot take (killed) goes to another instance before any byte was
+sent; a stream passes through chunk by chunk; bad flags are errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvflow.cli import main
+from tests.cluster_process import SIM, metric
+from tests.serve_process import ServerProcess
+
+MODEL = "kvflow-sim"
+ROUTER = ("-m", "kvflow", "router")
+
+
+def _router(log: Path, *instances: ServerProcess, interval: str = "60") -> ServerProcess:
+    # Health checks a minute apart: the router learns of a failure from the request.
+    args = ["--router", "round-robin", "--health-interval", interval]
+    for inst in instances:
+        args += ["--instance", inst.base_url]
+    return ServerProcess(args, log, program=ROUTER)
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    # The first takes one request at a time and refuses the next with 503.
+    long = ["--set", "scheduler.max_model_len=65536"]
+    with (
+        ServerProcess(
+            ["--engine", "sim", *SIM, *long, "--max-num-pending", "1"], tmp_path / "a.log"
+        ) as a,
+        ServerProcess(["--engine", "sim", *SIM, *long], tmp_path / "b.log") as b,
+    ):
+        yield a, b
+
+
+def _post(url: str, prompt: str) -> httpx.Response:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+
+
+def test_a_refused_request_goes_to_another_instance(
+    two: tuple[ServerProcess, ServerProcess], tmp_path: Path
+) -> None:
+    a, b = two
+    with _router(tmp_path / "router.log", a, b) as router:
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
+        with httpx.stream(
+            "POST", f"{router.base_url}/v1/completions", json=body, timeout=30
+        ) as held:
+            assert held.headers["x-kvflow-instance"] == a.base_url
+            lines = held.iter_lines()  # kept: a dropped iterator closes the stream
+            first = next(lines)  # a is busy with it now
+            assert first.startswith("data: ")
+            assert json.loads(first[6:])["choices"][0]["text"].startswith("tok")
+            assert _post(router.base_url, "x").headers["x-kvflow-instance"] == b.base_url
+            again = _post(router.base_url, "y")  # round robin's turn is a's: refused
+            assert again.status_code == 200, again.text
+            assert again.headers["x-kvflow-instance"] == b.base_url
+        assert metric(router.base_url, "kvflow:router_retries_total", reason="refused") == 1
+        assert metric(router.base_url, "kvflow:router_retries_total", reason="down") == 0
+
+
+def test_a_killed_instance_s_request_goes_to_another(
+    two: tuple[ServerProcess, ServerProcess], tmp_path: Path
+) -> None:
+    a, b = two
+    with _router(tmp_path / "router.log", a, b) as router:
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(timeout=30)
+        served = [_post(router.base_url, f"p{i}") for i in range(4)]
+        assert [r.status_code for r in served] == [200] * 4
+        assert {r.headers["x-kvflow-instance"] for r in served} == {b.base_url}
+        down = metric(router.base_url, "kvflow:router_retries_total", instance=a.base_url)
+        assert down == 1  # then out of the rotation: not tried again
+        assert httpx.get(f"{router.base_url}/health", timeout=10).status_code == 200
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(timeout=30)
+        none = _post(router.base_url, "z")
+        assert none.status_code == 503 and "no instance took" in none.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["router", "--instance", "localhost:8001"], "expected a URL like"),
+        (["router", "--instance", "http://h:1/v1"], "no path"),
+        (["router", "--instance", "http://h:1", "--router", "nope"], "invalid choice"),
+    ],
+)
+def test_bad_router_flags_are_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_instance_given_twice_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["router", "--instance", "http://h:1", "--instance", "http://h:1/"]) == 2
+    assert "--instance given twice" in capsys.readouterr().err
