@@ -1,0 +1,130 @@
+"""What `kvflow router` adds: TTFT and streamed tokens/s of the same requests sent
+straight to one `kvflow serve --engine sim` instance (zero-cost latency model) and
+through a `kvflow router` in front of it, in the same run.
+
+Both processes are started here (`python -m kvflow serve`, `python -m kvflow router
+--instance URL`); this process is the client (`kvflow replay --endpoint`'s httpx client,
+`benchmarks/serve_overhead.py`'s `http_round`: one keep-alive connection per client).
+Each round sends `--clients` concurrent streams straight, then as many through the
+router (new prompts each time: nothing hits the prefix cache); the order alternates per
+round. Round 0 warms up and is not reported. Prints one JSON line per round and path,
+then one with the medians and the added TTFT (router minus straight, p50 and p99):
+
+    python benchmarks/router_overhead.py [--clients 16] [--output-tokens 64] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_overhead import (
+    UVLOOP,
+    ZERO_COST,
+    free_port,
+    http_round,
+    prompts,
+    start_server,
+    wait_until_serving,
+)
+
+from kvflow.traces.endpoint_client import Connections, client_maker, first_model
+
+
+def start_router(port: int, instance: str, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "kvflow", "router", "--instance", instance]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*argv, "--router", "round-robin", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def run(args: argparse.Namespace, direct: str, routed: str) -> list[dict[str, Any]]:
+    ways = {
+        "straight": Connections(client_maker(direct, timeout_s=60), args.clients),
+        "router": Connections(client_maker(routed, timeout_s=60), args.clients),
+    }
+    lines: list[dict[str, Any]] = []
+    try:
+        async with ways["straight"].client() as client:
+            model = await first_model(client, direct)
+        for r in range(args.rounds + 1):
+            order = ["straight", "router"] if r % 2 == 0 else ["router", "straight"]
+            sides = {}
+            for k, way in enumerate(order):
+                batch = prompts(2 * r + k, args.clients, args.prompt_tokens)
+                sides[way] = (
+                    await http_round(ways[way], model, batch, args.output_tokens)
+                ).summary()
+            if r == 0:
+                continue
+            for way, summary in sides.items():
+                lines.append({"round": r, "path": way, **summary})
+    finally:
+        for connections in ways.values():
+            await connections.aclose()
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=16, help="concurrent streams")
+    parser.add_argument("--output-tokens", type=int, default=64, help="tokens per request")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after warm-up)")
+    args = parser.parse_args(argv)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    serve_port, router_port = free_port(), free_port()
+    direct, routed = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{router_port}"
+    server = start_server(serve_port, ZERO_COST, tmp / f"kvflow-router-overhead-{serve_port}.log")
+    router = None
+    try:
+        wait_until_serving(direct, server, tmp / f"kvflow-router-overhead-{serve_port}.log")
+        rlog = tmp / f"kvflow-router-overhead-{router_port}.log"
+        router = start_router(router_port, direct, rlog)
+        wait_until_serving(routed, router, rlog)
+        lines = anyio.run(run, args, direct, routed, backend="asyncio", backend_options=UVLOOP)
+    finally:
+        for proc in (router, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+    common = {
+        "benchmark": "router_overhead",
+        "clients": args.clients,
+        "output_tokens": args.output_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "cpus": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],
+    }
+    for line in lines:
+        print(json.dumps({**common, **line}))
+
+    def median(path: str, key: str) -> float:
+        return statistics.median(line[key] for line in lines if line["path"] == path)
+
+    summary: dict[str, Any] = {"path": "median over rounds"}
+    for path in ("straight", "router"):
+        summary[f"{path}_tokens_per_s"] = median(path, "tokens_per_s")
+        summary[f"{path}_ttft_p50_ms"] = median(path, "ttft_p50_ms")
+    for q in ("p50", "p99"):
+        summary[f"added_ttft_{q}_ms"] = median("router", f"ttft_{q}_ms") - median(
+            "straight", f"ttft_{q}_ms"
+        )
+    print(json.dumps({**common, **summary}))
+
+
+if __name__ == "__main__":
+    main()
