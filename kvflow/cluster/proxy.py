@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Receive, Scope, Send
 
 from kvflow.cluster.proxy_routing import (
     CacheAware,
@@ -94,6 +95,40 @@ class _Metrics:
             "kvflow:router_in_flight", "Requests in flight per instance.", ["instance"],
             registry=r,
         )  # fmt: skip
+
+
+class _Relay(StreamingResponse):
+    """An instance's answer passed through chunk by chunk. The upstream response is
+    closed and the in-flight count settled when sending ends, however it ends: also
+    when the client left before the first chunk (a body generator never started would
+    never run its own cleanup)."""
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        on_done: Callable[[], None],
+        status_code: int,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(self._chunks(upstream), status_code=status_code, headers=headers)
+        self._upstream = upstream
+        self._on_done = on_done
+
+    @staticmethod
+    async def _chunks(upstream: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        except httpx.TransportError as err:
+            # Bytes went out already: the client sees the stream end (no retry).
+            logger.warning("kvflow router: %s broke off a response (%s)", upstream.url, err)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+            self._on_done()
 
 
 class RouterApp:
@@ -210,22 +245,12 @@ class RouterApp:
             k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_HEADERS
         }
         out_headers["x-kvflow-instance"] = inst.url
-        return StreamingResponse(
-            self._relay(response, inst),
+        return _Relay(
+            response,
+            lambda: self._done(inst),
             status_code=response.status_code,
             headers=out_headers,
         )
-
-    async def _relay(self, response: httpx.Response, inst: InstanceState) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.TransportError as err:
-            # Bytes went out already: the client sees the stream end (no retry).
-            logger.warning("kvflow router: %s broke off a response (%s)", inst.url, err)
-        finally:
-            await response.aclose()
-            self._done(inst)
 
     def _done(self, inst: InstanceState) -> None:
         inst.in_flight -= 1

@@ -87,6 +87,21 @@ def test_a_killed_instance_s_request_goes_to_another(
         assert none.status_code == 503 and "no instance took" in none.json()["error"]["message"]
 
 
+def test_a_client_that_leaves_mid_stream_frees_the_instance(
+    two: tuple[ServerProcess, ServerProcess], tmp_path: Path
+) -> None:
+    _, b = two
+    with _router(tmp_path / "router.log", b) as router:
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
+        with httpx.stream("POST", f"{router.base_url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert b.metric("kvflow:num_requests_running") == 1
+        # The router closes its upstream stream: the instance aborts the request.
+        b.wait_for_metric("kvflow:num_requests_running", 0, timeout_s=60)
+        assert metric(router.base_url, "kvflow:router_in_flight", instance=b.base_url) == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
