@@ -12,10 +12,21 @@ when that is faster than prefilling them: the owner re-validates what it holds, 
 blocks land in the instance's cpu tier (device when it has none) after `latency +
 bytes / bandwidth`, and only then is the request added, to find them there as any
 cached prefix. The scheduler and store are the single-instance ones, unchanged.
+
+With prefill/decode disaggregation (`pd=(P, D)`), instances 0..P-1 prefill and
+P..P+D-1 decode. The router chooses among the prefill instances (it routes over a view
+of those alone); each request with more than one token to generate is prefilled there
+as a copy asking for one token (its first token, so TTFT ends there), then its prompt's
+full blocks are handed off over the same network model to the least loaded decode
+instance, land in its landing tier as pulled blocks do, and the request continues
+there as a new request whose prompt is the original prompt plus the first token (a
+prefix hit for every full block). The fleet report merges the two halves back into one
+request per id with continuous token times.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -26,13 +37,13 @@ from typing import Any
 
 from kvflow.cluster.index import BlockIndex
 from kvflow.cluster.instance import Phase, SimInstance
-from kvflow.cluster.routers import Router
+from kvflow.cluster.routers import LeastLoadedRouter, Router
 from kvflow.cluster.view import FleetView, PeerNetwork
 from kvflow.config import KVFlowConfig
 from kvflow.gc_pause import cyclic_gc_paused
 from kvflow.kv.store import StoreStats
 from kvflow.policies.base import Policy
-from kvflow.request import Request, RequestState
+from kvflow.request import FinishReason, Request, RequestState
 from kvflow.scheduler.stats import SchedulerStats
 
 _COMMIT, _ARRIVE, _LAND, _PLAN = range(4)
@@ -59,6 +70,20 @@ class Pull:
 
 
 @dataclass(frozen=True, slots=True)
+class Handoff:
+    """A request's prompt KV handed from its prefill instance to a decode instance."""
+
+    request_id: str
+    source: int
+    target: int
+    num_tokens: int
+    """Prompt tokens handed off (its full blocks)."""
+    num_bytes: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceResult:
     """What one instance of the fleet did."""
 
@@ -70,6 +95,8 @@ class InstanceResult:
     end_time: float
     landing_tier: str
     """The tier pulled blocks landed in (their hits are counted there by its scheduler)."""
+    role: str = ""
+    """`prefill` or `decode` with disaggregation, else empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +118,21 @@ class FleetResult:
     end_time: float
     wall_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    pd: tuple[int, int] | None = None
+    """(prefill, decode) instance counts with disaggregation."""
+    handoffs: list[Handoff] = field(default_factory=list)
+    merged_states: list[RequestState] | None = None
+    """With disaggregation: one state per request, its prefill and decode halves joined."""
 
     @property
     def states(self) -> list[RequestState]:
+        if self.merged_states is not None:
+            return self.merged_states
         return [s for inst in self.instances for s in inst.states]
+
+    @property
+    def pd_handoff_bytes(self) -> int:
+        return sum(h.num_bytes for h in self.handoffs)
 
     @property
     def network_bytes(self) -> int:
@@ -110,6 +148,7 @@ def replay_fleet(
     peers: bool = False,
     policy_name: str = "",
     check_integrity: bool = False,
+    pd: tuple[int, int] | None = None,
 ) -> FleetResult:
     """Replay `requests` through a fleet in virtual time.
 
@@ -122,17 +161,20 @@ def replay_fleet(
             equal `kv.block_size` and `kv.layout` everywhere).
         policy_name: the policies' name, for the report.
         check_integrity: check every instance's invariants after every commit (slow).
+        pd: (P, D): disaggregate prefill (instances 0..P-1) and decode (the D after);
+            P + D must be the number of instances.
 
     Raises:
         ValueError: no instance, or configs and policies of different lengths, or peers
-            between instances whose blocks differ.
+            or handoffs between instances whose blocks differ, or a bad `pd`.
         FleetStalledError: an instance holds requests it can never schedule.
     """
-    loop = _FleetLoop(configs, policies, router, peers, check_integrity)
+    loop = _FleetLoop(configs, policies, router, peers, check_integrity, pd)
     wall_start = time.perf_counter()
     with cyclic_gc_paused():
         end = loop.run(sorted(requests, key=lambda r: r.arrival_time))
     results = [loop.finish(inst) for inst in loop.instances]
+    merged = loop.merged_states(results) if pd is not None else None
     return FleetResult(
         policy=policy_name or type(policies[0]).__name__,
         router=router.name or type(router).__name__,
@@ -144,6 +186,9 @@ def replay_fleet(
         request_imbalance=_ratio(loop.sum_max_held, loop.sum_mean_held),
         end_time=end,
         wall_s=time.perf_counter() - wall_start,
+        pd=pd,
+        handoffs=loop.handoffs,
+        merged_states=merged,
     )
 
 
@@ -174,24 +219,52 @@ class _FleetLoop:
         router: Router,
         peers: bool,
         check_integrity: bool,
+        pd: tuple[int, int] | None = None,
     ) -> None:
         if not configs:
             raise ValueError("a fleet needs at least one instance")
         if len(configs) != len(policies):
             raise ValueError(f"{len(configs)} instance configs but {len(policies)} policies")
         n = len(configs)
-        self.index = BlockIndex(n)
+        if pd is not None and (pd[0] < 1 or pd[1] < 1 or pd[0] + pd[1] != n):
+            raise ValueError(
+                f"pd={pd[0]}:{pd[1]} needs at least one prefill and one decode instance "
+                f"and P + D = the {n} instances"
+            )
+        # The router routes over the prefill instances alone (all of them without pd);
+        # decode instances form their own view, routed by load.
+        num_routed = pd[0] if pd is not None else n
+        groups = [range(num_routed)] + ([range(num_routed, n)] if pd is not None else [])
+        indexes = [BlockIndex(len(g)) for g in groups]
+        self.index = indexes[0]
+        self.local = [0] * n
+        """Each instance's number within its view."""
+        group_of = [0] * n
+        for g, members in enumerate(groups):
+            for k, i in enumerate(members):
+                self.local[i], group_of[i] = k, g
         self.instances = [
-            SimInstance(i, c, p, self.index.listener(i))
+            SimInstance(i, c, p, indexes[group_of[i]].listener(self.local[i]))
             for i, (c, p) in enumerate(zip(configs, policies, strict=True))
         ]
-        self.view = FleetView(
-            [inst.latency for inst in self.instances],
-            [inst.capacity for inst in self.instances],
-            self.index,
-            configs[0].kv.block_size,
-            _network(configs) if peers else None,
-        )
+        self.views = [
+            FleetView(
+                [self.instances[i].latency for i in members],
+                [self.instances[i].capacity for i in members],
+                indexes[g],
+                configs[0].kv.block_size,
+                _network(configs) if peers and g == 0 else None,
+            )
+            for g, members in enumerate(groups)
+        ]
+        self.view = self.views[0]
+        self.view_of = [self.views[group_of[i]] for i in range(n)]
+        self.pd = pd
+        self.handoff_network = _network(configs) if pd is not None else None
+        self.decode_router = LeastLoadedRouter()
+        self.originals: dict[str, Request] = {}
+        """With pd: the requests whose prefill runs as a one-token copy, by id."""
+        self.handoffs: list[Handoff] = []
         self.router = router
         self.check_integrity = check_integrity
         self.heap: list[tuple[float, int, int, Any]] = []
@@ -201,6 +274,7 @@ class _FleetLoop:
         self.sum_max_load = 0.0
         self.sum_mean_load = 0.0
         self.num_held = [0] * n
+        self.num_routed_instances = num_routed
         self.sum_max_held = 0.0
         self.sum_mean_held = 0.0
         self.next_arrival_time = math.inf
@@ -223,9 +297,9 @@ class _FleetLoop:
                     if version == inst.plan_version:
                         self._plan(inst, now)
                 else:
-                    inst, request, keys, expected_cached = payload
-                    inst.land(keys)
-                    self._deliver(inst, request, now, expected_cached)
+                    inst, request, landed, expected_cached, keys = payload
+                    inst.land(landed)
+                    self._deliver(inst, request, now, expected_cached, keys)
             elif t_arrival is not None:
                 now = t_arrival
                 self._arrive(pending[i], now)
@@ -253,7 +327,7 @@ class _FleetLoop:
         queued = view.num_queued_tokens
         self.sum_max_load += max(queued)
         self.sum_mean_load += sum(queued) / len(queued)
-        held = self.num_held
+        held = self.num_held[: self.num_routed_instances]
         self.sum_max_held += max(held)
         self.sum_mean_held += sum(held) / len(held)
         target = self.router.route(request, view)
@@ -265,12 +339,17 @@ class _FleetLoop:
         self.routed[target] += 1
         view.num_routed[target] += 1
         inst = self.instances[target]
-        if view.network is not None and self._try_pull(inst, request, now):
+        keys = view.block_keys(request)
+        if self.pd is not None and request.max_new_tokens > 1:
+            # Prefill computes the first token only; the rest is decoded after handoff.
+            self.originals[request.request_id] = request
+            request = dataclasses.replace(request, max_new_tokens=1)
+        if view.network is not None and self._try_pull(inst, request, now, keys):
             return
         expected_cached = view.cached_blocks(request)[target] * view.block_size
-        self._deliver(inst, request, now, expected_cached)
+        self._deliver(inst, request, now, expected_cached, keys)
 
-    def _try_pull(self, inst: SimInstance, request: Request, now: float) -> bool:
+    def _try_pull(self, inst: SimInstance, request: Request, now: float, keys: list[int]) -> bool:
         """Start pulling the prefix a peer holds beyond what `inst` holds, when faster
         than prefilling it. Returns whether a pull started (the request waits for it)."""
         view = self.view
@@ -282,7 +361,6 @@ class _FleetLoop:
         if best <= local:
             return False
         source = self.instances[runs.index(best)]
-        keys = view.block_keys(request)
         # The owner re-validates: the index is advisory, its store is the truth.
         held = source.store.locate(keys[:best]).local_tokens // view.block_size
         num_blocks = held - local
@@ -303,15 +381,23 @@ class _FleetLoop:
             now + pull_s,
         )
         self.pulls.append(pull)
-        self._push(pull.end, _LAND, (inst, request, keys[local:held], held * bs))
+        self._push(pull.end, _LAND, (inst, request, keys[local:held], held * bs, keys))
         return True
 
     def _deliver(
-        self, inst: SimInstance, request: Request, now: float, expected_cached: int
+        self,
+        inst: SimInstance,
+        request: Request,
+        now: float,
+        expected_cached: int,
+        keys: list[int] | None,
     ) -> None:
+        """Add `request` to `inst`; `keys` are its prompt's block keys at the fleet's
+        block size, when known."""
         inst.expected_cached[request.request_id] = expected_cached
         inst.dirty = True
-        keys = self.view.block_keys(request) if inst.block_size == self.view.block_size else None
+        if inst.block_size != self.view.block_size:
+            keys = None
         state = inst.add(request, now, keys)
         if state.finish_reason is not None:  # rejected at once
             del inst.expected_cached[request.request_id]
@@ -323,15 +409,89 @@ class _FleetLoop:
         self._schedule_plan(inst, now)
 
     def _refresh_loads(self) -> None:
-        """Bring the view's loads up to date for instances that changed since."""
-        view = self.view
+        """Bring the views' loads up to date for instances that changed since."""
         for inst in self.instances:
             if inst.dirty:
                 inst.dirty = False
-                view.num_queued_tokens[inst.index] = inst.num_queued_tokens()
+                view = self.view_of[inst.index]
+                k = self.local[inst.index]
+                view.num_queued_tokens[k] = inst.num_queued_tokens()
                 scheduler = inst.scheduler
-                view.num_running[inst.index] = len(scheduler.running) + len(scheduler.loading)
+                view.num_running[k] = len(scheduler.running) + len(scheduler.loading)
                 self.num_held[inst.index] = scheduler.num_unfinished
+
+    # -- disaggregation ---------------------------------------------------------------
+    def _hand_off(self, inst: SimInstance, state: RequestState, now: float) -> None:
+        """Send a prefilled request's prompt blocks to the least loaded decode instance;
+        it continues there once they land. The prefill instance has freed it (its
+        blocks stay cached there, evictable)."""
+        original = self.originals.get(state.request_id)
+        if original is None or state.finish_reason is not FinishReason.LENGTH:
+            return  # nothing more to generate (or it never produced its first token)
+        network = self.handoff_network
+        assert network is not None
+        self._refresh_loads()
+        decode_view = self.views[1]
+        target = self.instances[
+            self.num_routed_instances + self.decode_router.route(original, decode_view)
+        ]
+        decode_view.num_routed[self.local[target.index]] += 1
+        self.routed[target.index] += 1
+        bs = inst.block_size
+        num_blocks = state.num_prompt_tokens // bs
+        keys = state.block_keys[:num_blocks]
+        end = now + network.pull_time_s(num_blocks)
+        self.handoffs.append(
+            Handoff(
+                state.request_id,
+                inst.index,
+                target.index,
+                num_blocks * bs,
+                num_blocks * network.bytes_per_block,
+                now,
+                end,
+            )
+        )
+        # The first token is now part of the prompt; the remaining ones are decoded.
+        request = dataclasses.replace(
+            original,
+            prompt_token_ids=state.token_ids.tolist(),
+            max_new_tokens=original.max_new_tokens - 1,
+            arrival_time=end,
+            deadline=None,
+        )
+        self._push(end, _LAND, (target, request, keys, num_blocks * bs, None))
+
+    def merged_states(self, results: Sequence[InstanceResult]) -> list[RequestState]:
+        """One state per request: the prefill half's arrival, first token and cache
+        hits joined with the decode half's later tokens and end."""
+        decoded: dict[str, RequestState] = {}
+        for inst in results[self.num_routed_instances :]:
+            for s in inst.states:
+                decoded[s.request_id] = s
+        merged: list[RequestState] = []
+        for inst in results[: self.num_routed_instances]:
+            for first in inst.states:
+                second = decoded.get(first.request_id)
+                original = self.originals.get(first.request_id)
+                if second is None or original is None:
+                    merged.append(first)
+                    continue
+                state = RequestState(original)
+                state.token_ids = second.token_ids
+                state.num_computed_tokens = second.num_computed_tokens
+                state.num_cached_tokens = first.num_cached_tokens
+                state.status = second.status
+                state.finish_reason = second.finish_reason
+                state.finish_detail = second.finish_detail
+                state.first_scheduled_time = first.first_scheduled_time
+                state.first_token_time = first.first_token_time
+                state.token_times = first.token_times + second.token_times
+                state.finish_time = second.finish_time
+                state.num_preemptions = first.num_preemptions + second.num_preemptions
+                state.kv_wait_s = first.kv_wait_s + second.kv_wait_s
+                merged.append(state)
+        return merged
 
     # -- instances -------------------------------------------------------------------
     def _schedule_plan(self, inst: SimInstance, t: float) -> None:
@@ -371,6 +531,8 @@ class _FleetLoop:
         inst.clock = now
         for state in inst.scheduler.commit(plan, result, now):
             inst.expected_cached.pop(state.request_id, None)
+            if self.originals and inst.index < self.num_routed_instances:
+                self._hand_off(inst, state, now)
         inst.dirty = True
         if self.check_integrity:
             inst.scheduler.check_integrity()
@@ -393,4 +555,7 @@ class _FleetLoop:
             num_leaked_blocks=scheduler.num_leaked_blocks(),
             end_time=inst.clock,
             landing_tier="cpu" if scheduler.store.cpu is not None else "device",
+            role=""
+            if self.pd is None
+            else ("prefill" if inst.index < self.num_routed_instances else "decode"),
         )
