@@ -36,6 +36,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
         "(kv.transfer.peer_gbps, peer_latency_us) when faster than prefilling "
         "(default: off)",
     )
+    fleet.add_argument(
+        "--pd",
+        metavar="P:D",
+        help="disaggregate prefill and decode: P prefill instances (the router chooses "
+        "among them) hand each prompt's KV to the least loaded of D decode instances "
+        "over the modelled network; implies --instances P+D",
+    )
 
 
 def split_instance_overrides(
@@ -78,6 +85,14 @@ def fleet_configs(args: argparse.Namespace, num_instances: int) -> list[KVFlowCo
     return configs
 
 
+def parse_pd(text: str) -> tuple[int, int]:
+    """`P:D` as (P, D), each at least 1."""
+    p, sep, d = text.partition(":")
+    if not sep or not p.isdigit() or not d.isdigit() or int(p) < 1 or int(d) < 1:
+        raise CLIError(f"--pd: expected P:D with P, D >= 1 (e.g. 1:1), got {text!r}")
+    return int(p), int(d)
+
+
 def run_fleet(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cli.options import (
         check_report_outputs,
@@ -94,7 +109,13 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.fleet_report import render_fleet_tables, run_name, summarize_fleet
     from kvflow.traces.outcome import nothing_served_reason
 
+    pd = parse_pd(args.pd) if args.pd is not None else None
     n = args.instances
+    if pd is not None:
+        if n is None:
+            n = sum(pd)
+        elif n != sum(pd):
+            raise CLIError(f"--pd {args.pd}: P + D = {sum(pd)}, but --instances is {n}")
     if n is None:
         raise CLIError("--router and --peers need --instances N")
     if args.engine != "sim":
@@ -133,6 +154,7 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
                 peers=peers,
                 policy_name=policy,
                 check_integrity=args.check_integrity,
+                pd=pd,
             )
             reports.append(summarize_fleet(result))
             unserved[run_name(result)] = nothing_served_reason(result.states, configs[0])
@@ -146,6 +168,7 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
         fleet = {
             "num_instances": n,
             "peers": peers,
+            "pd": list(pd) if pd is not None else None,
             "instance_configs": {
                 str(k): c.model_dump(mode="json") for k, c in enumerate(configs) if c != configs[0]
             },

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.endpoint:
         return run_endpoint(args, console)
-    if args.instances is not None or args.routers or args.peers == "on":
+    if args.instances is not None or args.routers or args.peers == "on" or args.pd:
         return run_fleet(args, console)
     if args.engine != "sim":
         return run_real(args, console)

@@ -88,7 +88,10 @@ def _instance_replay(
 
 def run_name(result: FleetResult) -> str:
     """How a fleet run is named in tables and JSON: router/policy, `+peers` with peers."""
-    return f"{result.router}/{result.policy}{'+peers' if result.peers else ''}"
+    name = f"{result.router}/{result.policy}{'+peers' if result.peers else ''}"
+    if result.pd is not None:
+        name += f"+pd{result.pd[0]}:{result.pd[1]}"
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +118,14 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
         for inst in result.instances
     ]
     per_instance = [
-        summarize_replay(_instance_replay(inst, s, f"{name}#{inst.index}", result.wall_s))
+        summarize_replay(
+            _instance_replay(
+                inst,
+                s,
+                f"{name}#{inst.index}{' ' + inst.role if inst.role else ''}",
+                result.wall_s,
+            )
+        )
         for inst, s in zip(result.instances, stats, strict=True)
     ]
     merged = ReplayResult(
@@ -139,8 +149,42 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
         "peer_hit_tokens": sum(peer_hits),
         "routed_requests": list(result.routed),
         "per_instance": [r.to_json() for r in per_instance],
+        "pd": list(result.pd) if result.pd is not None else None,
+        "roles": [inst.role for inst in result.instances],
+        "pd_handoffs": len(result.handoffs),
+        "pd_handoff_bytes": result.pd_handoff_bytes,
+        "per_role": _per_role(result),
     }
     return FleetReport(summarize_replay(merged, extra={"fleet": fleet}), per_instance)
+
+
+def _per_role(result: FleetResult) -> dict[str, dict[str, Any]]:
+    """With disaggregation, per role: its instances, requests served, steps, and the
+    latency its half defines (TTFT on prefill, TPOT on decode, from its own states)."""
+    if result.pd is None:
+        return {}
+    figures: dict[str, dict[str, Any]] = {}
+    for role in ("prefill", "decode"):
+        members = [inst for inst in result.instances if inst.role == role]
+        report = summarize_replay(
+            ReplayResult(
+                policy=role,
+                states=[s for inst in members for s in inst.states],
+                stats=_merged_stats([inst.stats for inst in members]),
+                store_stats=_merged_store_stats([inst.store_stats for inst in members]),
+                num_leaked_blocks=sum(inst.num_leaked_blocks for inst in members),
+                end_time=result.end_time,
+                wall_s=result.wall_s,
+            )
+        )
+        latency = report.ttft_ms if role == "prefill" else report.tpot_ms
+        figures[role] = {
+            "instances": [inst.index for inst in members],
+            "num_requests": report.num_requests,
+            "sim_steps": report.sim_steps,
+            ("ttft_ms" if role == "prefill" else "tpot_ms"): dataclasses.asdict(latency),
+        }
+    return figures
 
 
 def render_fleet_tables(
@@ -161,6 +205,8 @@ def render_fleet_tables(
         "peer hits",
         "pulls",
         "network MiB",
+        "pd handoffs",
+        "handoff MiB",
     ):
         figures.add_column(header, justify="left" if header == "run" else "right")
     for fr in reports:
@@ -174,5 +220,7 @@ def render_fleet_tables(
             f"{fleet['peer_hit_tokens'] / queried:.1%}" if queried else "-",
             str(fleet["num_pulls"]),
             f"{fleet['network_bytes'] / 2**20:.1f}",
+            str(fleet["pd_handoffs"]) if fleet["pd"] else "-",
+            f"{fleet['pd_handoff_bytes'] / 2**20:.1f}" if fleet["pd"] else "-",
         )
     return [render_run_table(rows, width, title=title), figures]
