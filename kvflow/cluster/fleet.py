@@ -37,6 +37,7 @@ from typing import Any
 
 from kvflow.cluster.index import BlockIndex
 from kvflow.cluster.instance import Phase, SimInstance
+from kvflow.cluster.pd import Handoff, decode_request, merge_halves
 from kvflow.cluster.routers import LeastLoadedRouter, Router
 from kvflow.cluster.view import FleetView, PeerNetwork
 from kvflow.config import KVFlowConfig
@@ -64,20 +65,6 @@ class Pull:
     """Tokens of the prompt the target was expected to hold already."""
     num_tokens: int
     """Tokens pulled."""
-    num_bytes: int
-    start: float
-    end: float
-
-
-@dataclass(frozen=True, slots=True)
-class Handoff:
-    """A request's prompt KV handed from its prefill instance to a decode instance."""
-
-    request_id: str
-    source: int
-    target: int
-    num_tokens: int
-    """Prompt tokens handed off (its full blocks)."""
     num_bytes: int
     start: float
     end: float
@@ -452,46 +439,16 @@ class _FleetLoop:
                 end,
             )
         )
-        # The first token is now part of the prompt; the remaining ones are decoded.
-        request = dataclasses.replace(
-            original,
-            prompt_token_ids=state.token_ids.tolist(),
-            max_new_tokens=original.max_new_tokens - 1,
-            arrival_time=end,
-            deadline=None,
-        )
+        request = decode_request(original, state, end)
         self._push(end, _LAND, (target, request, keys, num_blocks * bs, None))
 
     def merged_states(self, results: Sequence[InstanceResult]) -> list[RequestState]:
-        """One state per request: the prefill half's arrival, first token and cache
-        hits joined with the decode half's later tokens and end."""
-        decoded: dict[str, RequestState] = {}
-        for inst in results[self.num_routed_instances :]:
-            for s in inst.states:
-                decoded[s.request_id] = s
-        merged: list[RequestState] = []
-        for inst in results[: self.num_routed_instances]:
-            for first in inst.states:
-                second = decoded.get(first.request_id)
-                original = self.originals.get(first.request_id)
-                if second is None or original is None:
-                    merged.append(first)
-                    continue
-                state = RequestState(original)
-                state.token_ids = second.token_ids
-                state.num_computed_tokens = second.num_computed_tokens
-                state.num_cached_tokens = first.num_cached_tokens
-                state.status = second.status
-                state.finish_reason = second.finish_reason
-                state.finish_detail = second.finish_detail
-                state.first_scheduled_time = first.first_scheduled_time
-                state.first_token_time = first.first_token_time
-                state.token_times = first.token_times + second.token_times
-                state.finish_time = second.finish_time
-                state.num_preemptions = first.num_preemptions + second.num_preemptions
-                state.kv_wait_s = first.kv_wait_s + second.kv_wait_s
-                merged.append(state)
-        return merged
+        k = self.num_routed_instances
+        return merge_halves(
+            [st for r in results[:k] for st in r.states],
+            [st for r in results[k:] for st in r.states],
+            self.originals,
+        )
 
     # -- instances -------------------------------------------------------------------
     def _schedule_plan(self, inst: SimInstance, t: float) -> None:

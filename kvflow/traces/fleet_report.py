@@ -43,6 +43,18 @@ def _with_peer_tier(stats: SchedulerStats, num_peer: int, landing_tier: str) -> 
     return dataclasses.replace(stats, hit_tokens_by_tier=by_tier)
 
 
+def _without_handoff_hits(stats: SchedulerStats) -> SchedulerStats:
+    """A decode instance's counters without its first-admission hits: those are the
+    prompts handed to it, already counted (as queried, hit or not) on the prefill
+    instance, so the fleet's hit rate stays the prefill instances'."""
+    return dataclasses.replace(
+        stats,
+        prefix_hit_tokens=0,
+        prefix_query_tokens=0,
+        hit_tokens_by_tier=dict.fromkeys(stats.hit_tokens_by_tier, 0),
+    )
+
+
 def _merged_stats(stats: Sequence[SchedulerStats]) -> SchedulerStats:
     merged = SchedulerStats()
     merged.hit_tokens_by_tier = {}
@@ -131,7 +143,12 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
     merged = ReplayResult(
         policy=name,
         states=result.states,
-        stats=_merged_stats(stats),
+        stats=_merged_stats(
+            [
+                _without_handoff_hits(s) if inst.role == "decode" else s
+                for inst, s in zip(result.instances, stats, strict=True)
+            ]
+        ),
         store_stats=_merged_store_stats([inst.store_stats for inst in result.instances]),
         num_leaked_blocks=sum(inst.num_leaked_blocks for inst in result.instances),
         end_time=result.end_time,
