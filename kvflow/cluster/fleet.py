@@ -327,22 +327,25 @@ class _FleetLoop:
         view.num_routed[target] += 1
         inst = self.instances[target]
         keys = view.block_keys(request)
+        runs = view.cached_blocks(request)
         if self.pd is not None and request.max_new_tokens > 1:
             # Prefill computes the first token only; the rest is decoded after handoff.
             self.originals[request.request_id] = request
             request = dataclasses.replace(request, max_new_tokens=1)
-        if view.network is not None and self._try_pull(inst, request, now, keys):
+        if view.network is not None and self._try_pull(inst, request, now, keys, runs):
             return
-        expected_cached = view.cached_blocks(request)[target] * view.block_size
+        expected_cached = runs[target] * view.block_size
         self._deliver(inst, request, now, expected_cached, keys)
 
-    def _try_pull(self, inst: SimInstance, request: Request, now: float, keys: list[int]) -> bool:
-        """Start pulling the prefix a peer holds beyond what `inst` holds, when faster
-        than prefilling it. Returns whether a pull started (the request waits for it)."""
+    def _try_pull(
+        self, inst: SimInstance, request: Request, now: float, keys: list[int], runs: list[int]
+    ) -> bool:
+        """Start pulling the prefix a peer holds beyond what `inst` holds (`runs`: the
+        leading blocks each instance holds), when faster than prefilling it. Returns
+        whether a pull started (the request waits for it)."""
         view = self.view
         network = view.network
         assert network is not None
-        runs = view.cached_blocks(request)
         best = max(runs)
         local = runs[inst.index]
         if best <= local:
