@@ -105,6 +105,26 @@ def replay(
     )
 
 
+def _when_idle(scheduler: Scheduler, now: float, next_arrival: float | None) -> float | None:
+    """After an empty plan: the time to go on from (the next finished copy or arrival,
+    whichever comes first; `now` again after waiting for real copies to land), or None
+    when nothing is left (the policy dropped the rest)."""
+    t_copy = scheduler.next_event_time()
+    if t_copy is None and scheduler.store.num_inflight:
+        scheduler.store.wait(1.0)  # real copies: let them land before time moves
+        return now
+    candidates = [t for t in (t_copy, next_arrival) if t is not None]
+    if candidates:
+        _settle_real_copies(scheduler)
+        return max(now, min(candidates))
+    if not scheduler.has_unfinished:
+        return None
+    raise ReplayStalledError(
+        f"at t={now:.6f}s the scheduler holds {scheduler.num_unfinished} requests "
+        "but scheduled nothing, and no arrival or copy is due"
+    )
+
+
 def _run(
     scheduler: Scheduler,
     runner: ModelRunner,
@@ -129,28 +149,11 @@ def _run(
             continue
         plan = scheduler.plan(now)
         if plan.is_empty:
-            # Nothing runnable: jump to the next arrival or finished copy, or wait for
-            # real copies, whichever comes first.
-            t_copy = scheduler.next_event_time()
-            if t_copy is None and scheduler.store.num_inflight:
-                scheduler.store.wait(1.0)  # real copies: let them land before time moves
-                continue
-            candidates = [t_copy] if t_copy is not None else []
-            if i < n:
-                candidates.append(pending[i].arrival_time)
-            if candidates:
-                _settle_real_copies(scheduler)
-                now = max(now, min(candidates))
-                continue
-            if scheduler.store.num_inflight:
-                scheduler.store.wait(1.0)
-                continue
-            if not scheduler.has_unfinished:  # the policy dropped the rest
+            idle_until = _when_idle(scheduler, now, pending[i].arrival_time if i < n else None)
+            if idle_until is None:
                 break
-            raise ReplayStalledError(
-                f"at t={now:.6f}s the scheduler holds {scheduler.num_unfinished} requests "
-                "but scheduled nothing, and no arrival or copy is due"
-            )
+            now = idle_until
+            continue
         result = runner.execute(plan)
         now += result.duration_s
         scheduler.commit(plan, result, now)
@@ -192,23 +195,11 @@ def _run_overlapped(
             plan = scheduler.plan(now)
             if plan.is_empty:
                 plan = None
-                t_copy = scheduler.next_event_time()
-                candidates = [t for t in (t_copy,) if t is not None]
-                if i < n:
-                    candidates.append(pending[i].arrival_time)
-                if candidates:
-                    _settle_real_copies(scheduler)
-                    now = max(now, min(candidates))
-                    continue
-                if scheduler.store.num_inflight:
-                    scheduler.store.wait(1.0)
-                    continue
-                if not scheduler.has_unfinished:
+                idle_until = _when_idle(scheduler, now, pending[i].arrival_time if i < n else None)
+                if idle_until is None:
                     break
-                raise ReplayStalledError(
-                    f"at t={now:.6f}s the scheduler holds {scheduler.num_unfinished} "
-                    "requests but scheduled nothing, and no arrival or copy is due"
-                )
+                now = idle_until
+                continue
         next_plan = None
         if not scheduler.last_plan_short_of_blocks:
             next_plan = scheduler.plan(now, overlapped=True)
