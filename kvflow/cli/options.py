@@ -30,6 +30,17 @@ REPORT_SCHEMA_VERSION = 1
 ever added; renaming or removing one would raise it."""
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (an SLO attainment target)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def _positive_ms(text: str) -> float:
     try:
         value = float(text)

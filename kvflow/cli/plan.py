@@ -23,13 +23,13 @@ from kvflow.cli.common import (
 from kvflow.cli.options import (
     add_slo_arguments,
     check_report_outputs,
+    fraction,
     report_console,
     report_doc,
     sim_description,
     slo_settings,
     write_json,
 )
-from kvflow.cli.sweep import _fraction
 
 if TYPE_CHECKING:
     from kvflow.cluster.plan import FleetEvaluation, FleetSpec, SizePlan
@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     plan.add_argument(
         "--attainment",
-        type=_fraction,
+        type=fraction,
         default=0.9,
         metavar="F",
         help="share of all requests (rejected ones count as missed) that must meet every "

@@ -23,6 +23,7 @@ from kvflow.cli.options import (
     check_plot_dependency,
     check_report_outputs,
     fail_if_nothing_served,
+    fraction,
     report_console,
     report_doc,
     sim_description,
@@ -45,16 +46,6 @@ def _rates(text: str) -> list[float]:
         malformed="expected rates like 1,2,4,8",
         invalid="expected positive rates like 1,2,4,8",
     )
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     sp.add_argument(
         "--attainment-target",
-        type=_fraction,
+        type=fraction,
         default=0.9,
         metavar="F",
         help="SLO attainment a rate must keep to count as within capacity (default 0.9)",
