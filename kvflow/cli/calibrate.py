@@ -78,8 +78,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-rescale",
         dest="rescale",
         action="store_false",
-        help="keep the grid's level of step times (default: scale the runner's terms by the "
-        "median ratio of its measured to predicted time over the engine's live steps)",
+        help="keep the grid's fit of the runner's terms (default: refit them on the engine's "
+        "live steps, with the grid weighing 10%% beside them)",
     )
     cp.add_argument(
         "--no-tiers",
@@ -98,8 +98,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cp.add_argument(
         "--validate",
         metavar="TRACE",
-        help="replay TRACE twice in real time and once simulated with the fitted model and "
-        "compare TTFT/TPOT/ITL/E2E percentiles, steps and hit rate (kept in the preset's fit)",
+        help="replay TRACE in real time (--validate-runs times) and once simulated with the "
+        "fitted model and compare TTFT/TPOT/ITL/E2E percentiles, steps and hit rate (kept in "
+        "the preset's fit)",
+    )
+    cp.add_argument(
+        "--validate-runs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="real-time runs of the --validate trace (default 2: their mean is the real "
+        "figure, their range the machine's run-to-run spread)",
     )
     cp.add_argument(
         "--set",
@@ -161,6 +170,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--repeat must be >= 1, got {args.repeat}")
     if args.block_size < 1:
         raise CLIError(f"--block-size must be >= 1, got {args.block_size}")
+    if args.validate_runs < 1:
+        raise CLIError(f"--validate-runs must be >= 1, got {args.validate_runs}")
     if args.engine_requests < 0:
         raise CLIError(f"--engine-requests must be >= 0, got {args.engine_requests}")
     if args.threads is not None:
@@ -225,7 +236,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     engine_steps: list[Any] = []
     if args.engine_requests:
         fitted, fit_info["engine"], engine_steps = _time_engine(
-            args, console, model, fitted, settings
+            args, console, model, fitted, settings, train_samples
         )
     transfer = _time_tiers(args, console, model) if args.tiers else None
     _print_fit(console, args, device, fitted, fit_info)
@@ -233,10 +244,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         from kvflow.traces.validate import validate
 
         console.print(
-            f"validating on {args.validate} ({len(validate_requests)} requests): two real-time "
-            "runs and one simulated ..."
+            f"validating on {args.validate} ({len(validate_requests)} requests): "
+            f"{args.validate_runs} real-time run(s) and one simulated ..."
         )
-        checked = validate(validate_requests, model, fitted, settings)
+        checked = validate(validate_requests, model, fitted, settings, real_runs=args.validate_runs)
         fit_info["validation"] = {"trace": str(args.validate), **checked.to_json()}
         _print_validation(console, checked)
     info: dict[str, Any] = {
@@ -283,17 +294,15 @@ def _time_engine(
     model: Any,
     fitted: Any,
     settings: dict[str, Any],
+    grid: list[Any],
 ) -> tuple[Any, dict[str, Any], list[Any]]:
-    """The runner model plus the engine's overhead, the figures of that fit, and the
-    engine's busy steps."""
+    """The runner model (refitted on the engine's busy steps with the training `grid`
+    beside them, unless `--no-rescale`) plus the engine's overhead, the figures of that
+    fit, and the engine's busy steps."""
     import dataclasses
 
     from kvflow.engine_adapters.calibrate import Sample, residuals_by_shape
-    from kvflow.engine_adapters.engine_timing import (
-        calibration_workload,
-        measure_engine,
-        scaled,
-    )
+    from kvflow.engine_adapters.engine_timing import calibration_workload, measure_engine
     from kvflow.engine_adapters.factory import build_runner
 
     config, runner, store = build_runner(model, settings)
@@ -303,12 +312,12 @@ def _time_engine(
     console.print(f"timing the engine's steps over {len(requests)} requests in real time ...")
     try:
         overhead, noise, steps = measure_engine(
-            runner, config, store, fitted, requests, rescale=args.rescale
+            runner, config, store, fitted, requests, rescale=args.rescale, grid=grid
         )
     finally:
         store.close()
     with_engine = dataclasses.replace(
-        scaled(fitted, overhead.runner_scale) if args.rescale else fitted,
+        overhead.runner,
         step_overhead_ms=overhead.step_overhead_ms,
         seq_overhead_us=overhead.seq_overhead_us,
     )
@@ -318,6 +327,8 @@ def _time_engine(
         "runner_median_rel_error": overhead.runner_median_rel_error,
         "runner_scale": overhead.runner_scale,
         "rescaled": args.rescale,
+        "refitted": args.rescale and bool(grid),
+        "live_median_rel_error": overhead.live_median_rel_error,
         "noise_median_rel_dev": noise,
         "bias_by_shape": residuals_by_shape(
             with_engine, [Sample(s.features, s.period_s) for s in steps]
@@ -367,7 +378,14 @@ def _print_fit(
             f"{engine['num_steps']} busy steps (the grid's runner model alone, against the "
             f"runner's time in the engine: {engine['runner_median_rel_error']:.1%}, measured / "
             f"predicted {engine['runner_scale']:.3g}"
-            + (", applied to the runner's terms" if engine["rescaled"] else "")
+            + (
+                "; the runner's terms refitted on the engine's steps with the grid beside "
+                f"them: {engine['live_median_rel_error']:.1%}"
+                if engine.get("refitted")
+                else ", applied to the runner's terms"
+                if engine["rescaled"]
+                else ""
+            )
             + f"; noise "
             f"{engine['noise_median_rel_dev']:.1%}); median signed error by kind of step: "
             + ", ".join(f"{k} {v:+.1%}" for k, v in engine["bias_by_shape"].items())
@@ -386,3 +404,12 @@ def _print_validation(console: Console, checked: Any) -> None:
         runs = ", ".join(f"{v:.4g}" for v in row.real_runs)
         table.add_row(row.metric, runs, f"{row.simulated:.4g}", f"{row.error:+.1%}", spread)
     console.print(table)
+    if checked.speeds:
+        console.print(
+            "each real run's steps against the model (measured / predicted, median over its "
+            "steps; 1 = the model priced that run's own steps right): "
+            + "; ".join(
+                f"run {i}: runner {s.runner:.3g}, whole engine step {s.engine:.3g}"
+                for i, s in enumerate(checked.speeds, 1)
+            )
+        )

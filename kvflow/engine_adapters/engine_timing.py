@@ -22,6 +22,7 @@ import numpy as np
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_adapters.latency_fit import Sample, fit_live, median_rel_error
 from kvflow.engine_adapters.simulated import ENGINE_TERMS, TERMS, LatencyModel, StepFeatures
 from kvflow.kv.store import KVStore
 from kvflow.request import Request
@@ -92,6 +93,13 @@ class Overhead(NamedTuple):
     runner_scale: float
     """Median of (runner's duration in the engine / the runner model's time) over the
     busy steps."""
+    runner: LatencyModel
+    """The runner's terms the whole-step figure used: the model as given, times
+    `runner_scale` (`rescale` without a grid) or refitted on the busy steps with the
+    grid beside them (`rescale` with `grid`, see `fit_live`); the engine's terms 0."""
+    live_median_rel_error: float
+    """Median |predicted - measured| / measured of `runner` against the runner's own
+    durations inside the engine."""
 
 
 def scaled(model: LatencyModel, factor: float) -> LatencyModel:
@@ -102,7 +110,11 @@ def scaled(model: LatencyModel, factor: float) -> LatencyModel:
 
 
 def fit_overhead(
-    runner_model: LatencyModel, steps: Sequence[EngineStep], *, rescale: bool = False
+    runner_model: LatencyModel,
+    steps: Sequence[EngineStep],
+    *,
+    rescale: bool = False,
+    grid: Sequence[Sample] = (),
 ) -> Overhead:
     """The engine's overhead as a cost per step plus one per scheduled request: the
     least-squares fit (both >= 0) of each busy step's period minus the runner's own
@@ -110,9 +122,12 @@ def fit_overhead(
     slower or faster since the grid was timed does not leak into the overhead. Least
     squares on absolute time predicts the sum of step times, which latencies add up.
 
-    With `rescale`, `median_rel_error` is that of the runner model times `runner_scale`
-    (the grid gives the relative costs of steps, the engine's own steps the level), as
-    `kvflow calibrate` writes it.
+    With `rescale`, the runner's terms follow the engine's own steps: with `grid` (the
+    calibration's timed mixes), refitted on the busy steps with the grid beside them
+    (`fit_live`: the engine's steps say what its mixes cost, the grid tells the terms
+    apart); without, `runner_model` times `runner_scale` (the grid gives the relative
+    costs of steps, the engine's steps the level). `median_rel_error` is that of the
+    resulting model, as `kvflow calibrate` writes it.
 
     Raises:
         ValueError: no steps.
@@ -131,11 +146,15 @@ def fit_overhead(
     pairs = [(p, s.execute_s) for p, s in zip(predicted, steps, strict=True) if p > 0]
     scale = statistics.median(e / p for p, e in pairs) if pairs else 1.0
     runner = [abs(p - e) / e for p, e in pairs if e > 0]
-    model = dataclasses.replace(
-        scaled(runner_model, scale) if rescale else runner_model,
-        step_overhead_ms=per_step,
-        seq_overhead_us=per_seq,
-    )
+    live = [Sample(s.features, s.execute_s) for s in steps if s.execute_s > 0]
+    if rescale and grid and live:
+        chosen = fit_live(live, grid)
+    elif rescale:
+        chosen = scaled(runner_model, scale)
+    else:
+        chosen = runner_model
+    chosen = dataclasses.replace(chosen, step_overhead_ms=0.0, seq_overhead_us=0.0)
+    model = dataclasses.replace(chosen, step_overhead_ms=per_step, seq_overhead_us=per_seq)
     whole = [abs(model.features_time_s(s.features) - s.period_s) / s.period_s for s in steps]
     return Overhead(
         per_step,
@@ -144,6 +163,8 @@ def fit_overhead(
         statistics.median(whole),
         statistics.median(runner) if runner else float("nan"),
         scale,
+        chosen,
+        median_rel_error(chosen, live) if live else float("nan"),
     )
 
 
@@ -188,6 +209,7 @@ def measure_engine(
     load: float = 2.0,
     *,
     rescale: bool = False,
+    grid: Sequence[Sample] = (),
 ) -> tuple[Overhead, float, list[EngineStep]]:
     """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
     a Poisson stream at `load` times the rate the runner model says the engine can
@@ -217,7 +239,8 @@ def measure_engine(
     timer = StepTimer(runner, clock)
     replay_realtime(timed, config, "fcfs", timer, store, clock=clock)
     steps = busy_steps(timer.steps)
-    return fit_overhead(runner_model, steps, rescale=rescale), engine_noise(steps), steps
+    overhead = fit_overhead(runner_model, steps, rescale=rescale, grid=grid)
+    return overhead, engine_noise(steps), steps
 
 
 __all__ = [

@@ -58,12 +58,18 @@ def _with(model: LatencyModel, term: str, value: float) -> LatencyModel:
     return LatencyModel(**fields)
 
 
-def fit(samples: Sequence[Sample], terms: Sequence[str] = RUNNER_TERMS) -> LatencyModel:
+def fit(
+    samples: Sequence[Sample],
+    terms: Sequence[str] = RUNNER_TERMS,
+    weights: Sequence[float] | None = None,
+) -> LatencyModel:
     """The non-negative `LatencyModel` over `terms` (the others 0) minimising the
-    squared relative error of its step times over `samples`.
+    squared relative error of its step times over `samples`, each squared error
+    multiplied by its sample's weight (1 each when `weights` is None).
 
     Raises:
-        ValueError: no samples, a non-positive duration, or an unknown term.
+        ValueError: no samples, a non-positive duration, an unknown term, or weights
+            that are not one non-negative number per sample.
     """
     from scipy.optimize import nnls
 
@@ -75,18 +81,60 @@ def fit(samples: Sequence[Sample], terms: Sequence[str] = RUNNER_TERMS) -> Laten
     unknown = [t for t in terms if t not in TERMS]
     if unknown:
         raise ValueError(f"unknown latency terms {unknown!r}; known: {', '.join(TERMS)}")
-    matrix = np.array(
-        [[v / s.duration_s for v in _unit_columns(s.features, terms)] for s in samples],
-        dtype=np.float64,
+    if weights is None:
+        root = np.ones(len(samples))
+    else:
+        if len(weights) != len(samples) or not all(w >= 0 for w in weights):
+            raise ValueError(
+                f"weights must be one number >= 0 per sample ({len(samples)}), got "
+                f"{len(weights)} with minimum {min(weights, default=None)!r}"
+            )
+        root = np.sqrt(np.asarray(weights, dtype=np.float64))
+    matrix = (
+        np.array(
+            [[v / s.duration_s for v in _unit_columns(s.features, terms)] for s in samples],
+            dtype=np.float64,
+        )
+        * root[:, None]
     )
     norms = np.abs(matrix).max(axis=0)
     norms[norms == 0] = 1.0
-    solution, _ = nnls(matrix / norms, np.ones(len(samples)), maxiter=50 * len(terms))
+    solution, _ = nnls(matrix / norms, root, maxiter=50 * len(terms))
     coef = solution / norms
     model = _zero_model()
     for term, value in zip(terms, coef, strict=True):
         model = _with(model, term, float(value))
     return model
+
+
+GRID_WEIGHT = 0.1
+"""In `fit_live`, the grid's share of the total weight beside the engine's steps."""
+
+
+def fit_live(
+    live: Sequence[Sample], grid: Sequence[Sample], grid_weight: float = GRID_WEIGHT
+) -> LatencyModel:
+    """The runner's terms fitted on the steps a live engine ran (`live`: features and
+    the runner's duration inside the engine), with the calibration grid (`grid`)
+    weighing `grid_weight` of the total beside them.
+
+    The grid varies one thing at a time, so it tells the terms apart; the live steps
+    are what the model has to predict: their mixes, their shared prefixes (a decode
+    batch whose sequences read the same system-prompt blocks finds them in the CPU's
+    caches, which no grid mix of private blocks shows), the machine's speed at the
+    time. One scale for all terms cannot follow a miss that differs by kind of step;
+    this refit can, and the grid keeps the terms it leaves undetermined where the grid
+    put them.
+
+    Raises:
+        ValueError: no live steps, no grid samples or `grid_weight` outside [0, 1).
+    """
+    if not live or not grid:
+        raise ValueError(f"fit_live needs live and grid samples, got {len(live)}, {len(grid)}")
+    if not 0 <= grid_weight < 1:
+        raise ValueError(f"grid_weight must be in [0, 1), got {grid_weight!r}")
+    per_grid = grid_weight / (1 - grid_weight) * len(live) / len(grid)
+    return fit([*live, *grid], weights=[1.0] * len(live) + [per_grid] * len(grid))
 
 
 def predict_s(model: LatencyModel, sample: Sample) -> float:
@@ -189,10 +237,12 @@ def read_preset(path: str | Path) -> LatencyModel:
 
 
 __all__ = [
+    "GRID_WEIGHT",
     "LINEAR_TERMS",
     "RUNNER_TERMS",
     "Sample",
     "fit",
+    "fit_live",
     "median_rel_error",
     "predict_s",
     "preset_fields",

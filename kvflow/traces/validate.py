@@ -11,6 +11,8 @@ early).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from kvflow.traces.metrics import RunReport, summarize_replay
 
 if TYPE_CHECKING:
+    from kvflow.engine_adapters.engine_timing import TimedStep
     from kvflow.engine_adapters.factory import LoadedModel
     from kvflow.engine_adapters.simulated import LatencyModel
     from kvflow.request import Request
@@ -108,10 +111,37 @@ def summary_errors(rows: Sequence[MetricRow]) -> dict[str, float]:
 
 
 @dataclass(frozen=True, slots=True)
+class RunSpeed:
+    """How one real run's steps compared with the latency model, step by step (the
+    features of each step the engine ran, priced by the model, against what it
+    measured): `runner` is the median of the runner's measured time over the model's
+    runner terms, `engine` the median of each busy step's period (start to the next
+    step's start) over the whole model. Near 1 the model priced that run's own steps
+    right, and a latency error comes from elsewhere (scheduling, queueing); a run at
+    1.3 ran its steps 30% slower than the model says, which no latency figure of it
+    can then match (the machine was slower during it, or its mixes cost more)."""
+
+    runner: float
+    engine: float
+    num_steps: int
+    num_busy_steps: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runner_measured_over_model": self.runner,
+            "engine_measured_over_model": self.engine,
+            "num_steps": self.num_steps,
+            "num_busy_steps": self.num_busy_steps,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Validation:
     rows: list[MetricRow]
     real: list[RunReport]
     simulated: RunReport
+    speeds: tuple[RunSpeed, ...] = ()
+    """One per real run (empty when not measured)."""
 
     def to_json(self) -> dict[str, Any]:
         """The comparison as a preset's `fit.validation` record holds it."""
@@ -120,7 +150,28 @@ class Validation:
             **summary_errors(self.rows),
             "num_requests": self.simulated.num_requests,
             "real_runs": len(self.real),
+            "run_speeds": [s.to_json() for s in self.speeds],
         }
+
+
+def run_speed(latency: LatencyModel, steps: Sequence[TimedStep]) -> RunSpeed:
+    """`RunSpeed` of one real run's timed steps under `latency`."""
+    from kvflow.engine_adapters.engine_timing import busy_steps
+
+    runner_only = dataclasses.replace(latency, step_overhead_ms=0.0, seq_overhead_us=0.0)
+    runner = [
+        s.execute_s / p
+        for s in steps
+        if (p := runner_only.features_time_s(s.features)) > 0 and s.execute_s > 0
+    ]
+    busy = busy_steps(steps)
+    engine = [b.period_s / p for b in busy if (p := latency.features_time_s(b.features)) > 0]
+    return RunSpeed(
+        statistics.median(runner) if runner else math.nan,
+        statistics.median(engine) if engine else math.nan,
+        len(steps),
+        len(busy),
+    )
 
 
 def validate(
@@ -141,36 +192,44 @@ def validate(
     Raises:
         ValueError: `real_runs` < 1 or no requests.
     """
+    from kvflow.engine_adapters.engine_timing import StepTimer
     from kvflow.engine_adapters.factory import build_runner
     from kvflow.engine_adapters.simulated import SimulatedRunner
-    from kvflow.traces.realtime import fit_to_vocab, replay_realtime
+    from kvflow.traces.realtime import fit_to_vocab, replay_realtime, seconds_since_now
     from kvflow.traces.replay import replay
 
     if real_runs < 1 or not requests:
         raise ValueError(f"need real_runs >= 1 and requests, got {real_runs!r}, {len(requests)}")
     folded = fit_to_vocab(requests, model.vocab_size)
     real = []
+    speeds = []
     config = None
     overlap = False
     for _ in range(real_runs):
         config, runner, store = build_runner(model, settings)
         overlap = runner.supports_overlap
+        clock = seconds_since_now()
+        timer = StepTimer(runner, clock)
         try:
-            real.append(summarize_replay(replay_realtime(folded, config, policy, runner, store)))
+            result = replay_realtime(folded, config, policy, timer, store, clock=clock)
         finally:
             store.close()
+        real.append(summarize_replay(result))
+        speeds.append(run_speed(latency, timer.steps))
     assert config is not None  # real_runs >= 1
     sim_config = config.with_overrides({"sim.overlap": overlap})
     simulated = summarize_replay(replay(folded, sim_config, policy, SimulatedRunner(latency)))
-    return Validation(compare(real, simulated), real, simulated)
+    return Validation(compare(real, simulated), real, simulated, tuple(speeds))
 
 
 __all__ = [
     "LATENCY_METRICS",
     "PERCENTILES",
     "MetricRow",
+    "RunSpeed",
     "Validation",
     "compare",
+    "run_speed",
     "summary_errors",
     "validate",
 ]

@@ -153,6 +153,8 @@ def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
     assert sum(fit["term_shares"].values()) == pytest.approx(1.0)
     assert fit["engine"]["num_steps"] >= 1 and fit["engine"]["median_rel_error"] >= 0
     assert set(fit["engine"]["bias_by_shape"]) <= {"prefill", "decode", "mixed"}
+    # The runner's terms were refitted on the engine's own steps, grid beside them.
+    assert fit["engine"]["refitted"] is True and fit["engine"]["live_median_rel_error"] >= 0
     assert set(fit["holdout_bias_by_shape"]) == {"prefill", "decode", "mixed"}
     # The tiers were timed: every kv.transfer figure, bandwidths positive.
     transfer = doc["kv"]["transfer"]
@@ -176,6 +178,10 @@ def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
     assert metrics["ttft p50"]["real"] > 0 and metrics["e2e p50"]["simulated"] > 0
     assert metrics["hit rate"]["real"] > 0  # three groups share 16-token prefixes
     assert validation["max_abs_error_p50"] >= 0
+    # Each real run's own steps priced by the model: a ratio per run, over its steps.
+    speeds = validation["run_speeds"]
+    assert len(speeds) == 2 and all(s["num_steps"] >= s["num_busy_steps"] >= 1 for s in speeds)
+    assert all(s["runner_measured_over_model"] > 0 for s in speeds)
     from kvflow.engine_adapters.torch.spec import default_device
 
     assert doc["model"] == str(model_dir)

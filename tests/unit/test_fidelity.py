@@ -13,11 +13,12 @@ from kvflow.engine_adapters.engine_timing import (
     fit_overhead,
     scaled,
 )
+from kvflow.engine_adapters.latency_fit import Sample, fit, fit_live
 from kvflow.engine_adapters.simulated import LatencyModel, SimulatedRunner, StepFeatures
 from kvflow.request import Request
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import replay
-from kvflow.traces.validate import compare, summary_errors
+from kvflow.traces.validate import compare, run_speed, summary_errors
 from tests.builders import make_config
 
 TEN_MS = LatencyModel(fixed_ms=10.0, prefill_token_us=0.0, decode_seq_us=0.0, kv_token_ns=0.0)
@@ -91,6 +92,43 @@ def test_fit_overhead_recovers_a_cost_per_step_and_per_request() -> None:
         fit_overhead(runner, [])
 
 
+def test_live_refit_follows_a_miss_that_differs_by_kind_of_step() -> None:
+    # The grid says decodes cost 100 us each and 1 ns per KV token; in the live engine
+    # the decode batches read shared blocks and cost half as much per KV token, while
+    # prefills cost what the grid said. One scale cannot be right for both kinds; the
+    # refit on the live steps, with the grid beside them, is.
+    grid_model = LatencyModel(1.0, 50.0, 100.0, 1000.0)
+    live_model = LatencyModel(1.0, 50.0, 100.0, 500.0)
+    shapes = [StepFeatures(p, d, d * c + p, num_seqs=d + (p > 0))
+              for p in (0, 64, 256) for d in (0, 4, 16) for c in (128, 512) if p or d]  # fmt: skip
+    grid = [Sample(f, grid_model.features_time_s(f)) for f in shapes]
+    steps = [
+        EngineStep(f, live_model.features_time_s(f), live_model.features_time_s(f) + 1e-3)
+        for f in shapes
+    ]
+    scaled_fit = fit_overhead(grid_model, steps, rescale=True)
+    refit = fit_overhead(grid_model, steps, rescale=True, grid=grid)
+    assert refit.live_median_rel_error < 0.02 < 0.05 < scaled_fit.live_median_rel_error
+    assert refit.runner.kv_token_ns == pytest.approx(500.0, rel=0.1)
+    assert refit.runner.step_overhead_ms == 0.0  # the engine's terms are fitted apart
+    assert refit.step_overhead_ms == pytest.approx(1.0, rel=1e-3)
+    assert refit.median_rel_error < 0.02
+
+
+def test_fit_live_weighs_the_grid_as_asked() -> None:
+    live = [Sample(StepFeatures(0, 1, 1, num_seqs=1), 2e-3)] * 4
+    grid = [Sample(StepFeatures(0, 1, 1, num_seqs=1), 4e-3)] * 40
+    only_live = fit_live(live, grid, grid_weight=0.0)
+    assert only_live.features_time_s(live[0].features) == pytest.approx(2e-3, rel=1e-6)
+    # Half the weight each: the relative errors balance between 2 ms and 4 ms.
+    half = fit_live(live, grid, grid_weight=0.5).features_time_s(live[0].features)
+    assert 2e-3 < half < 4e-3
+    with pytest.raises(ValueError, match="grid_weight"):
+        fit_live(live, grid, grid_weight=1.0)
+    with pytest.raises(ValueError, match="weights must be one number"):
+        fit(live, weights=[1.0])
+
+
 def test_compare_reports_error_and_spread_per_metric() -> None:
     requests = [
         Request(f"r{i}", tuple(range(i, i + 40)), 6, arrival_time=i * 0.01) for i in range(12)
@@ -127,3 +165,20 @@ def test_compare_reports_error_and_spread_per_metric() -> None:
     assert all(len(r.real_runs) == 1 and r.spread is None for r in single)
     with pytest.raises(ValueError, match="at least one real run"):
         compare([], sim)
+
+
+def test_run_speed_prices_a_real_runs_own_steps() -> None:
+    # Steps that took 1.5x what the model's runner terms say, back to back (each next
+    # one planned before the last ended), each period 0.5 ms past its execute.
+    model = LatencyModel(2.0, 0.0, 100.0, 0.0, step_overhead_ms=0.5)
+    steps, t, last_start = [], 0.0, 0.0
+    for n in (1, 2, 3, 4):
+        runner_s = model.features_time_s(StepFeatures(0, n, n, num_seqs=n)) - 0.5e-3
+        steps.append(timed(last_start, t, runner_s * 1.5, seqs=n))  # planned as the last began
+        last_start = t
+        t += runner_s * 1.5 + 0.5e-3
+    speed = run_speed(model, steps)
+    assert speed.runner == pytest.approx(1.5)
+    assert speed.num_steps == 4 and speed.num_busy_steps == 3
+    assert 1.0 < speed.engine < 1.5  # the whole step includes the overhead the model has
+    assert run_speed(model, []).num_steps == 0
