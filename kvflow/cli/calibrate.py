@@ -397,17 +397,26 @@ def _print_validation(console: Console, checked: Any) -> None:
         title="validation: simulated vs real (error = sim / mean of the real runs - 1; "
         "spread = (largest - smallest real run) / mean)"
     )
-    for header in ("metric", "real runs", "simulated", "error", "real spread"):
+    headers = ["metric", "real runs", "simulated", "error", "real spread"]
+    at_speed = any(row.error_at_speed is not None for row in checked.rows)
+    if at_speed:
+        headers.append("error at run speed")
+    for header in headers:
         table.add_column(header, justify="right")
     for row in checked.rows:
         spread = "" if row.spread is None else f"{row.spread:.1%}"
         runs = ", ".join(f"{v:.4g}" for v in row.real_runs)
-        table.add_row(row.metric, runs, f"{row.simulated:.4g}", f"{row.error:+.1%}", spread)
+        cells = [row.metric, runs, f"{row.simulated:.4g}", f"{row.error:+.1%}", spread]
+        if at_speed:
+            e = row.error_at_speed
+            cells.append("" if e is None else f"{e:+.1%}")
+        table.add_row(*cells)
     console.print(table)
     if checked.speeds:
         console.print(
-            "each real run's steps against the model (measured / predicted, median over its "
-            "steps; 1 = the model priced that run's own steps right): "
+            "each real run's steps against the model (measured / predicted, summed over its "
+            "steps; 1 = the model priced that run's own steps right; 'error at run speed' "
+            "is the simulation repeated at each run's whole-step speed against that run): "
             + "; ".join(
                 f"run {i}: runner {s.runner:.3g}, whole engine step {s.engine:.3g}"
                 for i, s in enumerate(checked.speeds, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,12 @@ class MetricRow:
     metric: str
     real_runs: tuple[float, ...]
     simulated: float
+    error_at_speed: float | None = None
+    """The mean over the real runs of (simulated at that run's speed / that run - 1):
+    the simulation repeated with every term scaled by the run's measured whole-step
+    speed (`RunSpeed.engine`), so what is left is the simulator's own error
+    (scheduling, queueing, batching, the relative costs of steps), with the machine's
+    speed during each run taken out. None when not computed."""
 
     @property
     def real(self) -> float:
@@ -63,6 +69,7 @@ class MetricRow:
             "simulated": self.simulated,
             "error": self.error,
             "spread": self.spread,
+            "error_at_speed": self.error_at_speed,
         }
 
 
@@ -84,18 +91,37 @@ def _figures(report: RunReport) -> dict[str, float]:
     return out
 
 
-def compare(real: Sequence[RunReport], simulated: RunReport) -> list[MetricRow]:
+def compare(
+    real: Sequence[RunReport],
+    simulated: RunReport,
+    at_speed: Sequence[RunReport] = (),
+) -> list[MetricRow]:
     """Per metric (TTFT, TPOT, ITL, E2E at p50/p90/p99 in ms, steps, prefix hit rate),
-    the real runs' figures and the simulated one (see `MetricRow`).
+    the real runs' figures and the simulated one (see `MetricRow`); with `at_speed`
+    (one simulated report per real run, at that run's speed), `error_at_speed` too.
 
     Raises:
-        ValueError: no real run.
+        ValueError: no real run, or `at_speed` not one per real run.
     """
     if not real:
         raise ValueError("compare needs at least one real run")
+    if at_speed and len(at_speed) != len(real):
+        raise ValueError(f"at_speed needs one report per real run ({len(real)})")
     runs = [_figures(r) for r in real]
     sim = _figures(simulated)
-    return [MetricRow(name, tuple(run[name] for run in runs), sim[name]) for name in sim]
+    paired = [_figures(r) for r in at_speed]
+    rows = []
+    for name in sim:
+        errors = [_ratio(p[name], r[name]) for p, r in zip(paired, runs, strict=False)]
+        rows.append(
+            MetricRow(
+                name,
+                tuple(run[name] for run in runs),
+                sim[name],
+                statistics.fmean(errors) if errors else None,
+            )
+        )
+    return rows
 
 
 def summary_errors(rows: Sequence[MetricRow]) -> dict[str, float]:
@@ -114,9 +140,9 @@ def summary_errors(rows: Sequence[MetricRow]) -> dict[str, float]:
 class RunSpeed:
     """How one real run's steps compared with the latency model, step by step (the
     features of each step the engine ran, priced by the model, against what it
-    measured): `runner` is the median of the runner's measured time over the model's
-    runner terms, `engine` the median of each busy step's period (start to the next
-    step's start) over the whole model. Near 1 the model priced that run's own steps
+    measured): `runner` is the runner's measured time over the model's runner terms,
+    `engine` the busy steps' periods (start to the next step's start) over the whole
+    model, each summed over the run's steps. Near 1 the model priced that run's own steps
     right, and a latency error comes from elsewhere (scheduling, queueing); a run at
     1.3 ran its steps 30% slower than the model says, which no latency figure of it
     can then match (the machine was slower during it, or its mixes cost more)."""
@@ -155,23 +181,27 @@ class Validation:
 
 
 def run_speed(latency: LatencyModel, steps: Sequence[TimedStep]) -> RunSpeed:
-    """`RunSpeed` of one real run's timed steps under `latency`."""
+    """`RunSpeed` of one real run's timed steps under `latency`: each ratio is the sum
+    of the measured times over the sum of the model's (latencies add step times up; a
+    median would pass over a slow spell's long steps)."""
     from kvflow.engine_adapters.engine_timing import busy_steps
 
     runner_only = dataclasses.replace(latency, step_overhead_ms=0.0, seq_overhead_us=0.0)
-    runner = [
-        s.execute_s / p
-        for s in steps
-        if (p := runner_only.features_time_s(s.features)) > 0 and s.execute_s > 0
-    ]
     busy = busy_steps(steps)
-    engine = [b.period_s / p for b in busy if (p := latency.features_time_s(b.features)) > 0]
     return RunSpeed(
-        statistics.median(runner) if runner else math.nan,
-        statistics.median(engine) if engine else math.nan,
+        _sum_ratio((s.execute_s, runner_only.features_time_s(s.features)) for s in steps),
+        _sum_ratio((b.period_s, latency.features_time_s(b.features)) for b in busy),
         len(steps),
         len(busy),
     )
+
+
+def _sum_ratio(pairs: Iterable[tuple[float, float]]) -> float:
+    measured = predicted = 0.0
+    for m, p in pairs:
+        measured += m
+        predicted += p
+    return measured / predicted if predicted > 0 else math.nan
 
 
 def validate(
@@ -218,8 +248,21 @@ def validate(
         speeds.append(run_speed(latency, timer.steps))
     assert config is not None  # real_runs >= 1
     sim_config = config.with_overrides({"sim.overlap": overlap})
-    simulated = summarize_replay(replay(folded, sim_config, policy, SimulatedRunner(latency)))
-    return Validation(compare(real, simulated), real, simulated, tuple(speeds))
+
+    def simulate(model: LatencyModel) -> RunReport:
+        return summarize_replay(replay(folded, sim_config, policy, SimulatedRunner(model)))
+
+    simulated = simulate(latency)
+    at_speed = [simulate(scaled_all(latency, s.engine)) for s in speeds if math.isfinite(s.engine)]
+    rows = compare(real, simulated, at_speed if len(at_speed) == len(real) else ())
+    return Validation(rows, real, simulated, tuple(speeds))
+
+
+def scaled_all(model: LatencyModel, factor: float) -> LatencyModel:
+    """`model` with every term, the engine's included, multiplied by `factor`."""
+    from kvflow.engine_adapters.simulated import TERMS
+
+    return dataclasses.replace(model, **{t: getattr(model, t) * factor for t in TERMS})
 
 
 __all__ = [
@@ -230,6 +273,7 @@ __all__ = [
     "Validation",
     "compare",
     "run_speed",
+    "scaled_all",
     "summary_errors",
     "validate",
 ]

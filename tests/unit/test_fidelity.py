@@ -165,6 +165,14 @@ def test_compare_reports_error_and_spread_per_metric() -> None:
     assert all(len(r.real_runs) == 1 and r.spread is None for r in single)
     with pytest.raises(ValueError, match="at least one real run"):
         compare([], sim)
+    # Simulated at each run's own speed: each run against its own simulation.
+    paired = compare([real, again], sim, at_speed=[real, run(11.0 * 1.1)])
+    tpot = paired[names.index("tpot p50")]
+    assert tpot.error_at_speed is not None and 0 < tpot.error_at_speed < tpot.error
+    assert tpot.to_json()["error_at_speed"] == tpot.error_at_speed
+    assert rows[0].error_at_speed is None
+    with pytest.raises(ValueError, match="one report per real run"):
+        compare([real, again], sim, at_speed=[sim])
 
 
 def test_run_speed_prices_a_real_runs_own_steps() -> None:
