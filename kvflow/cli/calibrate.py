@@ -234,6 +234,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "warm": args.warm,
     }
     engine_steps: list[Any] = []
+    validation_steps: list[Any] = []
     if args.engine_requests:
         fitted, fit_info["engine"], engine_steps = _time_engine(
             args, console, model, fitted, settings, train_samples
@@ -248,6 +249,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{args.validate_runs} real-time run(s) and one simulated ..."
         )
         checked = validate(validate_requests, model, fitted, settings, real_runs=args.validate_runs)
+        validation_steps = [
+            [{**s.features._asdict(), "execute_s": s.execute_s, "started_at": s.started_at,
+              "planned_at": s.planned_at} for s in run]
+            for run in checked.steps
+        ]  # fmt: skip
         fit_info["validation"] = {"trace": str(args.validate), **checked.to_json()}
         _print_validation(console, checked)
     info: dict[str, Any] = {
@@ -273,6 +279,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 {**s.features._asdict(), "execute_s": s.execute_s, "period_s": s.period_s}
                 for s in engine_steps
             ],
+            "validation_steps": validation_steps,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
 

@@ -168,6 +168,8 @@ class Validation:
     simulated: RunReport
     speeds: tuple[RunSpeed, ...] = ()
     """One per real run (empty when not measured)."""
+    steps: tuple[tuple[TimedStep, ...], ...] = ()
+    """Each real run's timed steps (for `kvflow calibrate --json`)."""
 
     def to_json(self) -> dict[str, Any]:
         """The comparison as a preset's `fit.validation` record holds it."""
@@ -233,6 +235,7 @@ def validate(
     folded = fit_to_vocab(requests, model.vocab_size)
     real = []
     speeds = []
+    run_steps: list[tuple[TimedStep, ...]] = []
     config = None
     overlap = False
     for _ in range(real_runs):
@@ -246,6 +249,7 @@ def validate(
             store.close()
         real.append(summarize_replay(result))
         speeds.append(run_speed(latency, timer.steps))
+        run_steps.append(tuple(timer.steps))
     assert config is not None  # real_runs >= 1
     sim_config = config.with_overrides({"sim.overlap": overlap})
 
@@ -255,7 +259,7 @@ def validate(
     simulated = simulate(latency)
     at_speed = [simulate(scaled_all(latency, s.engine)) for s in speeds if math.isfinite(s.engine)]
     rows = compare(real, simulated, at_speed if len(at_speed) == len(real) else ())
-    return Validation(rows, real, simulated, tuple(speeds))
+    return Validation(rows, real, simulated, tuple(speeds), tuple(run_steps))
 
 
 def scaled_all(model: LatencyModel, factor: float) -> LatencyModel:
