@@ -210,6 +210,12 @@ class PeerConfig(_Frozen):
     """How often a service sends a heartbeat (with its last event number)."""
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A peer not heard from for this long is marked down and its entries dropped."""
+    handoff_lease_s: float = Field(default=30.0, gt=0)
+    """Prefill/decode handoff, prefill side: how long a prompt's blocks stay pinned for
+    the decode instance to pull (released sooner when it pulled them)."""
+    handoff_wait_s: float = Field(default=2.0, gt=0)
+    """Handoff, decode side: how long to wait for a connection to the prefill
+    instance's peer service before giving up on the handoff and recomputing."""
 
 
 class SimRunnerConfig(_Frozen):

@@ -77,6 +77,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sp.add_argument(
         "--seed", type=int, default=0, help="seed of sampling for requests without a seed"
     )
+    sp.add_argument(
+        "--role",
+        choices=["both", "prefill", "decode"],
+        default="both",
+        help="prefill/decode disaggregation (docs/fleet.md): prefill keeps a prompt's KV "
+        "for a decode instance when a request asks (kvflow_handoff), decode pulls it from "
+        "there; both (default) serves whole requests and does either when asked. "
+        "prefill and decode run the peer service (--peer-port, default any free port); "
+        "decode needs a cpu tier (kv.cpu.num_blocks) to pull into",
+    )
     peer = sp.add_argument_group(
         "peer-to-peer KV sharing", "pull cached prefixes from other instances (docs/peer.md)"
     )
@@ -133,7 +143,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
     _require_serve_extra()
     settings = config_overrides(args)
     peers = _peer_settings(args, settings)
+    if args.role != "both" and peers is None:
+        if args.engine == "sim":
+            raise CLIError(f"--role {args.role} needs --engine torch or hf (sim holds no KV bytes)")
+        peers = ()  # the role runs the peer service
     config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
+    if args.role == "decode" and config.kv.cpu.num_blocks == 0 and not config.kv.cpu.size_mib:
+        raise CLIError(
+            "--role decode pulls handed-off KV into the cpu tier: set kv.cpu.num_blocks "
+            "(e.g. --set kv.cpu.num_blocks=4096)"
+        )
     if peers is not None:
         from kvflow.peer.identity import PeerConfigError, check_bind
 
@@ -157,6 +176,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         on_close=args.on_close,
         seed=args.seed,
         peers=peers,
+        role=args.role,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from kvflow.serve.server import serve

@@ -8,6 +8,9 @@ store's blocks (`PeerService`), keeps one connection per address of a static pee
 entries dropped, its connection closed, then retried), and attaches the directory as
 the store's remote tier with a `PeerPuller`, so the scheduler pulls what peers hold.
 A restarted peer answers with a new incarnation, whose snapshot replaces its entries.
+Peers named later (`ensure_peer`: a handoff's prefill instance) are connected the same
+way until a connection attempt to them fails. It also holds the prefill side's handoff
+leases (`kvflow.peer.handoff`), expired on the same loop as peers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from kvflow.config import PeerConfig
 from kvflow.kv.store import KVStore
 from kvflow.peer.client import PeerClient, PeerDownError, connect_peer
 from kvflow.peer.directory import Directory
+from kvflow.peer.frames import FrameKind, SeqFrame
+from kvflow.peer.handoff import Handoffs
 from kvflow.peer.handshake import PeerRefusedError
 from kvflow.peer.pulls import PeerPuller
 from kvflow.peer.service import PeerService, ServiceStats
@@ -88,6 +93,13 @@ class PeerNode:
         self.directory = Directory(config.heartbeat_timeout_s)
         self.clients: dict[str, PeerClient] = {}
         self.num_refused = 0
+        self.handoffs = Handoffs(store, config.handoff_lease_s, clock)
+        self.handoff_outcomes: dict[str, int] = {}
+        """Handoff tickets taken (decode side), by `kvflow.peer.handoff.AcceptOutcome`."""
+        self.service.on_served = self.handoffs.on_served
+        self._maintained: set[PeerAddress] = set(self.peers)
+        self._progress = anyio.Event()
+        """Set (and replaced) whenever a peer's frame arrives or its connection ends."""
         self._puller: PeerPuller | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -115,6 +127,7 @@ class PeerNode:
         tb: TracebackType | None,
     ) -> None:
         self.store.remote = None
+        self.handoffs.close()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
         try:
@@ -132,8 +145,37 @@ class PeerNode:
             up, self.store.stats.num_failed_pulls, self.num_refused, self.service.stats()
         )
 
-    async def _maintain(self, address: PeerAddress) -> None:
-        """Keep a connection to the peer at `address`, following its events."""
+    def ensure_peer(self, address: PeerAddress) -> None:
+        """Connect to `address` and follow its events unless already doing so; unlike
+        the static peers, it is given up when a connection attempt fails."""
+        if address in self._maintained or self._tg is None:
+            return
+        self._maintained.add(address)
+        self._tg.start_soon(self._maintain, address, False)
+
+    def follows(self, peer_id: str, seq: int) -> bool:
+        """Whether the connection to `peer_id` is up and the directory has its events up
+        to batch `seq`."""
+        client = self.clients.get(peer_id)
+        return (
+            client is not None
+            and not client.is_down
+            and not self.directory.needs_resync(peer_id)
+            and self.directory.last_seq(peer_id) >= seq
+        )
+
+    async def wait_following(self, peer_id: str, seq: int) -> None:
+        """Return once `follows(peer_id, seq)` (callers bound the wait)."""
+        while not self.follows(peer_id, seq):
+            await self._progress.wait()
+
+    def _on_progress(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def _maintain(self, address: PeerAddress, persistent: bool = True) -> None:
+        """Keep a connection to the peer at `address`, following its events (a peer
+        not `persistent` is given up when connecting to it fails)."""
         delay = MIN_BACKOFF_S
         me = self.service.identity
         while True:
@@ -146,6 +188,7 @@ class PeerNode:
                         return
                     self.clients[peer_id] = client
                     client.follow(self.directory, self.clock)
+                    self._notify_frames(client)
                     await client.subscribe()
                     logger.info("kvflow: peer %s (%s) is up", address, peer_id)
                     delay = MIN_BACKOFF_S
@@ -160,14 +203,30 @@ class PeerNode:
                 if peer_id is not None:
                     self.clients.pop(peer_id, None)
                     self.directory.mark_down(peer_id)
+                    self._on_progress()
+            if not persistent and peer_id is None:
+                self._maintained.discard(address)
+                return
             await anyio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _notify_frames(self, client: PeerClient) -> None:
+        follow = client.on_frame
+        assert follow is not None
+
+        def on_frame(kind: FrameKind, frame: SeqFrame) -> bool:
+            needs_resync = follow(kind, frame)
+            self._on_progress()
+            return needs_resync
+
+        client.on_frame = on_frame
 
     async def _expire_loop(self) -> None:
         """Mark down peers not heard from within the heartbeat timeout."""
         period = min(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s / 2)
         while True:
             await anyio.sleep(period)
+            self.handoffs.expire(self.clock())
             for peer in self.directory.expire(self.clock()):
                 client = self.clients.get(peer)
                 if client is not None:

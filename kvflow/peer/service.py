@@ -19,7 +19,7 @@ import itertools
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self, cast
@@ -114,6 +114,8 @@ class PeerService:
             ("pulls", "blocks", "bytes", "refused", "closed_for_errors"), 0
         )
         self._open = False
+        self.on_served: Callable[[Sequence[int]], None] | None = None
+        """Told the keys of each pull served in full (the handoff leases end on it)."""
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -290,6 +292,8 @@ class PeerService:
             self._counts["pulls"] += 1
             self._counts["blocks"] += served[0]
             self._counts["bytes"] += served[0] * size
+            if self.on_served is not None:
+                self.on_served(run.keys[: served[0]])
         except Exception:  # one failed pull ends its connection, nothing else
             # A transfer that failed half-way leaves the stream unusable: end it.
             self._counts["closed_for_errors"] += 1
@@ -340,6 +344,12 @@ class PeerService:
             conn.events.send_nowait(frame)
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
             conn.wire.shutdown()  # too slow to follow: it reconnects and resyncs
+
+    def publish_now(self) -> int:
+        """Send the block events pending now to the subscribers at once (not at the next
+        `event_interval_s` tick); the number of the last batch, which includes them."""
+        self._flush()
+        return self.seq
 
     def _flush(self) -> None:
         """Publish the events since the last batch as batch `seq + 1`."""

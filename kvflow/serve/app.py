@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from kvflow.request import Request as EngineRequest
 from kvflow.serve.errors import APIError, bad_request, install_error_handlers
+from kvflow.serve.handoff import RequestHandoff, request_handoff
 from kvflow.serve.host import EngineHost, HostStatus
 from kvflow.serve.logprobs import LogprobsFormatter
 from kvflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -98,9 +99,13 @@ async def _respond(
     stops: list[str],
     shape: ResponseShape,
     stream: bool,
+    handoff: RequestHandoff | None = None,
 ) -> Response:
     """Submit `reqs` (one per choice); answer with the whole response or, for one
-    request, an event stream."""
+    request, an event stream. A `handoff` runs before the submission and adds its
+    fields to a whole response."""
+    if handoff is not None:
+        await handoff.before_submit(reqs[0])
     formatters = [
         None if r.sampling.logprobs is None else LogprobsFormatter(shape.kind, api.model.codec)
         for r in reqs
@@ -126,7 +131,10 @@ async def _respond(
     num_prompt = sum(len(g.request.prompt_token_ids) for g in gens)
     num_cached = sum(g.first.num_cached_tokens for g in gens)
     total = usage(num_prompt, sum(n for _, _, n in results), num_cached)
-    return JSONResponse(shape.whole(choices, total))
+    body = shape.whole(choices, total)
+    if handoff is not None:
+        body.update(handoff.response_fields(gens))
+    return JSONResponse(body)
 
 
 def build_app(host: EngineHost) -> FastAPI:
@@ -153,7 +161,8 @@ def build_app(host: EngineHost) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         ok = host.status is HostStatus.SERVING
-        return JSONResponse({"status": str(host.status)}, status_code=200 if ok else 503)
+        body = {"status": str(host.status), "role": host.options.role}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -173,10 +182,11 @@ def build_app(host: EngineHost) -> FastAPI:
         api = serving()
         api.check_common(body)
         prompts = api.completion_prompts(body)
+        handoff = request_handoff(host.peer_node, body, len(prompts))
         asked = api.logprobs_asked(body)
         reqs = [api.make_request(body, ids, body.max_tokens, "cmpl", asked) for ids in prompts]
         shape = ResponseShape("completion", reqs[0].request_id, api.model.name, body.include_usage)
-        return await _respond(request, api, reqs, body.stop_strings, shape, body.stream)
+        return await _respond(request, api, reqs, body.stop_strings, shape, body.stream, handoff)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -184,11 +194,12 @@ def build_app(host: EngineHost) -> FastAPI:
         api = serving()
         api.check_common(body)
         prompt_ids = api.chat_prompt(body)
+        handoff = request_handoff(host.peer_node, body, 1)
         max_tokens = body.max_completion_tokens or body.max_tokens
         asked = api.logprobs_asked(body)
         req = api.make_request(body, prompt_ids, max_tokens, "chatcmpl", asked)
         shape = ResponseShape("chat", req.request_id, api.model.name, body.include_usage)
-        return await _respond(request, api, [req], body.stop_strings, shape, body.stream)
+        return await _respond(request, api, [req], body.stop_strings, shape, body.stream, handoff)
 
     return app
 

@@ -57,6 +57,8 @@ class ServeOptions:
     seed: int = 0
     peers: tuple[str, ...] | None = None
     """Run a peer service and pull from these peers (`host:port`); None: no peer layer."""
+    role: Literal["both", "prefill", "decode"] = "both"
+    """Prefill/decode disaggregation role (reported on /health; see `kvflow serve --role`)."""
 
     @property
     def model_name(self) -> str:

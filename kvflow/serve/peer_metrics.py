@@ -78,6 +78,44 @@ class PeerCollector:
             family = family_type(PREFIX + metric, doc, labels=["model_name"])
             family.add_metric([name], value)
             yield family
+        yield from _handoff_families(node, name)
+
+
+def _handoff_families(node: PeerNode, name: str) -> Iterator[Metric]:
+    """The prefill/decode handoff's figures (`kvflow.peer.handoff`)."""
+    handoffs = node.handoffs
+    leases = GaugeMetricFamily(
+        PREFIX + "handoff_leases",
+        "Prompts' KV kept pinned for a decode instance to pull (prefill side).",
+        labels=["model_name"],
+    )
+    leases.add_metric([name], handoffs.num_active)
+    yield leases
+    kept = CounterMetricFamily(
+        PREFIX + "handoffs_kept",
+        "Prompts' KV kept for a decode instance (prefill side).",
+        labels=["model_name"],
+    )
+    kept.add_metric([name], handoffs.num_kept)
+    yield kept
+    ended = CounterMetricFamily(
+        PREFIX + "handoff_leases_ended",
+        "Handoff leases ended: pulled (a pull served the run's last block) or expired.",
+        labels=["model_name", "how"],
+    )
+    ended.add_metric([name, "pulled"], handoffs.num_pulled)
+    ended.add_metric([name, "expired"], handoffs.num_expired)
+    yield ended
+    received = CounterMetricFamily(
+        PREFIX + "handoffs_received",
+        "Handoff tickets taken (decode side) by outcome: ready (the blocks are known at "
+        "the prefill instance and pulled), local, mismatch (another model or prompt), "
+        "unreachable (the prefill instance was not followed within peer.handoff_wait_s).",
+        labels=["model_name", "outcome"],
+    )
+    for outcome in ("ready", "local", "mismatch", "unreachable"):
+        received.add_metric([name, outcome], node.handoff_outcomes.get(outcome, 0))
+    yield received
 
 
 __all__ = ["PeerCollector"]

@@ -25,6 +25,38 @@ class StreamOptions(_Body):
     """Accepted for vLLM clients; kvflow reports usage only in the last chunk."""
 
 
+class KeepKV(_Body):
+    """Asked of a prefill instance: keep this prompt's KV for a decode instance."""
+
+    keep: Literal[True]
+
+
+class HandoffInfo(_Body):
+    """A prefill instance's ticket for a prompt's KV (`kvflow.peer.handoff.HandoffTicket`),
+    in its response and in the request a decode instance then serves."""
+
+    peer: str = Field(min_length=3)
+    """The prefill instance's peer service, `host:port`."""
+    peer_id: str = Field(min_length=1)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]+$")
+    """The model fingerprint, hex."""
+    seq: int = Field(ge=0)
+    """The prefill instance's block-event number that lists the kept blocks."""
+    block_keys: list[int] = Field(max_length=1 << 20)
+    """Keys of the prompt's leading full blocks kept there (u64)."""
+    block_size: int = Field(ge=1)
+    num_tokens: int = Field(ge=0)
+    """Prompt tokens the kept blocks hold."""
+
+    @field_validator("block_keys")
+    @classmethod
+    def _u64(cls, keys: list[int]) -> list[int]:
+        bad = next((k for k in keys if not 0 <= k < 1 << 64), None)
+        if bad is not None:
+            raise ValueError(f"a block key is a u64, got {bad!r}")
+        return keys
+
+
 class GenerationFields(_Body):
     """What both endpoints take: sampling, stopping, streaming, and kvflow's fields."""
 
@@ -71,6 +103,10 @@ class GenerationFields(_Body):
     """Time-per-output-token objective in ms."""
     deadline_s: float | None = Field(default=None, gt=0)
     """Seconds after arrival the first token is due (overrides `ttft_slo_ms` for `edf`)."""
+    kvflow_handoff: KeepKV | HandoffInfo | None = None
+    """Prefill/decode handoff (docs/fleet.md): `{"keep": true}` asks a prefill instance
+    to keep the prompt's KV and answer with a ticket (non-streaming, one prompt); a
+    ticket asks a decode instance to pull the KV from there instead of recomputing it."""
 
     @field_validator("stop")
     @classmethod
@@ -188,6 +224,8 @@ __all__ = [
     "ErrorInfo",
     "ErrorResponse",
     "GenerationFields",
+    "HandoffInfo",
+    "KeepKV",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
