@@ -51,6 +51,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="an instance's base URL (repeat for each instance)",
     )
     rp.add_argument(
+        "--prefill",
+        action="append",
+        type=instance_url,
+        default=[],
+        metavar="URL",
+        help="a prefill instance's base URL (repeat for each; `kvflow serve --role "
+        "prefill`): each request is prefilled there first and its KV handed to one of the "
+        "--instance servers (`--role decode`), which pulls it (docs/fleet.md)",
+    )
+    rp.add_argument(
         "--router",
         default="cache-aware",
         choices=names(),
@@ -76,12 +86,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if len(set(args.instances)) != len(args.instances):
         raise CLIError(f"--instance given twice: {', '.join(args.instances)}")
+    both = set(args.instances) & set(args.prefill)
+    if len(set(args.prefill)) != len(args.prefill) or both:
+        raise CLIError(f"--prefill given twice or also as --instance: {', '.join(args.prefill)}")
     if not 0.01 <= args.health_interval <= 60:
         raise CLIError(f"--health-interval is in [0.01, 60] seconds, got {args.health_interval}")
     options = RouterOptions(
         instances=tuple(args.instances),
         router=args.router,
         health_interval_s=args.health_interval,
+        prefill=tuple(args.prefill),
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check

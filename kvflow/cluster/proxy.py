@@ -23,11 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Receive, Scope, Send
 
+from kvflow.cluster.proxy_pd import PrefillStep
 from kvflow.cluster.proxy_routing import (
     CacheAware,
     InstanceState,
     ProxyRouter,
     ProxyView,
+    create,
     request_info,
 )
 
@@ -53,6 +55,12 @@ class RouterOptions:
     """A health check or scrape slower than this fails it."""
     connect_timeout_s: float = 2.0
     """Connecting to an instance slower than this counts as down (retried elsewhere)."""
+    prefill: tuple[str, ...] = ()
+    """Base URLs of prefill instances: with any, each request is prefilled on one of them
+    first and handed to one of `instances` (`kvflow.cluster.proxy_pd`)."""
+    prefill_timeout_s: float = 60.0
+    """A prefill step not answered within this time is given up (the decode instance
+    then computes the prompt)."""
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -137,9 +145,14 @@ class RouterApp:
     def __init__(self, options: RouterOptions, router: ProxyRouter) -> None:
         self.options = options
         self.router = router
-        self.instances = [InstanceState(url.rstrip("/")) for url in options.instances]
+        urls = options.instances + options.prefill
+        self.instances = [InstanceState(url.rstrip("/")) for url in urls]
         self.metrics = _Metrics()
         self.client: httpx.AsyncClient | None = None
+        self.pd: PrefillStep | None = None
+        if options.prefill:
+            ids = range(len(options.instances), len(urls))
+            self.pd = PrefillStep(self, ids, create(options.router), options.prefill_timeout_s)
 
     def _http(self) -> httpx.AsyncClient:
         assert self.client is not None, "the app's lifespan has not started"
@@ -203,12 +216,17 @@ class RouterApp:
             for k, v in request.headers.items()
             if k.lower() not in _DROPPED_HEADERS and k.lower() != "host"
         }
+        if self.pd is not None:
+            handed, prefill_s = await self.pd.handoff(path, body, headers, info)
+            raw = handed or raw
+            arrived += prefill_s
         tried: list[int] = []
         client = self._http()
+        serving = self.instances[: len(self.options.instances)]  # not the prefill ones
         while True:
             view = ProxyView(
                 self.instances,
-                [i for i, inst in enumerate(self.instances) if inst.healthy and i not in tried],
+                [i for i, inst in enumerate(serving) if inst.healthy and i not in tried],
             )
             if not view.candidates:
                 self.metrics.unroutable.inc()
