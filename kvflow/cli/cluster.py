@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -13,6 +14,9 @@ from rich.table import Table
 from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
 from kvflow.cli.options import add_model_arguments
 from kvflow.cli.serve import _port, _positive_int
+
+if TYPE_CHECKING:
+    from kvflow.cluster.launcher import RaySpec
 
 
 def _default_state_dir() -> Path:
@@ -42,7 +46,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     csub = cp.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     upp = csub.add_parser("up", help="start a cluster")
     upp.add_argument(
-        "--instances", type=_positive_int, required=True, metavar="N", help="instances to start"
+        "--instances",
+        type=_positive_int,
+        metavar="N",
+        help="instances to start (required unless --pd gives them)",
+    )
+    upp.add_argument(
+        "--pd",
+        metavar="P:D",
+        help="prefill/decode disaggregation: P `--role prefill` and D `--role decode` "
+        "instances (--engine torch|hf; decode needs kv.cpu.num_blocks); the router prefills "
+        "each request on a prefill instance and hands its KV to a decode instance; implies "
+        "--instances P+D",
     )
     upp.add_argument(
         "--engine", choices=["sim", "torch", "hf"], default="sim", help="each instance's runner"
@@ -59,6 +74,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=180.0,
         metavar="S",
         help="seconds to wait for every process to be healthy (default: 180)",
+    )
+    ray = upp.add_argument_group(
+        "Ray", "instances as Ray actors (pip install 'kvflow[ray]'; docs/fleet.md)"
+    )
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="each instance is a Ray actor running `kvflow serve` on the node Ray places it "
+        "on (a local Ray cluster is started for the run unless --ray-address)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="a running Ray cluster to place the instances on (implies --ray)",
+    )
+    ray.add_argument(
+        "--ray-cpus-per-instance",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="CPUs each instance's actor reserves (default: 1)",
+    )
+    ray.add_argument(
+        "--ray-gpus-per-instance",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs each instance's actor reserves (default: 0)",
     )
     _add_state_dir(upp)
     add_config_arguments(upp)
@@ -82,8 +125,43 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return args.state_dir if args.state_dir is not None else _default_state_dir()
 
 
+def _roles(args: argparse.Namespace) -> tuple[str, ...]:
+    from kvflow.cli.fleet import parse_pd
+
+    if args.pd is None:
+        if args.instances is None:
+            raise CLIError("kvflow cluster up needs --instances N (or --pd P:D)")
+        num_instances: int = args.instances
+        return ("instance",) * num_instances
+    num_prefill, num_decode = parse_pd(args.pd)
+    if args.instances is not None and args.instances != num_prefill + num_decode:
+        raise CLIError(
+            f"--pd {args.pd}: P + D = {num_prefill + num_decode}, but --instances is "
+            f"{args.instances}"
+        )
+    if args.engine == "sim":
+        raise CLIError("--pd needs --engine torch or hf (sim holds no KV bytes to hand off)")
+    return ("prefill",) * num_prefill + ("decode",) * num_decode
+
+
+def _ray_spec(args: argparse.Namespace) -> RaySpec | None:
+    from kvflow.cluster.launcher import RaySpec
+
+    if not args.ray and args.ray_address is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise CLIError("--ray needs ray: pip install 'kvflow[ray]'")
+    for name in ("ray_cpus_per_instance", "ray_gpus_per_instance"):
+        value = getattr(args, name)
+        if not value >= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    return RaySpec(args.ray_address, args.ray_cpus_per_instance, args.ray_gpus_per_instance)
+
+
 def run_up(args: argparse.Namespace, console: Console) -> int:
-    from kvflow.cluster.launcher import ClusterError, up
+    from kvflow.cluster.launcher import ClusterError, ClusterSpec, up
     from kvflow.config import KVFlowConfig
 
     if args.engine == "sim" and args.model:
@@ -94,8 +172,15 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--model {args.model!r} is not a directory")
     if not args.timeout > 0:
         raise CLIError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    roles = _roles(args)
+    ray = _ray_spec(args)
     settings = config_overrides(args)
-    KVFlowConfig.load(args.config, settings)  # fail on a bad setting before starting
+    config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before starting
+    if "decode" in roles and config.kv.cpu.num_blocks == 0 and not config.kv.cpu.size_mib:
+        raise CLIError(
+            "--pd: decode instances pull handed-off KV into the cpu tier: set "
+            "kv.cpu.num_blocks (e.g. --set kv.cpu.num_blocks=4096)"
+        )
     serve_args = ["--engine", args.engine, "--policy", args.policy]
     if args.model:
         serve_args += ["--model", os.path.abspath(args.model)]
@@ -105,14 +190,16 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
         serve_args += ["--config", os.path.abspath(args.config)]
     for item in args.settings:
         serve_args += ["--set", item]
+    spec = ClusterSpec(roles, tuple(serve_args), args.router, args.port, ray)
     try:
-        state = up(
-            _state_dir(args), args.instances, serve_args, args.router, args.port, args.timeout
-        )
+        state = up(_state_dir(args), spec, args.timeout)
     except ClusterError as err:
         raise CLIError(str(err)) from None
     for p in state.instances:
-        console.print(f"instance {p.url} (pid {p.pid}, log {p.log})")
+        where = f"pid {p.pid}" + (f" on Ray node {p.node}" if p.node else "")
+        console.print(f"{p.role} {p.url} ({where}, log {p.log})")
+    if state.ray_driver is not None:
+        console.print(f"ray driver (pid {state.ray_driver.pid}, log {state.ray_driver.log})")
     console.print(f"router {state.router.url} (pid {state.router.pid})")
     print(state.router.url, flush=True)
     return 0
@@ -128,12 +215,16 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
     table = Table("role", "url", "pid", "process", "health")
     all_ok = True
     for p in state.procs:
-        alive = is_ours(p.pid)
-        ok = alive and healthy(p.url)
+        if p.node:  # a Ray actor's process: its node is not necessarily this machine
+            process = f"ray actor ({p.node})"
+            ok = healthy(p.url)
+        else:
+            alive = is_ours(p.pid)
+            process = "running" if alive else "gone"
+            # The Ray driver serves nothing: running is its health.
+            ok = alive and (p.role == "ray" or healthy(p.url))
         all_ok &= ok
-        table.add_row(
-            p.role, p.url, str(p.pid), "running" if alive else "gone", "ok" if ok else "FAIL"
-        )
+        table.add_row(p.role, p.url or "-", str(p.pid), process, "ok" if ok else "FAIL")
     console.print(table)
     return 0 if all_ok else 1
 

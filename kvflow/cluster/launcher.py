@@ -4,7 +4,12 @@ stopped from it.
 
 The state file lists what `up` started (pids, ports, URLs, log files) and is the only
 thing `down` removes; `down` signals a pid only while its command line is still the
-kvflow process it started (a pid reused by another program is left alone)."""
+kvflow process it started (a pid reused by another program is left alone).
+
+With `--pd P:D` the instances are P `--role prefill` and D `--role decode` servers, and
+the router prefills each request on the former (`kvflow router --prefill`). With
+`--ray` the instances are Ray actors, started and stopped by a driver process
+(`kvflow.cluster.ray_fleet`) that `up` starts and records like the others."""
 
 from __future__ import annotations
 
@@ -24,6 +29,15 @@ import httpx
 
 STATE_FILE = "cluster.json"
 STATE_VERSION = 1
+INSTANCE_ROLES = ("instance", "prefill", "decode")
+LOCAL_NODE = "local"
+"""`Proc.node` of a Ray actor's process on the local Ray cluster `up` started."""
+RAY_GRACE_S = 15.0
+"""How long a Ray driver gets, beyond the instances' drain timeout, to stop its Ray
+cluster, and then its session's processes to go, before SIGKILL."""
+RAY_STOP_FILE = "ray-stop.json"
+"""Written by `down` for the Ray driver: the instances' drain timeout."""
+"""Roles of serving processes: `instance` serves whole requests (`--role both`)."""
 
 
 class ClusterError(RuntimeError):
@@ -35,12 +49,42 @@ class Proc:
     """One process of a cluster."""
 
     role: str
-    """"instance" or "router"."""
+    """One of `INSTANCE_ROLES`, "router", or "ray" (the Ray driver)."""
     pid: int
     port: int
     url: str
     log: str
     """Its stdout and stderr."""
+    node: str = ""
+    """The Ray node an actor's process runs on (`LOCAL_NODE` on the local Ray cluster
+    `up` started); "": a local process `up` started, which `down` signals. A Ray
+    instance is stopped by its driver."""
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """How `up --ray` places instances (`kvflow.cluster.ray_fleet`)."""
+
+    address: str | None = None
+    """A running Ray cluster's address; None: a local one started for the cluster."""
+    cpus_per_instance: float = 1.0
+    gpus_per_instance: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What `up` starts: one instance per role, `serve_args` to each, and the router."""
+
+    roles: tuple[str, ...]
+    serve_args: tuple[str, ...] = ()
+    router: str = "cache-aware"
+    router_port: int = 8000
+    ray: RaySpec | None = None
+
+    def instance_args(self, role: str) -> list[str]:
+        if role == "instance":
+            return ["serve", *self.serve_args]
+        return ["serve", *self.serve_args, "--role", role]
 
 
 @dataclass(frozen=True)
@@ -53,7 +97,11 @@ class ClusterState:
 
     @property
     def instances(self) -> list[Proc]:
-        return [p for p in self.procs if p.role == "instance"]
+        return [p for p in self.procs if p.role in INSTANCE_ROLES]
+
+    @property
+    def ray_driver(self) -> Proc | None:
+        return next((p for p in self.procs if p.role == "ray"), None)
 
     def to_json(self) -> str:
         procs = [asdict(p) for p in self.procs]
@@ -99,33 +147,44 @@ def healthy(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _spawn(
-    role: str, args: Sequence[str], port: int, log: Path
-) -> tuple[Proc, subprocess.Popen[bytes]]:
+def child_env() -> dict[str, str]:
+    """This environment, with this kvflow first on PYTHONPATH: a child finds it even
+    when it runs from a checkout."""
     env = dict(os.environ)
-    # A child finds this kvflow even when it runs from a checkout on PYTHONPATH.
     root = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def spawn(
+    role: str, args: Sequence[str], port: int | None, log: Path, module: str = "kvflow"
+) -> tuple[Proc, subprocess.Popen[bytes]]:
+    """Start `python -m MODULE ARGS --port PORT` (no port: without `--port`) detached,
+    its output in `log`."""
+    env = child_env()
+    port_args = [] if port is None else ["--port", str(port)]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kvflow", *args, "--port", str(port)],
+            [sys.executable, "-m", module, *args, *port_args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # outlives `up`; not stopped by the terminal's ^C
         )
+    if port is None:
+        return Proc(role, proc.pid, 0, "", str(log)), proc
     return Proc(role, proc.pid, port, f"http://127.0.0.1:{port}", str(log)), proc
 
 
-def _tail(path: str, num_lines: int = 15) -> str:
+def tail(path: str, num_lines: int = 15) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-num_lines:])
     except OSError:
         return "(no log)"
 
 
-def _wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadline: float) -> None:
+def wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadline: float) -> None:
     # Liveness from the child's own handle: its /proc entry may still show the
     # interpreter's launcher for a moment after it started.
     pending = list(procs)
@@ -133,25 +192,18 @@ def _wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadlin
         for p, popen in list(pending):
             if popen.poll() is not None:
                 raise ClusterError(
-                    f"{p.role} on port {p.port} exited {popen.returncode}:\n{_tail(p.log)}"
+                    f"{p.role} on port {p.port} exited {popen.returncode}:\n{tail(p.log)}"
                 )
             if healthy(p.url):
                 pending.remove((p, popen))
         if pending and time.monotonic() > deadline:
             names = ", ".join(f"{p.role} {p.url}" for p, _ in pending)
-            raise ClusterError(f"not healthy in time: {names}\n{_tail(pending[0][0].log)}")
+            raise ClusterError(f"not healthy in time: {names}\n{tail(pending[0][0].log)}")
         if pending:
             time.sleep(0.2)
 
 
-def up(
-    state_dir: Path,
-    num_instances: int,
-    serve_args: Sequence[str],
-    router: str,
-    router_port: int,
-    timeout_s: float,
-) -> ClusterState:
+def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     """Start the instances, wait for their health, then the router; write the state.
     A failure stops everything started so far."""
     state_path = state_dir / STATE_FILE
@@ -163,31 +215,39 @@ def up(
             )
         state_path.unlink()  # ours, and everything it lists is gone
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Each process with the handle its liveness is read from (a Ray actor: the driver's).
     started: list[tuple[Proc, subprocess.Popen[bytes]]] = []
     deadline = time.monotonic() + timeout_s
     try:
-        for i in range(num_instances):
-            port = free_port()
-            log = state_dir / f"instance-{i}.log"
-            started.append(_spawn("instance", ["serve", *serve_args], port, log))
-        _wait_healthy(started, deadline)
-        args = ["router", "--router", router]
+        if spec.ray is None:
+            for i, role in enumerate(spec.roles):
+                log = state_dir / f"{role}-{i}.log"
+                started.append(spawn(role, spec.instance_args(role), free_port(), log))
+        else:
+            from kvflow.cluster.ray_fleet import start_ray_instances
+
+            start_ray_instances(state_dir, spec, deadline, started)
+        wait_healthy([s for s in started if s[0].role in INSTANCE_ROLES], deadline)
+        args = ["router", "--router", spec.router]
         for p, _ in started:
-            args += ["--instance", p.url]
-        started.append(_spawn("router", args, router_port, state_dir / "router.log"))
-        _wait_healthy(started[-1:], deadline)
+            if p.role in INSTANCE_ROLES:
+                args += ["--prefill" if p.role == "prefill" else "--instance", p.url]
+        router_log = state_dir / "router.log"
+        started.append(spawn("router", args, spec.router_port, router_log))
+        wait_healthy(started[-1:], deadline)
         state = ClusterState(tuple(p for p, _ in started))
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(state.to_json())
         tmp.replace(state_path)
         return state
     except BaseException:
-        for _, popen in started:
+        popens = list({id(popen): popen for _, popen in started}.values())
+        for popen in popens:
             if popen.poll() is None:
                 popen.terminate()
-        for _, popen in started:
+        for popen in popens:
             try:
-                popen.wait(timeout=10.0)
+                popen.wait(timeout=30.0)
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait(timeout=10.0)
@@ -196,17 +256,59 @@ def up(
 
 def stop(procs: Sequence[Proc], timeout_s: float) -> list[Proc]:
     """SIGTERM (they drain), then SIGKILL what is left after `timeout_s`. Returns the
-    processes that had to be killed."""
+    processes that had to be killed. Ray instances are their driver's to stop: it gets
+    `RAY_GRACE_S` more to stop them and its Ray cluster, then whatever is left of its
+    session (`up` starts it in a session of its own) is killed."""
     # The router first: it stops taking requests while the instances drain theirs.
-    ordered = sorted(procs, key=lambda p: p.role != "router")
+    ordered = sorted((p for p in procs if not p.node), key=lambda p: p.role != "router")
     for p in ordered:
         if is_ours(p.pid):
             _signal(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while any(is_ours(p.pid) for p in ordered) and time.monotonic() < deadline:
+    killed = _wait_or_kill([p for p in ordered if p.role != "ray"], deadline)
+    drivers = [p for p in ordered if p.role == "ray"]
+    killed += _wait_or_kill(drivers, deadline + RAY_GRACE_S)
+    for driver in drivers:
+        _end_session(driver.pid, time.monotonic() + RAY_GRACE_S)
+    return killed
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the live processes of session `sid` (not zombies)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _end_session(sid: int, deadline: float) -> None:
+    """Wait for the processes of a stopped driver's session to go (Ray's own processes
+    follow their driver), then SIGKILL those left. A session id stays taken while any
+    member lives, so these are the driver's descendants."""
+    while session_members(sid) and time.monotonic() < deadline:
         _reap()
         time.sleep(0.1)
-    killed = [p for p in ordered if is_ours(p.pid)]
+    for pid in session_members(sid):
+        _signal(pid, signal.SIGKILL)
+    for _ in range(100):
+        _reap()
+        if not session_members(sid):
+            break
+        time.sleep(0.05)
+
+
+def _wait_or_kill(procs: Sequence[Proc], deadline: float) -> list[Proc]:
+    while any(is_ours(p.pid) for p in procs) and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.1)
+    killed = [p for p in procs if is_ours(p.pid)]
     for p in killed:
         _signal(p.pid, signal.SIGKILL)
     for _ in range(100):  # a killed process leaves /proc at once; bounded anyway
@@ -237,8 +339,11 @@ def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc]]:
     """Stop the cluster recorded in `state_dir` and remove its state file."""
     state_path = state_dir / STATE_FILE
     state = ClusterState.read(state_path)
+    if state.ray_driver is not None:  # how long its instances may drain
+        stop_file = state_dir / RAY_STOP_FILE
+        stop_file.write_text(json.dumps({"drain_timeout_s": timeout_s}) + "\n")
     killed = stop(state.procs, timeout_s)
-    left = [p for p in state.procs if is_ours(p.pid)]
+    left = [p for p in state.procs if p.node in ("", LOCAL_NODE) and is_ours(p.pid)]
     if left:
         pids = ", ".join(str(p.pid) for p in left)
         raise ClusterError(f"processes {pids} outlived SIGKILL; {state_path} kept")
@@ -246,4 +351,18 @@ def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc]]:
     return state, killed
 
 
-__all__ = ["ClusterError", "ClusterState", "Proc", "down", "healthy", "is_ours", "stop", "up"]
+__all__ = [
+    "INSTANCE_ROLES",
+    "ClusterError",
+    "ClusterSpec",
+    "ClusterState",
+    "Proc",
+    "RaySpec",
+    "child_env",
+    "down",
+    "healthy",
+    "is_ours",
+    "spawn",
+    "stop",
+    "up",
+]
