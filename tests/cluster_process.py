@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvflow.cluster.launcher import is_ours
+from kvflow.cluster.launcher import INSTANCE_ROLES, is_ours
 from tests.serve_process import REPO_ROOT, free_port
 
 # Steps of 2 ms in real time.
@@ -50,7 +50,7 @@ class Cluster:
 
     @property
     def instances(self) -> list[dict[str, Any]]:
-        return [p for p in self.state["procs"] if p["role"] == "instance"]
+        return [p for p in self.state["procs"] if p["role"] in INSTANCE_ROLES]
 
     def router_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         return metrics(self.url)
@@ -71,11 +71,15 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 @contextmanager
-def cluster(state_dir: Path, num_instances: int, *args: str) -> Iterator[Cluster]:
+def cluster(
+    state_dir: Path, num_instances: int | None, *args: str, sim: bool = True
+) -> Iterator[Cluster]:
+    """`kvflow cluster up [--instances N] ARGS` (with `SIM`'s fast steps when `sim`)."""
     port = free_port()
+    instances = [] if num_instances is None else ["--instances", str(num_instances)]
     up = kvflow(
-        "cluster", "up", "--instances", str(num_instances), "--port", str(port),
-        "--state-dir", str(state_dir), *SIM, *args,
+        "cluster", "up", *instances, "--port", str(port), "--state-dir", str(state_dir),
+        *(SIM if sim else []), *args,
     )  # fmt: skip
     state_path = state_dir / "cluster.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"procs": []}

@@ -46,7 +46,10 @@ class RequestHandoff:
         if not isinstance(self.ask, KeepKV):
             return {}
         [gen] = gens
-        ticket = keep(self.node, self._keys(gen.request))
+        # The blocks a decode instance can take: not a last block the prompt ends with
+        # (it computes the prompt's last token, as for any prefix hit).
+        num_usable = (len(gen.request.prompt_token_ids) - 1) // self.node.store.config.block_size
+        ticket = keep(self.node, self._keys(gen.request)[:num_usable])
         if ticket is None:
             return {"kvflow_handoff": None}
         fields = ticket._asdict()

@@ -5,6 +5,7 @@ actor, server or Ray process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,10 +24,8 @@ def _cmdlines() -> list[bytes]:
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
+            with contextlib.suppress(OSError):  # gone meanwhile
                 out.append((entry / "cmdline").read_bytes())
-            except OSError:
-                pass
     return out
 
 
