@@ -147,16 +147,22 @@ def _roles(args: argparse.Namespace) -> tuple[str, ...]:
 def _ray_spec(args: argparse.Namespace) -> RaySpec | None:
     from kvflow.cluster.launcher import RaySpec
 
+    resources = {
+        "--ray-cpus-per-instance": (args.ray_cpus_per_instance, 1.0),
+        "--ray-gpus-per-instance": (args.ray_gpus_per_instance, 0.0),
+    }
+    for name, (value, _) in resources.items():
+        if not value >= 0:
+            raise CLIError(f"{name} must be >= 0, got {value}")
     if not args.ray and args.ray_address is None:
+        given = [name for name, (value, default) in resources.items() if value != default]
+        if given:
+            raise CLIError(f"{given[0]} needs --ray")
         return None
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
         raise CLIError("--ray needs ray: pip install 'kvflow[ray]'")
-    for name in ("ray_cpus_per_instance", "ray_gpus_per_instance"):
-        value = getattr(args, name)
-        if not value >= 0:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     return RaySpec(args.ray_address, args.ray_cpus_per_instance, args.ray_gpus_per_instance)
 
 
