@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
     context: Any
     try:
         if local:
-            num_cpus = max(2, round(len(instances) * spec["cpus_per_instance"] + 0.5))
+            num_cpus = max(2, math.ceil(len(instances) * spec["cpus_per_instance"]))
             context = ray.init(
                 num_cpus=num_cpus,
                 namespace=spec["namespace"],

@@ -32,8 +32,8 @@ SETTINGS = {
     "kv.device.num_blocks": 256,
     "kv.cpu.num_blocks": 256,
     "kv.load_policy": "always",
-    "peer.pull_timeout_s": 1.0,
-    "peer.handoff_wait_s": 1.0,
+    "peer.pull_timeout_s": 5.0,  # generous on a loaded machine: a killed peer fails at once
+    "peer.handoff_wait_s": 5.0,
     "peer.heartbeat_interval_s": 0.2,
 }
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while"]
