@@ -56,17 +56,31 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def colocated(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def colocated_process(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Started before the cluster, loading beside it."""
     args = ["--engine", "torch", "--model", str(model_dir), "--dtype", "float64", *settings()]
-    with ServerProcess(args, tmp_path_factory.mktemp("colocated") / "serve.log") as server:
-        yield server.base_url
+    server = ServerProcess(args, tmp_path_factory.mktemp("colocated") / "serve.log")
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture(scope="module")
-def pd(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def pd(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, colocated_process: ServerProcess
+) -> Iterator[Cluster]:
     args = ["--pd", "1:1", "--engine", "torch", "--model", str(model_dir), "--dtype", "float64"]
     with cluster(tmp_path_factory.mktemp("pd"), None, *args, *settings(), sim=False) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def colocated(colocated_process: ServerProcess, pd: Cluster) -> str:
+    colocated_process.wait_healthy()
+    return colocated_process.base_url
 
 
 def one(c: Cluster, role: str) -> dict[str, Any]:
