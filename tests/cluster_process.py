@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvflow.cluster.launcher import INSTANCE_ROLES, is_ours
 from tests.serve_process import REPO_ROOT, free_port
 
-# Steps of 2 ms in real time.
-SIM = ["--set", "sim.preset=null", "--set", "sim.fixed_ms=2"]
+# Steps of 2 ms in real time, and prefill that costs (10 us a token): a cached prefix
+# makes an instance the cache-aware router's choice. Block events every 10 ms.
+SIM = [
+    "--set", "sim.preset=null", "--set", "sim.fixed_ms=2", "--set", "sim.prefill_token_us=10",
+    "--set", "peer.event_interval_s=0.01",
+]  # fmt: skip
 
 
 def kvflow(*args: str, timeout_s: float = 240.0) -> subprocess.CompletedProcess[str]:
@@ -95,10 +100,32 @@ def cluster(
                 os.kill(pid, signal.SIGKILL)
 
 
+def wait_until_router_knows(router: str, instance: str, more_than: float) -> float:
+    """Poll the router until its peer directory says `instance` holds more than
+    `more_than` blocks (its block events arrived); the count then (bounded: 10 s)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        held = metric(router, "kvflow:router_directory_keys", instance=instance)
+        if held > more_than:
+            return held
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the router never learned {instance}'s blocks (holds {held})")
+        time.sleep(0.02)
+
+
 def kill_all(pids: Sequence[int]) -> None:
     for pid in pids:
         if is_ours(pid):
             os.kill(pid, signal.SIGKILL)
 
 
-__all__ = ["SIM", "Cluster", "cluster", "kill_all", "kvflow", "metric", "metrics"]
+__all__ = [
+    "SIM",
+    "Cluster",
+    "cluster",
+    "kill_all",
+    "kvflow",
+    "metric",
+    "metrics",
+    "wait_until_router_knows",
+]

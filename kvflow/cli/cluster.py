@@ -65,7 +65,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_model_arguments(upp, required=False)
     upp.add_argument("--policy", default="fcfs", metavar="P", help="scheduling policy")
     upp.add_argument(
-        "--router", default="cache-aware", choices=names(), help="routing (default: cache-aware)"
+        "--router",
+        default=None,
+        choices=names(),
+        help="routing (default: router.name from the config, cache-aware)",
     )
     upp.add_argument("--port", type=_port, default=8000, help="the router's port (default: 8000)")
     upp.add_argument(
@@ -187,16 +190,29 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
             "--pd: decode instances pull handed-off KV into the cpu tier: set "
             "kv.cpu.num_blocks (e.g. --set kv.cpu.num_blocks=4096)"
         )
-    serve_args = ["--engine", args.engine, "--policy", args.policy]
+    # The router reads the same config: block size, latency model, peer secret.
+    config_args: list[str] = []
+    if args.config:
+        config_args += ["--config", os.path.abspath(args.config)]
+    for item in args.settings:
+        config_args += ["--set", item]
+    serve_args = ["--engine", args.engine, "--policy", args.policy, *config_args]
+    router_args = [*config_args]
+    if args.router:
+        router_args += ["--router", args.router]
     if args.model:
         serve_args += ["--model", os.path.abspath(args.model)]
+        router_args += ["--model", os.path.abspath(args.model)]
     if args.dtype:
         serve_args += ["--dtype", args.dtype]
-    if args.config:
-        serve_args += ["--config", os.path.abspath(args.config)]
-    for item in args.settings:
-        serve_args += ["--set", item]
-    spec = ClusterSpec(roles, tuple(serve_args), args.router, args.port, ray)
+    spec = ClusterSpec(
+        roles,
+        tuple(serve_args),
+        tuple(router_args),
+        args.port,
+        ray,
+        pull_from_peers=args.engine != "sim",
+    )
     try:
         state = up(_state_dir(args), spec, args.timeout)
     except ClusterError as err:

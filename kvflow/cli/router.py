@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from rich.console import Console
 
-from kvflow.cli.common import CLIError
-from kvflow.cli.serve import _port
+from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
+from kvflow.cli.serve import _port, read_secret_file
 
 
 def instance_url(text: str) -> str:
@@ -38,8 +39,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="route OpenAI API requests over several kvflow serve instances",
         description="An OpenAI-compatible front door (POST /v1/completions and "
         "/v1/chat/completions, GET /v1/models, /health, /metrics) that sends each request "
-        "to one of the --instance servers, streams answers through, and retries a refused "
-        "(503) or unreachable instance's request elsewhere before any byte was sent.",
+        "to one of the --instance servers, chosen by a fleet router (the same code as "
+        "`kvflow replay --instances N --router R`) from the instances' load and the block "
+        "events of their peer services (`kvflow serve --peer-port`), streams answers "
+        "through, and retries a refused (503) or unreachable instance's request "
+        "elsewhere before any byte was sent.",
     )
     rp.add_argument(
         "--instance",
@@ -62,9 +66,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     rp.add_argument(
         "--router",
-        default="cache-aware",
+        default=None,
         choices=names(),
-        help="how to pick the instance (default: cache-aware)",
+        help="how to pick the instance (default: router.name from the config, cache-aware)",
     )
     rp.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback)"
@@ -77,12 +81,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="S",
         help="seconds between health checks and load scrapes of each instance (default: 0.5)",
     )
+    rp.add_argument(
+        "--model",
+        metavar="DIR",
+        help="the instances' checkpoint directory: its tokenizer turns text prompts into "
+        "the token ids the instances cache (default: kvflow serve --engine sim's words)",
+    )
+    rp.add_argument(
+        "--peer-secret-file",
+        metavar="F",
+        help="file holding the fleet's shared secret (peer.secret), to follow instances "
+        "whose peer services are off loopback",
+    )
+    add_config_arguments(rp)
     rp.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from kvflow.cluster.live import LiveFleet
     from kvflow.cluster.proxy import RouterOptions, run_router
     from kvflow.cluster.proxy_routing import create
+    from kvflow.config import KVFlowConfig
+    from kvflow.serve.text import HFTextCodec, PlaceholderCodec, TextCodec
 
     if len(set(args.instances)) != len(args.instances):
         raise CLIError(f"--instance given twice: {', '.join(args.instances)}")
@@ -91,13 +111,24 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--prefill given twice or also as --instance: {', '.join(args.prefill)}")
     if not 0.01 <= args.health_interval <= 60:
         raise CLIError(f"--health-interval is in [0.01, 60] seconds, got {args.health_interval}")
+    if args.model and not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model!r} is not a directory")
+    settings = config_overrides(args)
+    if args.peer_secret_file is not None:
+        settings["peer.secret"] = read_secret_file(args.peer_secret_file)
+    config = KVFlowConfig.load(args.config, settings)
+    name = args.router or config.router.name
+    router = create(name, config)
+    codec: TextCodec = HFTextCodec.from_model_dir(args.model) if args.model else PlaceholderCodec()
     options = RouterOptions(
         instances=tuple(args.instances),
-        router=args.router,
         health_interval_s=args.health_interval,
         prefill=tuple(args.prefill),
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
-    run_router(options, create(args.router), args.host, args.port)
+    # The prefill instances are routed among by a router of their own (its own state).
+    prefill_router = create(name, config) if options.prefill else None
+    fleet = LiveFleet(options.instances, config, router, options.prefill, prefill_router)
+    run_router(options, fleet, codec, args.host, args.port)
     return 0

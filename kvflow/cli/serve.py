@@ -95,7 +95,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_port,
         metavar="P",
         help="run the peer service on this port (peer.port; 0: any free port); it binds "
-        "peer.host (default 127.0.0.1: loopback; any other address needs a secret)",
+        "peer.host (default 127.0.0.1: loopback; any other address needs a secret); with "
+        "--engine sim it publishes block events only (for kvflow router)",
     )
     peer.add_argument(
         "--peers",
@@ -194,8 +195,8 @@ def _peer_settings(args: argparse.Namespace, settings: dict[str, object]) -> tup
         if args.peer_secret_file or args.model_id:
             raise CLIError("--peer-secret-file and --model-id need --peer-port or --peers")
         return None
-    if args.engine == "sim":
-        raise CLIError("--peer-port and --peers need --engine torch or hf (sim holds no KV bytes)")
+    if args.engine == "sim" and args.peers is not None:
+        raise CLIError("--peers needs --engine torch or hf (sim holds no KV bytes to pull)")
     from kvflow.peer.node import PeerAddress
 
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
@@ -209,13 +210,18 @@ def _peer_settings(args: argparse.Namespace, settings: dict[str, object]) -> tup
     if args.model_id is not None:
         settings["peer.model_id"] = args.model_id
     if args.peer_secret_file is not None:
-        path = Path(args.peer_secret_file)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise CLIError(f"--peer-secret-file {str(path)!r}: {err}") from None
-        secret = lines[0].strip() if lines else ""
-        if not secret:
-            raise CLIError(f"--peer-secret-file {str(path)!r}: the first line is empty")
-        settings["peer.secret"] = secret
+        settings["peer.secret"] = read_secret_file(args.peer_secret_file)
     return peers
+
+
+def read_secret_file(text: str) -> str:
+    """The shared secret on the first line of the file `text` (`--peer-secret-file`)."""
+    path = Path(text)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"--peer-secret-file {str(path)!r}: {err}") from None
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise CLIError(f"--peer-secret-file {str(path)!r}: the first line is empty")
+    return secret

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from kvflow.kv.store import BlockEvent
@@ -10,7 +11,20 @@ _TIER_BITS = {"device": 0, "cpu": 1, "disk": 2}
 _BITS_PER_INSTANCE = len(_TIER_BITS)
 
 
-class BlockIndex:
+class PrefixIndex(ABC):
+    """Who holds which block, as a router reads it: `BlockIndex` in a simulated fleet,
+    a peer directory in a router process (`kvflow.cluster.live`)."""
+
+    num_instances: int
+    num_blocks: list[int]
+    """Distinct keys each instance holds (its cache's fill, as the index sees it)."""
+
+    @abstractmethod
+    def prefix_runs(self, keys: Sequence[int]) -> list[int]:
+        """How many leading blocks of `keys` each instance holds."""
+
+
+class BlockIndex(PrefixIndex):
     """Block key -> the instances holding it (in any tier), fed by each instance's
     `BlockEvent` stream (`apply`). The index is advisory, like the peer directory it
     stands for: an instance may have dropped a block since it said so.

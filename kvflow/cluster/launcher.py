@@ -1,6 +1,6 @@
-"""`kvflow cluster`: N `kvflow serve` processes on free loopback ports and one `kvflow
-router` in front of them, started detached, recorded in a state file, checked and
-stopped from it.
+"""`kvflow cluster`: N `kvflow serve` processes on free loopback ports, each with a
+peer service whose block events the router follows, and one `kvflow router` in front of
+them, started detached, recorded in a state file, checked and stopped from it.
 
 The state file lists what `up` started (pids, ports, URLs, log files) and is the only
 thing `down` removes; `down` signals a pid only while its command line is still the
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -30,6 +30,7 @@ import httpx
 STATE_FILE = "cluster.json"
 STATE_VERSION = 1
 INSTANCE_ROLES = ("instance", "prefill", "decode")
+"""Roles of serving processes: `instance` serves whole requests (`--role both`)."""
 LOCAL_NODE = "local"
 """`Proc.node` of a Ray actor's process on the local Ray cluster `up` started."""
 RAY_GRACE_S = 15.0
@@ -37,7 +38,6 @@ RAY_GRACE_S = 15.0
 cluster, and then its session's processes to go, before SIGKILL."""
 RAY_STOP_FILE = "ray-stop.json"
 """Written by `down` for the Ray driver: the instances' drain timeout."""
-"""Roles of serving processes: `instance` serves whole requests (`--role both`)."""
 
 
 class ClusterError(RuntimeError):
@@ -59,6 +59,9 @@ class Proc:
     """The Ray node an actor's process runs on (`LOCAL_NODE` on the local Ray cluster
     `up` started); "": a local process `up` started, which `down` signals. A Ray
     instance is stopped by its driver."""
+    peer_port: int = 0
+    """An instance's peer service, which publishes its block events to the router (0:
+    none)."""
 
 
 @dataclass(frozen=True)
@@ -73,18 +76,44 @@ class RaySpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """What `up` starts: one instance per role, `serve_args` to each, and the router."""
+    """What `up` starts: one instance per role, `serve_args` to each, and the router
+    (`kvflow router ROUTER_ARGS`, then its instances)."""
 
     roles: tuple[str, ...]
     serve_args: tuple[str, ...] = ()
-    router: str = "cache-aware"
+    router_args: tuple[str, ...] = ()
+    """The router's own arguments: the instances' --config/--set (it reads the same
+    config), --router, --model (its tokenizer)."""
     router_port: int = 8000
     ray: RaySpec | None = None
+    pull_from_peers: bool = False
+    """Instances pull cached prefixes from each other (`--peers`; engines with KV bytes
+    only): see `pulls_from`."""
 
     def instance_args(self, role: str) -> list[str]:
+        """`kvflow serve` arguments of an instance of `role`, without its ports and
+        peers (`peer_args`)."""
         if role == "instance":
             return ["serve", *self.serve_args]
         return ["serve", *self.serve_args, "--role", role]
+
+    def pulls_from(self, i: int) -> list[int]:
+        """The instances instance i pulls from with `pull_from_peers` (none without):
+        every other instance; in a prefill/decode split, a prefill instance the other
+        prefill instances and a decode instance the prefill instances (its handoffs'
+        source, followed from the start)."""
+        if not self.pull_from_peers:
+            return []
+        sources = ("instance",) if self.roles[i] == "instance" else ("prefill",)
+        return [j for j, role in enumerate(self.roles) if j != i and role in sources]
+
+
+def peer_args(peer_port: int, peers: Sequence[str]) -> list[str]:
+    """`kvflow serve` arguments for a peer service on `peer_port` (every instance of a
+    cluster runs one: the router follows its block events) pulling from `peers`
+    (host:port)."""
+    args = ["--peer-port", str(peer_port)]
+    return [*args, "--peers", ",".join(peers)] if peers else args
 
 
 @dataclass(frozen=True)
@@ -204,8 +233,10 @@ def wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadline
 
 
 def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
-    """Start the instances, wait for their health, then the router; write the state.
-    A failure stops everything started so far."""
+    """Start the instances, each with a peer service on a free port, wait for their
+    health, then the router (`kvflow router ROUTER_ARGS --instance ... --prefill ...`,
+    which follows their block events); write the state. A failure stops everything
+    started so far."""
     state_path = state_dir / STATE_FILE
     if state_path.exists():
         old = ClusterState.read(state_path)
@@ -220,15 +251,19 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     deadline = time.monotonic() + timeout_s
     try:
         if spec.ray is None:
+            peer_ports = [free_port() for _ in spec.roles]
             for i, role in enumerate(spec.roles):
                 log = state_dir / f"{role}-{i}.log"
-                started.append(spawn(role, spec.instance_args(role), free_port(), log))
+                peers = [f"127.0.0.1:{peer_ports[j]}" for j in spec.pulls_from(i)]
+                args = [*spec.instance_args(role), *peer_args(peer_ports[i], peers)]
+                proc, popen = spawn(role, args, free_port(), log)
+                started.append((replace(proc, peer_port=peer_ports[i]), popen))
         else:
             from kvflow.cluster.ray_fleet import start_ray_instances
 
             start_ray_instances(state_dir, spec, deadline, started)
         wait_healthy([s for s in started if s[0].role in INSTANCE_ROLES], deadline)
-        args = ["router", "--router", spec.router]
+        args = ["router", *spec.router_args]
         for p, _ in started:
             if p.role in INSTANCE_ROLES:
                 args += ["--prefill" if p.role == "prefill" else "--instance", p.url]
@@ -362,6 +397,7 @@ __all__ = [
     "down",
     "healthy",
     "is_ours",
+    "peer_args",
     "spawn",
     "stop",
     "up",

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client import Counter
 
-from kvflow.cluster.proxy_routing import ProxyRouter, ProxyView, RequestInfo
+from kvflow.request import Request
 
 if TYPE_CHECKING:
     from kvflow.cluster.proxy import RouterApp
@@ -42,20 +41,16 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class PrefillStep:
-    """Prefills requests on the instances `prefill_ids` of `app.instances` (which take
-    part in the app's health checks but never get a whole request).
+    """Prefills requests on the app's prefill instances (`LiveFleet.prefill_ids`: they
+    take part in the app's health checks and block events but never get a whole
+    request), chosen by the fleet's prefill router.
 
     Args:
-        router: picks the prefill instance (its own state, apart from the app's router).
         timeout_s: a prefill not answered within this time is given up (no retry).
     """
 
-    def __init__(
-        self, app: RouterApp, prefill_ids: Sequence[int], router: ProxyRouter, timeout_s: float
-    ) -> None:
+    def __init__(self, app: RouterApp, timeout_s: float) -> None:
         self.app = app
-        self.prefill_ids = tuple(prefill_ids)
-        self.router = router
         self.timeout_s = timeout_s
         self.prefills = Counter(
             "kvflow:router_prefills",
@@ -71,12 +66,12 @@ class PrefillStep:
         )
 
     async def handoff(
-        self, path: str, body: dict[str, Any], headers: dict[str, str], info: RequestInfo
+        self, path: str, body: dict[str, Any], headers: dict[str, str], routed: Request
     ) -> tuple[bytes | None, float]:
         """The body for the decode instance (None: send the original unchanged, without
         a ticket) and the seconds the step took."""
         started = time.perf_counter()
-        ticket = None if HANDOFF_FIELD in body else await self._prefill(path, body, headers, info)
+        ticket = None if HANDOFF_FIELD in body else await self._prefill(path, body, headers, routed)
         took = time.perf_counter() - started
         self.seconds.inc(took)
         if ticket is None:
@@ -84,20 +79,20 @@ class PrefillStep:
         return json.dumps({**body, HANDOFF_FIELD: ticket}).encode(), took
 
     async def _prefill(
-        self, path: str, body: dict[str, Any], headers: dict[str, str], info: RequestInfo
+        self, path: str, body: dict[str, Any], headers: dict[str, str], routed: Request
     ) -> dict[str, Any] | None:
         app = self.app
+        fleet = app.fleet
         ask = prefill_body(body)
         tried: list[int] = []
         while True:
-            candidates = [
-                i for i in self.prefill_ids if app.instances[i].healthy and i not in tried
-            ]
-            if not candidates:
+            routing = fleet.route(routed, tried, prefill=True)
+            if routing is None:
                 return None
-            i = self.router.route(info, ProxyView(app.instances, candidates))
+            i = routing.instance
             tried.append(i)
-            url = app.instances[i].url
+            url = fleet.instances[i].url
+            app.metrics.in_flight.labels(url).inc()
             try:
                 answer = await app._http().post(
                     f"{url}{path}", json=ask, headers=headers, timeout=self.timeout_s
@@ -111,9 +106,12 @@ class PrefillStep:
                 logger.warning("kvflow router: prefill on %s failed (%s)", url, err)
                 app._set_health(i, False)
                 continue
+            finally:
+                app._done(routing)
             if answer.status_code == 503:
                 self.prefills.labels(url, "down").inc()
                 continue
+            fleet.accepted(routing)
             if answer.status_code != 200:
                 self.prefills.labels(url, "error").inc()
                 return None
@@ -125,7 +123,6 @@ class PrefillStep:
                 self.prefills.labels(url, "no_handoff").inc()
                 return None
             self.prefills.labels(url, "handoff").inc()
-            self.router.routed(info, i)
             return ticket
 
 

@@ -72,8 +72,10 @@ def main(argv: list[str]) -> int:
             ).remote()
             for inst in instances
         ]
+        where = ray.get([a.reserve.remote(local) for a in actors], timeout=START_TIMEOUT_S)
+        peer_at = [f"{w['host']}:{w['peer_port']}" for w in where]
         starts = [
-            a.start.remote(i["args"], i["log"], local)
+            a.start.remote(i["args"], [peer_at[j] for j in i["pulls_from"]], i["log"])
             for a, i in zip(actors, instances, strict=True)
         ]
         infos = ray.get(starts, timeout=START_TIMEOUT_S)

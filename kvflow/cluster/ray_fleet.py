@@ -1,15 +1,18 @@
 """`kvflow cluster up --ray`: each instance is a Ray actor that runs one `kvflow serve`
-process on the node Ray placed it on.
+process (with its peer service, as every cluster instance has) on the node Ray placed
+it on.
 
 `up` starts a driver process (`python -m kvflow.cluster.ray_driver SPEC`, recorded in
 the state file with role "ray") that connects to the Ray cluster at `--ray-address`, or
-starts a local one (`ray.init(num_cpus=...)`), creates one `InstanceActor` per instance
-and writes back each instance's URL, pid and node; the router is then started with
-those URLs as usual. The driver holds the actors until SIGTERM, then has each actor
-stop its server (SIGTERM: it drains) and exits, ending the actors and a local Ray
-cluster with it. An actor's server dies with the actor (`PR_SET_PDEATHSIG`), and the
-actors and a local cluster die with the driver (Ray's fate sharing): a killed driver
-leaves nothing behind either. Ray is an optional dependency: `pip install 'kvflow[ray]'`.
+starts a local one (`ray.init(num_cpus=...)`), creates one `InstanceActor` per instance,
+has each pick its ports on its node, starts each instance pulling from the peer
+services `ClusterSpec.pulls_from` names, and writes back each instance's URL, pid, peer
+port and node; the router is then started with those URLs as usual. The driver holds
+the actors until SIGTERM, then has each actor stop its server (SIGTERM: it drains) and
+exits, ending the actors and a local Ray cluster with it. An actor's server dies with
+the actor (`PR_SET_PDEATHSIG`), and the actors and a local cluster die with the driver
+(Ray's fate sharing): a killed driver leaves nothing behind either. Ray is an optional
+dependency: `pip install 'kvflow[ray]'`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kvflow.cluster.launcher import (
     ClusterError,
     Proc,
     child_env,
+    peer_args,
     spawn,
     tail,
 )
@@ -68,18 +72,32 @@ class InstanceActor:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._where: dict[str, Any] = {}
 
-    def start(self, args: list[str], log: str, local: bool) -> dict[str, Any]:
-        """Start the server on a free port: on loopback on a local cluster, else on the
-        node's address (a prefill/decode instance's peer service too, which then needs
-        `peer.secret`). Returns its pid, port, URL, log and node."""
+    def reserve(self, local: bool) -> dict[str, Any]:
+        """Pick the server's free port and its peer service's on this node: on loopback
+        on a local cluster, else on the node's address (the peer service then needs
+        `peer.secret`). Returns the host, both ports and the node, for the driver to
+        name this instance's peer service to the instances that pull from it."""
         import ray
 
         node: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         host = "127.0.0.1" if local else node
-        port = _free_port(host)
-        extra = ["--host", host, "--port", str(port)]
-        if not local and "--role" in args:
+        self._where = {
+            "host": host,
+            "port": _free_port(host),
+            "peer_port": _free_port(host),
+            "node": LOCAL_NODE if local else node,
+        }
+        return dict(self._where)
+
+    def start(self, args: list[str], peers: list[str], log: str) -> dict[str, Any]:
+        """Start the server on the reserved ports, pulling from `peers` (host:port).
+        Returns its pid, ports, URL, log and node."""
+        where = self._where
+        host, port, peer_port = where["host"], where["port"], where["peer_port"]
+        extra = ["--host", host, "--port", str(port), *peer_args(peer_port, peers)]
+        if where["node"] != LOCAL_NODE:
             extra += ["--set", f"peer.host={host}"]
         log_path = Path(log)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,9 +113,10 @@ class InstanceActor:
         return {
             "pid": self._proc.pid,
             "port": port,
+            "peer_port": peer_port,
             "url": f"http://{host}:{port}",
             "log": str(log_path),
-            "node": LOCAL_NODE if local else node,
+            "node": where["node"],
         }
 
     def stop(self, timeout_s: float) -> bool:
@@ -134,6 +153,7 @@ def start_ray_instances(
             "name": f"{role}-{i}",
             "role": role,
             "args": spec.instance_args(role),
+            "pulls_from": spec.pulls_from(i),
             "log": str((state_dir / f"{role}-{i}.log").resolve()),
         }
         for i, role in enumerate(spec.roles)
@@ -165,7 +185,8 @@ def start_ray_instances(
     for inst, info in zip(instances, ready["instances"], strict=True):
         role = inst["role"]
         assert role in INSTANCE_ROLES
-        proc = Proc(role, info["pid"], info["port"], info["url"], info["log"], info["node"])
+        where = (info["url"], info["log"], info["node"], info["peer_port"])
+        proc = Proc(role, info["pid"], info["port"], *where)
         started.append((proc, popen))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvflow.cluster.index import BlockIndex
+from kvflow.cluster.index import PrefixIndex
 from kvflow.engine_adapters.simulated import LatencyModel
 from kvflow.kv.hashing import ChainMemo, root_key
 from kvflow.request import Request
@@ -46,7 +46,7 @@ class FleetView:
         self,
         latency: Sequence[LatencyModel],
         capacity: Sequence[int],
-        index: BlockIndex,
+        index: PrefixIndex,
         block_size: int,
         network: PeerNetwork | None,
     ) -> None:

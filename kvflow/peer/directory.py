@@ -143,6 +143,32 @@ class Directory(RemoteTier):
             return {}
         return {k: _tier_names(bits) for k, bits in entries.tiers.items()}
 
+    def num_held(self, peer: str) -> int:
+        """Keys `peer` is believed to hold (0 for a peer not heard from)."""
+        entries = self._peers.get(peer)
+        return 0 if entries is None else len(entries.tiers)
+
+    def prefix_run(self, peer: str, keys: Sequence[int]) -> int:
+        """How many leading blocks of `keys` `peer` is believed to hold, in any tier.
+
+        Found by bisection, a few lookups rather than one per block: keys are chained,
+        so a peer holding block p once computed blocks 0..p, and stores evict a
+        prefix's tail before its root (the entries are hints either way)."""
+        entries = self._peers.get(peer)
+        if entries is None or not keys:
+            return 0
+        tiers = entries.tiers
+        if not tiers.get(keys[0]):
+            return 0
+        lo, hi = 1, len(keys)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tiers.get(keys[mid - 1]):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def last_seq(self, peer: str) -> int:
         entries = self._peers.get(peer)
         return -1 if entries is None else entries.last_seq

@@ -8,6 +8,10 @@ blocks' bytes straight from the tier buffers, and unpins: every step that can bl
 bounded by the lease's deadline, so no pin outlives `peer.lease_ttl_s` even when the
 client vanishes. Anything malformed closes that connection and nothing else.
 
+A store without block bytes (the simulated engine's) publishes its block events alone:
+its pulls are refused (UNAVAILABLE) and the connection stays up, so a router can follow
+a simulated fleet's caches.
+
 The service must run on the event loop thread that owns the store (the engine's):
 pinning and snapshots touch the store's pools, which are single-threaded.
 """
@@ -104,7 +108,8 @@ class PeerService:
         self.max_blocks_per_pull = max(1, limit // (self.bytes_per_block + 9))
         self.seq = 0
         """Sequence number of the last batch of block events published."""
-        self._reader = RunReader(store)
+        self._reader = RunReader(store) if store.device_storage is not None else None
+        """None: the store has no bytes to serve (events only)."""
         self._listener: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._connections: dict[int, _Connection] = {}
@@ -235,8 +240,12 @@ class PeerService:
                     message = f"more than {self.config.max_inflight_pulls} pulls in flight"
                     tg.start_soon(_try_send_error, wire, header.request_id, message)
                     continue
+                if self._reader is None:
+                    message = "this instance holds no block bytes (events only)"
+                    tg.start_soon(_try_send_error, wire, header.request_id, message, True)
+                    continue
                 conn.num_inflight += 1
-                tg.start_soon(self._serve_pull, conn, header.request_id, payload)
+                tg.start_soon(self._serve_pull, conn, self._reader, header.request_id, payload)
             elif kind == FrameKind.RESYNC:
                 if header.payload_length:
                     raise FrameError("a RESYNC request carries no payload")
@@ -247,7 +256,9 @@ class PeerService:
                 raise FrameError(f"unexpected {kind.name} frame from a connected peer")
 
     # -- pulls -------------------------------------------------------------------------
-    async def _serve_pull(self, conn: _Connection, request_id: int, payload: bytearray) -> None:
+    async def _serve_pull(
+        self, conn: _Connection, reader: RunReader, request_id: int, payload: bytearray
+    ) -> None:
         wire = conn.wire
         deadline = time.monotonic() + self.config.lease_ttl_s
         run: PinnedRun | None = None
@@ -267,7 +278,7 @@ class PeerService:
             size = self.bytes_per_block
 
             def parts() -> Iterator[Sequence[bytes | memoryview]]:
-                data = self._reader.read_run(run, hash_host=False)
+                data = reader.read_run(run, hash_host=False)
                 n = len(data.views)
                 served.append(n)
                 payload_length = blocks_meta_size(n) + n * size
@@ -285,7 +296,7 @@ class PeerService:
                     head = []
                 yield [*head, pack_checksums(cast("list[int]", sums))]  # all hashed by now
 
-            if len(run) * size > THREAD_BYTES or not self._reader.in_host_memory(run):
+            if len(run) * size > THREAD_BYTES or not reader.in_host_memory(run):
                 await wire.send_built(parts, deadline)  # read, hash and send: one thread
             else:
                 await wire.send([b for part in parts() for b in part], deadline)
@@ -388,6 +399,9 @@ class PeerService:
             await anyio.sleep(self.config.event_interval_s)
 
 
-async def _try_send_error(wire: Wire, request_id: int, message: str) -> None:
+async def _try_send_error(
+    wire: Wire, request_id: int, message: str, unavailable: bool = False
+) -> None:
+    code = ErrorCode.UNAVAILABLE if unavailable else ErrorCode.BUSY
     with contextlib.suppress(*_CONNECTION_ERRORS):
-        await send_error(wire, request_id, ErrorCode.BUSY, message)
+        await send_error(wire, request_id, code, message)

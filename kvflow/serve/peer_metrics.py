@@ -73,6 +73,26 @@ class PeerCollector:
                 True,
             ),
         )
+        # What a router needs to follow this instance's block events (`kvflow router`).
+        identity = node.service.identity
+        info = GaugeMetricFamily(
+            PREFIX + "peer_service_info",
+            "This instance's peer service: where it listens, its model fingerprint and "
+            "block size (1 while it runs).",
+            labels=["model_name", "peer_id", "host", "port", "fingerprint", "block_size"],
+        )
+        info.add_metric(
+            [
+                name,
+                identity.peer_id,
+                node.config.host,
+                str(node.port),
+                identity.fingerprint.hex(),
+                str(node.store.block_size),
+            ],
+            1,
+        )
+        yield info
         for metric, doc, value, is_counter in values:
             family_type = CounterMetricFamily if is_counter else GaugeMetricFamily
             family = family_type(PREFIX + metric, doc, labels=["model_name"])

@@ -13,7 +13,16 @@ import openai
 import pytest
 
 from kvflow.cluster.launcher import is_ours
-from tests.cluster_process import Cluster, cluster, kvflow, metric
+from tests.cluster_process import (
+    SIM,
+    Cluster,
+    cluster,
+    kvflow,
+    metric,
+    metrics,
+    wait_until_router_knows,
+)
+from tests.serve_process import ServerProcess
 
 MODEL = "kvflow-sim"
 
@@ -47,7 +56,34 @@ def test_requests_through_the_router_streamed_and_not(fleet: Cluster) -> None:
     assert status.stdout.count(" ok ") == 4
 
 
-def test_cache_aware_keeps_each_conversation_on_one_instance(fleet: Cluster) -> None:
+def _turn(router: str, messages: list[dict[str, str]]) -> str:
+    """One chat turn through `router`: the instance that served it (the reply joins
+    `messages`), once the router's peer directory has its new blocks."""
+    held = {
+        dict(labels)["instance"]: value
+        for (name, labels), value in metrics(router).items()
+        if name == "kvflow:router_directory_keys"
+    }
+    r = httpx.post(
+        f"{router}/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 4},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+    served: str = r.headers["x-kvflow-instance"]
+    wait_until_router_knows(router, served, held.get(served, 0.0))
+    return served
+
+
+def _question(turn: int, c: int) -> dict[str, str]:
+    # 24 words: every turn adds at least one full block (16 tokens) to the prompt.
+    return {"role": "user", "content": " ".join(f"q{turn}c{c}w{i}" for i in range(24))}
+
+
+def test_cache_aware_keeps_each_conversation_on_the_instance_holding_its_prefix(
+    fleet: Cluster,
+) -> None:
     before = {p["url"]: metric(p["url"], "kvflow:prefix_cache_hits_total") for p in fleet.instances}
     conversations = [
         [{"role": "system", "content": " ".join(f"c{c}w{i}" for i in range(120))}] for c in range(3)
@@ -55,21 +91,31 @@ def test_cache_aware_keeps_each_conversation_on_one_instance(fleet: Cluster) -> 
     seen: list[set[str]] = [set() for _ in conversations]
     for turn in range(4):
         for c, messages in enumerate(conversations):
-            messages.append({"role": "user", "content": f"question {turn} of {c}"})
-            r = httpx.post(
-                f"{fleet.url}/v1/chat/completions",
-                json={"model": MODEL, "messages": messages, "max_tokens": 4},
-                timeout=30,
-            )
-            assert r.status_code == 200, r.text
-            seen[c].add(r.headers["x-kvflow-instance"])
-            messages.append(
-                {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}
-            )
+            messages.append(_question(turn, c))
+            seen[c].add(_turn(fleet.url, messages))
     assert all(len(s) == 1 for s in seen), seen
+    assert len(set.union(*seen)) == 3  # new prefixes spread over the fleet
     for s in seen:
         (url,) = s
         assert metric(url, "kvflow:prefix_cache_hits_total") > before[url]
+
+
+def test_a_second_router_follows_the_same_block_events(fleet: Cluster, tmp_path: Path) -> None:
+    # The second router never saw the first turns: it knows where they went from the
+    # instances' block events alone.
+    args = [*SIM, "--router", "cache-aware"]
+    for p in fleet.instances:
+        args += ["--instance", p["url"]]
+    messages = [{"role": "system", "content": " ".join(f"side{i}" for i in range(100))}]
+    messages.append(_question(0, 9))
+    first = _turn(fleet.url, messages)
+    with ServerProcess(args, tmp_path / "router-b.log", program=("-m", "kvflow", "router")) as b:
+        wait_until_router_knows(b.base_url, first, 0)
+        hits = metric(first, "kvflow:prefix_cache_hits_total")
+        for turn in range(1, 3):
+            messages.append(_question(turn, 9))
+            assert _turn(b.base_url, messages) == first
+        assert metric(first, "kvflow:prefix_cache_hits_total") > hits
 
 
 def test_a_killed_instance_leaves_the_rotation_and_down_leaves_no_process(tmp_path: Path) -> None:

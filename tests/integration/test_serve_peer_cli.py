@@ -19,9 +19,9 @@ def test_a_peer_service_off_loopback_without_a_secret_is_refused(tmp_path: Path)
     assert "peer.secret" in line
 
 
-def test_the_sim_engine_has_no_blocks_to_share(tmp_path: Path) -> None:
-    done = kvflow("serve", "--peer-port", "0", cwd=tmp_path)
-    assert_one_line_error(done, "--peer-port", "--engine torch")
+def test_the_sim_engine_has_no_blocks_to_pull(tmp_path: Path) -> None:
+    done = kvflow("serve", "--peers", "127.0.0.1:1", cwd=tmp_path)
+    assert_one_line_error(done, "--peers", "--engine torch")
 
 
 def test_a_malformed_peer_address_is_quoted(tmp_path: Path) -> None:

@@ -1,90 +1,155 @@
-"""The router process's routing decisions: prompt keys, and each router's choice."""
+"""The router process's routing: HTTP bodies read as the instances read them, and the
+fleet's registry routers deciding over a live view fed by a peer directory and the
+router's own requests."""
 
 from __future__ import annotations
 
+from array import array
+
+import numpy as np
 import pytest
 
-from kvflow.cluster.proxy_routing import (
-    BLOCK_CHARS,
-    BLOCK_TOKENS,
-    CacheAware,
-    InstanceState,
-    ProxyView,
-    RequestInfo,
-    create,
-    names,
-    request_info,
-)
+from kvflow.cluster.live import LiveFleet, PeerInfo
+from kvflow.cluster.proxy_routing import create, names, prompt_ids, routing_request
+from kvflow.cluster.routers import CacheAwareRouter, UnknownNameError
+from kvflow.config import KVFlowConfig
+from kvflow.kv.hashing import extend_block_keys, root_key
+from kvflow.peer.follow import PeerAddress
+from kvflow.peer.frames import KeyRecord, SeqFrame
+from kvflow.serve.text import PlaceholderCodec
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+CODEC = PlaceholderCodec()
+# Prefill costs time: holding a prefix makes an instance the faster choice.
+CONFIG = KVFlowConfig.load(
+    None,
+    {
+        "sim.preset": None,
+        "sim.fixed_ms": 1,
+        "sim.prefill_token_us": 50,
+        "sim.decode_seq_us": 100,
+        "kv.block_size": 4,
+    },
+)
 
 
-def _view(loads: list[int], candidates: list[int] | None = None) -> ProxyView:
-    instances = [
-        InstanceState(f"http://i{i}", healthy=True, in_flight=n) for i, n in enumerate(loads)
+def _keys(ids: list[int], block_size: int = 4) -> list[int]:
+    """The block keys an instance's store gives `ids`' full blocks."""
+    keys: list[int] = []
+    extend_block_keys(keys, array("I", ids), len(ids) // block_size, block_size, root_key(()))
+    return keys
+
+
+def _fleet(num_instances: int, router: str = "cache-aware") -> LiveFleet:
+    fleet = LiveFleet(
+        [f"http://i{i}" for i in range(num_instances)], CONFIG, create(router, CONFIG)
+    )
+    for i, inst in enumerate(fleet.instances):
+        inst.healthy = True
+        # As the health loop finds each instance's peer service and the follower
+        # connects to it.
+        address = PeerAddress("127.0.0.1", 9000 + i)
+        fleet.scraped(i, 0, None, PeerInfo(f"peer-{i}", address, b"f" * 16, 4))
+        fleet.follower.peer_at[address] = f"peer-{i}"
+    return fleet
+
+
+def _holds(fleet: LiveFleet, i: int, keys: list[int]) -> None:
+    """Instance i's resync snapshot says it holds `keys` on device."""
+    record = KeyRecord("stored", "device", np.array(keys, dtype=np.uint64))
+    frame = SeqFrame(b"i" * 16, 0, (record,))
+    assert fleet.directory.apply_resync(f"peer-{i}", frame, 0.0) == "applied"
+
+
+def test_bodies_are_read_into_the_ids_the_instance_makes() -> None:
+    assert prompt_ids(COMPLETIONS, {"prompt": "tok5 tok6"}, CODEC) == [5, 6]
+    assert prompt_ids(COMPLETIONS, {"prompt": [7, 8, 9]}, CODEC) == [7, 8, 9]
+    assert prompt_ids(COMPLETIONS, {"prompt": [[1, 2], [3]]}, CODEC) == [1, 2]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "tok3 "}, {"text": "tok4"}]}]
+    expected = CODEC.encode_chat([{"role": "user", "content": "tok3 tok4"}], True)
+    assert prompt_ids(CHAT, {"messages": messages}, CODEC) == expected
+    assert prompt_ids(COMPLETIONS, {"prompt": 5}, CODEC) == []
+    assert prompt_ids(CHAT, {"messages": "hi"}, CODEC) == []
+
+
+def test_a_later_chat_turn_starts_with_the_earlier_turn_s_ids() -> None:
+    first = [{"role": "system", "content": "a b c d e f g h"}, {"role": "user", "content": "q1"}]
+    later = [
+        *first,
+        {"role": "assistant", "content": "tok1 tok2"},
+        {"role": "user", "content": "q2"},
     ]
-    return ProxyView(instances, list(range(len(loads))) if candidates is None else candidates)
+    a = prompt_ids(CHAT, {"messages": first}, CODEC)
+    b = prompt_ids(CHAT, {"messages": later}, CODEC)
+    assert b[: len(a)] == a and len(b) > len(a)
 
 
-def test_a_later_chat_turn_extends_the_earlier_turns_keys() -> None:
-    first = [{"role": "system", "content": "x" * 300}, {"role": "user", "content": "q1"}]
-    later = [*first, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2" * 50}]
-    a = request_info(CHAT, {"messages": first}).block_keys
-    b = request_info(CHAT, {"messages": later}).block_keys
-    assert len(a) == (300 + len("<system>\n<user>q1\n")) // BLOCK_CHARS
-    assert len(b) > len(a) and b[: len(a)] == a
+def test_an_unreadable_prompt_routes_as_one_token_by_load() -> None:
+    request = routing_request(COMPLETIONS, {"prompt": [2**40], "max_tokens": "x"}, CODEC)
+    assert list(request.prompt_token_ids) == [0] and request.max_new_tokens == 16
+    asked = routing_request(CHAT, {"messages": [], "max_completion_tokens": 7}, CODEC)
+    assert asked.max_new_tokens == 7
 
 
-def test_keys_are_chained_a_changed_first_block_changes_all() -> None:
-    a = request_info("/v1/completions", {"prompt": "a" * 256}).block_keys
-    b = request_info("/v1/completions", {"prompt": "b" + "a" * 255}).block_keys
-    assert len(a) == len(b) == 4 and not set(a) & set(b)
+def test_cache_aware_sends_a_prompt_to_the_instance_whose_events_say_it_holds_it() -> None:
+    fleet = _fleet(3)
+    prompt = list(range(100, 124))  # 6 blocks
+    _holds(fleet, 2, _keys(prompt)[:5])
+    _holds(fleet, 1, _keys(prompt)[:2])
+    ticket = fleet.route(routing_request(COMPLETIONS, {"prompt": prompt}, CODEC))
+    assert ticket is not None and ticket.instance == 2
+    assert ticket.num_queued_tokens == 24 - 5 * 4  # what it was not expected to hold
+    fleet.directory.mark_down("peer-2")  # its peer connection went down
+    fleet.finished(ticket)
+    again = fleet.route(routing_request(COMPLETIONS, {"prompt": prompt}, CODEC))
+    assert again is not None and again.instance == 1
 
 
-def test_token_id_prompts_are_keyed_per_block_of_ids() -> None:
-    keys = request_info("/v1/completions", {"prompt": list(range(BLOCK_TOKENS * 3 + 1))})
-    assert len(keys.block_keys) == 3
-    assert request_info("/v1/completions", {"prompt": 5}).block_keys == ()
+def test_unhealthy_and_tried_instances_are_never_chosen() -> None:
+    fleet = _fleet(3, "round-robin")
+    fleet.instances[1].healthy = False
+    request = routing_request(COMPLETIONS, {"prompt": [1, 2, 3]}, CODEC)
+    chosen = []
+    for _ in range(4):
+        ticket = fleet.route(request)
+        assert ticket is not None
+        chosen.append(ticket.instance)
+        fleet.finished(ticket)
+    assert set(chosen) == {0, 2}
+    assert fleet.route(request, tried=[0, 2]) is None
 
 
-def test_round_robin_skips_instances_that_are_not_candidates() -> None:
-    router = create("round-robin")
-    view = _view([0, 0, 0], candidates=[0, 2])
-    assert [router.route(RequestInfo(()), view) for _ in range(4)] == [0, 2, 0, 2]
+def test_the_router_s_own_requests_load_the_view_until_they_are_answered() -> None:
+    fleet = _fleet(2, "least-loaded")
+    long = routing_request(COMPLETIONS, {"prompt": list(range(400))}, CODEC)
+    first = fleet.route(long)
+    assert first is not None and fleet.instances[first.instance].num_queued_tokens == 400
+    short = routing_request(COMPLETIONS, {"prompt": [1, 2]}, CODEC)
+    second = fleet.route(short)
+    assert second is not None and second.instance != first.instance
+    fleet.answered(first)  # its prefill is done: it runs (one decode per step)
+    view = fleet.view((0, 1))
+    assert view.num_queued_tokens[first.instance] == 0
+    assert view.num_running[first.instance] == 1
+    fleet.finished(first)
+    fleet.finished(second)
+    assert [inst.in_flight for inst in fleet.instances] == [0, 0]
+    assert [inst.num_queued_tokens for inst in fleet.instances] == [0, 0]
 
 
-def test_least_loaded_and_power_of_two_avoid_the_loaded_instance() -> None:
-    view = _view([5, 0, 9])
-    assert create("least-loaded").route(RequestInfo(()), view) == 1
-    p2 = create("power-of-two")
-    assert all(p2.route(RequestInfo(()), _view([0, 9])) == 0 for _ in range(20))
+def test_every_registered_router_routes_a_live_fleet() -> None:
+    request = routing_request(COMPLETIONS, {"prompt": list(range(40))}, CODEC)
+    for name in names():
+        fleet = _fleet(3, name)
+        ticket = fleet.route(request)
+        assert ticket is not None and 0 <= ticket.instance < 3, name
 
 
-def test_cache_aware_follows_the_longest_recorded_prefix() -> None:
-    router = CacheAware()
-    info = RequestInfo((1, 2, 3))
-    assert router.route(info, _view([0, 0, 0])) == 0  # nothing recorded: least loaded
-    router.routed(RequestInfo((1, 2)), 2)
-    router.routed(RequestInfo((1,)), 1)
-    assert router.route(info, _view([0, 0, 3])) == 2
-    router.forget(2)
-    assert router.route(info, _view([0, 0, 3])) == 1
-
-
-def test_cache_aware_leaves_a_holder_that_is_far_more_loaded() -> None:
-    router = CacheAware(balance_abs=16, balance_rel=2.0)
-    router.routed(RequestInfo((7, 8)), 0)
-    assert router.route(RequestInfo((7, 8)), _view([16, 0])) == 0
-    assert router.route(RequestInfo((7, 8)), _view([40, 0])) == 1
-
-
-def test_cache_aware_forgets_the_least_recent_keys_beyond_its_bound() -> None:
-    router = CacheAware(max_keys=2)
-    router.routed(RequestInfo((1, 2, 3)), 0)
-    assert router.prefix_run((1, 2, 3), 0) == 0 and router.prefix_run((2, 3), 0) == 2
-
-
-def test_unknown_router_name_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"'nope'.*cache-aware"):
+def test_routers_come_out_of_the_fleet_registry_with_the_config_s_options() -> None:
+    router = create("cache-aware", CONFIG)
+    assert isinstance(router, CacheAwareRouter)
+    assert router.balance_abs_threshold == CONFIG.router.cache_aware.balance_abs_threshold
+    with pytest.raises(UnknownNameError, match=r"'nope'.*cache-aware"):
         create("nope")
-    assert names() == ["cache-aware", "least-loaded", "power-of-two", "round-robin"]
+    assert {"cache-aware", "least-loaded", "power-of-two", "round-robin"} <= set(names())
