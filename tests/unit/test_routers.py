@@ -81,7 +81,9 @@ def test_power_of_two_is_seeded_and_picks_the_less_loaded_of_its_two() -> None:
 
 
 def feed(view: FleetView, instance: int, keys: list[int]) -> None:
-    view.index.apply(instance, BlockEvent("stored", "device", tuple(keys)))
+    index = view.index
+    assert isinstance(index, BlockIndex)
+    index.apply(instance, BlockEvent("stored", "device", tuple(keys)))
 
 
 def test_cache_aware_goes_where_the_prefix_is() -> None:
