@@ -119,6 +119,13 @@ def run_endpoint(args: argparse.Namespace, console: Console) -> int:
         print(note, file=sys.stderr)
     what = f"{path.name}, {len(requests)} requests | {options.base_url} ({options.api})"
     print_reports(out, [report], f"{what} | SLOs: {slo.source(loaded)}")
+    fleet = result.extra.get("fleet")
+    if fleet is not None:  # a kvflow router: each instance's figures from its /metrics
+        from kvflow.traces.endpoint_fleet import render_fleet_table
+
+        out.print(
+            render_fleet_table(fleet, f"{options.base_url}: {fleet['num_instances']} instances")
+        )
     if result.num_failed:
         print(
             f"kvflow: warning: {result.num_failed} of {len(requests)} requests failed "

@@ -103,6 +103,13 @@ class _Metrics:
             "kvflow:router_in_flight", "Requests in flight per instance.", ["instance"],
             registry=r,
         )  # fmt: skip
+        self.info = Gauge("kvflow:router_info", "The router deciding (1).", ["router"], registry=r)
+        self.instance_info = Gauge(
+            "kvflow:router_instance_info",
+            "The instances, numbered as the router's fleet view numbers them (1).",
+            ["instance", "index"],
+            registry=r,
+        )
         self.directory_keys = Gauge(
             "kvflow:router_directory_keys",
             "Block keys the router's peer directory says an instance holds (from its "
@@ -185,6 +192,9 @@ class RouterApp:
         self.fleet = fleet
         self.codec = codec
         self.metrics = _Metrics()
+        self.metrics.info.labels(fleet.router.name).set(1)
+        for i, inst in enumerate(fleet.instances):
+            self.metrics.instance_info.labels(inst.url, str(i)).set(1)
         self.client: httpx.AsyncClient | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._follows: dict[int, tuple[PeerInfo, anyio.CancelScope]] = {}

@@ -17,6 +17,10 @@ fills a `RequestState` per request, the structure every replay's report is made 
   `usage.prompt_tokens_details.cached_tokens`; a server that reports no `cached_tokens`
   gets a hit rate of None (null in JSON), not 0.
 
+Against a `kvflow router`, the report also has the fleet's figures under `fleet`
+(requests routed to each instance, each instance's prefix hit rate from its own
+/metrics: `kvflow.traces.endpoint_fleet`).
+
 An HTTP error, a dropped stream or a timeout fails that request (finish reason
 `aborted`, the reason in `finish_detail`), counted in the report by reason; only a run
 in which every request fails is an error.
@@ -45,6 +49,7 @@ from kvflow.traces.endpoint_client import (
     probe,
     stream_request,
 )
+from kvflow.traces.endpoint_fleet import fleet_figures, scrape_fleet
 from kvflow.traces.endpoint_prompts import Api, PromptFormat, request_body
 from kvflow.traces.metrics import RunReport, summarize
 
@@ -149,6 +154,7 @@ async def replay_endpoint_async(
                 prompt_format=prompt_format,
                 vocab_size=options.vocab_size,
             )
+            before = await scrape_fleet(client, options.base_url)
         bodies = [
             request_body(
                 r,
@@ -161,6 +167,11 @@ async def replay_endpoint_async(
             for r in pending
         ]
         run = await _run(connections, path, bodies, pending)
+        fleet = None
+        if before is not None:
+            async with connections.client() as client:
+                after = await scrape_fleet(client, options.base_url)
+            fleet = None if after is None else fleet_figures(before, after)
     finally:
         await connections.aclose()
     states, cached_reported, failures, wall_s = run
@@ -184,6 +195,7 @@ async def replay_endpoint_async(
             "api": options.api,
             "prompt_format": prompt_format,
             "omitted_fields": sorted(omit),
+            **({} if fleet is None else {"fleet": fleet}),
         },
     )
 
