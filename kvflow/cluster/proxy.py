@@ -1,12 +1,17 @@
-"""The router process's app: an OpenAI-compatible front door over several `kvflow
-serve` instances. Each request goes to the instance a registry `Router` picks over the
-live fleet view (`kvflow.cluster.live`); responses (streamed or not) pass through chunk
-by chunk as they arrive. A request the chosen instance refuses (503) or cannot take
-(connection refused, reset before any answer) goes to another instance; once an
-answer's first byte has been forwarded it is never retried. A background loop checks
-each instance's /health and scrapes its load and peer service off /metrics; instances
-that fail leave the rotation until they answer 200 again. The router follows each
-instance's block events over its peer service (`kvflow.peer.follow`)."""
+"""The router process (`kvflow router`): an OpenAI-compatible front door over several
+`kvflow serve` instances. Each request goes to the instance a registry `Router` picks
+over the live fleet view (`kvflow.cluster.live`); the answer (streamed or not) passes
+through as its bytes arrive (`kvflow.cluster.upstream`). A request the chosen instance
+refuses (503) or cannot take (connection refused, closed before any answer) goes to
+another instance; once an answer's first byte has been forwarded it is never retried. A
+background loop checks each instance's /health and scrapes its load and peer service
+off /metrics; instances that fail leave the rotation until they answer 200 again. The
+router follows each instance's block events over its peer service (`kvflow.peer.follow`).
+
+The app is plain ASGI (no framework per request): the forwarding path is the router's
+whole cost, and on a machine shared with the instances every microsecond per streamed
+chunk is one the instances do not get.
+"""
 
 from __future__ import annotations
 
@@ -15,32 +20,35 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from starlette.types import Receive, Scope, Send
+from prometheus_client import generate_latest
 
 from kvflow.cluster.live import LiveFleet, PeerInfo, Ticket
+from kvflow.cluster.proxy_metrics import RouterMetrics, scrape_instance
 from kvflow.cluster.proxy_pd import PrefillStep
 from kvflow.cluster.proxy_routing import routing_request
-from kvflow.peer.follow import PeerAddress
+from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
 from kvflow.serve.text import TextCodec
 
 logger = logging.getLogger("kvflow.router")
 
-# Hop-by-hop and length headers are the proxy's own to set.
-_DROPPED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
-ADDED_LATENCY_BUCKETS = (
-    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0,
-)  # fmt: skip
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+FORWARDED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# Hop-by-hop and length headers are each side's own; uvicorn adds date and server.
+_DROPPED_REQUEST = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
+                              b"keep-alive", b"expect", b"upgrade"})  # fmt: skip
+_DROPPED_RESPONSE = frozenset({b"content-length", b"transfer-encoding", b"connection",
+                               b"keep-alive", b"date", b"server"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,139 +71,49 @@ class RouterOptions:
     then computes the prompt)."""
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def error_body(status: int, message: str) -> bytes:
     kind = "service_unavailable" if status == 503 else "invalid_request_error"
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status)
+    return json.dumps(body).encode()
 
 
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.routed = Counter(
-            "kvflow:router_requests",
-            "Requests forwarded, per instance and status class of its answer.",
-            ["instance", "status"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "kvflow:router_retries",
-            "Requests sent on to another instance, per instance that failed them and why.",
-            ["instance", "reason"],
-            registry=r,
-        )
-        self.unroutable = Counter(
-            "kvflow:router_unroutable", "Requests answered 503: no instance took them.", registry=r
-        )
-        self.added = Histogram(
-            "kvflow:router_added_latency_seconds",
-            "Time from a request's arrival at the router to its sending to the instance "
-            "that answered it (reading, parsing, routing and failed tries).",
-            buckets=ADDED_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.healthy = Gauge(
-            "kvflow:router_instance_healthy", "1 while an instance is in the rotation.",
-            ["instance"], registry=r,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            "kvflow:router_in_flight", "Requests in flight per instance.", ["instance"],
-            registry=r,
-        )  # fmt: skip
-        self.info = Gauge("kvflow:router_info", "The router deciding (1).", ["router"], registry=r)
-        self.instance_info = Gauge(
-            "kvflow:router_instance_info",
-            "The instances, numbered as the router's fleet view numbers them (1).",
-            ["instance", "index"],
-            registry=r,
-        )
-        self.directory_keys = Gauge(
-            "kvflow:router_directory_keys",
-            "Block keys the router's peer directory says an instance holds (from its "
-            "block events).",
-            ["instance"],
-            registry=r,
-        )
+async def respond(
+    send: Send, status: int, body: bytes, media_type: bytes = b"application/json"
+) -> None:
+    """A whole response."""
+    headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-class _Relay(StreamingResponse):
-    """An instance's answer passed through chunk by chunk. The upstream response is
-    closed and the request's ticket settled when sending ends, however it ends: also
-    when the client left before the first chunk (a body generator never started would
-    never run its own cleanup)."""
+class _Instance:
+    """Where the hot path sends to one instance, worked out once."""
 
-    def __init__(
-        self,
-        upstream: httpx.Response,
-        on_first: Callable[[], None],
-        on_done: Callable[[], None],
-        status_code: int,
-        headers: dict[str, str],
-    ) -> None:
-        super().__init__(self._chunks(upstream, on_first), status_code=status_code, headers=headers)
-        self._upstream = upstream
-        self._on_done = on_done
-
-    @staticmethod
-    async def _chunks(
-        upstream: httpx.Response, on_first: Callable[[], None]
-    ) -> AsyncIterator[bytes]:
-        try:
-            chunks = upstream.aiter_raw()
-            async for chunk in chunks:
-                on_first()
-                yield chunk
-                break
-            async for chunk in chunks:
-                yield chunk
-        except httpx.TransportError as err:
-            # Bytes went out already: the client sees the stream end (no retry).
-            logger.warning("kvflow router: %s broke off a response (%s)", upstream.url, err)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._upstream.aclose()
-            self._on_done()
-
-
-def _scrape(text: str) -> tuple[int, int, PeerInfo | None]:
-    """Running requests, KV capacity in blocks (all tiers) and the peer service of an
-    instance's /metrics text."""
-    running = capacity = 0.0
-    peer = None
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "kvflow:num_requests_running":
-                running += s.value
-            elif s.name == "kvflow:kv_blocks_total":
-                capacity += s.value
-            elif s.name == "kvflow:peer_service_info":
-                labels = s.labels
-                peer = PeerInfo(
-                    labels["peer_id"],
-                    PeerAddress(labels["host"], int(labels["port"])),
-                    bytes.fromhex(labels["fingerprint"]),
-                    int(labels["block_size"]),
-                )
-    return int(running), int(capacity), peer
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.host_header = parts.netloc.encode()
+        self.name_header = url.encode()
 
 
 class RouterApp:
-    """The state behind the app: the live fleet and its router, the HTTP client, the
-    tasks following the instances' block events."""
+    """The state behind the app: the live fleet and its router, the connections to the
+    instances, the tasks that check them and follow their block events."""
 
     def __init__(self, options: RouterOptions, fleet: LiveFleet, codec: TextCodec) -> None:
         self.options = options
         self.fleet = fleet
         self.codec = codec
-        self.metrics = _Metrics()
+        self.metrics = RouterMetrics()
         self.metrics.info.labels(fleet.router.name).set(1)
         for i, inst in enumerate(fleet.instances):
             self.metrics.instance_info.labels(inst.url, str(i)).set(1)
+        self.targets = [_Instance(inst.url) for inst in fleet.instances]
+        self.pool = UpstreamPool(options.connect_timeout_s)
         self.client: httpx.AsyncClient | None = None
+        """For health checks, scrapes and /v1/models (not the hot path)."""
         self._tg: anyio.abc.TaskGroup | None = None
         self._follows: dict[int, tuple[PeerInfo, anyio.CancelScope]] = {}
         self._warned_block_size: set[int] = set()
@@ -211,6 +129,7 @@ class RouterApp:
         assert self.client is not None, "the app's lifespan has not started"
         return self.client
 
+    # -- health, load, block events ----------------------------------------------------
     async def check(self, i: int) -> None:
         """One health check of instance i and, when healthy, a scrape of its load and
         peer service (followed from then on)."""
@@ -222,7 +141,7 @@ class RouterApp:
             healthy = health.status_code == 200
             if healthy:
                 text = (await client.get(f"{url}/metrics", timeout=timeout)).text
-                running, capacity, peer = _scrape(text)
+                running, capacity, peer = scrape_instance(text)
                 self.fleet.scraped(i, running, capacity, peer)
                 self._follow(i)
         except (httpx.HTTPError, ValueError, KeyError):
@@ -275,13 +194,9 @@ class RouterApp:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The HTTP client, the health loop and the follow tasks, for the app's life."""
-        timeout = httpx.Timeout(None, connect=self.options.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with (
-            httpx.AsyncClient(timeout=timeout, limits=limits) as client,
-            anyio.create_task_group() as tg,
-        ):
+        """The health loop, the follow tasks and the connections, for the app's life."""
+        timeout = httpx.Timeout(self.options.health_timeout_s)
+        async with httpx.AsyncClient(timeout=timeout) as client, anyio.create_task_group() as tg:
             self.client, self._tg = client, tg
             tg.start_soon(self.fleet.follower.expire_loop)
             await self.check_all()
@@ -291,125 +206,216 @@ class RouterApp:
             finally:
                 tg.cancel_scope.cancel()
                 self._tg = None
+                self.pool.close()
 
-    async def forward(self, request: Request) -> Response:
-        """Route one POST to an instance, retrying elsewhere while nothing was sent."""
+    # -- forwarding --------------------------------------------------------------------
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one POST to an instance, retrying elsewhere while nothing was sent,
+        and pass its answer through."""
         arrived = time.perf_counter()
-        raw = await request.body()
+        raw = await _read_body(receive)
+        if raw is None:
+            return  # the client left
         try:
             body = json.loads(raw)
         except ValueError as err:
-            return _error(400, f"the request body is not JSON: {err}")
+            await respond(send, 400, error_body(400, f"the request body is not JSON: {err}"))
+            return
         if not isinstance(body, dict):
-            return _error(400, f"the request body must be a JSON object, got {raw[:80]!r}")
-        path = request.url.path
+            message = f"the request body must be a JSON object, got {raw[:80]!r}"
+            await respond(send, 400, error_body(400, message))
+            return
+        path: str = scope["path"]
         routed = routing_request(path, body, self.codec)
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in _DROPPED_HEADERS and k.lower() != "host"
-        }
         if self.pd is not None:
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in scope["headers"]
+                if k not in _DROPPED_REQUEST
+            }
             handed, prefill_s = await self.pd.handoff(path, body, headers, routed)
             raw = handed or raw
             arrived += prefill_s
+        head = [b"POST ", scope.get("raw_path") or path.encode(), b" HTTP/1.1\r\n"]
+        for name, value in scope["headers"]:
+            if name not in _DROPPED_REQUEST:
+                head += [name, b": ", value, b"\r\n"]
+        head.append(b"content-length: %d\r\n" % len(raw))
         tried: list[int] = []
-        client = self._http()
         fleet = self.fleet
+        metrics = self.metrics
         while True:
             ticket = fleet.route(routed, tried)
             if ticket is None:
-                self.metrics.unroutable.inc()
-                return _error(503, f"no instance took the request (tried {len(tried)})")
+                metrics.unroutable.inc()
+                message = f"no instance took the request (tried {len(tried)})"
+                await respond(send, 503, error_body(503, message))
+                return
             i = ticket.instance
             tried.append(i)
-            url = fleet.instances[i].url
-            upstream = client.build_request("POST", f"{url}{path}", content=raw, headers=headers)
-            self.metrics.in_flight.labels(url).inc()
+            target = self.targets[i]
+            data = b"".join([*head, b"host: ", target.host_header, b"\r\n\r\n", raw])
+            metrics.in_flight.labels(target.url).inc()
             sent = time.perf_counter()
             try:
-                response = await client.send(upstream, stream=True)
-            except httpx.TransportError as err:
+                response = await self.pool.request(target.host, target.port, data)
+            except UpstreamDownError as err:
                 self._done(ticket)
-                self.metrics.retries.labels(url, "down").inc()
-                logger.warning("kvflow router: %s failed a request (%s); retrying", url, err)
+                metrics.retries.labels(target.url, "down").inc()
+                logger.warning("kvflow router: %s failed a request (%s); retrying", target.url, err)
                 self._set_health(i, False)
                 continue
-            if response.status_code == 503:
-                await response.aclose()
+            if response.status == 503:
+                with contextlib.suppress(UpstreamDownError):
+                    while await response.read():
+                        pass
+                response.release()
                 self._done(ticket)
-                self.metrics.retries.labels(url, "refused").inc()
+                metrics.retries.labels(target.url, "refused").inc()
                 continue
             break
         fleet.accepted(ticket)
-        self.metrics.routed.labels(url, f"{response.status_code // 100}xx").inc()
-        self.metrics.added.observe(sent - arrived)
-        out_headers = {
-            k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_HEADERS
-        }
-        out_headers["x-kvflow-instance"] = url
-        return _Relay(
-            response,
-            lambda: fleet.answered(ticket),
-            lambda: self._done(ticket),
-            status_code=response.status_code,
-            headers=out_headers,
-        )
+        metrics.routed.labels(target.url, f"{response.status // 100}xx").inc()
+        metrics.added.observe(sent - arrived)
+        await self._relay(response, ticket, target, receive, send)
+
+    async def _relay(
+        self,
+        response: UpstreamResponse,
+        ticket: Ticket,
+        target: _Instance,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Pass the answer through as its bytes arrive. The connection goes back (or
+        closes) and the ticket is settled however sending ends: a client that leaves
+        closes the instance's connection, so the instance aborts the request."""
+        headers = [(n, v) for n, v in response.headers if n not in _DROPPED_RESPONSE]
+        headers.append((b"x-kvflow-instance", target.name_header))
+        left = asyncio.Event()
+
+        async def watch_client() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left.set()
+            response.abort()
+
+        watcher = asyncio.create_task(watch_client())
+        try:
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            first = True
+            while not left.is_set():
+                try:
+                    chunk = await response.read()
+                except UpstreamDownError as err:
+                    # Bytes went out already: the client sees the stream end (no retry).
+                    if not left.is_set():
+                        logger.warning(
+                            "kvflow router: %s broke off a response (%s)", target.url, err
+                        )
+                    break
+                if first:
+                    first = False
+                    self.fleet.answered(ticket)
+                if not chunk:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            response.release()
+            self._done(ticket)
 
     def _done(self, ticket: Ticket) -> None:
         self.fleet.finished(ticket)
         self.metrics.in_flight.labels(self.fleet.instances[ticket.instance].url).dec()
 
-    async def models(self) -> Response:
+    # -- the other endpoints -------------------------------------------------------------
+    async def models(self, send: Send) -> None:
         for inst in self.fleet.instances:
             if not inst.healthy:
                 continue
             with contextlib.suppress(httpx.HTTPError):
                 r = await self._http().get(f"{inst.url}/v1/models", timeout=5.0)
-                return Response(r.content, r.status_code, media_type="application/json")
-        return _error(503, "no instance is in the rotation")
+                await respond(send, r.status_code, r.content)
+                return
+        await respond(send, 503, error_body(503, "no instance is in the rotation"))
 
-    def refresh_gauges(self) -> None:
+    async def health(self, send: Send) -> None:
+        status = {inst.url: inst.healthy for inst in self.fleet.instances}
+        ok = any(inst.healthy for inst in self.fleet.serving)
+        await respond(send, 200 if ok else 503, json.dumps({"instances": status}).encode())
+
+    async def metrics_text(self, send: Send) -> None:
         peer_at = self.fleet.follower.peer_at
         directory = self.fleet.directory
         for inst in self.fleet.instances:
             peer_id = None if inst.peer is None else peer_at.get(inst.peer.address)
             held = 0 if peer_id is None else directory.num_held(peer_id)
             self.metrics.directory_keys.labels(inst.url).set(held)
+        text = generate_latest(self.metrics.registry)
+        await respond(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
 
 
-def build_router_app(state: RouterApp) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with state.running():
-            yield
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request's body; None when the client left first."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    app = FastAPI(title="kvflow router", lifespan=lifespan)
 
-    @app.get("/health")
-    async def health() -> Response:
-        status = {inst.url: inst.healthy for inst in state.fleet.instances}
-        ok = any(inst.healthy for inst in state.fleet.serving)
-        return JSONResponse({"instances": status}, status_code=200 if ok else 503)
+class RouterASGI:
+    """The ASGI app: the two forwarded POSTs, GET /v1/models, /health and /metrics;
+    its lifespan runs the router's background work."""
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        state.refresh_gauges()
-        return Response(generate_latest(state.metrics.registry), media_type="text/plain")
+    def __init__(self, state: RouterApp) -> None:
+        self.state = state
 
-    @app.get("/v1/models")
-    async def models() -> Response:
-        return await state.models()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        state, path, method = self.state, scope["path"], scope["method"]
+        if path in FORWARDED_PATHS:
+            if method == "POST":
+                await state.forward(scope, receive, send)
+            else:
+                await respond(send, 405, b'{"detail":"Method Not Allowed"}')
+        elif method != "GET":
+            await respond(send, 404 if path not in _GETS else 405, b'{"detail":"Not Found"}')
+        elif path == "/health":
+            await state.health(send)
+        elif path == "/metrics":
+            await state.metrics_text(send)
+        elif path == "/v1/models":
+            await state.models(send)
+        else:
+            await respond(send, 404, b'{"detail":"Not Found"}')
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await state.forward(request)
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        async with self.state.running():
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+        await send({"type": "lifespan.shutdown.complete"})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await state.forward(request)
 
-    return app
+_GETS = frozenset({"/health", "/metrics", "/v1/models"})
+
+
+def build_router_app(state: RouterApp) -> RouterASGI:
+    return RouterASGI(state)
 
 
 def run_router(
@@ -423,4 +429,4 @@ def run_router(
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
-__all__ = ["RouterApp", "RouterOptions", "build_router_app", "run_router"]
+__all__ = ["RouterASGI", "RouterApp", "RouterOptions", "build_router_app", "run_router"]
