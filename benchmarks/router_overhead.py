@@ -1,14 +1,19 @@
 """What `kvflow router` adds: TTFT and streamed tokens/s of the same requests sent
-straight to one `kvflow serve --engine sim` instance (zero-cost latency model) and
-through a `kvflow router` in front of it, in the same run.
+straight to one `kvflow serve --engine sim` instance (zero-cost latency model, its peer
+service on, as `kvflow cluster up` starts it) and through a `kvflow router` in front of
+it (`--router`, default cache-aware, following the instance's block events), in the
+same run.
 
 Both processes are started here (`python -m kvflow serve`, `python -m kvflow router
---instance URL`); this process is the client (`kvflow replay --endpoint`'s httpx client,
-`benchmarks/serve_overhead.py`'s `http_round`: one keep-alive connection per client).
-Each round sends `--clients` concurrent streams straight, then as many through the
-router (new prompts each time: nothing hits the prefix cache); the order alternates per
-round. Round 0 warms up and is not reported. Prints one JSON line per round and path,
-then one with the medians and the added TTFT (router minus straight, p50 and p99):
+--instance URL`); this process is the client, `--client raw` (default:
+`benchmarks/serve_overhead.py`'s minimal load generator, one keep-alive connection per
+stream, which costs next to nothing per chunk, so the figures are the servers') or
+`--client httpx` (`kvflow replay --endpoint`'s client). Each round sends `--clients`
+concurrent streams straight, then as many through the router (new prompts each time:
+nothing hits the prefix cache); the order alternates per round. Round 0 warms up and is
+not reported. Prints one JSON line per round and path, then one with the medians, the
+tokens/s ratio (router / straight) and the added TTFT (router minus straight, p50 and
+p99):
 
     python benchmarks/router_overhead.py [--clients 16] [--output-tokens 64] [--rounds 5]
 """
@@ -34,27 +39,30 @@ from serve_overhead import (
     free_port,
     http_round,
     prompts,
-    start_server,
+    raw_round,
     wait_until_serving,
 )
 
 from kvflow.traces.endpoint_client import Connections, client_maker, first_model
 
 
-def start_router(port: int, instance: str, log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "kvflow", "router", "--instance", instance]
+def _sets(settings: dict[str, Any]) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def start(args: Sequence[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "kvflow", *args, "--port", str(port)]
     with log.open("wb") as out:
-        return subprocess.Popen(
-            [*argv, "--router", "round-robin", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
 
 
 async def run(args: argparse.Namespace, direct: str, routed: str) -> list[dict[str, Any]]:
     ways = {
         "straight": Connections(client_maker(direct, timeout_s=60), args.clients),
         "router": Connections(client_maker(routed, timeout_s=60), args.clients),
+    }
+    ports = {
+        way: int(url.rsplit(":", 1)[1]) for way, url in (("straight", direct), ("router", routed))
     }
     lines: list[dict[str, Any]] = []
     try:
@@ -65,9 +73,12 @@ async def run(args: argparse.Namespace, direct: str, routed: str) -> list[dict[s
             sides = {}
             for k, way in enumerate(order):
                 batch = prompts(2 * r + k, args.clients, args.prompt_tokens)
-                sides[way] = (
-                    await http_round(ways[way], model, batch, args.output_tokens)
-                ).summary()
+                if args.client == "raw":
+                    address = ("127.0.0.1", ports[way])
+                    side = await raw_round(address, model, batch, args.output_tokens)
+                else:
+                    side = await http_round(ways[way], model, batch, args.output_tokens)
+                sides[way] = side.summary()
             if r == 0:
                 continue
             for way, summary in sides.items():
@@ -84,16 +95,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after warm-up)")
+    parser.add_argument("--router", default="cache-aware", help="the router (default: cache-aware)")
+    parser.add_argument(
+        "--client", choices=["raw", "httpx"], default="raw", help="the load generator"
+    )
     args = parser.parse_args(argv)
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     serve_port, router_port = free_port(), free_port()
     direct, routed = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{router_port}"
-    server = start_server(serve_port, ZERO_COST, tmp / f"kvflow-router-overhead-{serve_port}.log")
+    slog = tmp / f"kvflow-router-overhead-{serve_port}.log"
+    sets = _sets(ZERO_COST)
+    server = start(["serve", "--engine", "sim", "--peer-port", "0", *sets], serve_port, slog)
     router = None
     try:
-        wait_until_serving(direct, server, tmp / f"kvflow-router-overhead-{serve_port}.log")
+        wait_until_serving(direct, server, slog)
         rlog = tmp / f"kvflow-router-overhead-{router_port}.log"
-        router = start_router(router_port, direct, rlog)
+        router_args = ["router", "--instance", direct, "--router", args.router, *sets]
+        router = start(router_args, router_port, rlog)
         wait_until_serving(routed, router, rlog)
         lines = anyio.run(run, args, direct, routed, backend="asyncio", backend_options=UVLOOP)
     finally:
@@ -103,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 proc.wait(60)
     common = {
         "benchmark": "router_overhead",
+        "router": args.router,
+        "client": args.client,
         "clients": args.clients,
         "output_tokens": args.output_tokens,
         "prompt_tokens": args.prompt_tokens,
@@ -119,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in ("straight", "router"):
         summary[f"{path}_tokens_per_s"] = median(path, "tokens_per_s")
         summary[f"{path}_ttft_p50_ms"] = median(path, "ttft_p50_ms")
+    summary["tokens_per_s_ratio"] = (
+        summary["router_tokens_per_s"] / summary["straight_tokens_per_s"]
+    )
     for q in ("p50", "p99"):
         summary[f"added_ttft_{q}_ms"] = median("router", f"ttft_{q}_ms") - median(
             "straight", f"ttft_{q}_ms"

@@ -87,15 +87,17 @@ async def respond(
 
 
 class _Instance:
-    """Where the hot path sends to one instance, worked out once."""
+    """Where the hot path sends to one instance, and its metrics, worked out once."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, metrics: RouterMetrics) -> None:
         parts = urlsplit(url)
         self.url = url
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.host_header = parts.netloc.encode()
         self.name_header = url.encode()
+        self.in_flight = metrics.in_flight.labels(url)
+        self.routed_2xx = metrics.routed.labels(url, "2xx")
 
 
 class RouterApp:
@@ -110,7 +112,7 @@ class RouterApp:
         self.metrics.info.labels(fleet.router.name).set(1)
         for i, inst in enumerate(fleet.instances):
             self.metrics.instance_info.labels(inst.url, str(i)).set(1)
-        self.targets = [_Instance(inst.url) for inst in fleet.instances]
+        self.targets = [_Instance(inst.url, self.metrics) for inst in fleet.instances]
         self.pool = UpstreamPool(options.connect_timeout_s)
         self.client: httpx.AsyncClient | None = None
         """For health checks, scrapes and /v1/models (not the hot path)."""
@@ -255,7 +257,7 @@ class RouterApp:
             tried.append(i)
             target = self.targets[i]
             data = b"".join([*head, b"host: ", target.host_header, b"\r\n\r\n", raw])
-            metrics.in_flight.labels(target.url).inc()
+            target.in_flight.inc()
             sent = time.perf_counter()
             try:
                 response = await self.pool.request(target.host, target.port, data)
@@ -275,7 +277,10 @@ class RouterApp:
                 continue
             break
         fleet.accepted(ticket)
-        metrics.routed.labels(target.url, f"{response.status // 100}xx").inc()
+        if response.status // 100 == 2:
+            target.routed_2xx.inc()
+        else:
+            metrics.routed.labels(target.url, f"{response.status // 100}xx").inc()
         metrics.added.observe(sent - arrived)
         await self._relay(response, ticket, target, receive, send)
 
@@ -330,7 +335,7 @@ class RouterApp:
 
     def _done(self, ticket: Ticket) -> None:
         self.fleet.finished(ticket)
-        self.metrics.in_flight.labels(self.fleet.instances[ticket.instance].url).dec()
+        self.targets[ticket.instance].in_flight.dec()
 
     # -- the other endpoints -------------------------------------------------------------
     async def models(self, send: Send) -> None:
