@@ -35,6 +35,7 @@ from kvflow.cluster.proxy_metrics import RouterMetrics, scrape_instance
 from kvflow.cluster.proxy_pd import PrefillStep
 from kvflow.cluster.proxy_routing import routing_request
 from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
+from kvflow.request import Request
 from kvflow.serve.text import TextCodec
 
 logger = logging.getLogger("kvflow.router")
@@ -243,6 +244,21 @@ class RouterApp:
             if name not in _DROPPED_REQUEST:
                 head += [name, b": ", value, b"\r\n"]
         head.append(b"content-length: %d\r\n" % len(raw))
+        sent = await self.send_routed(routed, b"".join(head), raw, arrived)
+        if isinstance(sent, str):
+            await respond(send, 503, error_body(503, sent))
+            return
+        ticket, target, response = sent
+        await self._relay(response, ticket, target, receive, send)
+
+    async def send_routed(
+        self, routed: Request, head: bytes, raw: bytes, arrived: float
+    ) -> tuple[Ticket, _Instance, UpstreamResponse] | str:
+        """Send one request (`head`: its request line and headers without `host`;
+        `raw`: its body; `arrived`: its `perf_counter` arrival) to the instance the
+        router picks for `routed`, and to another while the chosen one refuses it (503)
+        or is down before answering. Returns the accepted answer with its ticket
+        (settle it with `_done`), or why no instance took it."""
         tried: list[int] = []
         fleet = self.fleet
         metrics = self.metrics
@@ -250,13 +266,11 @@ class RouterApp:
             ticket = fleet.route(routed, tried)
             if ticket is None:
                 metrics.unroutable.inc()
-                message = f"no instance took the request (tried {len(tried)})"
-                await respond(send, 503, error_body(503, message))
-                return
+                return f"no instance took the request (tried {len(tried)})"
             i = ticket.instance
             tried.append(i)
             target = self.targets[i]
-            data = b"".join([*head, b"host: ", target.host_header, b"\r\n\r\n", raw])
+            data = b"".join([head, b"host: ", target.host_header, b"\r\n\r\n", raw])
             target.in_flight.inc()
             sent = time.perf_counter()
             try:
@@ -267,22 +281,21 @@ class RouterApp:
                 logger.warning("kvflow router: %s failed a request (%s); retrying", target.url, err)
                 self._set_health(i, False)
                 continue
-            if response.status == 503:
-                with contextlib.suppress(UpstreamDownError):
-                    while await response.read():
-                        pass
-                response.release()
-                self._done(ticket)
-                metrics.retries.labels(target.url, "refused").inc()
-                continue
-            break
+            if response.status != 503:
+                break
+            with contextlib.suppress(UpstreamDownError):
+                while await response.read():
+                    pass
+            response.release()
+            self._done(ticket)
+            metrics.retries.labels(target.url, "refused").inc()
         fleet.accepted(ticket)
+        metrics.added.observe(sent - arrived)
         if response.status // 100 == 2:
             target.routed_2xx.inc()
         else:
             metrics.routed.labels(target.url, f"{response.status // 100}xx").inc()
-        metrics.added.observe(sent - arrived)
-        await self._relay(response, ticket, target, receive, send)
+        return ticket, target, response
 
     async def _relay(
         self,

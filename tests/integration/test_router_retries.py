@@ -122,3 +122,19 @@ def test_bad_router_flags_are_errors(
 def test_an_instance_given_twice_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["router", "--instance", "http://h:1", "--instance", "http://h:1/"]) == 2
     assert "--instance given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "nope=1"], "nope: unknown key"),
+        (["--model", "/no/such/dir"], "--model '/no/such/dir' is not a directory"),
+        (["--peer-secret-file", "/no/such/file"], "--peer-secret-file '/no/such/file'"),
+    ],
+)
+def test_bad_router_settings_are_one_line_errors(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["router", "--instance", "http://h:1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
