@@ -34,8 +34,6 @@ def _add_state_dir(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from kvflow.cluster.proxy_routing import names
-
     cp = sub.add_parser(
         "cluster",
         help="start, check and stop N kvflow serve processes behind a kvflow router",
@@ -67,8 +65,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     upp.add_argument(
         "--router",
         default=None,
-        choices=names(),
-        help="routing (default: router.name from the config, cache-aware)",
+        metavar="R",
+        help="routing: round-robin, least-loaded, power-of-two, cache-aware or a plugin "
+        "(default: router.name from the config, cache-aware)",
     )
     upp.add_argument("--port", type=_port, default=8000, help="the router's port (default: 8000)")
     upp.add_argument(
@@ -190,6 +189,9 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
             "--pd: decode instances pull handed-off KV into the cpu tier: set "
             "kv.cpu.num_blocks (e.g. --set kv.cpu.num_blocks=4096)"
         )
+    from kvflow.cluster.proxy_routing import create
+
+    create(args.router or config.router.name, config)  # and on an unknown router
     # The router reads the same config: block size, latency model, peer secret.
     config_args: list[str] = []
     if args.config:

@@ -32,8 +32,6 @@ def instance_url(text: str) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from kvflow.cluster.proxy_routing import names
-
     rp = sub.add_parser(
         "router",
         help="route OpenAI API requests over several kvflow serve instances",
@@ -67,8 +65,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rp.add_argument(
         "--router",
         default=None,
-        choices=names(),
-        help="how to pick the instance (default: router.name from the config, cache-aware)",
+        metavar="R",
+        help="how to pick the instance: round-robin, least-loaded, power-of-two, "
+        "cache-aware or a plugin (default: router.name from the config, cache-aware)",
     )
     rp.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback)"
