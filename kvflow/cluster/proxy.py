@@ -45,11 +45,12 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 FORWARDED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-# Hop-by-hop and length headers are each side's own; uvicorn adds date and server.
+# Hop-by-hop headers are each side's own (a request's length too: the router sets it
+# for the body it sends); uvicorn adds its own date and server to answers.
 _DROPPED_REQUEST = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
                               b"keep-alive", b"expect", b"upgrade"})  # fmt: skip
-_DROPPED_RESPONSE = frozenset({b"content-length", b"transfer-encoding", b"connection",
-                               b"keep-alive", b"date", b"server"})  # fmt: skip
+_DROPPED_RESPONSE = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"date",
+                               b"server"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -404,13 +405,10 @@ class RouterASGI:
         if kind != "http":
             return
         state, path, method = self.state, scope["path"], scope["method"]
-        if path in FORWARDED_PATHS:
-            if method == "POST":
-                await state.forward(scope, receive, send)
-            else:
-                await respond(send, 405, b'{"detail":"Method Not Allowed"}')
-        elif method != "GET":
-            await respond(send, 404 if path not in _GETS else 405, b'{"detail":"Not Found"}')
+        if path in FORWARDED_PATHS and method == "POST":
+            await state.forward(scope, receive, send)
+        elif path in FORWARDED_PATHS or (path in _GETS and method != "GET"):
+            await respond(send, 405, b'{"detail":"Method Not Allowed"}')
         elif path == "/health":
             await state.health(send)
         elif path == "/metrics":
