@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from kvflow.cluster.index import PrefixIndex
 from kvflow.cluster.routers import Router
@@ -34,6 +35,7 @@ from kvflow.peer.identity import PeerIdentity, new_incarnation
 from kvflow.request import Request
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class PeerInfo(NamedTuple):
@@ -218,17 +220,18 @@ class LiveFleet:
     def scraped(
         self, i: int, num_running: int, capacity: int | None, peer: PeerInfo | None
     ) -> None:
-        """Instance i's figures from its /metrics; its peer service's address with a
-        wildcard host is reached at the host of its URL."""
+        """Instance i's figures from its /metrics. Its peer service is reached at the
+        host of its URL when it binds every address, or loopback on a host the URL says
+        is another machine."""
         inst = self.instances[i]
         inst.num_running = num_running
         if capacity:
             inst.capacity = capacity
-        if peer is not None and peer.address.host in _WILDCARD_HOSTS:
-            from urllib.parse import urlsplit
-
+        if peer is not None:
             host = urlsplit(inst.url).hostname or "127.0.0.1"
-            peer = peer._replace(address=PeerAddress(host, peer.address.port))
+            bound = peer.address.host
+            if bound in _WILDCARD_HOSTS or (bound in _LOOPBACK and host not in _LOOPBACK):
+                peer = peer._replace(address=PeerAddress(host, peer.address.port))
         inst.peer = peer
 
 

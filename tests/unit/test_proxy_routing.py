@@ -43,7 +43,9 @@ def _keys(ids: list[int], block_size: int = 4) -> list[int]:
 
 def _fleet(num_instances: int, router: str = "cache-aware") -> LiveFleet:
     fleet = LiveFleet(
-        [f"http://i{i}" for i in range(num_instances)], CONFIG, create(router, CONFIG)
+        [f"http://127.0.0.1:{8000 + i}" for i in range(num_instances)],
+        CONFIG,
+        create(router, CONFIG),
     )
     for i, inst in enumerate(fleet.instances):
         inst.healthy = True
@@ -153,3 +155,19 @@ def test_routers_come_out_of_the_fleet_registry_with_the_config_s_options() -> N
     with pytest.raises(UnknownNameError, match=r"'nope'.*cache-aware"):
         create("nope")
     assert {"cache-aware", "least-loaded", "power-of-two", "round-robin"} <= set(names())
+
+
+def test_a_peer_service_bound_to_every_address_is_reached_at_the_instance_s_host() -> None:
+    fleet = LiveFleet(
+        ["http://10.0.0.7:8001", "http://127.0.0.1:8002"], CONFIG, create("round-robin")
+    )
+    info = PeerInfo("p", PeerAddress("0.0.0.0", 9001), b"f" * 16, 4)
+    fleet.scraped(0, 0, None, info)
+    assert fleet.instances[0].peer is not None
+    assert fleet.instances[0].peer.address == PeerAddress("10.0.0.7", 9001)
+    fleet.scraped(0, 0, None, info._replace(address=PeerAddress("127.0.0.1", 9001)))
+    assert fleet.instances[0].peer.address == PeerAddress("10.0.0.7", 9001)
+    fleet.scraped(1, 3, 77, info._replace(address=PeerAddress("127.0.0.1", 9002)))
+    assert fleet.instances[1].peer is not None
+    assert fleet.instances[1].peer.address == PeerAddress("127.0.0.1", 9002)
+    assert (fleet.instances[1].num_running, fleet.instances[1].capacity) == (3, 77)
