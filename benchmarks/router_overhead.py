@@ -11,11 +11,11 @@ stream, which costs next to nothing per chunk, so the figures are the servers') 
 `--client httpx` (`kvflow replay --endpoint`'s client). Each round sends `--clients`
 concurrent streams straight, then as many through the router (new prompts each time:
 nothing hits the prefix cache); the order alternates per round. Round 0 warms up and is
-not reported. Prints one JSON line per round and path, then one with the medians, the
-tokens/s ratio (router / straight) and the added TTFT (router minus straight, p50 and
-p99):
+not reported. Prints one JSON line per round and path, then one with the medians, and
+the medians over rounds of each round's tokens/s ratio (router / straight) and added TTFT
+(router minus straight, p50 and p99):
 
-    python benchmarks/router_overhead.py [--clients 16] [--output-tokens 64] [--rounds 5]
+    python benchmarks/router_overhead.py [--clients 16] [--output-tokens 256] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,9 @@ async def run(args: argparse.Namespace, direct: str, routed: str) -> list[dict[s
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16, help="concurrent streams")
-    parser.add_argument("--output-tokens", type=int, default=64, help="tokens per request")
+    parser.add_argument("--output-tokens", type=int, default=256, help="tokens per request")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length")
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (after warm-up)")
     parser.add_argument("--router", default="cache-aware", help="the router (default: cache-aware)")
     parser.add_argument(
         "--client", choices=["raw", "httpx"], default="raw", help="the load generator"
@@ -139,13 +139,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in ("straight", "router"):
         summary[f"{path}_tokens_per_s"] = median(path, "tokens_per_s")
         summary[f"{path}_ttft_p50_ms"] = median(path, "ttft_p50_ms")
-    summary["tokens_per_s_ratio"] = (
-        summary["router_tokens_per_s"] / summary["straight_tokens_per_s"]
-    )
-    for q in ("p50", "p99"):
-        summary[f"added_ttft_{q}_ms"] = median("router", f"ttft_{q}_ms") - median(
-            "straight", f"ttft_{q}_ms"
+    # Paired per round (the two paths ran back to back): the load other programs put
+    # on the machine drifts between rounds far more than within one.
+    by_round = {(line["round"], line["path"]): line for line in lines}
+    rounds = sorted({line["round"] for line in lines})
+
+    def paired(key: str, combine: Callable[[float, float], float]) -> float:
+        return statistics.median(
+            combine(by_round[(r, "router")][key], by_round[(r, "straight")][key]) for r in rounds
         )
+
+    summary["tokens_per_s_ratio"] = paired("tokens_per_s", lambda a, b: a / b)
+    for q in ("p50", "p99"):
+        summary[f"added_ttft_{q}_ms"] = paired(f"ttft_{q}_ms", lambda a, b: a - b)
     print(json.dumps({**common, **summary}))
 
 
