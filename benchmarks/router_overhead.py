@@ -13,7 +13,8 @@ concurrent streams straight, then as many through the router (new prompts each t
 nothing hits the prefix cache); the order alternates per round. Round 0 warms up and is
 not reported. Prints one JSON line per round and path, then one with the medians, and
 the medians over rounds of each round's tokens/s ratio (router / straight) and added TTFT
-(router minus straight, p50 and p99):
+(router minus straight, p50 and p99), and the router's own forwarding time (arrival to
+sending, from its `kvflow:router_added_latency_seconds`):
 
     python benchmarks/router_overhead.py [--clients 16] [--output-tokens 256] [--rounds 7]
 """
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_overhead import (
@@ -54,6 +57,24 @@ def start(args: Sequence[str], port: int, log: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "kvflow", *args, "--port", str(port)]
     with log.open("wb") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+
+def forwarding_quantiles(router: str) -> dict[str, float]:
+    """The router's own time from a request's arrival to its forwarding (reading,
+    parsing, routing), p50 and p99 in ms, from its histogram (the upper bound of the
+    bucket the quantile falls in; the warm-up round included)."""
+    text = httpx.get(f"{router}/metrics", timeout=10).text
+    buckets = sorted(
+        (float(s.labels["le"]), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "kvflow:router_added_latency_seconds_bucket"
+    )
+    total = buckets[-1][1]
+    return {
+        f"router_forwarding_{q}_ms": next(le for le, n in buckets if n >= total * f) * 1e3
+        for q, f in (("p50", 0.5), ("p99", 0.99))
+    }
 
 
 async def run(args: argparse.Namespace, direct: str, routed: str) -> list[dict[str, Any]]:
@@ -114,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         router = start(router_args, router_port, rlog)
         wait_until_serving(routed, router, rlog)
         lines = anyio.run(run, args, direct, routed, backend="asyncio", backend_options=UVLOOP)
+        forwarding_ms = forwarding_quantiles(routed)
     finally:
         for proc in (router, server):
             if proc is not None:
@@ -152,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary["tokens_per_s_ratio"] = paired("tokens_per_s", lambda a, b: a / b)
     for q in ("p50", "p99"):
         summary[f"added_ttft_{q}_ms"] = paired(f"ttft_{q}_ms", lambda a, b: a - b)
+    summary.update(forwarding_ms)
     print(json.dumps({**common, **summary}))
 
 
