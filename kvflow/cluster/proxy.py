@@ -7,6 +7,9 @@ another instance; once an answer's first byte has been forwarded it is never ret
 background loop checks each instance's /health and scrapes its load and peer service
 off /metrics; instances that fail leave the rotation until they answer 200 again. The
 router follows each instance's block events over its peer service (`kvflow.peer.follow`).
+With prefill instances (`--prefill`), each request is prefilled on one of them first
+and handed to one of the others (`kvflow.cluster.proxy_pd`), both legs through
+`RouterApp.send_routed`.
 
 The app is plain ASGI (no framework per request): the forwarding path is the router's
 whole cost, and on a machine shared with the instances every microsecond per streamed
@@ -231,47 +234,53 @@ class RouterApp:
             return
         path: str = scope["path"]
         routed = routing_request(path, body, self.codec)
-        if self.pd is not None:
-            headers = {
-                k.decode("latin-1"): v.decode("latin-1")
-                for k, v in scope["headers"]
-                if k not in _DROPPED_REQUEST
-            }
-            handed, prefill_s = await self.pd.handoff(path, body, headers, routed)
-            raw = handed or raw
-            arrived += prefill_s
         head = [b"POST ", scope.get("raw_path") or path.encode(), b" HTTP/1.1\r\n"]
         for name, value in scope["headers"]:
             if name not in _DROPPED_REQUEST:
                 head += [name, b": ", value, b"\r\n"]
-        head.append(b"content-length: %d\r\n" % len(raw))
-        sent = await self.send_routed(routed, b"".join(head), raw, arrived)
+        if self.pd is None:
+            sent = await self.send_routed(routed, b"".join(head), raw, arrived)
+        else:
+            sent = await self.pd.send(body, routed, b"".join(head), raw, arrived)
         if isinstance(sent, str):
+            self.metrics.unroutable.inc()
             await respond(send, 503, error_body(503, sent))
             return
         ticket, target, response = sent
         await self._relay(response, ticket, target, receive, send)
 
     async def send_routed(
-        self, routed: Request, head: bytes, raw: bytes, arrived: float
+        self,
+        routed: Request,
+        head: bytes,
+        raw: bytes,
+        arrived: float,
+        *,
+        prefill: bool = False,
+        tried: list[int] | None = None,
     ) -> tuple[Ticket, _Instance, UpstreamResponse] | str:
-        """Send one request (`head`: its request line and headers without `host`;
-        `raw`: its body; `arrived`: its `perf_counter` arrival) to the instance the
-        router picks for `routed`, and to another while the chosen one refuses it (503)
-        or is down before answering. Returns the accepted answer with its ticket
-        (settle it with `_done`), or why no instance took it."""
-        tried: list[int] = []
+        """Send one request (`head`: its request line and headers without `host` and
+        `content-length`; `raw`: its body; `arrived`: its `perf_counter` arrival) to
+        the instance the router picks for `routed` (a prefill instance with `prefill`),
+        and to another while the chosen one refuses it (503) or is down before
+        answering. `tried` (appended to as it goes) lists instances not to choose.
+        Returns the accepted answer with its ticket (settle it with `_done`), or why no
+        instance took it. Cancelled (a caller's timeout), it settles what it started.
+        The prefill leg of a request is not in `kvflow:router_added_latency_seconds`."""
+        tried = [] if tried is None else tried
         fleet = self.fleet
         metrics = self.metrics
         while True:
-            ticket = fleet.route(routed, tried)
+            ticket = fleet.route(routed, tried, prefill)
             if ticket is None:
-                metrics.unroutable.inc()
                 return f"no instance took the request (tried {len(tried)})"
             i = ticket.instance
             tried.append(i)
             target = self.targets[i]
-            data = b"".join([head, b"host: ", target.host_header, b"\r\n\r\n", raw])
+            data = b"".join(
+                [head, b"content-length: %d\r\nhost: " % len(raw), target.host_header,
+                 b"\r\n\r\n", raw]
+            )  # fmt: skip
             target.in_flight.inc()
             sent = time.perf_counter()
             try:
@@ -282,16 +291,22 @@ class RouterApp:
                 logger.warning("kvflow router: %s failed a request (%s); retrying", target.url, err)
                 self._set_health(i, False)
                 continue
+            except BaseException:
+                self._done(ticket)
+                raise
             if response.status != 503:
                 break
-            with contextlib.suppress(UpstreamDownError):
-                while await response.read():
-                    pass
-            response.release()
-            self._done(ticket)
+            try:
+                with contextlib.suppress(UpstreamDownError):
+                    while await response.read():
+                        pass
+            finally:
+                response.release()
+                self._done(ticket)
             metrics.retries.labels(target.url, "refused").inc()
         fleet.accepted(ticket)
-        metrics.added.observe(sent - arrived)
+        if not prefill:
+            metrics.added.observe(sent - arrived)
         if response.status // 100 == 2:
             target.routed_2xx.inc()
         else:

@@ -191,6 +191,8 @@ class UpstreamPool:
 
         Raises:
             UpstreamDownError: no response byte came back.
+
+        Cancelled before the response's head arrived, the connection is closed.
         """
         key = (host, port)
         idle = self._idle.get(key)
@@ -205,11 +207,14 @@ class UpstreamPool:
                 if conn.num_received:
                     raise
                 continue  # closed by the instance while idle: a fresh connection next
+            except BaseException:  # cancelled: the instance sees the request dropped
+                conn.close()
+                raise
             return UpstreamResponse(self, key, conn)
         conn = await self._connect(key)
         try:
             await conn.send(data)
-        except UpstreamDownError:
+        except BaseException:
             conn.close()
             raise
         return UpstreamResponse(self, key, conn)

@@ -122,6 +122,35 @@ def test_unhealthy_and_tried_instances_are_never_chosen() -> None:
     assert fleet.route(request, tried=[0, 2]) is None
 
 
+def test_prefill_instances_are_routed_among_apart_from_the_others() -> None:
+    serving = ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    prefill = ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
+    fleet = LiveFleet(
+        serving, CONFIG, create("round-robin"), prefill, prefill_router=create("cache-aware")
+    )
+    assert fleet.prefill_ids == (2, 3) and fleet.serving == fleet.instances[:2]
+    for inst in fleet.instances:
+        inst.healthy = True
+    address = PeerAddress("127.0.0.1", 9003)  # instance 3's peer service
+    fleet.scraped(3, 0, None, PeerInfo("peer-3", address, b"f" * 16, 4))
+    fleet.follower.peer_at[address] = "peer-3"
+    prompt = list(range(100, 124))
+    _holds(fleet, 3, _keys(prompt))
+    request = routing_request(COMPLETIONS, {"prompt": prompt}, CODEC)
+    decoded = set()
+    for _ in range(4):
+        ticket = fleet.route(request)
+        assert ticket is not None
+        decoded.add(ticket.instance)
+        fleet.finished(ticket)
+        prefilled = fleet.route(request, prefill=True)  # its own router: cache-aware
+        assert prefilled is not None and prefilled.instance == 3
+        fleet.finished(prefilled)
+    assert decoded == {0, 1}
+    assert fleet.route(request, tried=[3], prefill=True) is not None
+    assert fleet.route(request, tried=[2, 3], prefill=True) is None
+
+
 def test_the_router_s_own_requests_load_the_view_until_they_are_answered() -> None:
     fleet = _fleet(2, "least-loaded")
     long = routing_request(COMPLETIONS, {"prompt": list(range(400))}, CODEC)

@@ -1,6 +1,6 @@
 """The router's HTTP/1.1 pool to its instances, against a small real server on loopback:
 keep-alive reuse, an idle connection the server closed, a refused connection, and a
-chunked body handed on as it arrives."""
+chunked body handed on as it arrives, a request given up before its answer."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ REQUEST = b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
 class _Server:
     """Answers each request by its path: /x a small body kept alive, /close one then
     closes, /stream two chunks with `release` awaited between them, /cut a head and half
-    a chunk, then closes."""
+    a chunk, then closes, /hold nothing: it sets `dropped` once the client closed."""
 
     def __init__(self) -> None:
         self.num_connections = 0
         self.release = asyncio.Event()
+        self.dropped = asyncio.Event()
         self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -42,6 +43,10 @@ class _Server:
                     await writer.drain()
                     await self.release.wait()
                     writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+                elif path == b"/hold":
+                    if not await reader.read(1):
+                        self.dropped.set()
+                    break
                 elif path == b"/cut":
                     writer.write(chunked + b"a\r\nhal")
                     await writer.drain()
@@ -132,6 +137,20 @@ def test_a_chunk_is_handed_on_before_the_body_ends_and_a_cut_body_raises() -> No
                 while await cut.read():
                     pass
             cut.release()
+            pool.close()
+
+    _run(main())
+
+
+def test_a_request_given_up_before_its_answer_closes_its_connection() -> None:
+    async def main() -> None:
+        async with _serving() as (server, port):
+            pool = UpstreamPool(2.0)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):  # as the router's prefill step gives up
+                    await pool.request("127.0.0.1", port, REQUEST.replace(b"/x", b"/hold"))
+            await asyncio.wait_for(server.dropped.wait(), 5)  # the instance sees it end
+            assert await _body(pool, port) == b"ok"
             pool.close()
 
     _run(main())
