@@ -25,6 +25,7 @@ from kvflow.config import KVFlowConfig
 from kvflow.engine import AsyncEngine, RequestFailedError
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.factory import build_runner, load_model, run_blocking
+from kvflow.engine_adapters.text import HFTextCodec, OutputText, TextCodec
 from kvflow.kv.store import KVStore
 from kvflow.request import (
     FinishReason,
@@ -34,7 +35,6 @@ from kvflow.request import (
     TokenLogprobs,
     first_bad_token,
 )
-from kvflow.serve.text import HFTextCodec, OutputText
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,8 @@ class CompletionOutput:
     ttft_s: float | None
     e2e_s: float | None
     text: str = ""
-    """The output as text (`generate` with text or `SamplingParams`, and `chat`)."""
+    """The output as text (`generate` with text or `SamplingParams`, and `chat`; empty
+    for a model without a tokenizer)."""
     logprobs: list[TokenLogprobs] | None = None
     """One per output token, when `SamplingParams.logprobs` asked for them."""
 
@@ -66,7 +67,8 @@ class LLM:
         seed: default sampling seed.
         overlap: plan each step while the previous one runs (see `AsyncEngine`).
         tokenizer: a transformers tokenizer for text prompts and `chat` (default: the
-            one saved in the `model` directory, loaded on first use).
+            one saved in the `model` directory, loaded on first use). Token-id prompts
+            need none (their outputs' `text` is then empty).
     """
 
     def __init__(
@@ -84,6 +86,8 @@ class LLM:
         self.policy = policy
         self._model_source = model
         self._codec: HFTextCodec | None = None if tokenizer is None else HFTextCodec(tokenizer)
+        self._no_codec: str | None = None
+        """Why there is no tokenizer, once looked for and none found."""
         self.overlap = overlap
         self.num_overlapped_steps = 0
         """Steps planned while the previous one ran, over all `generate` calls."""
@@ -152,9 +156,13 @@ class LLM:
             )
         if isinstance(prompts, str):
             prompts = [prompts]
-        codec = self.codec if _has_text(prompts) else None
-        ids = [codec.encode(p) if codec and isinstance(p, str) else list(p) for p in prompts]
-        return self._generate_text(ids, params or SamplingParams())
+        params = params or SamplingParams()
+        if _has_text(prompts):
+            codec = self.codec
+            ids = [codec.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+            return self._generate_text(ids, params, codec)
+        # Token ids need no tokenizer: without one the outputs have no text.
+        return self._generate_text(prompts, params, self._text_codec())
 
     def chat(
         self,
@@ -174,41 +182,66 @@ class LLM:
             codec.encode_chat([dict(m) for m in conv], add_generation_prompt)
             for conv in conversations
         ]
-        return self._generate_text(ids, sampling_params or SamplingParams())
+        return self._generate_text(ids, sampling_params or SamplingParams(), codec)
 
     @property
     def codec(self) -> HFTextCodec:
         """The tokenizer's text side (loaded from the model directory on first use).
 
         Raises:
-            ValueError: no tokenizer was given and the model is not a directory.
+            ValueError: no tokenizer was given and the model directory has none (or
+                the model is not a directory), or the directory's does not load.
         """
-        if self._codec is None:
-            if not isinstance(self._model_source, str | Path):
-                raise ValueError(
+        codec = self._text_codec()
+        if codec is None:
+            raise ValueError(self._no_codec)
+        return codec
+
+    def _text_codec(self) -> HFTextCodec | None:
+        """The tokenizer's text side, or None when the model has no tokenizer.
+
+        Raises:
+            ValueError: the model directory's tokenizer files do not load.
+        """
+        if self._codec is None and self._no_codec is None:
+            source = self._model_source
+            if not isinstance(source, str | Path):
+                self._no_codec = (
                     "text prompts need a tokenizer: pass LLM(..., tokenizer=...) with a "
                     "loaded model"
                 )
-            self._codec = HFTextCodec.from_model_dir(self._model_source)
+            elif not HFTextCodec.saved_in(source):
+                self._no_codec = (
+                    f"text prompts need a tokenizer: the model directory {str(source)!r} "
+                    "has none; pass LLM(..., tokenizer=...)"
+                )
+            else:
+                self._codec = HFTextCodec.from_model_dir(source)
         return self._codec
 
     def _generate_text(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        codec: HFTextCodec | None,
     ) -> list[CompletionOutput]:
+        """`generate` with `params`; `codec` None (no tokenizer): outputs without text."""
+        if codec is None and params.stop:
+            raise ValueError(
+                f"stop={params.stop!r}: stop strings need a tokenizer ({self._no_codec})"
+            )
         stop_ids = list(params.stop_token_ids or ())
-        try:
-            eos = self.codec.eos_token_id
-        except ValueError:  # token ids in, no tokenizer: the model's EOS is unknown
-            eos = None
+        eos = None if codec is None else codec.eos_token_id
         if eos is not None and not params.ignore_eos and eos not in stop_ids:
             stop_ids.append(eos)
         sampling = dataclasses.replace(params, stop_token_ids=tuple(stop_ids))
         max_tokens = params.max_tokens or 16
         requests = [
-            Request(f"llm-{next(self._ids)}", tuple(p), max_tokens, sampling=sampling)
-            for p in prompt_ids
+            Request(f"llm-{next(self._ids)}", self._checked(i, p), max_tokens, sampling=sampling)
+            for i, p in enumerate(prompt_ids)
         ]
-        outputs: list[CompletionOutput] = run_blocking(self._serve, requests, params.stop)
+        text = None if codec is None else (codec, params.stop)
+        outputs: list[CompletionOutput] = run_blocking(self._serve, requests, text)
         return outputs
 
     def generate_outputs(
@@ -256,8 +289,10 @@ class LLM:
         return tokens
 
     async def _serve(
-        self, requests: list[Request], stops: Sequence[str] | None = None
+        self, requests: list[Request], text: tuple[TextCodec, Sequence[str]] | None = None
     ) -> list[CompletionOutput]:
+        """Run `requests` to their ends; with `text` (a codec and stop strings), their
+        outputs are decoded and cut at the stop strings as well."""
         results: dict[str, CompletionOutput | RequestFailedError] = {}
         engine = AsyncEngine(
             self.config, self.runner, self.policy, self.store, overlap=self.overlap
@@ -269,10 +304,10 @@ class LLM:
                 raise ValueError(f"prompt_token_ids[{i}]: {reason}")
         async with engine, anyio.create_task_group() as tg:
             for req in requests:
-                if stops is None:
+                if text is None:
                     tg.start_soon(self._collect, engine, req, results)
                 else:
-                    tg.start_soon(self._collect_text, engine, req, results, stops)
+                    tg.start_soon(self._collect_text, engine, req, results, *text)
         self.num_overlapped_steps += engine.num_overlapped_steps
         self.num_preemptions += engine.scheduler.stats.num_preemptions
         outputs = []
@@ -312,16 +347,17 @@ class LLM:
             logprobs=None if request.sampling.logprobs is None else logprobs,
         )
 
+    @staticmethod
     async def _collect_text(
-        self,
         engine: AsyncEngine,
         request: Request,
         results: dict[str, CompletionOutput | RequestFailedError],
+        codec: TextCodec,
         stops: Sequence[str],
     ) -> None:
         """As `_collect`, with the text decoded as the server streams it: a stop string
         ends the request (aborting the rest) and the text before it."""
-        text = OutputText(self.codec, stops)
+        text = OutputText(codec, stops)
         parts: list[str] = []
         tokens: list[int] = []
         logprobs: list[TokenLogprobs] = []

@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry
 from kvflow.config import KVFlowConfig
 from kvflow.engine import AsyncEngine
 from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_adapters.text import TextCodec
 from kvflow.kv.store import KVStore
 from kvflow.serve.metrics import EngineMetrics
 from kvflow.serve.serving import OpenAIServing, ServedModel
-from kvflow.serve.text import TextCodec
 
 if TYPE_CHECKING:
     from kvflow.peer.node import PeerNode
@@ -84,18 +84,21 @@ def load(options: ServeOptions) -> _Loaded:
     """
     if options.engine == "sim":
         from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
-        from kvflow.serve.text import PlaceholderCodec
+        from kvflow.engine_adapters.text import PlaceholderCodec
 
         config = KVFlowConfig.load(options.config_file, options.settings)
         runner = RealTimeSimRunner.from_config(config.sim)
         # Any uint32 token id is a valid prompt: traces' ids run as they are.
         return _Loaded(config, runner, None, PlaceholderCodec(), 2**32)
     from kvflow.engine_adapters.factory import build_runner, load_model
-    from kvflow.serve.text import HFTextCodec
+    from kvflow.engine_adapters.text import HFTextCodec
 
     if options.model is None:
         raise ValueError(f"--engine {options.engine} needs --model DIR")
-    codec = HFTextCodec.from_model_dir(options.model)
+    try:
+        codec = HFTextCodec.from_model_dir(options.model)
+    except ValueError as err:
+        raise ValueError(f"--model {err}") from None
     model = load_model(options.model, options.engine, options.dtype)
     settings = dict(options.settings)
     settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)

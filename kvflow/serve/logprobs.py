@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import TokenLogprobs
-from kvflow.serve.text import TextCodec
 
 
 class LogprobsFormatter:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from kvflow.engine_adapters.text import finish_reason_name
 from kvflow.request import RequestOutput
-from kvflow.serve.text import finish_reason_name
 
 if TYPE_CHECKING:
     from kvflow.engine import AsyncEngine

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
+from kvflow.engine_adapters.text import OutputText, TextCodec
 from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
 from kvflow.serve.errors import APIError, bad_request
 from kvflow.serve.logprobs import LogprobsFormatter
@@ -21,7 +22,6 @@ from kvflow.serve.protocol import (
     GenerationFields,
 )
 from kvflow.serve.responses import DONE, ResponseShape, usage
-from kvflow.serve.text import OutputText, TextCodec
 
 RETRY_AFTER_S = "1"
 """What a 503 tells clients to wait before retrying, in seconds."""

@@ -9,12 +9,12 @@ from prometheus_client import CollectorRegistry
 from kvflow.engine import AsyncEngine
 from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
 from kvflow.engine_adapters.simulated import LatencyModel
+from kvflow.engine_adapters.text import PlaceholderCodec
 from kvflow.request import SLO
 from kvflow.serve.errors import APIError
 from kvflow.serve.metrics import RequestMetrics
 from kvflow.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from kvflow.serve.serving import OpenAIServing, ServedModel
-from kvflow.serve.text import PlaceholderCodec
 from tests.builders import make_config
 
 NOW = 100.0

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
+from kvflow.engine_adapters.text import OutputText, PlaceholderCodec, StopStrings, WindowDetokenizer
 from kvflow.request import FinishReason, RequestOutput
-from kvflow.serve.text import OutputText, PlaceholderCodec, StopStrings, WindowDetokenizer
 
 MULTIBYTE = "日本語 🚀 Café naïve 🎉!"
 

@@ -1,4 +1,5 @@
-"""Text in and out: a codec per served model, incremental detokenization, stop strings.
+"""Text in and out: a codec per model, incremental detokenization, stop strings (for
+`kvflow.LLM` and `kvflow serve` alike).
 
 `HFTextCodec` wraps the model directory's transformers tokenizer and chat template;
 `PlaceholderCodec` serves `--engine sim`, which has no tokenizer: a word is one token,
@@ -27,6 +28,15 @@ Message = dict[str, str]
 """A chat message: {"role": ..., "content": ...}."""
 
 _REPLACEMENT = "\ufffd"
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
+"""Files transformers loads a tokenizer from; a directory with none of them has none."""
 
 
 class Detokenizer(abc.ABC):
@@ -145,15 +155,21 @@ class HFTextCodec(TextCodec):
         """The tokenizer saved with the checkpoint.
 
         Raises:
-            ValueError: the directory has no tokenizer transformers can load.
+            ValueError: the directory has no tokenizer transformers can load (one line).
         """
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as err:
-            raise ValueError(f"--model {str(model_dir)!r}: no loadable tokenizer: {err}") from None
+            why = " ".join(str(err).split())  # transformers' messages span lines
+            raise ValueError(f"{str(model_dir)!r}: no loadable tokenizer: {why}") from None
         return cls(tokenizer)
+
+    @staticmethod
+    def saved_in(model_dir: str | Path) -> bool:
+        """Whether `model_dir` holds a tokenizer's files (else it has none to load)."""
+        return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
 
     @property
     def has_chat_template(self) -> bool:
@@ -245,6 +261,7 @@ def finish_reason_name(reason: FinishReason | None) -> str:
 
 
 __all__ = [
+    "TOKENIZER_FILES",
     "Detokenizer",
     "HFTextCodec",
     "Message",
