@@ -114,6 +114,12 @@ class LatencyModel:
         """The whole model's time for a step of features `f`."""
         return math.fsum(self.terms_s(f))
 
+    def runner_time_s(self, f: StepFeatures) -> float:
+        """The runner's share of a step of features `f`: every term but the engine's
+        (`ENGINE_TERMS`), which a real engine spends itself around the runner."""
+        terms = self.terms_s(f)
+        return math.fsum(terms[: len(terms) - len(ENGINE_TERMS)])
+
     @property
     def is_linear(self) -> bool:
         """Only the first four terms are priced (`step_time_s` is the whole model)."""

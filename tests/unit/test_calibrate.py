@@ -226,3 +226,27 @@ def test_a_bad_preset_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
     bad.write_text(json.dumps({**preset_fields(KNOWN), "decode_seq_us": -1}))
     with pytest.raises(ConfigError, match="decode_seq_us must be a number >= 0"):
         read_preset(bad)
+
+
+def test_the_real_time_runner_sleeps_every_runner_term_and_none_of_the_engines() -> None:
+    """`kvflow serve --engine sim` sleeps what the virtual-time runner charges for the
+    runner's part of a step: the quadratic and per-chunk terms too; the engine's own
+    terms are spent for real by the engine around it, so it sleeps none of them."""
+    import dataclasses
+    import time
+
+    from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
+
+    plan = plan_for(Mix(10, 3, 7, prefill_context=4), block_size=4, num_blocks=100, vocab_size=50)
+    features = StepFeatures.of(plan)
+    slow = dataclasses.replace(FULL, fixed_ms=20.0, prefill_seq_us=20_000.0)
+    # Engine terms of minutes: sleeping them would be unmistakable.
+    engine = dataclasses.replace(slow, step_overhead_ms=60_000.0, seq_overhead_us=10e6)
+    expected = slow.features_time_s(features)
+    assert engine.runner_time_s(features) == pytest.approx(expected)
+    assert engine.features_time_s(features) > expected + 60
+    began = time.perf_counter()
+    result = RealTimeSimRunner(engine).execute(plan)
+    took = time.perf_counter() - began
+    assert result.duration_s == pytest.approx(expected)
+    assert expected <= took < 30.0  # the runner's terms slept, not the engine's minutes
