@@ -89,6 +89,10 @@ class Side:
 
     def __init__(self) -> None:
         self.ttft_s: list[float] = []
+        self.timings: dict[int, dict[str, float]] = {}
+        """Per request (keyed by its prompt's first id): when it was sent and its first
+        token seen, on `time.perf_counter`, and the engine's `queue_s`/`ttft_s` where
+        known (in-process)."""
         self.num_tokens = 0
         self.start = 0.0
         self.end = 0.0
@@ -176,6 +180,7 @@ async def raw_round(
         if first is None or num_tokens != output_tokens:
             raise RuntimeError(f"a stream ended with {num_tokens} of {output_tokens} tokens")
         side.ttft_s.append(first - sent)
+        side.timings[prompt[0]] = {"sent": sent, "first": first}
         side.num_tokens += num_tokens
 
     side.start = time.perf_counter()
@@ -200,11 +205,13 @@ async def local_round(
         async for out in engine.generate(request):
             if first is None and out.new_token_ids:
                 first = time.perf_counter()
+                engine_times = {"queue_s": out.queue_s or 0.0, "ttft_s": out.ttft_s or 0.0}
             num_tokens = out.num_output_tokens
         side.end = max(side.end, time.perf_counter())
         if first is None or num_tokens != output_tokens:
             raise RuntimeError(f"a request ended with {num_tokens} of {output_tokens} tokens")
         side.ttft_s.append(first - sent)
+        side.timings[prompt[0]] = {"sent": sent, "first": first, **engine_times}
         side.num_tokens += num_tokens
 
     side.start = time.perf_counter()
