@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -281,7 +281,7 @@ class OpenAIServing:
         stops: Sequence[str],
         shape: ResponseShape,
         logprobs: LogprobsFormatter | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Server-sent events: the shape's first chunk (chat's role), one chunk per
         output with new text (or new log-probabilities, with `logprobs`), the usage
         chunk when asked for, then `[DONE]`."""

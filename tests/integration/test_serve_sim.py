@@ -254,7 +254,7 @@ def test_priority_policy_and_back_pressure_behind_the_server(tmp_path: Path) -> 
             assert httpx.post(url, json=body, timeout=60).status_code == 200
             done.append(name)
 
-        body = {"model": MODEL, "prompt": "first", "max_tokens": 60, "stream": True}
+        body = {"model": MODEL, "prompt": "first", "max_tokens": 200, "stream": True}
         with httpx.stream("POST", url, json=body, timeout=60) as first:
             assert first.status_code == 200
             lines = first.iter_lines()
