@@ -9,11 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-_COMPACT = (",", ":")
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=_COMPACT, ensure_ascii=False)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Compact JSON (one encoder: `json.dumps` with options builds one per call)."""
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached: int) -> dict[str, Any]:

@@ -65,11 +65,9 @@ class Generation:
     observer: RequestObserver
     in_flight: set[str]
 
-    async def each(self) -> AsyncIterator[RequestOutput]:
-        yield self.first
-        if not self.first.finished:
-            async for out in self.outputs:
-                yield out
+    async def next(self) -> RequestOutput | None:
+        """The output after those seen (None: the stream ended)."""
+        return await anext(self.outputs, None)
 
     async def aclose(self) -> None:
         """Leave the stream: an unfinished request is aborted and its blocks freed."""
@@ -257,7 +255,8 @@ class OpenAIServing:
         reason: str | None = None
         num_tokens = 0
         try:
-            async for out in gen.each():
+            out: RequestOutput | None = gen.first
+            while out is not None:
                 if out is not gen.first:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
@@ -268,6 +267,7 @@ class OpenAIServing:
                 if reason is not None:
                     gen.observer.finish(reason)
                     break
+                out = await gen.next()
         except Exception as err:  # the runner or the engine failed the request
             gen.observer.finish("error")
             raise engine_failure(err) from None
@@ -284,14 +284,17 @@ class OpenAIServing:
     ) -> AsyncGenerator[bytes, None]:
         """Server-sent events: the shape's first chunk (chat's role), one chunk per
         output with new text (or new log-probabilities, with `logprobs`), the usage
-        chunk when asked for, then `[DONE]`."""
+        chunk when asked for, then `[DONE]`.
+
+        Each yielded item is one write to the socket: chat's role chunk goes with the
+        first text, and the last text, the usage and `[DONE]` go together."""
         text = OutputText(self.model.codec, stops)
         num_tokens = 0
+        head = shape.first_event() or b""
+        tail = b""
         try:
-            first = shape.first_event()
-            if first is not None:
-                yield first
-            async for out in gen.each():
+            out: RequestOutput | None = gen.first
+            while out is not None:
                 if out is not gen.first:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
@@ -299,19 +302,25 @@ class OpenAIServing:
                 lps = None
                 if logprobs is not None and out.logprobs:
                     lps = logprobs.chunk(out.new_token_ids, out.logprobs)
+                chunk = b""
                 if delta or reason is not None or lps is not None:
-                    yield shape.event(delta, reason, lps)
+                    chunk = shape.event(delta, reason, lps)
                 if reason is not None:
                     gen.observer.finish(reason)
+                    tail = chunk
                     break
+                if chunk:
+                    yield head + chunk
+                    head = b""
+                out = await gen.next()
             if shape.with_usage:
-                yield shape.usage_event(self.usage(gen, num_tokens))
+                tail += shape.usage_event(self.usage(gen, num_tokens))
         except Exception as err:  # after the headers: the error goes in the stream
             gen.observer.finish("error")
-            yield error_event(engine_failure(err))
+            tail += error_event(engine_failure(err))
         finally:
             await gen.aclose()
-        yield DONE
+        yield head + tail + DONE
 
     @staticmethod
     def usage(gen: Generation, num_completion_tokens: int) -> dict[str, Any]:
