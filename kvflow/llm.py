@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,11 +275,7 @@ class LLM:
         if not tokens:
             raise ValueError(f"prompt_token_ids[{index}] is empty")
         vocab_size = self.runner.model_info.vocab_size or 2**32
-        try:  # packing checks types and range at C speed; the slow walk only names a bad one
-            fits = max(array("I", tokens)) < vocab_size
-        except (OverflowError, TypeError):
-            fits = False
-        bad = None if fits else first_bad_token(tokens, vocab_size)
+        bad = first_bad_token(tokens, vocab_size)
         if bad is not None:
             raise ValueError(
                 f"prompt_token_ids[{index}][{bad[0]}] = {bad[1]!r} is not a token id of the "

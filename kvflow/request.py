@@ -54,6 +54,12 @@ def _check(ok: bool, message: str) -> None:
 
 def first_bad_token(token_ids: Iterable[object], limit: int) -> tuple[int, object] | None:
     """`(index, value)` of the first entry that is not an int in `[0, limit)`, or None."""
+    if isinstance(token_ids, list | tuple):
+        try:  # packing checks types and range at C speed; the walk below names a bad one
+            if not token_ids or max(array("I", token_ids)) < limit:
+                return None
+        except (OverflowError, TypeError):
+            pass
     for i, token in enumerate(token_ids):
         if isinstance(token, SupportsIndex) and 0 <= operator.index(token) < limit:
             continue

@@ -67,17 +67,25 @@ class DisconnectWatch:
     One small asyncio task waits on `receive`; ASGI servers answer it with
     `http.disconnect` when the connection closes (uvicorn also once the response is
     complete, which ends the watch by itself). The server runs on asyncio (uvicorn),
-    so the watch is a plain asyncio task, not an anyio task group.
+    so the watch is a plain asyncio task, not an anyio task group. It starts at the
+    loop's next turn, so what the caller sends meanwhile (a stream's first chunk) is
+    not held back by it.
     """
 
-    __slots__ = ("_done", "_target", "_watcher", "gone")
+    __slots__ = ("_done", "_receive", "_target", "_watcher", "gone")
 
     def __init__(self, receive: Receive) -> None:
         self._target = asyncio.current_task()
+        self._receive = receive
         self._done = False
         self.gone = False
         """The client disconnected before `done()` (and the task was cancelled)."""
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher: asyncio.Future[None] | None = None
+        asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        if not self._done:
+            self._watcher = asyncio.ensure_future(self._watch(self._receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -90,7 +98,7 @@ class DisconnectWatch:
         """The response is complete (or abandoned): the watch no longer cancels; a watch
         the server has not ended by the next turn of the loop is cancelled."""
         self._done = True
-        if not self._watcher.done():
+        if self._watcher is not None and not self._watcher.done():
             asyncio.get_running_loop().call_soon(self._watcher.cancel)
 
     def swallow(self, err: asyncio.CancelledError) -> None:

@@ -11,7 +11,14 @@ from typing import Any, cast
 
 from kvflow.engine import AsyncEngine, EngineClosedError, EngineOverloadedError
 from kvflow.engine_adapters.text import OutputText, TextCodec
-from kvflow.request import SLO, FinishReason, Request, RequestOutput, SamplingParams
+from kvflow.request import (
+    SLO,
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    first_bad_token,
+)
 from kvflow.serve.errors import APIError, bad_request
 from kvflow.serve.logprobs import LogprobsFormatter
 from kvflow.serve.metrics import RequestMetrics, RequestObserver
@@ -156,9 +163,9 @@ class OpenAIServing:
         if not ids:
             raise bad_request(f"{param} is empty (0 tokens)", param)
         vocab = self.model.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        bad = first_bad_token(ids, vocab)
         if bad is not None:
-            raise bad_request(f"{param}: token id {bad!r} is outside [0, {vocab})", param)
+            raise bad_request(f"{param}: token id {bad[1]!r} is outside [0, {vocab})", param)
         return ids
 
     def make_request(
