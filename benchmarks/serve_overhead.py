@@ -95,6 +95,8 @@ class Side:
         known (in-process)."""
         self.num_tokens = 0
         self.start = 0.0
+        self.start_cpu = 0.0
+        """`time.thread_time()` at the start (in-process: the loop's CPU from there)."""
         self.end = 0.0
 
     def summary(self) -> dict[str, float]:
@@ -206,6 +208,7 @@ async def local_round(
             if first is None and out.new_token_ids:
                 first = time.perf_counter()
                 engine_times = {"queue_s": out.queue_s or 0.0, "ttft_s": out.ttft_s or 0.0}
+                engine_times["first_cpu"] = time.thread_time() - side.start_cpu
             num_tokens = out.num_output_tokens
         side.end = max(side.end, time.perf_counter())
         if first is None or num_tokens != output_tokens:
@@ -215,6 +218,7 @@ async def local_round(
         side.num_tokens += num_tokens
 
     side.start = time.perf_counter()
+    side.start_cpu = time.thread_time()
     async with anyio.create_task_group() as tg:
         for i, prompt in enumerate(batch):
             tg.start_soon(one, i, prompt)

@@ -17,8 +17,11 @@ Each request's time to its first token splits into, in ms:
 - `write->client`: the client reads and parses it;
 
 in-process only the engine's two (`submit->scheduled`, `scheduled->token`) and
-`token->consumer`. Prints one JSON line per round with the medians over requests,
-then the medians over rounds:
+`token->consumer`. And, not stretched by other processes taking the cores, the CPU
+the event loop's thread spent from the round's first request to each request's first
+token (`loop_cpu_to_first_token_ms`: the server's from the first request's arrival to
+this one's first write; in-process, the client's from the round's start). Prints one
+JSON line per round with the medians over requests, then the medians over rounds:
 
     python benchmarks/serve_ttft_breakdown.py [--clients 64] [--output-tokens 128] [--rounds 5]
 """
@@ -85,7 +88,7 @@ def serve_instrumented(port: int, out: Path, settings: dict[str, Any]) -> None:
             if scope["type"] != "http" or scope["path"] != "/v1/completions":
                 await app(scope, receive, send)
                 return
-            record = {"app": time.perf_counter()}
+            record = {"app": time.perf_counter(), "app_cpu": time.thread_time()}
             records.append(record)
             current.set(record)
 
@@ -93,6 +96,7 @@ def serve_instrumented(port: int, out: Path, settings: dict[str, Any]) -> None:
                 body = message["type"] == "http.response.body" and message.get("body")
                 if body and "write" not in record:
                     record["write"] = time.perf_counter()
+                    record["write_cpu"] = time.thread_time()
                 await send(message)
 
             await app(scope, receive, timed_send)
@@ -213,7 +217,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         ttft_local = statistics.median(
             (t["first"] - t["sent"]) * 1e3 for t in one["local"].values()
         )
+        round_records = [records[k] for k in one["http"]]
+        start_cpu = min(r["app_cpu"] for r in round_records)
+        http_cpu = statistics.median((r["write_cpu"] - start_cpu) * 1e3 for r in round_records)
+        local_cpu = statistics.median(t["first_cpu"] * 1e3 for t in one["local"].values())
         line = {"round": one["round"], "http_ttft_p50_ms": round(ttft, 3)}
+        line |= {"loop_cpu_to_first_token_ms": {"http": round(http_cpu, 3)}}
+        line["loop_cpu_to_first_token_ms"]["in_process"] = round(local_cpu, 3)
         line |= {"in_process_ttft_p50_ms": round(ttft_local, 3)}
         line |= {"http": medians(http, HTTP_PARTS), "in_process": medians(local, LOCAL_PARTS)}
         lines.append(line)
@@ -223,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary[key] = round(statistics.median(line[key] for line in lines), 3)
     for side, parts in (("http", HTTP_PARTS), ("in_process", LOCAL_PARTS)):
         summary[side] = {p: round(statistics.median(x[side][p] for x in lines), 3) for p in parts}
+    summary["loop_cpu_to_first_token_ms"] = {
+        side: round(statistics.median(x["loop_cpu_to_first_token_ms"][side] for x in lines), 3)
+        for side in ("http", "in_process")
+    }
     print(json.dumps({**common, **summary, "load_average": os.getloadavg()}))
 
 
