@@ -17,8 +17,11 @@ outputs with `ignore_eos`) three ways, one after the other:
 
 Per way: streamed output tokens per second (all tokens / first send to last token) and
 TTFT (send to the first token). The TTFT the HTTP path adds is `http`'s p50 (p99) minus
-`in-process`'s, in the same round. Round 0 warms up (connections, imports) and is not
-reported. Prints one JSON line per round and way, then one with the medians over rounds:
+`in-process`'s, in the same round. And CPU per streamed token, which other processes
+on the cores do not stretch: the server process's (user + system, from /proc, over the
+`http` way) and this process's over the `in-process` way. Round 0 warms up
+(connections, imports) and is not reported. Prints one JSON line per round and way,
+then one with the medians over rounds:
 
     python benchmarks/serve_overhead.py [--clients 64] [--output-tokens 128] [--rounds 5]
 """
@@ -60,6 +63,18 @@ ZERO_COST = {
 }
 """The latency model with every coefficient 0: a step returns as soon as it is made."""
 UVLOOP = {"use_uvloop": True}
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) process `pid` has used so far, from /proc (Linux;
+    None elsewhere or without a pid)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -246,7 +261,9 @@ def wait_until_serving(url: str, server: subprocess.Popen[bytes], log: Path) -> 
     raise RuntimeError(f"the server was not serving after 60 s: {log.read_text()}")
 
 
-async def run(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
+async def run(
+    args: argparse.Namespace, url: str, server_pid: int | None = None
+) -> list[dict[str, Any]]:
     loaded = load(ServeOptions(engine="sim", settings=dict(ZERO_COST)))
     engine = AsyncEngine(loaded.config, loaded.runner, "fcfs", max_num_pending=4096)
     connections = Connections(client_maker(url, timeout_s=60), args.clients)
@@ -259,13 +276,20 @@ async def run(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
                 model = await first_model(client, url)
             for r in range(args.rounds + 1):  # round 0 warms up
                 batch = prompts(r, args.clients, args.prompt_tokens)
+                cpu_before = process_cpu_s(server_pid)
                 raw = await raw_round(address, model, batch, args.output_tokens)
+                cpu_after = process_cpu_s(server_pid)
                 batch = prompts(r + 1000, args.clients, args.prompt_tokens)
                 replay = await http_round(connections, model, batch, args.output_tokens)
+                local_cpu = time.process_time()
                 local = await local_round(engine, r, batch, args.output_tokens)
+                local_cpu = time.process_time() - local_cpu
                 if r == 0:
                     continue
                 h, loc = raw.summary(), local.summary()
+                if cpu_before is not None and cpu_after is not None:
+                    h["server_cpu_us_per_token"] = (cpu_after - cpu_before) / raw.num_tokens * 1e6
+                loc["cpu_us_per_token"] = local_cpu / local.num_tokens * 1e6
                 lines.append({"round": r, "path": "http", **h})
                 lines.append({"round": r, "path": "http, replay client", **replay.summary()})
                 lines.append({"round": r, "path": "in-process", **loc})
@@ -304,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         server = start_server(port, ZERO_COST, log)
         try:
             wait_until_serving(url, server, log)
-            lines = anyio.run(run, args, url, backend="asyncio", backend_options=UVLOOP)
+            lines = anyio.run(run, args, url, server.pid, backend="asyncio", backend_options=UVLOOP)
         finally:
             server.terminate()
             server.wait(60)
@@ -326,8 +350,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("in-process", "ttft_p50_ms", "in_process_ttft_p50_ms"),
         ("http minus in-process", "added_ttft_p50_ms", "added_ttft_p50_ms"),
         ("http minus in-process", "added_ttft_p99_ms", "added_ttft_p99_ms"),
+        ("http", "server_cpu_us_per_token", "http_server_cpu_us_per_token"),
+        ("in-process", "cpu_us_per_token", "in_process_cpu_us_per_token"),
     ):
-        summary[name] = statistics.median(line[key] for line in lines if line["path"] == path)
+        values = [line[key] for line in lines if line["path"] == path and key in line]
+        summary[name] = statistics.median(values) if values else None
     print(json.dumps({**common, **summary}))
 
 

@@ -20,7 +20,8 @@ in-process only the engine's two (`submit->scheduled`, `scheduled->token`) and
 `token->consumer`. And, not stretched by other processes taking the cores, the CPU
 the event loop's thread spent from the round's first request to each request's first
 token (`loop_cpu_to_first_token_ms`: the server's from the first request's arrival to
-this one's first write; in-process, the client's from the round's start). Prints one
+this one's first write; in-process, the client's from the round's start), and the
+writes per response (fewer than its tokens when a stream fell behind). Prints one
 JSON line per round with the medians over requests, then the medians over rounds:
 
     python benchmarks/serve_ttft_breakdown.py [--clients 64] [--output-tokens 128] [--rounds 5]
@@ -94,6 +95,8 @@ def serve_instrumented(port: int, out: Path, settings: dict[str, Any]) -> None:
 
             async def timed_send(message: Any) -> None:
                 body = message["type"] == "http.response.body" and message.get("body")
+                if body:
+                    record["num_writes"] = record.get("num_writes", 0) + 1
                 if body and "write" not in record:
                     record["write"] = time.perf_counter()
                     record["write_cpu"] = time.thread_time()
@@ -222,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         http_cpu = statistics.median((r["write_cpu"] - start_cpu) * 1e3 for r in round_records)
         local_cpu = statistics.median(t["first_cpu"] * 1e3 for t in one["local"].values())
         line = {"round": one["round"], "http_ttft_p50_ms": round(ttft, 3)}
+        line["writes_per_request"] = statistics.mean(r["num_writes"] for r in round_records)
         line |= {"loop_cpu_to_first_token_ms": {"http": round(http_cpu, 3)}}
         line["loop_cpu_to_first_token_ms"]["in_process"] = round(local_cpu, 3)
         line |= {"in_process_ttft_p50_ms": round(ttft_local, 3)}
@@ -233,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary[key] = round(statistics.median(line[key] for line in lines), 3)
     for side, parts in (("http", HTTP_PARTS), ("in_process", LOCAL_PARTS)):
         summary[side] = {p: round(statistics.median(x[side][p] for x in lines), 3) for p in parts}
+    summary["writes_per_request"] = statistics.median(x["writes_per_request"] for x in lines)
     summary["loop_cpu_to_first_token_ms"] = {
         side: round(statistics.median(x["loop_cpu_to_first_token_ms"][side] for x in lines), 3)
         for side in ("http", "in_process")

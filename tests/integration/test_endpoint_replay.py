@@ -143,17 +143,18 @@ SLOW = {
     "sim.kv_token_ns": 0,
 }
 """Steps of 100 ms plus 0.4 ms per prefill token (a 96-token prompt's prefill: 138 ms;
-with its 64-token prefix cached: 113 ms), slow beside what the HTTP path and the
-engine's own work add to a request (~1-2 ms on a quiet machine: see README, "Replay
-against an endpoint")."""
+with its 64-token prefix cached: 113 ms), slow beside what the HTTP path adds to a
+request (~1 ms: `benchmarks/serve_ttft_breakdown.py --clients 1`)."""
 SERVED_ENGINE = {"sim.overlap": True}
 """What `kvflow serve` runs, for the virtual-time side: `AsyncEngine` plans step N+1
 while step N runs (a request arriving during step N waits for step N+2)."""
+# What the comparison allows beyond 15%: the late wake-ups of client, server, engine and
+# runner thread when other jobs keep the 2 cores busy (each step's sleep ends late). At
+# a load average of 10.5, TTFT p50 came out 8-16% above the simulator's and TPOT p50
+# 0-10% (README, "Replay against an endpoint"). With them the TTFT bound stays under a
+# step (100 ms): a first token a step early or late still fails.
 TTFT_SLACK_MS = 20.0
-"""What the comparison allows on TTFT beyond 15%: the late wake-ups of client, server,
-engine and runner thread on a loaded machine. On a quiet one real TTFT p50 is within
-a few ms of the simulator's; at a load average of 8-10 on the 2 cores it came out 20-26
-ms above it (one missing or extra step would be 100 ms)."""
+TPOT_SLACK_MS = 10.0
 
 
 @pytest.mark.parametrize(
@@ -165,10 +166,11 @@ def test_replay_reproduces_the_virtual_time_simulators_ttft_and_tpot(
     tmp_path: Path, num_requests: int, gap_s: float
 ) -> None:
     """The same trace and latency model in virtual time (with the served engine's
-    overlapped planning) and against `kvflow serve` in real time: TTFT p50 within 15% +
-    `TTFT_SLACK_MS`, TPOT p50 within 15%, the same cached tokens. Requests either do
-    not overlap (0.8 s apart, each done in ~0.65 s) or arrive while others run, where
-    the overlapped planning delays a newcomer by a step."""
+    overlapped planning) and against `kvflow serve` in real time: TTFT and TPOT p50
+    within 15% (plus the slacks), the same cached tokens. Requests either do not
+    overlap (0.8 s apart, each done in ~0.65 s) or arrive while others run, where the
+    overlapped planning delays a newcomer by a step (without `sim.overlap` the
+    simulator's TTFT p50 is 180 ms there, the server's ~285 ms)."""
     lines = shared_prefix_lines(num_requests, gap_s=gap_s, output_len=5)
     requests = read_trace(write_trace(tmp_path / "t.jsonl", lines)).requests
     config = KVFlowConfig.load(None, {**SLOW, **SERVED_ENGINE})
@@ -180,7 +182,7 @@ def test_replay_reproduces_the_virtual_time_simulators_ttft_and_tpot(
     sim_ttft, real_ttft = simulated.ttft_ms.p50, real.ttft_ms.p50
     assert abs(real_ttft - sim_ttft) <= 0.15 * sim_ttft + TTFT_SLACK_MS, (real_ttft, sim_ttft)
     sim_tpot, real_tpot = simulated.tpot_ms.p50, real.tpot_ms.p50
-    assert abs(real_tpot - sim_tpot) <= 0.15 * sim_tpot, (real_tpot, sim_tpot)
+    assert abs(real_tpot - sim_tpot) <= 0.15 * sim_tpot + TPOT_SLACK_MS, (real_tpot, sim_tpot)
 
 
 # -- a server that is not kvflow's ------------------------------------------------------
