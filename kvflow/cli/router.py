@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cluster.proxy import RouterOptions, run_router
     from kvflow.cluster.proxy_routing import create
     from kvflow.config import KVFlowConfig
-    from kvflow.serve.text import HFTextCodec, PlaceholderCodec, TextCodec
+    from kvflow.engine_adapters.text import HFTextCodec, PlaceholderCodec, TextCodec
 
     if len(set(args.instances)) != len(args.instances):
         raise CLIError(f"--instance given twice: {', '.join(args.instances)}")

@@ -38,8 +38,8 @@ from kvflow.cluster.proxy_metrics import RouterMetrics, scrape_instance
 from kvflow.cluster.proxy_pd import PrefillStep
 from kvflow.cluster.proxy_routing import routing_request
 from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
+from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import Request
-from kvflow.serve.text import TextCodec
 
 logger = logging.getLogger("kvflow.router")
 

@@ -13,8 +13,8 @@ from typing import Any
 from kvflow.cluster import routers
 from kvflow.cluster.routers import Router
 from kvflow.config import KVFlowConfig
+from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import Request
-from kvflow.serve.text import TextCodec
 
 DEFAULT_MAX_TOKENS = 16
 _ids = itertools.count()

@@ -13,10 +13,10 @@ from kvflow.cluster.live import LiveFleet, PeerInfo
 from kvflow.cluster.proxy_routing import create, names, prompt_ids, routing_request
 from kvflow.cluster.routers import CacheAwareRouter, UnknownNameError
 from kvflow.config import KVFlowConfig
+from kvflow.engine_adapters.text import PlaceholderCodec
 from kvflow.kv.hashing import extend_block_keys, root_key
 from kvflow.peer.follow import PeerAddress
 from kvflow.peer.frames import KeyRecord, SeqFrame
-from kvflow.serve.text import PlaceholderCodec
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
