@@ -102,6 +102,12 @@ def load(options: ServeOptions) -> _Loaded:
     model = load_model(options.model, options.engine, options.dtype)
     settings = dict(options.settings)
     settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)
+    if options.peers is not None:
+        # The model's identity defaults to the served name, for the peer fingerprint and
+        # a persistent disk tier's alike (one identity: the slab's blocks are served).
+        config = KVFlowConfig.load(options.config_file, {**model.layout, **settings})
+        if not config.peer.model_id:
+            settings["peer.model_id"] = options.model_name
     built = build_runner(model, settings, config_file=options.config_file, seed=options.seed)
     return _Loaded(built.config, built.runner, built.store, codec, model.vocab_size)
 
@@ -178,13 +184,11 @@ class EngineHost:
                 self.abort_all()
 
     def _peer_node(self, engine: AsyncEngine, loaded: _Loaded) -> PeerNode:
-        """The peer layer beside the engine, on its loop; the model's identity defaults
-        to the served model's name."""
+        """The peer layer beside the engine, on its loop (the model's identity, by
+        default the served model's name, is in the config since `load`)."""
         from kvflow.peer.node import PeerAddress, PeerNode
 
         config = loaded.config.peer
-        if not config.model_id:
-            config = config.model_copy(update={"model_id": self.options.model_name})
         peers = [PeerAddress.parse(p) for p in self.options.peers or ()]
         node = PeerNode(engine.scheduler.store, config, peers)
         logger.info(

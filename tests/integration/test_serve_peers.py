@@ -1,8 +1,13 @@
 """Two real `kvflow serve --engine torch` processes on loopback sharing KV blocks
 through their peer services (tiny random Llama, float64): B serves a prompt whose prefix
 A computed by pulling A's blocks (no prefill of them on B), with the tokens of computing
-it alone; a stalled then killed A leaves B recomputing within the pull timeout, with no
-leak; a peer with another model's fingerprint or the wrong secret is refused."""
+it alone; A, stopped and restarted over its persistent disk tier, serves its old
+prefixes from disk and B finds them at A again (and nothing of A's old incarnation); a
+stalled then killed A leaves B recomputing within the pull timeout, with no leak; a
+peer with another model's fingerprint or the wrong secret is refused.
+
+The tests run in file order over one pair of servers: each leaves A as the next expects.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +61,22 @@ def prompt(seed: int, num_words: int = 40) -> str:
     return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(num_words))
 
 
+A_DISK_BLOCKS = 40
+"""A's persistent disk tier: fewer blocks than A computes in the tests before its
+restart (29 or 30 blocks per prompt and its output), so the slab keeps only the latest."""
+
+
+def persistent_disk(slab: Path) -> list[str]:
+    """A's disk tier: persistent, written through (every block computed lands on disk)."""
+    settings = {
+        "kv.disk.num_blocks": A_DISK_BLOCKS,
+        "kv.disk.path": slab,
+        "kv.disk.persist": "true",
+        "kv.write_policy": "write_through",
+    }
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
 def serve_args(model_dir: Path, peer_port: int, peers: list[int], *extra: str) -> list[str]:
     args = ["--engine", "torch", "--model", str(model_dir), "--dtype", "float64"]
     args += ["--served-model-name", MODEL, "--peer-port", str(peer_port)]
@@ -89,27 +111,41 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@dataclass
+class Pair:
+    a: ServerProcess
+    """Replaced by the tests that restart A."""
+    b: ServerProcess
+    port_a: int
+    port_b: int
+    a_args: list[str]
+    """A's arguments: with a persistent disk tier."""
+
+
 @pytest.fixture(scope="module")
-def pair(
-    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServerProcess, ServerProcess, int, int]]:
+def pair(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     logs = tmp_path_factory.mktemp("serve-peers")
     port_a, port_b = free_port(), free_port()
+    a_args = serve_args(model_dir, port_a, [port_b], *persistent_disk(logs / "a.slab"))
     with (
-        ServerProcess(serve_args(model_dir, port_a, [port_b]), logs / "a.log") as a,
+        ServerProcess(a_args, logs / "a.log") as a,
         ServerProcess(serve_args(model_dir, port_b, [port_a]), logs / "b.log") as b,
     ):
         for server in (a, b):
             wait_until("peers up", lambda s=server: s.metric("kvflow:peers_up") == 1)
-        yield a, b, port_a, port_b
+        both = Pair(a, b, port_a, port_b, a_args)
+        try:
+            yield both
+        finally:
+            both.a.kill()
 
 
 def peer_hits(server: ServerProcess) -> float:
     return server.metric("kvflow:prefix_cache_hits_by_tier_total", tier="peer")
 
 
-def test_b_pulls_the_prefix_a_computed(pair: tuple[ServerProcess, ServerProcess, int, int]) -> None:
-    a, b, _, _ = pair
+def test_b_pulls_the_prefix_a_computed(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     text = prompt(1)
     keys_before = b.metric("kvflow:peer_directory_keys")
     alone = complete(a, text)  # A computes it alone
@@ -130,10 +166,62 @@ def test_b_pulls_the_prefix_a_computed(pair: tuple[ServerProcess, ServerProcess,
     b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
 
 
-def test_a_stalled_then_killed_peer_leaves_b_recomputing(
-    pair: tuple[ServerProcess, ServerProcess, int, int],
+def moved(server: ServerProcess, direction: str) -> float:
+    return server.metric("kvflow:kv_tier_bytes_moved_total", direction=direction)
+
+
+def test_a_restarted_over_its_persistent_disk_is_found_again_at_b(
+    pair: Pair, tmp_path: Path
 ) -> None:
-    a, b, _, _ = pair
+    a, b = pair.a, pair.b
+    old, latest = prompt(5), prompt(6)
+    complete(a, old)  # A's slab will keep only the end of it
+    alone = complete(a, latest)
+    # Written through: every block A computed lands in cpu, then on disk.
+    wait_until(
+        "A's blocks on disk",
+        lambda: moved(a, "cpu_to_disk") == moved(a, "device_to_cpu") > 0,
+    )
+    keys_before = b.metric("kvflow:peer_directory_keys")
+    assert keys_before > A_DISK_BLOCKS  # A computed more than its disk tier keeps
+    assert a.terminate() == 0  # A stops; its slab stays
+
+    restarted = ServerProcess(pair.a_args, tmp_path / "a-restarted.log")
+    pair.a = restarted  # the next tests use it; the fixture kills it at the end
+    restarted.wait_healthy()
+    assert restarted.metric("kvflow:kv_disk_blocks_recovered_total") == A_DISK_BLOCKS
+    assert restarted.metric("kvflow:kv_disk_blocks_dropped_total") == 0
+    wait_until("A up again at B", lambda: b.metric("kvflow:peers_up") == 1)
+    # A's old incarnation's entries are gone; its new one holds what its slab kept.
+    wait_until(
+        "A's recovered blocks known at B",
+        lambda: b.metric("kvflow:peer_directory_keys") == A_DISK_BLOCKS,
+    )
+    hits, failures = peer_hits(b), b.metric("kvflow:peer_pull_failures_total")
+    pulled = complete(b, latest)  # found again at A, on A's disk
+    assert pulled["choices"][0]["text"] == alone["choices"][0]["text"]
+    cached = pulled["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == peer_hits(b) - hits > 0
+    assert pulled["usage"]["prompt_tokens"] - cached <= 4
+    assert b.metric("kvflow:peer_pull_failures_total") == failures
+    # The start of `old` fell off A's slab: B has no hint of it, so no pull to fail.
+    recomputed = complete(b, old)
+    assert recomputed["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert peer_hits(b) - hits == cached
+    assert b.metric("kvflow:peer_pull_failures_total") == failures
+    # A itself serves its old prefix from its disk tier.
+    disk_hits = restarted.metric("kvflow:prefix_cache_hits_by_tier_total", tier="disk")
+    again = complete(restarted, latest)
+    assert again["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    assert (
+        restarted.metric("kvflow:prefix_cache_hits_by_tier_total", tier="disk") - disk_hits
+        == cached
+    )
+
+
+def test_a_stalled_then_killed_peer_leaves_b_recomputing(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     text = prompt(2)
     keys = b.metric("kvflow:peer_directory_keys")
     alone = complete(a, text)
@@ -161,12 +249,12 @@ def test_a_stalled_then_killed_peer_leaves_b_recomputing(
 
 
 def test_a_restarted_empty_peer_attracts_nothing(
-    pair: tuple[ServerProcess, ServerProcess, int, int], model_dir: Path, tmp_path: Path
+    pair: Pair, model_dir: Path, tmp_path: Path
 ) -> None:
-    a, b, port_a, port_b = pair
+    a, b = pair.a, pair.b
     assert a.proc.poll() is not None  # killed by the test before
     wait_until("A's entries dropped at B", lambda: b.metric("kvflow:peer_directory_keys") == 0)
-    args = serve_args(model_dir, port_a, [port_b])
+    args = serve_args(model_dir, pair.port_a, [pair.port_b])  # no disk tier: empty
     with ServerProcess(args, tmp_path / "a2.log") as restarted:
         wait_until("A up again at B", lambda: b.metric("kvflow:peers_up") == 1)
         wait_until("B up at A", lambda: restarted.metric("kvflow:peers_up") == 1)
@@ -183,12 +271,9 @@ def test_a_restarted_empty_peer_attracts_nothing(
 
 @pytest.mark.parametrize("mismatch", ["model", "secret"])
 def test_a_peer_of_another_model_or_secret_is_refused(
-    pair: tuple[ServerProcess, ServerProcess, int, int],
-    model_dir: Path,
-    tmp_path: Path,
-    mismatch: str,
+    pair: Pair, model_dir: Path, tmp_path: Path, mismatch: str
 ) -> None:
-    _, b, _, port_b = pair
+    b, port_b = pair.b, pair.port_b
     served = b.metric("kvflow:peer_blocks_served_total")
     refused = b.metric("kvflow:peer_connections_refused_total")
     extra = ["--model-id", "another-model"]
