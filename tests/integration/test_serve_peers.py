@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from tests.serve_process import ServerProcess, free_port
 from tests.text_model import build_text_model
 
 MODEL = "tiny"
-PULL_TIMEOUT_S = 1.0
+PULL_TIMEOUT_S = 2.0
 SETTINGS = {
     "kv.block_size": 4,
     "kv.device.num_blocks": 256,
@@ -220,28 +221,67 @@ def test_a_restarted_over_its_persistent_disk_is_found_again_at_b(
     )
 
 
-def test_a_stalled_then_killed_peer_leaves_b_recomputing(pair: Pair) -> None:
+def a_computes(pair: Pair, text: str) -> dict[str, Any]:
+    """A computes `text` alone; returns its reply once B knows A's new blocks."""
+    keys = pair.b.metric("kvflow:peer_directory_keys")
+    alone = complete(pair.a, text)
+    wait_until(
+        "A's new blocks known at B", lambda: pair.b.metric("kvflow:peer_directory_keys") > keys
+    )
+    return alone
+
+
+def assert_recomputed(b: ServerProcess, reply: dict[str, Any], alone: dict[str, Any]) -> None:
+    assert reply["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
+    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="cpu")
+
+
+def test_a_stalled_peer_leaves_b_recomputing_after_the_pull_timeout(pair: Pair) -> None:
     a, b = pair.a, pair.b
-    text = prompt(2)
-    keys = b.metric("kvflow:peer_directory_keys")
-    alone = complete(a, text)
-    wait_until("A's new blocks known at B", lambda: b.metric("kvflow:peer_directory_keys") > keys)
-    hits_before = peer_hits(b)
+    alone = a_computes(pair, prompt(2))
+    hits, failures = peer_hits(b), b.metric("kvflow:peer_pull_failures_total")
     os.kill(a.proc.pid, signal.SIGSTOP)  # A stalls: B's hints stay, its pull times out
     try:
         started = time.monotonic()
-        recomputed = complete(b, text, timeout_s=PULL_TIMEOUT_S + 30)
+        recomputed = complete(b, prompt(2), timeout_s=PULL_TIMEOUT_S + 30)
         took = time.monotonic() - started
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    assert_recomputed(b, recomputed, alone)
+    assert b.metric("kvflow:peer_pull_failures_total") == failures + 1
+    assert peer_hits(b) == hits  # the failed pull's hits were taken back
+    assert took >= PULL_TIMEOUT_S  # it waited for the pull's timeout, not forever
+    assert "did not answer a pull" in b.log()
+    # A resumed: B reconnects and resyncs A's entries.
+    wait_until("A up again at B", lambda: b.metric("kvflow:peers_up") == 1)
+    wait_until("A's entries back at B", lambda: b.metric("kvflow:peer_directory_keys") > 0)
+
+
+def test_a_peer_killed_mid_pull_leaves_b_recomputing(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    alone = a_computes(pair, prompt(7))
+    hits, failures = peer_hits(b), b.metric("kvflow:peer_pull_failures_total")
+    pulls = b.metric("kvflow:peer_pulls_total")
+    replies: list[dict[str, Any]] = []
+    os.kill(a.proc.pid, signal.SIGSTOP)  # holds B's pull in flight until the kill
+    try:
+        asking = threading.Thread(target=lambda: replies.append(complete(b, prompt(7))))
+        asking.start()
+        wait_until("B pulling from A", lambda: b.metric("kvflow:peer_pulls_total") > pulls)
     finally:
         os.kill(a.proc.pid, signal.SIGKILL)
         a.proc.wait(timeout=30)
-    assert recomputed["choices"][0]["text"] == alone["choices"][0]["text"]
-    assert b.metric("kvflow:peer_pull_failures_total") >= 1
-    assert recomputed["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert peer_hits(b) == hits_before  # the failed pull's hits were taken back
-    assert took >= PULL_TIMEOUT_S  # it waited for the pull's timeout, not forever
-    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="device")
-    b.wait_for_metric("kvflow:kv_blocks_used", 0, tier="cpu")
+    asking.join(timeout=60)
+    assert not asking.is_alive() and len(replies) == 1
+    assert_recomputed(b, replies[0], alone)
+    assert b.metric("kvflow:peer_pull_failures_total") == failures + 1
+    assert peer_hits(b) == hits
+    # The pull ended with the connection (the kill), not by its timeout.
+    last_down = [line for line in b.log().splitlines() if " is down: " in line][-1]
+    assert "did not answer" not in last_down
+    assert "closed" in last_down or "lost" in last_down, last_down
     wait_until("A down at B", lambda: b.metric("kvflow:peers_up") == 0)
     # With A dead and its hints gone, B serves the next request by itself.
     again = complete(b, prompt(3))
