@@ -3,11 +3,12 @@ before and after authentication: each closes its own connection and nothing else
 large buffer is allocated for a length the limits refuse, and a good client is served
 correctly afterwards. The random run is marked slow (2,000 connections take ~30 s on a
 busy machine) and checks the process's peak memory, which earlier tests in the same
-process may already have raised; the targeted run of lengths past the limits checks
-traced allocations exactly."""
+process may already have raised, and that it leaves no socket open; the targeted run of
+lengths past the limits checks traced allocations exactly."""
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import struct
@@ -30,7 +31,7 @@ from kvflow.peer.handshake import client_handshake
 from kvflow.peer.identity import PeerIdentity
 from kvflow.peer.service import PeerService
 from kvflow.peer.wire import PeerClosedError, Wire
-from tests.peer_builders import cpu_block, make_store, no_pins, peer_config, put_blocks
+from tests.peer_builders import cpu_block, make_store, no_pins, peer_config, put_blocks, until
 
 MAX_FRAME = PeerConfig().max_frame_bytes
 """The default limit (256 MiB): a service that allocated what a header announces would
@@ -124,6 +125,16 @@ async def good_pull(port: int, me: PeerIdentity, config: PeerConfig, store_b: ob
             return await pull_into_cpu(client, store_b, [1, 2, 3])  # type: ignore[arg-type]
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def no_connections(service: PeerService) -> None:
+    """Wait until the service has closed every connection (the last client's too)."""
+    with anyio.fail_after(10):
+        await until(lambda: service.stats().num_connections == 0)
+
+
 FUZZ = settings(
     max_examples=1000,
     deadline=None,
@@ -144,6 +155,8 @@ def test_fuzzed_frames_close_only_their_connection(tmp_path: Path) -> None:
         portal.wrap_async_context_manager(PeerService(a, config, peer_id="A")) as service,
     ):
         assert portal.call(good_pull, service.port, me, config, b) == 3
+        portal.call(no_connections, service)
+        fds_before = open_fds()
         peak_rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         num_cases = 0
 
@@ -169,8 +182,9 @@ def test_fuzzed_frames_close_only_their_connection(tmp_path: Path) -> None:
         assert b.cpu is not None
         b.cpu.reset_prefix_cache()
         assert portal.call(good_pull, service.port, me, config, b) == 3
+        portal.call(no_connections, service)
+        assert open_fds() == fds_before  # every fuzzed connection's socket was closed
         stats = service.stats()
-        assert stats.num_connections <= 1  # the good client's, closing
         assert stats.num_active_leases == 0
         assert stats.num_refused + stats.num_closed_for_errors >= num_cases // 2
     for key, block in blocks.items():
