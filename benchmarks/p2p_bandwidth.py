@@ -2,15 +2,18 @@
 copy model fitted to them.
 
 For 1, 4, 16 and 64 MiB of blocks: the time of one `PeerClient.pull` from a running
-`PeerService` (request, re-validation and pins at the owner, xxh3 of every block on
-both sides, bytes straight from the owner's cpu tier into the puller's) beside a raw
-loopback TCP connection sending the same block buffers with `sendmsg` into the same
-destination with `recv_into`, in worker threads, with the same socket buffer sizes
-(`kvflow.peer.wire.SOCKET_BUFFER_BYTES`). Peer and raw runs alternate; each keeps its
-best and median. Then the latency of a one-block pull (p50, p99). Then the virtual-time
-copy model (`SimCopyEngine`, direction `peer_to_cpu`) with `kv.transfer.peer_gbps` and
-`peer_latency_us` fitted to the measured pull times (the best of each size, least
-squares on relative error), beside them.
+`PeerService` (request, re-validation at the owner, the blocks' bytes straight from the
+owner's cpu tier into the puller's, xxh3 of every block verified as it lands) beside a
+raw loopback TCP connection sending the same block buffers with `sendmsg` into the same
+destination with `recv_into`, each end one thread waiting in `poll`, with the same
+socket buffer sizes (`kvflow.peer.wire.SOCKET_BUFFER_BYTES`). Peer and raw transfers
+alternate, in pairs whose order alternates too; each size prints the best of each, the
+median of the pairs' ratios, and the first pull's time (the owner hashes a block the
+first time it serves it and remembers its checksum: later pulls of it are not hashed
+at the owner, only at the puller). Then the latency of a one-block pull (p50, p99).
+Then the virtual-time copy model (`SimCopyEngine`, direction `peer_to_cpu`) with
+`kv.transfer.peer_gbps` and `peer_latency_us` fitted to the measured pull times (the
+best of each size; the line with the smallest worst relative error), beside them.
 
 The owner (its store, peer service, and the raw baseline's sender, which answers an
 8-byte request with the blocks as a pull does) runs in a child process, the puller in
@@ -159,12 +162,15 @@ async def measure(
             n = mib * MIB // size
             peer_times: list[float] = []
             raw_times: list[float] = []
-            for _ in range(args.repeat):
+            for i in range(args.repeat):  # pairs, in alternating order
+                if i % 2:
+                    raw_times.append(raw_transfer(raw, dst_all[:n]))
                 peer_times.append(await peer_transfer(client, keys[:n], dst_all[:n]))
-                raw_times.append(raw_transfer(raw, dst_all[:n]))
+                if not i % 2:
+                    raw_times.append(raw_transfer(raw, dst_all[:n]))
             measured[mib] = min(peer_times)
             best_peer, best_raw = min(peer_times), min(raw_times)
-            med_peer, med_raw = statistics.median(peer_times), statistics.median(raw_times)
+            ratios = [r / p for p, r in zip(peer_times, raw_times, strict=True)]
             print(
                 json.dumps(
                     {
@@ -174,9 +180,10 @@ async def measure(
                         "peer_gb_s_best": round(n * size / best_peer / 1e9, 3),
                         "raw_gb_s_best": round(n * size / best_raw / 1e9, 3),
                         "ratio_best": round(best_raw / best_peer, 3),
-                        "ratio_median": round(med_raw / med_peer, 3),
-                        "peer_ms_median": round(med_peer * 1e3, 3),
-                        "raw_ms_median": round(med_raw * 1e3, 3),
+                        "ratio_median": round(statistics.median(ratios), 3),
+                        "peer_ms_median": round(statistics.median(peer_times) * 1e3, 3),
+                        "raw_ms_median": round(statistics.median(raw_times) * 1e3, 3),
+                        "peer_ms_first": round(peer_times[0] * 1e3, 3),
                         "repeat": args.repeat,
                     }
                 ),
@@ -197,18 +204,34 @@ async def measure(
         ),
         flush=True,
     )
-    print_model(measured, min(one), size)
+    print_model(measured)
 
 
-def print_model(measured: dict[int, float], one_block_s: float, bytes_per_block: int) -> None:
-    """Fit latency + bytes / bandwidth to the measured pulls (the one-block pull too) and
-    print the copy model's times with those settings beside the measured ones."""
-    sizes_bytes = [bytes_per_block, *(mib * MIB for mib in measured)]
-    times = [one_block_s, *measured.values()]
-    # Weighted by 1/time: the fit minimises relative errors, small pulls count as much.
-    slope, intercept = np.polyfit(sizes_bytes, times, 1, w=1 / np.array(times))
-    peer_gbps = 1 / slope / 1e9
-    latency_us = max(0.0, intercept * 1e6)
+def fit_copy_model(measured: dict[int, float]) -> tuple[float, float]:
+    """`kv.transfer.peer_latency_us` and `peer_gbps` whose `latency + bytes / bandwidth`
+    is closest to the measured pull times in the worst case: the line minimising the
+    largest relative error over the sizes (a small linear program)."""
+    from scipy.optimize import linprog
+
+    mib = np.array(list(measured), dtype=float)
+    ms = np.array(list(measured.values())) * 1e3
+    # Variables: latency (ms), ms per MiB, the largest relative error e; minimise e
+    # subject to |latency + mib * slope - ms| <= e * ms at every size.
+    ones = np.ones_like(mib)
+    a_ub = np.vstack([np.column_stack([ones, mib, -ms]), np.column_stack([-ones, -mib, -ms])])
+    b_ub = np.concatenate([ms, -ms])
+    bounds = [(0, None), (1e-9, None), (0, None)]
+    fit = linprog([0, 0, 1], A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
+    if not fit.success:
+        raise RuntimeError(f"fitting the copy model failed: {fit.message}")
+    latency_ms, ms_per_mib, _ = fit.x
+    return latency_ms * 1e3, MIB / (ms_per_mib * 1e-3) / 1e9
+
+
+def print_model(measured: dict[int, float]) -> None:
+    """Fit latency + bytes / bandwidth to the measured pulls and print the copy model's
+    times with those settings beside the measured ones."""
+    latency_us, peer_gbps = fit_copy_model(measured)
     model = SimCopyEngine(TransferConfig(peer_gbps=peer_gbps, peer_latency_us=latency_us))
     for mib, seconds in measured.items():
         modelled = model.duration_s(PEER_DIRECTION, mib * MIB)

@@ -1,12 +1,13 @@
 """Serving a store's blocks to another instance: the owner's side of a peer pull.
 
-`pin_run` re-validates a hint (which of the asked keys this store still holds, from the
-fastest tier) and pins that leading run so no block of it is evicted or reused while its
-bytes are sent; `read_run` gives the bytes (views straight into host pools, or a bounce
-buffer for disk and non-host devices) with each block's xxh3; `unpin` ends the pins.
-`held_keys` is the snapshot a peer resyncs from. The store is single-threaded: call
-`pin_run`, `unpin` and `held_keys` on the thread that owns it; `read_run` may run in a
-worker thread (it reads only pinned blocks).
+`find_run` re-validates a hint (which of the asked keys this store still holds, from the
+fastest tier); `pin` pins that leading run so no block of it is evicted or reused while
+its bytes are sent (`pin_run` does both); `read_run` gives the bytes (views straight
+into host pools, or a bounce buffer for disk and non-host devices) with each block's
+xxh3; `unpin` ends the pins. `held_keys` is the snapshot a peer resyncs from. The store
+is single-threaded: call these on the thread that owns it, except `read_run`, which may
+run in a worker thread on a pinned run. A run found and sent without the owning thread
+running anything else in between (no await, no other thread) needs no pins.
 
 A remote instance sees this store only through these functions and the store's block
 events (`KVStore.add_listener`); `kvflow.peer` carries both over the network.
@@ -29,9 +30,10 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
-class PinnedRun:
-    """The leading run of asked keys that a store holds, pinned: block `i` is `keys[i]`
-    at `slots[i]` of tier `tiers[i]`."""
+class HeldRun:
+    """The leading run of asked keys that a store holds (pinned, or valid only until
+    the store's thread runs something else): block `i` is `keys[i]` at `slots[i]` of
+    tier `tiers[i]`."""
 
     keys: tuple[int, ...]
     tiers: tuple[TierName, ...]
@@ -55,9 +57,16 @@ def _pools(store: KVStore) -> list[tuple[TierName, BlockPool]]:
     return [(tier, pool) for tier in TIERS if (pool := store._pools[tier]) is not None]
 
 
-def pin_run(store: KVStore, keys: Sequence[int]) -> PinnedRun:
-    """Pin the leading run of `keys` that `store` holds now, each block from the
-    fastest tier that holds it; a key it does not hold ends the run."""
+def pin_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
+    """Find and pin the leading run of `keys` that `store` holds now."""
+    run = find_run(store, keys)
+    pin(store, run)
+    return run
+
+
+def find_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
+    """The leading run of `keys` that `store` holds now, each block from the fastest
+    tier that holds it; a key it does not hold ends the run. Not pinned (see `pin`)."""
     pools = _pools(store)
     run_keys: list[int] = []
     run_tiers: list[TierName] = []
@@ -72,17 +81,20 @@ def pin_run(store: KVStore, keys: Sequence[int]) -> PinnedRun:
                 break
         else:
             break
-    run = PinnedRun(tuple(run_keys), tuple(run_tiers), tuple(run_slots))
+    return HeldRun(tuple(run_keys), tuple(run_tiers), tuple(run_slots))
+
+
+def pin(store: KVStore, run: HeldRun) -> None:
+    """Pin a run `find_run` just returned: its blocks stay put until `unpin`."""
     _change_pins(store, run, +1)
-    return run
 
 
-def unpin(store: KVStore, run: PinnedRun) -> None:
-    """Release the pins `pin_run` took (exactly once per run)."""
+def unpin(store: KVStore, run: HeldRun) -> None:
+    """Release the pins `pin` (or `pin_run`) took (exactly once per run)."""
     _change_pins(store, run, -1)
 
 
-def _change_pins(store: KVStore, run: PinnedRun, delta: int) -> None:
+def _change_pins(store: KVStore, run: HeldRun, delta: int) -> None:
     by_tier: dict[TierName, list[int]] = {}
     for tier, slot in zip(run.tiers, run.slots, strict=True):
         by_tier.setdefault(tier, []).append(slot)
@@ -102,7 +114,13 @@ def _change_pins(store: KVStore, run: PinnedRun, delta: int) -> None:
 
 
 class RunReader:
-    """Reads pinned runs of one store (byte views of its host pools are made once)."""
+    """Reads pinned runs of one store (byte views of its host pools are made once).
+
+    It keeps the checksum of each host block it was told (`remember`), for as long as
+    that block stays cached in its slot: a sealed block's bytes never change, and a
+    slot's key version moves on whenever its key is dropped, so a block served again
+    (a popular prefix, pulled by many peers) is not hashed again by its owner. The
+    puller hashes every block it receives regardless."""
 
     def __init__(self, store: KVStore) -> None:
         from kvflow.kv.storage import byte_view
@@ -117,20 +135,37 @@ class RunReader:
             self._host["device"] = byte_view(device)
         if store.cpu_storage is not None:
             self._host["cpu"] = byte_view(store.cpu_storage.data)
+        self._sums: dict[TierName, dict[int, tuple[int, int]]] = {t: {} for t in self._host}
+        """Per host tier: slot -> (its key version when hashed, checksum)."""
 
-    def in_host_memory(self, run: PinnedRun) -> bool:
+    def remember(self, run: HeldRun, i: int, checksum: int) -> None:
+        """Block `i` of a run hashes to `checksum` (a host block: kept until its slot's
+        key changes)."""
+        tier, slot = run.tiers[i], run.slots[i]
+        sums = self._sums.get(tier)
+        if sums is not None:
+            sums[slot] = (self.store._pool(tier).key_versions.item(slot), checksum)
+
+    def _remembered(self, tier: TierName, slot: int) -> int | None:
+        known = self._sums[tier].get(slot)
+        if known is None or known[0] != self.store._pool(tier).key_versions.item(slot):
+            return None
+        return known[1]
+
+    def in_host_memory(self, run: HeldRun) -> bool:
         """Whether every block of the run is viewed in place (no disk read, no copy from
         a device), so reading it costs only hashing."""
         return all(tier in self._host for tier in run.tiers)
 
-    def read_run(self, run: PinnedRun, hash_host: bool = True) -> RunBytes:
+    def read_run(self, run: HeldRun, hash_host: bool = True) -> RunBytes:
         """The run's bytes and checksums; a disk block that fails its checksum (or a
         tier whose bytes cannot be read) ends the run there. Blocking: disk reads and
         hashing release the GIL, so a worker thread may call this.
 
         With `hash_host=False`, blocks viewed in place in a host pool get no checksum
-        (None) here: a sender hashes each just before sending it, overlapping hashing
-        with the transfer of the blocks before."""
+        (None) here unless one was remembered: a sender hashes each just before sending
+        it, overlapping hashing with the transfer of the blocks before (and
+        `remember`s it)."""
         size = self.bytes_per_block
         views: list[memoryview] = []
         checksums: list[int | None] = []
@@ -148,7 +183,8 @@ class RunReader:
                 for s in slots:
                     view = host[s * size : (s + 1) * size]
                     views.append(view)
-                    checksums.append(digest(view))
+                    known = self._remembered(tier, s)
+                    checksums.append(digest(view) if known is None else known)
             elif tier == "disk":
                 num_good = self._read_disk(slots, views, checksums)
                 if num_good < len(slots):

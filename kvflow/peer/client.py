@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
-import anyio.to_thread
-import numpy as np
 import xxhash
 
 from kvflow.config import PeerConfig
@@ -43,8 +41,9 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, client_handshake
 from kvflow.peer.identity import PeerIdentity
-from kvflow.peer.wire import THREAD_BYTES, Wire, recv_views_blocking
+from kvflow.peer.wire import Wire
 
+digest = xxhash.xxh3_64_intdigest
 FrameHandler = Callable[[FrameKind, SeqFrame], bool]
 """Told each EVENTS, RESYNC and HEARTBEAT frame a subscribed connection receives;
 returns whether it needs a fresh snapshot (a gap), which the client then asks for."""
@@ -111,7 +110,7 @@ class PeerClient:
             return PullResult(0, ())
         timeout = self.config.pull_timeout_s
         request_id = next(self._request_ids)
-        frame = pack_pull(self.peer.fingerprint, request_id, np.asarray(keys, dtype=np.uint64))
+        frame = pack_pull(self.peer.fingerprint, request_id, keys)
         size = sum(len(part) for part in frame)
         pull = _Pull(views, time.monotonic() + timeout)
         self._pending[request_id] = pull
@@ -227,19 +226,20 @@ class PeerClient:
             )
         tiers = unpack_tier_codes(await wire.read_exact(n))
         trailer = memoryview(bytearray(8 * n))
+        digests = [0] * n
+
+        def hash_block(i: int) -> None:  # as each block lands, while it is in cache
+            if i < n:
+                digests[i] = digest(views[i])
+
         try:
-            if n * head.bytes_per_block > THREAD_BYTES:
-                args = (wire.sock, views, trailer, pull.deadline)
-                num_good = await anyio.to_thread.run_sync(_recv_verified, *args)
-            else:
-                await wire.recv_views([*views, trailer], pull.deadline)
-                digests = [xxhash.xxh3_64_intdigest(v) for v in views]
-                num_good = _num_matching(digests, unpack_checksums(trailer, n))
+            await wire.recv_views([*views, trailer], pull.deadline, hash_block)
         except TimeoutError:
             raise TimeoutError(
                 f"did not answer a pull of {len(pull.views)} blocks within "
                 f"{self.config.pull_timeout_s} s (stalled mid-transfer)"
             ) from None
+        num_good = _num_matching(digests, unpack_checksums(trailer, n))
         pull.result = PullResult(num_good, tiers[:num_good])
         pull.done.set()
 
@@ -250,20 +250,6 @@ def _num_matching(digests: Sequence[int], checksums: Sequence[int]) -> int:
         if got != expected:
             return i
     return len(digests)
-
-
-def _recv_verified(
-    sock: socket.socket, views: Sequence[memoryview], trailer: memoryview, deadline: float
-) -> int:
-    """Receive each block and hash it while its bytes are still in cache, then the
-    checksums; the run ends at the first block whose digest differs."""
-    digest = xxhash.xxh3_64_intdigest
-    digests: list[int] = []
-    for view in views:
-        recv_views_blocking(sock, [view], deadline)
-        digests.append(digest(view))
-    recv_views_blocking(sock, [trailer], deadline)
-    return _num_matching(digests, unpack_checksums(trailer, len(views)))
 
 
 def slot_views(

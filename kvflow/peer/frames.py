@@ -150,13 +150,12 @@ def unpack_error(payload: bytes | bytearray) -> tuple[int, str]:
 PULL_HEAD = struct.Struct(f"!{FINGERPRINT_SIZE}sQI")
 
 
-def pack_pull(fingerprint: bytes, lease_id: int, keys: npt.NDArray[np.uint64]) -> list[bytes]:
-    wire_keys = keys.astype(KEY_DTYPE, copy=False)
-    return [PULL_HEAD.pack(fingerprint, lease_id, len(keys)), wire_keys.tobytes()]
+def pack_pull(fingerprint: bytes, lease_id: int, keys: Sequence[int]) -> list[bytes]:
+    return [PULL_HEAD.pack(fingerprint, lease_id, len(keys)), _pack_u64s(keys)]
 
 
-def unpack_pull(payload: bytes | bytearray) -> tuple[bytes, int, npt.NDArray[np.uint64]]:
-    """(fingerprint, lease id, keys as native uint64)."""
+def unpack_pull(payload: bytes | bytearray) -> tuple[bytes, int, tuple[int, ...]]:
+    """(fingerprint, lease id, keys)."""
     if len(payload) < PULL_HEAD.size:
         raise FrameError(f"PULL payload of {len(payload)} bytes is too short")
     fingerprint, lease_id, num_keys = PULL_HEAD.unpack_from(payload)
@@ -165,8 +164,12 @@ def unpack_pull(payload: bytes | bytearray) -> tuple[bytes, int, npt.NDArray[np.
         raise FrameError(
             f"PULL announces {num_keys} keys ({expected} bytes) in {len(payload)} bytes"
         )
-    keys = np.frombuffer(payload, dtype=KEY_DTYPE, offset=PULL_HEAD.size, count=num_keys)
-    return fingerprint, lease_id, keys.astype(np.uint64)
+    return fingerprint, lease_id, struct.unpack_from(f"!{num_keys}Q", payload, PULL_HEAD.size)
+
+
+def _pack_u64s(values: Sequence[int]) -> bytes:
+    """Big-endian uint64s (struct, not numpy: a few dozen values take ~1 us this way)."""
+    return struct.pack(f"!{len(values)}Q", *values)
 
 
 # -- BLOCKS -----------------------------------------------------------------------------
@@ -190,12 +193,11 @@ def pack_blocks_head(lease_id: int, bytes_per_block: int, tiers: Sequence[str]) 
 
 
 def pack_checksums(checksums: Sequence[int]) -> bytes:
-    return np.array(checksums, dtype=np.uint64).astype(KEY_DTYPE).tobytes()
+    return _pack_u64s(checksums)
 
 
-def unpack_checksums(data: bytes | bytearray | memoryview, num_blocks: int) -> list[int]:
-    sums = np.frombuffer(data, dtype=KEY_DTYPE, count=num_blocks).astype(np.uint64)
-    return sums.tolist()  # type: ignore[no-any-return]
+def unpack_checksums(data: bytes | bytearray | memoryview, num_blocks: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"!{num_blocks}Q", data)
 
 
 @dataclass(frozen=True, slots=True)

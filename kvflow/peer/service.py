@@ -6,7 +6,9 @@ one connection are pipelined (replies carry the request id). A pull re-validates
 keys against the store, pins the leading run it still holds under a lease, sends the
 blocks' bytes straight from the tier buffers, and unpins: every step that can block is
 bounded by the lease's deadline, so no pin outlives `peer.lease_ttl_s` even when the
-client vanishes. Anything malformed closes that connection and nothing else.
+client vanishes. (A reply from host memory is pinned only once its send has to wait:
+until then nothing else runs on the store's thread.) Anything malformed closes that
+connection and nothing else.
 
 A store without block bytes (the simulated engine's) publishes its block events alone:
 its pulls are refused (UNAVAILABLE) and the connection stays up, so a router can follow
@@ -35,7 +37,7 @@ import xxhash
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvflow.config import PeerConfig
-from kvflow.kv.export import PinnedRun, RunReader, held_keys, pin_run, unpin
+from kvflow.kv.export import HeldRun, RunReader, find_run, held_keys, pin, unpin
 from kvflow.kv.store import BlockEvent, KVStore
 from kvflow.peer.frames import (
     MAX_CONTROL_BYTES,
@@ -54,7 +56,7 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, send_error, server_handshake
 from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
-from kvflow.peer.wire import THREAD_BYTES, PeerClosedError, Wire
+from kvflow.peer.wire import PeerClosedError, Wire
 
 digest = xxhash.xxh3_64_intdigest
 SEND_PART_BYTES = 256 << 10
@@ -261,7 +263,7 @@ class PeerService:
     ) -> None:
         wire = conn.wire
         deadline = time.monotonic() + self.config.lease_ttl_s
-        run: PinnedRun | None = None
+        run: HeldRun | None = None
         lease = (conn.connection_id, request_id)
         try:
             fingerprint, lease_id, keys = unpack_pull(payload)
@@ -272,34 +274,43 @@ class PeerService:
                 )
                 await send_error(wire, request_id, ErrorCode.FINGERPRINT_MISMATCH, message)
                 raise FrameError(message)
-            run = pin_run(self.store, keys.tolist())
-            self._leases[lease] = deadline
+            found = find_run(self.store, keys)
             served: list[int] = []
             size = self.bytes_per_block
 
+            def pin_found() -> None:  # before anything else may run on this thread
+                nonlocal run
+                pin(self.store, found)
+                run = found
+                self._leases[lease] = deadline
+
             def parts() -> Iterator[Sequence[bytes | memoryview]]:
-                data = reader.read_run(run, hash_host=False)
+                data = reader.read_run(found, hash_host=False)
                 n = len(data.views)
                 served.append(n)
                 payload_length = blocks_meta_size(n) + n * size
                 head: list[bytes | memoryview] = [
                     pack_header(FrameKind.BLOCKS, request_id, payload_length),
-                    pack_blocks_head(lease_id, size, run.tiers[:n]),
+                    pack_blocks_head(lease_id, size, found.tiers[:n]),
                 ]
                 sums = data.checksums
                 step = max(1, SEND_PART_BYTES // size)
                 for lo in range(0, n, step):  # hash a part, send it, hash the next...
                     for i in range(lo, min(lo + step, n)):
                         if sums[i] is None:
-                            sums[i] = digest(data.views[i])
+                            sums[i] = checksum = digest(data.views[i])
+                            reader.remember(found, i, checksum)
                     yield [*head, *data.views[lo : lo + step]]
                     head = []
                 yield [*head, pack_checksums(cast("list[int]", sums))]  # all hashed by now
 
-            if len(run) * size > THREAD_BYTES or not reader.in_host_memory(run):
-                await wire.send_built(parts, deadline)  # read, hash and send: one thread
+            if reader.in_host_memory(found):
+                # On this thread: pinned only if the send has to wait (a reply that fits
+                # the socket's buffer is sent before anything else can touch the store).
+                await wire.send_parts(parts(), deadline, before_waiting=pin_found)
             else:
-                await wire.send([b for part in parts() for b in part], deadline)
+                pin_found()
+                await wire.send_built(parts, deadline)  # read, hash and send: one thread
             self._counts["pulls"] += 1
             self._counts["blocks"] += served[0]
             self._counts["bytes"] += served[0] * size

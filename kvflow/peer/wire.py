@@ -1,10 +1,14 @@
 """Frames over a non-blocking TCP socket, without copying bulk bytes.
 
-Small reads and writes run on the event loop (`anyio.wait_readable` /
-`wait_writable` around non-blocking calls). Large ones run in a worker thread that
-polls the same socket with a deadline: a 64 MiB transfer would otherwise hold the loop
-for its whole duration, and a thread blocked on a dead peer would never return. Sends
-of one connection are serialised by a lock, so frames never interleave; one task reads.
+Bulk transfers run on the event loop's thread, but do not go back to the loop each
+time the socket runs dry: while bytes flow, the next ones are awaited in a blocking
+`poll` of at most `FLOW_WAIT_MS` (a trip through the loop costs tens of microseconds,
+and a 4 MiB transfer runs the socket dry dozens of times). After a pause that long,
+or after `SLICE_S` of holding the loop, the transfer waits through the loop
+(`anyio.wait_readable` / `wait_writable`), so other tasks run and a stalled peer holds
+the loop for at most one pause. Sends of one connection are serialised by a lock, so
+frames never interleave; one task reads. A frame whose parts need blocking work first
+(disk reads, device copies) is built and sent in a worker thread (`send_built`).
 """
 
 from __future__ import annotations
@@ -14,19 +18,18 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import anyio
 import anyio.to_thread
 
 from kvflow.peer.frames import HEADER_SIZE, Header, unpack_header
 
-THREAD_BYTES = 4 << 20
-"""Transfers larger than this run in a worker thread instead of on the event loop. A hop
-to a worker and back wakes two threads, each of which waits for a core on a busy host:
-between two processes on the loaded 2-core VM, pulls of 1 and 4 MiB took 6.9 and 15.9
-ms (medians) through threads against 1.9 and 4.1 ms on the loop
-(benchmarks/p2p_bandwidth.py). Larger transfers would hold the loop too long."""
+FLOW_WAIT_MS = 1
+"""While a transfer's bytes flow, how long it waits for more in a blocking poll before
+handing the wait to the event loop."""
+SLICE_S = 0.005
+"""The longest a transfer holds the event loop before letting other tasks run."""
 SOCKET_BUFFER_BYTES = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of peer sockets (the benchmark's raw socket uses the same)."""
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -71,7 +74,7 @@ class Wire:
         return buf
 
     async def recv_into(self, view: memoryview) -> None:
-        """Fill `view` on the event loop (for small reads)."""
+        """Fill `view` (a small read: headers, control payloads)."""
         sock = self.sock
         got = 0
         n = len(view)
@@ -87,36 +90,110 @@ class Wire:
                 raise PeerClosedError("connection closed by the other end")
             got += num
 
-    async def recv_views(self, views: Sequence[memoryview], deadline: float) -> None:
-        """Fill each of `views` in turn, in a worker thread when they are large."""
-        total = sum(len(v) for v in views)
-        if total <= THREAD_BYTES:
-            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                for v in views:
-                    await self.recv_into(v)
-            return
-        await anyio.to_thread.run_sync(recv_views_blocking, self.sock, views, deadline)
+    async def recv_views(
+        self,
+        views: Sequence[memoryview],
+        deadline: float,
+        on_view: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill each of `views` in turn by `deadline` (else TimeoutError); `on_view(i)`
+        is called as soon as view `i` is full (to hash it while it is in cache)."""
+        sock = self.sock
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        i, got, n = 0, 0, len(views)
+        while i < n:
+            slice_end = min(deadline, time.monotonic() + SLICE_S)
+            while i < n:  # while bytes flow, within the slice
+                view = views[i]
+                if got == len(view):  # (an empty view)
+                    if on_view is not None:
+                        on_view(i)
+                    i += 1
+                    continue
+                try:
+                    num = sock.recv_into(view[got:] if got else view)
+                except BlockingIOError:
+                    if time.monotonic() >= slice_end or not poller.poll(FLOW_WAIT_MS):
+                        break
+                    continue
+                except OSError as err:
+                    raise PeerClosedError(f"connection lost: {err}") from None
+                if num == 0:
+                    raise PeerClosedError("connection closed by the other end")
+                got += num
+                if got == len(view):
+                    if on_view is not None:
+                        on_view(i)
+                    i, got = i + 1, 0
+            if i < n:
+                await _wait(anyio.wait_readable, sock, deadline, "a receive")
 
     # -- writing ---------------------------------------------------------------------
     async def send(self, buffers: Sequence[Buffer], deadline: float) -> None:
         """Send the buffers as one contiguous byte stream (one frame), by the deadline."""
-        views = [memoryview(b).cast("B") for b in buffers]
-        total = sum(len(v) for v in views)
-        async with self._locked(deadline):
-            if total > THREAD_BYTES:
-                await anyio.to_thread.run_sync(send_views_blocking, self.sock, views, deadline)
-                return
-            sock = self.sock
+        await self.send_parts([buffers], deadline)
+
+    async def send_parts(
+        self,
+        parts: Iterable[Sequence[Buffer]],
+        deadline: float,
+        before_waiting: Callable[[], None] | None = None,
+    ) -> None:
+        """Send one frame made of `parts`, each taken from the iterable just before it
+        is sent (so work that makes a part, such as hashing it, overlaps with the
+        other end receiving the parts before). `before_waiting()` is called once, just
+        before the first time the send has to let the event loop run other tasks (the
+        send lock is held by another frame, the socket stays full): until then nothing
+        else has run on this thread (a pull's owner pins its blocks only then)."""
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except anyio.WouldBlock:
+            if before_waiting is not None:
+                before_waiting()
+                before_waiting = None
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                while views:
-                    try:
-                        num = sock.sendmsg(views[:_IOV_MAX])
-                    except BlockingIOError:
-                        await anyio.wait_writable(sock)
-                        continue
-                    except OSError as err:
-                        raise PeerClosedError(f"connection lost: {err}") from None
-                    _advance(views, num)
+                await lock.acquire()
+        try:
+            if self.closed:
+                raise PeerClosedError("connection already closed")
+            for part in parts:
+                views = [memoryview(b).cast("B") for b in part]
+                before_waiting = await self._send_views(views, deadline, before_waiting)
+        finally:
+            lock.release()
+
+    async def _send_views(
+        self,
+        views: list[memoryview],
+        deadline: float,
+        before_waiting: Callable[[], None] | None,
+    ) -> Callable[[], None] | None:
+        """Send `views`; returns `before_waiting`, or None once it was called."""
+        sock = self.sock
+        poller: select.poll | None = None
+        while views:
+            slice_end = min(deadline, time.monotonic() + SLICE_S)
+            while views:  # while the socket takes bytes, within the slice
+                try:
+                    num = sock.sendmsg(views[:_IOV_MAX])
+                except BlockingIOError:
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(sock, select.POLLOUT)
+                    if time.monotonic() >= slice_end or not poller.poll(FLOW_WAIT_MS):
+                        break
+                    continue
+                except OSError as err:
+                    raise PeerClosedError(f"connection lost: {err}") from None
+                _advance(views, num)
+            if views:
+                if before_waiting is not None:
+                    before_waiting()
+                    before_waiting = None
+                await _wait(anyio.wait_writable, sock, deadline, "a send")
+        return before_waiting
 
     async def send_built(
         self, parts: Callable[[], Iterable[Sequence[Buffer]]], deadline: float
@@ -173,7 +250,23 @@ def _advance(views: list[memoryview], num_bytes: int) -> None:
         views.pop(0)
 
 
-def _wait(poller: select.poll, deadline: float, what: str) -> None:
+async def _wait(
+    wait: Callable[[socket.socket], Awaitable[None]],
+    sock: socket.socket,
+    deadline: float,
+    what: str,
+) -> None:
+    """Wait through the event loop until `sock` is ready, or raise TimeoutError."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"peer connection: {what} did not finish in time")
+    with anyio.move_on_after(remaining):
+        await wait(sock)
+        return
+    raise TimeoutError(f"peer connection: {what} did not finish in time")
+
+
+def _wait_blocking(poller: select.poll, deadline: float, what: str) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError(f"peer connection: {what} did not finish in time")
@@ -188,7 +281,7 @@ def send_views_blocking(sock: socket.socket, views: list[memoryview], deadline: 
         try:
             num = sock.sendmsg(views[:_IOV_MAX])
         except BlockingIOError:
-            _wait(poller, deadline, "a send")
+            _wait_blocking(poller, deadline, "a send")
             continue
         except OSError as err:
             raise PeerClosedError(f"connection lost: {err}") from None
@@ -206,7 +299,7 @@ def recv_views_blocking(sock: socket.socket, views: Sequence[memoryview], deadli
             try:
                 num = sock.recv_into(view[got:])
             except BlockingIOError:
-                _wait(poller, deadline, "a receive")
+                _wait_blocking(poller, deadline, "a receive")
                 continue
             except OSError as err:
                 raise PeerClosedError(f"connection lost: {err}") from None

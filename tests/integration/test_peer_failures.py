@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import numpy as np
 import pytest
 import torch
 import xxhash
@@ -212,7 +211,7 @@ async def test_a_client_that_stops_reading_leaves_no_pin_after_the_lease(tmp_pat
             sock = socket.create_connection(("127.0.0.1", service.port))
             wire = Wire(sock, config.max_frame_bytes)
             await client_handshake(wire, service.identity, config)
-            parts = pack_pull(service.identity.fingerprint, 1, np.array(keys, dtype=np.uint64))
+            parts = pack_pull(service.identity.fingerprint, 1, keys)
             head = pack_header(FrameKind.PULL, 1, sum(len(p) for p in parts))
             await wire.send([head, *parts], time.monotonic() + 5)
             await until(lambda: service.stats().num_active_leases == 1)
@@ -247,7 +246,7 @@ async def test_pulls_past_the_in_flight_limit_are_answered_busy(tmp_path: Path) 
             wire = Wire(sock, config.max_frame_bytes)
             await client_handshake(wire, service.identity, config)
             for request_id, run in ((1, keys), (2, keys[:1])):
-                parts = pack_pull(service.identity.fingerprint, 1, np.array(run, dtype=np.uint64))
+                parts = pack_pull(service.identity.fingerprint, 1, run)
                 head = pack_header(FrameKind.PULL, request_id, sum(len(p) for p in parts))
                 await wire.send([head, *parts], time.monotonic() + 5)
             replies = []

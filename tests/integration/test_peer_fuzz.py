@@ -17,7 +17,6 @@ import tracemalloc
 from pathlib import Path
 
 import anyio
-import numpy as np
 import pytest
 import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -78,7 +77,7 @@ def frames() -> st.SearchStrategy[bytes]:
 
 
 def _pull_frame(keys: list[int], announced: int) -> bytes:
-    parts = pack_pull(b"\0" * 16, 1, np.array(keys, dtype=np.uint64))
+    parts = pack_pull(b"\0" * 16, 1, keys)
     head, body = parts
     head = head[:-4] + struct.pack("!I", announced % (len(keys) + 2))  # often a wrong count
     return pack_header(FrameKind.PULL, 1, len(head) + len(body)) + head + body

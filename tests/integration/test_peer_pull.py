@@ -91,6 +91,22 @@ async def test_a_block_dropped_since_the_hint_ends_the_run(tmp_path: Path) -> No
     b.close()
 
 
+async def test_a_pull_of_blocks_all_gone_lands_nothing_and_the_connection_stays_up(
+    tmp_path: Path,
+) -> None:
+    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    blocks = put_blocks(a, "cpu", [20, 21], seed=7)
+    with anyio.fail_after(30):
+        async with serving(a) as service, client_of(service, b) as client:
+            assert await pull_into_cpu(client, b, [30, 31]) == 0  # an empty BLOCKS reply
+            assert not client.is_down
+            assert await pull_into_cpu(client, b, [20, 21]) == 2
+    assert torch.equal(cpu_block(b, 21), blocks[21])
+    assert no_pins(a) and no_pins(b)
+    a.close()
+    b.close()
+
+
 async def test_pipelined_pulls_on_one_connection(tmp_path: Path) -> None:
     a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
     blocks = put_blocks(a, "cpu", list(range(100, 132)), seed=6)

@@ -60,10 +60,11 @@ def test_malformed_headers_are_rejected(fields: tuple[object, ...], message: str
 
 
 def test_pull_round_trip_and_a_wrong_key_count() -> None:
-    keys = np.array([0, 1, 2**64 - 1], dtype=np.uint64)
+    keys = [0, 1, 2**64 - 1]
     head, body = pack_pull(b"f" * 16, 42, keys)
+    assert body == np.array(keys, dtype=np.uint64).astype(">u8").tobytes()  # big-endian
     fingerprint, lease_id, out = unpack_pull(head + body)
-    assert fingerprint == b"f" * 16 and lease_id == 42 and out.tolist() == keys.tolist()
+    assert fingerprint == b"f" * 16 and lease_id == 42 and list(out) == keys
     with pytest.raises(FrameError, match="announces 3 keys"):
         unpack_pull(head + body[:-1])
     with pytest.raises(FrameError, match="too short"):
@@ -77,7 +78,7 @@ def test_blocks_head_and_checksums_round_trip_and_a_length_that_disagrees() -> N
     head = unpack_blocks_head(head_bytes[:16], blocks_meta_size(2) + 2 * 64)
     assert (head.lease_id, head.num_blocks, head.bytes_per_block) == (9, 2, 64)
     assert unpack_tier_codes(head_bytes[16:]) == ("cpu", "disk")
-    assert unpack_checksums(sums, 2) == [1, 2**64 - 1]
+    assert unpack_checksums(sums, 2) == (1, 2**64 - 1)
     with pytest.raises(FrameError, match="announces 2 blocks of 64 bytes"):
         unpack_blocks_head(head_bytes[:16], blocks_meta_size(2) + 2 * 64 + 1)
     with pytest.raises(FrameError, match="tier codes"):
