@@ -9,7 +9,7 @@ import pytest
 import xxhash
 
 from kvflow.config import TransferConfig
-from kvflow.kv.export import RunReader, held_keys, pin_run, unpin
+from kvflow.kv.export import RunReader, find_run, held_keys, pin_run, unpin
 from kvflow.kv.store import BlockEvent
 from kvflow.kv.transfer import PEER_DIRECTION, SimCopyEngine
 from tests.peer_builders import make_store, no_pins, put_blocks
@@ -59,6 +59,30 @@ def test_a_pinned_run_stops_at_the_first_missing_key_and_resists_eviction(
     assert data.checksums == [xxhash.xxh3_64_intdigest(v) for v in data.views]
     unpin(store, run)
     assert no_pins(store) and store.cpu.num_free_blocks == 4
+    store.close()
+
+
+def test_a_remembered_checksum_lasts_as_long_as_its_block_stays_in_its_slot(
+    tmp_path: Path,
+) -> None:
+    store = make_store(tmp_path, num_blocks=2)
+    put_blocks(store, "cpu", [1, 2], seed=1)
+    reader = RunReader(store)
+    run = find_run(store, [1, 2])
+    first = reader.read_run(run, hash_host=False)
+    assert first.checksums == [None, None]  # never hashed yet: the sender hashes them
+    sums = [xxhash.xxh3_64_intdigest(v) for v in first.views]
+    reader.remember(run, 0, sums[0])
+    assert reader.read_run(find_run(store, [1, 2]), hash_host=False).checksums == [sums[0], None]
+    assert reader.read_run(run).checksums == sums  # hash_host: the rest are hashed
+    assert store.cpu is not None
+    store.cpu.reset_prefix_cache()  # both evicted; their slots take other blocks
+    put_blocks(store, "cpu", [3, 4], seed=2)
+    again = find_run(store, [3, 4])
+    assert set(again.slots) == set(run.slots)
+    data = reader.read_run(again, hash_host=False)
+    assert data.checksums == [None, None]  # nothing remembered of the old blocks
+    assert reader.read_run(again).checksums == [xxhash.xxh3_64_intdigest(v) for v in data.views]
     store.close()
 
 
