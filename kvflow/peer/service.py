@@ -59,9 +59,10 @@ from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, ne
 from kvflow.peer.wire import PeerClosedError, Wire
 
 digest = xxhash.xxh3_64_intdigest
-SEND_PART_BYTES = 256 << 10
-"""A large reply is hashed and sent in parts of about this size (at least a block), so
-the puller receives one part while the owner hashes the next."""
+SEND_PART_BYTES = 1 << 20
+"""A reply whose blocks need hashing is sent in parts of about this size (at least a
+block), so the puller receives one part while the owner hashes the next; blocks whose
+checksums are known go out together (one `sendmsg`, one wakeup of the puller)."""
 _SUBSCRIBER_QUEUE = 256
 """EVENTS frames queued for one slow subscriber before it is dropped (it resyncs)."""
 _CONNECTION_ERRORS = (FrameError, PeerClosedError, PeerRefusedError, TimeoutError, OSError)
@@ -294,15 +295,17 @@ class PeerService:
                     pack_blocks_head(lease_id, size, found.tiers[:n]),
                 ]
                 sums = data.checksums
-                step = max(1, SEND_PART_BYTES // size)
-                for lo in range(0, n, step):  # hash a part, send it, hash the next...
-                    for i in range(lo, min(lo + step, n)):
-                        if sums[i] is None:
-                            sums[i] = checksum = digest(data.views[i])
-                            reader.remember(found, i, checksum)
-                    yield [*head, *data.views[lo : lo + step]]
-                    head = []
-                yield [*head, pack_checksums(cast("list[int]", sums))]  # all hashed by now
+                part, part_bytes = head, 0
+                for i in range(n):
+                    if sums[i] is None:  # to hash: first send what is ready, if much
+                        if part_bytes >= SEND_PART_BYTES:
+                            yield part
+                            part, part_bytes = [], 0
+                        sums[i] = checksum = digest(data.views[i])
+                        reader.remember(found, i, checksum)
+                    part.append(data.views[i])
+                    part_bytes += size
+                yield [*part, pack_checksums(cast("list[int]", sums))]
 
             if reader.in_host_memory(found):
                 # On this thread: pinned only if the send has to wait (a reply that fits
