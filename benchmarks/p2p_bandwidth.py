@@ -13,7 +13,7 @@ first time it serves it and remembers its checksum: later pulls of it are not ha
 at the owner, only at the puller). Then the latency of a one-block pull (p50, p99).
 Then the virtual-time copy model (`SimCopyEngine`, direction `peer_to_cpu`) with
 `kv.transfer.peer_gbps` and `peer_latency_us` fitted to the measured pull times (the
-best of each size; the line with the smallest worst relative error), beside them.
+median of each size; the line with the smallest worst relative error), beside them.
 
 The owner (its store, peer service, and the raw baseline's sender, which answers an
 8-byte request with the blocks as a pull does) runs in a child process, the puller in
@@ -168,7 +168,7 @@ async def measure(
                 peer_times.append(await peer_transfer(client, keys[:n], dst_all[:n]))
                 if not i % 2:
                     raw_times.append(raw_transfer(raw, dst_all[:n]))
-            measured[mib] = min(peer_times)
+            measured[mib] = statistics.median(peer_times)
             best_peer, best_raw = min(peer_times), min(raw_times)
             ratios = [r / p for p, r in zip(peer_times, raw_times, strict=True)]
             print(
