@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import anyio
 
-from kvflow.kv.export import PinnedRun, pin_run, unpin
+from kvflow.kv.export import HeldRun, pin_run, unpin
 from kvflow.kv.store import KVStore
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class HandoffTicket(NamedTuple):
 
 
 class _Lease(NamedTuple):
-    run: PinnedRun
+    run: HeldRun
     deadline: float
 
 
@@ -83,7 +83,7 @@ class Handoffs:
     def num_active(self) -> int:
         return len(self._leases)
 
-    def keep(self, keys: Sequence[int]) -> PinnedRun | None:
+    def keep(self, keys: Sequence[int]) -> HeldRun | None:
         """Pin the leading run of `keys` the store holds; None when it holds none."""
         run = pin_run(self.store, keys)
         if not run:

@@ -318,7 +318,7 @@ class PeerService:
             self._counts["blocks"] += served[0]
             self._counts["bytes"] += served[0] * size
             if self.on_served is not None:
-                self.on_served(run.keys[: served[0]])
+                self.on_served(found.keys[: served[0]])
         except Exception:  # one failed pull ends its connection, nothing else
             # A transfer that failed half-way leaves the stream unusable: end it.
             self._counts["closed_for_errors"] += 1
