@@ -184,11 +184,13 @@ class EngineHost:
                 self.abort_all()
 
     def _peer_node(self, engine: AsyncEngine, loaded: _Loaded) -> PeerNode:
-        """The peer layer beside the engine, on its loop (the model's identity, by
-        default the served model's name, is in the config since `load`)."""
+        """The peer layer beside the engine, on its loop; the model's identity defaults
+        to the served model's name (`load` set it already for a store with bytes)."""
         from kvflow.peer.node import PeerAddress, PeerNode
 
         config = loaded.config.peer
+        if not config.model_id:
+            config = config.model_copy(update={"model_id": self.options.model_name})
         peers = [PeerAddress.parse(p) for p in self.options.peers or ()]
         node = PeerNode(engine.scheduler.store, config, peers)
         logger.info(
