@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 BodyT = TypeVar("BodyT", CompletionRequest, ChatCompletionRequest)
 
+CLIENT_GONE_STATUS = 499
+"""The status (nginx's) a request is counted under in `request_rejected` when its client
+left before its body arrived (no answer is sent)."""
+
 Prepared = tuple[list[EngineRequest], list[str], ResponseShape, bool, RequestHandoff | None]
 """A generation request made ready: engine requests (one per choice), stop strings, the
 response's shape, whether to stream, and its part in a prefill/decode handoff."""
@@ -142,10 +146,12 @@ def _generation_endpoint(
                 for r in reqs
             ]
             gens = await _submit_all(api, reqs)
-        except APIError as err:
+        except APIError as err:  # rejected; a request submitted is counted when it ends
+            host.metrics.requests.count_rejected(err.status)
             await send_json(send, err.status, err.body(), err.headers)
             return
         except ClientGoneError:
+            host.metrics.requests.count_rejected(CLIENT_GONE_STATUS)
             return
         if stream:
             [gen] = gens

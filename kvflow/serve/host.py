@@ -18,7 +18,7 @@ from kvflow.engine import AsyncEngine
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.text import TextCodec
 from kvflow.kv.store import KVStore
-from kvflow.serve.metrics import EngineMetrics
+from kvflow.serve.metrics import EngineMetrics, ServerCollector
 from kvflow.serve.serving import OpenAIServing, ServedModel
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class EngineHost:
         self.serving: OpenAIServing | None = None
         self.registry = CollectorRegistry()
         self.metrics = EngineMetrics(lambda: self.engine, options.model_name, self.registry)
+        self.registry.register(ServerCollector(self._num_in_flight, options.model_name))
         self.peer_node: PeerNode | None = None
         if options.peers is not None:
             from kvflow.serve.peer_metrics import PeerCollector
@@ -130,6 +131,9 @@ class EngineHost:
             self.registry.register(PeerCollector(lambda: self.peer_node, options.model_name))
         self._stop = anyio.Event()
         self._stopped = anyio.Event()
+
+    def _num_in_flight(self) -> int:
+        return 0 if self.serving is None else len(self.serving.in_flight)
 
     async def run(self) -> None:
         """Load, serve until `stop`, then close the engine (drain or abort by

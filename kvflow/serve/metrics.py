@@ -17,6 +17,8 @@ Two halves, usable without the HTTP server too:
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
@@ -180,6 +182,13 @@ class RequestMetrics:
             [*labels, "finished_reason"],
             registry=registry,
         )
+        self._rejected = Counter(
+            PREFIX + "request_rejected",
+            "Requests answered with an error before generating (bad, refused, too many), "
+            "by HTTP status: with request_success, every request sent is counted once.",
+            [*labels, "status"],
+            registry=registry,
+        )
 
     def observer(self, num_prompt_tokens: int) -> RequestObserver:
         """An observer for one request."""
@@ -201,6 +210,10 @@ class RequestMetrics:
     def _count_finished(self, reason: str, num_prompt_tokens: int) -> None:
         self._success.labels(self._model_name, reason).inc()
         self.prompt_tokens.inc(num_prompt_tokens)
+
+    def count_rejected(self, status: int) -> None:
+        """Count a request answered with error `status` before anything was generated."""
+        self._rejected.labels(self._model_name, str(status)).inc()
 
 
 class RequestObserver:
@@ -245,6 +258,34 @@ class RequestObserver:
         self._metrics._count_finished(reason, self._num_prompt_tokens)
 
 
+class ServerCollector:
+    """The serving process itself at scrape time: asyncio tasks alive on its event loop,
+    threads, and requests the server holds (submitted and not yet left). At rest, all
+    three return to what they were before any request: what does not is a leak."""
+
+    def __init__(self, num_in_flight: Callable[[], int], model_name: str) -> None:
+        self._num_in_flight = num_in_flight
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            num_tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped off the event loop's thread: no loop to ask
+            num_tasks = 0
+        for metric, doc, value in (
+            ("server_tasks", "asyncio tasks alive on the server's event loop.", num_tasks),
+            ("server_threads", "Threads alive in the server process.", threading.active_count()),
+            (
+                "server_requests_in_flight",
+                "Requests submitted to the engine whose responses have not ended.",
+                self._num_in_flight(),
+            ),
+        ):
+            family = GaugeMetricFamily(PREFIX + metric, doc, labels=["model_name"])
+            family.add_metric([self._model_name], value)
+            yield family
+
+
 class EngineMetrics:
     """Both halves on one registry (a fresh one by default)."""
 
@@ -269,4 +310,5 @@ __all__ = [
     "EngineMetrics",
     "RequestMetrics",
     "RequestObserver",
+    "ServerCollector",
 ]
