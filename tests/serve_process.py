@@ -27,7 +27,8 @@ def free_port() -> int:
 
 class ServerProcess:
     """`python -m kvflow serve --port P ARGS` (or `python PROGRAM --port P ARGS`), its
-    output in `log_path`.
+    output in `log_path`; P is a free port unless `port` is given (to restart a server
+    where it was).
 
     Use as a context manager: entering waits until /health answers 200 (bounded),
     leaving kills the process if it is still running.
@@ -39,8 +40,9 @@ class ServerProcess:
         log_path: Path,
         startup_timeout_s: float = 180.0,
         program: Sequence[str] = ("-m", "kvflow", "serve"),
+        port: int | None = None,
     ):
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s

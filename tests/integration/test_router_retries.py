@@ -1,12 +1,15 @@
 """`kvflow router` over `kvflow serve --engine sim` processes: a request an instance
 refuses (503) or cannot take (killed) goes to another instance before any byte was
-sent; a stream passes through chunk by chunk; bad flags are errors."""
+sent; a killed instance restarted where it was comes back into the rotation; a stream
+passes through chunk by chunk, and ends (no hang, nothing held) when its instance dies
+mid-way; bad flags are errors."""
 
 from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -85,6 +88,55 @@ def test_a_killed_instance_s_request_goes_to_another(
         b.proc.wait(timeout=30)
         none = _post(router.base_url, "z")
         assert none.status_code == 503 and "no instance took" in none.json()["error"]["message"]
+
+
+def test_a_killed_instance_comes_back_into_the_rotation_once_it_answers_again(
+    tmp_path: Path,
+) -> None:
+    args = ["--engine", "sim", *SIM]
+    with (
+        ServerProcess(args, tmp_path / "a.log") as a,
+        ServerProcess(args, tmp_path / "b.log") as b,
+        _router(tmp_path / "router.log", a, b, interval="0.1") as router,
+    ):
+        healthy = "kvflow:router_instance_healthy"
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(timeout=30)
+        _wait_for(lambda: metric(router.base_url, healthy, instance=a.base_url) == 0)
+        served = [_post(router.base_url, f"p{i}") for i in range(3)]
+        assert {r.headers["x-kvflow-instance"] for r in served} == {b.base_url}
+        with ServerProcess(args, tmp_path / "a-again.log", port=a.port) as again:
+            _wait_for(lambda: metric(router.base_url, healthy, instance=a.base_url) == 1)
+            served = [_post(router.base_url, f"q{i}") for i in range(4)]
+            assert [r.status_code for r in served] == [200] * 4
+            assert {r.headers["x-kvflow-instance"] for r in served} == {a.base_url, b.base_url}
+            assert again.metric("kvflow:request_success_total", finished_reason="length") == 2
+
+
+def test_an_instance_dying_mid_stream_ends_the_stream_and_holds_nothing(
+    two: tuple[ServerProcess, ServerProcess], tmp_path: Path
+) -> None:
+    _, b = two
+    with _router(tmp_path / "router.log", b) as router:
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
+        with httpx.stream("POST", f"{router.base_url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            b.proc.send_signal(signal.SIGKILL)
+            try:
+                rest = list(lines)  # ends when the router breaks it off, within the timeout
+            except httpx.RemoteProtocolError:  # the chunked body cut short
+                rest = []
+        assert "data: [DONE]" not in rest
+        assert metric(router.base_url, "kvflow:router_in_flight", instance=b.base_url) == 0
+        assert "Traceback" not in router.log(), router.log()
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition still false after the timeout"
+        time.sleep(0.05)
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_instance(
