@@ -21,6 +21,7 @@ Checks, in the last line (`"event": "report"`), each true or false:
   (`usage.completion_tokens` = `max_tokens`), and every bad one a 4xx;
 - `rss_flat`: the server's VmRSS after warm-up (the first `--warmup-fraction` of
   requests) varies less than `--rss-tolerance` (max / min - 1);
+- `threads_flat`: the server never has more threads after warm-up than during it;
 - `at_rest`: once the clients are done, nothing is held: no request in flight, queued
   or running, no device block referenced, and as many asyncio tasks as before the load;
 - `clean_exit`: SIGTERM drains and the process exits 0, its log free of tracebacks and
@@ -108,6 +109,8 @@ class Run:
     """(requests done, VmRSS KiB, threads) of the server, every `--sample-s`."""
     next_index: int = 0
     started: float = 0.0
+    load_s: float = 0.0
+    """From the first request sent to the last one's end."""
 
 
 def proc_status(pid: int) -> tuple[int, int]:
@@ -260,6 +263,7 @@ async def drive(run: Run) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(sampler, run, done)
         await client_loop(run, prefixes)
+        run.load_s = time.monotonic() - run.started
         done.set()
 
 
@@ -301,6 +305,7 @@ def report(run: Run, before: dict[str, float], after: dict[str, float]) -> dict[
     }
     num_refused = sum(v for status, v in rejected.items() if status != "499")
     warm = [(r, t) for done, r, t in run.samples if done >= args.warmup_fraction * num_sent]
+    threads_warming = [t for done, _, t in run.samples if done < args.warmup_fraction * num_sent]
     rss = [r for r, _ in warm] or [0]
     quarter = max(1, num_sent // 4)
     ttft_q = [
@@ -315,6 +320,8 @@ def report(run: Run, before: dict[str, float], after: dict[str, float]) -> dict[
         "outputs_whole": all(o.complete for o in outcomes)
         and all(o.status == 200 for o in by_kind["ok"]),
         "rss_flat": max(rss) / min(rss) - 1 <= args.rss_tolerance,
+        "threads_flat": max((t for _, t in warm), default=0) <= max(threads_warming, default=0)
+        or not threads_warming,
         "at_rest": total(after, "kvflow:server_requests_in_flight") == 0
         and total(after, "kvflow:num_requests_running") == 0
         and total(after, "kvflow:num_requests_waiting") == 0
@@ -328,7 +335,8 @@ def report(run: Run, before: dict[str, float], after: dict[str, float]) -> dict[
         "requests_by_kind": {k: len(v) for k, v in by_kind.items()},
         "server_finished_by_reason": finished,
         "server_rejected_by_status": rejected,
-        "seconds": round(time.monotonic() - run.started, 1),
+        "load_seconds": round(run.load_s, 1),
+        "requests_per_s": round(num_sent / run.load_s, 1) if run.load_s else None,
         "rss_mib_after_warmup": [round(min(rss) / 1024, 1), round(max(rss) / 1024, 1)],
         "rss_drift": round(max(rss) / min(rss) - 1, 4),
         "threads_after_warmup": [min(t for _, t in warm), max(t for _, t in warm)] if warm else [],
