@@ -157,6 +157,10 @@ def run_fleet(args: argparse.Namespace, console: Console) -> int:
                 pd=pd,
             )
             reports.append(summarize_fleet(result))
+            out.print(
+                f"  {run_name(result)}: {result.wall_s:.2f} s wall, "
+                f"{len(requests) / max(result.wall_s, 1e-9):,.0f} simulated requests/s"
+            )
             unserved[run_name(result)] = nothing_served_reason(result.states, configs[0])
     title = (
         f"kvflow replay: {path.name}, {len(requests)} requests | {n} instances, "

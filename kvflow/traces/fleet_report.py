@@ -115,7 +115,9 @@ class FleetReport:
     instances: list[RunReport]
 
     def to_json(self) -> dict[str, Any]:
-        return self.report.to_json()
+        """The fleet-wide report's JSON, without `wall_s` (here and per instance): the
+        same trace, config and seed give the same bytes in any process."""
+        return self.report.to_json(wall_clock=False)
 
 
 def summarize_fleet(result: FleetResult) -> FleetReport:
@@ -165,7 +167,7 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
         "network_bytes": result.network_bytes,
         "peer_hit_tokens": sum(peer_hits),
         "routed_requests": list(result.routed),
-        "per_instance": [r.to_json() for r in per_instance],
+        "per_instance": [r.to_json(wall_clock=False) for r in per_instance],
         "pd": list(result.pd) if result.pd is not None else None,
         "roles": [inst.role for inst in result.instances],
         "pd_handoffs": len(result.handoffs),

@@ -108,10 +108,14 @@ class RunReport:
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Further JSON-ready figures (per tier, per peer, ...), written after the rest."""
 
-    def to_json(self) -> dict[str, Any]:
-        """The report as JSON-ready data; key order is part of the schema."""
+    def to_json(self, *, wall_clock: bool = True) -> dict[str, Any]:
+        """The report as JSON-ready data; key order is part of the schema. Without
+        `wall_clock`, `wall_s` (the one figure that measures the machine, not the run)
+        is left out, so a virtual-time run's JSON is the same bytes in any process."""
         data: dict[str, Any] = {}
         for item in fields(self):
+            if item.name == "wall_s" and not wall_clock:
+                continue
             value = getattr(self, item.name)
             if isinstance(value, LatencySummary):
                 value = value.to_dict()
