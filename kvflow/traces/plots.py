@@ -178,16 +178,15 @@ def write_replay_plots(
 
 
 def plot_sweep(points: Sequence[SweepPoint], path: Path, attainment_target: float = 0.9) -> Path:
-    """Goodput and SLO attainment versus offered rate, a line per policy, into `path`."""
+    """Goodput and SLO attainment versus offered rate, a line per curve (a policy, or
+    a policy on one fleet shape), into `path`."""
     figure, (top, bottom) = _figure(7.0, 7.0, num_rows=2)
-    policies = list(dict.fromkeys(p.policy for p in points))
-    for policy in policies:
-        mine = sorted((p for p in points if p.policy == policy), key=lambda p: p.rate_rps)
+    labels = list(dict.fromkeys(p.label for p in points))
+    for label in labels:
+        mine = sorted((p for p in points if p.label == label), key=lambda p: p.rate_rps)
         rates = [p.rate_rps for p in mine]
-        top.plot(rates, [p.report.goodput_rps for p in mine], marker="o", label=policy)
-        bottom.plot(
-            rates, [100.0 * p.report.slo_attainment for p in mine], marker="o", label=policy
-        )
+        top.plot(rates, [p.report.goodput_rps for p in mine], marker="o", label=label)
+        bottom.plot(rates, [100.0 * p.report.slo_attainment for p in mine], marker="o", label=label)
     top.set(title="goodput (requests/s meeting every SLO)", ylabel="requests/s")
     bottom.axhline(100.0 * attainment_target, color="gray", linestyle="--", linewidth=1.0)
     bottom.set(title="SLO attainment", ylabel="% of served requests", ylim=(0.0, 101.0))

@@ -1,12 +1,15 @@
-"""Load sweeps: replay a trace under every policy at every offered rate, in parallel.
+"""Load sweeps: replay a trace under every policy at every offered rate, in parallel,
+on one instance or on fleets of several sizes behind several routers.
 
 Each grid point rescales the trace's arrivals to the rate (`scale_to_rate`: same
 requests, same order, arrival gaps stretched or squeezed), replays it in virtual time
-and summarises it. Replays are deterministic, so a parallel sweep gives exactly the
-numbers of a serial one (only `wall_s` differs).
+(a fleet point through `replay_fleet`: the rate is the whole fleet's) and summarises
+it. Replays are deterministic, so a parallel sweep gives exactly the numbers of a
+serial one (only a single instance's `wall_s` differs; fleet points leave it out).
 
-The capacity of a policy (DistServe's goodput) is the highest swept rate at which it,
-and every lower swept rate, keeps SLO attainment at or above the target (90%).
+The capacity of a curve (a policy, or a policy on one fleet shape; DistServe's
+goodput) is the highest swept rate at which it, and every lower swept rate, keeps SLO
+attainment at or above the target (90%).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvflow.cluster import routers
+from kvflow.cluster.fleet import replay_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
 from kvflow.traces.metrics import RunReport, summarize_replay
@@ -32,42 +37,91 @@ DEFAULT_ATTAINMENT_TARGET = 0.9
 
 
 @dataclass(frozen=True, slots=True)
+class FleetShape:
+    """A fleet of identical instances behind a router (a sweep point's fleet)."""
+
+    num_instances: int
+    router: str
+    peers: bool = False
+
+    def label(self, policy: str) -> str:
+        """``router/policy x N`` (``+peers`` with peers), as fleet runs are named."""
+        return f"{self.router}/{policy}{'+peers' if self.peers else ''} x{self.num_instances}"
+
+
+@dataclass(frozen=True, slots=True)
 class SweepPoint:
-    """One grid point: a policy at an offered rate, and what its replay achieved."""
+    """One grid point: a policy (on one instance, or on a fleet) at an offered rate,
+    and what its replay achieved."""
 
     policy: str
     rate_rps: float
     report: RunReport
     nothing_served: str | None = None
     """Why the replay served no request (`nothing_served_reason`); None when it did."""
+    fleet: FleetShape | None = None
+    """The fleet replayed; None: one instance (`replay`)."""
+
+    @property
+    def label(self) -> str:
+        """The curve the point belongs to: its policy, or its fleet's run name."""
+        return self.policy if self.fleet is None else self.fleet.label(self.policy)
 
     def to_json(self) -> dict[str, Any]:
         """``{"policy", "rate_rps", "goodput_rps", "slo_attainment", ...}``: the run
-        report's keys follow in their own order."""
-        data: dict[str, Any] = {
-            "policy": self.policy,
-            "rate_rps": self.rate_rps,
-            "goodput_rps": self.report.goodput_rps,
-            "slo_attainment": self.report.slo_attainment,
-        }
-        for key, value in self.report.to_json().items():
+        report's keys follow in their own order. A fleet point has ``"instances"``,
+        ``"router"`` and ``"peers"`` after ``"policy"``, and no ``wall_s``."""
+        data: dict[str, Any] = {"policy": self.policy}
+        if self.fleet is not None:
+            data["instances"] = self.fleet.num_instances
+            data["router"] = self.fleet.router
+            data["peers"] = self.fleet.peers
+        data["rate_rps"] = self.rate_rps
+        data["goodput_rps"] = self.report.goodput_rps
+        data["slo_attainment"] = self.report.slo_attainment
+        for key, value in self.report.to_json(wall_clock=self.fleet is None).items():
             data.setdefault(key, value)
         return data
 
 
 def run_point(
-    requests: Sequence[Request], config: KVFlowConfig, policy: str, rate_rps: float
+    requests: Sequence[Request],
+    config: KVFlowConfig,
+    policy: str,
+    rate_rps: float,
+    fleet: FleetShape | None = None,
 ) -> SweepPoint:
-    """Replay `requests` rescaled to `rate_rps` under `policy`, and summarise it."""
-    result = replay(scale_to_rate(requests, rate_rps), config, policy)
-    report = summarize_replay(result, policy=policy)
-    return SweepPoint(policy, rate_rps, report, nothing_served_reason(result.states, config))
+    """Replay `requests` rescaled to `rate_rps` under `policy` (on `fleet` when given,
+    each instance configured by `config`), and summarise it."""
+    scaled = scale_to_rate(requests, rate_rps)
+    if fleet is None:
+        result = replay(scaled, config, policy)
+        report = summarize_replay(result, policy=policy)
+        return SweepPoint(policy, rate_rps, report, nothing_served_reason(result.states, config))
+    from kvflow.traces.fleet_report import summarize_fleet  # it imports tables, which import us
+
+    n = fleet.num_instances
+    run = replay_fleet(
+        scaled,
+        [config] * n,
+        [make_policy(policy, config) for _ in range(n)],
+        routers.create(fleet.router, config),
+        peers=fleet.peers,
+        policy_name=policy,
+    )
+    report = summarize_fleet(run).report
+    return SweepPoint(
+        policy, rate_rps, report, nothing_served_reason(run.states, config), fleet=fleet
+    )
 
 
 def _sweep_task(
-    shared: tuple[Sequence[Request], KVFlowConfig], point: tuple[str, float]
+    shared: tuple[Sequence[Request], KVFlowConfig],
+    point: tuple[str, float, FleetShape | None],
 ) -> SweepPoint:
-    return run_point(*shared, *point)
+    requests, config = shared
+    policy, rate, fleet = point
+    return run_point(requests, config, policy, rate, fleet)
 
 
 _worker_shared: Any = None
@@ -151,21 +205,26 @@ def sweep(
     rates: Sequence[float],
     jobs: int | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
+    fleets: Sequence[FleetShape] | None = None,
 ) -> list[SweepPoint]:
-    """Replay the grid policies x rates and return its points, policy-major in the given
-    orders.
+    """Replay the grid policies x fleets x rates and return its points, in that order
+    of nesting (policy-major), each in the given order.
 
     Args:
         requests: the trace; at least two requests with different arrival times.
-        config: the instance's configuration, the same at every point.
+        config: the instance's configuration, the same at every point (and on every
+            instance of a fleet).
         policies: registered policy names.
-        rates: offered request rates in requests/s, each > 0.
+        rates: offered request rates in requests/s, each > 0 (a fleet's whole rate).
         jobs: worker processes (default `default_jobs`); 1 runs in this process.
         on_point: called in this process as each point finishes (in finishing order).
+        fleets: fleet shapes to replay each policy and rate on; None (or empty): one
+            instance.
 
     Raises:
-        ValueError: a rate <= 0, an empty grid, or a trace without a rate to scale.
-        UnknownNameError: an unknown policy (before anything is replayed).
+        ValueError: a rate <= 0, an empty grid, a fleet of no instance, or a trace
+            without a rate to scale.
+        UnknownNameError: an unknown policy or router (before anything is replayed).
     """
     if not policies or not rates:
         raise ValueError("a sweep needs at least one policy and one rate")
@@ -178,7 +237,13 @@ def sweep(
         )
     for name in policies:
         make_policy(name, config)
-    grid = [(policy, rate) for policy in policies for rate in rates]
+    shapes: list[FleetShape | None] = list(fleets) if fleets else [None]
+    for shape in shapes:
+        if shape is not None:
+            if shape.num_instances < 1:
+                raise ValueError(f"a fleet needs >= 1 instance, got {shape.num_instances!r}")
+            routers.create(shape.router, config)
+    grid = [(policy, rate, shape) for policy in policies for shape in shapes for rate in rates]
     jobs = default_jobs(len(grid)) if jobs is None else jobs
     with ProcessRunner((list(requests), config), jobs) as runner:
         return runner.map(_sweep_task, grid, on_point)
@@ -187,14 +252,15 @@ def sweep(
 def capacity(
     points: Sequence[SweepPoint], attainment_target: float = DEFAULT_ATTAINMENT_TARGET
 ) -> dict[str, float | None]:
-    """By policy: the highest swept rate at which SLO attainment, there and at every
-    lower swept rate, is at least `attainment_target` (None: not even the lowest)."""
+    """By curve (`SweepPoint.label`: the policy, or a fleet's run name): the highest
+    swept rate at which SLO attainment, there and at every lower swept rate, is at
+    least `attainment_target` (None: not even the lowest)."""
     result: dict[str, float | None] = {}
-    for policy in dict.fromkeys(p.policy for p in points):
+    for label in dict.fromkeys(p.label for p in points):
         best = None
-        for point in sorted((p for p in points if p.policy == policy), key=lambda p: p.rate_rps):
+        for point in sorted((p for p in points if p.label == label), key=lambda p: p.rate_rps):
             if point.report.slo_attainment < attainment_target:
                 break
             best = point.rate_rps
-        result[policy] = best
+        result[label] = best
     return result

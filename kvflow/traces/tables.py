@@ -207,7 +207,11 @@ def render_tenant_table(reports: Sequence[RunReport], width: int | None = None) 
 # -- per sweep point ----------------------------------------------------------------------
 def _sweep_columns(points: Sequence[SweepPoint]) -> list[_Column[SweepPoint]]:
     columns: list[_Column[SweepPoint]] = [
-        _Column("policy", lambda p: p.policy, left=True),
+        _Column(
+            "policy" if all(p.fleet is None for p in points) else "run",
+            lambda p: p.label,
+            left=True,
+        ),
         _Column("rate\nreq/s", lambda p: f"{p.rate_rps:g}"),
         _Column("goodput\nreq/s", lambda p: f"{p.report.goodput_rps:.2f}"),
         _Column("SLO\nmet", lambda p: _share(p.report.slo_attainment, p.report.num_finished)),
@@ -229,20 +233,21 @@ def render_sweep_table(
     attainment_target: float = DEFAULT_ATTAINMENT_TARGET,
     width: int | None = None,
 ) -> Table:
-    """One row per sweep point, grouped by policy; `capacity` (by policy, found with
-    `attainment_target`) goes in the caption."""
+    """One row per sweep point, grouped by curve (a policy, or a policy on one fleet
+    shape: `SweepPoint.label`); `capacity` (by curve, found with `attainment_target`)
+    goes in the caption."""
     table = _fit_table(
         "kvflow sweep: goodput versus offered load", _sweep_columns(points), points, width
     )
     previous = None
     for i, point in enumerate(points):
-        if previous is not None and point.policy != previous:
+        if previous is not None and point.label != previous:
             table.rows[i - 1].end_section = True
-        previous = point.policy
+        previous = point.label
     if capacity:
         shown = ", ".join(
-            f"{policy} {'< lowest rate' if rate is None else f'{rate:g} req/s'}"
-            for policy, rate in capacity.items()
+            f"{label} {'< lowest rate' if rate is None else f'{rate:g} req/s'}"
+            for label, rate in capacity.items()
         )
         line = f"capacity (SLO met >= {attainment_target:.0%}): {shown}"
         table.caption = line if table.caption is None else f"{line}\n{table.caption}"

@@ -14,8 +14,13 @@ from kvflow.cli import main
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
 from kvflow.traces import bundled_sample_path, load_trace
+from kvflow.traces.fleet_report import summarize_fleet
 from kvflow.traces.metrics import summarize
+from kvflow.traces.native import dump_native
+from kvflow.traces.shaping import scale_to_rate
+from kvflow.traces.slo import SLOSettings
 from kvflow.traces.sweep import SweepPoint, capacity, sweep
+from tests.fleet_helpers import conversations, run_fleet
 from tests.integration.test_reports_cli import png_size
 
 RATES = [20.0, 40.0, 60.0]
@@ -162,3 +167,56 @@ def test_cli_sweep_needs_rates(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["sweep", "--rate", "1,x"])
     assert "1,x" in capsys.readouterr().err
+
+
+def test_cli_sweep_over_fleet_sizes_and_routers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace, out = tmp_path / "conv.jsonl", tmp_path / "sweep.json"
+    requests = conversations(num_sessions=40)
+    dump_native(requests, trace)
+    args = [
+        "sweep", str(trace), "-p", "fcfs", "--rate", "8,16", "--instances", "2,4",
+        "--router", "round-robin,cache-aware", "--set", "kv.device.num_blocks=300",
+        "--ttft-slo-ms", "500", "--jobs", "1", "--json", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "cache-aware/fcfs x4" in text and "capacity (SLO met >= 90%)" in text
+    doc = json.loads(out.read_text())
+    rows = doc["sweep"]
+    # One row per combination: policy, then instances, then router, then rate.
+    assert [(r["instances"], r["router"], r["rate_rps"]) for r in rows] == [
+        (n, router, rate)
+        for n in (2, 4)
+        for router in ("round-robin", "cache-aware")
+        for rate in (8.0, 16.0)
+    ]
+    assert list(rows[0])[:7] == [
+        "policy", "instances", "router", "peers", "rate_rps", "goodput_rps", "slo_attainment",
+    ]  # fmt: skip
+    assert all("wall_s" not in r and r["num_requests"] == len(requests) for r in rows)
+    assert [len(r["fleet"]["routed_requests"]) for r in rows] == [2] * 4 + [4] * 4
+    assert list(doc["capacity"]) == [
+        "round-robin/fcfs x2", "cache-aware/fcfs x2", "round-robin/fcfs x4", "cache-aware/fcfs x4",
+    ]  # fmt: skip
+    by_key = {(r["instances"], r["router"], r["rate_rps"]): r for r in rows}
+    for n in (2, 4):
+        for rate in (8.0, 16.0):
+            rr, ca = (by_key[n, r, rate]["prefix_hit_rate"] for r in ("round-robin", "cache-aware"))
+            assert ca > rr
+    # A point is the fleet replay it names: the same figures as replaying it directly.
+    config = KVFlowConfig.from_dict({}, {"kv.device.num_blocks": 300})
+    loaded = SLOSettings(ttft_ms=500.0).apply(load_trace(trace))
+    direct = summarize_fleet(run_fleet(scale_to_rate(loaded, 16.0), config, 4, "cache-aware"))
+    assert by_key[4, "cache-aware", 16.0]["ttft_ms"] == direct.to_json()["ttft_ms"]
+
+
+def test_cli_sweep_fleet_flags_need_instances(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--rate", "10", "--router", "cache-aware"]) == 2
+    assert "--router and --peers need --instances" in capsys.readouterr().err
+    assert main(["sweep", "--rate", "10", "--instances", "2", "--router", "nope"]) == 2
+    assert "unknown router 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--rate", "10", "--instances", "0,2"])
+    assert "instance counts >= 1" in capsys.readouterr().err
