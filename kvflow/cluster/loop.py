@@ -254,6 +254,8 @@ class FleetLoop:
                 view.num_queued_tokens[k] = inst.num_queued_tokens()
                 scheduler = inst.scheduler
                 view.num_running[k] = len(scheduler.running) + len(scheduler.loading)
+                view.num_used_blocks[k] = scheduler.store.device.num_used_blocks
+                view.device_blocks[k] = scheduler.store.device.num_blocks
                 self.num_held[inst.index] = scheduler.num_unfinished
 
     # -- disaggregation ---------------------------------------------------------------

@@ -88,7 +88,11 @@ class CacheAwareRouter(Router):
         beyond its own, where that is faster than prefilling them)
 
     each from the instance's latency model and the network model (Mooncake's conductor
-    weighs the same three). When loads diverge (the highest exceeds the lowest by more
+    weighs the same three). An instance whose device tier cannot take the request now
+    (the blocks its admitted requests hold, plus those its queued prefill and the
+    request's uncached prompt need, exceed its device blocks) ranks after every one
+    that can: there the request would wait for running requests to finish, which no
+    queue term foresees. When loads diverge (the highest exceeds the lowest by more
     than `balance_abs_threshold` and more than `balance_rel_threshold` times), the
     least loaded instance gets the request instead, so one hot prefix cannot pile every
     request onto the instance that holds it (SGLang's router does the same).
@@ -121,10 +125,12 @@ class CacheAwareRouter(Router):
         network = view.network
         held = view.index.num_blocks
         routed = view.num_routed
-        best, best_rank = 0, (float("inf"), 0, 0, 0)
+        best, best_rank = 0, (True, float("inf"), 0, 0, 0)
+        device, used, queued = view.device_blocks, view.num_used_blocks, view.num_queued_tokens
         for i in range(view.num_instances):
             prefill_us = view.latency[i].prefill_token_us
             num_uncached = num_prompt - runs[i] * bs
+            short = bool(device[i]) and used[i] + (queued[i] + num_uncached) // bs > device[i]
             cost = view.queue_time_s(i)
             num_pull = best_run - runs[i]
             if network is not None and num_pull > 0:
@@ -136,7 +142,7 @@ class CacheAwareRouter(Router):
             # full cache, recomputing them later costs about as much again.
             fill = min(held[i] / view.capacity[i], 1.0)
             cost += num_uncached * prefill_us * 1e-6 * (1.0 + fill)
-            rank = (cost, loads[i], held[i], routed[i])
+            rank = (short, cost, loads[i], held[i], routed[i])
             if rank < best_rank:
                 best, best_rank = i, rank
         return best

@@ -39,7 +39,9 @@ class FleetView:
     Loads are kept by the fleet: `num_queued_tokens[i]` estimates the prefill tokens
     instance i has yet to compute (each routed request adds its prompt less the prefix
     it was expected to find cached; each step takes off its prefill tokens; an idle
-    instance has none); `num_running[i]` counts its admitted requests.
+    instance has none); `num_running[i]` counts its admitted requests;
+    `num_used_blocks[i]` the device blocks they hold, of `device_blocks[i]` (what a
+    real instance reports as its KV cache usage).
     """
 
     def __init__(
@@ -60,6 +62,10 @@ class FleetView:
         """How pulls between instances are timed; None when peers are off."""
         self.num_queued_tokens = [0] * self.num_instances
         self.num_running = [0] * self.num_instances
+        self.device_blocks = [0] * self.num_instances
+        """Each instance's device tier, in blocks (0: unknown, no memory term)."""
+        self.num_used_blocks = [0] * self.num_instances
+        """Device blocks each instance's admitted requests hold (not evictable)."""
         self.num_routed = [0] * self.num_instances
         """Requests routed to each instance so far."""
         self.now = 0.0

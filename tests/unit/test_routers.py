@@ -121,6 +121,22 @@ def test_cache_aware_falls_back_to_the_shortest_queue_when_loads_diverge() -> No
     assert routers.create("cache-aware").route(req, view) == 0  # defaults: not diverged
 
 
+def test_cache_aware_avoids_an_instance_whose_device_tier_cannot_take_the_request() -> None:
+    view = make_view(2)
+    req = request(64)  # 16 blocks of 4 tokens
+    feed(view, 0, view.block_keys(req)[:8])  # instance 0 holds half the prompt
+    view.device_blocks[:] = [100, 100]
+    view.num_used_blocks[:] = [90, 0]  # its running requests hold 90 blocks: 8 fit
+    router = routers.create("cache-aware")
+    assert router.route(req, view) == 0
+    view.num_used_blocks[0] = 93  # 7 free: the 8 uncached blocks would wait
+    view.advance(1.0)
+    assert router.route(req, view) == 1
+    view.num_used_blocks[1] = 99  # neither can take it now: the cost decides again
+    view.advance(2.0)
+    assert router.route(req, view) == 0
+
+
 def test_cache_aware_counts_a_peer_pull_when_it_beats_prefill() -> None:
     view = make_view(2, block_size=16, peers=True)
     req = request(16 * 64)
