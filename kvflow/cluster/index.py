@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 from kvflow.kv.store import BlockEvent
 
-_TIER_BITS = {"device": 0, "cpu": 1, "disk": 2}
-_BITS_PER_INSTANCE = len(_TIER_BITS)
+_TIERS = {"device": 0, "cpu": 1, "disk": 2}
 
 
 class PrefixIndex(ABC):
@@ -29,8 +28,8 @@ class BlockIndex(PrefixIndex):
     `BlockEvent` stream (`apply`). The index is advisory, like the peer directory it
     stands for: an instance may have dropped a block since it said so.
 
-    Each key maps to one int with a bit per (instance, tier), so an event costs one
-    lookup and one store per key.
+    Each instance's tiers are sets of keys, so an event is one set update over its
+    keys (run by the interpreter's C code, not a Python loop per key).
 
     Args:
         num_instances: instances are numbered 0..num_instances-1.
@@ -38,17 +37,13 @@ class BlockIndex(PrefixIndex):
 
     def __init__(self, num_instances: int) -> None:
         self.num_instances = num_instances
-        self._holders: dict[int, int] = {}
-        self._masks = [
-            ((1 << _BITS_PER_INSTANCE) - 1) << (_BITS_PER_INSTANCE * i)
-            for i in range(num_instances)
+        self._tiers: list[tuple[set[int], set[int], set[int]]] = [
+            (set(), set(), set()) for _ in range(num_instances)
         ]
-        self.num_blocks = [0] * num_instances
-        """Distinct keys each instance holds (its cache's fill, as the index sees it)."""
 
     def listener(self, instance: int) -> _Feed:
         """The callable to hand an instance's store (`KVStore.add_listener`)."""
-        return _Feed(self, instance)
+        return _Feed(self._tiers[instance])
 
     def apply(self, instance: int, event: BlockEvent) -> None:
         """Learn one event of `instance`'s stream (in order, none missed: the fleet's
@@ -57,37 +52,19 @@ class BlockIndex(PrefixIndex):
         Raises:
             ValueError: an unknown tier.
         """
-        tier = _TIER_BITS.get(event.tier)
-        if tier is None:
-            raise ValueError(f"block event of an unknown tier {event.tier!r}")
-        bit = 1 << (_BITS_PER_INSTANCE * instance + tier)
-        mask = self._masks[instance]
-        holders = self._holders
-        get = holders.get
-        changed = 0  # keys the instance gained or lost as a whole
-        if event.kind == "stored":
-            for key in event.keys:
-                held = get(key, 0)
-                changed += not held & mask
-                holders[key] = held | bit
-            self.num_blocks[instance] += changed
-            return
-        for key in event.keys:
-            before = get(key, 0)
-            if not before & bit:
-                continue  # never learned (the listener came later)
-            held = before & ~bit
-            if held:
-                holders[key] = held
-            else:
-                holders.pop(key, None)
-            changed += not held & mask
-        self.num_blocks[instance] -= changed
+        _apply(self._tiers[instance], event)
+
+    @property
+    def num_blocks(self) -> list[int]:
+        """Blocks each instance holds, summed over its tiers (a key in two tiers counts
+        twice): its caches' fill, as the index sees it."""
+        return [len(d) + len(c) + len(k) for d, c, k in self._tiers]
 
     def holders(self, key: int) -> frozenset[int]:
         """The instances said to hold `key`."""
-        held = self._holders.get(key, 0)
-        return frozenset(i for i, mask in enumerate(self._masks) if held & mask)
+        return frozenset(
+            i for i, (d, c, k) in enumerate(self._tiers) if key in d or key in c or key in k
+        )
 
     def prefix_runs(self, keys: Sequence[int]) -> list[int]:
         """How many leading blocks of `keys` each instance holds.
@@ -96,19 +73,19 @@ class BlockIndex(PrefixIndex):
         are chained, so an instance holding block p once computed blocks 0..p, and
         stores evict a prefix's tail before its root, so what an instance holds of a
         chain is a leading run (the index is advisory either way)."""
-        holders = self._holders
         runs = [0] * self.num_instances
-        first = holders.get(keys[0], 0) if keys else 0
-        if not first:
+        if not keys:
             return runs
+        first = keys[0]
         n = len(keys)
-        for i, mask in enumerate(self._masks):
-            if not first & mask:
+        for i, (d, c, k) in enumerate(self._tiers):
+            if not (first in d or first in c or first in k):
                 continue
             lo, hi = 1, n
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if holders.get(keys[mid - 1], 0) & mask:
+                key = keys[mid - 1]
+                if key in d or key in c or key in k:
                     lo = mid
                 else:
                     hi = mid - 1
@@ -116,17 +93,27 @@ class BlockIndex(PrefixIndex):
         return runs
 
     def __len__(self) -> int:
-        return len(self._holders)
+        """Distinct keys held anywhere."""
+        return len(set().union(*(s for tiers in self._tiers for s in tiers)))
+
+
+def _apply(tiers: tuple[set[int], set[int], set[int]], event: BlockEvent) -> None:
+    tier = _TIERS.get(event.tier)
+    if tier is None:
+        raise ValueError(f"block event of an unknown tier {event.tier!r}")
+    if event.kind == "stored":
+        tiers[tier].update(event.keys)
+    else:
+        tiers[tier].difference_update(event.keys)
 
 
 class _Feed:
     """One instance's event stream into a `BlockIndex`."""
 
-    __slots__ = ("index", "instance")
+    __slots__ = ("tiers",)
 
-    def __init__(self, index: BlockIndex, instance: int) -> None:
-        self.index = index
-        self.instance = instance
+    def __init__(self, tiers: tuple[set[int], set[int], set[int]]) -> None:
+        self.tiers = tiers
 
     def __call__(self, event: BlockEvent) -> None:
-        self.index.apply(self.instance, event)
+        _apply(self.tiers, event)
