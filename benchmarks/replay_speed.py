@@ -19,7 +19,9 @@ separately; requests_per_s counts only `kvflow.traces.replay.replay(requests, co
 With `--instances N`, a fleet of N instances (`kvflow.cluster.fleet.replay_fleet`, each
 with the single instance's config) behind `--router` replays N times the sessions
 arriving N times as fast (the same 448 s of virtual time), so each instance carries the
-single-instance workload.
+single-instance workload. The single-instance replay is then measured in the same run,
+alternating with the fleet's (`single_requests_per_s`), and `ratio` is the fleet's
+figure over it: the machine's speed and load cancel out of it.
 """
 
 from __future__ import annotations
@@ -119,6 +121,20 @@ def run_once(requests: list[Request], config: KVFlowConfig, policy: str) -> dict
     }
 
 
+def single_instance_trace(args: argparse.Namespace) -> list[Request]:
+    """The single-instance benchmark's trace (the baseline of a fleet run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mooncake_style.jsonl"
+        mooncake_style_trace(
+            path,
+            parse_length(args.prompt_len, "prompt"),
+            parse_length(args.output_len, "output"),
+            args.system_prompt_len,
+            args.rate,
+        )
+        return read_trace(path, "mooncake").requests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="lpm")
@@ -158,11 +174,19 @@ def main() -> None:
         profiler.runcall(replay, requests, config, args.policy)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return
+    baseline: dict[str, Any] = {}
     if args.instances > 1:
-        runs = [
-            run_fleet_once(requests, config, args.policy, args.instances, args.router)
-            for _ in range(args.repeat)
-        ]
+        single = single_instance_trace(args)
+        runs, singles = [], []
+        for _ in range(args.repeat):
+            singles.append(run_once(single, config, args.policy))
+            runs.append(run_fleet_once(requests, config, args.policy, args.instances, args.router))
+        fastest_single = max(float(r["requests_per_s"]) for r in singles)
+        fastest_fleet = max(float(r["requests_per_s"]) for r in runs)
+        baseline = {
+            "single_requests_per_s": fastest_single,
+            "ratio": round(fastest_fleet / fastest_single, 3),
+        }
     else:
         runs = [run_once(requests, config, args.policy) for _ in range(args.repeat)]
     best = max(runs, key=lambda r: float(r["requests_per_s"]))
@@ -185,6 +209,7 @@ def main() -> None:
                 "load_s": round(load_s, 3),
                 "load_requests_per_s": round(len(requests) / load_s, 1),
                 **best,
+                **baseline,
             }
         )
     )

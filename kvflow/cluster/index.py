@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from kvflow.kv.store import BlockEvent
+from kvflow.kv.block_pool import KeyListener
+from kvflow.kv.store import BlockEvent, TierName
 
-_TIERS = {"device": 0, "cpu": 1, "disk": 2}
+_TIERS: dict[TierName, int] = {"device": 0, "cpu": 1, "disk": 2}
 
 
 class PrefixIndex(ABC):
@@ -29,7 +31,9 @@ class BlockIndex(PrefixIndex):
     stands for: an instance may have dropped a block since it said so.
 
     Each instance's tiers are sets of keys, so an event is one set update over its
-    keys (run by the interpreter's C code, not a Python loop per key).
+    keys (run by the interpreter's C code, not a Python loop per key). A simulated
+    fleet feeds it through `key_listeners` (the same changes without `BlockEvent`
+    objects); `listener` takes the events themselves.
 
     Args:
         num_instances: instances are numbered 0..num_instances-1.
@@ -40,10 +44,19 @@ class BlockIndex(PrefixIndex):
         self._tiers: list[tuple[set[int], set[int], set[int]]] = [
             (set(), set(), set()) for _ in range(num_instances)
         ]
+        self.num_blocks = [0] * num_instances
+        """Blocks each instance holds, summed over its tiers (a key in two tiers counts
+        twice): its caches' fill, as the index sees it."""
 
-    def listener(self, instance: int) -> _Feed:
-        """The callable to hand an instance's store (`KVStore.add_listener`)."""
-        return _Feed(self._tiers[instance])
+    def listener(self, instance: int) -> Callable[[BlockEvent], None]:
+        """A callable for an instance's `BlockEvent`s (`KVStore.add_listener`)."""
+        return functools.partial(self.apply, instance)
+
+    def key_listeners(self, instance: int) -> dict[TierName, KeyListener]:
+        """The same feed at less cost per change (`KVStore.add_key_listeners`): each
+        tier's ``(stored, keys)`` straight into that tier's set."""
+        tiers = self._tiers[instance]
+        return {name: _KeyFeed(tiers[t], self.num_blocks, instance) for name, t in _TIERS.items()}
 
     def apply(self, instance: int, event: BlockEvent) -> None:
         """Learn one event of `instance`'s stream (in order, none missed: the fleet's
@@ -52,13 +65,12 @@ class BlockIndex(PrefixIndex):
         Raises:
             ValueError: an unknown tier.
         """
-        _apply(self._tiers[instance], event)
-
-    @property
-    def num_blocks(self) -> list[int]:
-        """Blocks each instance holds, summed over its tiers (a key in two tiers counts
-        twice): its caches' fill, as the index sees it."""
-        return [len(d) + len(c) + len(k) for d, c, k in self._tiers]
+        tier = _TIERS.get(event.tier)
+        if tier is None:
+            raise ValueError(f"block event of an unknown tier {event.tier!r}")
+        _KeyFeed(self._tiers[instance][tier], self.num_blocks, instance)(
+            event.kind == "stored", event.keys
+        )
 
     def holders(self, key: int) -> frozenset[int]:
         """The instances said to hold `key`."""
@@ -97,23 +109,21 @@ class BlockIndex(PrefixIndex):
         return len(set().union(*(s for tiers in self._tiers for s in tiers)))
 
 
-def _apply(tiers: tuple[set[int], set[int], set[int]], event: BlockEvent) -> None:
-    tier = _TIERS.get(event.tier)
-    if tier is None:
-        raise ValueError(f"block event of an unknown tier {event.tier!r}")
-    if event.kind == "stored":
-        tiers[tier].update(event.keys)
-    else:
-        tiers[tier].difference_update(event.keys)
+class _KeyFeed:
+    """One tier of one instance: its keys as they enter and leave, and its count."""
 
+    __slots__ = ("counts", "instance", "keys")
 
-class _Feed:
-    """One instance's event stream into a `BlockIndex`."""
+    def __init__(self, keys: set[int], counts: list[int], instance: int) -> None:
+        self.keys = keys
+        self.counts = counts
+        self.instance = instance
 
-    __slots__ = ("tiers",)
-
-    def __init__(self, tiers: tuple[set[int], set[int], set[int]]) -> None:
-        self.tiers = tiers
-
-    def __call__(self, event: BlockEvent) -> None:
-        _apply(self.tiers, event)
+    def __call__(self, stored: bool, keys: Sequence[int]) -> None:
+        held = self.keys
+        before = len(held)
+        if stored:
+            held.update(keys)
+        else:
+            held.difference_update(keys)
+        self.counts[self.instance] += len(held) - before

@@ -4,11 +4,12 @@ stepping on its own clock inside the fleet's event loop."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.simulated import SimulatedRunner
-from kvflow.kv.block_pool import BlockPool
-from kvflow.kv.store import BlockListener
+from kvflow.kv.block_pool import BlockPool, KeyListener
+from kvflow.kv.store import TierName
 from kvflow.policies.base import Policy
 from kvflow.request import Request, RequestState, RequestStatus
 from kvflow.scheduler.core import Scheduler
@@ -34,11 +35,16 @@ class SimInstance:
         index: its number in the fleet.
         config: its configuration (instances may differ).
         policy: its own policy object (policies keep per-instance state).
-        listener: receives its store's block events (the fleet's index).
+        listeners: receive its store's block changes, per tier (the fleet's index:
+            `KVStore.add_key_listeners`).
     """
 
     def __init__(
-        self, index: int, config: KVFlowConfig, policy: Policy, listener: BlockListener
+        self,
+        index: int,
+        config: KVFlowConfig,
+        policy: Policy,
+        listeners: Mapping[TierName, KeyListener],
     ) -> None:
         self.index = index
         self.config = config
@@ -47,7 +53,7 @@ class SimInstance:
         self.block_size = self.store.block_size
         self.runner = SimulatedRunner.from_config(config.sim)
         self.latency = self.runner.latency
-        self.store.add_listener(listener)
+        self.store.add_key_listeners(listeners)
         kv = config.kv
         self.capacity = kv.tier_blocks("device") + kv.tier_blocks("cpu") + kv.tier_blocks("disk")
         """Blocks it can cache, over all tiers."""

@@ -77,7 +77,7 @@ class FleetLoop:
             for k, i in enumerate(members):
                 self.local[i], group_of[i] = k, g
         self.instances = [
-            SimInstance(i, c, p, indexes[group_of[i]].listener(self.local[i]))
+            SimInstance(i, c, p, indexes[group_of[i]].key_listeners(self.local[i]))
             for i, (c, p) in enumerate(zip(configs, policies, strict=True))
         ]
         self.views = [
@@ -118,27 +118,32 @@ class FleetLoop:
         pop = heapq.heappop
         i, n = 0, len(pending)
         now = pending[0].arrival_time if pending else 0.0
+        t_arrival = now if n else math.inf
+        self.next_arrival_time = t_arrival
         while True:
-            t_arrival = pending[i].arrival_time if i < n else None
-            self.next_arrival_time = t_arrival if t_arrival is not None else math.inf
-            if heap and (t_arrival is None or (heap[0][0], heap[0][1]) < (t_arrival, _ARRIVE)):
-                now, kind, _, payload = pop(heap)
-                if kind == _COMMIT:
-                    self._commit(payload, now)
-                elif kind == _PLAN:
-                    inst, version = payload
-                    if version == inst.plan_version:
-                        self._plan(inst, now)
-                else:
-                    inst, request, landed, expected_cached, keys = payload
-                    inst.land(landed)
-                    self._deliver(inst, request, now, expected_cached, keys)
-            elif t_arrival is not None:
-                now = t_arrival
-                self._arrive(pending[i], now)
-                i += 1
-            else:
+            if heap:
+                top = heap[0]
+                t = top[0]
+                if t < t_arrival or (t == t_arrival and top[1] < _ARRIVE):
+                    now, kind, _, payload = pop(heap)
+                    if kind == _COMMIT:
+                        self._commit(payload, now)
+                    elif kind == _PLAN:
+                        inst, version = payload
+                        if version == inst.plan_version:
+                            self._plan(inst, now)
+                    else:
+                        inst, request, landed, expected_cached, keys = payload
+                        inst.land(landed)
+                        self._deliver(inst, request, now, expected_cached, keys)
+                    continue
+            if i == n:
                 break
+            now = t_arrival
+            self._arrive(pending[i], now)
+            i += 1
+            t_arrival = pending[i].arrival_time if i < n else math.inf
+            self.next_arrival_time = t_arrival
         stalled = [inst for inst in self.instances if inst.scheduler.has_unfinished]
         if stalled:
             inst = stalled[0]
@@ -318,7 +323,7 @@ class FleetLoop:
         plan = scheduler.plan(now)
         if plan.preempted_ids:
             inst.on_preempted(plan.preempted_ids)
-        if plan.is_empty:
+        if not plan.requests:
             t_copy = scheduler.next_event_time()
             if t_copy is not None:
                 self._schedule_plan(inst, max(now, t_copy))
@@ -330,24 +335,28 @@ class FleetLoop:
         result = inst.runner.execute(plan)
         inst.step = (plan, result)
         inst.phase = Phase.BUSY
-        self._push(now + result.duration_s, _COMMIT, inst)
+        heapq.heappush(self.heap, (now + result.duration_s, _COMMIT, next(self.seq), inst))
 
     def _commit(self, inst: SimInstance, now: float) -> None:
-        assert inst.step is not None
-        plan, result = inst.step
+        step = inst.step
+        assert step is not None
         inst.step = None
         inst.clock = now
-        for state in inst.scheduler.commit(plan, result, now):
-            inst.expected_cached.pop(state.request_id, None)
-            if self.originals and inst.index < self.num_routed_instances:
-                self._hand_off(inst, state, now)
-        inst.dirty = True
+        finished = inst.scheduler.commit(step[0], step[1], now)
+        if finished:
+            expected = inst.expected_cached
+            hand_off = self.originals and inst.index < self.num_routed_instances
+            for state in finished:
+                expected.pop(state.request_id, None)
+                if hand_off:
+                    self._hand_off(inst, state, now)
         if self.check_integrity:
             inst.scheduler.check_integrity()
         heap = self.heap
         if now < self.next_arrival_time and not (heap and heap[0][0] <= now and heap[0][1] < _PLAN):
             self._plan(inst, now)  # nothing due before its plan: skip the event
         else:
+            inst.dirty = True
             self._schedule_plan(inst, now)
 
     def finish(self, inst: SimInstance) -> InstanceResult:

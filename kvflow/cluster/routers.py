@@ -125,13 +125,14 @@ class CacheAwareRouter(Router):
         network = view.network
         held = view.index.num_blocks
         routed = view.num_routed
-        best, best_rank = 0, (True, float("inf"), 0, 0, 0)
         device, used, queued = view.device_blocks, view.num_used_blocks, view.num_queued_tokens
-        for i in range(view.num_instances):
-            prefill_us = view.latency[i].prefill_token_us
+        running, capacity = view.num_running, view.capacity
+        best, best_rank = 0, (True, float("inf"), 0, 0, 0)
+        for i, lat in enumerate(view.latency):
+            prefill_us = lat.prefill_token_us
             num_uncached = num_prompt - runs[i] * bs
-            short = bool(device[i]) and used[i] + (queued[i] + num_uncached) // bs > device[i]
-            cost = view.queue_time_s(i)
+            short = device[i] > 0 and used[i] + (queued[i] + num_uncached) // bs > device[i]
+            cost = (queued[i] * prefill_us + running[i] * lat.decode_seq_us) * 1e-6
             num_pull = best_run - runs[i]
             if network is not None and num_pull > 0:
                 pull = network.pull_time_s(num_pull)
@@ -140,7 +141,7 @@ class CacheAwareRouter(Router):
                     num_uncached -= num_pull * bs
             # What it computes it caches, evicting blocks others may want back: on a
             # full cache, recomputing them later costs about as much again.
-            fill = min(held[i] / view.capacity[i], 1.0)
+            fill = min(held[i] / capacity[i], 1.0)
             cost += num_uncached * prefill_us * 1e-6 * (1.0 + fill)
             rank = (short, cost, loads[i], held[i], routed[i])
             if rank < best_rank:

@@ -11,13 +11,13 @@ are neither indexed nor reusable, so a block is never read before its copy ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from kvflow.config import ConfigError, KVConfig
-from kvflow.kv.block_pool import BlockPool, IntegrityError
+from kvflow.kv.block_pool import BlockPool, IntegrityError, KeyListener
 from kvflow.kv.capacity import check_bookkeeping, check_tensors
 from kvflow.kv.location import PrefixLocation
 from kvflow.kv.remote import RemoteRun, RemoteTier
@@ -40,10 +40,10 @@ TierName = Literal["device", "cpu", "disk"]
 TIERS: tuple[TierName, ...] = ("device", "cpu", "disk")
 
 
-@dataclass(frozen=True, slots=True)
-class BlockEvent:
+class BlockEvent(NamedTuple):
     """Keys that entered (`stored`) or left (`dropped`) one tier's index. A block moving
-    between tiers is a `stored` in one and, when it leaves the other, a `dropped` there."""
+    between tiers is a `stored` in one and, when it leaves the other, a `dropped` there.
+    (A NamedTuple: one is made for every change of a listened store's caches.)"""
 
     kind: Literal["stored", "dropped"]
     tier: TierName
@@ -51,6 +51,14 @@ class BlockEvent:
 
 
 BlockListener = Callable[[BlockEvent], None]
+
+
+def _fan_out(hooks: Sequence[KeyListener]) -> KeyListener:
+    def on_keys(stored: bool, keys: list[int]) -> None:
+        for hook in hooks:
+            hook(stored, keys)
+
+    return on_keys
 
 
 @dataclass(slots=True)
@@ -134,6 +142,7 @@ class KVStore:
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
         self._listeners: list[BlockListener] = []
+        self._key_listeners: list[dict[TierName, KeyListener]] = []
         self._pull_engine: CopyEngine | None = None
         """The remote tier's engine, once a pull went through it (real pulls)."""
         self.export_pins: dict[str, dict[int, int]] = {"device": {}, "cpu": {}, "disk": {}}
@@ -199,20 +208,34 @@ class KVStore:
         """Call `listener` synchronously with every change of which keys a tier holds
         (what a peer service publishes to its peers). Listeners must not touch the store."""
         self._listeners.append(listener)
-        if len(self._listeners) > 1:
-            return
-        for tier, pool in self._pools.items():
-            if pool is not None:
-                pool.key_listener = self._tier_listener(tier)  # type: ignore[arg-type]
+        self._wire_listeners()
 
     def remove_listener(self, listener: BlockListener) -> None:
         self._listeners.remove(listener)
-        if not self._listeners:
-            for pool in self._pools.values():
-                if pool is not None:
-                    pool.key_listener = None
+        self._wire_listeners()
 
-    def _tier_listener(self, tier: TierName) -> Callable[[bool, list[int]], None]:
+    def add_key_listeners(self, listeners: Mapping[TierName, KeyListener]) -> None:
+        """The stream of `add_listener` without its `BlockEvent`s: each tier's changes go
+        to that tier's callable as ``(stored, keys)`` (keys: a list the callable must not
+        keep), one call less and no object per change. For listeners in the store's own
+        process that see every change (a simulated fleet's block index). Listeners must
+        not touch the store."""
+        self._key_listeners.append(dict(listeners))
+        self._wire_listeners()
+
+    def _wire_listeners(self) -> None:
+        """Point each pool's hook at what listens to its tier (None: nothing, free)."""
+        for tier, pool in self._pools.items():
+            if pool is None:
+                continue
+            hooks = [own[tier] for own in self._key_listeners if tier in own]
+            if self._listeners:
+                hooks.append(self._tier_listener(tier))  # type: ignore[arg-type]
+            pool.key_listener = (
+                None if not hooks else hooks[0] if len(hooks) == 1 else _fan_out(hooks)
+            )
+
+    def _tier_listener(self, tier: TierName) -> KeyListener:
         def on_keys(stored: bool, keys: list[int]) -> None:
             event = BlockEvent("stored" if stored else "dropped", tier, tuple(keys))
             for listener in self._listeners:

@@ -27,9 +27,10 @@ def request(tokens: int = 32, base: int = 0, rid: str = "r") -> Request:
 def test_store_events_feed_the_index_stored_and_dropped() -> None:
     config = KVFlowConfig.from_dict({}, {"kv.block_size": 4, "kv.device.num_blocks": 2})
     store = KVStore(config.kv)
-    index = BlockIndex(2)
+    index, from_events = BlockIndex(2), BlockIndex(2)
     events: list[BlockEvent] = []
-    store.add_listener(index.listener(1))
+    store.add_key_listeners(index.key_listeners(1))  # the changes without event objects
+    store.add_listener(from_events.listener(1))
     store.add_listener(events.append)
     pool = store.device
     blocks = pool.allocate(2)
@@ -40,6 +41,8 @@ def test_store_events_feed_the_index_stored_and_dropped() -> None:
     pool.allocate(1)  # evicts the least recently used cached block
     assert [(e.kind, e.tier) for e in events] == [("stored", "device"), ("dropped", "device")]
     assert len(index) == 1 and index.num_blocks == [0, 1]
+    assert from_events.prefix_runs([11, 12]) == index.prefix_runs([11, 12])
+    assert from_events.num_blocks == index.num_blocks
 
 
 def test_an_event_of_an_unknown_tier_is_an_error() -> None:
