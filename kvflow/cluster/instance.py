@@ -15,6 +15,10 @@ from kvflow.request import Request, RequestState, RequestStatus
 from kvflow.scheduler.core import Scheduler
 from kvflow.scheduler.plan import StepPlan, StepResult
 
+_FINISHED = RequestStatus.FINISHED
+_RUNNING = RequestStatus.RUNNING
+_WAITING_FOR_KV = RequestStatus.WAITING_FOR_KV
+
 
 class Phase(enum.Enum):
     IDLE = "idle"
@@ -50,6 +54,7 @@ class SimInstance:
         self.config = config
         self.scheduler = Scheduler(config, policy)
         self.store = self.scheduler.store
+        self.device = self.store.device
         self.block_size = self.store.block_size
         self.runner = SimulatedRunner.from_config(config.sim)
         self.latency = self.runner.latency
@@ -68,7 +73,8 @@ class SimInstance:
         self.expected_cached: dict[str, int] = {}
         """Prompt tokens each unfinished request was expected to find cached when routed."""
         self.dirty = True
-        """Its state changed since the fleet last counted its load."""
+        """Its state changed since the fleet last counted its load (it is in the fleet's
+        list of changed instances)."""
         self.prefilling: dict[str, RequestState] = {}
         """Requests that may still have prompt tokens to prefill (pruned as they finish
         their prefill, added again when preempted)."""
@@ -100,27 +106,30 @@ class SimInstance:
     def num_queued_tokens(self) -> int:
         """Prefill tokens still to compute: each waiting request's tokens less those it
         was expected to find cached, and each running request's rest of its prefill."""
-        scheduler = self.scheduler
-        expected = self.expected_cached
         total = 0
-        for state in scheduler.waiting.values():
-            uncached = len(state.token_ids) - expected.get(state.request_id, 0)
-            if uncached > 0:
-                total += uncached
+        waiting = self.scheduler.waiting
+        if waiting:
+            expected = self.expected_cached
+            for rid, state in waiting.items():
+                uncached = len(state.token_ids) - expected.get(rid, 0)
+                if uncached > 0:
+                    total += uncached
+        prefilling = self.prefilling
         done: list[str] = []
-        for rid, state in self.prefilling.items():
+        for rid, state in prefilling.items():
             status = state.status
-            if status is RequestStatus.FINISHED:
+            if status is _FINISHED:
                 done.append(rid)
-            elif status is RequestStatus.RUNNING or status is RequestStatus.WAITING_FOR_KV:
-                if state.num_computed_tokens >= state.num_prompt_tokens:
+            elif status is _RUNNING or status is _WAITING_FOR_KV:
+                computed = state.num_computed_tokens
+                if computed >= state.num_prompt_tokens:
                     done.append(rid)
                     continue
-                rest = len(state.token_ids) - state.num_computed_tokens
+                rest = len(state.token_ids) - computed
                 if rest > 1:
                     total += rest
         for rid in done:
-            del self.prefilling[rid]
+            del prefilling[rid]
         return total
 
     def land(self, keys: list[int]) -> int:

@@ -91,6 +91,10 @@ class FleetLoop:
             for g, members in enumerate(groups)
         ]
         self.view = self.views[0]
+        for g, members in enumerate(groups):
+            self.views[g].device_blocks[:] = [self.instances[i].device.num_blocks for i in members]
+        self.changed: list[SimInstance] = list(self.instances)
+        """Instances whose state changed since their loads were last counted (`dirty`)."""
         self.view_of = [self.views[group_of[i]] for i in range(n)]
         self.pd = pd
         self.handoff_network = _network(configs) if pd is not None else None
@@ -165,7 +169,7 @@ class FleetLoop:
         queued = view.num_queued_tokens
         self.sum_max_load += max(queued)
         self.sum_mean_load += sum(queued) / len(queued)
-        held = self.num_held[: self.num_routed_instances]
+        held = self.num_held if self.pd is None else self.num_held[: self.num_routed_instances]
         self.sum_max_held += max(held)
         self.sum_mean_held += sum(held) / len(held)
         target = self.router.route(request, view)
@@ -236,7 +240,9 @@ class FleetLoop:
         """Add `request` to `inst`; `keys` are its prompt's block keys at the fleet's
         block size, when known."""
         inst.expected_cached[request.request_id] = expected_cached
-        inst.dirty = True
+        if not inst.dirty:
+            inst.dirty = True
+            self.changed.append(inst)
         if inst.block_size != self.view.block_size:
             keys = None
         state = inst.add(request, now, keys)
@@ -250,18 +256,19 @@ class FleetLoop:
         self._schedule_plan(inst, now)
 
     def _refresh_loads(self) -> None:
-        """Bring the views' loads up to date for instances that changed since."""
-        for inst in self.instances:
-            if inst.dirty:
-                inst.dirty = False
-                view = self.view_of[inst.index]
-                k = self.local[inst.index]
-                view.num_queued_tokens[k] = inst.num_queued_tokens()
-                scheduler = inst.scheduler
-                view.num_running[k] = len(scheduler.running) + len(scheduler.loading)
-                view.num_used_blocks[k] = scheduler.store.device.num_used_blocks
-                view.device_blocks[k] = scheduler.store.device.num_blocks
-                self.num_held[inst.index] = scheduler.num_unfinished
+        """Bring the views' loads up to date for the instances that changed since."""
+        num_held = self.num_held
+        for inst in self.changed:
+            inst.dirty = False
+            i = inst.index
+            view = self.view_of[i]
+            k = self.local[i]
+            view.num_queued_tokens[k] = inst.num_queued_tokens()
+            scheduler = inst.scheduler
+            view.num_running[k] = len(scheduler.running) + len(scheduler.loading)
+            view.num_used_blocks[k] = inst.device.num_used_blocks
+            num_held[i] = scheduler.num_unfinished
+        self.changed.clear()
 
     # -- disaggregation ---------------------------------------------------------------
     def _hand_off(self, inst: SimInstance, state: RequestState, now: float) -> None:
@@ -316,7 +323,9 @@ class FleetLoop:
     def _plan(self, inst: SimInstance, now: float) -> None:
         scheduler = inst.scheduler
         inst.clock = now
-        inst.dirty = True
+        if not inst.dirty:
+            inst.dirty = True
+            self.changed.append(inst)
         if not scheduler.has_unfinished:
             inst.phase = Phase.IDLE
             return
@@ -356,7 +365,9 @@ class FleetLoop:
         if now < self.next_arrival_time and not (heap and heap[0][0] <= now and heap[0][1] < _PLAN):
             self._plan(inst, now)  # nothing due before its plan: skip the event
         else:
-            inst.dirty = True
+            if not inst.dirty:
+                inst.dirty = True
+                self.changed.append(inst)
             self._schedule_plan(inst, now)
 
     def finish(self, inst: SimInstance) -> InstanceResult:
