@@ -7,6 +7,8 @@ fields for `--set` and for `KVFlowConfig.with_overrides`.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +19,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key and quotes the value."""
+
+
+MAX_SMALL_FILE_BYTES = 16 * 2**20
+"""The most a config, preset or secret file may hold (they are read whole)."""
+
+
+def read_small_file(path: Path, what: str, max_bytes: int = MAX_SMALL_FILE_BYTES) -> str:
+    """The UTF-8 text of a small file read whole (a config file, a preset, a secret).
+
+    Raises:
+        ConfigError: naming `what` and the path: it cannot be read, is not a regular
+            file (a device or FIFO would never end, or never answer), is larger than
+            `max_bytes`, or is not UTF-8.
+    """
+    where = f"{what} {str(path)!r}"
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{where} is not a regular file")
+        with open(path, "rb") as file:
+            data = file.read(max_bytes + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read {where}: {err.strerror or err}") from None
+    if len(data) > max_bytes:
+        raise ConfigError(f"{where} is larger than {max_bytes} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text: {err}") from None
 
 
 class _Frozen(BaseModel):
@@ -359,7 +390,10 @@ class KVFlowConfig(_Frozen):
     def from_dict(
         cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
     ) -> KVFlowConfig:
-        merged = json.loads(json.dumps(dict(data)))  # deep copy of plain data
+        try:
+            merged = json.loads(json.dumps(dict(data)))  # deep copy of plain data
+        except RecursionError:
+            raise ConfigError("invalid config: values nest too deeply") from None
         for key, value in (overrides or {}).items():
             _set_dotted(merged, key, value)
         _fill_from_preset_file(merged)
@@ -374,10 +408,7 @@ class KVFlowConfig(_Frozen):
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+    text = read_small_file(path, "config file")
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
@@ -385,6 +416,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {str(path)!r} does not parse: {err}") from None
+    except RecursionError:  # both parsers recurse once per level
+        raise ConfigError(f"config file {str(path)!r} does not parse: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a table/object at the top")
     return data
@@ -399,6 +432,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except ValueError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}: the value nests too deeply") from None
     return key.strip(), value
 
 
@@ -411,8 +446,8 @@ def _fill_from_preset_file(data: dict[str, Any]) -> None:
     if not isinstance(path, str):
         return
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        doc = json.loads(read_small_file(Path(path), "sim.preset_file"))
+    except (ValueError, RecursionError):  # ConfigError is a ValueError
         # Reported where the simulator reads the preset's coefficients (the runner is
         # built), as before presets carried config values.
         return

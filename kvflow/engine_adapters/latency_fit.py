@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kvflow.config import ConfigError
+from kvflow.config import ConfigError, read_small_file
 from kvflow.engine_adapters.simulated import ENGINE_TERMS, TERMS, LatencyModel, StepFeatures
 
 RUNNER_TERMS: tuple[str, ...] = tuple(t for t in TERMS if t not in ENGINE_TERMS)
@@ -220,8 +220,8 @@ def read_preset(path: str | Path) -> LatencyModel:
         ConfigError: an unreadable file, a missing coefficient or a negative one.
     """
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
+        doc = json.loads(read_small_file(Path(path), "sim.preset_file"))
+    except (ValueError, RecursionError) as err:
         raise ConfigError(f"sim.preset_file={str(path)!r}: cannot read it: {err}") from None
     values: dict[str, float] = {}
     for name in TERMS:

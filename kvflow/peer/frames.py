@@ -122,7 +122,7 @@ def unpack_json(
     """A control frame's JSON object, with `required` fields of the given types."""
     try:
         fields = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FrameError(f"{kind.name} payload is not JSON") from None
     if not isinstance(fields, dict):
         raise FrameError(f"{kind.name} payload is not a JSON object")

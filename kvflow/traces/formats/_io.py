@@ -53,6 +53,9 @@ def iter_json_lines(path: Path, log: LoadLog) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as err:
                     log.bad(line_no, f"invalid JSON: {err.msg} (column {err.colno})")
                     continue
+                except RecursionError:  # Python's parser recurses once per level
+                    log.bad(line_no, "invalid JSON: nested too deeply")
+                    continue
                 yield line_no, value
     except (OSError, EOFError) as err:
         raise TraceFormatError(f"{path}: cannot read trace file: {err}") from None

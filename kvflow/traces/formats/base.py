@@ -192,7 +192,7 @@ class TraceHead:
         first_line = next((line.strip() for line in lines if line.strip()), "")
         try:
             first_json = json.loads(first_line) if first_line else None
-        except ValueError:
+        except (ValueError, RecursionError):
             first_json = None
         name = path.name.lower().removesuffix(".gz")
         suffix = Path(name).suffix

@@ -166,6 +166,8 @@ def _iter_array(path: Path) -> Iterator[tuple[int, Any]]:
             raise TraceFormatError(
                 f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
             ) from None
+        except RecursionError:  # Python's parser recurses once per level
+            raise TraceFormatError(f"{path}:{line}: invalid JSON: nested too deeply") from None
         yield line, value
         idx = _SPACE.match(text, idx).end()  # type: ignore[union-attr]
         sep = text[idx : idx + 1]

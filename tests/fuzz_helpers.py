@@ -1,0 +1,70 @@
+"""What the fuzz tests share: hostile JSON values, a guard against hangs, and a bound on
+the memory a run of cases may take."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from hypothesis import strategies as st
+
+ODD_INTS = [0, -1, 1, 2**24, 2**24 + 1, 2**31, 2**32, 2**63, -(2**63), 10**18, 10**400]
+ODD_FLOATS = [0.0, -0.0, 0.5, -1.5, 1e308, -1e308, 1e-320, float("nan"), float("inf")]
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 5000)
+    | st.sampled_from(ODD_INTS)
+    | st.sampled_from(ODD_FLOATS)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+json_values: st.SearchStrategy[Any] = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+"""JSON values of every type, with the integers and floats that break parsers."""
+
+
+def deeply_nested(depth: int = 100_000) -> str:
+    """JSON text nested far past Python's recursion limit."""
+    return "[" * depth + "]" * depth
+
+
+def dumps(value: Any) -> str:
+    """JSON text, NaN and Infinity included (as Python's json writes and reads them)."""
+    return json.dumps(value, allow_nan=True)
+
+
+class Hang(Exception):
+    """A case ran past its time limit."""
+
+
+@contextmanager
+def no_hang(seconds: float) -> Iterator[None]:
+    """Raise `Hang` in this (main) thread if the block runs longer than `seconds`."""
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise Hang(f"no answer after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
