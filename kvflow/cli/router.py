@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from rich.console import Console
 
 from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
-from kvflow.cli.serve import _port, read_secret_file
+from kvflow.cli.serve import _port, add_http_arguments, http_limits, read_secret_file
 
 
 def instance_url(text: str) -> str:
@@ -93,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "whose peer services are off loopback",
     )
     add_config_arguments(rp)
+    add_http_arguments(rp)
     rp.set_defaults(handler=run)
 
 
@@ -119,10 +120,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     name = args.router or config.router.name
     router = create(name, config)
     codec: TextCodec = HFTextCodec.from_model_dir(args.model) if args.model else PlaceholderCodec()
+    limits = http_limits(args)
     options = RouterOptions(
         instances=tuple(args.instances),
         health_interval_s=args.health_interval,
         prefill=tuple(args.prefill),
+        limits=limits,
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check

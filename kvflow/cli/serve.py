@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
 from kvflow.cli.options import add_model_arguments
+
+if TYPE_CHECKING:
+    from kvflow.serve.limits import HTTPLimits
 
 
 def _port(text: str) -> int:
@@ -114,8 +119,50 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="identity of the weights in the model fingerprint (peer.model_id; default: "
         "the served model name): instances exchange blocks only when it matches",
     )
+    add_http_arguments(sp)
     add_config_arguments(sp)
     sp.set_defaults(handler=run)
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """The HTTP front end's guards (`kvflow.serve.limits`), for serve and router."""
+    group = parser.add_argument_group("access and limits")
+    group.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (401 "
+        "otherwise); default: the KVFLOW_API_KEY environment variable, else no key",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=32 * 2**20,
+        metavar="N",
+        help="largest request body taken; larger ones get 413 (default: 33554432, 32 MiB)",
+    )
+    group.add_argument(
+        "--max-concurrent-requests",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="most POST requests in flight, streams included; more get 429 with "
+        "Retry-After (default: 4096)",
+    )
+
+
+def http_limits(args: argparse.Namespace) -> HTTPLimits:
+    """The guards the arguments ask for; the API key from KVFLOW_API_KEY when not given."""
+    from kvflow.serve.limits import API_KEY_ENV, HTTPLimits
+
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        source = "--api-key" if args.api_key is not None else API_KEY_ENV
+        raise CLIError(f"{source} is empty: give a key, or leave it out to serve without one")
+    return HTTPLimits(
+        api_key=key.strip() if key is not None else None,
+        max_body_bytes=args.max_body_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+    )
 
 
 def _require_serve_extra() -> None:
@@ -165,6 +212,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(
             f"--policy {args.policy!r} is not a known policy; known: {', '.join(policy_names())}"
         )
+    limits = http_limits(args)
     options = ServeOptions(
         engine=args.engine,
         model=args.model,
@@ -182,7 +230,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from kvflow.serve.server import serve
 
-    host = serve(options, args.host, args.port)
+    host = serve(options, args.host, args.port, limits)
     if host.failure is not None:
         print(f"kvflow: error: {host.failure}", file=sys.stderr)
         return 1
@@ -216,11 +264,13 @@ def _peer_settings(args: argparse.Namespace, settings: dict[str, object]) -> tup
 
 def read_secret_file(text: str) -> str:
     """The shared secret on the first line of the file `text` (`--peer-secret-file`)."""
+    from kvflow.config import ConfigError, read_small_file
+
     path = Path(text)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CLIError(f"--peer-secret-file {str(path)!r}: {err}") from None
+    try:  # bounded, and only a regular file: /dev/zero or a FIFO never ends
+        lines = read_small_file(path, "--peer-secret-file", 64 * 2**10).splitlines()
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
     secret = lines[0].strip() if lines else ""
     if not secret:
         raise CLIError(f"--peer-secret-file {str(path)!r}: the first line is empty")

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,6 +40,7 @@ from kvflow.cluster.proxy_routing import routing_request
 from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
 from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import Request
+from kvflow.serve.limits import HTTPGuard, HTTPLimits
 
 logger = logging.getLogger("kvflow.router")
 
@@ -74,6 +75,9 @@ class RouterOptions:
     prefill_timeout_s: float = 60.0
     """A prefill step not answered within this time is given up (the decode instance
     then computes the prompt)."""
+    limits: HTTPLimits = field(default_factory=HTTPLimits)
+    """API key, body size and requests in flight the router takes; its key also goes
+    with its own requests to the instances (a fleet shares one key)."""
 
 
 def error_body(status: int, message: str) -> bytes:
@@ -203,7 +207,10 @@ class RouterApp:
     async def running(self) -> AsyncIterator[None]:
         """The health loop, the follow tasks and the connections, for the app's life."""
         timeout = httpx.Timeout(self.options.health_timeout_s)
-        async with httpx.AsyncClient(timeout=timeout) as client, anyio.create_task_group() as tg:
+        key = self.options.limits.api_key
+        auth = {"authorization": f"Bearer {key}"} if key is not None else None
+        client = httpx.AsyncClient(timeout=timeout, headers=auth)
+        async with client, anyio.create_task_group() as tg:
             self.client, self._tg = client, tg
             tg.start_soon(self.fleet.follower.expire_loop)
             await self.check_all()
@@ -225,7 +232,7 @@ class RouterApp:
             return  # the client left
         try:
             body = json.loads(raw)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             await respond(send, 400, error_body(400, f"the request body is not JSON: {err}"))
             return
         if not isinstance(body, dict):
@@ -455,7 +462,7 @@ def run_router(
     """Serve until SIGTERM/SIGINT (uvicorn finishes the responses in flight)."""
     import uvicorn
 
-    app = build_router_app(RouterApp(options, fleet, codec))
+    app = HTTPGuard(build_router_app(RouterApp(options, fleet, codec)), options.limits)
     logger.info("kvflow router: http://%s:%d over %d instances", host, port, len(options.instances))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 

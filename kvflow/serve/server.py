@@ -15,6 +15,7 @@ import uvicorn
 
 from kvflow.serve.app import build_app
 from kvflow.serve.host import EngineHost, HostStatus, ServeOptions
+from kvflow.serve.limits import HTTPGuard, HTTPLimits
 
 logger = logging.getLogger("kvflow.serve")
 
@@ -45,11 +46,17 @@ class _Server(uvicorn.Server):
             self._loop.call_soon_threadsafe(self.host.begin_draining)
 
 
-def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> EngineHost:
-    """Serve until SIGTERM/SIGINT. Returns the host (its `failure` says whether the
-    model failed to load)."""
+def serve(
+    options: ServeOptions,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: HTTPLimits | None = None,
+) -> EngineHost:
+    """Serve until SIGTERM/SIGINT, checking `limits` (API key, body size, requests in
+    flight) before any handler. Returns the host (its `failure` says whether the model
+    failed to load)."""
     engine_host = EngineHost(options)
-    app = build_app(engine_host)
+    app = HTTPGuard(build_app(engine_host), limits or HTTPLimits())
     config = uvicorn.Config(
         app,
         host=host,

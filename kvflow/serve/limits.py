@@ -1,0 +1,188 @@
+"""What an HTTP front end (`kvflow serve`, `kvflow router`) checks before a request
+reaches its handlers: the API key, the size of the body, and how many requests are in
+flight. An ASGI middleware, so it wraps any app and costs a few dict lookups per request.
+
+- API key (`--api-key`, or `KVFLOW_API_KEY`): every endpoint but `/health` needs
+  `Authorization: Bearer KEY` (as vLLM's `--api-key`); else 401. The key is compared in
+  constant time.
+- Body size: a request whose body is larger than `max_body_bytes` is answered 413 without
+  reading more of it than that.
+- Requests in flight: a POST beyond `max_concurrent_requests` (counted until its
+  response's last byte, streams included) is answered 429 with `Retry-After`.
+
+Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+API_KEY_ENV = "KVFLOW_API_KEY"
+"""The environment variable that gives the API key when `--api-key` is not passed."""
+UNGUARDED_PATHS = frozenset({"/health"})
+"""Endpoints answered without the API key (health checks of load balancers)."""
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
+"""Any ASGI app: called with (scope, receive, send)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPLimits:
+    """What the front end enforces (see the module's docstring)."""
+
+    api_key: str | None = None
+    """Clients must send `Authorization: Bearer <api_key>` (None: no key needed)."""
+    max_body_bytes: int = 32 * 2**20
+    """Largest request body taken (larger: 413)."""
+    max_concurrent_requests: int = 4096
+    """Most POST requests in flight, streams included (more: 429)."""
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key is empty")
+        for name in ("max_body_bytes", "max_concurrent_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+def _error_body(message: str, kind: str, code: str) -> bytes:
+    info = {"message": message, "type": kind, "param": None, "code": code}
+    return json.dumps({"error": info}).encode()
+
+
+async def _reply(
+    send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class HTTPGuard:
+    """Wraps an ASGI app with the checks of `limits`.
+
+    Attributes:
+        num_in_flight: POST requests being answered now.
+        num_refused: requests answered 401, 413 or 429 here, by status.
+    """
+
+    def __init__(self, app: ASGIApp, limits: HTTPLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self._token = limits.api_key.encode() if limits.api_key is not None else None
+        self.num_in_flight = 0
+        self.num_refused = {401: 0, 413: 0, 429: 0}
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        guarded = self._token is not None and scope["path"] not in UNGUARDED_PATHS
+        if guarded and not self._authorized(scope):
+            await self._refuse(send, 401)
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        limits = self.limits
+        if self.num_in_flight >= limits.max_concurrent_requests:
+            await self._refuse(send, 429)
+            return
+        self.num_in_flight += 1
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await self._refuse(send, 413)
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:  # after the body: the disconnect, when it comes
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+        finally:
+            self.num_in_flight -= 1
+
+    def _authorized(self, scope: MutableMapping[str, Any]) -> bool:
+        assert self._token is not None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = bytes(value).partition(b" ")
+                # Constant time: how much of a guess matches must not show in the timing.
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    token.strip(), self._token
+                )
+        return False
+
+    async def _read_body(self, scope: MutableMapping[str, Any], receive: Receive) -> bytes | None:
+        """The whole body, or None when it is larger than the limit (read no further)."""
+        limit = self.limits.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        return None
+                except ValueError:
+                    pass  # the server refuses a malformed length before the app
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, send: Send, status: int) -> None:
+        self.num_refused[status] += 1
+        limits = self.limits
+        headers: list[tuple[bytes, bytes]] = []
+        if status == 401:
+            message = (
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                "with the key the server was started with (--api-key)"
+            )
+            body = _error_body(message, "invalid_request_error", "invalid_api_key")
+            headers.append((b"www-authenticate", b"Bearer"))
+        elif status == 413:
+            message = (
+                f"the request body is larger than {limits.max_body_bytes} bytes, the most "
+                "this server takes (--max-body-bytes)"
+            )
+            body = _error_body(message, "invalid_request_error", "request_too_large")
+        else:
+            message = (
+                f"{self.num_in_flight} requests in flight, the most this server takes "
+                f"(--max-concurrent-requests {limits.max_concurrent_requests}); retry later"
+            )
+            body = _error_body(message, "rate_limit_error", "too_many_requests")
+            headers.append((b"retry-after", b"1"))
+        await _reply(send, status, body, headers)
+
+
+__all__ = ["API_KEY_ENV", "UNGUARDED_PATHS", "HTTPGuard", "HTTPLimits"]
