@@ -65,9 +65,9 @@ class GenerationFields(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens to generate (default: 16 for completions, the rest of the context
     for chat)."""
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     """0 is greedy."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=-1)
     """0 or -1: no top-k filter (vLLM uses -1)."""
     seed: int | None = None
@@ -97,11 +97,11 @@ class GenerationFields(_Body):
     """Lower is more important (as in vLLM); the `priority` policy orders by it."""
     tenant: str = Field(default="default", min_length=1)
     """Who sent the request: the `fair` policy shares the instance between tenants."""
-    ttft_slo_ms: float | None = Field(default=None, gt=0)
+    ttft_slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Time-to-first-token objective in ms (the `edf` policy's deadline)."""
-    tpot_slo_ms: float | None = Field(default=None, gt=0)
+    tpot_slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Time-per-output-token objective in ms."""
-    deadline_s: float | None = Field(default=None, gt=0)
+    deadline_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Seconds after arrival the first token is due (overrides `ttft_slo_ms` for `edf`)."""
     kvflow_handoff: KeepKV | HandoffInfo | None = None
     """Prefill/decode handoff (docs/fleet.md): `{"keep": true}` asks a prefill instance
