@@ -2,17 +2,13 @@
 
 Each guarantee test runs twice over: a default run sized for CI (a few seconds each,
 thousands of examples in all), and a run marked `slow` (deselected by default; run it
-with `python -m pytest -m slow`) with ten times the examples, that a developer runs
-before submitting a change to the core. `examples(n)` is a test's default-run settings;
-`examples(n, slow=True)` its slow run's.
+with `python -m pytest -m slow`) with ten to twenty times the examples, that a developer
+runs before submitting a change to the core. `examples(n)` is a run's settings.
 """
 
 from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
-
-SLOW_FACTOR = 10
-"""The slow profile runs this many times the default run's examples."""
 
 settings.register_profile(
     "guarantees",
@@ -31,7 +27,16 @@ settings.register_profile(
 
 
 def examples(n: int, *, slow: bool = False, **overrides: object) -> settings:
-    """Settings for `n` examples in the default run (`SLOW_FACTOR * n` when `slow`)."""
+    """Settings for `n` examples, of the slow profile when `slow` (no example database:
+    a long run explores afresh)."""
     parent = settings.get_profile("guarantees-slow" if slow else "guarantees")
-    num = SLOW_FACTOR * n if slow else n
-    return settings(parent, max_examples=num, **overrides)  # type: ignore[arg-type]
+    return settings(parent, max_examples=n, **overrides)  # type: ignore[arg-type]
+
+
+SLOW_FACTOR = 10
+"""A fuzz test's slow run takes this many times its default run's cases."""
+
+
+def scaled(n: int, slow: bool) -> int:
+    """`n` cases in the default run, `SLOW_FACTOR * n` in the slow one."""
+    return n * SLOW_FACTOR if slow else n

@@ -223,20 +223,34 @@ async def run_script(
 
 
 POLICIES = st.sampled_from(["fcfs", "lpm", "priority", "fair"])
+NUM_EXAMPLES = 500
+NUM_EXAMPLES_SLOW = 6000
 
 
-@examples(300)
-@given(settings_=knobs, policy=POLICIES, overlap=st.booleans(), script=st.lists(calls, max_size=10))
-def test_engine_model(
-    settings_: dict[str, Any], policy: str, overlap: bool, script: list[Call]
-) -> None:
-    drive(settings_, policy, overlap, script)
+def run(num_examples: int, slow: bool) -> None:
+    num_runs = 0
+
+    @examples(num_examples, slow=slow)
+    @given(
+        settings_=knobs,
+        policy=POLICIES,
+        overlap=st.booleans(),
+        script=st.lists(calls, max_size=10),
+    )
+    def case(settings_: dict[str, Any], policy: str, overlap: bool, script: list[Call]) -> None:
+        nonlocal num_runs
+        num_runs += 1
+        drive(settings_, policy, overlap, script)
+
+    case()
+    assert num_runs >= num_examples
+    print(f"engine model: {num_runs} scripts")
+
+
+def test_engine_model() -> None:
+    run(NUM_EXAMPLES, slow=False)
 
 
 @pytest.mark.slow
-@examples(300, slow=True)
-@given(settings_=knobs, policy=POLICIES, overlap=st.booleans(), script=st.lists(calls, max_size=10))
-def test_engine_model_slow(
-    settings_: dict[str, Any], policy: str, overlap: bool, script: list[Call]
-) -> None:
-    drive(settings_, policy, overlap, script)
+def test_engine_model_slow() -> None:
+    run(NUM_EXAMPLES_SLOW, slow=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from kvflow.serve.app import build_app
 from kvflow.serve.host import EngineHost, ServeOptions
 from kvflow.serve.limits import HTTPGuard, HTTPLimits
 from tests.fuzz_helpers import ODD_FLOATS, ODD_INTS, deeply_nested, json_values, no_hang
-from tests.guarantee_settings import examples
+from tests.guarantee_settings import examples, scaled
 from tests.serve_process import ServerProcess
 
 MODEL = "kvflow-sim"
@@ -35,7 +35,7 @@ MAX_BODY = 64 * 2**10
 SETTINGS = {"sim.preset": None, "sim.fixed_ms": 0, "scheduler.max_model_len": MAX_MODEL_LEN}
 SIM_ARGS = [f"--set={k}={json.dumps(v)}" for k, v in SETTINGS.items()]
 DOCUMENTED = {200, 400, 404, 405, 413}
-NUM_CASES = 500
+NUM_CASES = 400
 
 odd_numbers = st.sampled_from(ODD_INTS) | st.sampled_from(ODD_FLOATS) | st.integers(-3, 300)
 
@@ -123,7 +123,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
     return "POST", path, json.dumps(body, allow_nan=True).encode()
 
 
-def check_answer(status: int, headers: httpx.Headers, content: bytes) -> int:
+def check_answer(status: int, headers: Mapping[str, str], content: bytes) -> int:
     """The answer is one of the documented ones, well formed. Returns the status."""
     assert status in DOCUMENTED, f"status {status}: {content[:300]!r}"
     event(f"status {status}")
@@ -148,7 +148,7 @@ def check_answer(status: int, headers: httpx.Headers, content: bytes) -> int:
 def app_client() -> Iterator[TestClient]:
     host = EngineHost(ServeOptions(engine="sim", settings=dict(SETTINGS)))
     app = HTTPGuard(build_app(host), HTTPLimits(max_body_bytes=MAX_BODY))
-    with TestClient(app, raise_server_exceptions=True) as client:  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=True) as client:
         deadline = time.monotonic() + 30
         while client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, "the app never became healthy"
@@ -160,7 +160,7 @@ def fuzz_in_process(client: TestClient, slow: bool) -> None:
     num_cases = 0
     seen: set[int] = set()
 
-    @examples(NUM_CASES, slow=slow)
+    @examples(scaled(NUM_CASES, slow), slow=slow)
     @given(request=requests())
     def case(request: tuple[str, str, bytes]) -> None:
         nonlocal num_cases
@@ -171,8 +171,9 @@ def fuzz_in_process(client: TestClient, slow: bool) -> None:
         seen.add(check_answer(answer.status_code, answer.headers, answer.content))
 
     case()
-    assert num_cases >= NUM_CASES
+    assert num_cases >= scaled(NUM_CASES, slow)
     assert seen == DOCUMENTED, f"only {sorted(seen)} seen: the cases miss some answers"
+    print(f"HTTP fuzz in process: {num_cases} cases")
     assert client.get("/health").status_code == 200
 
 

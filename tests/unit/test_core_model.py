@@ -57,10 +57,19 @@ STEP_S = 0.01
 BOUNDED = ("fcfs", "lpm")
 """Policies with a starvation bound the machine checks."""
 
+arrival = st.tuples(
+    st.integers(0, 1),  # prefix group
+    st.integers(0, 4),  # blocks shared with the group
+    st.integers(1, 6),  # tokens of its own
+    st.integers(1, 6),  # max new tokens
+    st.integers(0, 2),  # priority
+    st.sampled_from(["a", "b"]),  # tenant
+    st.none() | st.integers(1, 97),  # a stop token
+)
 knobs = st.fixed_dictionaries(
     {
         "kv.block_size": st.sampled_from([2, 4]),
-        "kv.device.num_blocks": st.integers(6, 14),
+        "kv.device.num_blocks": st.integers(6, 12),
         "kv.cpu.num_blocks": st.integers(0, 10),
         "kv.disk.num_blocks": st.integers(0, 12),
         "kv.write_policy": st.sampled_from(
@@ -81,6 +90,11 @@ knobs = st.fixed_dictionaries(
 
 class CoreMachine(RuleBasedStateMachine):
     """One scheduler over one store with real tensors, stepped as the engine steps it."""
+
+    num_runs = 0
+    """Examples run (machines built), for the report."""
+    num_steps = 0
+    """Scheduler steps executed over all examples."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,6 +154,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.reader = RunReader(store)
         self.num_stalls = 0
         self.healthy = True
+        CoreMachine.num_runs += 1
         event(f"policy={policy}, overlap={overlap}, peers={len(self.peers)}")
 
     # -- stepping, as AsyncEngine does ---------------------------------------------------
@@ -197,6 +212,7 @@ class CoreMachine(RuleBasedStateMachine):
         if victim is not None and not cancel_after_execute:
             sched.abort(victim.request_id, self.now, defer_release=True)
         result = self.runner.execute(plan)
+        CoreMachine.num_steps += 1
         if victim is not None and cancel_after_execute:
             sched.abort(victim.request_id, self.now, defer_release=True)
         self.now += result.duration_s
@@ -206,42 +222,27 @@ class CoreMachine(RuleBasedStateMachine):
             self.pending = next_plan
 
     # -- rules ---------------------------------------------------------------------------
-    @rule(
-        group=st.integers(0, 2),
-        num_shared_blocks=st.integers(0, 3),
-        suffix=st.integers(1, 10),
-        max_new=st.integers(1, 8),
-        priority=st.integers(0, 2),
-        tenant=st.sampled_from(["a", "b"]),
-        stop=st.none() | st.integers(1, 97),
-    )
-    def arrive(
-        self,
-        group: int,
-        num_shared_blocks: int,
-        suffix: int,
-        max_new: int,
-        priority: int,
-        tenant: str,
-        stop: int | None,
-    ) -> None:
-        i = len(self.states)
-        prompt = [1000 + 100 * group + k for k in range(num_shared_blocks * self.bs)]
-        prompt += [20_000 + 100 * i + k for k in range(suffix)]
-        sampling = SamplingParams(stop_token_ids=(stop,) if stop is not None else ())
-        request = Request(
-            f"q{i}",
-            prompt,
-            max_new,
-            arrival_time=self.now,
-            priority=priority,
-            tenant=tenant,
-            sampling=sampling,
-        )
-        state = self.sched.add(request, self.now)
-        self.states.append(state)
-        if state.finish_reason is FinishReason.REJECTED:
-            event("rejected at arrival")
+    @rule(arrivals=st.lists(arrival, min_size=1, max_size=4))
+    def arrive(self, arrivals: list[tuple[int, int, int, int, int, str, int | None]]) -> None:
+        """A burst of requests; those of a group share its leading blocks."""
+        for group, num_shared, suffix, max_new, priority, tenant, stop in arrivals:
+            i = len(self.states)
+            prompt = [1000 + 100 * group + k for k in range(num_shared * self.bs)]
+            prompt += [20_000 + 100 * i + k for k in range(suffix)]
+            sampling = SamplingParams(stop_token_ids=(stop,) if stop is not None else ())
+            request = Request(
+                f"q{i}",
+                prompt,
+                max_new,
+                arrival_time=self.now,
+                priority=priority,
+                tenant=tenant,
+                sampling=sampling,
+            )
+            state = self.sched.add(request, self.now)
+            self.states.append(state)
+            if state.finish_reason is FinishReason.REJECTED:
+                event("rejected at arrival")
 
     @rule(cancel=st.none() | st.integers(0, 7), after=st.booleans())
     def step(self, cancel: int | None, after: bool) -> None:
@@ -313,7 +314,9 @@ class CoreMachine(RuleBasedStateMachine):
     def corrupt_disk_block(self, data: st.DataObject) -> None:
         assert self.store is not None and self.store.disk_storage is not None
         disk = self.store.disk_storage
-        corrupt_disk_block(disk, data.draw(st.integers(0, disk.num_blocks - 1), label="slot"))
+        held = sorted(self.store.disk._cached.values()) if self.store.disk is not None else []
+        slots = st.sampled_from(held) if held else st.integers(0, disk.num_blocks - 1)
+        corrupt_disk_block(disk, data.draw(slots, label="slot"))  # mostly a block it holds
 
     @precondition(lambda self: self.store is not None and self.store.disk_storage is not None)
     @rule()
@@ -440,12 +443,23 @@ class CoreMachine(RuleBasedStateMachine):
         event(f"failed copies={self.copies.num_failed_blocks > 0}")
 
 
+NUM_EXAMPLES = 1000
+NUM_EXAMPLES_SLOW = 14_000
+STEPS = 25
+
+
+def run(num_examples: int, slow: bool) -> None:
+    CoreMachine.num_runs = CoreMachine.num_steps = 0
+    settings_ = examples(num_examples, slow=slow, stateful_step_count=STEPS)
+    run_state_machine_as_test(CoreMachine, settings=settings_)
+    assert CoreMachine.num_runs >= num_examples
+    print(f"core model: {CoreMachine.num_runs} examples, {CoreMachine.num_steps} steps")
+
+
 def test_core_model() -> None:
-    run_state_machine_as_test(CoreMachine, settings=examples(700, stateful_step_count=30))
+    run(NUM_EXAMPLES, slow=False)
 
 
 @pytest.mark.slow
 def test_core_model_slow() -> None:
-    run_state_machine_as_test(
-        CoreMachine, settings=examples(700, slow=True, stateful_step_count=30)
-    )
+    run(NUM_EXAMPLES_SLOW, slow=True)

@@ -21,9 +21,9 @@ from kvflow.cli import main
 from kvflow.config import ConfigError, KVFlowConfig, parse_assignment
 from kvflow.engine_adapters.latency_fit import read_preset
 from tests.fuzz_helpers import deeply_nested, dumps, json_values, no_hang, peak_rss_bytes
-from tests.guarantee_settings import examples
+from tests.guarantee_settings import examples, scaled
 
-NUM_CASES = 1000
+NUM_CASES = 600
 
 
 def dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -78,8 +78,9 @@ def workdir() -> Iterator[Path]:
 def fuzz_assignments(slow: bool) -> None:
     before = peak_rss_bytes()
     outcomes: set[bool] = set()
+    num_cases = 0
 
-    @examples(NUM_CASES, slow=slow)
+    @examples(scaled(NUM_CASES, slow), slow=slow)
     @given(
         assignments=st.lists(
             st.one_of(st.builds("{}={}".format, keys, values), st.text(max_size=20)),
@@ -88,18 +89,22 @@ def fuzz_assignments(slow: bool) -> None:
         )
     )
     def case(assignments: list[str]) -> None:
+        nonlocal num_cases
+        num_cases += 1
         outcomes.add(load_or_refuse(assignments))
 
     case()
     assert outcomes == {True, False}
+    print(f"config fuzz, --set: {num_cases} cases")
     assert peak_rss_bytes() - before < 256 * 2**20
 
 
 def fuzz_files(slow: bool, workdir: Path) -> None:
     before = peak_rss_bytes()
     outcomes: set[bool] = set()
+    num_cases = 0
 
-    @examples(NUM_CASES, slow=slow)
+    @examples(scaled(NUM_CASES, slow), slow=slow)
     @given(
         doc=st.dictionaries(keys, json_values, max_size=4),
         suffix=st.sampled_from([".json", ".toml"]),
@@ -107,6 +112,8 @@ def fuzz_files(slow: bool, workdir: Path) -> None:
         junk=st.binary(max_size=64),
     )
     def case(doc: dict[str, Any], suffix: str, mangle: str, junk: bytes) -> None:
+        nonlocal num_cases
+        num_cases += 1
         path = workdir / f"config{suffix}"
         if mangle == "none":
             data = dumps(doc).encode()
@@ -121,6 +128,7 @@ def fuzz_files(slow: bool, workdir: Path) -> None:
 
     case()
     assert outcomes == {True, False}
+    print(f"config fuzz, files: {num_cases} cases")
     assert peak_rss_bytes() - before < 256 * 2**20
 
 

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from kvflow.traces import TraceFormatError, read_trace
 from kvflow.traces.limits import MAX_TRACE_TOKENS
 from tests.fuzz_helpers import deeply_nested, dumps, json_values, no_hang, peak_rss_bytes
-from tests.guarantee_settings import examples
+from tests.guarantee_settings import examples, scaled
 
-NUM_CASES = 300
+NUM_CASES = 200
 """Cases per format in the default run (ten times that in the slow one)."""
 MAX_RSS_GROWTH = 256 * 2**20
 
@@ -177,7 +177,7 @@ def fuzz(fmt: str, slow: bool, trace_path: Path) -> None:
     num_cases = 0
     outcomes: set[bool] = set()
 
-    @examples(NUM_CASES, slow=slow)
+    @examples(scaled(NUM_CASES, slow), slow=slow)
     @given(data=FILES[fmt], skip=st.booleans(), auto=st.booleans())
     def case(data: bytes, skip: bool, auto: bool) -> None:
         nonlocal num_cases
@@ -185,8 +185,9 @@ def fuzz(fmt: str, slow: bool, trace_path: Path) -> None:
         outcomes.add(load_or_refuse(trace_path, data, "auto" if auto else fmt, skip))
 
     case()
-    assert num_cases >= NUM_CASES
+    assert num_cases >= scaled(NUM_CASES, slow)
     assert outcomes == {True, False}, "the cases never load, or never fail: too far off"
+    print(f"trace fuzz {fmt}: {num_cases} cases")
     growth = peak_rss_bytes() - before
     assert growth < MAX_RSS_GROWTH, f"peak memory grew {growth} B over {num_cases} cases"
 
