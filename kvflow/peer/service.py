@@ -65,6 +65,9 @@ block), so the puller receives one part while the owner hashes the next; blocks 
 checksums are known go out together (one `sendmsg`, one wakeup of the puller)."""
 _SUBSCRIBER_QUEUE = 256
 """EVENTS frames queued for one slow subscriber before it is dropped (it resyncs)."""
+SUBSCRIBER_QUEUE_BYTES = 64 << 20
+"""Bytes of frames queued for one subscriber past which it is dropped (it resyncs); one
+frame alone (a large snapshot) is always let through."""
 _CONNECTION_ERRORS = (FrameError, PeerClosedError, PeerRefusedError, TimeoutError, OSError)
 
 
@@ -88,6 +91,7 @@ class _Connection:
     peer: PeerIdentity | None = None
     num_inflight: int = 0
     events: MemoryObjectSendStream[bytes] | None = None
+    num_queued_bytes: int = 0
     connection_id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -354,6 +358,7 @@ class PeerService:
                 async for frame in frames:
                     deadline = time.monotonic() + self.config.lease_ttl_s
                     await conn.wire.send([frame], deadline)
+                    conn.num_queued_bytes -= len(frame)
         conn.wire.shutdown()
 
     def _frame(self, kind: FrameKind, frame: SeqFrame) -> bytes:
@@ -365,10 +370,15 @@ class PeerService:
             return
         if len(frame) > self.config.max_frame_bytes:
             return  # not sent: the subscriber sees a gap in the sequence and resyncs
+        if conn.num_queued_bytes and conn.num_queued_bytes + len(frame) > SUBSCRIBER_QUEUE_BYTES:
+            conn.wire.shutdown()  # too far behind: it reconnects and resyncs
+            return
         try:
             conn.events.send_nowait(frame)
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
             conn.wire.shutdown()  # too slow to follow: it reconnects and resyncs
+            return
+        conn.num_queued_bytes += len(frame)
 
     def publish_now(self) -> int:
         """Send the block events pending now to the subscribers at once (not at the next

@@ -25,7 +25,14 @@ from starlette.testclient import TestClient
 from kvflow.serve.app import build_app
 from kvflow.serve.host import EngineHost, ServeOptions
 from kvflow.serve.limits import HTTPGuard, HTTPLimits
-from tests.fuzz_helpers import ODD_FLOATS, ODD_INTS, deeply_nested, json_values, no_hang
+from tests.fuzz_helpers import (
+    ODD_FLOATS,
+    ODD_INTS,
+    deeply_nested,
+    json_values,
+    no_hang,
+    peak_rss_bytes,
+)
 from tests.guarantee_settings import examples, scaled
 from tests.serve_process import ServerProcess
 
@@ -159,6 +166,7 @@ def app_client() -> Iterator[TestClient]:
 def fuzz_in_process(client: TestClient, slow: bool) -> None:
     num_cases = 0
     seen: set[int] = set()
+    before = peak_rss_bytes()
 
     @examples(scaled(NUM_CASES, slow), slow=slow)
     @given(request=requests())
@@ -173,6 +181,8 @@ def fuzz_in_process(client: TestClient, slow: bool) -> None:
     case()
     assert num_cases >= scaled(NUM_CASES, slow)
     assert seen == DOCUMENTED, f"only {sorted(seen)} seen: the cases miss some answers"
+    growth = peak_rss_bytes() - before
+    assert growth < 256 * 2**20, f"peak memory grew {growth} B over {num_cases} cases"
     print(f"HTTP fuzz in process: {num_cases} cases")
     assert client.get("/health").status_code == 200
 

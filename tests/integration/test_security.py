@@ -240,3 +240,50 @@ def test_keys_and_peer_proofs_are_compared_in_constant_time(
     anyio.run(guard, {**scope, "headers": headers}, receive, send)  # type: ignore[arg-type]
     assert calls == [(KEY[:-1].encode() + b"X", KEY.encode())]
     assert sent[0]["status"] == 401
+
+
+def test_a_subscriber_too_far_behind_is_dropped_at_the_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that subscribes to block events and stops reading is disconnected once the
+    frames queued for it pass `SUBSCRIBER_QUEUE_BYTES` (small socket buffers here, so
+    the queue fills after a few hundred kB of events); the service serves on."""
+    from kvflow.peer import service as service_module
+    from kvflow.peer import wire as wire_module
+    from kvflow.peer.frames import FrameKind, pack_header
+    from kvflow.peer.handshake import client_handshake
+    from kvflow.peer.service import PeerService
+    from tests.peer_builders import make_store, peer_config, put_blocks
+
+    monkeypatch.setattr(wire_module, "SOCKET_BUFFER_BYTES", 4096)
+    monkeypatch.setattr(service_module, "SUBSCRIBER_QUEUE_BYTES", 16 * 2**10)
+    a, b = make_store(tmp_path, "a", num_blocks=1000), make_store(tmp_path, "b")
+    config = peer_config()
+    me = PeerService(b, config, peer_id="B").identity
+
+    async def run() -> int:
+        async with PeerService(a, config, peer_id="A") as service:
+            sock = socket.create_connection(("127.0.0.1", service.port))
+            wire = wire_module.Wire(sock, config.max_frame_bytes)
+            await client_handshake(wire, me, config)
+            await wire.send([pack_header(FrameKind.RESYNC, 0, 0)], time.monotonic() + 5)
+            with anyio.fail_after(60):
+                for _ in range(3000):  # until it is subscribed
+                    if service.stats().num_subscribers:
+                        break
+                    await anyio.sleep(0.01)
+                for cycle in range(1, 500):  # never read: stored and dropped, over and over
+                    put_blocks(a, "cpu", list(range(cycle * 1000, cycle * 1000 + 1000)))
+                    assert a.cpu is not None
+                    a.cpu.reset_prefix_cache()
+                    await anyio.sleep(0.02)
+                    if service.stats().num_subscribers == 0:
+                        break
+            assert service.stats().num_subscribers == 0, "the subscriber was never dropped"
+            wire.close()
+            return cycle
+
+    # A few cycles of events (~16 kB each), long before 256 queued frames (~90 cycles).
+    assert anyio.run(run) <= 20
+    a.close()
+    b.close()
