@@ -221,6 +221,8 @@ def read_preset(path: str | Path) -> LatencyModel:
     """
     try:
         doc = json.loads(read_small_file(Path(path), "sim.preset_file"))
+    except ConfigError:
+        raise  # names the file and says why already
     except (ValueError, RecursionError) as err:
         raise ConfigError(f"sim.preset_file={str(path)!r}: cannot read it: {err}") from None
     values: dict[str, float] = {}
