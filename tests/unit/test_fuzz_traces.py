@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from kvflow.traces import TraceFormatError, read_trace
+from kvflow.traces import BadLinesSkippedWarning, TraceFormatError, read_trace
 from kvflow.traces.limits import MAX_TRACE_TOKENS
 from tests.fuzz_helpers import deeply_nested, dumps, json_values, no_hang, peak_rss_bytes
 from tests.guarantee_settings import examples, scaled
@@ -153,7 +154,8 @@ def load_or_refuse(path: Path, data: bytes, fmt: str, skip: bool) -> bool:
     (False)."""
     path.write_bytes(data)
     try:
-        with no_hang(20):
+        with no_hang(20), warnings.catch_warnings():
+            warnings.simplefilter("ignore", BadLinesSkippedWarning)  # skipping is the point
             trace = read_trace(path, fmt, skip_bad_lines=skip)
     except TraceFormatError as err:
         message = str(err)
