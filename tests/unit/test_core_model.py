@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 from kvflow.config import KVFlowConfig
-from kvflow.kv.export import PinnedRun, RunReader, pin_run, unpin
+from kvflow.kv.export import HeldRun, RunReader, pin_run, unpin
 from kvflow.kv.storage import DiskStorage, TensorStorage
 from kvflow.kv.store import KVStore
 from kvflow.peer.directory import Directory
@@ -150,7 +150,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.pending: StepPlan | None = None
         self.states: list[RequestState] = []
-        self.exports: list[PinnedRun] = []
+        self.exports: list[HeldRun] = []
         self.reader = RunReader(store)
         self.num_stalls = 0
         self.healthy = True
