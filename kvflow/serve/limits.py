@@ -106,18 +106,16 @@ class HTTPGuard:
             return
         self.num_in_flight += 1
         try:
-            body = await self._read_body(scope, receive)
-            if body is None:
+            messages = await self._read_body(scope, receive)
+            if messages is None:
                 await self._refuse(send, 413)
                 return
-            replayed = False
+            messages.reverse()
 
             async def replay() -> Message:
-                nonlocal replayed
-                if replayed:  # after the body: the disconnect, when it comes
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                # The body as it came (a client gone mid-body: its disconnect too), then
+                # whatever comes next (the disconnect, when it comes).
+                return messages.pop() if messages else await receive()
 
             await self.app(scope, replay, send)
         finally:
@@ -134,8 +132,11 @@ class HTTPGuard:
                 )
         return False
 
-    async def _read_body(self, scope: MutableMapping[str, Any], receive: Receive) -> bytes | None:
-        """The whole body, or None when it is larger than the limit (read no further)."""
+    async def _read_body(
+        self, scope: MutableMapping[str, Any], receive: Receive
+    ) -> list[Message] | None:
+        """The messages of the whole body (ending with the disconnect when the client left
+        before its end), or None when it is larger than the limit (read no further)."""
         limit = self.limits.max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -144,19 +145,18 @@ class HTTPGuard:
                         return None
                 except ValueError:
                     pass  # the server refuses a malformed length before the app
-        chunks: list[bytes] = []
+        messages: list[Message] = []
         size = 0
         while True:
             message = await receive()
+            messages.append(message)
             if message["type"] != "http.request":  # the client went away
-                return b"".join(chunks)
-            chunk = message.get("body", b"")
-            size += len(chunk)
+                return messages
+            size += len(message.get("body", b""))
             if size > limit:
                 return None
-            chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return messages
 
     async def _refuse(self, send: Send, status: int) -> None:
         self.num_refused[status] += 1
