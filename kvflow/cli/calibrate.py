@@ -309,8 +309,8 @@ def _time_engine(
     import dataclasses
 
     from kvflow.engine_adapters.calibrate import Sample, residuals_by_shape
-    from kvflow.engine_adapters.engine_timing import calibration_workload, measure_engine
     from kvflow.engine_adapters.factory import build_runner
+    from kvflow.traces.validate import calibration_workload, measure_engine
 
     config, runner, store = build_runner(model, settings)
     requests = calibration_workload(

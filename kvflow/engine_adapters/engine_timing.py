@@ -20,12 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.latency_fit import Sample, fit_live, median_rel_error
 from kvflow.engine_adapters.simulated import ENGINE_TERMS, TERMS, LatencyModel, StepFeatures
-from kvflow.kv.store import KVStore
-from kvflow.request import Request
 from kvflow.scheduler.plan import StepPlan, StepResult
 
 
@@ -179,79 +176,13 @@ def engine_noise(steps: Sequence[EngineStep]) -> float:
     return statistics.median(abs(r / mid - 1.0) for r in ratios)
 
 
-def calibration_workload(
-    num_requests: int, vocab_size: int, max_len: int, seed: int = 7
-) -> list[Request]:
-    """Requests for timing the engine: two shared system prompts, varied own prompts
-    and outputs, all at t=0 (`measure_engine` spreads them). Folded into the vocabulary;
-    every request fits in `max_len` positions."""
-    from kvflow.traces.realtime import fit_to_vocab
-    from kvflow.traces.synthetic import shared_prefix_workload
-
-    prefix = max(1, min(128, max_len // 4))
-    records = shared_prefix_workload(
-        num_requests,
-        num_groups=2,
-        prefix_len=prefix,
-        suffix_len=(4, max(4, min(384, max_len // 2 - prefix))),
-        output_len=(4, max(4, min(48, max_len // 4))),
-        seed=seed,
-    )
-    return fit_to_vocab([r.to_request() for r in records], vocab_size)
-
-
-def measure_engine(
-    runner: ModelRunner,
-    config: KVFlowConfig,
-    store: KVStore,
-    runner_model: LatencyModel,
-    requests: Sequence[Request],
-    load: float = 2.0,
-    *,
-    rescale: bool = False,
-    grid: Sequence[Sample] = (),
-) -> tuple[Overhead, float, list[EngineStep]]:
-    """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
-    a Poisson stream at `load` times the rate the runner model says the engine can
-    serve (so queues form and steps mix prefills and decodes), and fit the engine's
-    overhead on the busy steps (`fit_overhead`, with `rescale`). Returns the fit,
-    `engine_noise` of the run and the busy steps.
-
-    Raises:
-        ValueError: no busy step was seen (too few requests).
-    """
-    import random
-
-    from kvflow.engine_adapters.simulated import SimulatedRunner
-    from kvflow.traces.realtime import replay_realtime, seconds_since_now
-    from kvflow.traces.replay import replay
-
-    burst = [dataclasses.replace(r, arrival_time=0.0) for r in requests]
-    makespan = replay(burst, config, "fcfs", SimulatedRunner(runner_model)).end_time
-    rate = load * len(burst) / makespan if makespan > 0 else 1e3
-    rng = random.Random(0)
-    t = 0.0
-    timed = []
-    for r in burst:
-        timed.append(dataclasses.replace(r, arrival_time=t))
-        t += rng.expovariate(rate)
-    clock = seconds_since_now()
-    timer = StepTimer(runner, clock)
-    replay_realtime(timed, config, "fcfs", timer, store, clock=clock)
-    steps = busy_steps(timer.steps)
-    overhead = fit_overhead(runner_model, steps, rescale=rescale, grid=grid)
-    return overhead, engine_noise(steps), steps
-
-
 __all__ = [
     "EngineStep",
     "Overhead",
     "StepTimer",
     "TimedStep",
     "busy_steps",
-    "calibration_workload",
     "engine_noise",
     "fit_overhead",
-    "measure_engine",
     "scaled",
 ]

@@ -1,6 +1,7 @@
 """End-to-end validation of a latency model: one trace replayed in real time through a
 real runner (twice, for the machine's run-to-run spread) and in virtual time through
-the simulator, compared metric by metric.
+the simulator, compared metric by metric; and the engine's own time per step, measured
+on a real-time run of a calibration workload (`measure_engine`).
 
 The simulated run is set up as the real one: the same scheduler and KV settings (block
 counts included), the same policy, the engine's overlapped scheduling
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +23,15 @@ from typing import TYPE_CHECKING, Any
 from kvflow.traces.metrics import RunReport, summarize_replay
 
 if TYPE_CHECKING:
-    from kvflow.engine_adapters.engine_timing import TimedStep
+    from kvflow.config import KVFlowConfig
+    from kvflow.engine_adapters.base import ModelRunner
+    from kvflow.engine_adapters.engine_timing import EngineStep, Overhead, TimedStep
     from kvflow.engine_adapters.factory import LoadedModel
+    from kvflow.engine_adapters.latency_fit import Sample
     from kvflow.engine_adapters.simulated import LatencyModel
+    from kvflow.kv.store import KVStore
     from kvflow.request import Request
+    from kvflow.traces.replay import ReplayResult
 
 LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 PERCENTILES = ("p50", "p90", "p99")
@@ -206,6 +213,24 @@ def _sum_ratio(pairs: Iterable[tuple[float, float]]) -> float:
     return measured / predicted if predicted > 0 else math.nan
 
 
+def _timed_realtime(
+    requests: Sequence[Request],
+    config: KVFlowConfig,
+    policy: str,
+    runner: ModelRunner,
+    store: KVStore,
+) -> tuple[ReplayResult, list[TimedStep]]:
+    """`replay_realtime` through `runner` wrapped in a `StepTimer` on the engine's own
+    clock: the run, and every step as the timer saw it."""
+    from kvflow.engine_adapters.engine_timing import StepTimer
+    from kvflow.traces.realtime import replay_realtime, seconds_since_now
+
+    clock = seconds_since_now()
+    timer = StepTimer(runner, clock)
+    result = replay_realtime(requests, config, policy, timer, store, clock=clock)
+    return result, timer.steps
+
+
 def validate(
     requests: Sequence[Request],
     model: LoadedModel,
@@ -224,10 +249,9 @@ def validate(
     Raises:
         ValueError: `real_runs` < 1 or no requests.
     """
-    from kvflow.engine_adapters.engine_timing import StepTimer
     from kvflow.engine_adapters.factory import build_runner
     from kvflow.engine_adapters.simulated import SimulatedRunner
-    from kvflow.traces.realtime import fit_to_vocab, replay_realtime, seconds_since_now
+    from kvflow.traces.realtime import fit_to_vocab
     from kvflow.traces.replay import replay
 
     if real_runs < 1 or not requests:
@@ -241,15 +265,13 @@ def validate(
     for _ in range(real_runs):
         config, runner, store = build_runner(model, settings)
         overlap = runner.supports_overlap
-        clock = seconds_since_now()
-        timer = StepTimer(runner, clock)
         try:
-            result = replay_realtime(folded, config, policy, timer, store, clock=clock)
+            result, steps = _timed_realtime(folded, config, policy, runner, store)
         finally:
             store.close()
         real.append(summarize_replay(result))
-        speeds.append(run_speed(latency, timer.steps))
-        run_steps.append(tuple(timer.steps))
+        speeds.append(run_speed(latency, steps))
+        run_steps.append(tuple(steps))
     assert config is not None  # real_runs >= 1
     sim_config = config.with_overrides({"sim.overlap": overlap})
 
@@ -269,13 +291,76 @@ def scaled_all(model: LatencyModel, factor: float) -> LatencyModel:
     return dataclasses.replace(model, **{t: getattr(model, t) * factor for t in TERMS})
 
 
+# -- the engine's overhead ----------------------------------------------------------
+def calibration_workload(
+    num_requests: int, vocab_size: int, max_len: int, seed: int = 7
+) -> list[Request]:
+    """Requests for timing the engine: two shared system prompts, varied own prompts
+    and outputs, all at t=0 (`measure_engine` spreads them). Folded into the vocabulary;
+    every request fits in `max_len` positions."""
+    from kvflow.traces.realtime import fit_to_vocab
+    from kvflow.traces.synthetic import shared_prefix_workload
+
+    prefix = max(1, min(128, max_len // 4))
+    records = shared_prefix_workload(
+        num_requests,
+        num_groups=2,
+        prefix_len=prefix,
+        suffix_len=(4, max(4, min(384, max_len // 2 - prefix))),
+        output_len=(4, max(4, min(48, max_len // 4))),
+        seed=seed,
+    )
+    return fit_to_vocab([r.to_request() for r in records], vocab_size)
+
+
+def measure_engine(
+    runner: ModelRunner,
+    config: KVFlowConfig,
+    store: KVStore,
+    runner_model: LatencyModel,
+    requests: Sequence[Request],
+    load: float = 2.0,
+    *,
+    rescale: bool = False,
+    grid: Sequence[Sample] = (),
+) -> tuple[Overhead, float, list[EngineStep]]:
+    """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
+    a Poisson stream at `load` times the rate the runner model says the engine can
+    serve (so queues form and steps mix prefills and decodes), and fit the engine's
+    overhead on the busy steps (`fit_overhead`, with `rescale`). Returns the fit,
+    `engine_noise` of the run and the busy steps.
+
+    Raises:
+        ValueError: no busy step was seen (too few requests).
+    """
+    from kvflow.engine_adapters.engine_timing import busy_steps, engine_noise, fit_overhead
+    from kvflow.engine_adapters.simulated import SimulatedRunner
+    from kvflow.traces.replay import replay
+
+    burst = [dataclasses.replace(r, arrival_time=0.0) for r in requests]
+    makespan = replay(burst, config, "fcfs", SimulatedRunner(runner_model)).end_time
+    rate = load * len(burst) / makespan if makespan > 0 else 1e3
+    rng = random.Random(0)
+    t = 0.0
+    timed = []
+    for r in burst:
+        timed.append(dataclasses.replace(r, arrival_time=t))
+        t += rng.expovariate(rate)
+    _, timed_steps = _timed_realtime(timed, config, "fcfs", runner, store)
+    steps = busy_steps(timed_steps)
+    overhead = fit_overhead(runner_model, steps, rescale=rescale, grid=grid)
+    return overhead, engine_noise(steps), steps
+
+
 __all__ = [
     "LATENCY_METRICS",
     "PERCENTILES",
     "MetricRow",
     "RunSpeed",
     "Validation",
+    "calibration_workload",
     "compare",
+    "measure_engine",
     "run_speed",
     "scaled_all",
     "summary_errors",
