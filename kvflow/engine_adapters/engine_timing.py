@@ -21,8 +21,8 @@ from typing import NamedTuple
 import numpy as np
 
 from kvflow.engine_adapters.base import ModelRunner
-from kvflow.engine_adapters.latency_fit import Sample, fit_live, median_rel_error
-from kvflow.engine_adapters.simulated import ENGINE_TERMS, TERMS, LatencyModel, StepFeatures
+from kvflow.engine_adapters.latency_fit import RUNNER_TERMS, Sample, fit_live, median_rel_error
+from kvflow.engine_adapters.simulated import LatencyModel, StepFeatures
 from kvflow.scheduler.plan import StepPlan, StepResult
 
 
@@ -99,11 +99,10 @@ class Overhead(NamedTuple):
     durations inside the engine."""
 
 
-def scaled(model: LatencyModel, factor: float) -> LatencyModel:
-    """`model` with every runner term (not the engine's) multiplied by `factor`."""
-    return dataclasses.replace(
-        model, **{t: getattr(model, t) * factor for t in TERMS if t not in ENGINE_TERMS}
-    )
+def scaled(model: LatencyModel, factor: float, terms: Sequence[str] = RUNNER_TERMS) -> LatencyModel:
+    """`model` with each of `terms` (by default every runner term, not the engine's)
+    multiplied by `factor`."""
+    return dataclasses.replace(model, **{t: getattr(model, t) * factor for t in terms})
 
 
 def fit_overhead(

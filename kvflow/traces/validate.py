@@ -249,8 +249,9 @@ def validate(
     Raises:
         ValueError: `real_runs` < 1 or no requests.
     """
+    from kvflow.engine_adapters.engine_timing import scaled
     from kvflow.engine_adapters.factory import build_runner
-    from kvflow.engine_adapters.simulated import SimulatedRunner
+    from kvflow.engine_adapters.simulated import TERMS, SimulatedRunner
     from kvflow.traces.realtime import fit_to_vocab
     from kvflow.traces.replay import replay
 
@@ -279,16 +280,11 @@ def validate(
         return summarize_replay(replay(folded, sim_config, policy, SimulatedRunner(model)))
 
     simulated = simulate(latency)
-    at_speed = [simulate(scaled_all(latency, s.engine)) for s in speeds if math.isfinite(s.engine)]
+    at_speed = [
+        simulate(scaled(latency, s.engine, TERMS)) for s in speeds if math.isfinite(s.engine)
+    ]
     rows = compare(real, simulated, at_speed if len(at_speed) == len(real) else ())
     return Validation(rows, real, simulated, tuple(speeds), tuple(run_steps))
-
-
-def scaled_all(model: LatencyModel, factor: float) -> LatencyModel:
-    """`model` with every term, the engine's included, multiplied by `factor`."""
-    from kvflow.engine_adapters.simulated import TERMS
-
-    return dataclasses.replace(model, **{t: getattr(model, t) * factor for t in TERMS})
 
 
 # -- the engine's overhead ----------------------------------------------------------
@@ -362,7 +358,6 @@ __all__ = [
     "compare",
     "measure_engine",
     "run_speed",
-    "scaled_all",
     "summary_errors",
     "validate",
 ]

@@ -3,6 +3,8 @@ engine's overhead around the runner, and the real-vs-simulated comparison."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvflow.engine_adapters.engine_timing import (
@@ -14,7 +16,7 @@ from kvflow.engine_adapters.engine_timing import (
     scaled,
 )
 from kvflow.engine_adapters.latency_fit import Sample, fit, fit_live
-from kvflow.engine_adapters.simulated import LatencyModel, SimulatedRunner, StepFeatures
+from kvflow.engine_adapters.simulated import TERMS, LatencyModel, SimulatedRunner, StepFeatures
 from kvflow.request import Request
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import replay
@@ -88,6 +90,12 @@ def test_fit_overhead_recovers_a_cost_per_step_and_per_request() -> None:
     assert rescaled.median_rel_error < 1e-9 < plain.median_rel_error
     model = scaled(runner, 0.8)
     assert model.fixed_ms == pytest.approx(0.8) and model.decode_seq_us == pytest.approx(80.0)
+    # The engine's terms scale only when asked (validation's runs at their own speed).
+    engine = dataclasses.replace(runner, step_overhead_ms=0.5)
+    assert scaled(engine, 2.0).step_overhead_ms == 0.5
+    assert scaled(engine, 2.0, TERMS) == dataclasses.replace(
+        runner, fixed_ms=2.0, decode_seq_us=200.0, step_overhead_ms=1.0
+    )
     with pytest.raises(ValueError, match="at least one busy engine step"):
         fit_overhead(runner, [])
 
