@@ -138,7 +138,7 @@ def fit_overhead(
     norms[norms == 0] = 1.0
     coef, _ = nnls(matrix / norms, residual, maxiter=100)
     per_step, per_seq = (float(c) for c in coef / norms)
-    predicted = [runner_model.features_time_s(s.features) for s in steps]
+    predicted = [runner_model.runner_time_s(s.features) for s in steps]
     pairs = [(p, s.execute_s) for p, s in zip(predicted, steps, strict=True) if p > 0]
     scale = statistics.median(e / p for p, e in pairs) if pairs else 1.0
     runner = [abs(p - e) / e for p, e in pairs if e > 0]

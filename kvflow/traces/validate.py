@@ -195,10 +195,9 @@ def run_speed(latency: LatencyModel, steps: Sequence[TimedStep]) -> RunSpeed:
     median would pass over a slow spell's long steps)."""
     from kvflow.engine_adapters.engine_timing import busy_steps
 
-    runner_only = dataclasses.replace(latency, step_overhead_ms=0.0, seq_overhead_us=0.0)
     busy = busy_steps(steps)
     return RunSpeed(
-        _sum_ratio((s.execute_s, runner_only.features_time_s(s.features)) for s in steps),
+        _sum_ratio((s.execute_s, latency.runner_time_s(s.features)) for s in steps),
         _sum_ratio((b.period_s, latency.features_time_s(b.features)) for b in busy),
         len(steps),
         len(busy),
