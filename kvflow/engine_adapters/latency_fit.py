@@ -38,10 +38,6 @@ class Sample(NamedTuple):
         return {**self.features._asdict(), "duration_s": self.duration_s}
 
 
-def _zero_model() -> LatencyModel:
-    return LatencyModel(0.0, 0.0, 0.0, 0.0)
-
-
 _UNIT = LatencyModel(**dict.fromkeys(TERMS, 1.0))
 
 
@@ -50,12 +46,6 @@ def _unit_columns(features: StepFeatures, terms: Sequence[str]) -> list[float]:
     term's own unit: ms, us or ns)."""
     seconds = _UNIT.terms_s(features)
     return [seconds[TERMS.index(t)] for t in terms]
-
-
-def _with(model: LatencyModel, term: str, value: float) -> LatencyModel:
-    fields = {name: getattr(model, name) for name in TERMS}
-    fields[term] = value
-    return LatencyModel(**fields)
 
 
 def fit(
@@ -101,10 +91,8 @@ def fit(
     norms[norms == 0] = 1.0
     solution, _ = nnls(matrix / norms, root, maxiter=50 * len(terms))
     coef = solution / norms
-    model = _zero_model()
-    for term, value in zip(terms, coef, strict=True):
-        model = _with(model, term, float(value))
-    return model
+    fitted = {term: float(value) for term, value in zip(terms, coef, strict=True)}
+    return LatencyModel(**{**dict.fromkeys(TERMS, 0.0), **fitted})
 
 
 GRID_WEIGHT = 0.1
