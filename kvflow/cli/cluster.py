@@ -189,7 +189,7 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
             "--pd: decode instances pull handed-off KV into the cpu tier: set "
             "kv.cpu.num_blocks (e.g. --set kv.cpu.num_blocks=4096)"
         )
-    from kvflow.cluster.proxy_routing import create
+    from kvflow.cluster.routers import create
 
     create(args.router or config.router.name, config)  # and on an unknown router
     # The router reads the same config: block size, latency model, peer secret.

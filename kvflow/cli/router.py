@@ -100,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cluster.live import LiveFleet
     from kvflow.cluster.proxy import RouterOptions, run_router
-    from kvflow.cluster.proxy_routing import create
+    from kvflow.cluster.routers import create
     from kvflow.config import KVFlowConfig
     from kvflow.engine_adapters.text import HFTextCodec, PlaceholderCodec, TextCodec
 

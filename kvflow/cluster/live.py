@@ -104,7 +104,7 @@ class LiveFleet:
         urls: the instances' base URLs (instance i is `urls[i]`).
         config: the fleet's configuration: block size, latency model (`sim.*`),
             capacity until scraped, the peer protocol's settings (secret, timeouts).
-        router: made by `kvflow.cluster.proxy_routing.create`.
+        router: made by `kvflow.cluster.routers.create`.
         prefill: prefill instances' base URLs (`kvflow router --prefill`), instances
             `len(urls)` on; they take part in everything but `route`, which chooses
             among `urls` only: `route(..., prefill=True)` chooses among them.

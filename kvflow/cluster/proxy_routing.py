@@ -1,8 +1,8 @@
 """What the router process (`kvflow router`) routes with: a router of the
-`kvflow.routers` registry, the same code that routes a simulated fleet (`create` is
-the one place a name becomes a router), and each HTTP request as the engine `Request`
-an instance would make of it (`routing_request`), so a router reads the same prompt
-tokens and block keys in both clocks.
+`kvflow.routers` registry (`kvflow.cluster.routers.create`, the same code that routes a
+simulated fleet), and each HTTP request as the engine `Request` an instance would make
+of it (`routing_request`), so a router reads the same prompt tokens and block keys in
+both clocks.
 """
 
 from __future__ import annotations
@@ -10,29 +10,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from kvflow.cluster import routers
-from kvflow.cluster.routers import Router
-from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import Request
 
 DEFAULT_MAX_TOKENS = 16
 _ids = itertools.count()
-
-
-def names() -> list[str]:
-    """Every router name the registry can load, plugins included."""
-    return routers.names()
-
-
-def create(name: str, config: KVFlowConfig | None = None) -> Router:
-    """A router by name, with its options from `config` (`routers.create`).
-
-    Raises:
-        UnknownNameError: no such router; the message lists the known ones.
-        RouterLoadError: a plugin made something that is not a `Router`.
-    """
-    return routers.create(name, config)
 
 
 def _message_text(content: Any) -> str:
@@ -87,4 +69,4 @@ def routing_request(path: str, body: dict[str, Any], codec: TextCodec) -> Reques
         return Request(rid, (0,), max_tokens)
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "create", "names", "prompt_ids", "routing_request"]
+__all__ = ["DEFAULT_MAX_TOKENS", "prompt_ids", "routing_request"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kvflow.cluster.live import LiveFleet, PeerInfo
-from kvflow.cluster.proxy_routing import create, names, prompt_ids, routing_request
-from kvflow.cluster.routers import CacheAwareRouter, UnknownNameError
+from kvflow.cluster.proxy_routing import prompt_ids, routing_request
+from kvflow.cluster.routers import CacheAwareRouter, UnknownNameError, create, names
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.text import PlaceholderCodec
 from kvflow.kv.hashing import extend_block_keys, root_key
