@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
-from kvflow.cli.options import add_model_arguments
-from kvflow.cli.serve import _port, _positive_int
+from kvflow.cli.options import add_model_arguments, check_engine_model, port_number, positive_int
 
 if TYPE_CHECKING:
     from kvflow.cluster.launcher import RaySpec
@@ -45,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     upp = csub.add_parser("up", help="start a cluster")
     upp.add_argument(
         "--instances",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="instances to start (required unless --pd gives them)",
     )
@@ -69,7 +68,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="routing: round-robin, least-loaded, power-of-two, cache-aware or a plugin "
         "(default: router.name from the config, cache-aware)",
     )
-    upp.add_argument("--port", type=_port, default=8000, help="the router's port (default: 8000)")
+    upp.add_argument(
+        "--port", type=port_number, default=8000, help="the router's port (default: 8000)"
+    )
     upp.add_argument(
         "--timeout",
         type=float,
@@ -172,12 +173,7 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cluster.launcher import ClusterError, ClusterSpec, up
     from kvflow.config import KVFlowConfig
 
-    if args.engine == "sim" and args.model:
-        raise CLIError("--model is for --engine torch|hf; --engine sim serves no model")
-    if args.engine != "sim" and not args.model:
-        raise CLIError(f"--engine {args.engine} needs --model DIR")
-    if args.model and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model!r} is not a directory")
+    check_engine_model(args)
     if not args.timeout > 0:
         raise CLIError(f"--timeout must be > 0 seconds, got {args.timeout}")
     roles = _roles(args)

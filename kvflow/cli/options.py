@@ -1,5 +1,6 @@
 """Flags that subcommands share beyond the trace and config ones: SLOs, report outputs
-(`replay`, `sweep`) and the checkpoint to run (`replay`, `calibrate`); the JSON report."""
+(`replay`, `sweep`), the checkpoint to run (`replay`, `calibrate`, `serve`, `cluster`),
+ports and counts (`serve`, `router`, `cluster`); the JSON report."""
 
 from __future__ import annotations
 
@@ -28,6 +29,28 @@ which imports torch)."""
 REPORT_SCHEMA_VERSION = 1
 """The JSON report's `schema_version` (the README's "schema version 1"): keys are only
 ever added; renaming or removing one would raise it."""
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port in [0, 65535] (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def fraction(text: str) -> float:
@@ -107,6 +130,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
         choices=DTYPES,
         help=f"compute dtype{engines} (default: bfloat16 on CUDA, float32 on CPU)",
     )
+
+
+def check_engine_model(args: argparse.Namespace) -> None:
+    """Fail before any work when `--model` does not fit `--engine` (torch and hf load it,
+    sim serves none) or is not a directory."""
+    if args.engine == "sim" and args.model:
+        raise CLIError("--model is for --engine torch|hf; --engine sim serves no model")
+    if args.engine != "sim" and not args.model:
+        raise CLIError(f"--engine {args.engine} needs --model DIR")
+    if args.model and not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model!r} is not a directory")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 from rich.console import Console
 
 from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
-from kvflow.cli.serve import _port, add_http_arguments, http_limits, read_secret_file
+from kvflow.cli.options import port_number
+from kvflow.cli.serve import add_http_arguments, http_limits, read_secret_file
 
 
 def instance_url(text: str) -> str:
@@ -72,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rp.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback)"
     )
-    rp.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    rp.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     rp.add_argument(
         "--health-interval",
         type=float,

@@ -12,30 +12,15 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
-from kvflow.cli.options import add_model_arguments
+from kvflow.cli.options import (
+    add_model_arguments,
+    check_engine_model,
+    port_number,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from kvflow.serve.limits import HTTPLimits
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sp.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback)"
     )
-    sp.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    sp.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     sp.add_argument(
         "--served-model-name",
         metavar="NAME",
@@ -68,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     sp.add_argument(
         "--max-num-pending",
-        type=_positive_int,
+        type=positive_int,
         default=4096,
         metavar="N",
         help="most requests in flight; beyond it requests get 503 with Retry-After (default: 4096)",
@@ -97,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     peer.add_argument(
         "--peer-port",
-        type=_port,
+        type=port_number,
         metavar="P",
         help="run the peer service on this port (peer.port; 0: any free port); it binds "
         "peer.host (default 127.0.0.1: loopback; any other address needs a secret); with "
@@ -135,14 +120,14 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=32 * 2**20,
         metavar="N",
         help="largest request body taken; larger ones get 413 (default: 33554432, 32 MiB)",
     )
     group.add_argument(
         "--max-concurrent-requests",
-        type=_positive_int,
+        type=positive_int,
         default=4096,
         metavar="N",
         help="most POST requests in flight, streams included; more get 429 with "
@@ -182,12 +167,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.policies import names as policy_names
     from kvflow.serve.host import ServeOptions
 
-    if args.engine == "sim" and args.model:
-        raise CLIError("--model is for --engine torch|hf; --engine sim serves no model")
-    if args.engine != "sim" and not args.model:
-        raise CLIError(f"--engine {args.engine} needs --model DIR")
-    if args.model and not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model!r} is not a directory")
+    check_engine_model(args)
     _require_serve_extra()
     settings = config_overrides(args)
     peers = _peer_settings(args, settings)
