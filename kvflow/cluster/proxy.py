@@ -132,10 +132,6 @@ class RouterApp:
         if fleet.prefill_ids:
             self.pd = PrefillStep(self, options.prefill_timeout_s)
 
-    @property
-    def instances(self) -> list[str]:
-        return [inst.url for inst in self.fleet.instances]
-
     def _http(self) -> httpx.AsyncClient:
         assert self.client is not None, "the app's lifespan has not started"
         return self.client
@@ -452,19 +448,15 @@ class RouterASGI:
 _GETS = frozenset({"/health", "/metrics", "/v1/models"})
 
 
-def build_router_app(state: RouterApp) -> RouterASGI:
-    return RouterASGI(state)
-
-
 def run_router(
     options: RouterOptions, fleet: LiveFleet, codec: TextCodec, host: str, port: int
 ) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn finishes the responses in flight)."""
     import uvicorn
 
-    app = HTTPGuard(build_router_app(RouterApp(options, fleet, codec)), options.limits)
+    app = HTTPGuard(RouterASGI(RouterApp(options, fleet, codec)), options.limits)
     logger.info("kvflow router: http://%s:%d over %d instances", host, port, len(options.instances))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
-__all__ = ["RouterASGI", "RouterApp", "RouterOptions", "build_router_app", "run_router"]
+__all__ = ["RouterASGI", "RouterApp", "RouterOptions", "run_router"]
