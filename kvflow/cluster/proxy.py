@@ -4,9 +4,10 @@ over the live fleet view (`kvflow.cluster.live`); the answer (streamed or not) p
 through as its bytes arrive (`kvflow.cluster.upstream`). A request the chosen instance
 refuses (503) or cannot take (connection refused, closed before any answer) goes to
 another instance; once an answer's first byte has been forwarded it is never retried. A
-background loop checks each instance's /health and scrapes its load and peer service
-off /metrics; instances that fail leave the rotation until they answer 200 again. The
-router follows each instance's block events over its peer service (`kvflow.peer.follow`).
+background loop (`kvflow.cluster.proxy_health`) checks each instance's /health and
+scrapes its load and peer service off /metrics; instances that fail leave the rotation
+until they answer 200 again. The router follows each instance's block events over its
+peer service (`kvflow.peer.follow`).
 With prefill instances (`--prefill`), each request is prefilled on one of them first
 and handed to one of the others (`kvflow.cluster.proxy_pd`), both legs through
 `RouterApp.send_routed`.
@@ -29,12 +30,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-import anyio.abc
 import httpx
 from prometheus_client import generate_latest
 
-from kvflow.cluster.live import LiveFleet, PeerInfo, Ticket
-from kvflow.cluster.proxy_metrics import RouterMetrics, scrape_instance
+from kvflow.cluster.live import LiveFleet, Ticket
+from kvflow.cluster.proxy_health import InstanceWatch
+from kvflow.cluster.proxy_metrics import RouterMetrics
 from kvflow.cluster.proxy_pd import PrefillStep
 from kvflow.cluster.proxy_routing import routing_request
 from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
@@ -125,9 +126,7 @@ class RouterApp:
         self.pool = UpstreamPool(options.connect_timeout_s)
         self.client: httpx.AsyncClient | None = None
         """For health checks, scrapes and /v1/models (not the hot path)."""
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._follows: dict[int, tuple[PeerInfo, anyio.CancelScope]] = {}
-        self._warned_block_size: set[int] = set()
+        self.watch = InstanceWatch(fleet, self.metrics.healthy, options.health_interval_s)
         self.pd: PrefillStep | None = None
         if fleet.prefill_ids:
             self.pd = PrefillStep(self, options.prefill_timeout_s)
@@ -135,69 +134,6 @@ class RouterApp:
     def _http(self) -> httpx.AsyncClient:
         assert self.client is not None, "the app's lifespan has not started"
         return self.client
-
-    # -- health, load, block events ----------------------------------------------------
-    async def check(self, i: int) -> None:
-        """One health check of instance i and, when healthy, a scrape of its load and
-        peer service (followed from then on)."""
-        url = self.fleet.instances[i].url
-        client = self._http()
-        timeout = self.options.health_timeout_s
-        try:
-            health = await client.get(f"{url}/health", timeout=timeout)
-            healthy = health.status_code == 200
-            if healthy:
-                text = (await client.get(f"{url}/metrics", timeout=timeout)).text
-                running, capacity, peer = scrape_instance(text)
-                self.fleet.scraped(i, running, capacity, peer)
-                self._follow(i)
-        except (httpx.HTTPError, ValueError, KeyError):
-            healthy = False
-        self._set_health(i, healthy)
-
-    def _follow(self, i: int) -> None:
-        """Follow instance i's block events (again, when its peer service changed)."""
-        peer = self.fleet.instances[i].peer
-        if peer is None or self._tg is None:
-            return
-        if peer.block_size != self.fleet.block_size:
-            if i not in self._warned_block_size:
-                self._warned_block_size.add(i)
-                logger.warning(
-                    "kvflow router: %s has kv.block_size=%d, the router %d: its blocks "
-                    "are not followed (give the router the instances' --config/--set)",
-                    self.fleet.instances[i].url, peer.block_size, self.fleet.block_size,
-                )  # fmt: skip
-            return
-        known = self._follows.get(i)
-        if known is not None:
-            if known[0][1:] == peer[1:]:
-                return
-            known[1].cancel()
-        scope = anyio.CancelScope()
-        self._follows[i] = (peer, scope)
-        self._tg.start_soon(self._run_follow, scope, peer)
-
-    async def _run_follow(self, scope: anyio.CancelScope, peer: PeerInfo) -> None:
-        with scope:
-            await self.fleet.follower.maintain(peer.address, self.fleet.identity(peer.fingerprint))
-
-    def _set_health(self, i: int, healthy: bool) -> None:
-        inst = self.fleet.instances[i]
-        if inst.healthy and not healthy:
-            logger.warning("kvflow router: %s left the rotation", inst.url)
-        elif healthy and not inst.healthy:
-            logger.info("kvflow router: %s is in the rotation", inst.url)
-        inst.healthy = healthy
-        self.metrics.healthy.labels(inst.url).set(1 if healthy else 0)
-
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(i) for i in range(len(self.fleet.instances))))
-
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.health_interval_s)
-            await self.check_all()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -207,15 +143,12 @@ class RouterApp:
         auth = {"authorization": f"Bearer {key}"} if key is not None else None
         client = httpx.AsyncClient(timeout=timeout, headers=auth)
         async with client, anyio.create_task_group() as tg:
-            self.client, self._tg = client, tg
-            tg.start_soon(self.fleet.follower.expire_loop)
-            await self.check_all()
-            tg.start_soon(self.watch)
+            self.client = client
+            await self.watch.start(client, tg)
             try:
                 yield
             finally:
                 tg.cancel_scope.cancel()
-                self._tg = None
                 self.pool.close()
 
     # -- forwarding --------------------------------------------------------------------
@@ -292,7 +225,7 @@ class RouterApp:
                 self._done(ticket)
                 metrics.retries.labels(target.url, "down").inc()
                 logger.warning("kvflow router: %s failed a request (%s); retrying", target.url, err)
-                self._set_health(i, False)
+                self.watch.set_health(i, False)
                 continue
             except BaseException:
                 self._done(ticket)
