@@ -149,11 +149,19 @@ class ClusterState:
             raise ClusterError(f"{path} is not a kvflow cluster state file: {err}") from None
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (through a temporary file beside it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def is_ours(pid: int) -> bool:
@@ -271,9 +279,7 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
         started.append(spawn("router", args, spec.router_port, router_log))
         wait_healthy(started[-1:], deadline)
         state = ClusterState(tuple(p for p, _ in started))
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(state.to_json())
-        tmp.replace(state_path)
+        write_atomic(state_path, state.to_json())
         return state
     except BaseException:
         popens = list({id(popen): popen for _, popen in started}.values())

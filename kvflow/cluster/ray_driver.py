@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kvflow.cluster.launcher import RAY_STOP_FILE
+from kvflow.cluster.launcher import RAY_STOP_FILE, write_atomic
 from kvflow.cluster.ray_fleet import InstanceActor
 
 DRAIN_TIMEOUT_S = 30.0
@@ -27,9 +27,7 @@ logger = logging.getLogger("kvflow.cluster")
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from kvflow.cluster.launcher import (
     ClusterError,
     Proc,
     child_env,
+    free_port,
     peer_args,
     spawn,
     tail,
@@ -59,13 +59,6 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class InstanceActor:
     """One `kvflow serve` process on this actor's node (wrapped by `ray.remote` in the
     driver: this module does not import ray)."""
@@ -85,8 +78,8 @@ class InstanceActor:
         host = "127.0.0.1" if local else node
         self._where = {
             "host": host,
-            "port": _free_port(host),
-            "peer_port": _free_port(host),
+            "port": free_port(host),
+            "peer_port": free_port(host),
             "node": LOCAL_NODE if local else node,
         }
         return dict(self._where)
