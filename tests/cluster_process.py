@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvflow.cluster.launcher import INSTANCE_ROLES, is_ours
-from tests.serve_process import REPO_ROOT, free_port
+from kvflow.cluster.launcher import INSTANCE_ROLES, child_env, is_ours
+from tests.serve_process import free_port
 
 # Steps of 2 ms in real time, and prefill that costs (10 us a token): a cached prefix
 # makes an instance the cache-aware router's choice. Block events every 10 ms.
@@ -31,14 +31,12 @@ SIM = [
 
 
 def kvflow(*args: str, timeout_s: float = 240.0) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [sys.executable, "-m", "kvflow", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
-        env=env,
+        env=child_env(),  # this checkout's kvflow, as `up` gives its children
         check=False,
     )
 
@@ -71,8 +69,17 @@ def metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels`; 0 for a
+    labelled counter (`*_total`) that has no such sample yet.
+
+    Raises:
+        KeyError: no such sample otherwise (a misspelt gauge must not read as 0).
+    """
     wanted = set(labels.items())
-    return sum(v for (n, ls), v in metrics(url).items() if n == name and wanted <= ls)
+    values = [v for (n, ls), v in metrics(url).items() if n == name and wanted <= ls]
+    if not values and not name.endswith("_total"):
+        raise KeyError(f"{url}/metrics has no sample {name} with labels {labels}")
+    return sum(values)
 
 
 @contextmanager
@@ -95,9 +102,7 @@ def cluster(
     finally:
         if state_path.exists():
             kvflow("cluster", "down", "--state-dir", str(state_dir), "--timeout", "20")
-        for pid in [p["pid"] for p in state["procs"]]:
-            if is_ours(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_all([p["pid"] for p in state["procs"]])
 
 
 def wait_until_router_knows(router: str, instance: str, more_than: float) -> float:
@@ -111,6 +116,15 @@ def wait_until_router_knows(router: str, instance: str, more_than: float) -> flo
         if time.monotonic() > deadline:
             raise AssertionError(f"the router never learned {instance}'s blocks (holds {held})")
         time.sleep(0.02)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll `check` until it holds (bounded: an AssertionError naming `what`)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout_s} s")
+        time.sleep(0.05)
 
 
 def kill_all(pids: Sequence[int]) -> None:
@@ -127,5 +141,6 @@ __all__ = [
     "kvflow",
     "metric",
     "metrics",
+    "wait_until",
     "wait_until_router_knows",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_process import Cluster, cluster, metric
+from tests.cluster_process import Cluster, cluster, metric, wait_until
 from tests.serve_process import ServerProcess
 
 pytest.importorskip("torch")
@@ -94,15 +93,6 @@ def complete(url: str, model: str, text: str, **fields: Any) -> httpx.Response:
     reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60.0)
     assert reply.status_code == 200, reply.text
     return reply
-
-
-def wait_until(what: str, check: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not {what} within {timeout_s} s")
 
 
 def test_greedy_tokens_through_a_pd_pair_equal_a_colocated_instances(
