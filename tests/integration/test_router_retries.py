@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from kvflow.cli import main
-from tests.cluster_process import SIM, metric
+from tests.cluster_process import SIM, wait_until
 from tests.serve_process import ServerProcess
 
 MODEL = "kvflow-sim"
@@ -49,26 +49,33 @@ def _post(url: str, prompt: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json=body, timeout=30)
 
 
+@contextmanager
+def _long_stream(router: ServerProcess) -> Iterator[tuple[httpx.Response, Iterator[str]]]:
+    """A stream of 60000 tokens through `router`, its first event read: the instance
+    is busy with it. Yields the response and its lines from the second on (keep them:
+    a dropped iterator closes the stream)."""
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
+    with httpx.stream("POST", f"{router.base_url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: ")
+        assert json.loads(first[6:])["choices"][0]["text"].startswith("tok")
+        yield r, lines
+
+
 def test_a_refused_request_goes_to_another_instance(
     two: tuple[ServerProcess, ServerProcess], tmp_path: Path
 ) -> None:
     a, b = two
     with _router(tmp_path / "router.log", a, b) as router:
-        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
-        with httpx.stream(
-            "POST", f"{router.base_url}/v1/completions", json=body, timeout=30
-        ) as held:
+        with _long_stream(router) as (held, _):  # a is busy with it now
             assert held.headers["x-kvflow-instance"] == a.base_url
-            lines = held.iter_lines()  # kept: a dropped iterator closes the stream
-            first = next(lines)  # a is busy with it now
-            assert first.startswith("data: ")
-            assert json.loads(first[6:])["choices"][0]["text"].startswith("tok")
             assert _post(router.base_url, "x").headers["x-kvflow-instance"] == b.base_url
             again = _post(router.base_url, "y")  # round robin's turn is a's: refused
             assert again.status_code == 200, again.text
             assert again.headers["x-kvflow-instance"] == b.base_url
-        assert metric(router.base_url, "kvflow:router_retries_total", reason="refused") == 1
-        assert metric(router.base_url, "kvflow:router_retries_total", reason="down") == 0
+        assert router.metric("kvflow:router_retries_total", reason="refused") == 1
+        assert router.metric("kvflow:router_retries_total", reason="down") == 0
 
 
 def test_a_killed_instance_s_request_goes_to_another(
@@ -81,7 +88,7 @@ def test_a_killed_instance_s_request_goes_to_another(
         served = [_post(router.base_url, f"p{i}") for i in range(4)]
         assert [r.status_code for r in served] == [200] * 4
         assert {r.headers["x-kvflow-instance"] for r in served} == {b.base_url}
-        down = metric(router.base_url, "kvflow:router_retries_total", instance=a.base_url)
+        down = router.metric("kvflow:router_retries_total", instance=a.base_url)
         assert down == 1  # then out of the rotation: not tried again
         assert httpx.get(f"{router.base_url}/health", timeout=10).status_code == 200
         b.proc.send_signal(signal.SIGKILL)
@@ -102,11 +109,11 @@ def test_a_killed_instance_comes_back_into_the_rotation_once_it_answers_again(
         healthy = "kvflow:router_instance_healthy"
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(timeout=30)
-        _wait_for(lambda: metric(router.base_url, healthy, instance=a.base_url) == 0)
+        wait_until("a out", lambda: router.metric(healthy, instance=a.base_url) == 0)
         served = [_post(router.base_url, f"p{i}") for i in range(3)]
         assert {r.headers["x-kvflow-instance"] for r in served} == {b.base_url}
         with ServerProcess(args, tmp_path / "a-again.log", port=a.port) as again:
-            _wait_for(lambda: metric(router.base_url, healthy, instance=a.base_url) == 1)
+            wait_until("a back", lambda: router.metric(healthy, instance=a.base_url) == 1)
             served = [_post(router.base_url, f"q{i}") for i in range(4)]
             assert [r.status_code for r in served] == [200] * 4
             assert {r.headers["x-kvflow-instance"] for r in served} == {a.base_url, b.base_url}
@@ -118,25 +125,15 @@ def test_an_instance_dying_mid_stream_ends_the_stream_and_holds_nothing(
 ) -> None:
     _, b = two
     with _router(tmp_path / "router.log", b) as router:
-        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
-        with httpx.stream("POST", f"{router.base_url}/v1/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
+        with _long_stream(router) as (_, lines):
             b.proc.send_signal(signal.SIGKILL)
             try:
                 rest = list(lines)  # ends when the router breaks it off, within the timeout
             except httpx.RemoteProtocolError:  # the chunked body cut short
                 rest = []
         assert "data: [DONE]" not in rest
-        assert metric(router.base_url, "kvflow:router_in_flight", instance=b.base_url) == 0
+        assert router.metric("kvflow:router_in_flight", instance=b.base_url) == 0
         assert "Traceback" not in router.log(), router.log()
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition still false after the timeout"
-        time.sleep(0.05)
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_instance(
@@ -144,14 +141,11 @@ def test_a_client_that_leaves_mid_stream_frees_the_instance(
 ) -> None:
     _, b = two
     with _router(tmp_path / "router.log", b) as router:
-        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000, "stream": True}
-        with httpx.stream("POST", f"{router.base_url}/v1/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
+        with _long_stream(router):
             assert b.metric("kvflow:num_requests_running") == 1
         # The router closes its upstream stream: the instance aborts the request.
         b.wait_for_metric("kvflow:num_requests_running", 0, timeout_s=60)
-        assert metric(router.base_url, "kvflow:router_in_flight", instance=b.base_url) == 0
+        assert router.metric("kvflow:router_in_flight", instance=b.base_url) == 0
 
 
 @pytest.mark.parametrize(
