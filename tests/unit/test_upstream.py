@@ -1,6 +1,7 @@
 """The router's HTTP/1.1 pool to its instances, against a small real server on loopback:
-keep-alive reuse, an idle connection the server closed, a refused connection, and a
-chunked body handed on as it arrives, a request given up before its answer."""
+keep-alive reuse, an idle connection the server closed, one it closed as the next
+request came, a refused connection, a chunked body handed on as it arrives, a request
+given up before its answer."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ REQUEST = b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
 
 class _Server:
     """Answers each request by its path: /x a small body kept alive, /close one then
-    closes, /stream two chunks with `release` awaited between them, /cut a head and half
-    a chunk, then closes, /hold nothing: it sets `dropped` once the client closed."""
+    closes, /drop none on a connection that served one before (it closes, as a server
+    closing an idle connection when the next request comes) else as /x, /stream two
+    chunks with `release` awaited between them, /cut a head and half a chunk, then
+    closes, /hold nothing: it sets `dropped` once the client closed."""
 
     def __init__(self) -> None:
         self.num_connections = 0
@@ -31,6 +34,7 @@ class _Server:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.num_connections += 1
         self.writers.append(writer)
+        num_served = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -47,6 +51,8 @@ class _Server:
                     if not await reader.read(1):
                         self.dropped.set()
                     break
+                elif path == b"/drop" and num_served:
+                    break
                 elif path == b"/cut":
                     writer.write(chunked + b"a\r\nhal")
                     await writer.drain()
@@ -57,6 +63,7 @@ class _Server:
                         await writer.drain()
                         break
                 await writer.drain()
+                num_served += 1
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -64,13 +71,16 @@ class _Server:
 
 
 @asynccontextmanager
-async def _serving() -> AsyncIterator[tuple[_Server, int]]:
+async def _serving() -> AsyncIterator[tuple[_Server, int, UpstreamPool]]:
+    """The server on a free port, and a pool to reach it (closed at the end)."""
     server = _Server()
     port = free_port()
     listener = await asyncio.start_server(server.handle, "127.0.0.1", port)
+    pool = UpstreamPool(2.0)
     try:
-        yield server, port
+        yield server, port, pool
     finally:
+        pool.close()
         listener.close()
         for writer in server.writers:
             writer.close()
@@ -91,24 +101,30 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 def test_requests_reuse_a_kept_alive_connection() -> None:
     async def main() -> None:
-        async with _serving() as (server, port):
-            pool = UpstreamPool(2.0)
+        async with _serving() as (server, port, pool):
             assert [await _body(pool, port) for _ in range(3)] == [b"ok"] * 3
             assert server.num_connections == 1
-            pool.close()
 
     _run(main())
 
 
 def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
     async def main() -> None:
-        async with _serving() as (server, port):
-            pool = UpstreamPool(2.0)
+        async with _serving() as (server, port, pool):
             assert await _body(pool, port, b"/close") == b"ok"
             await asyncio.sleep(0.05)  # the close reaches the pool's idle connection
             assert await _body(pool, port) == b"ok"
             assert server.num_connections == 2
-            pool.close()
+
+    _run(main())
+
+
+def test_a_kept_alive_connection_closed_unanswered_sends_the_request_again_on_a_new_one() -> None:
+    async def main() -> None:
+        async with _serving() as (server, port, pool):
+            assert await _body(pool, port) == b"ok"
+            assert await _body(pool, port, b"/drop") == b"ok"  # not a byte came back: again
+            assert server.num_connections == 2
 
     _run(main())
 
@@ -123,8 +139,7 @@ def test_a_refused_connection_is_down() -> None:
 
 def test_a_chunk_is_handed_on_before_the_body_ends_and_a_cut_body_raises() -> None:
     async def main() -> None:
-        async with _serving() as (server, port):
-            pool = UpstreamPool(2.0)
+        async with _serving() as (server, port, pool):
             response = await pool.request("127.0.0.1", port, REQUEST.replace(b"/x", b"/stream"))
             assert response.status == 200
             assert await response.read() == b"first"  # the server holds the rest
@@ -137,20 +152,17 @@ def test_a_chunk_is_handed_on_before_the_body_ends_and_a_cut_body_raises() -> No
                 while await cut.read():
                     pass
             cut.release()
-            pool.close()
 
     _run(main())
 
 
 def test_a_request_given_up_before_its_answer_closes_its_connection() -> None:
     async def main() -> None:
-        async with _serving() as (server, port):
-            pool = UpstreamPool(2.0)
+        async with _serving() as (server, port, pool):
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.2):  # as the router's prefill step gives up
                     await pool.request("127.0.0.1", port, REQUEST.replace(b"/x", b"/hold"))
             await asyncio.wait_for(server.dropped.wait(), 5)  # the instance sees it end
             assert await _body(pool, port) == b"ok"
-            pool.close()
 
     _run(main())
