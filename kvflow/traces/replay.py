@@ -79,7 +79,7 @@ def replay(
         on_step: called after every commit with (scheduler, plan, result, now).
 
     With `config.sim.overlap` (and a runner that supports it), steps follow
-    `AsyncEngine`'s overlapped loop (`_run_overlapped`).
+    `AsyncEngine`'s overlapped loop.
     """
     name, policy = resolve_policy(policy, config)
     if runner is None:
@@ -88,9 +88,9 @@ def replay(
     pending = sorted(requests, key=lambda r: r.arrival_time)
     states: list[RequestState] = []
     wall_start = time.perf_counter()
-    run = _run_overlapped if config.sim.overlap and runner.supports_overlap else _run
+    overlap = config.sim.overlap and runner.supports_overlap
     with cyclic_gc_paused():
-        now = run(scheduler, runner, pending, states, check_integrity, on_step)
+        now = _run(scheduler, runner, pending, states, check_integrity, on_step, overlap)
     scheduler.store.drain(now)  # demotions still in flight
     if check_integrity:
         scheduler.check_integrity()
@@ -132,51 +132,15 @@ def _run(
     states: list[RequestState],
     check_integrity: bool,
     on_step: StepHook | None,
+    overlap: bool,
 ) -> float:
-    """The event loop; returns the virtual time it ended at."""
-    now = pending[0].arrival_time if pending else 0.0
-    i = 0
-    n = len(pending)
-    while True:
-        while i < n and pending[i].arrival_time <= now:
-            states.append(scheduler.add(pending[i]))
-            i += 1
-        if not scheduler.has_unfinished:
-            if i >= n:
-                break
-            _settle_real_copies(scheduler)
-            now = pending[i].arrival_time
-            continue
-        plan = scheduler.plan(now)
-        if plan.is_empty:
-            idle_until = _when_idle(scheduler, now, pending[i].arrival_time if i < n else None)
-            if idle_until is None:
-                break
-            now = idle_until
-            continue
-        result = runner.execute(plan)
-        now += result.duration_s
-        scheduler.commit(plan, result, now)
-        if check_integrity:
-            scheduler.check_integrity()
-        if on_step is not None:
-            on_step(scheduler, plan, result, now)
-    return now
+    """The event loop; returns the virtual time it ended at.
 
-
-def _run_overlapped(
-    scheduler: Scheduler,
-    runner: ModelRunner,
-    pending: list[Request],
-    states: list[RequestState],
-    check_integrity: bool,
-    on_step: StepHook | None,
-) -> float:
-    """`_run` as `AsyncEngine` steps with overlap: when step N starts, step N+1 is
-    planned (`overlapped=True`) from the arrivals until then, and it executes right
-    after step N's commit; a request arriving while step N runs waits for step N+2.
-    After a plan short of blocks the next one is made after the commit, as the engine
-    does. Idle gaps are skipped as in `_run`."""
+    With `overlap`, steps go as `AsyncEngine` steps with overlap: when step N starts,
+    step N+1 is planned (`overlapped=True`) from the arrivals until then, and it executes
+    right after step N's commit; a request arriving while step N runs waits for step
+    N+2. After a plan short of blocks the next one is made after the commit, as the
+    engine does. Idle gaps are skipped either way."""
     now = pending[0].arrival_time if pending else 0.0
     i = 0
     n = len(pending)
@@ -201,13 +165,14 @@ def _run_overlapped(
                 now = idle_until
                 continue
         next_plan = None
-        if not scheduler.last_plan_short_of_blocks:
+        if overlap and not scheduler.last_plan_short_of_blocks:
             next_plan = scheduler.plan(now, overlapped=True)
         result = runner.execute(plan)
         now += result.duration_s
-        while i < n and pending[i].arrival_time <= now:  # they arrived during the step
-            states.append(scheduler.add(pending[i]))
-            i += 1
+        if overlap:
+            while i < n and pending[i].arrival_time <= now:  # they arrived during the step
+                states.append(scheduler.add(pending[i]))
+                i += 1
         scheduler.commit(plan, result, now)
         if check_integrity:
             scheduler.check_integrity()
