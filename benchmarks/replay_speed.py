@@ -121,8 +121,9 @@ def run_once(requests: list[Request], config: KVFlowConfig, policy: str) -> dict
     }
 
 
-def single_instance_trace(args: argparse.Namespace) -> list[Request]:
-    """The single-instance benchmark's trace (the baseline of a fleet run)."""
+def load_trace(args: argparse.Namespace, scale: int) -> tuple[list[Request], float]:
+    """The benchmark's trace with `scale` times the sessions arriving `scale` times as
+    fast, written and read back; and the seconds reading it took."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mooncake_style.jsonl"
         mooncake_style_trace(
@@ -130,9 +131,13 @@ def single_instance_trace(args: argparse.Namespace) -> list[Request]:
             parse_length(args.prompt_len, "prompt"),
             parse_length(args.output_len, "output"),
             args.system_prompt_len,
-            args.rate,
+            args.rate * scale,
+            NUM_SESSIONS * scale,
         )
-        return read_trace(path, "mooncake").requests
+        gc.collect()
+        start = time.perf_counter()
+        requests = read_trace(path, "mooncake").requests
+        return requests, time.perf_counter() - start
 
 
 def main() -> None:
@@ -154,21 +159,7 @@ def main() -> None:
         CONFIG,
         {"kv.block_size": args.block_size, "kv.device.num_blocks": 2**19 // args.block_size},
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "mooncake_style.jsonl"
-        mooncake_style_trace(
-            path,
-            parse_length(args.prompt_len, "prompt"),
-            parse_length(args.output_len, "output"),
-            args.system_prompt_len,
-            args.rate * args.instances,
-            NUM_SESSIONS * args.instances,
-        )
-        gc.collect()
-        start = time.perf_counter()
-        loaded = read_trace(path, "mooncake")
-        load_s = time.perf_counter() - start
-    requests = loaded.requests
+    requests, load_s = load_trace(args, args.instances)
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(replay, requests, config, args.policy)
@@ -176,7 +167,7 @@ def main() -> None:
         return
     baseline: dict[str, Any] = {}
     if args.instances > 1:
-        single = single_instance_trace(args)
+        single, _ = load_trace(args, 1)
         runs, singles = [], []
         for _ in range(args.repeat):
             singles.append(run_once(single, config, args.policy))
