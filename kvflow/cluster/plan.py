@@ -29,10 +29,8 @@ from kvflow.config import KVFlowConfig
 from kvflow.policies import make_policy
 from kvflow.request import FinishReason, Request
 from kvflow.traces.fleet_report import summarize_fleet
-from kvflow.traces.outcome import SERVED, request_outcome
+from kvflow.traces.outcome import SERVED, is_within, request_outcome
 from kvflow.traces.shaping import time_scale
-
-_SLO_RTOL = 1e-9  # as kvflow.traces.outcome: float noise must not fail an SLO met exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +92,6 @@ class FleetSpec:
     peers: bool = False
 
 
-def _missed(value_s: float | None, limit_ms: float | None) -> bool:
-    return (
-        value_s is not None and limit_ms is not None and value_s * 1e3 > limit_ms * (1 + _SLO_RTOL)
-    )
-
-
 def evaluate_fleet(
     requests: Sequence[Request], spec: FleetSpec, num_instances: int, rate_scale: float = 1.0
 ) -> FleetEvaluation:
@@ -121,11 +113,15 @@ def evaluate_fleet(
             unserved += state.finish_reason in (FinishReason.REJECTED, FinishReason.ABORTED)
             continue
         outcome = request_outcome(state)
+        if outcome.met:
+            continue
         slo, deadline = state.request.slo, state.request.deadline
-        first_token = None if outcome.ttft_s is None else state.arrival_time + outcome.ttft_s
-        late = deadline is not None and first_token is not None and first_token > deadline
-        ttft += _missed(outcome.ttft_s, slo.ttft_ms) or late
-        tpot += _missed(outcome.tpot_s, slo.tpot_ms)
+        ttft_s, tpot_s = outcome.ttft_s, outcome.tpot_s
+        if ttft_s is not None:  # the deadline bounds the first token's time, as TTFT does
+            on_time = deadline is None or is_within(state.arrival_time + ttft_s, deadline)
+            ttft += not (is_within(ttft_s * 1e3, slo.ttft_ms) and on_time)
+        if tpot_s is not None:
+            tpot += not is_within(tpot_s * 1e3, slo.tpot_ms)
     return FleetEvaluation(
         rate_scale=rate_scale,
         num_instances=num_instances,

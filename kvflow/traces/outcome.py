@@ -18,7 +18,8 @@ SERVED = frozenset({FinishReason.LENGTH, FinishReason.STOP})
 _SLO_RTOL = 1e-9  # float noise in (t1 - t0) * 1000 must not fail an SLO met exactly
 
 
-def _is_within(value: float, limit: float | None) -> bool:
+def is_within(value: float, limit: float | None) -> bool:
+    """`value` meets the objective `limit` (None: no objective), up to float noise."""
     return limit is None or value <= limit * (1 + _SLO_RTOL)
 
 
@@ -52,15 +53,15 @@ def request_outcome(state: RequestState) -> RequestOutcome:
         first_token = state.token_times[0]
     if first_token is not None:
         ttft_s = first_token - arrival
-        met &= _is_within(ttft_s * 1000.0, slo.ttft_ms)
+        met &= is_within(ttft_s * 1000.0, slo.ttft_ms)
         deadline = state.request.deadline
-        met &= deadline is None or _is_within(first_token, deadline)
+        met &= deadline is None or is_within(first_token, deadline)
     if state.finish_time is not None:
         e2e_s = state.finish_time - arrival
         num_outputs = state.num_output_tokens
         if first_token is not None and num_outputs > 1:
             tpot_s = (state.finish_time - first_token) / (num_outputs - 1)
-            met &= _is_within(tpot_s * 1000.0, slo.tpot_ms)
+            met &= is_within(tpot_s * 1000.0, slo.tpot_ms)
     return RequestOutcome(ttft_s, tpot_s, e2e_s, queue_s, met)
 
 
