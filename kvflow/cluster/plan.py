@@ -19,7 +19,7 @@ the target and N - 1 does not (both are replayed by the search).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvflow.cluster import routers
@@ -243,13 +243,7 @@ class FleetCost:
     """Requests meeting every SLO per dollar."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "num_instances": self.num_instances,
-            "num_gpus": self.num_gpus,
-            "dollars_per_hour": self.dollars_per_hour,
-            "dollars_per_million_output_tokens": self.dollars_per_million_output_tokens,
-            "goodput_per_dollar": self.goodput_per_dollar,
-        }
+        return asdict(self)
 
 
 def fleet_cost(gpu: GpuPrice, evaluation: FleetEvaluation) -> FleetCost:
