@@ -126,13 +126,13 @@ class CacheAwareRouter(Router):
         held = view.index.num_blocks
         routed = view.num_routed
         device, used, queued = view.device_blocks, view.num_used_blocks, view.num_queued_tokens
-        running, capacity = view.num_running, view.capacity
+        capacity = view.capacity
         best, best_rank = 0, (True, float("inf"), 0, 0, 0)
         for i, lat in enumerate(view.latency):
             prefill_us = lat.prefill_token_us
             num_uncached = num_prompt - runs[i] * bs
             short = device[i] > 0 and used[i] + (queued[i] + num_uncached) // bs > device[i]
-            cost = (queued[i] * prefill_us + running[i] * lat.decode_seq_us) * 1e-6
+            cost = view.queue_time_s(i)
             num_pull = best_run - runs[i]
             if network is not None and num_pull > 0:
                 pull = network.pull_time_s(num_pull)
