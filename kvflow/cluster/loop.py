@@ -69,7 +69,6 @@ class FleetLoop:
         num_routed = pd[0] if pd is not None else n
         groups = [range(num_routed)] + ([range(num_routed, n)] if pd is not None else [])
         indexes = [BlockIndex(len(g)) for g in groups]
-        self.index = indexes[0]
         self.local = [0] * n
         """Each instance's number within its view."""
         group_of = [0] * n
@@ -80,13 +79,14 @@ class FleetLoop:
             SimInstance(i, c, p, indexes[group_of[i]].key_listeners(self.local[i]))
             for i, (c, p) in enumerate(zip(configs, policies, strict=True))
         ]
+        network = _network(configs) if peers or pd is not None else None
         self.views = [
             FleetView(
                 [self.instances[i].latency for i in members],
                 [self.instances[i].capacity for i in members],
                 indexes[g],
                 configs[0].kv.block_size,
-                _network(configs) if peers and g == 0 else None,
+                network if peers and g == 0 else None,
             )
             for g, members in enumerate(groups)
         ]
@@ -97,7 +97,7 @@ class FleetLoop:
         """Instances whose state changed since their loads were last counted (`dirty`)."""
         self.view_of = [self.views[group_of[i]] for i in range(n)]
         self.pd = pd
-        self.handoff_network = _network(configs) if pd is not None else None
+        self.handoff_network = network if pd is not None else None
         self.decode_router = LeastLoadedRouter()
         self.originals: dict[str, Request] = {}
         """With pd: the requests whose prefill runs as a one-token copy, by id."""
