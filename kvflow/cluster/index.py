@@ -18,7 +18,8 @@ class PrefixIndex(ABC):
 
     num_instances: int
     num_blocks: list[int]
-    """Distinct keys each instance holds (its cache's fill, as the index sees it)."""
+    """Blocks each instance holds, its caches' fill as the index sees it (`BlockIndex`
+    counts a key once per tier holding it; the peer directory counts distinct keys)."""
 
     @abstractmethod
     def prefix_runs(self, keys: Sequence[int]) -> list[int]:
