@@ -21,6 +21,7 @@ from kvflow.traces import read_trace
 from kvflow.traces.fleet_report import summarize_fleet
 from kvflow.traces.shaping import time_scale
 from kvflow.traces.slo import SLOSettings
+from tests.integration.test_cli_refusals import assert_one_line_error
 
 TIMEOUT_S = 300
 TTFT_MS, TPOT_MS, TARGET = 200.0, 40.0, 0.9
@@ -111,36 +112,21 @@ def test_an_unreachable_slo_fails_with_a_message(trace: Path) -> None:
     assert "even at --max-instances 2 (most failures: ttft)" in done.stderr
 
 
-def _one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 2, done.stdout[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvflow: error: "), done.stderr[-4000:]
-    return lines[0]
-
-
 def test_a_bad_prices_file_and_an_unknown_gpu(trace: Path) -> None:
     bad = trace.parent / "prices.toml"
     bad.write_text("[gpu.mine]\nprice_per_gpu_hour = 'cheap'\n")
-    line = _one_line_error(
-        kvflow(
-            "plan",
-            str(trace),
-            "--ttft-slo-ms",
-            "200",
-            "--prices",
-            str(bad),
-            "--gpu",
-            "mine",
-            cwd=trace.parent,
-        )
-    )
-    assert str(bad) in line and "gpu.mine.price_per_gpu_hour" in line and "'cheap'" in line
-    line = _one_line_error(
-        kvflow("plan", str(trace), "--ttft-slo-ms", "200", "--gpu", "b200", cwd=trace.parent)
-    )
-    assert "unknown gpu 'b200'" in line and "known: 4xh100, cpu, h100" in line
+    done = kvflow(
+        "plan", str(trace), "--ttft-slo-ms", "200", "--prices", str(bad), "--gpu", "mine",
+        cwd=trace.parent,
+    )  # fmt: skip
+    assert_one_line_error(done, str(bad), "gpu.mine.price_per_gpu_hour", "'cheap'")
+    assert done.returncode == 2
+    done = kvflow("plan", str(trace), "--ttft-slo-ms", "200", "--gpu", "b200", cwd=trace.parent)
+    assert_one_line_error(done, "unknown gpu 'b200'", "known: 4xh100, cpu, h100")
+    assert done.returncode == 2
 
 
 def test_a_plan_without_slos_is_refused(trace: Path) -> None:
-    line = _one_line_error(kvflow("plan", str(trace), cwd=trace.parent))
-    assert "--ttft-slo-ms" in line
+    done = kvflow("plan", str(trace), cwd=trace.parent)
+    assert_one_line_error(done, "--ttft-slo-ms")
+    assert done.returncode == 2
