@@ -405,17 +405,23 @@ def _print_validation(console: Console, checked: Any) -> None:
         "spread = (largest - smallest real run) / mean)"
     )
     headers = ["metric", "real runs", "simulated", "error", "real spread"]
-    at_speed = any(row.error_at_speed is not None for row in checked.rows)
-    if at_speed:
-        headers.append("error at run speed")
-    for header in headers:
+    paired = {
+        "error at run speed": "error_at_speed",
+        "error at step times": "error_at_step_times",
+    }
+    shown = {
+        header: field
+        for header, field in paired.items()
+        if any(getattr(row, field) is not None for row in checked.rows)
+    }
+    for header in [*headers, *shown]:
         table.add_column(header, justify="right")
     for row in checked.rows:
         spread = "" if row.spread is None else f"{row.spread:.1%}"
         runs = ", ".join(f"{v:.4g}" for v in row.real_runs)
         cells = [row.metric, runs, f"{row.simulated:.4g}", f"{row.error:+.1%}", spread]
-        if at_speed:
-            e = row.error_at_speed
+        for field in shown.values():
+            e = getattr(row, field)
             cells.append("" if e is None else f"{e:+.1%}")
         table.add_row(*cells)
     console.print(table)
@@ -428,4 +434,10 @@ def _print_validation(console: Console, checked: Any) -> None:
                 f"run {i}: runner {s.runner:.3g}, whole engine step {s.engine:.3g}"
                 for i, s in enumerate(checked.speeds, 1)
             )
+        )
+    if checked.schedule_matched:
+        console.print(
+            "'error at step times' is the simulation with each real run's own step times "
+            "(no latency model left: the schedule's error alone); steps it scheduled as "
+            "the run did: " + ", ".join(f"{m:.0%}" for m in checked.schedule_matched)
         )

@@ -13,6 +13,7 @@ early).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import statistics
@@ -20,11 +21,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_adapters.simulated import StepFeatures
+from kvflow.scheduler.plan import StepPlan, StepResult
 from kvflow.traces.metrics import RunReport, summarize_replay
 
 if TYPE_CHECKING:
     from kvflow.config import KVFlowConfig
-    from kvflow.engine_adapters.base import ModelRunner
     from kvflow.engine_adapters.engine_timing import EngineStep, Overhead, TimedStep
     from kvflow.engine_adapters.factory import LoadedModel
     from kvflow.engine_adapters.latency_fit import Sample
@@ -53,6 +56,13 @@ class MetricRow:
     speed (`RunSpeed.engine`), so what is left is the simulator's own error
     (scheduling, queueing, batching, the relative costs of steps), with the machine's
     speed during each run taken out. None when not computed."""
+    error_at_step_times: float | None = None
+    """The mean over the real runs of (simulated with that run's own step times / that
+    run - 1): the simulation's k-th step takes as long as the run's k-th step did
+    (`RecordedSteps`), so no latency model is left in it and what remains is the
+    schedule's error (arrivals against steps, batching, overlap, queueing). Near 0 the
+    simulator reproduces the engine and the whole error is the pricing of steps. None
+    when not computed."""
 
     @property
     def real(self) -> float:
@@ -77,6 +87,7 @@ class MetricRow:
             "error": self.error,
             "spread": self.spread,
             "error_at_speed": self.error_at_speed,
+            "error_at_step_times": self.error_at_step_times,
         }
 
 
@@ -102,33 +113,40 @@ def compare(
     real: Sequence[RunReport],
     simulated: RunReport,
     at_speed: Sequence[RunReport] = (),
+    at_step_times: Sequence[RunReport] = (),
 ) -> list[MetricRow]:
     """Per metric (TTFT, TPOT, ITL, E2E at p50/p90/p99 in ms, steps, prefix hit rate),
     the real runs' figures and the simulated one (see `MetricRow`); with `at_speed`
-    (one simulated report per real run, at that run's speed), `error_at_speed` too.
+    (one simulated report per real run, at that run's speed), `error_at_speed` too, and
+    with `at_step_times` (one per real run, with its step times), `error_at_step_times`.
 
     Raises:
-        ValueError: no real run, or `at_speed` not one per real run.
+        ValueError: no real run, or `at_speed` or `at_step_times` not one per real run.
     """
     if not real:
         raise ValueError("compare needs at least one real run")
-    if at_speed and len(at_speed) != len(real):
-        raise ValueError(f"at_speed needs one report per real run ({len(real)})")
+    for name, reports in (("at_speed", at_speed), ("at_step_times", at_step_times)):
+        if reports and len(reports) != len(real):
+            raise ValueError(f"{name} needs one report per real run ({len(real)})")
     runs = [_figures(r) for r in real]
     sim = _figures(simulated)
-    paired = [_figures(r) for r in at_speed]
-    rows = []
-    for name in sim:
+    by_speed = [_figures(r) for r in at_speed]
+    by_times = [_figures(r) for r in at_step_times]
+
+    def mean_error(paired: list[dict[str, float]], name: str) -> float | None:
         errors = [_ratio(p[name], r[name]) for p, r in zip(paired, runs, strict=False)]
-        rows.append(
-            MetricRow(
-                name,
-                tuple(run[name] for run in runs),
-                sim[name],
-                statistics.fmean(errors) if errors else None,
-            )
+        return statistics.fmean(errors) if errors else None
+
+    return [
+        MetricRow(
+            name,
+            tuple(run[name] for run in runs),
+            sim[name],
+            mean_error(by_speed, name),
+            mean_error(by_times, name),
         )
-    return rows
+        for name in sim
+    ]
 
 
 def summary_errors(rows: Sequence[MetricRow]) -> dict[str, float]:
@@ -177,6 +195,10 @@ class Validation:
     """One per real run (empty when not measured)."""
     steps: tuple[tuple[TimedStep, ...], ...] = ()
     """Each real run's timed steps (for `kvflow calibrate --json`)."""
+    schedule_matched: tuple[float, ...] = ()
+    """Per real run, the share of its steps that the simulation with its step times
+    (`RecordedSteps`) scheduled in the same shape at the same place (empty when not
+    computed)."""
 
     def to_json(self) -> dict[str, Any]:
         """The comparison as a preset's `fit.validation` record holds it."""
@@ -186,6 +208,7 @@ class Validation:
             "num_requests": self.simulated.num_requests,
             "real_runs": len(self.real),
             "run_speeds": [s.to_json() for s in self.speeds],
+            "schedule_matched": list(self.schedule_matched),
         }
 
 
@@ -202,6 +225,50 @@ def run_speed(latency: LatencyModel, steps: Sequence[TimedStep]) -> RunSpeed:
         len(steps),
         len(busy),
     )
+
+
+class RecordedSteps(ModelRunner):
+    """A runner for the simulator whose k-th step takes as long as a real run's k-th
+    step did (`TimedStep`s in order): a busy step its period (start to the next step's
+    start, the runner's time and the engine's around it), a step after which the engine
+    went idle its runner time plus `latency`'s engine terms. Steps past the run's last
+    are priced by `latency`. `num_matched` counts the steps whose shape (prefill tokens,
+    decode sequences) was the recorded step's: all of them when the simulator scheduled
+    what the engine did."""
+
+    name = "recorded"
+    supports_overlap = True
+
+    def __init__(self, steps: Sequence[TimedStep], latency: LatencyModel) -> None:
+        self.latency = latency
+        self._steps = steps
+        self._periods = [
+            after.started_at - step.started_at
+            if after.planned_at <= step.started_at + step.execute_s
+            else None
+            for step, after in itertools.pairwise(steps)
+        ]
+        self.num_steps = 0
+        self.num_matched = 0
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        k = self.num_steps
+        self.num_steps += 1
+        features = StepFeatures.of(plan)
+        latency = self.latency
+        if k >= len(self._steps):
+            duration = latency.features_time_s(features)
+        else:
+            step = self._steps[k]
+            shape = (step.features.num_prefill_tokens, step.features.num_decode_seqs)
+            if shape == (features.num_prefill_tokens, features.num_decode_seqs):
+                self.num_matched += 1
+            period = self._periods[k] if k < len(self._periods) else None
+            if period is None:  # idle after it: the engine's own work from the model
+                engine_s = latency.features_time_s(features) - latency.runner_time_s(features)
+                period = step.execute_s + engine_s
+            duration = period
+        return StepResult([0] * len(plan.requests), duration)
 
 
 def _sum_ratio(pairs: Iterable[tuple[float, float]]) -> float:
@@ -243,7 +310,8 @@ def validate(
     time through `model`'s runner, each over a fresh store and cache, and once in
     virtual time through the simulated runner with `latency`, over a simulated store
     of the same config (`settings` on top of the model's layout) with `sim.overlap`
-    on when the real runner overlaps; compare them.
+    on when the real runner overlaps; compare them. The simulation is repeated at each
+    real run's speed and with each real run's own step times (`MetricRow`).
 
     Raises:
         ValueError: `real_runs` < 1 or no requests.
@@ -275,15 +343,22 @@ def validate(
     assert config is not None  # real_runs >= 1
     sim_config = config.with_overrides({"sim.overlap": overlap})
 
-    def simulate(model: LatencyModel) -> RunReport:
-        return summarize_replay(replay(folded, sim_config, policy, SimulatedRunner(model)))
+    def simulate(runner: ModelRunner) -> RunReport:
+        return summarize_replay(replay(folded, sim_config, policy, runner))
 
-    simulated = simulate(latency)
+    simulated = simulate(SimulatedRunner(latency))
     at_speed = [
-        simulate(scaled(latency, s.engine, TERMS)) for s in speeds if math.isfinite(s.engine)
+        simulate(SimulatedRunner(scaled(latency, s.engine, TERMS)))
+        for s in speeds
+        if math.isfinite(s.engine)
     ]
-    rows = compare(real, simulated, at_speed if len(at_speed) == len(real) else ())
-    return Validation(rows, real, simulated, tuple(speeds), tuple(run_steps))
+    recorded = [RecordedSteps(steps, latency) for steps in run_steps]
+    at_step_times = [simulate(runner) for runner in recorded]
+    rows = compare(real, simulated, at_speed if len(at_speed) == len(real) else (), at_step_times)
+    matched = tuple(
+        r.num_matched / max(1, len(s)) for r, s in zip(recorded, run_steps, strict=True)
+    )
+    return Validation(rows, real, simulated, tuple(speeds), tuple(run_steps), matched)
 
 
 # -- the engine's overhead ----------------------------------------------------------
@@ -351,6 +426,7 @@ __all__ = [
     "LATENCY_METRICS",
     "PERCENTILES",
     "MetricRow",
+    "RecordedSteps",
     "RunSpeed",
     "Validation",
     "calibration_workload",

@@ -182,6 +182,12 @@ def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
     speeds = validation["run_speeds"]
     assert len(speeds) == 2 and all(s["num_steps"] >= s["num_busy_steps"] >= 1 for s in speeds)
     assert all(s["runner_measured_over_model"] > 0 for s in speeds)
+    # Simulated again with each real run's own step times: an error per row, and the
+    # share of each run's steps the simulator scheduled alike (the first at least).
+    assert all(row["error_at_step_times"] is not None for row in metrics.values())
+    assert metrics["hit rate"]["error_at_step_times"] == 0.0
+    matched = validation["schedule_matched"]
+    assert len(matched) == 2 and all(0 < m <= 1 for m in matched)
     from kvflow.engine_adapters.torch.spec import default_device
 
     assert doc["model"] == str(model_dir)

@@ -4,6 +4,7 @@ engine's overhead around the runner, and the real-vs-simulated comparison."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -18,9 +19,10 @@ from kvflow.engine_adapters.engine_timing import (
 from kvflow.engine_adapters.latency_fit import Sample, fit, fit_live
 from kvflow.engine_adapters.simulated import TERMS, LatencyModel, SimulatedRunner, StepFeatures
 from kvflow.request import Request
+from kvflow.scheduler.plan import StepPlan, StepResult
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import replay
-from kvflow.traces.validate import compare, run_speed, summary_errors
+from kvflow.traces.validate import RecordedSteps, compare, run_speed, summary_errors
 from tests.builders import make_config
 
 TEN_MS = LatencyModel(fixed_ms=10.0, prefill_token_us=0.0, decode_seq_us=0.0, kv_token_ns=0.0)
@@ -181,6 +183,16 @@ def test_compare_reports_error_and_spread_per_metric() -> None:
     assert rows[0].error_at_speed is None
     with pytest.raises(ValueError, match="one report per real run"):
         compare([real, again], sim, at_speed=[sim])
+    # With each run's own step times: each run against its own replay.
+    slower = run(11.0 * 1.1)
+    timed_rows = compare([real, again], sim, at_step_times=[real, slower])
+    tpot = timed_rows[names.index("tpot p50")]
+    expected = (0.0 + (slower.tpot_ms.p50 / again.tpot_ms.p50 - 1)) / 2
+    assert expected > 0 and tpot.error_at_step_times == pytest.approx(expected)
+    assert tpot.error_at_speed is None and rows[0].error_at_step_times is None
+    assert tpot.to_json()["error_at_step_times"] == tpot.error_at_step_times
+    with pytest.raises(ValueError, match="at_step_times needs one report per real run"):
+        compare([real, again], sim, at_step_times=[sim])
 
 
 def test_run_speed_prices_a_real_runs_own_steps() -> None:
@@ -198,3 +210,42 @@ def test_run_speed_prices_a_real_runs_own_steps() -> None:
     assert speed.num_steps == 4 and speed.num_busy_steps == 3
     assert 1.0 < speed.engine < 1.5  # the whole step includes the overhead the model has
     assert run_speed(model, []).num_steps == 0
+
+
+def test_recorded_step_times_reproduce_the_run_they_were_recorded_from() -> None:
+    """A run in virtual time, its steps recorded as `StepTimer` records an engine's,
+    then replayed by `RecordedSteps` over a model that prices every step differently:
+    every step's time comes from the recording, so the same schedule and latencies."""
+    config = make_config(**{"sim.overlap": True, "scheduler.max_num_batched_tokens": 24})
+    model = LatencyModel(2.0, 100.0, 300.0, 5.0, prefill_attn_ns=50.0)
+    requests = [
+        Request(f"r{i}", tuple(range(100 * i, 100 * i + 10 + 7 * i)), 3 + i % 4,
+                arrival_time=0.004 * i)
+        for i in range(12)
+    ]  # fmt: skip
+    steps: list[TimedStep] = []
+
+    def record(scheduler: object, plan: StepPlan, result: StepResult, now: float) -> None:
+        start = now - result.duration_s
+        steps.append(TimedStep(StepFeatures.of(plan), plan.now, start, result.duration_s))
+
+    original = summarize_replay(
+        replay(requests, config, "fcfs", SimulatedRunner(model), on_step=record)
+    )
+    # Overlapped: some step was planned while the one before it ran.
+    assert any(b.planned_at < a.started_at + a.execute_s for a, b in itertools.pairwise(steps))
+    other = LatencyModel(7.0, 0.0, 0.0, 0.0)
+    recorded = RecordedSteps(steps, other)
+    again = summarize_replay(replay(requests, config, "fcfs", recorded))
+    assert recorded.num_steps == len(steps) == recorded.num_matched
+    for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        for pct in ("p50", "p99"):
+            expected = getattr(getattr(original, metric), pct)
+            assert getattr(getattr(again, metric), pct) == pytest.approx(expected, rel=1e-3)
+    # The other model alone gives other latencies: the recording is what matched.
+    priced = summarize_replay(replay(requests, config, "fcfs", SimulatedRunner(other)))
+    assert priced.e2e_ms.p50 != pytest.approx(original.e2e_ms.p50, rel=0.05)
+    # Past the recording, steps are priced by the model.
+    short = RecordedSteps(steps[:3], other)
+    summarize_replay(replay(requests, config, "fcfs", short))
+    assert short.num_steps > 3 and short.num_matched == 3
