@@ -27,19 +27,18 @@ file, the line and the field. Lengths are capped at `kvflow.traces.limits.MAX_TR
 from __future__ import annotations
 
 import json
-import math
 import os
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from kvflow.request import SLO, Request, SamplingParams
 from kvflow.traces.errors import FieldError
 from kvflow.traces.formats import read_trace
+from kvflow.traces.formats._io import is_finite_number, show
 from kvflow.traces.formats._io import iter_json_lines as _iter_json_lines
-from kvflow.traces.formats._io import show
 from kvflow.traces.formats.base import LoadLog, TraceOptions
 from kvflow.traces.limits import MAX_TRACE_TOKENS, check_length
 from kvflow.traces.tokens import prompt_token_ids as _synth_prompt
@@ -64,12 +63,8 @@ def _is_name(value: object) -> bool:
     return isinstance(value, str) and value != ""
 
 
-def _is_number(value: object) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_time(value: object) -> bool:
-    return _is_number(value) and value >= 0
+    return is_finite_number(value) and value >= 0
 
 
 def _check_token_ids(value: object) -> None:
@@ -124,7 +119,7 @@ class TraceRecord:
         _expect(_is_int(self.priority), "priority", "an integer", self.priority)
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
             value = getattr(self, name)
-            ok = value is None or (_is_number(value) and value > 0)
+            ok = value is None or (is_finite_number(value) and value > 0)
             _expect(ok, name, "a positive number of milliseconds", value)
         deadline = self.deadline_s
         ok = deadline is None or (_is_time(deadline) and deadline >= self.arrival_s)

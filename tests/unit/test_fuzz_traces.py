@@ -218,3 +218,27 @@ def test_json_nested_past_the_recursion_limit_is_a_bad_line(fmt: str, tmp_path: 
     path.write_text(deeply_nested() + "\n")
     with pytest.raises(TraceFormatError, match=r"deep\.jsonl:1: .*nest"):
         read_trace(path, fmt)
+
+
+NATIVE_RECORD = {"arrival_s": 0, "prompt_len": 3, "output_len": 2}
+MOONCAKE_RECORD = {"timestamp": 0, "input_length": 3, "output_length": 2, "hash_ids": [1]}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "record", "field"),
+    [
+        ("native", NATIVE_RECORD, "arrival_s"),
+        ("native", NATIVE_RECORD, "deadline_s"),
+        ("native", NATIVE_RECORD, "ttft_slo_ms"),
+        ("mooncake", MOONCAKE_RECORD, "timestamp"),
+    ],
+)
+def test_an_integer_past_floats_range_is_a_bad_field(
+    fmt: str, record: dict[str, Any], field: str, tmp_path: Path
+) -> None:
+    """JSON integers are unbounded: one no float holds is refused, not an OverflowError
+    (the fuzz run found it)."""
+    path = tmp_path / "huge.jsonl"
+    path.write_text(dumps({**record, field: 10**400}) + "\n")
+    with pytest.raises(TraceFormatError, match=rf"huge\.jsonl:1: field '{field}'"):
+        read_trace(path, fmt)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeGuard, cast
 
 from kvflow.traces.errors import TraceFormatError
 from kvflow.traces.formats.base import LoadLog
@@ -27,6 +28,17 @@ def show(value: object) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_finite_number(value: object) -> TypeGuard[float]:
+    """A JSON number a float holds: not a bool, NaN, an infinity, or an integer past
+    float's range (JSON integers are unbounded; `math.isfinite` raises on those)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def iter_json_lines(path: Path, log: LoadLog) -> Iterator[tuple[int, Any]]:

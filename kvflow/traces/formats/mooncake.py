@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import sys
 from array import array
@@ -37,7 +36,7 @@ import xxhash
 
 from kvflow.request import Request
 from kvflow.traces.errors import FieldError
-from kvflow.traces.formats._io import iter_json_lines, show
+from kvflow.traces.formats._io import is_finite_number, iter_json_lines, show
 from kvflow.traces.formats.base import LoadLog, TraceFormat, TraceHead, TraceOptions, rebase
 from kvflow.traces.limits import check_length, check_total
 from kvflow.traces.tokens import keyed_token_ids
@@ -103,9 +102,7 @@ def _check_record(obj: object, block_size: int) -> tuple[float, int, int, list[i
         if key not in obj:
             raise FieldError(key, "missing (required)")
     ts = obj["timestamp"]
-    if not (
-        isinstance(ts, int | float) and not isinstance(ts, bool) and math.isfinite(ts) and ts >= 0
-    ):
+    if not (is_finite_number(ts) and ts >= 0):
         raise FieldError(
             "timestamp", f"expected milliseconds, a finite number >= 0, got {show(ts)}"
         )
