@@ -32,6 +32,7 @@ from tests.fuzz_helpers import (
     json_values,
     no_hang,
     peak_rss_bytes,
+    reset_peak_rss,
 )
 from tests.guarantee_settings import examples, scaled
 from tests.serve_process import ServerProcess
@@ -166,7 +167,7 @@ def app_client() -> Iterator[TestClient]:
 def fuzz_in_process(client: TestClient, slow: bool) -> None:
     num_cases = 0
     seen: set[int] = set()
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
 
     @examples(scaled(NUM_CASES, slow), slow=slow)
     @given(request=requests())

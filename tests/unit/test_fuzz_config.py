@@ -20,7 +20,14 @@ from pydantic import BaseModel
 from kvflow.cli import main
 from kvflow.config import ConfigError, KVFlowConfig, parse_assignment
 from kvflow.engine_adapters.latency_fit import read_preset
-from tests.fuzz_helpers import deeply_nested, dumps, json_values, no_hang, peak_rss_bytes
+from tests.fuzz_helpers import (
+    deeply_nested,
+    dumps,
+    json_values,
+    no_hang,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 from tests.guarantee_settings import examples, scaled
 
 NUM_CASES = 600
@@ -90,7 +97,7 @@ def workdir() -> Iterator[Path]:
 
 
 def fuzz_assignments(slow: bool) -> None:
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     outcomes: set[bool] = set()
     num_cases = 0
 
@@ -114,7 +121,7 @@ def fuzz_assignments(slow: bool) -> None:
 
 
 def fuzz_files(slow: bool, workdir: Path) -> None:
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     outcomes: set[bool] = set()
     num_cases = 0
 

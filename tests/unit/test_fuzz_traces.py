@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from kvflow.traces import BadLinesSkippedWarning, TraceFormatError, read_trace
 from kvflow.traces.limits import MAX_TRACE_TOKENS
-from tests.fuzz_helpers import deeply_nested, dumps, json_values, no_hang, peak_rss_bytes
+from tests.fuzz_helpers import (
+    deeply_nested,
+    dumps,
+    json_values,
+    no_hang,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 from tests.guarantee_settings import examples, scaled
 
 NUM_CASES = 200
@@ -175,7 +182,7 @@ def load_or_refuse(path: Path, data: bytes, fmt: str, skip: bool) -> bool:
 
 
 def fuzz(fmt: str, slow: bool, trace_path: Path) -> None:
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     num_cases = 0
     outcomes: set[bool] = set()
 
