@@ -60,7 +60,9 @@ def test_a_client_gone_before_its_stream_starts_is_aborted(server: ServerProcess
     counted = _counted(server)
     body = b'{"model": "kvflow-sim", "prompt": [300, 301], "max_tokens": 50, "stream": true}'
     sock = _send_raw(server, body)
-    time.sleep(0.05)  # the body is read; the first step (200 ms) has not ended
+    # Its body read and the request submitted (the first step takes 200 ms): a client
+    # gone before the server read the body would be a 499, not an abort.
+    server.wait_for_metric("kvflow:server_requests_in_flight", 1)
     sock.close()
     server.wait_for_metric("kvflow:request_success_total", aborted + 1, finished_reason="abort")
     assert _counted(server) == counted + 1
