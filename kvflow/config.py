@@ -485,6 +485,8 @@ def _describe(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "config"
+        if not where.isprintable():  # a key of a file may hold a newline: one line
+            where = repr(where)
         if item["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key (value {item['input']!r})")
         elif item["type"] == "value_error":

@@ -82,7 +82,7 @@ def load_or_refuse(assignments: list[str], path: Path | None = None) -> bool:
             config = KVFlowConfig.load(path, overrides)
     except ConfigError as err:
         message = str(err)
-        assert message and "Traceback" not in message
+        assert message and "Traceback" not in message and "\n" not in message, message
         event("refused")
         return False
     assert isinstance(config, KVFlowConfig)
