@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from kvflow.cli import main
+from kvflow.cli.common import CLIError
+from kvflow.cli.serve import read_secret_file
 from kvflow.config import ConfigError, KVFlowConfig, parse_assignment
 from kvflow.engine_adapters.latency_fit import read_preset
 from tests.fuzz_helpers import (
@@ -186,6 +188,8 @@ def test_a_file_that_never_ends_or_is_no_file_is_refused_unread(path: str, tmp_p
 
         with pytest.raises(ConfigError, match="not a regular file"):
             read_preset(path)
+        with pytest.raises(CLIError, match=r"--peer-secret-file .* not a regular file"):
+            read_secret_file(path)
 
 
 def test_the_cli_prints_one_line_for_a_deeply_nested_setting(
