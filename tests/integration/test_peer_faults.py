@@ -148,9 +148,10 @@ async def test_a_peer_answering_garbage_fails_the_pull_at_once(
         async with anyio.create_task_group() as tg:
             tg.start_soon(garbage_peer)
             async with connect_peer("127.0.0.1", listener.getsockname()[1], me, config) as client:
-                with pytest.raises(PeerDownError):
+                with pytest.raises(PeerDownError) as failed:
                     await pull_into_cpu(client, b, KEYS)
                 assert client.is_down and client.down_reason
+                assert "did not answer" not in str(failed.value)  # the garbage, not a timeout
             tg.cancel_scope.cancel()
     listener.close()
     assert all(b.cpu.lookup(k) is None for k in KEYS)  # nothing it sent is a block
