@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,10 @@ import torch
 from kvflow.config import KVConfig, KVFlowConfig, PeerConfig
 from kvflow.kv.storage import byte_view
 from kvflow.kv.store import KVStore, TierName
+from kvflow.peer.frames import Header
+from kvflow.peer.handshake import server_handshake
+from kvflow.peer.identity import PeerIdentity
+from kvflow.peer.wire import Wire
 
 BLOCK_SIZE = 4
 LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float64"}
@@ -82,3 +87,22 @@ async def until(condition: Callable[[], bool]) -> None:
     """Wait until `condition()` holds (the caller bounds it with `anyio.fail_after`)."""
     while not condition():  # noqa: ASYNC110 - the conditions are other tasks' state
         await anyio.sleep(0.005)
+
+
+async def answer_one_pull(
+    listener: socket.socket,
+    identity: PeerIdentity,
+    config: PeerConfig,
+    answer: Callable[[Wire, Header], Awaitable[None]],
+) -> None:
+    """A fake peer on `listener` (non-blocking): accepts one connection, shakes hands as
+    `identity`, reads one PULL, lets `answer(wire, pull)` reply, then stays silent (the
+    caller cancels it)."""
+    await anyio.wait_readable(listener)
+    sock, _ = listener.accept()
+    wire = Wire(sock, config.max_frame_bytes)
+    await server_handshake(wire, identity, config)
+    pull = await wire.read_header()
+    await wire.read_exact(pull.payload_length)
+    await answer(wire, pull)
+    await anyio.sleep(60)

@@ -23,6 +23,7 @@ from kvflow.peer.client import PeerDownError, connect_peer, pull_into_cpu, slot_
 from kvflow.peer.frames import (
     ErrorCode,
     FrameKind,
+    Header,
     blocks_meta_size,
     pack_blocks_head,
     pack_checksums,
@@ -30,10 +31,11 @@ from kvflow.peer.frames import (
     pack_pull,
     unpack_error,
 )
-from kvflow.peer.handshake import client_handshake, server_handshake
+from kvflow.peer.handshake import client_handshake
 from kvflow.peer.service import PeerService
 from kvflow.peer.wire import Wire
 from tests.peer_builders import (
+    answer_one_pull,
     cpu_block,
     make_store,
     no_pins,
@@ -132,22 +134,15 @@ async def test_a_peer_stalling_mid_transfer_fails_the_pull_after_the_timeout(
     listener.setblocking(False)
     port = listener.getsockname()[1]
 
-    async def stall_peer() -> None:
-        await anyio.wait_readable(listener)
-        sock, _ = listener.accept()
-        wire = Wire(sock, config.max_frame_bytes)
-        await server_handshake(wire, stalling.identity, config)
-        header = await wire.read_header()
-        await wire.read_exact(header.payload_length)
+    async def stall(wire: Wire, header: Header) -> None:
         meta = pack_blocks_head(header.request_id, size, ["cpu"] * 4)
         head = pack_header(FrameKind.BLOCKS, header.request_id, blocks_meta_size(4) + 4 * size)
         await wire.send([head, meta, b"\0" * (2 * size)], time.monotonic() + 5)
         stalled.set()
-        await anyio.sleep(60)
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(stall_peer)
+            tg.start_soon(answer_one_pull, listener, stalling.identity, config, stall)
             async with connect_peer("127.0.0.1", port, me, config) as client:
                 with pytest.raises(PeerDownError, match="did not answer"):
                     await pull_into_cpu(client, b, [1, 2, 3, 4])
@@ -172,21 +167,14 @@ async def test_a_block_whose_checksum_differs_ends_the_run(tmp_path: Path) -> No
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
 
-    async def lying_peer() -> None:
-        await anyio.wait_readable(listener)
-        sock, _ = listener.accept()
-        wire = Wire(sock, config.max_frame_bytes)
-        await server_handshake(wire, liar.identity, config)
-        header = await wire.read_header()
-        await wire.read_exact(header.payload_length)
+    async def lie(wire: Wire, header: Header) -> None:
         meta = pack_blocks_head(header.request_id, size, ["cpu"] * 4)
         head = pack_header(FrameKind.BLOCKS, header.request_id, blocks_meta_size(4) + 4 * size)
         await wire.send([head, meta, *blocks, pack_checksums(sums)], time.monotonic() + 5)
-        await anyio.sleep(60)
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lying_peer)
+            tg.start_soon(answer_one_pull, listener, liar.identity, config, lie)
             async with connect_peer("127.0.0.1", listener.getsockname()[1], me, config) as client:
                 assert await pull_into_cpu(client, b, [1, 2, 3, 4]) == 2
                 assert not client.is_down  # the stream stayed aligned: the next pull works

@@ -35,10 +35,17 @@ from kvflow.peer.frames import (
     pack_blocks_head,
     pack_header,
 )
-from kvflow.peer.handshake import server_handshake
 from kvflow.peer.service import PeerService
 from kvflow.peer.wire import Wire
-from tests.peer_builders import cpu_block, make_store, no_pins, peer_config, put_blocks, until
+from tests.peer_builders import (
+    answer_one_pull,
+    cpu_block,
+    make_store,
+    no_pins,
+    peer_config,
+    put_blocks,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 KEYS = [1, 2, 3, 4]
@@ -132,21 +139,14 @@ async def test_a_peer_answering_garbage_fails_the_pull_at_once(
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
 
-    async def garbage_peer() -> None:
-        await anyio.wait_readable(listener)
-        sock, _ = listener.accept()
-        wire = Wire(sock, config.max_frame_bytes)
-        await server_handshake(wire, liar.identity, config)
-        pull = await wire.read_header()
-        await wire.read_exact(pull.payload_length)
+    async def garbage(wire: Wire, pull: Header) -> None:
         await answer(wire, pull, b.bytes_per_block)
-        await anyio.sleep(60)
 
     assert b.cpu is not None
     free_before = b.cpu.num_free_blocks
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(garbage_peer)
+            tg.start_soon(answer_one_pull, listener, liar.identity, config, garbage)
             async with connect_peer("127.0.0.1", listener.getsockname()[1], me, config) as client:
                 with pytest.raises(PeerDownError) as failed:
                     await pull_into_cpu(client, b, KEYS)
