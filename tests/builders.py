@@ -8,6 +8,7 @@ from typing import Any
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
+from kvflow.kv.store import KVStore
 from kvflow.policies.base import Policy
 from kvflow.request import SLO, Request
 from kvflow.scheduler import Scheduler, StepPlan, StepResult
@@ -82,4 +83,24 @@ def run_to_completion(
         scheduler.commit(plan, result, now)
         scheduler.check_integrity()
         plans.append(plan)
+    raise AssertionError(f"not finished after {max_steps} steps")
+
+
+def run_over_real_copies(
+    scheduler: Scheduler, runner: ModelRunner, store: KVStore, max_steps: int = 10_000
+) -> float:
+    """Step the scheduler until idle over a store whose copies are real (a step with
+    nothing runnable waits for one to land), checking integrity after every commit.
+    Returns the time at the end (10 ms a step)."""
+    now = 0.0
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished:
+            return now
+        plan = scheduler.plan(now)
+        now += 0.01
+        if plan.is_empty:
+            store.wait(1.0)  # everything runnable waits for a copy
+            continue
+        scheduler.commit(plan, runner.execute(plan), now)
+        scheduler.check_integrity()
     raise AssertionError(f"not finished after {max_steps} steps")

@@ -26,7 +26,7 @@ from kvflow.engine_adapters.torch import TorchLlama, TorchRunner  # noqa: E402
 from kvflow.kv.store import KVStore  # noqa: E402
 from kvflow.scheduler import Scheduler  # noqa: E402
 from kvflow.traces.replay import make_policy  # noqa: E402
-from tests.builders import make_config  # noqa: E402
+from tests.builders import make_config, run_over_real_copies  # noqa: E402
 from tests.integration.test_exactness import SPEC, make_requests  # noqa: E402
 
 Fault = Callable[[KVStore, pytest.MonkeyPatch], None]
@@ -72,19 +72,7 @@ def _run(store: KVStore, model: Any, tmp_path: Path) -> tuple[dict[str, list[int
     assert store.device_storage is not None
     runner = TorchRunner(model, 4, kv_cache=store.device_storage.data)
     states = [scheduler.add(r) for r in make_requests(12)]
-    now = 0.0
-    for _ in range(10_000):
-        if not scheduler.has_unfinished:
-            break
-        plan = scheduler.plan(now)
-        now += 0.01
-        if plan.is_empty:
-            store.wait(1.0)  # everything runnable waits for a copy
-            continue
-        scheduler.commit(plan, runner.execute(plan), now)
-        scheduler.check_integrity()
-    assert not scheduler.has_unfinished
-    store.drain(now)
+    store.drain(run_over_real_copies(scheduler, runner, store))
     scheduler.check_integrity()
     return {s.request_id: s.output_token_ids for s in states}, scheduler
 

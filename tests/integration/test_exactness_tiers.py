@@ -17,7 +17,7 @@ from kvflow.engine_adapters.torch import TorchLlama, TorchRunner  # noqa: E402
 from kvflow.kv.store import KVStore  # noqa: E402
 from kvflow.scheduler import Scheduler  # noqa: E402
 from kvflow.traces.replay import make_policy  # noqa: E402
-from tests.builders import make_config  # noqa: E402
+from tests.builders import make_config, run_over_real_copies  # noqa: E402
 from tests.integration.test_exactness import SPEC, make_requests, reference_outputs  # noqa: E402
 
 
@@ -50,18 +50,7 @@ def test_greedy_tokens_survive_swaps_and_hits_from_every_tier(tmp_path: Path) ->
         assert store.device_storage is not None
         runner = TorchRunner(model, 4, kv_cache=store.device_storage.data)
         states = [scheduler.add(r) for r in requests]
-        now = 0.0
-        for _ in range(10_000):
-            if not scheduler.has_unfinished:
-                break
-            plan = scheduler.plan(now)
-            now += 0.01
-            if plan.is_empty:
-                store.wait(1.0)  # everything runnable waits for a copy
-                continue
-            scheduler.commit(plan, runner.execute(plan), now)
-            scheduler.check_integrity()
-        assert not scheduler.has_unfinished
+        run_over_real_copies(scheduler, runner, store)
     finally:
         store.close()
     stats = scheduler.stats
@@ -102,19 +91,7 @@ def test_greedy_tokens_equal_after_a_restart_served_from_a_persistent_disk(
             assert store.device_storage is not None
             runner = TorchRunner(model, 4, kv_cache=store.device_storage.data)
             states = [scheduler.add(r) for r in make_requests(12)]  # fresh requests
-            now = 0.0
-            for _ in range(10_000):
-                if not scheduler.has_unfinished:
-                    break
-                plan = scheduler.plan(now)
-                now += 0.01
-                if plan.is_empty:
-                    store.wait(1.0)
-                    continue
-                scheduler.commit(plan, runner.execute(plan), now)
-                scheduler.check_integrity()
-            assert not scheduler.has_unfinished
-            store.drain(now)
+            store.drain(run_over_real_copies(scheduler, runner, store))
         finally:
             store.close()
         runs.append((scheduler.stats, store.stats, states))
