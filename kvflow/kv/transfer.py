@@ -104,6 +104,49 @@ class CopyEngine(abc.ABC):
         """Finish pending work and release threads or files."""
 
 
+class ThreadedCopyEngine(CopyEngine):
+    """A copy engine whose transfers finish off the store's thread (in worker threads,
+    or tasks of an event loop): each is counted running from `_start` until `_report`,
+    then handed to the store by `completed`; `wait` and `settle` may block any thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._num_running = 0
+        self._finished: list[tuple[Transfer, list[bool]]] = []
+
+    def _start(self) -> None:
+        with self._cond:
+            self._num_running += 1
+
+    def _report(self, transfer: Transfer, ok: list[bool], *, started: bool = True) -> None:
+        """`transfer` is done (`started=False`: it finished in `submit`, never counted
+        running)."""
+        with self._cond:
+            self._finished.append((transfer, ok))
+            if started:
+                self._num_running -= 1
+            self._cond.notify_all()
+
+    def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:
+        with self._cond:
+            out, self._finished = self._finished, []
+        return out
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        with self._cond:
+            if not self._finished and self._num_running:
+                self._cond.wait(timeout_s)
+
+    def settle(self, timeout_s: float | None = None) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._num_running == 0, timeout_s)
+
+    @property
+    def num_pending(self) -> int:
+        with self._cond:
+            return self._num_running + len(self._finished)
+
+
 class SimCopyEngine(CopyEngine):
     """Virtual-time copies: a transfer takes latency + bytes / bandwidth, after the
     transfers queued before it in the same direction."""
@@ -172,7 +215,7 @@ class _Job:
         return [ok for lo in sorted(self.results) for ok in self.results[lo]]
 
 
-class TensorCopyEngine(CopyEngine):
+class TensorCopyEngine(ThreadedCopyEngine):
     """Real copies between tensor pools and a slab file, in worker threads.
 
     Device<->cpu copies are torch copies (non-blocking from pinned memory on CUDA, on a
@@ -214,22 +257,16 @@ class TensorCopyEngine(CopyEngine):
         self._device_bytes = byte_view(device.data) if on_host else None
         self._cpu_bytes = byte_view(cpu.data) if cpu is not None else None
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvcopy")
-        self._cond = threading.Condition()
-        self._num_running = 0
-        self._finished: list[tuple[Transfer, list[bool]]] = []
+        super().__init__()
 
     def submit(self, transfer: Transfer, now: float) -> None:
         direction = transfer.direction
         inline = transfer.num_bytes <= self._inline_bytes
         if inline and direction in ("device_to_cpu", "cpu_to_device"):
-            ok = self._copy_host_bytes(transfer)
-            with self._cond:
-                self._finished.append((transfer, ok))
-                self._cond.notify_all()
+            self._report(transfer, self._copy_host_bytes(transfer), started=False)
             return
         n = len(transfer.keys)
-        with self._cond:
-            self._num_running += 1
+        self._start()
         if direction == "cpu_to_disk":
             job = _Job(transfer, num_parts_left=2)
             self._executor.submit(self._run_part, job, 0, n)
@@ -288,10 +325,7 @@ class TensorCopyEngine(CopyEngine):
         if t.direction == "cpu_to_disk":
             assert self.disk is not None
             ok = self.disk.set_checksums(t.dst_slots, job.digests, ok, t.keys)
-        with self._cond:
-            self._finished.append((t, ok))
-            self._num_running -= 1
-            self._cond.notify_all()
+        self._report(t, ok)
 
     def _device_ready(self) -> torch.cuda.Event | None:
         """On CUDA, an event marking the work queued so far on the device's stream."""
@@ -338,25 +372,6 @@ class TensorCopyEngine(CopyEngine):
         for s, d, n in _runs(t.src_slots, t.dst_slots):
             dst[d * size : (d + n) * size] = src[s * size : (s + n) * size]
         return [True] * len(t.keys)
-
-    def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:
-        with self._cond:
-            out, self._finished = self._finished, []
-        return out
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        with self._cond:
-            if not self._finished and self._num_running:
-                self._cond.wait(timeout_s)
-
-    def settle(self, timeout_s: float | None = None) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._num_running == 0, timeout_s)
-
-    @property
-    def num_pending(self) -> int:
-        with self._cond:
-            return self._num_running + len(self._finished)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

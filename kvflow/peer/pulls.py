@@ -10,19 +10,18 @@ marked down in the directory (its hints are dropped until it is heard from again
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import anyio.abc
 
 from kvflow.kv.storage import byte_view
 from kvflow.kv.store import KVStore
-from kvflow.kv.transfer import CopyEngine, Transfer
+from kvflow.kv.transfer import ThreadedCopyEngine, Transfer
 from kvflow.peer.client import PeerClient, PeerDownError, PeerRequestError, slot_views
 from kvflow.peer.directory import Directory
 
 
-class PeerPuller(CopyEngine):
+class PeerPuller(ThreadedCopyEngine):
     """Pulls `peer_to_cpu` transfers over `clients()` (peer id -> connection) in tasks of
     `task_group`. `submit` and `completed` run on the loop's thread; `wait` may block a
     worker thread until a pull ends."""
@@ -36,20 +35,19 @@ class PeerPuller(CopyEngine):
     ) -> None:
         if store.cpu is None or store.cpu_storage is None:
             raise ValueError("pulling from peers needs a cpu tier with tensors (kv.cpu)")
+        super().__init__()
         self._cpu_bytes = byte_view(store.cpu_storage.data)
         self._bytes_per_block = store.bytes_per_block
         self._directory = directory
         self._clients = clients
         self._tg = task_group
         self._pending: dict[int, Transfer] = {}
-        self._finished: list[tuple[Transfer, list[bool]]] = []
-        self._cond = threading.Condition()
-        self.num_failed = 0
-        """Pulls that failed outright (peer unknown, down, refused or timed out)."""
+        """Pulls running, by transfer id (those `close` gives up)."""
 
     def submit(self, transfer: Transfer, now: float) -> None:
         with self._cond:
             self._pending[transfer.transfer_id] = transfer
+        self._start()
         self._tg.start_soon(self._pull, transfer)
 
     async def _pull(self, t: Transfer) -> None:
@@ -62,41 +60,20 @@ class PeerPuller(CopyEngine):
             result = await client.pull(t.keys, views)
             ok[: result.num_blocks] = [True] * result.num_blocks
         except PeerRequestError:  # refused this pull (busy, fingerprint): a miss
-            self.num_failed += 1
+            pass
         except Exception:  # down, stalled, malformed: forget its hints
-            self.num_failed += 1
             if t.peer is not None:
                 self._directory.mark_down(t.peer)
         finally:
-            self._report(t, ok)
-
-    def _report(self, t: Transfer, ok: list[bool]) -> None:
-        with self._cond:
-            if t.transfer_id not in self._pending:
-                return  # given up by `close`
-            del self._pending[t.transfer_id]
-            self._finished.append((t, ok))
-            self._cond.notify_all()
-
-    def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:
-        with self._cond:
-            out, self._finished = self._finished, []
-        return out
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        with self._cond:
-            if not self._finished and self._pending:
-                self._cond.wait(timeout_s)
-
-    @property
-    def num_pending(self) -> int:
-        with self._cond:
-            return len(self._pending) + len(self._finished)
+            with self._cond:
+                given_up = self._pending.pop(t.transfer_id, None) is None
+            if not given_up:  # (by `close`, which reported it)
+                self._report(t, ok)
 
     def close(self) -> None:
         """Give up the pulls in flight: each is reported failed now (the store is being
         drained at shutdown, so nothing reuses their slots)."""
         with self._cond:
-            self._finished += [(t, [False] * len(t.keys)) for t in self._pending.values()]
-            self._pending.clear()
-            self._cond.notify_all()
+            pending, self._pending = list(self._pending.values()), {}
+        for t in pending:
+            self._report(t, [False] * len(t.keys))
