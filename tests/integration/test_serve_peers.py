@@ -32,8 +32,9 @@ from tests.text_model import build_text_model
 
 MODEL = "tiny"
 PULL_TIMEOUT_S = 2.0
+BLOCK_SIZE = 4
 SETTINGS = {
-    "kv.block_size": 4,
+    "kv.block_size": BLOCK_SIZE,
     "kv.device.num_blocks": 256,
     "kv.cpu.num_blocks": 256,
     "kv.load_policy": "always",
@@ -63,8 +64,9 @@ def prompt(seed: int, num_words: int = 40) -> str:
 
 
 A_DISK_BLOCKS = 40
-"""A's persistent disk tier: fewer blocks than A computes in the tests before its
-restart (29 or 30 blocks per prompt and its output), so the slab keeps only the latest."""
+"""A's persistent disk tier: more blocks than one prompt and its output take (29 or 30),
+fewer than two, so the slab keeps all of the last prompt A computed and none of the one
+two prompts before it (whatever order the copy workers land a prompt's blocks in)."""
 
 
 def persistent_disk(slab: Path) -> list[str]:
@@ -171,23 +173,29 @@ def moved(server: ServerProcess, direction: str) -> float:
     return server.metric("kvflow:kv_tier_bytes_moved_total", direction=direction)
 
 
-# Slow for now: in one of ~7 full-suite runs (a fresh CI clone, 2026-12-05) B still
-# found 4 cached tokens of `old` after A's restart, and the next test then waited in
-# vain for A's new blocks at B: a race in the restarted peer's resync, to be found and
-# fixed (the file alone passed every time). `python -m pytest -m slow` runs it.
-@pytest.mark.slow
+def writes_landed(server: ServerProcess) -> bool:
+    """Written through: every block the server computed went to cpu, then to disk, and
+    no disk write is still in flight (its slot would count as used)."""
+    return (
+        moved(server, "cpu_to_disk") == moved(server, "device_to_cpu") > 0
+        and server.metric("kvflow:kv_blocks_used", tier="disk") == 0
+    )
+
+
 def test_a_restarted_over_its_persistent_disk_is_found_again_at_b(
     pair: Pair, tmp_path: Path
 ) -> None:
     a, b = pair.a, pair.b
-    old, latest = prompt(5), prompt(6)
-    complete(a, old)  # A's slab will keep only the end of it
+    old, filler, latest = prompt(5), prompt(8), prompt(6)
+    # The blocks of one prompt land on disk in whatever order A's copy workers finish
+    # them (a block's write can land after all the others'), and the disk tier evicts
+    # in that order: each prompt's blocks land before the next prompt starts, so the
+    # filler pushes every block of `old` off the slab and `latest` stays whole.
+    for text in (old, filler):
+        complete(a, text)
+        wait_until("A's blocks on disk", lambda: writes_landed(a))
     alone = complete(a, latest)
-    # Written through: every block A computed lands in cpu, then on disk.
-    wait_until(
-        "A's blocks on disk",
-        lambda: moved(a, "cpu_to_disk") == moved(a, "device_to_cpu") > 0,
-    )
+    wait_until("A's blocks on disk", lambda: writes_landed(a))
     keys_before = b.metric("kvflow:peer_directory_keys")
     assert keys_before > A_DISK_BLOCKS  # A computed more than its disk tier keeps
     assert a.terminate() == 0  # A stops; its slab stays
@@ -210,7 +218,7 @@ def test_a_restarted_over_its_persistent_disk_is_found_again_at_b(
     assert cached == peer_hits(b) - hits > 0
     assert pulled["usage"]["prompt_tokens"] - cached <= 4
     assert b.metric("kvflow:peer_pull_failures_total") == failures
-    # The start of `old` fell off A's slab: B has no hint of it, so no pull to fail.
+    # `old` fell off A's slab: B has no hint of it, so no pull to fail.
     recomputed = complete(b, old)
     assert recomputed["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert peer_hits(b) - hits == cached
@@ -226,10 +234,21 @@ def test_a_restarted_over_its_persistent_disk_is_found_again_at_b(
     )
 
 
+LONG_WORDS = 70
+"""Words of the prompts `a_computes` takes: more blocks than A's disk tier holds."""
+
+
 def a_computes(pair: Pair, text: str) -> dict[str, Any]:
-    """A computes `text` alone; returns its reply once B knows A's new blocks."""
+    """A computes `text` alone; returns its reply once B knows A's new blocks.
+
+    B counts A's keys: A's new blocks add theirs, and each of their writes through to
+    A's full disk tier evicts one, which B drops where A held it on disk alone (after a
+    restart over its slab, every key until one is loaded). `text` takes more blocks
+    than that tier holds, so the count rises whatever an earlier test left on A's slab
+    (a restart test failing before A loaded a prefix left B waiting here in vain)."""
     keys = pair.b.metric("kvflow:peer_directory_keys")
     alone = complete(pair.a, text)
+    assert alone["usage"]["prompt_tokens"] > A_DISK_BLOCKS * BLOCK_SIZE
     wait_until(
         "A's new blocks known at B", lambda: pair.b.metric("kvflow:peer_directory_keys") > keys
     )
@@ -245,12 +264,12 @@ def assert_recomputed(b: ServerProcess, reply: dict[str, Any], alone: dict[str, 
 
 def test_a_stalled_peer_leaves_b_recomputing_after_the_pull_timeout(pair: Pair) -> None:
     a, b = pair.a, pair.b
-    alone = a_computes(pair, prompt(2))
+    alone = a_computes(pair, prompt(2, LONG_WORDS))
     hits, failures = peer_hits(b), b.metric("kvflow:peer_pull_failures_total")
     os.kill(a.proc.pid, signal.SIGSTOP)  # A stalls: B's hints stay, its pull times out
     try:
         started = time.monotonic()
-        recomputed = complete(b, prompt(2), timeout_s=PULL_TIMEOUT_S + 30)
+        recomputed = complete(b, prompt(2, LONG_WORDS), timeout_s=PULL_TIMEOUT_S + 30)
         took = time.monotonic() - started
     finally:
         os.kill(a.proc.pid, signal.SIGCONT)
@@ -266,13 +285,13 @@ def test_a_stalled_peer_leaves_b_recomputing_after_the_pull_timeout(pair: Pair) 
 
 def test_a_peer_killed_mid_pull_leaves_b_recomputing(pair: Pair) -> None:
     a, b = pair.a, pair.b
-    alone = a_computes(pair, prompt(7))
+    alone = a_computes(pair, prompt(7, LONG_WORDS))
     hits, failures = peer_hits(b), b.metric("kvflow:peer_pull_failures_total")
     pulls = b.metric("kvflow:peer_pulls_total")
     replies: list[dict[str, Any]] = []
     os.kill(a.proc.pid, signal.SIGSTOP)  # holds B's pull in flight until the kill
     try:
-        asking = threading.Thread(target=lambda: replies.append(complete(b, prompt(7))))
+        asking = threading.Thread(target=lambda: replies.append(complete(b, prompt(7, LONG_WORDS))))
         asking.start()
         wait_until("B pulling from A", lambda: b.metric("kvflow:peer_pulls_total") > pulls)
     finally:
@@ -305,7 +324,7 @@ def test_a_restarted_empty_peer_attracts_nothing(
         wait_until("B up at A", lambda: restarted.metric("kvflow:peers_up") == 1)
         assert b.metric("kvflow:peer_directory_keys") == 0  # a new, empty incarnation
         hits = peer_hits(b)
-        complete(b, prompt(2))  # A computed it before it died: nothing to pull now
+        complete(b, prompt(2, LONG_WORDS))  # A computed it before it died: nothing to pull now
         assert peer_hits(b) == hits
         alone = complete(restarted, prompt(4))  # a warm restarted peer is found again
         wait_until("A's new blocks known at B", lambda: b.metric("kvflow:peer_directory_keys") > 0)
