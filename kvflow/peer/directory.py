@@ -152,8 +152,10 @@ class Directory(RemoteTier):
         """How many leading blocks of `keys` `peer` is believed to hold, in any tier.
 
         Found by bisection, a few lookups rather than one per block: keys are chained,
-        so a peer holding block p once computed blocks 0..p, and stores evict a
-        prefix's tail before its root (the entries are hints either way)."""
+        so a peer holding block p once computed blocks 0..p, and a device tier evicts a
+        prefix's tail before its root. A tier written through evicts in the order the
+        blocks landed there, root first, so a run with a hole can be over-counted (the
+        entries are hints either way)."""
         entries = self._peers.get(peer)
         if entries is None or not keys:
             return 0
