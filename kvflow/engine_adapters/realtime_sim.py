@@ -16,7 +16,6 @@ from kvflow.config import SimRunnerConfig
 from kvflow.engine_adapters.simulated import (
     LatencyModel,
     SimulatedRunner,
-    StepFeatures,
     latency_model_from_config,
 )
 from kvflow.request import RequestStatus
@@ -59,13 +58,7 @@ class RealTimeSimRunner(SimulatedRunner):
         `step_overhead_ms` and `seq_overhead_us`, are what the engine around it spends
         for real), then return the sampled tokens."""
         began = time.perf_counter()
-        latency = self.latency
-        if latency.is_linear:
-            duration = latency.step_time_s(
-                plan.num_prefill_tokens, plan.num_decode_tokens, plan.num_kv_tokens
-            )
-        else:
-            duration = latency.runner_time_s(StepFeatures.of(plan))
+        duration = self.step_time_s(plan, runner_only=True)
         sampled: list[int | None] = []
         for i, req in enumerate(plan.requests):
             # The scheduler appends the token at commit: this one is output number

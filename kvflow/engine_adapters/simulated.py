@@ -190,12 +190,19 @@ class SimulatedRunner(ModelRunner):
     def from_config(cls, config: SimRunnerConfig) -> SimulatedRunner:
         return cls(latency_model_from_config(config))
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def step_time_s(self, plan: StepPlan, *, runner_only: bool = False) -> float:
+        """The modelled time of `plan`'s step; with `runner_only`, the runner's share
+        (`LatencyModel.runner_time_s`)."""
         latency = self.latency
         if latency.is_linear:  # the common case needs only the plan's totals
-            duration = latency.step_time_s(
+            return latency.step_time_s(
                 plan.num_prefill_tokens, plan.num_decode_tokens, plan.num_kv_tokens
             )
-        else:
-            duration = latency.features_time_s(StepFeatures.of(plan))
+        features = StepFeatures.of(plan)
+        if runner_only:
+            return latency.runner_time_s(features)
+        return latency.features_time_s(features)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        duration = self.step_time_s(plan)
         return StepResult([self.filler_token_id] * len(plan.requests), duration)
