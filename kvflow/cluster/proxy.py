@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,13 +41,11 @@ from kvflow.cluster.proxy_routing import routing_request
 from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
 from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import Request
-from kvflow.serve.limits import HTTPGuard, HTTPLimits
+from kvflow.serve.limits import HTTPGuard, HTTPLimits, Receive, Send, error_body, reply
 
 logger = logging.getLogger("kvflow.router")
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 FORWARDED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 # Hop-by-hop headers are each side's own (a request's length too: the router sets it
@@ -79,21 +77,6 @@ class RouterOptions:
     limits: HTTPLimits = field(default_factory=HTTPLimits)
     """API key, body size and requests in flight the router takes; its key also goes
     with its own requests to the instances (a fleet shares one key)."""
-
-
-def error_body(status: int, message: str) -> bytes:
-    kind = "service_unavailable" if status == 503 else "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return json.dumps(body).encode()
-
-
-async def respond(
-    send: Send, status: int, body: bytes, media_type: bytes = b"application/json"
-) -> None:
-    """A whole response."""
-    headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class _Instance:
@@ -162,11 +145,15 @@ class RouterApp:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as err:
-            await respond(send, 400, error_body(400, f"the request body is not JSON: {err}"))
+            await reply(
+                send,
+                400,
+                error_body(f"the request body is not JSON: {err}", "invalid_request_error"),
+            )
             return
         if not isinstance(body, dict):
             message = f"the request body must be a JSON object, got {raw[:80]!r}"
-            await respond(send, 400, error_body(400, message))
+            await reply(send, 400, error_body(message, "invalid_request_error"))
             return
         path: str = scope["path"]
         routed = routing_request(path, body, self.codec)
@@ -180,7 +167,7 @@ class RouterApp:
             sent = await self.pd.send(body, routed, b"".join(head), raw, arrived)
         if isinstance(sent, str):
             self.metrics.unroutable.inc()
-            await respond(send, 503, error_body(503, sent))
+            await reply(send, 503, error_body(sent, "service_unavailable"))
             return
         ticket, target, response = sent
         await self._relay(response, ticket, target, receive, send)
@@ -309,14 +296,14 @@ class RouterApp:
                 continue
             with contextlib.suppress(httpx.HTTPError):
                 r = await self._http().get(f"{inst.url}/v1/models", timeout=5.0)
-                await respond(send, r.status_code, r.content)
+                await reply(send, r.status_code, r.content)
                 return
-        await respond(send, 503, error_body(503, "no instance is in the rotation"))
+        await reply(send, 503, error_body("no instance is in the rotation", "service_unavailable"))
 
     async def health(self, send: Send) -> None:
         status = {inst.url: inst.healthy for inst in self.fleet.instances}
         ok = any(inst.healthy for inst in self.fleet.serving)
-        await respond(send, 200 if ok else 503, json.dumps({"instances": status}).encode())
+        await reply(send, 200 if ok else 503, json.dumps({"instances": status}).encode())
 
     async def metrics_text(self, send: Send) -> None:
         peer_at = self.fleet.follower.peer_at
@@ -326,7 +313,7 @@ class RouterApp:
             held = 0 if peer_id is None else directory.num_held(peer_id)
             self.metrics.directory_keys.labels(inst.url).set(held)
         text = generate_latest(self.metrics.registry)
-        await respond(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
+        await reply(send, 200, text, media_type=b"text/plain; version=0.0.4; charset=utf-8")
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -359,7 +346,7 @@ class RouterASGI:
         if path in FORWARDED_PATHS and method == "POST":
             await state.forward(scope, receive, send)
         elif path in FORWARDED_PATHS or (path in _GETS and method != "GET"):
-            await respond(send, 405, b'{"detail":"Method Not Allowed"}')
+            await reply(send, 405, b'{"detail":"Method Not Allowed"}')
         elif path == "/health":
             await state.health(send)
         elif path == "/metrics":
@@ -367,7 +354,7 @@ class RouterASGI:
         elif path == "/v1/models":
             await state.models(send)
         else:
-            await respond(send, 404, b'{"detail":"Not Found"}')
+            await reply(send, 404, b'{"detail":"Not Found"}')
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()

@@ -52,20 +52,26 @@ class HTTPLimits:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
 
-def _error_body(message: str, kind: str, code: str) -> bytes:
+def error_body(message: str, kind: str, code: str | None = None) -> bytes:
+    """OpenAI's error shape: `{"error": {"message", "type": kind, "param", "code"}}`."""
     info = {"message": message, "type": kind, "param": None, "code": code}
     return json.dumps({"error": info}).encode()
 
 
-async def _reply(
-    send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+async def reply(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    media_type: bytes = b"application/json",
 ) -> None:
+    """A whole response: `body` with its type and length, and `headers`."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", media_type),
                 (b"content-length", str(len(body)).encode()),
                 *headers,
             ],
@@ -167,22 +173,22 @@ class HTTPGuard:
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
                 "with the key the server was started with (--api-key)"
             )
-            body = _error_body(message, "invalid_request_error", "invalid_api_key")
+            body = error_body(message, "invalid_request_error", "invalid_api_key")
             headers.append((b"www-authenticate", b"Bearer"))
         elif status == 413:
             message = (
                 f"the request body is larger than {limits.max_body_bytes} bytes, the most "
                 "this server takes (--max-body-bytes)"
             )
-            body = _error_body(message, "invalid_request_error", "request_too_large")
+            body = error_body(message, "invalid_request_error", "request_too_large")
         else:
             message = (
                 f"{self.num_in_flight} requests in flight, the most this server takes "
                 f"(--max-concurrent-requests {limits.max_concurrent_requests}); retry later"
             )
-            body = _error_body(message, "rate_limit_error", "too_many_requests")
+            body = error_body(message, "rate_limit_error", "too_many_requests")
             headers.append((b"retry-after", b"1"))
-        await _reply(send, status, body, headers)
+        await reply(send, status, body, headers)
 
 
-__all__ = ["API_KEY_ENV", "UNGUARDED_PATHS", "HTTPGuard", "HTTPLimits"]
+__all__ = ["API_KEY_ENV", "UNGUARDED_PATHS", "HTTPGuard", "HTTPLimits", "error_body", "reply"]
