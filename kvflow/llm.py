@@ -299,10 +299,7 @@ class LLM:
                 raise ValueError(f"prompt_token_ids[{i}]: {reason}")
         async with engine, anyio.create_task_group() as tg:
             for req in requests:
-                if text is None:
-                    tg.start_soon(self._collect, engine, req, results)
-                else:
-                    tg.start_soon(self._collect_text, engine, req, results, *text)
+                tg.start_soon(self._collect, engine, req, results, text)
         self.num_overlapped_steps += engine.num_overlapped_steps
         self.num_preemptions += engine.scheduler.stats.num_preemptions
         outputs = []
@@ -318,46 +315,17 @@ class LLM:
         engine: AsyncEngine,
         request: Request,
         results: dict[str, CompletionOutput | RequestFailedError],
+        text: tuple[TextCodec, Sequence[str]] | None = None,
     ) -> None:
-        tokens: list[int] = []
-        logprobs: list[TokenLogprobs] = []
-        last: RequestOutput | None = None
-        try:
-            async for out in engine.generate(request):
-                tokens.extend(out.new_token_ids)
-                if out.logprobs is not None:
-                    logprobs.extend(out.logprobs)
-                last = out
-        except RequestFailedError as err:  # raised once every prompt has ended
-            results[request.request_id] = err
-            return
-        assert last is not None  # a stream always ends with a final output
-        results[request.request_id] = CompletionOutput(
-            request_id=request.request_id,
-            token_ids=tokens,
-            finish_reason=last.finish_reason,
-            num_cached_tokens=last.num_cached_tokens,
-            ttft_s=last.ttft_s,
-            e2e_s=last.e2e_s,
-            logprobs=None if request.sampling.logprobs is None else logprobs,
-        )
-
-    @staticmethod
-    async def _collect_text(
-        engine: AsyncEngine,
-        request: Request,
-        results: dict[str, CompletionOutput | RequestFailedError],
-        codec: TextCodec,
-        stops: Sequence[str],
-    ) -> None:
-        """As `_collect`, with the text decoded as the server streams it: a stop string
-        ends the request (aborting the rest) and the text before it."""
-        text = OutputText(codec, stops)
+        """Run `request`, its output into `results`; with `text` (a codec and stop
+        strings), its text decoded as the server streams it: a stop string ends the
+        request (aborting the rest) and the text before it."""
+        decoder = None if text is None else OutputText(*text)
         parts: list[str] = []
         tokens: list[int] = []
         logprobs: list[TokenLogprobs] = []
         last: RequestOutput | None = None
-        reason: FinishReason | None = None
+        stopped = False
         outputs = engine.generate(request)
         try:
             async for out in outputs:
@@ -365,23 +333,22 @@ class LLM:
                 if out.logprobs is not None:
                     logprobs.extend(out.logprobs)
                 last = out
-                delta, finish = text.feed(out)
-                parts.append(delta)
-                if finish is not None:
-                    reason = FinishReason.STOP if finish == "stop" else out.finish_reason
-                    break
+                if decoder is not None:
+                    delta, finish = decoder.feed(out)
+                    parts.append(delta)
+                    if finish == "stop":
+                        stopped = True
+                        break
         except RequestFailedError as err:  # raised once every prompt has ended
             results[request.request_id] = err
             return
         finally:
-            aclose = getattr(outputs, "aclose", None)  # leaving early aborts the request
-            if aclose is not None:
-                await aclose()
+            await outputs.aclose()  # leaving early aborts the request
         assert last is not None  # a stream always ends with a final output
         results[request.request_id] = CompletionOutput(
             request_id=request.request_id,
             token_ids=tokens,
-            finish_reason=reason,
+            finish_reason=FinishReason.STOP if stopped else last.finish_reason,
             num_cached_tokens=last.num_cached_tokens,
             ttft_s=last.ttft_s,
             e2e_s=last.e2e_s,
