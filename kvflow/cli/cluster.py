@@ -180,7 +180,7 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
     ray = _ray_spec(args)
     settings = config_overrides(args)
     config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before starting
-    if "decode" in roles and config.kv.cpu.num_blocks == 0 and not config.kv.cpu.size_mib:
+    if "decode" in roles and config.kv.tier_blocks("cpu") == 0:
         raise CLIError(
             "--pd: decode instances pull handed-off KV into the cpu tier: set "
             "kv.cpu.num_blocks (e.g. --set kv.cpu.num_blocks=4096)"

@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise CLIError(f"--role {args.role} needs --engine torch or hf (sim holds no KV bytes)")
         peers = ()  # the role runs the peer service
     config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
-    if args.role == "decode" and config.kv.cpu.num_blocks == 0 and not config.kv.cpu.size_mib:
+    if args.role == "decode" and config.kv.tier_blocks("cpu") == 0:
         raise CLIError(
             "--role decode pulls handed-off KV into the cpu tier: set kv.cpu.num_blocks "
             "(e.g. --set kv.cpu.num_blocks=4096)"
