@@ -32,7 +32,8 @@ from kvflow.cli.options import (
 )
 
 if TYPE_CHECKING:
-    from kvflow.cluster.plan import FleetEvaluation, FleetSpec, SizePlan
+    from kvflow.cluster.plan import FleetEvaluation, FleetSpec
+    from kvflow.cluster.plan_search import Candidate, LoadPlan, PricedPlan, SizePlan
     from kvflow.cluster.prices import GpuPrice
     from kvflow.request import Request
 
@@ -58,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "the smallest number of colocated simulated instances whose fleet replay meets "
         "--attainment (the share of all requests meeting every SLO) by exponential search "
         "and bisection in parallel processes, and report GPUs, $/hour, $ per million "
-        "output tokens, goodput per dollar and what fails one instance below.",
+        "output tokens, goodput per dollar and what fails one instance below. With --pd "
+        "auto, also the smallest prefill/decode split P:D and its best ratio.",
     )
     add_trace_arguments(sp)
     plan = sp.add_argument_group("the plan")
@@ -89,6 +91,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     plan.add_argument("--policy", default="fcfs", metavar="P", help="policy (default: fcfs)")
     plan.add_argument(
         "--peers", choices=["on", "off"], default="off", help="peer pulls (default: off)"
+    )
+    plan.add_argument(
+        "--pd",
+        default="off",
+        metavar="auto|off|P:D",
+        help="prefill/decode disaggregation beside the colocated fleet: auto finds the "
+        "smallest total P+D meeting --attainment and its best split (every split of "
+        "each total searched: slower); P:D replays that split; off (default) plans "
+        "colocated fleets only",
     )
     plan.add_argument(
         "--jobs", "-j", type=int, metavar="J", help="worker processes (default: CPU count)"
@@ -143,19 +154,34 @@ def _gpu(args: argparse.Namespace) -> GpuPrice:
     return gpu
 
 
+def _pd_mode(text: str) -> str | tuple[int, int]:
+    """--pd: `auto`, `off`, or a fixed split (P, D)."""
+    from kvflow.cli.fleet import parse_pd
+
+    if text in ("auto", "off"):
+        return text
+    try:
+        return parse_pd(text)
+    except CLIError:
+        raise CLIError(
+            f"--pd: expected auto, off or P:D with P, D >= 1 (e.g. 1:3), got {text!r}"
+        ) from None
+
+
 def _plan_task(
-    shared: tuple[Sequence[Request], FleetSpec], item: tuple[float, int]
+    shared: tuple[Sequence[Request], FleetSpec], item: tuple[float, Candidate]
 ) -> FleetEvaluation:
     from kvflow.cluster.plan import evaluate_fleet, scaled
 
     requests, spec = shared
-    scale, n = item
-    return evaluate_fleet(scaled(requests, scale), spec, n, scale)
+    scale, fleet = item
+    return evaluate_fleet(scaled(requests, scale), spec, fleet.num_instances, scale, fleet.pd)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cluster import routers
-    from kvflow.cluster.plan import FleetSpec, fleet_cost, search_size
+    from kvflow.cluster.plan import FleetSpec
+    from kvflow.cluster.plan_search import LoadPlan, evaluate_split, priced, search_size
     from kvflow.config import KVFlowConfig
     from kvflow.engine_adapters.simulated import latency_model_from_config
     from kvflow.policies import make_policy
@@ -166,6 +192,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--max-instances must be >= 1, got {args.max_instances!r}")
     if args.jobs is not None and args.jobs < 1:
         raise CLIError(f"--jobs must be >= 1, got {args.jobs!r}")
+    pd = _pd_mode(args.pd)
+    if pd == "auto" and args.max_instances < 2:
+        raise CLIError(
+            f"--pd auto needs --max-instances >= 2 (P:D fleets have P, D >= 1), "
+            f"got {args.max_instances!r}"
+        )
     gpu = _gpu(args)
     overrides = config_overrides(args)
     for key in overrides:
@@ -187,17 +219,28 @@ def run(args: argparse.Namespace, console: Console) -> int:
     scales = sorted({s for group in args.rate_scales or [[1.0]] for s in group})
     jobs = args.jobs or os.cpu_count() or 1
     target = args.attainment
-    plans: list[SizePlan] = []
+    plans: list[tuple[SizePlan, SizePlan | None]] = []
     with ProcessRunner((requests, spec), jobs) as runner:
         for scale in scales:
             out.print(f"planning x{scale:g}: {len(requests)} requests, {jobs} job(s) ...")
 
-            def evaluate(sizes: Sequence[int], scale: float = scale) -> list[FleetEvaluation]:
-                return runner.map(_plan_task, [(scale, n) for n in sizes])
+            def evaluate(
+                fleets: Sequence[Candidate], scale: float = scale
+            ) -> list[FleetEvaluation]:
+                return runner.map(_plan_task, [(scale, fleet) for fleet in fleets])
 
-            plans.append(search_size(evaluate, scale, target, args.max_instances, jobs))
-    rows = [(p, None if p.meeting is None else fleet_cost(gpu, p.meeting)) for p in plans]
-    table = render_plan_table(rows, out.width)
+            colocated = search_size(evaluate, scale, target, args.max_instances, jobs)
+            split = None
+            if pd == "auto":  # from the colocated size: a split's answer is usually near
+                hint = max(2, colocated.num_instances or args.max_instances)
+                split = search_size(
+                    evaluate, scale, target, args.max_instances, jobs, pd=True, hint=hint
+                )
+            elif isinstance(pd, tuple):
+                split = evaluate_split(evaluate, scale, target, pd)
+            plans.append((colocated, split))
+    loads = [LoadPlan(priced(gpu, c), None if s is None else priced(gpu, s)) for c, s in plans]
+    table = render_plan_table(loads, out.width)
     table.title = (
         f"kvflow plan: {path.name}, {len(requests)} requests | {gpu.name} "
         f"(${gpu.price_per_gpu_hour:g}/GPU-hour, {gpu.gpus_per_instance} GPU/instance) | "
@@ -211,18 +254,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
             "sim",
             config,
             slo,
-            plan=_plan_json(rows, spec, gpu, target, args.max_instances),
+            plan=_plan_json(loads, spec, gpu, target, args.max_instances, pd),
         )
         write_json(doc, args.json)
-    return _verdict(plans, args.max_instances)
+    return _verdict(loads, args.max_instances)
 
 
 def _plan_json(
-    rows: Sequence[tuple[SizePlan, Any]],
+    loads: Sequence[LoadPlan],
     spec: FleetSpec,
     gpu: GpuPrice,
     target: float,
     max_instances: int,
+    pd: str | tuple[int, int],
 ) -> dict[str, Any]:
     return {
         "gpu": {
@@ -237,41 +281,75 @@ def _plan_json(
         "router": spec.router,
         "policy": spec.policy,
         "peers": spec.peers,
+        "pd_mode": pd if isinstance(pd, str) else f"{pd[0]}:{pd[1]}",
         "loads": [
             {
-                "rate_scale": plan.rate_scale,
-                "num_instances": plan.num_instances,
-                "cost": None if cost is None else cost.to_json(),
-                "at_n": None if plan.meeting is None else plan.meeting.to_json(),
-                "below": None if plan.below is None else plan.below.to_json(),
-                "monotone": plan.monotone,
-                "evaluations": [e.to_json() for e in plan.evaluations],
+                "rate_scale": load.colocated.plan.rate_scale,
+                **_answer_json(load.colocated),
+                "pd": None if load.split is None else _answer_json(load.split),
+                "cheaper": load.cheaper(),
             }
-            for plan, cost in rows
+            for load in loads
         ],
     }
 
 
-def _verdict(plans: Sequence[SizePlan], max_instances: int) -> int:
-    """Exit status 1, after one `kvflow: error:` line per load no fleet size met; a
-    warning where the evaluated sizes were not monotone."""
+def _answer_json(answer: PricedPlan) -> dict[str, Any]:
+    plan, cost = answer
+    doc: dict[str, Any] = {"num_instances": plan.num_instances}
+    if plan.pd:
+        split = None if plan.meeting is None else plan.meeting.pd
+        doc["split"] = None if split is None else list(split)
+        doc["fixed"] = plan.fixed
+    return {
+        **doc,
+        "cost": None if cost is None else cost.to_json(),
+        "at_n": None if plan.meeting is None else plan.meeting.to_json(),
+        "below": None if plan.below is None else plan.below.to_json(),
+        "monotone": plan.monotone,
+        "evaluations": [e.to_json() for e in plan.evaluations],
+    }
+
+
+def _split(e: FleetEvaluation) -> str:
+    return "-" if e.pd is None else f"{e.pd[0]}:{e.pd[1]}"
+
+
+def _verdict(loads: Sequence[LoadPlan], max_instances: int) -> int:
+    """Exit status 1, after one `kvflow: error:` line per load and kind of fleet where
+    no size met the target (or the fixed split missed it); a warning where the evaluated
+    sizes were not monotone."""
     failed = 0
-    for plan in plans:
-        if not plan.monotone:
-            print(
-                f"kvflow: warning: x{plan.rate_scale:g}: SLO attainment was not monotone in "
-                "the fleet sizes replayed; the answer is the smallest size meeting the "
-                "target above one that does not",
-                file=sys.stderr,
-            )
-        below = plan.below
-        if plan.num_instances is None and below is not None:
+    for load in loads:
+        for plan in (load.colocated.plan, None if load.split is None else load.split.plan):
+            if plan is None:
+                continue
+            scale = f"x{plan.rate_scale:g}" + (": P:D" if plan.pd else "")
+            if not plan.monotone:
+                warn(
+                    f"{scale}: SLO attainment was not monotone in the fleet sizes replayed; "
+                    "the answer is the smallest size meeting the target above one that does not"
+                )
+            below = plan.below
+            if plan.num_instances is not None or below is None:
+                continue
             failed += 1
-            print(
-                f"kvflow: error: x{plan.rate_scale:g}: SLO attainment {below.attainment:.1%} "
-                f"< {plan.target:.0%} even at --max-instances {max_instances} (most "
-                f"failures: {below.binding_constraint()}); raise --max-instances or relax "
-                "the SLOs",
-                file=sys.stderr,
-            )
+            missed = f"SLO attainment {below.attainment:.1%} < {plan.target:.0%}"
+            why = f"most failures: {below.binding_constraint()}"
+            if plan.fixed:
+                error(f"x{plan.rate_scale:g}: --pd {_split(below)}: {missed} ({why})")
+            else:
+                best = f"best split {_split(below)}; " if plan.pd else ""
+                error(
+                    f"{scale}: {missed} even at --max-instances {max_instances} ({best}{why}); "
+                    "raise --max-instances or relax the SLOs"
+                )
     return 1 if failed else 0
+
+
+def warn(message: str) -> None:
+    print(f"kvflow: warning: {message}", file=sys.stderr)
+
+
+def error(message: str) -> None:
+    print(f"kvflow: error: {message}", file=sys.stderr)

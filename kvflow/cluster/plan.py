@@ -1,24 +1,15 @@
-"""Capacity planning: the smallest colocated fleet that meets an SLO attainment target.
-
-For each load (the trace's arrivals compressed by a rate scale), the planner replays the
-trace through fleets of N simulated instances and searches N: first upward 1, 2, 4, ...
-until a fleet meets the target (or --max-instances fails), then bisection between the
-last failing and the first meeting size. Each round evaluates up to `jobs` sizes in
-parallel processes (a k-ary bisection; plain bisection with one job).
+"""Capacity planning: what one candidate fleet does at one load (its replay's SLO
+attainment and what failed which SLO) and what it costs. The search over fleet sizes is
+`kvflow.cluster.plan_search`.
 
 Attainment here is the share of *all* requests that met every SLO: a request the fleet
 rejected (it never fit in memory) counts as missed, unlike `RunReport.slo_attainment`
 (met / served), so a fleet too small to hold the requests cannot look good.
-
-Bisection assumes attainment does not fall as instances are added (more instances,
-less queueing). Routing makes that only nearly true, so the result records whether the
-sizes it evaluated agree (`monotone`); the answer N itself is always checked: N meets
-the target and N - 1 does not (both are replayed by the search).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,10 +26,11 @@ from kvflow.traces.shaping import time_scale
 
 @dataclass(frozen=True, slots=True)
 class FleetEvaluation:
-    """One fleet size replayed at one load."""
+    """One fleet replayed at one load."""
 
     rate_scale: float
     num_instances: int
+    """All instances (P + D when split)."""
     num_requests: int
     num_met: int
     num_ttft_missed: int
@@ -49,6 +41,8 @@ class FleetEvaluation:
     num_preemptions: int
     output_tokens_per_s: float
     goodput_rps: float
+    pd: tuple[int, int] | None = None
+    """(prefill, decode) instances when disaggregated; None: colocated."""
 
     @property
     def attainment(self) -> float:
@@ -69,6 +63,7 @@ class FleetEvaluation:
     def to_json(self) -> dict[str, Any]:
         return {
             "num_instances": self.num_instances,
+            "pd": None if self.pd is None else list(self.pd),
             "attainment": self.attainment,
             "num_requests": self.num_requests,
             "num_met": self.num_met,
@@ -93,10 +88,15 @@ class FleetSpec:
 
 
 def evaluate_fleet(
-    requests: Sequence[Request], spec: FleetSpec, num_instances: int, rate_scale: float = 1.0
+    requests: Sequence[Request],
+    spec: FleetSpec,
+    num_instances: int,
+    rate_scale: float = 1.0,
+    pd: tuple[int, int] | None = None,
 ) -> FleetEvaluation:
     """Replay `requests` (already at the load to plan for) on `num_instances` instances
-    of `spec.config` and count what met its SLOs and what failed which."""
+    of `spec.config` (split `pd` = (P, D), P + D = `num_instances`, when given) and count
+    what met its SLOs and what failed which."""
     configs = [spec.config] * num_instances
     result = replay_fleet(
         requests,
@@ -105,6 +105,7 @@ def evaluate_fleet(
         routers.create(spec.router, spec.config),
         peers=spec.peers,
         policy_name=spec.policy,
+        pd=pd,
     )
     report = summarize_fleet(result).report
     ttft = tpot = unserved = 0
@@ -133,101 +134,13 @@ def evaluate_fleet(
         num_preemptions=report.num_preemptions,
         output_tokens_per_s=report.throughput_tokens_per_s,
         goodput_rps=report.goodput_rps,
+        pd=pd,
     )
 
 
 def scaled(requests: Sequence[Request], rate_scale: float) -> list[Request]:
     """The trace's arrivals compressed by `rate_scale` (2: twice the offered rate)."""
     return time_scale(requests, 1.0 / rate_scale)
-
-
-@dataclass(frozen=True, slots=True)
-class SizePlan:
-    """The search's answer at one load."""
-
-    rate_scale: float
-    target: float
-    num_instances: int | None
-    """The smallest size meeting the target; None: not even `max_instances`."""
-    max_instances: int
-    evaluations: tuple[FleetEvaluation, ...]
-    """Every size evaluated, by size."""
-
-    def at(self, num_instances: int) -> FleetEvaluation | None:
-        return next((e for e in self.evaluations if e.num_instances == num_instances), None)
-
-    @property
-    def meeting(self) -> FleetEvaluation | None:
-        return None if self.num_instances is None else self.at(self.num_instances)
-
-    @property
-    def below(self) -> FleetEvaluation | None:
-        """The evaluation that shows the answer is the smallest: at N - 1 (None when N
-        is 1), or at `max_instances` when no size met the target."""
-        if self.num_instances is None:
-            return self.at(self.max_instances)
-        return self.at(self.num_instances - 1)
-
-    @property
-    def monotone(self) -> bool:
-        """Every evaluated size below the answer fails and every one from it meets."""
-        n = self.num_instances if self.num_instances is not None else self.max_instances + 1
-        return all(
-            (e.attainment >= self.target) == (e.num_instances >= n) for e in self.evaluations
-        )
-
-
-Evaluate = Callable[[Sequence[int]], list[FleetEvaluation]]
-
-
-def search_size(
-    evaluate: Evaluate, rate_scale: float, target: float, max_instances: int, jobs: int = 1
-) -> SizePlan:
-    """The smallest fleet size in 1..`max_instances` whose attainment is >= `target`.
-
-    Args:
-        evaluate: replays the given sizes (at this load) and returns their evaluations.
-        jobs: sizes evaluated per round.
-    """
-    if max_instances < 1 or jobs < 1:
-        raise ValueError(f"max_instances and jobs must be >= 1, got {max_instances}, {jobs}")
-    seen: dict[int, FleetEvaluation] = {}
-
-    def run(sizes: Sequence[int]) -> None:
-        for e in evaluate([n for n in sizes if n not in seen]):
-            seen[e.num_instances] = e
-
-    def meets(n: int) -> bool:
-        return seen[n].attainment >= target
-
-    ladder = []
-    n = 1
-    while n < max_instances:
-        ladder.append(n)
-        n *= 2
-    ladder.append(max_instances)
-    lo, hi = 0, None  # lo fails (0: no fleet at all), hi meets
-    for start in range(0, len(ladder), jobs):
-        batch = ladder[start : start + jobs]
-        run(batch)
-        hi = next((n for n in batch if meets(n)), None)
-        if hi is not None:
-            lo = max([lo, *(n for n in batch if n < hi)])
-            break
-        lo = batch[-1]
-    if hi is not None:
-        for _ in range(max_instances):  # each round narrows (lo, hi) by at least one
-            if hi - lo <= 1:
-                break
-            gap = hi - lo
-            k = min(jobs, gap - 1)
-            probes = sorted({lo + (gap * (i + 1)) // (k + 1) for i in range(k)} - {lo, hi})
-            run(probes)
-            meeting = [n for n in probes if meets(n)]
-            if meeting:
-                hi = meeting[0]
-            lo = max([lo, *(n for n in probes if n < hi)])
-    return SizePlan(rate_scale, target, hi, max_instances, tuple(seen[n] for n in sorted(seen)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,8 @@ from kvflow.traces.sweep import DEFAULT_ATTAINMENT_TARGET, SweepPoint
 from kvflow.traces.tenants import TenantReport
 
 if TYPE_CHECKING:
-    from kvflow.cluster.plan import FleetCost, SizePlan
+    from kvflow.cluster.plan import FleetCost
+    from kvflow.cluster.plan_search import LoadPlan, PricedPlan, SizePlan
 
 R = TypeVar("R")
 
@@ -255,7 +256,7 @@ def render_sweep_table(
 
 
 # -- a capacity plan ----------------------------------------------------------------------
-PlanRow = tuple["SizePlan", "FleetCost | None"]
+PlanRow = tuple["PricedPlan", "LoadPlan"]
 
 
 def _attainment(plan: SizePlan, below: bool) -> str:
@@ -267,23 +268,42 @@ def _money(value: float | None, digits: int = 2) -> str:
     return NO_FIGURE if value is None else f"{value:,.{digits}f}"
 
 
-def render_plan_table(rows: Sequence[PlanRow], width: int | None = None) -> Table:
-    """One row per load: the smallest fleet meeting the target, its cost, and what
-    fails one instance below it (at --max-instances when no size met the target)."""
+def _fleet(plan: SizePlan) -> str:
+    """`colocated`, or the split chosen (a fixed split's own when it missed)."""
+    if not plan.pd:
+        return "colocated"
+    shown = plan.at(plan.max_instances) if plan.fixed else plan.meeting
+    split = None if shown is None else shown.pd
+    return "P:D" if split is None else f"{split[0]}P:{split[1]}D"
+
+
+def _cheaper(row: PlanRow) -> str:
+    which = row[1].cheaper()
+    if which == "tie":
+        return "tie"
+    return "yes" if which == ("pd" if row[0].plan.pd else "colocated") else ""
+
+
+def render_plan_table(loads: Sequence[LoadPlan], width: int | None = None) -> Table:
+    """One row per load and kind of fleet (colocated; the P:D split when planned): the
+    smallest fleet meeting the target, its cost, and what fails one instance below it
+    (at --max-instances when no size met the target)."""
 
     def cost(row: PlanRow) -> FleetCost | None:
-        return row[1]
+        return row[0].cost
 
     def size(row: PlanRow) -> str:
-        plan = row[0]
+        plan = row[0].plan
         return f"> {plan.max_instances}" if plan.num_instances is None else str(plan.num_instances)
 
     def binding(row: PlanRow) -> str:
-        below = row[0].below
+        below = row[0].plan.below
         return NO_FIGURE if below is None else below.binding_constraint()
 
+    split = any(load.split is not None for load in loads)
     columns: list[_Column[PlanRow]] = [
-        _Column("rate\nscale", lambda r: f"x{r[0].rate_scale:g}", left=True),
+        _Column("rate\nscale", lambda r: f"x{r[0].plan.rate_scale:g}", left=True),
+        *([_Column("fleet", lambda r: _fleet(r[0].plan), left=True)] if split else []),
         _Column("instances", size),
         _Column("GPUs", lambda r: _money(None if (c := cost(r)) is None else c.num_gpus, 0)),
         _Column("$/hour", lambda r: _money(None if (c := cost(r)) is None else c.dollars_per_hour)),
@@ -293,15 +313,22 @@ def render_plan_table(rows: Sequence[PlanRow], width: int | None = None) -> Tabl
                 None if (c := cost(r)) is None else c.dollars_per_million_output_tokens, 3
             ),
         ),
+        *([_Column("cheaper\n$/M", _cheaper)] if split else []),
         _Column(
             "goodput\nreq/$",
             lambda r: _money(None if (c := cost(r)) is None else c.goodput_per_dollar, 0),
             keep=4,
         ),
-        _Column("SLO met\nat N", lambda r: _attainment(r[0], below=False)),
-        _Column("SLO met\nbelow", lambda r: _attainment(r[0], below=True), keep=3),
+        _Column("SLO met\nat N", lambda r: _attainment(r[0].plan, below=False)),
+        _Column("SLO met\nbelow", lambda r: _attainment(r[0].plan, below=True), keep=3),
         _Column("binding\nbelow", binding),
-        _Column("sizes\nreplayed", lambda r: str(len(r[0].evaluations)), keep=2),
-        _Column("monotone", lambda r: "yes" if r[0].monotone else "NO", keep=1),
+        _Column("fleets\nreplayed", lambda r: str(len(r[0].plan.evaluations)), keep=2),
+        _Column("monotone", lambda r: "yes" if r[0].plan.monotone else "NO", keep=1),
+    ]
+    rows = [
+        (answer, load)
+        for load in loads
+        for answer in (load.colocated, load.split)
+        if answer is not None
     ]
     return _fit_table("kvflow plan: the smallest fleet per load", columns, rows, width)
