@@ -156,7 +156,7 @@ def test_a_fixed_split_is_replayed_and_a_miss_fails_with_a_message(trace: Path) 
     out = trace.parent / "fixed.json"
     done = kvflow(
         "plan", str(trace), "--ttft-slo-ms", str(TTFT_MS), "--tpot-slo-ms", str(TPOT_MS),
-        "--rate-scale", "1,8", "--pd", "1:1", "--jobs", "1", "--json", str(out),
+        "--rate-scale", "1,8", "--pd", "1:1", "--jobs", "2", "--json", str(out),
         cwd=trace.parent,
     )  # fmt: skip
     assert done.returncode == 1
