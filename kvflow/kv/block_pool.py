@@ -388,6 +388,24 @@ class BlockPool:
             if num_keyed:
                 self._push_lru(idle[keyed])
 
+    def order_tail_first(self, block_ids: BlockIds) -> None:
+        """Line up these blocks (distinct, in chain order: root first) to be evicted tail
+        first, in the places in the LRU they hold now: the chain keeps its places (how
+        recently it was used), its last block takes the oldest and its root the newest.
+        For blocks that entered the LRU one at a time, root first (a lower tier's copies
+        landing). Blocks that are referenced or not cached keep out of it."""
+        if len(block_ids) < 2:
+            return
+        ids = _ids(block_ids)
+        places = self._lru_pos[ids]
+        evictable = places >= 0
+        if np.count_nonzero(evictable) < 2:
+            return
+        ids = ids[evictable][::-1]
+        places = np.sort(places[evictable])
+        self._lru[places] = ids
+        self._lru_pos[ids] = places
+
     def forget(self, block_ids: Iterable[int]) -> None:
         """Drop these referenced blocks' keys from the index (their contents are bad);
         each returns to the free list, not the LRU, when released."""

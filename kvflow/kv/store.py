@@ -11,10 +11,11 @@ are neither indexed nor reusable, so a block is never read before its copy ends.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast
 
 from kvflow.config import ConfigError, KVConfig
 from kvflow.kv.block_pool import BlockPool, IntegrityError, KeyListener
@@ -141,6 +142,9 @@ class KVStore:
         }
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
+        self._unordered: list[tuple[list[int], list[int]]] = []
+        """Released chains (keys, root first) whose copies down had not all landed, with
+        the keys still in flight: lined up tail first below device once they land."""
         self._listeners: list[BlockListener] = []
         self._key_listeners: list[dict[TierName, KeyListener]] = []
         self._pull_engine: CopyEngine | None = None
@@ -430,16 +434,43 @@ class KVStore:
 
     # -- moving blocks down -------------------------------------------------------------
     def release_device(self, block_ids: Sequence[int], now: float, *, keep: bool) -> None:
-        """Drop a request's references. With `keep`, blocks that go cold are copied down
-        to cpu (write_back; write_through_selective copies only hot blocks, and
-        write_through copied them already)."""
+        """Drop a request's references (its blocks in chain order, root first). With
+        `keep`, blocks that go cold are copied down to cpu (write_back;
+        write_through_selective copies only hot blocks, and write_through copied them
+        already), and the chain's blocks in the lower tiers are lined up to be evicted
+        tail first, as the device's are, once its copies down have landed."""
         pool = self.device
         pool.release(block_ids)
-        if not keep or self.cpu is None or self.write_through:
+        if not keep or self.cpu is None:
             return
-        cold = pool.evictable_among(block_ids, self._threshold if self.selective else 0)
-        if cold:
-            self._copy_down("device_to_cpu", cold, now)
+        if not self.write_through:
+            cold = pool.evictable_among(block_ids, self._threshold if self.selective else 0)
+            if cold:
+                self._copy_down("device_to_cpu", cold, now)
+        keys = list(map(pool.block_keys.__getitem__, block_ids))
+        with contextlib.suppress(ValueError):  # the chain ends at its first unsealed block
+            del keys[keys.index(None) :]
+        chain = cast("list[int]", keys)
+        self._order_below(chain, chain)
+
+    def _order_below(self, chain: list[int], waiting: list[int]) -> None:
+        """Line `chain` (keys, root first) up in cpu and disk to be evicted from its tail
+        toward its root, as the device releases it (`BlockPool.order_tail_first`: in the
+        LRU places its blocks hold, so how recently they were used is unchanged). Its
+        blocks entered those tiers one copy at a time, root first: write_through copies
+        each block as it is sealed, a later turn's new blocks land after the earlier
+        turn's, and a cpu block goes back in line when its copy to disk lands. While any
+        of `waiting` (its keys that may be in flight) is still being copied down, the
+        chain waits for a later `poll`."""
+        cpu_inflight, disk_inflight = self._inflight_keys["cpu"], self._inflight_keys["disk"]
+        if cpu_inflight or disk_inflight:
+            waiting = [k for k in waiting if k in cpu_inflight or k in disk_inflight]
+            if waiting:
+                self._unordered.append((chain, waiting))
+                return
+        for tier in (self.cpu, self.disk):
+            if tier is not None:
+                tier.order_tail_first([s for s in map(tier._cached.get, chain) if s is not None])
 
     def on_sealed(self, block_id: int, now: float) -> None:
         """A device block was just computed and indexed (write_through copies it now)."""
@@ -506,6 +537,10 @@ class KVStore:
             done += self._pull_engine.completed(now)
         for t, ok in done:
             self._finish(t, ok, now)
+        if done and self._unordered:
+            unordered, self._unordered = self._unordered, []
+            for chain, waiting in unordered:
+                self._order_below(chain, waiting)
         return done
 
     def _finish(self, t: Transfer, ok: list[bool], now: float) -> None:

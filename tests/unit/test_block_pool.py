@@ -93,6 +93,16 @@ class ModelPool:
         for b in block_ids:
             self._drop_key(b)
 
+    def order_tail_first(self, block_ids: Sequence[int]) -> None:
+        """The chain's evictable blocks trade places in the LRU: the last one takes the
+        oldest place, the first one the newest."""
+        order = list(self.lru)
+        chain = [b for b in block_ids if b in self.lru]
+        places = sorted(order.index(b) for b in chain)
+        for place, b in zip(places, reversed(chain), strict=True):
+            order[place] = b
+        self.lru = OrderedDict.fromkeys(order)
+
     def reset_prefix_cache(self) -> int:
         dropped = list(self.lru)
         self.lru.clear()
@@ -247,6 +257,15 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.model.forget(block_ids)
 
     @precondition(lambda self: self.model.lru)
+    @rule(data=st.data())
+    def order_tail_first(self, data: st.DataObject) -> None:
+        """Line up a "chain": any distinct blocks in any order, held, free or evictable."""
+        shuffled = data.draw(st.permutations(range(self.model.num_blocks)), label="blocks")
+        chain = in_order_subset(data, shuffled)
+        self.pool.order_tail_first(chain)
+        self.model.order_tail_first(chain)
+
+    @precondition(lambda self: self.model.lru)
     @rule()
     def reset_prefix_cache(self) -> None:
         assert self.pool.reset_prefix_cache() == self.model.reset_prefix_cache()
@@ -362,6 +381,33 @@ def test_release_puts_a_requests_tail_first_in_line_for_eviction() -> None:
     assert pool.allocate(1) == [a]
     assert pool.num_evictions == 3
     assert pool.num_cached_blocks == 0
+
+
+def test_order_tail_first_lines_a_chain_up_tail_first_in_its_own_places() -> None:
+    """A chain whose blocks entered the LRU one at a time, root first (copies landing
+    in a lower tier), with another block between them."""
+    pool = BlockPool(4)
+    a, x, b, c = cached_blocks(pool, [10, 90, 11, 12])
+    for block in (a, x, b, c):
+        pool.release([block])  # LRU: a, x, b, c
+
+    pool.order_tail_first([a, b, c])  # LRU: c, x, b, a
+
+    assert [pool.allocate(1)[0] for _ in range(4)] == [c, x, b, a]
+
+
+def test_order_tail_first_leaves_held_and_uncached_blocks_out() -> None:
+    pool = BlockPool(4)
+    a, b, c = cached_blocks(pool, [10, 11, 12])
+    (unkeyed,) = pool.allocate(1)
+    for block in (a, b, c):
+        pool.release([block])  # LRU: a, b, c
+    pool.touch([b])
+
+    pool.order_tail_first([a, b, c, unkeyed])  # LRU: c, a
+
+    assert pool.allocate(2) == [c, a]
+    assert pool.lookup(11) == b and pool.num_free_blocks == 0
 
 
 def test_a_touched_then_released_block_goes_to_the_back_of_the_lru() -> None:
