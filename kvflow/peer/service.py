@@ -56,7 +56,7 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, send_error, server_handshake
 from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
-from kvflow.peer.wire import PeerClosedError, Wire
+from kvflow.peer.wire import Outgoing, PeerClosedError, Wire
 
 digest = xxhash.xxh3_64_intdigest
 SEND_PART_BYTES = 1 << 20
@@ -251,8 +251,7 @@ class PeerService:
                     message = "this instance holds no block bytes (events only)"
                     tg.start_soon(_try_send_error, wire, header.request_id, message, True)
                     continue
-                conn.num_inflight += 1
-                tg.start_soon(self._serve_pull, conn, self._reader, header.request_id, payload)
+                self._on_pull(conn, tg, self._reader, header.request_id, payload)
             elif kind == FrameKind.RESYNC:
                 if header.payload_length:
                     raise FrameError("a RESYNC request carries no payload")
@@ -263,6 +262,72 @@ class PeerService:
                 raise FrameError(f"unexpected {kind.name} frame from a connected peer")
 
     # -- pulls -------------------------------------------------------------------------
+    def _on_pull(
+        self,
+        conn: _Connection,
+        tg: anyio.abc.TaskGroup,
+        reader: RunReader,
+        request_id: int,
+        payload: bytearray,
+    ) -> None:
+        """Serve a PULL at once, on this thread, when its blocks are in host memory and
+        the connection is free to send (the common case): no task, and no pins unless
+        the socket cannot take the whole reply now, when the run is pinned and the rest
+        is sent by a task. Anything else (a malformed or refused pull, blocks to read
+        from disk or a device, another frame being sent) is served by a task of its own
+        (`_serve_pull`)."""
+        try:
+            fingerprint, lease_id, keys = unpack_pull(payload)
+        except FrameError:
+            fingerprint = b""
+        if fingerprint == self.identity.fingerprint:
+            found = find_run(self.store, keys)
+            if reader.in_host_memory(found):
+                served: list[int] = []
+                parts = self._reply(reader, found, request_id, lease_id, served)
+                deadline = time.monotonic() + self.config.lease_ttl_s
+                try:
+                    rest = conn.wire.send_now(parts, deadline)
+                except anyio.WouldBlock:  # another frame is being sent: wait in a task
+                    pass
+                except Exception:  # as in `_serve_pull`: the stream is unusable, end it
+                    self._counts["closed_for_errors"] += 1
+                    conn.wire.shutdown()
+                    return
+                else:
+                    if rest is None:
+                        self._count_served(found, served[0])
+                        return
+                    pin(self.store, found)  # before anything else runs on this thread
+                    lease = (conn.connection_id, request_id)
+                    self._leases[lease] = deadline
+                    conn.num_inflight += 1
+                    tg.start_soon(self._finish_pull, conn, rest, found, served, lease, deadline)
+                    return
+        conn.num_inflight += 1
+        tg.start_soon(self._serve_pull, conn, reader, request_id, payload)
+
+    async def _finish_pull(
+        self,
+        conn: _Connection,
+        rest: Outgoing,
+        run: HeldRun,
+        served: list[int],
+        lease: tuple[int, int],
+        deadline: float,
+    ) -> None:
+        """Send the rest of a reply `_on_pull` began, then unpin its run."""
+        try:
+            await conn.wire.finish_send(rest, deadline)
+            self._count_served(run, served[0])
+        except Exception:  # as in `_serve_pull`
+            self._counts["closed_for_errors"] += 1
+            conn.wire.shutdown()
+        finally:
+            unpin(self.store, run)
+            self._leases.pop(lease, None)
+            conn.num_inflight -= 1
+
     async def _serve_pull(
         self, conn: _Connection, reader: RunReader, request_id: int, payload: bytearray
     ) -> None:
@@ -281,7 +346,7 @@ class PeerService:
                 raise FrameError(message)
             found = find_run(self.store, keys)
             served: list[int] = []
-            size = self.bytes_per_block
+            parts = self._reply(reader, found, request_id, lease_id, served)
 
             def pin_found() -> None:  # before anything else may run on this thread
                 nonlocal run
@@ -289,40 +354,14 @@ class PeerService:
                 run = found
                 self._leases[lease] = deadline
 
-            def parts() -> Iterator[Sequence[bytes | memoryview]]:
-                data = reader.read_run(found, hash_host=False)
-                n = len(data.views)
-                served.append(n)
-                payload_length = blocks_meta_size(n) + n * size
-                head: list[bytes | memoryview] = [
-                    pack_header(FrameKind.BLOCKS, request_id, payload_length),
-                    pack_blocks_head(lease_id, size, found.tiers[:n]),
-                ]
-                sums = data.checksums
-                part, part_bytes = head, 0
-                for i in range(n):
-                    if sums[i] is None:  # to hash: first send what is ready, if much
-                        if part_bytes >= SEND_PART_BYTES:
-                            yield part
-                            part, part_bytes = [], 0
-                        sums[i] = checksum = digest(data.views[i])
-                        reader.remember(found, i, checksum)
-                    part.append(data.views[i])
-                    part_bytes += size
-                yield [*part, pack_checksums(cast("list[int]", sums))]
-
             if reader.in_host_memory(found):
                 # On this thread: pinned only if the send has to wait (a reply that fits
                 # the socket's buffer is sent before anything else can touch the store).
-                await wire.send_parts(parts(), deadline, before_waiting=pin_found)
+                await wire.send_parts(parts, deadline, before_waiting=pin_found)
             else:
                 pin_found()
                 await wire.send_built(parts, deadline)  # read, hash and send: one thread
-            self._counts["pulls"] += 1
-            self._counts["blocks"] += served[0]
-            self._counts["bytes"] += served[0] * size
-            if self.on_served is not None:
-                self.on_served(found.keys[: served[0]])
+            self._count_served(found, served[0])
         except Exception:  # one failed pull ends its connection, nothing else
             # A transfer that failed half-way leaves the stream unusable: end it.
             self._counts["closed_for_errors"] += 1
@@ -332,6 +371,42 @@ class PeerService:
                 unpin(self.store, run)
             self._leases.pop(lease, None)
             conn.num_inflight -= 1
+
+    def _reply(
+        self, reader: RunReader, found: HeldRun, request_id: int, lease_id: int, served: list[int]
+    ) -> Iterator[Sequence[bytes | memoryview]]:
+        """The parts of the BLOCKS reply to a pull that found `found`, made as they are
+        taken: the run is read when the first is, each block still to hash is hashed
+        just before its part (blocks whose checksums are known go in one part); the
+        number of blocks read is appended to `served`."""
+        size = self.bytes_per_block
+        data = reader.read_run(found, hash_host=False)
+        n = len(data.views)
+        served.append(n)
+        payload_length = blocks_meta_size(n) + n * size
+        head: list[bytes | memoryview] = [
+            pack_header(FrameKind.BLOCKS, request_id, payload_length),
+            pack_blocks_head(lease_id, size, found.tiers[:n]),
+        ]
+        sums = data.checksums
+        part, part_bytes = head, 0
+        for i in range(n):
+            if sums[i] is None:  # to hash: first send what is ready, if much
+                if part_bytes >= SEND_PART_BYTES:
+                    yield part
+                    part, part_bytes = [], 0
+                sums[i] = checksum = digest(data.views[i])
+                reader.remember(found, i, checksum)
+            part.append(data.views[i])
+            part_bytes += size
+        yield [*part, pack_checksums(cast("list[int]", sums))]
+
+    def _count_served(self, found: HeldRun, num_blocks: int) -> None:
+        self._counts["pulls"] += 1
+        self._counts["blocks"] += num_blocks
+        self._counts["bytes"] += num_blocks * self.bytes_per_block
+        if self.on_served is not None:
+            self.on_served(found.keys[:num_blocks])
 
     # -- block events ------------------------------------------------------------------
     def _on_block_event(self, event: BlockEvent) -> None:

@@ -6,8 +6,9 @@ time the socket runs dry: while bytes flow, the next ones are awaited in a block
 and a 4 MiB transfer runs the socket dry dozens of times). After a pause that long,
 or after `SLICE_S` of holding the loop, the transfer waits through the loop
 (`anyio.wait_readable` / `wait_writable`), so other tasks run and a stalled peer holds
-the loop for at most one pause. Sends of one connection are serialised by a lock, so
-frames never interleave; one task reads. A frame whose parts need blocking work first
+the loop for at most one pause. A connection sends one frame at a time, so frames
+never interleave (`send_now` sends one at once, without the loop, when it can); one task
+reads. A frame whose parts need blocking work first
 (disk reads, device copies) is built and sent in a worker thread (`send_built`).
 """
 
@@ -18,7 +19,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import anyio
 import anyio.to_thread
@@ -49,6 +50,18 @@ def tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
 
 
+class Outgoing:
+    """A frame being sent: the parts not taken yet, and the unsent views of the one
+    being sent."""
+
+    __slots__ = ("parts", "poller", "views")
+
+    def __init__(self, parts: Iterable[Sequence[Buffer]]) -> None:
+        self.parts: Iterator[Sequence[Buffer]] = iter(parts)
+        self.views: list[memoryview] = []
+        self.poller: select.poll | None = None
+
+
 class Wire:
     """One connection's socket: header/payload reads, multi-buffer sends."""
 
@@ -56,7 +69,9 @@ class Wire:
         tune(sock)
         self.sock = sock
         self.max_payload_bytes = max_payload_bytes
-        self._send_lock = anyio.Lock()
+        self._send_turn = anyio.Semaphore(1)
+        """One frame is sent at a time (a semaphore, not a lock: a frame begun by one
+        task may be finished by another, see `send_now`)."""
         self.closed = False
 
     # -- reading ---------------------------------------------------------------------
@@ -144,84 +159,110 @@ class Wire:
         is sent (so work that makes a part, such as hashing it, overlaps with the
         other end receiving the parts before). `before_waiting()` is called once, just
         before the first time the send has to let the event loop run other tasks (the
-        send lock is held by another frame, the socket stays full): until then nothing
-        else has run on this thread (a pull's owner pins its blocks only then)."""
-        lock = self._send_lock
+        connection's turn to send is held by another frame, the socket stays full):
+        until then nothing else has run on this thread."""
+        turn = self._send_turn
         try:
-            lock.acquire_nowait()
+            turn.acquire_nowait()
         except anyio.WouldBlock:
             if before_waiting is not None:
                 before_waiting()
                 before_waiting = None
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                await lock.acquire()
+                await turn.acquire()
         try:
             if self.closed:
                 raise PeerClosedError("connection already closed")
-            for part in parts:
-                views = [memoryview(b).cast("B") for b in part]
-                before_waiting = await self._send_views(views, deadline, before_waiting)
+            await self._send_rest(Outgoing(parts), deadline, before_waiting)
         finally:
-            lock.release()
+            turn.release()
 
-    async def _send_views(
-        self,
-        views: list[memoryview],
-        deadline: float,
-        before_waiting: Callable[[], None] | None,
-    ) -> Callable[[], None] | None:
-        """Send `views`; returns `before_waiting`, or None once it was called."""
-        sock = self.sock
-        poller: select.poll | None = None
-        while views:
-            slice_end = min(deadline, time.monotonic() + SLICE_S)
-            while views:  # while the socket takes bytes, within the slice
-                try:
-                    num = sock.sendmsg(views[:_IOV_MAX])
-                except BlockingIOError:
-                    if poller is None:
-                        poller = select.poll()
-                        poller.register(sock, select.POLLOUT)
-                    if time.monotonic() >= slice_end or not poller.poll(FLOW_WAIT_MS):
-                        break
-                    continue
-                except OSError as err:
-                    raise PeerClosedError(f"connection lost: {err}") from None
-                _advance(views, num)
-            if views:
-                if before_waiting is not None:
-                    before_waiting()
-                    before_waiting = None
-                await _wait(anyio.wait_writable, sock, deadline, "a send")
-        return before_waiting
+    def send_now(self, parts: Iterable[Sequence[Buffer]], deadline: float) -> Outgoing | None:
+        """Send one frame made of `parts` at once, on this thread, without a trip through
+        the event loop: None once it is sent whole; its unsent rest if the socket stayed
+        full (for `FLOW_WAIT_MS`, or `SLICE_S` in all), which keeps the connection's turn
+        to send until `finish_send(rest)`. Raises `anyio.WouldBlock` (nothing sent)
+        while another frame is being sent."""
+        turn = self._send_turn
+        turn.acquire_nowait()
+        out = Outgoing(parts)
+        try:
+            if self.closed:
+                raise PeerClosedError("connection already closed")
+            if self._push(out, min(deadline, time.monotonic() + SLICE_S)):
+                turn.release()
+                return None
+        except BaseException:
+            turn.release()
+            raise
+        return out
 
-    async def send_built(
-        self, parts: Callable[[], Iterable[Sequence[Buffer]]], deadline: float
+    async def finish_send(self, rest: Outgoing, deadline: float) -> None:
+        """Send what `send_now` left, by the deadline; then others may send."""
+        try:
+            await self._send_rest(rest, deadline, None)
+        finally:
+            self._send_turn.release()
+
+    async def _send_rest(
+        self, out: Outgoing, deadline: float, before_waiting: Callable[[], None] | None
     ) -> None:
-        """Send one frame made of `parts()`, built lazily and sent part by part in one
+        while not self._push(out, min(deadline, time.monotonic() + SLICE_S)):
+            if before_waiting is not None:
+                before_waiting()
+                before_waiting = None
+            await _wait(anyio.wait_writable, self.sock, deadline, "a send")
+
+    def _push(self, out: Outgoing, slice_end: float) -> bool:
+        """Send what the socket takes until the frame is sent (True), or the socket
+        stays full for `FLOW_WAIT_MS` or past `slice_end` (False)."""
+        sock = self.sock
+        views = out.views
+        while True:
+            if not views:
+                part = next(out.parts, None)
+                if part is None:
+                    return True
+                views.extend(memoryview(b).cast("B") for b in part)
+                continue
+            try:
+                num = sock.sendmsg(views[:_IOV_MAX])
+            except BlockingIOError:
+                if out.poller is None:
+                    out.poller = select.poll()
+                    out.poller.register(sock, select.POLLOUT)
+                if time.monotonic() >= slice_end or not out.poller.poll(FLOW_WAIT_MS):
+                    return False
+                continue
+            except OSError as err:
+                raise PeerClosedError(f"connection lost: {err}") from None
+            _advance(views, num)
+
+    async def send_built(self, parts: Iterable[Sequence[Buffer]], deadline: float) -> None:
+        """Send one frame made of `parts`, taken (built) and sent part by part in one
         worker thread (for a frame whose building blocks too: disk reads, hashing, which
         then overlap with the transfer of the parts before)."""
 
         def build_and_send() -> None:
-            for part in parts():
+            for part in parts:
                 views = [memoryview(b).cast("B") for b in part]
                 send_views_blocking(self.sock, views, deadline)
 
-        async with self._locked(deadline):
+        async with self._turn_to_send(deadline):
             await anyio.to_thread.run_sync(build_and_send)
 
     @contextlib.asynccontextmanager
-    async def _locked(self, deadline: float) -> AsyncIterator[None]:
-        """The send lock, waited for no later than `deadline` (a frame queued behind a
-        stuck one must not hold its pins past its own lease)."""
+    async def _turn_to_send(self, deadline: float) -> AsyncIterator[None]:
+        """The connection's turn to send, waited for no later than `deadline` (a frame
+        queued behind a stuck one must not hold its pins past its own lease)."""
         with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-            await self._send_lock.acquire()
+            await self._send_turn.acquire()
         try:
             if self.closed:
                 raise PeerClosedError("connection already closed")
             yield
         finally:
-            self._send_lock.release()
+            self._send_turn.release()
 
     def shutdown(self) -> None:
         """End the connection both ways: blocked reads see EOF, blocked sends fail, so
