@@ -67,21 +67,20 @@ def pin_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
 def find_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
     """The leading run of `keys` that `store` holds now, each block from the fastest
     tier that holds it; a key it does not hold ends the run. Not pinned (see `pin`)."""
-    pools = _pools(store)
-    run_keys: list[int] = []
-    run_tiers: list[TierName] = []
-    run_slots: list[int] = []
+    lookups = [(tier, pool._cached.get) for tier, pool in _pools(store)]
+    found: list[tuple[int, TierName, int]] = []
     for key in keys:
-        for tier, pool in pools:
-            slot = pool.lookup(key)
+        for tier, lookup in lookups:
+            slot = lookup(key)
             if slot is not None:
-                run_keys.append(key)
-                run_tiers.append(tier)
-                run_slots.append(slot)
+                found.append((key, tier, slot))
                 break
         else:
             break
-    return HeldRun(tuple(run_keys), tuple(run_tiers), tuple(run_slots))
+    if not found:
+        return HeldRun((), (), ())
+    run_keys, run_tiers, run_slots = zip(*found, strict=True)
+    return HeldRun(run_keys, run_tiers, run_slots)
 
 
 def pin(store: KVStore, run: HeldRun) -> None:
@@ -146,16 +145,10 @@ class RunReader:
         if sums is not None:
             sums[slot] = (self.store._pool(tier).key_versions.item(slot), checksum)
 
-    def _remembered(self, tier: TierName, slot: int) -> int | None:
-        known = self._sums[tier].get(slot)
-        if known is None or known[0] != self.store._pool(tier).key_versions.item(slot):
-            return None
-        return known[1]
-
     def in_host_memory(self, run: HeldRun) -> bool:
         """Whether every block of the run is viewed in place (no disk read, no copy from
         a device), so reading it costs only hashing."""
-        return all(tier in self._host for tier in run.tiers)
+        return self._host.keys() >= set(run.tiers)
 
     def read_run(self, run: HeldRun, hash_host: bool = True) -> RunBytes:
         """The run's bytes and checksums; a disk block that fails its checksum (or a
@@ -180,11 +173,16 @@ class RunReader:
             slots = run.slots[i:j]
             host = self._host.get(tier)
             if host is not None:
+                remembered = self._sums[tier]
+                versions = self.store._pool(tier).key_versions
                 for s in slots:
                     view = host[s * size : (s + 1) * size]
                     views.append(view)
-                    known = self._remembered(tier, s)
-                    checksums.append(digest(view) if known is None else known)
+                    known = remembered.get(s)
+                    if known is not None and known[0] == versions.item(s):
+                        checksums.append(known[1])
+                    else:
+                        checksums.append(digest(view))
             elif tier == "disk":
                 num_good = self._read_disk(slots, views, checksums)
                 if num_good < len(slots):

@@ -1,12 +1,14 @@
 """Pulling blocks from a peer: connect, authenticate, and receive straight into slots.
 
 `connect_peer` opens an authenticated connection; `PeerClient.pull(keys, views)` asks for
-the blocks and `recv_into`s their bytes straight into the destination views (slots of
-the local cpu tier), verifying each block's xxh3 on arrival: the result is how many
-leading blocks landed intact. Pulls on one connection are pipelined. A peer that stalls
-past `peer.pull_timeout_s`, closes, or sends anything malformed fails every pending pull
-with `PeerDownError` and the client is down (`down_reason`); no byte is written into a
-destination after its pull has returned or raised.
+the blocks, and the connection's reader (`kvflow.peer.receiving`) `recv_into`s their
+bytes straight into the destination views (slots of the local cpu tier) as they arrive,
+hashing each block with xxh3 as soon as it lands: the result is how many leading blocks
+landed intact. Pulls on one connection are pipelined. A peer that stalls past
+`peer.pull_timeout_s` (noticed within an eighth more), closes, or sends anything
+malformed fails every pending pull with `PeerDownError` and the client is down
+(`down_reason`); no byte is written into a destination after its pull has returned or
+raised.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import anyio
 import anyio.abc
@@ -28,8 +31,10 @@ from kvflow.kv.store import KVStore
 from kvflow.peer.directory import Directory
 from kvflow.peer.frames import (
     BLOCKS_HEAD,
+    PULL_HEAD,
     FrameError,
     FrameKind,
+    Header,
     SeqFrame,
     pack_header,
     pack_pull,
@@ -41,6 +46,7 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, client_handshake
 from kvflow.peer.identity import PeerIdentity
+from kvflow.peer.receiving import FrameReceiver, serve_frames
 from kvflow.peer.wire import Wire
 
 digest = xxhash.xxh3_64_intdigest
@@ -61,19 +67,20 @@ class PeerRequestError(RuntimeError):
         self.code = code
 
 
-@dataclass(frozen=True, slots=True)
-class PullResult:
+class PullResult(NamedTuple):
     num_blocks: int
     """Leading blocks that landed with a good checksum (the rest are misses)."""
     tiers: tuple[str, ...]
     """Where the owner held each of them."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pull:
     views: Sequence[memoryview]
     deadline: float
     done: anyio.Event = field(default_factory=anyio.Event)
+    receiving: bool = False
+    """Its reply's blocks have begun to arrive."""
     result: PullResult | None = None
     error: Exception | None = None
 
@@ -93,6 +100,8 @@ class PeerClient:
         self._request_ids = itertools.cycle(range(1, 2**32))  # 0: the connection itself
         self._reader_done = anyio.Event()
         self._resync_asked = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        """The connection's tasks (the reader, the watchdog, resync requests)."""
 
     @property
     def is_down(self) -> bool:
@@ -108,35 +117,24 @@ class PeerClient:
             raise PeerDownError(self.down_reason)
         if not keys:
             return PullResult(0, ())
-        timeout = self.config.pull_timeout_s
         request_id = next(self._request_ids)
-        frame = pack_pull(self.peer.fingerprint, request_id, keys)
-        size = sum(len(part) for part in frame)
-        pull = _Pull(views, time.monotonic() + timeout)
+        pull = _Pull(views, time.monotonic() + self.config.pull_timeout_s)
         self._pending[request_id] = pull
         try:
-            await self.wire.send(
-                [pack_header(FrameKind.PULL, request_id, size), *frame], pull.deadline
-            )
-            with anyio.move_on_after(max(0.0, pull.deadline - time.monotonic())):
-                await pull.done.wait()
+            head = pack_header(FrameKind.PULL, request_id, PULL_HEAD.size + 8 * len(keys))
+            frame = [head, *pack_pull(self.peer.fingerprint, request_id, keys)]
+            await self.wire.send(frame, pull.deadline)
+            await pull.done.wait()  # set by the reader, or when the peer is marked down
         except OSError as err:
             self.mark_down(f"peer {self.peer.peer_id!r}: sending a pull failed: {err}")
         finally:
             del self._pending[request_id]
-            if not pull.done.is_set():
-                self.mark_down(
-                    f"peer {self.peer.peer_id!r} did not answer a pull of {len(keys)} blocks "
-                    f"within {timeout} s"
-                )
-                # Until the reader has stopped it may still write into `views`.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                    await self._reader_done.wait()
-                if pull.result is None and pull.error is None:
-                    pull.error = PeerDownError(self.down_reason)
+            if not pull.done.is_set():  # cancelled: the reader must not write into `views`
+                self.mark_down(f"peer {self.peer.peer_id!r}: a pull was given up")
         if pull.error is not None:
             raise pull.error
-        assert pull.result is not None
+        if pull.result is None:
+            raise PeerDownError(self.down_reason or "connection closed")
         return pull.result
 
     async def wait_closed(self) -> None:
@@ -172,36 +170,67 @@ class PeerClient:
             self.down_reason = reason
         self.wire.shutdown()
 
-    # -- the reader task -------------------------------------------------------------
+    # -- reading -----------------------------------------------------------------------
     async def _read_loop(self) -> None:
         try:
-            while True:
-                header = await self.wire.read_header()
-                kind = header.kind
-                if kind == FrameKind.BLOCKS:
-                    await self._read_blocks(header.request_id, header.payload_length)
-                elif kind == FrameKind.ERROR:
-                    payload = await self.wire.read_exact(header.payload_length)
-                    self._on_error(header.request_id, *unpack_error(payload))
-                elif kind in (FrameKind.EVENTS, FrameKind.RESYNC, FrameKind.HEARTBEAT):
-                    payload = await self.wire.read_exact(header.payload_length)
-                    frame = unpack_seq(payload, kind)
-                    if kind == FrameKind.RESYNC:
-                        self._resync_asked = False
-                    wants_resync = self.on_frame is not None and self.on_frame(kind, frame)
-                    if wants_resync and not self._resync_asked:
-                        await self.subscribe()
-                else:
-                    raise FrameError(f"unexpected {kind.name} frame from the peer")
+            await serve_frames(self.wire, self._receive)
         except Exception as err:  # whatever went wrong, this peer is down
             self.mark_down(f"peer {self.peer.peer_id!r}: {err}")
         finally:
-            reason = self.down_reason or "connection closed"
-            for pull in self._pending.values():
-                if not pull.done.is_set():
-                    pull.error = PeerDownError(reason)
-                    pull.done.set()
+            self._fail_pending()
             self._reader_done.set()
+
+    def _fail_pending(self) -> None:
+        reason = self.down_reason or "connection closed"
+        for pull in self._pending.values():
+            if not pull.done.is_set():
+                pull.error = PeerDownError(reason)
+                pull.done.set()
+
+    async def _watch(self) -> None:
+        """Mark the peer down once a pull has waited past its deadline (checked every
+        eighth of `pull_timeout_s`: a pull fails within 1.125 times the timeout)."""
+        timeout = self.config.pull_timeout_s
+        while True:
+            await anyio.sleep(timeout / 8)
+            for pull in self._pending.values():  # the oldest: the first to expire
+                if pull.deadline <= time.monotonic():
+                    stalled = " (stalled mid-transfer)" if pull.receiving else ""
+                    self.mark_down(
+                        f"peer {self.peer.peer_id!r} did not answer a pull of "
+                        f"{len(pull.views)} blocks within {timeout} s{stalled}"
+                    )
+                    self._fail_pending()
+                break
+
+    def _receive(self, header: Header) -> FrameReceiver:
+        """The receiver of a frame from the peer (see `kvflow.peer.receiving`)."""
+        kind = header.kind
+        if kind == FrameKind.BLOCKS:
+            return self._receive_blocks(header.request_id, header.payload_length)
+        if kind in (FrameKind.ERROR, FrameKind.EVENTS, FrameKind.RESYNC, FrameKind.HEARTBEAT):
+            return self._receive_control(kind, header.request_id, header.payload_length)
+        raise FrameError(f"unexpected {kind.name} frame from the peer")
+
+    def _receive_control(self, kind: FrameKind, request_id: int, length: int) -> FrameReceiver:
+        payload = bytearray(length)
+        yield [memoryview(payload)], None
+        if kind == FrameKind.ERROR:
+            self._on_error(request_id, *unpack_error(payload))
+            return
+        frame = unpack_seq(payload, kind)
+        if kind == FrameKind.RESYNC:
+            self._resync_asked = False
+        wants_resync = self.on_frame is not None and self.on_frame(kind, frame)
+        if wants_resync and not self._resync_asked and self._tg is not None:
+            self._resync_asked = True
+            self._tg.start_soon(self._resubscribe)
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self.subscribe()
+        except Exception as err:  # as any failure of the connection
+            self.mark_down(f"peer {self.peer.peer_id!r}: asking for a resync failed: {err}")
 
     def _on_error(self, request_id: int, code: int, message: str) -> None:
         pull = self._pending.get(request_id)
@@ -210,42 +239,36 @@ class PeerClient:
         pull.error = PeerRequestError(code, message)
         pull.done.set()
 
-    async def _read_blocks(self, request_id: int, payload_length: int) -> None:
+    def _receive_blocks(self, request_id: int, payload_length: int) -> FrameReceiver:
         pull = self._pending.get(request_id)
         if pull is None:
             raise FrameError(f"BLOCKS for request {request_id}, which is not pending")
-        wire = self.wire
-        head = unpack_blocks_head(await wire.read_exact(BLOCKS_HEAD.size), payload_length)
+        pull.receiving = True
+        fixed = memoryview(bytearray(BLOCKS_HEAD.size))
+        yield [fixed], None
+        head = unpack_blocks_head(fixed, payload_length)
         n = head.num_blocks
-        views = pull.views[:n]
         if n > len(pull.views):
             raise FrameError(f"BLOCKS has {n} blocks for a pull of {len(pull.views)}")
+        views = pull.views[:n]
         if n and head.bytes_per_block != len(views[0]):
             raise FrameError(
                 f"BLOCKS of {head.bytes_per_block} bytes per block, expected {len(views[0])}"
             )
-        tiers = unpack_tier_codes(await wire.read_exact(n))
+        codes = memoryview(bytearray(n))
         trailer = memoryview(bytearray(8 * n))
-        digests = [0] * n
-
-        def hash_block(i: int) -> None:  # as each block lands, while it is in cache
-            if i < n:
-                digests[i] = digest(views[i])
-
-        try:
-            await wire.recv_views([*views, trailer], pull.deadline, hash_block)
-        except TimeoutError:
-            raise TimeoutError(
-                f"did not answer a pull of {len(pull.views)} blocks within "
-                f"{self.config.pull_timeout_s} s (stalled mid-transfer)"
-            ) from None
-        num_good = _num_matching(digests, unpack_checksums(trailer, n))
+        digests: list[int] = []  # each buffer's, as soon as it lands (while it is in cache)
+        yield [codes, *views, trailer], digests
+        tiers = unpack_tier_codes(codes)
+        num_good = _num_matching(digests[1 : n + 1], unpack_checksums(trailer, n))
         pull.result = PullResult(num_good, tiers[:num_good])
         pull.done.set()
 
 
 def _num_matching(digests: Sequence[int], checksums: Sequence[int]) -> int:
     """The leading run of blocks whose digest matches the owner's checksum."""
+    if tuple(digests) == tuple(checksums):
+        return len(digests)
     for i, (got, expected) in enumerate(zip(digests, checksums, strict=True)):
         if got != expected:
             return i
@@ -302,7 +325,9 @@ async def connect_peer(
             raise PeerDownError(f"handshake with peer {host}:{port} failed: {err}") from None
         client = PeerClient(wire, me, peer, config)
         async with anyio.create_task_group() as tg:
+            client._tg = tg
             tg.start_soon(client._read_loop)
+            tg.start_soon(client._watch)
             try:
                 yield client
             finally:

@@ -8,7 +8,8 @@ Every frame is a 20-byte header in network byte order, then `payload_length` byt
     5      1    kind            FrameKind
     6      2    flags           0 (reserved; a set bit is an error)
     8      4    request_id      chosen by the requester, echoed by the reply
-    12     8    payload_length  checked against the receiver's limit before reading
+    12     8    payload_length  checked against the receiver's limit before any
+                                buffer is made for the payload
 
 Bulk data (a BLOCKS reply's block bytes) is never encoded: the sender hands the block
 buffers to `sendmsg` and the receiver `recv_into`s its destination slots; only the
@@ -23,7 +24,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -75,8 +76,7 @@ class FrameError(ValueError):
     """A malformed frame: the connection that sent it is closed, nothing else."""
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     kind: FrameKind
     request_id: int
     payload_length: int
@@ -95,10 +95,9 @@ def unpack_header(data: bytes | bytearray | memoryview, max_payload_bytes: int) 
         raise FrameError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != PROTOCOL_VERSION:
         raise FrameError(f"protocol version {version} not supported (this is {PROTOCOL_VERSION})")
-    try:
-        frame_kind = FrameKind(kind)
-    except ValueError:
-        raise FrameError(f"unknown frame kind {kind}") from None
+    frame_kind = _KINDS.get(kind)
+    if frame_kind is None:
+        raise FrameError(f"unknown frame kind {kind}")
     if flags:
         raise FrameError(f"reserved flags set: {flags:#06x}")
     limit = max_payload_bytes if frame_kind in _BULK_KINDS else MAX_CONTROL_BYTES
@@ -108,6 +107,7 @@ def unpack_header(data: bytes | bytearray | memoryview, max_payload_bytes: int) 
     return Header(frame_kind, request_id, length)
 
 
+_KINDS = {kind.value: kind for kind in FrameKind}
 _BULK_KINDS = frozenset({FrameKind.PULL, FrameKind.BLOCKS, FrameKind.EVENTS, FrameKind.RESYNC})
 
 
@@ -188,7 +188,7 @@ def blocks_meta_size(num_blocks: int) -> int:
 
 
 def pack_blocks_head(lease_id: int, bytes_per_block: int, tiers: Sequence[str]) -> bytes:
-    codes = bytes(TIER_CODES[t] for t in tiers)
+    codes = bytes(map(TIER_CODES.__getitem__, tiers))
     return BLOCKS_HEAD.pack(lease_id, len(tiers), bytes_per_block) + codes
 
 
@@ -200,14 +200,13 @@ def unpack_checksums(data: bytes | bytearray | memoryview, num_blocks: int) -> t
     return struct.unpack_from(f"!{num_blocks}Q", data)
 
 
-@dataclass(frozen=True, slots=True)
-class BlocksHead:
+class BlocksHead(NamedTuple):
     lease_id: int
     num_blocks: int
     bytes_per_block: int
 
 
-def unpack_blocks_head(data: bytes | bytearray, payload_length: int) -> BlocksHead:
+def unpack_blocks_head(data: bytes | bytearray | memoryview, payload_length: int) -> BlocksHead:
     """The fixed part of a BLOCKS payload, checked against the payload's length."""
     lease_id, num_blocks, bytes_per_block = BLOCKS_HEAD.unpack(data)
     expected = blocks_meta_size(num_blocks) + num_blocks * bytes_per_block
@@ -219,10 +218,10 @@ def unpack_blocks_head(data: bytes | bytearray, payload_length: int) -> BlocksHe
     return BlocksHead(lease_id, num_blocks, bytes_per_block)
 
 
-def unpack_tier_codes(data: bytes | bytearray) -> tuple[str, ...]:
-    if any(c >= len(TIER_NAMES) for c in data):
+def unpack_tier_codes(data: bytes | bytearray | memoryview) -> tuple[str, ...]:
+    if data and max(data) >= len(TIER_NAMES):
         raise FrameError(f"BLOCKS tier codes {list(data)[:8]} out of range")
-    return tuple(TIER_NAMES[c] for c in data)
+    return tuple(map(TIER_NAMES.__getitem__, data))
 
 
 # -- EVENTS / RESYNC / HEARTBEAT ---------------------------------------------------------

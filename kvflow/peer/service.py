@@ -1,14 +1,15 @@
 """The peer service: serves this instance's blocks to authenticated peers and tells
 subscribed peers which blocks it holds.
 
-One task per connection reads frames; each PULL runs as its own task, so requests on
+Each connection's frames are read as they arrive (`kvflow.peer.receiving`); requests on
 one connection are pipelined (replies carry the request id). A pull re-validates its
 keys against the store, pins the leading run it still holds under a lease, sends the
 blocks' bytes straight from the tier buffers, and unpins: every step that can block is
 bounded by the lease's deadline, so no pin outlives `peer.lease_ttl_s` even when the
-client vanishes. (A reply from host memory is pinned only once its send has to wait:
-until then nothing else runs on the store's thread.) Anything malformed closes that
-connection and nothing else.
+client vanishes. A pull of blocks in host memory is served at once by the reader when
+the connection is free to send, and pinned only if its send has to wait (until then
+nothing else runs on the store's thread); any other runs as a task of its own. Anything
+malformed closes that connection and nothing else.
 
 A store without block bytes (the simulated engine's) publishes its block events alone:
 its pulls are refused (UNAVAILABLE) and the connection stays up, so a router can follow
@@ -27,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Self, cast
 
@@ -40,11 +42,11 @@ from kvflow.config import PeerConfig
 from kvflow.kv.export import HeldRun, RunReader, find_run, held_keys, pin, unpin
 from kvflow.kv.store import BlockEvent, KVStore
 from kvflow.peer.frames import (
-    MAX_CONTROL_BYTES,
     PULL_HEAD,
     ErrorCode,
     FrameError,
     FrameKind,
+    Header,
     KeyRecord,
     SeqFrame,
     blocks_meta_size,
@@ -56,6 +58,7 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, send_error, server_handshake
 from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
+from kvflow.peer.receiving import FrameReceiver, serve_frames
 from kvflow.peer.wire import Outgoing, PeerClosedError, Wire
 
 digest = xxhash.xxh3_64_intdigest
@@ -213,7 +216,7 @@ class PeerService:
                 return
             async with anyio.create_task_group() as tg:
                 try:
-                    await self._read_loop(conn, tg)
+                    await serve_frames(conn.wire, partial(self._receive, conn, tg))
                 except Exception as err:  # whatever it was, it ends this connection only
                     if not isinstance(err, PeerClosedError):
                         self._counts["closed_for_errors"] += 1
@@ -230,36 +233,38 @@ class PeerService:
             del self._connections[conn.connection_id]
             conn.wire.close()
 
-    async def _read_loop(self, conn: _Connection, tg: anyio.abc.TaskGroup) -> None:
-        wire = conn.wire
-        max_pull_bytes = PULL_HEAD.size + 8 * self.max_blocks_per_pull
-        while True:
-            header = await wire.read_header()
-            kind = header.kind
-            if kind == FrameKind.PULL:
-                if header.payload_length > max_pull_bytes:
-                    raise FrameError(
-                        f"PULL of {header.payload_length} bytes asks for more than "
-                        f"{self.max_blocks_per_pull} blocks"
-                    )
-                payload = await wire.read_exact(header.payload_length)
-                if conn.num_inflight >= self.config.max_inflight_pulls:
-                    message = f"more than {self.config.max_inflight_pulls} pulls in flight"
-                    tg.start_soon(_try_send_error, wire, header.request_id, message)
-                    continue
-                if self._reader is None:
-                    message = "this instance holds no block bytes (events only)"
-                    tg.start_soon(_try_send_error, wire, header.request_id, message, True)
-                    continue
-                self._on_pull(conn, tg, self._reader, header.request_id, payload)
-            elif kind == FrameKind.RESYNC:
-                if header.payload_length:
-                    raise FrameError("a RESYNC request carries no payload")
-                self._subscribe(conn, tg)
-            elif kind == FrameKind.HEARTBEAT:
-                await wire.read_exact(min(header.payload_length, MAX_CONTROL_BYTES))
-            else:
-                raise FrameError(f"unexpected {kind.name} frame from a connected peer")
+    def _receive(self, conn: _Connection, tg: anyio.abc.TaskGroup, header: Header) -> FrameReceiver:
+        """The receiver of a frame from a connected peer (see `kvflow.peer.receiving`)."""
+        kind = header.kind
+        if kind == FrameKind.PULL:
+            if header.payload_length > PULL_HEAD.size + 8 * self.max_blocks_per_pull:
+                raise FrameError(
+                    f"PULL of {header.payload_length} bytes asks for more than "
+                    f"{self.max_blocks_per_pull} blocks"
+                )
+            return self._receive_pull(conn, tg, header.request_id, header.payload_length)
+        if kind == FrameKind.RESYNC:
+            if header.payload_length:
+                raise FrameError("a RESYNC request carries no payload")
+            self._subscribe(conn, tg)
+            return _nothing()
+        if kind == FrameKind.HEARTBEAT:
+            return _discard(header.payload_length)
+        raise FrameError(f"unexpected {kind.name} frame from a connected peer")
+
+    def _receive_pull(
+        self, conn: _Connection, tg: anyio.abc.TaskGroup, request_id: int, length: int
+    ) -> FrameReceiver:
+        payload = bytearray(length)
+        yield [memoryview(payload)], None
+        if conn.num_inflight >= self.config.max_inflight_pulls:
+            message = f"more than {self.config.max_inflight_pulls} pulls in flight"
+            tg.start_soon(_try_send_error, conn.wire, request_id, message)
+        elif self._reader is None:
+            message = "this instance holds no block bytes (events only)"
+            tg.start_soon(_try_send_error, conn.wire, request_id, message, True)
+        else:
+            self._on_pull(conn, tg, self._reader, request_id, payload)
 
     # -- pulls -------------------------------------------------------------------------
     def _on_pull(
@@ -496,6 +501,14 @@ class PeerService:
                 for conn in list(self._connections.values()):
                     self._queue(conn, beat)
             await anyio.sleep(self.config.event_interval_s)
+
+
+def _nothing() -> FrameReceiver:
+    yield from ()
+
+
+def _discard(length: int) -> FrameReceiver:
+    yield [memoryview(bytearray(length))], None
 
 
 async def _try_send_error(

@@ -1,15 +1,18 @@
 """Frames over a non-blocking TCP socket, without copying bulk bytes.
 
-Bulk transfers run on the event loop's thread, but do not go back to the loop each
-time the socket runs dry: while bytes flow, the next ones are awaited in a blocking
-`poll` of at most `FLOW_WAIT_MS` (a trip through the loop costs tens of microseconds,
-and a 4 MiB transfer runs the socket dry dozens of times). After a pause that long,
-or after `SLICE_S` of holding the loop, the transfer waits through the loop
-(`anyio.wait_readable` / `wait_writable`), so other tasks run and a stalled peer holds
-the loop for at most one pause. A connection sends one frame at a time, so frames
-never interleave (`send_now` sends one at once, without the loop, when it can); one task
-reads. A frame whose parts need blocking work first
-(disk reads, device copies) is built and sent in a worker thread (`send_built`).
+Sends: a connection sends one frame at a time, so frames never interleave; `send_now`
+sends one at once, on the loop's thread without a trip through the loop, when the
+socket takes it; what it cannot take waits through the loop. While bytes flow, a send
+waits for room in a blocking `poll` of at most `FLOW_WAIT_MS` (a trip through the loop
+costs tens of microseconds, and a 4 MiB transfer fills the socket dozens of times);
+after a pause that long, or after `SLICE_S` of holding the loop, it waits through the
+loop (`anyio.wait_writable`), so other tasks run and a stalled peer holds the loop for
+at most one pause. A frame whose parts need blocking work first (disk reads, device
+copies) is built and sent in a worker thread (`send_built`).
+
+Reads: the handshake reads with `read_header` / `read_exact`; from then on
+`kvflow.peer.receiving` reads the frames as they arrive, on from the same read-ahead
+buffer (`ReadAhead`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ SLICE_S = 0.005
 """The longest a transfer holds the event loop before letting other tasks run."""
 SOCKET_BUFFER_BYTES = 4 << 20
 """SO_SNDBUF / SO_RCVBUF of peer sockets (the benchmark's raw socket uses the same)."""
+READ_AHEAD_BYTES = 4096
+"""Bytes a read may take past the frame header it needs (see `ReadAhead`); bulk bytes
+past these go straight from the socket into their destination."""
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 
 Buffer = bytes | bytearray | memoryview
@@ -54,12 +60,66 @@ class Outgoing:
     """A frame being sent: the parts not taken yet, and the unsent views of the one
     being sent."""
 
-    __slots__ = ("parts", "poller", "views")
+    __slots__ = ("num_bytes", "parts", "poller", "views")
 
     def __init__(self, parts: Iterable[Sequence[Buffer]]) -> None:
         self.parts: Iterator[Sequence[Buffer]] = iter(parts)
-        self.views: list[memoryview] = []
+        self.views: list[Buffer] = []
+        self.num_bytes = 0
+        """Bytes of `views` still to send."""
         self.poller: select.poll | None = None
+
+
+class ReadAhead:
+    """Bytes read from a socket past what the reader asked for: a frame header is read
+    with up to `READ_AHEAD_BYTES` after it, so a small frame (a PULL, a reply's fixed
+    fields) takes one `recv`."""
+
+    __slots__ = ("buf", "end", "pos", "view")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(READ_AHEAD_BYTES)
+        self.view = memoryview(self.buf)
+        self.pos = self.end = 0
+        """The bytes read ahead are `buf[pos:end]`."""
+
+    def __len__(self) -> int:
+        return self.end - self.pos
+
+    def recv(self, sock: socket.socket) -> None:
+        """Read what the socket holds, up to the room left; raises BlockingIOError when
+        it holds nothing, `PeerClosedError` at its end."""
+        if self.pos == self.end:
+            self.pos = self.end = 0
+        elif self.pos > READ_AHEAD_BYTES // 2 or self.end == READ_AHEAD_BYTES:  # make room
+            left = self.end - self.pos
+            self.buf[:left] = self.view[self.pos : self.end]
+            self.pos, self.end = 0, left
+        try:
+            num = sock.recv_into(self.view[self.end :])
+        except BlockingIOError:
+            raise
+        except OSError as err:
+            raise PeerClosedError(f"connection lost: {err}") from None
+        if num == 0:
+            raise PeerClosedError("connection closed by the other end")
+        self.end += num
+
+    def header(self, max_payload_bytes: int) -> Header:
+        """Take the header read ahead (`len(self) >= HEADER_SIZE`), checked."""
+        pos = self.pos
+        header = unpack_header(self.view[pos : pos + HEADER_SIZE], max_payload_bytes)
+        self.pos = pos + HEADER_SIZE
+        return header
+
+    def take(self, view: memoryview) -> int:
+        """Copy into `view` what was read ahead (as much as fits); how many bytes."""
+        pos = self.pos
+        num = min(len(view), self.end - pos)
+        if num:
+            view[:num] = self.view[pos : pos + num]
+            self.pos = pos + num
+        return num
 
 
 class Wire:
@@ -69,6 +129,8 @@ class Wire:
         tune(sock)
         self.sock = sock
         self.max_payload_bytes = max_payload_bytes
+        self.incoming = ReadAhead()
+        """Bytes read past the frame being read (`kvflow.peer.receiving` reads on)."""
         self._send_turn = anyio.Semaphore(1)
         """One frame is sent at a time (a semaphore, not a lock: a frame begun by one
         task may be finished by another, see `send_now`)."""
@@ -78,9 +140,11 @@ class Wire:
     async def read_header(self, max_payload_bytes: int | None = None) -> Header:
         """The next frame's header, its length checked against `max_payload_bytes`
         (default: the connection's limit) before anything of the payload is read."""
-        data = await self.read_exact(HEADER_SIZE)
+        incoming = self.incoming
+        while len(incoming) < HEADER_SIZE:
+            await self._recv_ahead()
         limit = self.max_payload_bytes if max_payload_bytes is None else max_payload_bytes
-        return unpack_header(data, limit)
+        return incoming.header(limit)
 
     async def read_exact(self, num_bytes: int) -> bytearray:
         """`num_bytes` (already checked against a limit by the caller)."""
@@ -90,14 +154,12 @@ class Wire:
 
     async def recv_into(self, view: memoryview) -> None:
         """Fill `view` (a small read: headers, control payloads)."""
-        sock = self.sock
-        got = 0
-        n = len(view)
-        while got < n:
+        got = self.incoming.take(view)
+        while got < len(view):
             try:
-                num = sock.recv_into(view[got:])
+                num = self.sock.recv_into(view[got:])
             except BlockingIOError:
-                await anyio.wait_readable(sock)
+                await anyio.wait_readable(self.sock)
                 continue
             except OSError as err:
                 raise PeerClosedError(f"connection lost: {err}") from None
@@ -105,49 +167,24 @@ class Wire:
                 raise PeerClosedError("connection closed by the other end")
             got += num
 
-    async def recv_views(
-        self,
-        views: Sequence[memoryview],
-        deadline: float,
-        on_view: Callable[[int], None] | None = None,
-    ) -> None:
-        """Fill each of `views` in turn by `deadline` (else TimeoutError); `on_view(i)`
-        is called as soon as view `i` is full (to hash it while it is in cache)."""
-        sock = self.sock
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        i, got, n = 0, 0, len(views)
-        while i < n:
-            slice_end = min(deadline, time.monotonic() + SLICE_S)
-            while i < n:  # while bytes flow, within the slice
-                view = views[i]
-                if got == len(view):  # (an empty view)
-                    if on_view is not None:
-                        on_view(i)
-                    i += 1
-                    continue
-                try:
-                    num = sock.recv_into(view[got:] if got else view)
-                except BlockingIOError:
-                    if time.monotonic() >= slice_end or not poller.poll(FLOW_WAIT_MS):
-                        break
-                    continue
-                except OSError as err:
-                    raise PeerClosedError(f"connection lost: {err}") from None
-                if num == 0:
-                    raise PeerClosedError("connection closed by the other end")
-                got += num
-                if got == len(view):
-                    if on_view is not None:
-                        on_view(i)
-                    i, got = i + 1, 0
-            if i < n:
-                await _wait(anyio.wait_readable, sock, deadline, "a receive")
+    async def _recv_ahead(self) -> None:
+        while True:
+            try:
+                self.incoming.recv(self.sock)
+                return
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
 
     # -- writing ---------------------------------------------------------------------
     async def send(self, buffers: Sequence[Buffer], deadline: float) -> None:
         """Send the buffers as one contiguous byte stream (one frame), by the deadline."""
-        await self.send_parts([buffers], deadline)
+        try:
+            rest = self.send_now([buffers], deadline)
+        except anyio.WouldBlock:
+            await self.send_parts([buffers], deadline)
+        else:
+            if rest is not None:
+                await self.finish_send(rest, deadline)
 
     async def send_parts(
         self,
@@ -223,10 +260,11 @@ class Wire:
                 part = next(out.parts, None)
                 if part is None:
                     return True
-                views.extend(memoryview(b).cast("B") for b in part)
+                views.extend(part)
+                out.num_bytes = sum(map(len, views))
                 continue
             try:
-                num = sock.sendmsg(views[:_IOV_MAX])
+                num = sock.sendmsg(views if len(views) <= _IOV_MAX else views[:_IOV_MAX])
             except BlockingIOError:
                 if out.poller is None:
                     out.poller = select.poll()
@@ -236,7 +274,11 @@ class Wire:
                 continue
             except OSError as err:
                 raise PeerClosedError(f"connection lost: {err}") from None
-            _advance(views, num)
+            out.num_bytes -= num
+            if out.num_bytes:
+                _advance(views, num)
+            else:
+                views.clear()
 
     async def send_built(self, parts: Iterable[Sequence[Buffer]], deadline: float) -> None:
         """Send one frame made of `parts`, taken (built) and sent part by part in one
@@ -245,7 +287,7 @@ class Wire:
 
         def build_and_send() -> None:
             for part in parts:
-                views = [memoryview(b).cast("B") for b in part]
+                views: list[Buffer] = [memoryview(b).cast("B") for b in part]
                 send_views_blocking(self.sock, views, deadline)
 
         async with self._turn_to_send(deadline):
@@ -277,18 +319,17 @@ class Wire:
         self.sock.close()
 
 
-def _advance(views: list[memoryview], num_bytes: int) -> None:
+def _advance(views: list[Buffer], num_bytes: int) -> None:
     """Drop `num_bytes` sent bytes from the front of `views`."""
-    while num_bytes:
-        head = views[0]
-        if num_bytes >= len(head):
-            num_bytes -= len(head)
-            views.pop(0)
-        else:
-            views[0] = head[num_bytes:]
-            num_bytes = 0
+    k = 0
+    while num_bytes and num_bytes >= len(views[k]):
+        num_bytes -= len(views[k])
+        k += 1
+    del views[:k]
+    if num_bytes:
+        views[0] = memoryview(views[0])[num_bytes:]
     while views and not len(views[0]):
-        views.pop(0)
+        del views[0]
 
 
 async def _wait(
@@ -314,7 +355,7 @@ def _wait_blocking(poller: select.poll, deadline: float, what: str) -> None:
     poller.poll(remaining * 1000)
 
 
-def send_views_blocking(sock: socket.socket, views: list[memoryview], deadline: float) -> None:
+def send_views_blocking(sock: socket.socket, views: list[Buffer], deadline: float) -> None:
     """`sendmsg` the views in order, waiting with poll (the socket is non-blocking)."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
