@@ -20,12 +20,16 @@ The owner (its store, peer service, and the raw baseline's sender, which answers
 this one, as two instances would: in one process the two ends' threads fight for one
 GIL, and a sender thread that drops and retakes it between sends starves the other.
 
-    python benchmarks/p2p_bandwidth.py [--repeat 7] [--pulls 1000]
+Both ends run their event loop as `kvflow serve` does: uvloop when it is installed
+(`--loop asyncio` for the standard loop).
+
+    python benchmarks/p2p_bandwidth.py [--repeat 7] [--pulls 1000] [--loop uvloop|asyncio]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import socket
 import statistics
@@ -34,7 +38,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -134,12 +140,14 @@ def run(args: argparse.Namespace) -> None:
         b = make_store(Path(tmp), "b", max(sizes) * 4)
         keys = list(range(1, max(sizes) * MIB // b.bytes_per_block + 1))
         child = subprocess.Popen(
-            [sys.executable, __file__, "--owner", str(len(keys))], stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--owner", str(len(keys)), "--loop", args.loop],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert child.stdout is not None
             ports = json.loads(child.stdout.readline())
-            anyio.run(measure, args, sizes, b, keys, ports)
+            run_loop(measure, args.loop, args, sizes, b, keys, ports)
         finally:
             child.kill()
             child.wait()
@@ -185,6 +193,7 @@ async def measure(
                         "raw_ms_median": round(statistics.median(raw_times) * 1e3, 3),
                         "peer_ms_first": round(peer_times[0] * 1e3, 3),
                         "repeat": args.repeat,
+                        "loop": args.loop,
                     }
                 ),
                 flush=True,
@@ -251,15 +260,25 @@ def print_model(measured: dict[int, float]) -> None:
         )
 
 
+def run_loop(fn: Callable[..., Awaitable[None]], loop: str, *args: Any) -> None:
+    anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": loop == "uvloop"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--pulls", type=int, default=1000, help="one-block pulls timed")
     parser.add_argument("--sizes-mib", default="1,4,16,64")
+    parser.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        help="both ends' event loop (default: uvloop when installed, as kvflow serve runs)",
+    )
     parser.add_argument("--owner", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.owner:
-        anyio.run(owner, args)
+        run_loop(owner, args.loop, args)
     else:
         run(args)
 
