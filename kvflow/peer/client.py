@@ -5,10 +5,9 @@ the blocks, and the connection's reader (`kvflow.peer.receiving`) `recv_into`s t
 bytes straight into the destination views (slots of the local cpu tier) as they arrive,
 hashing each block with xxh3 as soon as it lands: the result is how many leading blocks
 landed intact. Pulls on one connection are pipelined. A peer that stalls past
-`peer.pull_timeout_s` (noticed within an eighth more), closes, or sends anything
-malformed fails every pending pull with `PeerDownError` and the client is down
-(`down_reason`); no byte is written into a destination after its pull has returned or
-raised.
+`peer.pull_timeout_s`, closes, or sends anything malformed fails every pending pull with
+`PeerDownError` and the client is down (`down_reason`); no byte is written into a
+destination after its pull has returned or raised.
 """
 
 from __future__ import annotations
@@ -188,20 +187,24 @@ class PeerClient:
                 pull.done.set()
 
     async def _watch(self) -> None:
-        """Mark the peer down once a pull has waited past its deadline (checked every
-        eighth of `pull_timeout_s`: a pull fails within 1.125 times the timeout)."""
+        """Mark the peer down once a pull has waited past its deadline: this task sleeps
+        until the oldest pending pull's deadline (and looks again an eighth of
+        `pull_timeout_s` after finding none pending), not a timer per pull."""
         timeout = self.config.pull_timeout_s
         while True:
-            await anyio.sleep(timeout / 8)
-            for pull in self._pending.values():  # the oldest: the first to expire
-                if pull.deadline <= time.monotonic():
-                    stalled = " (stalled mid-transfer)" if pull.receiving else ""
-                    self.mark_down(
-                        f"peer {self.peer.peer_id!r} did not answer a pull of "
-                        f"{len(pull.views)} blocks within {timeout} s{stalled}"
-                    )
-                    self._fail_pending()
-                break
+            oldest = next(iter(self._pending.values()), None)  # pulls expire in order
+            if oldest is None:
+                await anyio.sleep(timeout / 8)
+            elif oldest.deadline > time.monotonic():
+                await anyio.sleep(oldest.deadline - time.monotonic())
+            else:
+                stalled = " (stalled mid-transfer)" if oldest.receiving else ""
+                self.mark_down(
+                    f"peer {self.peer.peer_id!r} did not answer a pull of "
+                    f"{len(oldest.views)} blocks within {timeout} s{stalled}"
+                )
+                self._fail_pending()
+                return
 
     def _receive(self, header: Header) -> FrameReceiver:
         """The receiver of a frame from the peer (see `kvflow.peer.receiving`)."""

@@ -113,16 +113,22 @@ class _Feed:
         wire = self.wire
         incoming = wire.incoming
         slice_end = time.monotonic() + SLICE_S
+        received = False
         while not wire.closed:
             if self.frame is None:  # the next frame's header
                 if incoming.end - incoming.pos < HEADER_SIZE:
+                    if received:  # the loop tells when more comes: no recv just to
+                        return  # learn that nothing has, as is most often the case
                     try:
                         incoming.recv(wire.sock)
                     except BlockingIOError:
                         return
+                    received = True
                     continue
                 self.frame = self.receive(incoming.header(wire.max_payload_bytes))
-            elif not self._fill(slice_end):
+            elif self._fill(slice_end):
+                received = True
+            else:
                 return
             try:
                 self.views, self.digests = next(self.frame)
