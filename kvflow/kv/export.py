@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,12 @@ def find_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
     """The leading run of `keys` that `store` holds now, each block from the fastest
     tier that holds it; a key it does not hold ends the run. Not pinned (see `pin`)."""
     lookups = [(tier, pool._cached.get) for tier, pool in _pools(store)]
+    for tier, lookup in lookups:  # the common case first: the whole run in one tier
+        slots = list(map(lookup, keys))
+        if None not in slots:
+            return HeldRun(tuple(keys), (tier,) * len(keys), cast("tuple[int, ...]", tuple(slots)))
+        if slots.count(None) < len(slots):
+            break  # some blocks here, some not: block by block
     found: list[tuple[int, TierName, int]] = []
     for key in keys:
         for tier, lookup in lookups:
@@ -175,14 +181,13 @@ class RunReader:
             if host is not None:
                 remembered = self._sums[tier]
                 versions = self.store._pool(tier).key_versions
-                for s in slots:
-                    view = host[s * size : (s + 1) * size]
-                    views.append(view)
-                    known = remembered.get(s)
-                    if known is not None and known[0] == versions.item(s):
-                        checksums.append(known[1])
-                    else:
-                        checksums.append(digest(view))
+                here = [host[s * size : (s + 1) * size] for s in slots]
+                known = [remembered.get(s) for s in slots]
+                views += here
+                checksums += [
+                    k[1] if k is not None and k[0] == versions.item(s) else digest(v)
+                    for s, k, v in zip(slots, known, here, strict=True)
+                ]
             elif tier == "disk":
                 num_good = self._read_disk(slots, views, checksums)
                 if num_good < len(slots):

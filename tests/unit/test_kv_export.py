@@ -62,6 +62,23 @@ def test_a_pinned_run_stops_at_the_first_missing_key_and_resists_eviction(
     store.close()
 
 
+def test_a_run_takes_each_block_from_the_fastest_tier_holding_it(tmp_path: Path) -> None:
+    """Whole runs in one tier, and runs whose blocks a faster tier holds only some of."""
+    store = make_store(tmp_path, num_blocks=8)
+    put_blocks(store, "cpu", [1, 2, 3, 4])
+    put_blocks(store, "device", [3], seed=1)
+    put_blocks(store, "disk", [5], seed=2)
+    assert find_run(store, [1, 2]).tiers == ("cpu", "cpu")
+    assert find_run(store, [3]).tiers == ("device",)
+    assert find_run(store, [1, 2, 3, 4, 5]).tiers == ("cpu", "cpu", "device", "cpu", "disk")
+    assert find_run(store, [5, 1]).tiers == ("disk", "cpu")
+    run = find_run(store, [4, 3, 9, 1])
+    assert (run.keys, run.tiers) == ((4, 3), ("cpu", "device"))
+    assert run.slots == (store.cpu.lookup(4), store.device.lookup(3))  # type: ignore[union-attr]
+    assert len(find_run(store, [9, 1])) == len(find_run(store, [])) == 0
+    store.close()
+
+
 def test_a_remembered_checksum_lasts_as_long_as_its_block_stays_in_its_slot(
     tmp_path: Path,
 ) -> None:
