@@ -173,9 +173,12 @@ class RunReader:
         n = len(run)
         while i < n:
             tier = run.tiers[i]
-            j = i
-            while j < n and run.tiers[j] == tier:
-                j += 1
+            if i == 0 and run.tiers.count(tier) == n:  # the common case: all in one tier
+                j = n
+            else:
+                j = i + 1
+                while j < n and run.tiers[j] == tier:
+                    j += 1
             slots = run.slots[i:j]
             host = self._host.get(tier)
             if host is not None:
