@@ -11,7 +11,9 @@ alternate, in pairs whose order alternates too; each size prints the best of eac
 median of the pairs' ratios, and the first pull's time (the owner hashes a block the
 first time it serves it and remembers its checksum: later pulls of it are not hashed
 at the owner, only at the puller). Then the latency of a one-block pull (p50, p99).
-Then the virtual-time copy model (`SimCopyEngine`, direction `peer_to_cpu`) with
+With `--cpu-bursts N`, the process CPU per pull at each end beside the raw copy's
+(`p2p_cpu_per_pull_ms`: alternating bursts, medians of each burst's ratio). Then the
+virtual-time copy model (`SimCopyEngine`, direction `peer_to_cpu`) with
 `kv.transfer.peer_gbps` and `peer_latency_us` fitted to the measured pull times (the
 median of each size; the line with the smallest worst relative error), beside them.
 
@@ -24,11 +26,13 @@ Both ends run their event loop as `kvflow serve` does: uvloop when it is install
 (`--loop asyncio` for the standard loop).
 
     python benchmarks/p2p_bandwidth.py [--repeat 7] [--pulls 1000] [--loop uvloop|asyncio]
+        [--cpu-bursts 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import json
 import socket
@@ -147,7 +151,7 @@ def run(args: argparse.Namespace) -> None:
         try:
             assert child.stdout is not None
             ports = json.loads(child.stdout.readline())
-            run_loop(measure, args.loop, args, sizes, b, keys, ports)
+            run_loop(measure, args.loop, args, sizes, b, keys, ports, child.pid)
         finally:
             child.kill()
             child.wait()
@@ -155,7 +159,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def measure(
-    args: argparse.Namespace, sizes: list[int], b: KVStore, keys: list[int], ports: dict[str, int]
+    args: argparse.Namespace,
+    sizes: list[int],
+    b: KVStore,
+    keys: list[int],
+    ports: dict[str, int],
+    owner_pid: int,
 ) -> None:
     size = b.bytes_per_block
     assert b.cpu_storage is not None
@@ -198,6 +207,10 @@ async def measure(
                 ),
                 flush=True,
             )
+        for mib in sizes[: len(sizes) if args.cpu_bursts else 0]:
+            n = mib * MIB // size
+            figure = await cpu_per_pull(client, raw, keys[:n], dst_all[:n], args, owner_pid)
+            print(json.dumps({"figure": "p2p_cpu_per_pull_ms", "mib": mib, **figure}), flush=True)
         one = [await peer_transfer(client, keys[:1], dst_all[:1]) for _ in range(args.pulls)]
     raw.close()
     one_ms = np.array(one) * 1e3
@@ -214,6 +227,55 @@ async def measure(
         flush=True,
     )
     print_model(measured)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU time of every thread of process `pid` so far (Linux: /proc schedstat, ns)."""
+    stats = glob.glob(f"/proc/{pid}/task/*/schedstat")
+    return sum(int(Path(f).read_text().split()[0]) for f in stats) / 1e9
+
+
+async def cpu_per_pull(
+    client: PeerClient,
+    raw: socket.socket,
+    keys: list[int],
+    dst: list[memoryview],
+    args: argparse.Namespace,
+    owner_pid: int,
+) -> dict[str, float | int]:
+    """Process CPU per transfer at the owner and at the puller, peer pulls against the
+    raw copy, in bursts that alternate (and alternate which goes first): the medians of
+    each, and of each burst's peer/raw ratio (less sensitive to other jobs' load than
+    wall time, which waits for a core)."""
+    per_burst = max(3, 16 * MIB // (len(keys) * len(dst[0])))
+    bursts: list[dict[str, tuple[float, float]]] = []
+    for i in range(args.cpu_bursts):
+        burst = {}
+        for what in ("peer", "raw") if i % 2 == 0 else ("raw", "peer"):
+            owner0, puller0 = process_cpu_s(owner_pid), time.process_time()
+            for _ in range(per_burst):
+                if what == "peer":
+                    await peer_transfer(client, keys, dst)
+                else:
+                    raw_transfer(raw, dst)
+            owner = (process_cpu_s(owner_pid) - owner0) / per_burst * 1e3
+            burst[what] = (owner, (time.process_time() - puller0) / per_burst * 1e3)
+        bursts.append(burst)
+
+    def median(value: Callable[[dict[str, tuple[float, float]]], float]) -> float:
+        return round(statistics.median(value(b) for b in bursts), 3)
+
+    return {
+        "owner_ms": median(lambda b: b["peer"][0]),
+        "puller_ms": median(lambda b: b["peer"][1]),
+        "raw_owner_ms": median(lambda b: b["raw"][0]),
+        "raw_puller_ms": median(lambda b: b["raw"][1]),
+        "owner_ratio": median(lambda b: b["peer"][0] / b["raw"][0]),
+        "puller_ratio": median(lambda b: b["peer"][1] / b["raw"][1]),
+        "both_ratio": median(lambda b: sum(b["peer"]) / sum(b["raw"])),
+        "bursts": args.cpu_bursts,
+        "per_burst": per_burst,
+    }
 
 
 def fit_copy_model(measured: dict[int, float]) -> tuple[float, float]:
@@ -269,6 +331,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--pulls", type=int, default=1000, help="one-block pulls timed")
     parser.add_argument("--sizes-mib", default="1,4,16,64")
+    parser.add_argument(
+        "--cpu-bursts",
+        type=int,
+        default=0,
+        help="also measure process CPU per pull at both ends against the raw copy's, in "
+        "this many alternating bursts per size (Linux)",
+    )
     parser.add_argument(
         "--loop",
         choices=["uvloop", "asyncio"],
