@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvflow.cluster import routers
-from kvflow.cluster.fleet import FleetResult, replay_fleet
+from kvflow.cluster.fleet import FleetResult, replay_identical_fleet
 from kvflow.config import KVFlowConfig
-from kvflow.policies import make_policy
 from kvflow.request import SLO, Request
 from kvflow.traces.distributions import Fixed, Poisson
 from kvflow.traces.outcome import request_outcome
@@ -45,14 +43,7 @@ def run(requests: list[Request], gbps: float, pd: tuple[int, int] | None) -> Fle
     config = KVFlowConfig().with_overrides(
         {"kv.transfer.peer_gbps": gbps, "kv.device.num_blocks": 4000}
     )
-    configs = [config, config]
-    return replay_fleet(
-        requests,
-        configs,
-        [make_policy("fcfs", c) for c in configs],
-        routers.create("cache-aware", config),
-        pd=pd,
-    )
+    return replay_identical_fleet(requests, config, 2, "fcfs", "cache-aware", pd=pd)
 
 
 def attainment(result: FleetResult) -> float:

@@ -16,9 +16,9 @@ separately; requests_per_s counts only `kvflow.traces.replay.replay(requests, co
         [--prompt-len LEN] [--output-len LEN] [--system-prompt-len N] [--rate R]
         [--instances N] [--router cache-aware]
 
-With `--instances N`, a fleet of N instances (`kvflow.cluster.fleet.replay_fleet`, each
-with the single instance's config) behind `--router` replays N times the sessions
-arriving N times as fast (the same 448 s of virtual time), so each instance carries the
+With `--instances N`, a fleet of N instances (`replay_identical_fleet`, each with the
+single instance's config) behind `--router` replays N times the sessions arriving N
+times as fast (the same 448 s of virtual time), so each instance carries the
 single-instance workload. The single-instance replay is then measured in the same run,
 alternating with the fleet's (`single_requests_per_s`), and `ratio` is the fleet's
 figure over it: the machine's speed and load cancel out of it.
@@ -37,10 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvflow.cluster import routers
-from kvflow.cluster.fleet import replay_fleet
+from kvflow.cluster.fleet import replay_identical_fleet
 from kvflow.config import KVFlowConfig
-from kvflow.policies import make_policy
 from kvflow.request import Request
 from kvflow.traces.distributions import Fixed, LengthDist, Poisson, parse_length
 from kvflow.traces.formats import read_trace
@@ -83,13 +81,7 @@ def run_fleet_once(
 ) -> dict[str, Any]:
     gc.collect()
     start = time.perf_counter()
-    result = replay_fleet(
-        requests,
-        [config] * instances,
-        [make_policy(policy, config) for _ in range(instances)],
-        routers.create(router, config),
-        policy_name=policy,
-    )
+    result = replay_identical_fleet(requests, config, instances, policy, router)
     wall_s = time.perf_counter() - start
     hits = sum(i.stats.prefix_hit_tokens for i in result.instances)
     queried = sum(i.stats.prefix_query_tokens for i in result.instances)

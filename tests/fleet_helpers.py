@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvflow.cluster import routers
-from kvflow.cluster.fleet import FleetResult, replay_fleet
+from kvflow.cluster.fleet import FleetResult, replay_identical_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.simulated import latency_model_from_config
-from kvflow.policies import make_policy
 from kvflow.request import Request
 from kvflow.traces.distributions import Fixed, Poisson, parse_length
 from kvflow.traces.metrics import summarize_replay
@@ -76,12 +74,6 @@ def run_fleet(
     peers: bool = False,
     check_integrity: bool = False,
 ) -> FleetResult:
-    return replay_fleet(
-        requests,
-        [config] * n,
-        [make_policy("fcfs", config) for _ in range(n)],
-        routers.create(router, config),
-        peers=peers,
-        policy_name="fcfs",
-        check_integrity=check_integrity,
+    return replay_identical_fleet(
+        requests, config, n, "fcfs", router, peers=peers, check_integrity=check_integrity
     )

@@ -26,15 +26,24 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from kvflow.cluster import routers
 from kvflow.cluster.loop import FleetLoop
 from kvflow.cluster.results import FleetResult, FleetStalledError, InstanceResult, Pull
 from kvflow.cluster.routers import Router
 from kvflow.config import KVFlowConfig
 from kvflow.gc_pause import cyclic_gc_paused
+from kvflow.policies import make_policy
 from kvflow.policies.base import Policy
 from kvflow.request import Request
 
-__all__ = ["FleetResult", "FleetStalledError", "InstanceResult", "Pull", "replay_fleet"]
+__all__ = [
+    "FleetResult",
+    "FleetStalledError",
+    "InstanceResult",
+    "Pull",
+    "replay_fleet",
+    "replay_identical_fleet",
+]
 
 
 def replay_fleet(
@@ -87,6 +96,37 @@ def replay_fleet(
         pd=pd,
         handoffs=loop.handoffs,
         merged_states=merged,
+    )
+
+
+def replay_identical_fleet(
+    requests: Sequence[Request],
+    config: KVFlowConfig,
+    num_instances: int,
+    policy: str,
+    router: str,
+    *,
+    peers: bool = False,
+    check_integrity: bool = False,
+    pd: tuple[int, int] | None = None,
+) -> FleetResult:
+    """`replay_fleet` on `num_instances` instances all configured by `config`, each
+    with its own policy `policy`, behind the router `router` (both by registered name,
+    their options from `config`); `pd` splits them as `replay_fleet`'s does.
+
+    Raises:
+        UnknownNameError: an unknown policy or router.
+        ValueError, FleetStalledError: as `replay_fleet`.
+    """
+    return replay_fleet(
+        requests,
+        [config] * num_instances,
+        [make_policy(policy, config) for _ in range(num_instances)],
+        routers.create(router, config),
+        peers=peers,
+        policy_name=policy,
+        check_integrity=check_integrity,
+        pd=pd,
     )
 
 

@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvflow.cluster import routers
-from kvflow.cluster.fleet import replay_fleet
+from kvflow.cluster.fleet import replay_identical_fleet
 from kvflow.cluster.prices import GpuPrice
 from kvflow.config import KVFlowConfig
-from kvflow.policies import make_policy
 from kvflow.request import FinishReason, Request
 from kvflow.traces.fleet_report import summarize_fleet
 from kvflow.traces.outcome import SERVED, is_within, request_outcome
@@ -97,15 +95,8 @@ def evaluate_fleet(
     """Replay `requests` (already at the load to plan for) on `num_instances` instances
     of `spec.config` (split `pd` = (P, D), P + D = `num_instances`, when given) and count
     what met its SLOs and what failed which."""
-    configs = [spec.config] * num_instances
-    result = replay_fleet(
-        requests,
-        configs,
-        [make_policy(spec.policy, c) for c in configs],
-        routers.create(spec.router, spec.config),
-        peers=spec.peers,
-        policy_name=spec.policy,
-        pd=pd,
+    result = replay_identical_fleet(
+        requests, spec.config, num_instances, spec.policy, spec.router, peers=spec.peers, pd=pd
     )
     report = summarize_fleet(result).report
     ttft = tpot = unserved = 0

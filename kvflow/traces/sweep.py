@@ -3,9 +3,9 @@ on one instance or on fleets of several sizes behind several routers.
 
 Each grid point rescales the trace's arrivals to the rate (`scale_to_rate`: same
 requests, same order, arrival gaps stretched or squeezed), replays it in virtual time
-(a fleet point through `replay_fleet`: the rate is the whole fleet's) and summarises
-it. Replays are deterministic, so a parallel sweep gives exactly the numbers of a
-serial one (only a single instance's `wall_s` differs; fleet points leave it out).
+(a fleet point through `replay_identical_fleet`: the rate is the whole fleet's) and
+summarises it. Replays are deterministic, so a parallel sweep gives exactly the numbers
+of a serial one (only a single instance's `wall_s` differs; fleet points leave it out).
 
 The capacity of a curve (a policy, or a policy on one fleet shape; DistServe's
 goodput) is the highest swept rate at which it, and every lower swept rate, keeps SLO
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvflow.cluster import routers
-from kvflow.cluster.fleet import replay_fleet
+from kvflow.cluster.fleet import replay_identical_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
 from kvflow.traces.metrics import RunReport, summarize_replay
@@ -100,14 +100,8 @@ def run_point(
         return SweepPoint(policy, rate_rps, report, nothing_served_reason(result.states, config))
     from kvflow.traces.fleet_report import summarize_fleet  # it imports tables, which import us
 
-    n = fleet.num_instances
-    run = replay_fleet(
-        scaled,
-        [config] * n,
-        [make_policy(policy, config) for _ in range(n)],
-        routers.create(fleet.router, config),
-        peers=fleet.peers,
-        policy_name=policy,
+    run = replay_identical_fleet(
+        scaled, config, fleet.num_instances, policy, fleet.router, peers=fleet.peers
     )
     report = summarize_fleet(run).report
     return SweepPoint(

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvflow.cluster import routers
-from kvflow.cluster.fleet import FleetResult, replay_fleet
+from kvflow.cluster.fleet import FleetResult, replay_identical_fleet
 from kvflow.config import KVFlowConfig
-from kvflow.policies import make_policy
 from kvflow.request import SLO, Request
 from kvflow.traces.native import dump_native
 from kvflow.traces.outcome import request_outcome
@@ -36,14 +34,8 @@ def run(requests: list[Request], pd: tuple[int, int] | None, gbps: float = 12.0)
     config = KVFlowConfig().with_overrides(
         {"kv.transfer.peer_gbps": gbps, "kv.device.num_blocks": 4000}
     )
-    configs = [config, config]
-    return replay_fleet(
-        requests,
-        configs,
-        [make_policy("fcfs", c) for c in configs],
-        routers.create("cache-aware", config),
-        pd=pd,
-        check_integrity=True,
+    return replay_identical_fleet(
+        requests, config, 2, "fcfs", "cache-aware", pd=pd, check_integrity=True
     )
 
 

@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
-from kvflow.cluster import routers
-from kvflow.cluster.fleet import replay_fleet
+from kvflow.cluster.fleet import replay_identical_fleet
 from kvflow.cluster.prices import load_prices
 from kvflow.config import KVFlowConfig
-from kvflow.policies import make_policy
 from kvflow.request import Request
 from kvflow.traces import read_trace
 from kvflow.traces.fleet_report import summarize_fleet
@@ -73,14 +71,7 @@ def _attainment(
     the fleet replay API, not the planner's code) on the shipped h100 entry."""
     gpu = load_prices()["h100"]
     config = KVFlowConfig.load(None, gpu.config_overrides())
-    configs = [config] * num_instances
-    result = replay_fleet(
-        requests,
-        configs,
-        [make_policy("fcfs", c) for c in configs],
-        routers.create("cache-aware", config),
-        pd=pd,
-    )
+    result = replay_identical_fleet(requests, config, num_instances, "fcfs", "cache-aware", pd=pd)
     report = summarize_fleet(result).report
     assert report.num_requests == len(requests)
     return report.num_slo_met / report.num_requests
