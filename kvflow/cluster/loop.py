@@ -9,7 +9,6 @@ replay orders them.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
@@ -18,7 +17,7 @@ from typing import Any
 
 from kvflow.cluster.index import BlockIndex
 from kvflow.cluster.instance import Phase, SimInstance
-from kvflow.cluster.pd import Handoff, decode_request, merge_halves
+from kvflow.cluster.pd import Handoff, decode_request, merge_halves, prefill_request
 from kvflow.cluster.results import FleetStalledError, InstanceResult, Pull
 from kvflow.cluster.routers import LeastLoadedRouter, Router
 from kvflow.cluster.view import FleetView, PeerNetwork
@@ -186,7 +185,7 @@ class FleetLoop:
         if self.pd is not None and request.max_new_tokens > 1:
             # Prefill computes the first token only; the rest is decoded after handoff.
             self.originals[request.request_id] = request
-            request = dataclasses.replace(request, max_new_tokens=1)
+            request = prefill_request(request)
         if view.network is not None and self._try_pull(inst, request, now, keys, runs):
             return
         expected_cached = runs[target] * view.block_size

@@ -4,9 +4,9 @@ states of both halves joined back into one per request for the report."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvflow.request import Request, RequestState
 
@@ -25,13 +25,33 @@ class Handoff:
     end: float
 
 
+def _derived(request: Request, **changes: Any) -> Request:
+    """`dataclasses.replace(request, **changes)` without `Request.__post_init__`: the
+    fields not in `changes` were checked when `request` was made, the caller keeps
+    `changes` valid (and `prompt_array` in step with `prompt_token_ids`), and the copy
+    shares the prompt's tuple and packed array (repacking a prompt of thousands of
+    tokens for every request dominated a disaggregated replay)."""
+    copy = object.__new__(Request)
+    for name in Request.__slots__:
+        object.__setattr__(copy, name, changes.get(name, getattr(request, name)))
+    return copy
+
+
+def prefill_request(original: Request) -> Request:
+    """The copy a prefill instance serves: asking for the first token alone."""
+    return _derived(original, max_new_tokens=1)
+
+
 def decode_request(original: Request, prefilled: RequestState, arrival_time: float) -> Request:
     """The request a decode instance continues: the prompt and the first token (made on
     the prefill instance) as its prompt, the remaining tokens to generate, arriving when
     the handoff lands (its TTFT deadline is the original's affair, already met or not)."""
-    return dataclasses.replace(
+    prompt = original.prompt_token_ids
+    made = prefilled.token_ids
+    return _derived(
         original,
-        prompt_token_ids=prefilled.token_ids.tolist(),
+        prompt_token_ids=tuple(prompt) + tuple(made[len(prompt) :]),  # no copy of a tuple
+        prompt_array=made[:],
         max_new_tokens=original.max_new_tokens - 1,
         arrival_time=arrival_time,
         deadline=None,
