@@ -236,8 +236,8 @@ class FleetLoop:
         expected_cached: int,
         keys: list[int] | None,
     ) -> None:
-        """Add `request` to `inst`; `keys` are its prompt's block keys at the fleet's
-        block size, when known."""
+        """Add `request` to `inst`; `keys` are its prompt's block keys (all or a leading
+        part: a decode half's are its prefill's) at the fleet's block size, when known."""
         inst.expected_cached[request.request_id] = expected_cached
         if not inst.dirty:
             inst.dirty = True
@@ -302,7 +302,7 @@ class FleetLoop:
             )
         )
         request = decode_request(original, state, end)
-        self._push(end, _LAND, (target, request, keys, num_blocks * bs, None))
+        self._push(end, _LAND, (target, request, keys, num_blocks * bs, keys))
 
     def merged_states(self, results: Sequence[InstanceResult]) -> list[RequestState]:
         k = self.num_routed_instances
