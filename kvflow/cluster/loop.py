@@ -92,8 +92,10 @@ class FleetLoop:
         self.view = self.views[0]
         for g, members in enumerate(groups):
             self.views[g].device_blocks[:] = [self.instances[i].device.num_blocks for i in members]
-        self.changed: list[SimInstance] = list(self.instances)
-        """Instances whose state changed since their loads were last counted (`dirty`)."""
+        self.changed = [[self.instances[i] for i in members] for members in groups]
+        """Per view: its instances whose state changed since their loads were last
+        counted (`dirty`); a view is brought up to date only when it is read."""
+        self.changed_of = [self.changed[group_of[i]] for i in range(n)]
         self.view_of = [self.views[group_of[i]] for i in range(n)]
         self.pd = pd
         self.handoff_network = network if pd is not None else None
@@ -164,7 +166,7 @@ class FleetLoop:
     def _arrive(self, request: Request, now: float) -> None:
         view = self.view
         view.advance(now)
-        self._refresh_loads()
+        self._refresh_loads(0)
         queued = view.num_queued_tokens
         self.sum_max_load += max(queued)
         self.sum_mean_load += sum(queued) / len(queued)
@@ -241,7 +243,7 @@ class FleetLoop:
         inst.expected_cached[request.request_id] = expected_cached
         if not inst.dirty:
             inst.dirty = True
-            self.changed.append(inst)
+            self.changed_of[inst.index].append(inst)
         if inst.block_size != self.view.block_size:
             keys = None
         state = inst.add(request, now, keys)
@@ -254,10 +256,11 @@ class FleetLoop:
             return
         self._schedule_plan(inst, now)
 
-    def _refresh_loads(self) -> None:
-        """Bring the views' loads up to date for the instances that changed since."""
+    def _refresh_loads(self, group: int) -> None:
+        """Bring view `group`'s loads up to date for its instances that changed since."""
         num_held = self.num_held
-        for inst in self.changed:
+        changed = self.changed[group]
+        for inst in changed:
             inst.dirty = False
             i = inst.index
             view = self.view_of[i]
@@ -267,7 +270,7 @@ class FleetLoop:
             view.num_running[k] = len(scheduler.running) + len(scheduler.loading)
             view.num_used_blocks[k] = inst.device.num_used_blocks
             num_held[i] = scheduler.num_unfinished
-        self.changed.clear()
+        changed.clear()
 
     # -- disaggregation ---------------------------------------------------------------
     def _hand_off(self, inst: SimInstance, state: RequestState, now: float) -> None:
@@ -279,7 +282,7 @@ class FleetLoop:
             return  # nothing more to generate (or it never produced its first token)
         network = self.handoff_network
         assert network is not None
-        self._refresh_loads()
+        self._refresh_loads(1)
         decode_view = self.views[1]
         target = self.instances[
             self.num_routed_instances + self.decode_router.route(original, decode_view)
@@ -324,7 +327,7 @@ class FleetLoop:
         inst.clock = now
         if not inst.dirty:
             inst.dirty = True
-            self.changed.append(inst)
+            self.changed_of[inst.index].append(inst)
         if not scheduler.has_unfinished:
             inst.phase = Phase.IDLE
             return
@@ -366,7 +369,7 @@ class FleetLoop:
         else:
             if not inst.dirty:
                 inst.dirty = True
-                self.changed.append(inst)
+                self.changed_of[inst.index].append(inst)
             self._schedule_plan(inst, now)
 
     def finish(self, inst: SimInstance) -> InstanceResult:
