@@ -57,7 +57,7 @@ class BlockIndex(PrefixIndex):
         """The same feed at less cost per change (`KVStore.add_key_listeners`): each
         tier's ``(stored, keys)`` straight into that tier's set."""
         tiers = self._tiers[instance]
-        return {name: _KeyFeed(tiers[t], self.num_blocks, instance) for name, t in _TIERS.items()}
+        return {name: _key_feed(tiers[t], self.num_blocks, instance) for name, t in _TIERS.items()}
 
     def apply(self, instance: int, event: BlockEvent) -> None:
         """Learn one event of `instance`'s stream (in order, none missed: the fleet's
@@ -69,7 +69,7 @@ class BlockIndex(PrefixIndex):
         tier = _TIERS.get(event.tier)
         if tier is None:
             raise ValueError(f"block event of an unknown tier {event.tier!r}")
-        _KeyFeed(self._tiers[instance][tier], self.num_blocks, instance)(
+        _key_feed(self._tiers[instance][tier], self.num_blocks, instance)(
             event.kind == "stored", event.keys
         )
 
@@ -110,21 +110,20 @@ class BlockIndex(PrefixIndex):
         return len(set().union(*(s for tiers in self._tiers for s in tiers)))
 
 
-class _KeyFeed:
-    """One tier of one instance: its keys as they enter and leave, and its count."""
+def _key_feed(
+    held: set[int], counts: list[int], instance: int
+) -> Callable[[bool, Sequence[int]], None]:
+    """One tier of one instance: its keys as they enter and leave (`held`), and the
+    instance's count (a closure: called for every change, it costs less than an object's
+    `__call__`)."""
+    store, drop = held.update, held.difference_update
 
-    __slots__ = ("counts", "instance", "keys")
-
-    def __init__(self, keys: set[int], counts: list[int], instance: int) -> None:
-        self.keys = keys
-        self.counts = counts
-        self.instance = instance
-
-    def __call__(self, stored: bool, keys: Sequence[int]) -> None:
-        held = self.keys
+    def feed(stored: bool, keys: Sequence[int]) -> None:
         before = len(held)
         if stored:
-            held.update(keys)
+            store(keys)
         else:
-            held.difference_update(keys)
-        self.counts[self.instance] += len(held) - before
+            drop(keys)
+        counts[instance] += len(held) - before
+
+    return feed
