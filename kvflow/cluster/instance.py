@@ -136,7 +136,7 @@ class SimInstance:
         """Index pulled blocks (in chain order) as cached blocks of the landing tier, as
         many as it has room for. Returns how many landed."""
         pool = self.landing_pool
-        new_keys = [k for k in keys if pool.lookup(k) is None]
+        new_keys = pool.uncached(keys)
         n = min(len(new_keys), pool.num_free_blocks)
         if n == 0:
             return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from itertools import islice, repeat, takewhile
+from itertools import filterfalse, islice, repeat, takewhile
 
 import numpy as np
 import numpy.typing as npt
@@ -123,6 +123,10 @@ class BlockPool:
 
     def lookup(self, key: int) -> int | None:
         return self._cached.get(key)
+
+    def uncached(self, keys: Iterable[int]) -> list[int]:
+        """Those of `keys` no block here holds, in order (a C-speed filter)."""
+        return list(filterfalse(self._cached.__contains__, keys))
 
     def count_prefix(self, keys: Sequence[int], start: int = 0) -> int:
         """How many of `keys[start:]`, in order from `start`, are cached here."""

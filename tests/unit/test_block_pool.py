@@ -422,6 +422,13 @@ def test_a_touched_then_released_block_goes_to_the_back_of_the_lru() -> None:
     assert pool.lookup(10) is pool.lookup(11) is None
 
 
+def test_uncached_keeps_the_keys_no_block_holds_in_order() -> None:
+    pool = BlockPool(4)
+    cached_blocks(pool, [10, 12])
+    assert pool.uncached([13, 12, 11, 10, 14]) == [13, 11, 14]
+    assert pool.uncached([10, 12]) == []
+
+
 def test_allocate_takes_free_blocks_before_evicting() -> None:
     pool = BlockPool(4)
     a, b = cached_blocks(pool, [10, 11])
