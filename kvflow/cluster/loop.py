@@ -96,7 +96,6 @@ class FleetLoop:
         """Per view: its instances whose state changed since their loads were last
         counted (`dirty`); a view is brought up to date only when it is read."""
         self.changed_of = [self.changed[group_of[i]] for i in range(n)]
-        self.view_of = [self.views[group_of[i]] for i in range(n)]
         self.pd = pd
         self.handoff_network = network if pd is not None else None
         self.decode_router = LeastLoadedRouter()
@@ -258,17 +257,18 @@ class FleetLoop:
 
     def _refresh_loads(self, group: int) -> None:
         """Bring view `group`'s loads up to date for its instances that changed since."""
-        num_held = self.num_held
+        view = self.views[group]
+        queued, running, used = view.num_queued_tokens, view.num_running, view.num_used_blocks
+        num_held, local = self.num_held, self.local
         changed = self.changed[group]
         for inst in changed:
             inst.dirty = False
             i = inst.index
-            view = self.view_of[i]
-            k = self.local[i]
-            view.num_queued_tokens[k] = inst.num_queued_tokens()
+            k = local[i]
+            queued[k] = inst.num_queued_tokens()
             scheduler = inst.scheduler
-            view.num_running[k] = len(scheduler.running) + len(scheduler.loading)
-            view.num_used_blocks[k] = inst.device.num_used_blocks
+            running[k] = len(scheduler.running) + len(scheduler.loading)
+            used[k] = inst.device.num_used_blocks
             num_held[i] = scheduler.num_unfinished
         changed.clear()
 
