@@ -63,16 +63,26 @@ class EngineStep(NamedTuple):
     period_s: float
 
 
+def step_periods(steps: Sequence[TimedStep]) -> list[float | None]:
+    """Per step, the time from its start to its successor's when the successor was
+    planned before it ended (the engine went straight on: overlap, so that time is all
+    engine work); None where the engine went idle after it, and for the last step."""
+    periods: list[float | None] = [
+        after.started_at - step.started_at
+        if after.planned_at <= step.started_at + step.execute_s
+        else None
+        for step, after in itertools.pairwise(steps)
+    ]
+    return [*periods, None] if steps else []
+
+
 def busy_steps(steps: Sequence[TimedStep]) -> list[EngineStep]:
-    """Steps whose successor was planned before they ended (the engine went straight
-    on: overlap), so the time to the successor's start is all engine work."""
-    out = []
-    for step, after in itertools.pairwise(steps):
-        if after.planned_at <= step.started_at + step.execute_s:
-            out.append(
-                EngineStep(step.features, step.execute_s, after.started_at - step.started_at)
-            )
-    return out
+    """The steps with a period (`step_periods`): those the engine went straight on from."""
+    return [
+        EngineStep(step.features, step.execute_s, period)
+        for step, period in zip(steps, step_periods(steps), strict=True)
+        if period is not None
+    ]
 
 
 class Overhead(NamedTuple):
@@ -184,4 +194,5 @@ __all__ = [
     "engine_noise",
     "fit_overhead",
     "scaled",
+    "step_periods",
 ]

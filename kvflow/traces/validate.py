@@ -13,7 +13,6 @@ early).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import random
 import statistics
@@ -240,14 +239,11 @@ class RecordedSteps(ModelRunner):
     supports_overlap = True
 
     def __init__(self, steps: Sequence[TimedStep], latency: LatencyModel) -> None:
+        from kvflow.engine_adapters.engine_timing import step_periods
+
         self.latency = latency
         self._steps = steps
-        self._periods = [
-            after.started_at - step.started_at
-            if after.planned_at <= step.started_at + step.execute_s
-            else None
-            for step, after in itertools.pairwise(steps)
-        ]
+        self._periods = step_periods(steps)
         self.num_steps = 0
         self.num_matched = 0
 
@@ -263,7 +259,7 @@ class RecordedSteps(ModelRunner):
             shape = (step.features.num_prefill_tokens, step.features.num_decode_seqs)
             if shape == (features.num_prefill_tokens, features.num_decode_seqs):
                 self.num_matched += 1
-            period = self._periods[k] if k < len(self._periods) else None
+            period = self._periods[k]
             if period is None:  # idle after it: the engine's own work from the model
                 engine_s = latency.features_time_s(features) - latency.runner_time_s(features)
                 period = step.execute_s + engine_s
