@@ -228,6 +228,21 @@ def test_a_bad_preset_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
         read_preset(bad)
 
 
+class FakeClock:
+    """`time` for a module under test: `perf_counter` reads a clock only `sleep` moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
 def test_the_real_time_runner_sleeps_every_runner_term_and_none_of_the_engines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -235,8 +250,8 @@ def test_the_real_time_runner_sleeps_every_runner_term_and_none_of_the_engines(
     runner's part of a step: the quadratic and per-chunk terms too; the engine's own
     terms are spent for real by the engine around it, so it sleeps none of them."""
     import dataclasses
-    import time
 
+    from kvflow.engine_adapters import realtime_sim
     from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
 
     plan = plan_for(Mix(10, 3, 7, prefill_context=4), block_size=4, num_blocks=100, vocab_size=50)
@@ -247,17 +262,9 @@ def test_the_real_time_runner_sleeps_every_runner_term_and_none_of_the_engines(
     expected = slow.features_time_s(features)
     assert engine.runner_time_s(features) == pytest.approx(expected)
     assert engine.features_time_s(features) > expected + 60
-    slept: list[float] = []
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:  # what the runner asks for, slept (capped at 1 s)
-        slept.append(seconds)
-        real_sleep(min(seconds, 1.0))
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    began = time.perf_counter()
+    clock = FakeClock()  # a sleep moves it: the runner's wall clock, without waiting
+    monkeypatch.setattr(realtime_sim, "time", clock)
     result = RealTimeSimRunner(engine).execute(plan)
-    took = time.perf_counter() - began
     assert result.duration_s == pytest.approx(expected)
-    assert expected <= took  # the runner's terms slept (sleep never returns early) ...
-    assert slept and max(slept) <= expected  # ... and never the engine's minutes
+    assert clock.now == pytest.approx(expected)  # the runner's terms slept ...
+    assert clock.slept and max(clock.slept) <= expected  # ... and never the engine's minutes
