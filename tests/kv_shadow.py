@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from kvflow.config import KVConfig
+from kvflow.config import KVConfig, KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.kv.storage import DiskStorage, TensorStorage, byte_view
 from kvflow.kv.store import KVStore
@@ -38,6 +39,24 @@ if TYPE_CHECKING:
 _MOD = (1 << 52) - 1  # values stay exact in float64
 LAYOUT = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 2, "dtype": "float64"}
 """The smallest layout: four float64 values per token (K and V, two dims)."""
+
+
+def shadow_config(settings: Mapping[str, Any], tmp: str | Path) -> KVFlowConfig:
+    """A model-based test's config: `settings` (a disk tier only below a cpu one) over
+    the shadow's `LAYOUT`, the slab file in `tmp`, recompute dear enough that loads and
+    swaps happen, and sequences of up to 64 positions."""
+    overrides = dict(settings)
+    if overrides["kv.cpu.num_blocks"] == 0:
+        overrides["kv.disk.num_blocks"] = 0
+    overrides.update(
+        {
+            "kv.layout": LAYOUT,
+            "kv.disk.path": str(Path(tmp) / "slab"),
+            "kv.recompute_token_us": 1000.0,
+            "scheduler.max_model_len": 64,
+        }
+    )
+    return KVFlowConfig.from_dict({}, overrides)
 
 
 class ShadowError(AssertionError):

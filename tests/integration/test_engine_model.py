@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -30,7 +29,7 @@ from kvflow.kv.store import KVStore
 from kvflow.request import FinishReason, Request, RequestOutput, SamplingParams
 from kvflow.scheduler import StepPlan, StepResult
 from tests.guarantee_settings import examples
-from tests.kv_shadow import LAYOUT, ShadowError, ShadowRunner, expected_output
+from tests.kv_shadow import ShadowError, ShadowRunner, expected_output, shadow_config
 
 Mode = Literal["whole", "break", "aclose", "cancel", "abort"]
 IDS = ("a", "b", "c")
@@ -173,18 +172,7 @@ class Client:
 
 def drive(settings_: dict[str, Any], policy: str, overlap: bool, script: list[Call]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = dict(settings_)
-        if overrides["kv.cpu.num_blocks"] == 0:
-            overrides["kv.disk.num_blocks"] = 0
-        overrides.update(
-            {
-                "kv.layout": LAYOUT,
-                "kv.disk.path": str(Path(tmp) / "slab"),
-                "kv.recompute_token_us": 1000.0,
-                "scheduler.max_model_len": 64,
-            }
-        )
-        config = KVFlowConfig.from_dict({}, overrides)
+        config = shadow_config(settings_, tmp)
         store = KVStore.with_tensors(config.kv)
         try:
             anyio.run(run_script, config, store, policy, overlap, script)

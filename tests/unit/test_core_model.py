@@ -16,7 +16,6 @@ exactly what its prompt determines, and zero referenced blocks in every tier.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from kvflow.config import KVFlowConfig
 from kvflow.kv.export import HeldRun, RunReader, pin_run, unpin
 from kvflow.kv.storage import DiskStorage, TensorStorage
 from kvflow.kv.store import KVStore
@@ -43,13 +41,13 @@ from kvflow.request import FinishReason, Request, RequestState, RequestStatus, S
 from kvflow.scheduler import Scheduler, StepPlan
 from tests.guarantee_settings import examples
 from tests.kv_shadow import (
-    LAYOUT,
     ShadowCopies,
     ShadowRunner,
     SimPeer,
     corrupt_disk_block,
     expected_output,
     prefix_values,
+    shadow_config,
     truncate_slab,
 )
 
@@ -111,18 +109,7 @@ class CoreMachine(RuleBasedStateMachine):
     def build(self, settings_: dict[str, Any], policy: str, overlap: bool, num_peers: int) -> None:
         self.healthy = False
         self.tmp = tempfile.TemporaryDirectory()
-        overrides = dict(settings_)
-        if overrides["kv.cpu.num_blocks"] == 0:
-            overrides["kv.disk.num_blocks"] = 0
-        overrides.update(
-            {
-                "kv.layout": LAYOUT,
-                "kv.disk.path": str(Path(self.tmp.name) / "slab"),
-                "kv.recompute_token_us": 1000.0,  # loads and swaps beat recomputing
-                "scheduler.max_model_len": 64,
-            }
-        )
-        config = KVFlowConfig.from_dict({}, overrides)
+        config = shadow_config(settings_, self.tmp.name)
         kv = config.kv
         num_cpu, num_disk = kv.tier_blocks("cpu"), kv.tier_blocks("disk")
         device = TensorStorage.allocate(kv, kv.tier_blocks("device"), "cpu")
