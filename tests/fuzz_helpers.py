@@ -1,17 +1,20 @@
-"""What the fuzz tests share: hostile JSON values, a guard against hangs, and a bound on
-the memory a run of cases may take."""
+"""What the fuzz tests share: hostile JSON values, a guard against hangs, a bound on the
+memory a run of cases may take, and the run itself (`fuzz`)."""
 
 from __future__ import annotations
 
 import json
 import resource
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.guarantee_settings import examples, scaled
 
 ODD_INTS = [0, -1, 1, 2**24, 2**24 + 1, 2**31, 2**32, 2**63, -(2**63), 10**18, 10**400]
 ODD_FLOATS = [0.0, -0.0, 0.5, -1.5, 1e308, -1e308, 1e-320, float("nan"), float("inf")]
@@ -88,3 +91,34 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+MAX_RSS_GROWTH = 256 * 2**20
+"""How much a fuzz run's peak resident memory may grow over all its cases."""
+
+
+def fuzz(
+    label: str,
+    num_cases: int,
+    slow: bool,
+    check: Callable[..., bool],
+    **strategies: st.SearchStrategy[Any],
+) -> None:
+    """Run `check` on `scaled(num_cases, slow)` cases drawn from `strategies` (its keyword
+    arguments): each says whether its input loaded (True) or was refused as documented
+    (False). Both must happen (or the cases are too far off, or too tame), and the
+    peak memory must grow less than `MAX_RSS_GROWTH` over the run."""
+    before = reset_peak_rss()
+    outcomes: list[bool] = []
+
+    @examples(scaled(num_cases, slow), slow=slow)
+    @given(**strategies)
+    def case(**drawn: Any) -> None:
+        outcomes.append(check(**drawn))
+
+    case()
+    assert len(outcomes) >= scaled(num_cases, slow)
+    assert set(outcomes) == {True, False}, "the cases never load, or never fail: too far off"
+    print(f"{label}: {len(outcomes)} cases")
+    growth = peak_rss_bytes() - before
+    assert growth < MAX_RSS_GROWTH, f"peak memory grew {growth} B over {len(outcomes)} cases"

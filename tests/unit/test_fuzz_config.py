@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import event, given
+from hypothesis import event
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -22,15 +22,7 @@ from kvflow.cli.common import CLIError
 from kvflow.cli.serve import read_secret_file
 from kvflow.config import ConfigError, KVFlowConfig, parse_assignment
 from kvflow.engine_adapters.latency_fit import read_preset
-from tests.fuzz_helpers import (
-    deeply_nested,
-    dumps,
-    json_values,
-    no_hang,
-    peak_rss_bytes,
-    reset_peak_rss,
-)
-from tests.guarantee_settings import examples, scaled
+from tests.fuzz_helpers import deeply_nested, dumps, fuzz, json_values, no_hang
 
 NUM_CASES = 600
 
@@ -99,44 +91,18 @@ def workdir() -> Iterator[Path]:
 
 
 def fuzz_assignments(slow: bool) -> None:
-    before = reset_peak_rss()
-    outcomes: set[bool] = set()
-    num_cases = 0
-
-    @examples(scaled(NUM_CASES, slow), slow=slow)
-    @given(
-        assignments=st.lists(
-            st.one_of(st.builds("{}={}".format, keys, values), st.text(max_size=20), VALID),
-            min_size=1,
-            max_size=4,
-        )
+    assignment = st.one_of(st.builds("{}={}".format, keys, values), st.text(max_size=20), VALID)
+    fuzz(
+        "config fuzz, --set",
+        NUM_CASES,
+        slow,
+        load_or_refuse,
+        assignments=st.lists(assignment, min_size=1, max_size=4),
     )
-    def case(assignments: list[str]) -> None:
-        nonlocal num_cases
-        num_cases += 1
-        outcomes.add(load_or_refuse(assignments))
-
-    case()
-    assert outcomes == {True, False}
-    print(f"config fuzz, --set: {num_cases} cases")
-    assert peak_rss_bytes() - before < 256 * 2**20
 
 
 def fuzz_files(slow: bool, workdir: Path) -> None:
-    before = reset_peak_rss()
-    outcomes: set[bool] = set()
-    num_cases = 0
-
-    @examples(scaled(NUM_CASES, slow), slow=slow)
-    @given(
-        doc=st.dictionaries(keys, json_values, max_size=4),
-        suffix=st.sampled_from([".json", ".toml"]),
-        mangle=st.sampled_from(["none", "toml-lines", "bytes", "deep"]),
-        junk=st.binary(max_size=64),
-    )
-    def case(doc: dict[str, Any], suffix: str, mangle: str, junk: bytes) -> None:
-        nonlocal num_cases
-        num_cases += 1
+    def check(doc: dict[str, Any], suffix: str, mangle: str, junk: bytes) -> bool:
         path = workdir / f"config{suffix}"
         if mangle == "none":
             data = dumps(doc).encode()
@@ -147,12 +113,18 @@ def fuzz_files(slow: bool, workdir: Path) -> None:
         else:
             data = (f"a = {deeply_nested()}" if suffix == ".toml" else deeply_nested()).encode()
         path.write_bytes(data)
-        outcomes.add(load_or_refuse([], path))
+        return load_or_refuse([], path)
 
-    case()
-    assert outcomes == {True, False}
-    print(f"config fuzz, files: {num_cases} cases")
-    assert peak_rss_bytes() - before < 256 * 2**20
+    fuzz(
+        "config fuzz, files",
+        NUM_CASES,
+        slow,
+        check,
+        doc=st.dictionaries(keys, json_values, max_size=4),
+        suffix=st.sampled_from([".json", ".toml"]),
+        mangle=st.sampled_from(["none", "toml-lines", "bytes", "deep"]),
+        junk=st.binary(max_size=64),
+    )
 
 
 def test_fuzzed_assignments_load_or_fail_as_documented() -> None:

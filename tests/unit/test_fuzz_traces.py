@@ -21,19 +21,11 @@ from hypothesis import strategies as st
 
 from kvflow.traces import BadLinesSkippedWarning, TraceFormatError, read_trace
 from kvflow.traces.limits import MAX_TRACE_TOKENS
-from tests.fuzz_helpers import (
-    deeply_nested,
-    dumps,
-    json_values,
-    no_hang,
-    peak_rss_bytes,
-    reset_peak_rss,
-)
-from tests.guarantee_settings import examples, scaled
+from tests.fuzz_helpers import deeply_nested, dumps, fuzz, json_values, no_hang
+from tests.guarantee_settings import examples
 
 NUM_CASES = 200
 """Cases per format in the default run (ten times that in the slow one)."""
-MAX_RSS_GROWTH = 256 * 2**20
 
 
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -181,35 +173,30 @@ def load_or_refuse(path: Path, data: bytes, fmt: str, skip: bool) -> bool:
     return True
 
 
-def fuzz(fmt: str, slow: bool, trace_path: Path) -> None:
-    before = reset_peak_rss()
-    num_cases = 0
-    outcomes: set[bool] = set()
+def fuzz_format(fmt: str, slow: bool, trace_path: Path) -> None:
+    def check(data: bytes, skip: bool, auto: bool) -> bool:
+        return load_or_refuse(trace_path, data, "auto" if auto else fmt, skip)
 
-    @examples(scaled(NUM_CASES, slow), slow=slow)
-    @given(data=FILES[fmt], skip=st.booleans(), auto=st.booleans())
-    def case(data: bytes, skip: bool, auto: bool) -> None:
-        nonlocal num_cases
-        num_cases += 1
-        outcomes.add(load_or_refuse(trace_path, data, "auto" if auto else fmt, skip))
-
-    case()
-    assert num_cases >= scaled(NUM_CASES, slow)
-    assert outcomes == {True, False}, "the cases never load, or never fail: too far off"
-    print(f"trace fuzz {fmt}: {num_cases} cases")
-    growth = peak_rss_bytes() - before
-    assert growth < MAX_RSS_GROWTH, f"peak memory grew {growth} B over {num_cases} cases"
+    fuzz(
+        f"trace fuzz {fmt}",
+        NUM_CASES,
+        slow,
+        check,
+        data=FILES[fmt],
+        skip=st.booleans(),
+        auto=st.booleans(),
+    )
 
 
 @pytest.mark.parametrize("fmt", list(FILES))
 def test_fuzzed_traces_load_or_fail_as_documented(fmt: str, trace_path: Path) -> None:
-    fuzz(fmt, False, trace_path)
+    fuzz_format(fmt, False, trace_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FILES))
 def test_fuzzed_traces_load_or_fail_as_documented_slow(fmt: str, trace_path: Path) -> None:
-    fuzz(fmt, True, trace_path)
+    fuzz_format(fmt, True, trace_path)
 
 
 @examples(NUM_CASES)
