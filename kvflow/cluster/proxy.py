@@ -41,6 +41,7 @@ from kvflow.cluster.proxy_routing import routing_request
 from kvflow.cluster.upstream import UpstreamDownError, UpstreamPool, UpstreamResponse
 from kvflow.engine_adapters.text import TextCodec
 from kvflow.request import Request
+from kvflow.serve.asgi import ClientGoneError, read_body
 from kvflow.serve.limits import HTTPGuard, HTTPLimits, Receive, Send, error_body, reply
 
 logger = logging.getLogger("kvflow.router")
@@ -139,9 +140,10 @@ class RouterApp:
         """Route one POST to an instance, retrying elsewhere while nothing was sent,
         and pass its answer through."""
         arrived = time.perf_counter()
-        raw = await _read_body(receive)
-        if raw is None:
-            return  # the client left
+        try:
+            raw = await read_body(receive)
+        except ClientGoneError:
+            return
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as err:
@@ -314,18 +316,6 @@ class RouterApp:
             self.metrics.directory_keys.labels(inst.url).set(held)
         text = generate_latest(self.metrics.registry)
         await reply(send, 200, text, media_type=b"text/plain; version=0.0.4; charset=utf-8")
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request's body; None when the client left first."""
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class RouterASGI:
