@@ -67,8 +67,10 @@ class InstanceWatch:
             health = await self._client.get(f"{url}/health")
             healthy = health.status_code == 200
             if healthy:
-                text = (await self._client.get(f"{url}/metrics")).text
-                running, capacity, peer = scrape_instance(text)
+                # An error's body is no scrape: one with no sample lines (a 401 without
+                # the key, say) would read as an idle instance with no KV.
+                metrics = (await self._client.get(f"{url}/metrics")).raise_for_status()
+                running, capacity, peer = scrape_instance(metrics.text)
                 self.fleet.scraped(i, running, capacity, peer)
                 self._follow(i)
         except (httpx.HTTPError, ValueError, KeyError):

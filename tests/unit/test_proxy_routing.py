@@ -1,15 +1,19 @@
-"""The router process's routing: HTTP bodies read as the instances read them, and the
+"""The router process's routing: HTTP bodies read as the instances read them, the
 fleet's registry routers deciding over a live view fed by a peer directory and the
-router's own requests."""
+router's own requests, and the health checks that put instances in the view."""
 
 from __future__ import annotations
 
 from array import array
 
+import anyio
+import httpx
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Gauge
 
 from kvflow.cluster.live import LiveFleet, PeerInfo
+from kvflow.cluster.proxy_health import InstanceWatch
 from kvflow.cluster.proxy_routing import prompt_ids, routing_request
 from kvflow.cluster.routers import CacheAwareRouter, UnknownNameError, create, names
 from kvflow.config import KVFlowConfig
@@ -200,3 +204,37 @@ def test_a_peer_service_bound_to_every_address_is_reached_at_the_instance_s_host
     assert fleet.instances[1].peer is not None
     assert fleet.instances[1].peer.address == PeerAddress("127.0.0.1", 9002)
     assert (fleet.instances[1].num_running, fleet.instances[1].capacity) == (3, 77)
+
+
+@pytest.mark.parametrize(("metrics_status", "healthy"), [(200, True), (401, False), (500, False)])
+def test_an_instance_is_in_the_rotation_only_when_its_metrics_were_read(
+    metrics_status: int, healthy: bool
+) -> None:
+    """/health answers 200; /metrics answers `metrics_status` with one sample, or with
+    an empty body (as an instance that wants a key the router lacks might): only a read
+    scrape puts the instance in, with its capacity."""
+    text = 'kvflow:kv_blocks_total{tier="device"} 64\n'
+
+    def instance(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health" or metrics_status == 200:
+            return httpx.Response(200, text=text)
+        return httpx.Response(metrics_status)
+
+    fleet = LiveFleet(["http://127.0.0.1:8000"], CONFIG, create("round-robin"))
+    registry = CollectorRegistry()
+    watch = InstanceWatch(fleet, Gauge("healthy", "", ["instance"], registry=registry), 60.0)
+
+    async def first_round() -> None:
+        transport = httpx.MockTransport(instance)
+        async with (
+            httpx.AsyncClient(transport=transport) as client,
+            anyio.create_task_group() as tg,
+        ):
+            await watch.start(client, tg)  # every instance checked once
+            tg.cancel_scope.cancel()
+
+    anyio.run(first_round)
+    inst = fleet.instances[0]
+    assert inst.healthy is healthy
+    assert (inst.capacity == 64) is healthy
+    assert registry.get_sample_value("healthy", {"instance": inst.url}) == int(healthy)
