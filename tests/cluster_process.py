@@ -16,11 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from kvflow.cluster.launcher import INSTANCE_ROLES, child_env, is_ours
-from tests.serve_process import free_port
+from tests.serve_process import free_port, metric, metrics
 
 # Steps of 2 ms in real time, and prefill that costs (10 us a token): a cached prefix
 # makes an instance the cache-aware router's choice. Block events every 10 ms.
@@ -57,29 +54,6 @@ class Cluster:
 
     def router_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         return metrics(self.url)
-
-
-def metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=10.0).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The sum of the samples named `name` whose labels include `labels`; 0 for a
-    labelled counter (`*_total`) that has no such sample yet.
-
-    Raises:
-        KeyError: no such sample otherwise (a misspelt gauge must not read as 0).
-    """
-    wanted = set(labels.items())
-    values = [v for (n, ls), v in metrics(url).items() if n == name and wanted <= ls]
-    if not values and not name.endswith("_total"):
-        raise KeyError(f"{url}/metrics has no sample {name} with labels {labels}")
-    return sum(values)
 
 
 @contextmanager

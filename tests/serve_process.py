@@ -25,6 +25,30 @@ def free_port() -> int:
         return port
 
 
+def metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of `url`/metrics by (name, labels)."""
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels`; 0 for a
+    labelled counter (`*_total`) that has no such sample yet.
+
+    Raises:
+        KeyError: no such sample otherwise (a misspelt gauge must not read as 0).
+    """
+    wanted = set(labels.items())
+    values = [v for (n, ls), v in metrics(url).items() if n == name and wanted <= ls]
+    if not values and not name.endswith("_total"):
+        raise KeyError(f"{url}/metrics has no sample {name} with labels {labels}")
+    return sum(values)
+
+
 class ServerProcess:
     """`python -m kvflow serve --port P ARGS` (or `python PROGRAM --port P ARGS`), its
     output in `log_path`; P is a free port unless `port` is given (to restart a server
@@ -89,24 +113,10 @@ class ServerProcess:
         raise RuntimeError(f"kvflow serve not healthy in {self.startup_timeout_s} s:\n{self.log()}")
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        """Every sample of /metrics by (name, labels)."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10.0).text
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        return metrics(self.base_url)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The sum of the samples named `name` whose labels include `labels`; 0 for a
-        labelled counter (`*_total`) that has no such sample yet."""
-        wanted = set(labels.items())
-        values = [v for (n, ls), v in self.metrics().items() if n == name and wanted <= ls]
-        if not values and name.endswith("_total"):
-            return 0.0
-        if not values:
-            raise KeyError(f"/metrics has no sample {name} with labels {labels}")
-        return sum(values)
+        return metric(self.base_url, name, **labels)
 
     def wait_for_metric(
         self, name: str, value: float, timeout_s: float = 20.0, **labels: str
@@ -136,4 +146,4 @@ class ServerProcess:
         self._log.close()
 
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = ["ServerProcess", "free_port", "metric", "metrics"]

@@ -11,7 +11,6 @@ zero or huge `max_tokens` and absurd sampling values are refused naming the fiel
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from starlette.testclient import TestClient
 from kvflow.serve.app import build_app
 from kvflow.serve.host import EngineHost, ServeOptions
 from kvflow.serve.limits import HTTPGuard, HTTPLimits
+from tests.cluster_process import wait_until
 from tests.fuzz_helpers import (
     ODD_FLOATS,
     ODD_INTS,
@@ -157,10 +157,7 @@ def app_client() -> Iterator[TestClient]:
     host = EngineHost(ServeOptions(engine="sim", settings=dict(SETTINGS)))
     app = HTTPGuard(build_app(host), HTTPLimits(max_body_bytes=MAX_BODY))
     with TestClient(app, raise_server_exceptions=True) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the app never became healthy"
-            time.sleep(0.05)
+        wait_until("the app healthy", lambda: client.get("/health").status_code == 200)
         yield client
 
 
