@@ -81,40 +81,46 @@ async def reply(
 
 
 class HTTPGuard:
-    """Wraps an ASGI app with the checks of `limits`.
+    """Wraps an ASGI app with the checks of `limits`; `on_refused` is called with the
+    status (401, 413 or 429) of each POST refused here, which never reaches the app.
 
     Attributes:
         num_in_flight: POST requests being answered now.
-        num_refused: requests answered 401, 413 or 429 here, by status.
     """
 
-    def __init__(self, app: ASGIApp, limits: HTTPLimits) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: HTTPLimits,
+        on_refused: Callable[[int], None] | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits
+        self.on_refused = on_refused
         self._token = limits.api_key.encode() if limits.api_key is not None else None
         self.num_in_flight = 0
-        self.num_refused = {401: 0, 413: 0, 429: 0}
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        post = scope["method"] == "POST"
         guarded = self._token is not None and scope["path"] not in UNGUARDED_PATHS
         if guarded and not self._authorized(scope):
-            await self._refuse(send, 401)
+            await self._refuse(send, 401, post)
             return
-        if scope["method"] != "POST":
+        if not post:
             await self.app(scope, receive, send)
             return
         limits = self.limits
         if self.num_in_flight >= limits.max_concurrent_requests:
-            await self._refuse(send, 429)
+            await self._refuse(send, 429, post)
             return
         self.num_in_flight += 1
         try:
             messages = await self._read_body(scope, receive)
             if messages is None:
-                await self._refuse(send, 413)
+                await self._refuse(send, 413, post)
                 return
             messages.reverse()
 
@@ -164,8 +170,9 @@ class HTTPGuard:
             if not message.get("more_body", False):
                 return messages
 
-    async def _refuse(self, send: Send, status: int) -> None:
-        self.num_refused[status] += 1
+    async def _refuse(self, send: Send, status: int, post: bool) -> None:
+        if post and self.on_refused is not None:
+            self.on_refused(status)
         limits = self.limits
         headers: list[tuple[bytes, bytes]] = []
         if status == 401:

@@ -53,10 +53,12 @@ def serve(
     limits: HTTPLimits | None = None,
 ) -> EngineHost:
     """Serve until SIGTERM/SIGINT, checking `limits` (API key, body size, requests in
-    flight) before any handler. Returns the host (its `failure` says whether the model
-    failed to load)."""
+    flight) before any handler; a request they refuse is counted in
+    `request_rejected_total` as the app counts its own. Returns the host (its `failure`
+    says whether the model failed to load)."""
     engine_host = EngineHost(options)
-    app = HTTPGuard(build_app(engine_host), limits or HTTPLimits())
+    counted = engine_host.metrics.requests.count_rejected
+    app = HTTPGuard(build_app(engine_host), limits or HTTPLimits(), counted)
     config = uvicorn.Config(
         app,
         host=host,

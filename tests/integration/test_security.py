@@ -176,6 +176,8 @@ def test_a_body_past_the_limit_is_413_and_read_no_further(tmp_path: Path) -> Non
         answer = httpx.post(url, content=chunks(), timeout=30)
         assert answer.status_code == 413
         assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+        # Refused before the app, counted as it counts its own refusals.
+        assert server.metric("kvflow:request_rejected_total", status="413") == 2
 
 
 def test_requests_past_the_concurrency_limit_get_429(tmp_path: Path) -> None:
@@ -198,6 +200,7 @@ def test_requests_past_the_concurrency_limit_get_429(tmp_path: Path) -> None:
             assert error["code"] == "too_many_requests"
             assert "--max-concurrent-requests 2" in error["message"]
             assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+            assert server.metric("kvflow:request_rejected_total", status="429") == 1
         # The streams closed: their places are free again.
         deadline = time.monotonic() + 20
         while (status := httpx.post(url, json=short, timeout=30).status_code) == 429:
