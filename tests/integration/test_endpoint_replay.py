@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +32,7 @@ from kvflow.traces import read_trace
 from kvflow.traces.endpoint import EndpointOptions, replay_endpoint, summarize_endpoint
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import replay
-from tests.serve_process import ServerProcess, free_port
+from tests.serve_process import ServerProcess, app_in_thread, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -256,28 +254,8 @@ def foreign_app() -> Any:
 
 @contextmanager
 def foreign_server() -> Iterator[str]:
-    import threading
-
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(foreign_app(), log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with app_in_thread(foreign_app()) as url:
+        yield f"{url}/v1"
 
 
 def test_failures_are_counted_and_an_unreported_hit_rate_is_null(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ router's own requests, and the health checks that put instances in the view."""
 from __future__ import annotations
 
 from array import array
+from typing import Any
 
 import anyio
 import httpx
@@ -21,6 +22,7 @@ from kvflow.engine_adapters.text import PlaceholderCodec
 from kvflow.kv.hashing import extend_block_keys, root_key
 from kvflow.peer.follow import PeerAddress
 from kvflow.peer.frames import KeyRecord, SeqFrame
+from tests.serve_process import app_in_thread
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -215,25 +217,28 @@ def test_an_instance_is_in_the_rotation_only_when_its_metrics_were_read(
     scrape puts the instance in, with its capacity."""
     text = 'kvflow:kv_blocks_total{tier="device"} 64\n'
 
-    def instance(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health" or metrics_status == 200:
-            return httpx.Response(200, text=text)
-        return httpx.Response(metrics_status)
+    async def instance(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A real HTTP instance on loopback: 200 on /health, `metrics_status` on
+        /metrics (the sample with 200, an empty body otherwise)."""
+        ok = scope["path"] == "/health" or metrics_status == 200
+        body = text.encode() if ok else b""
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200 if ok else metrics_status,
+                    "headers": headers})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
 
-    fleet = LiveFleet(["http://127.0.0.1:8000"], CONFIG, create("round-robin"))
     registry = CollectorRegistry()
-    watch = InstanceWatch(fleet, Gauge("healthy", "", ["instance"], registry=registry), 60.0)
 
-    async def first_round() -> None:
-        transport = httpx.MockTransport(instance)
-        async with (
-            httpx.AsyncClient(transport=transport) as client,
-            anyio.create_task_group() as tg,
-        ):
-            await watch.start(client, tg)  # every instance checked once
-            tg.cancel_scope.cancel()
+    with app_in_thread(instance) as url:
+        fleet = LiveFleet([url], CONFIG, create("round-robin"))
+        watch = InstanceWatch(fleet, Gauge("healthy", "", ["instance"], registry=registry), 60.0)
 
-    anyio.run(first_round)
+        async def first_round() -> None:
+            async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
+                await watch.start(client, tg)  # every instance checked once
+                tg.cancel_scope.cancel()
+
+        anyio.run(first_round)
     inst = fleet.instances[0]
     assert inst.healthy is healthy
     assert (inst.capacity == 64) is healthy
