@@ -17,7 +17,7 @@ from kvflow.cluster.fleet import replay_identical_fleet
 from kvflow.cluster.prices import GpuPrice
 from kvflow.config import KVFlowConfig
 from kvflow.request import FinishReason, Request
-from kvflow.traces.fleet_report import summarize_fleet
+from kvflow.traces.fleet_report import summarize_fleet_wide
 from kvflow.traces.outcome import SERVED, is_within, request_outcome
 from kvflow.traces.shaping import time_scale
 
@@ -98,7 +98,7 @@ def evaluate_fleet(
     result = replay_identical_fleet(
         requests, spec.config, num_instances, spec.policy, spec.router, peers=spec.peers, pd=pd
     )
-    report = summarize_fleet(result).report
+    report = summarize_fleet_wide(result)
     ttft = tpot = unserved = 0
     for state in result.states:
         if state.finish_reason not in SERVED:

@@ -120,30 +120,19 @@ class FleetReport:
         return self.report.to_json(wall_clock=False)
 
 
-def summarize_fleet(result: FleetResult) -> FleetReport:
-    """The fleet-wide report over every instance's requests and counters, with the
-    fleet's figures under `extra["fleet"]`: instances, router, policy, peers, load
-    imbalance, pulls, bytes over the network, peer hit tokens, requests routed to each
-    instance, and each instance's report (`per_instance`, in instance order)."""
-    name = run_name(result)
-    peer_hits = peer_hit_tokens(result)
-    stats = [
+def _peer_tier_stats(result: FleetResult, peer_hits: Sequence[int]) -> list[SchedulerStats]:
+    """Each instance's counters with its peer hits as their own tier."""
+    return [
         _with_peer_tier(inst.stats, peer_hits[inst.index], inst.landing_tier)
         for inst in result.instances
     ]
-    per_instance = [
-        summarize_replay(
-            _instance_replay(
-                inst,
-                s,
-                f"{name}#{inst.index}{' ' + inst.role if inst.role else ''}",
-                result.wall_s,
-            )
-        )
-        for inst, s in zip(result.instances, stats, strict=True)
-    ]
-    merged = ReplayResult(
-        policy=name,
+
+
+def _fleet_replay(result: FleetResult, stats: Sequence[SchedulerStats]) -> ReplayResult:
+    """The fleet as one replay: every request's state and the instances' counters
+    (`stats`) merged, a decode instance's without its handoff hits."""
+    return ReplayResult(
+        policy=run_name(result),
         states=result.states,
         stats=_merged_stats(
             [
@@ -156,6 +145,35 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
         end_time=result.end_time,
         wall_s=result.wall_s,
     )
+
+
+def summarize_fleet_wide(result: FleetResult) -> RunReport:
+    """`summarize_fleet(result).report` without the `fleet` figures: the fleet-wide
+    report alone, one summary where `summarize_fleet` makes one per instance (and per
+    role) as well (what a planner reads of each candidate fleet)."""
+    stats = _peer_tier_stats(result, peer_hit_tokens(result))
+    return summarize_replay(_fleet_replay(result, stats))
+
+
+def summarize_fleet(result: FleetResult) -> FleetReport:
+    """The fleet-wide report over every instance's requests and counters, with the
+    fleet's figures under `extra["fleet"]`: instances, router, policy, peers, load
+    imbalance, pulls, bytes over the network, peer hit tokens, requests routed to each
+    instance, and each instance's report (`per_instance`, in instance order)."""
+    name = run_name(result)
+    peer_hits = peer_hit_tokens(result)
+    stats = _peer_tier_stats(result, peer_hits)
+    per_instance = [
+        summarize_replay(
+            _instance_replay(
+                inst,
+                s,
+                f"{name}#{inst.index}{' ' + inst.role if inst.role else ''}",
+                result.wall_s,
+            )
+        )
+        for inst, s in zip(result.instances, stats, strict=True)
+    ]
     fleet: dict[str, Any] = {
         "num_instances": len(result.instances),
         "router": result.router,
@@ -174,7 +192,8 @@ def summarize_fleet(result: FleetResult) -> FleetReport:
         "pd_handoff_bytes": result.pd_handoff_bytes,
         "per_role": _per_role(result),
     }
-    return FleetReport(summarize_replay(merged, extra={"fleet": fleet}), per_instance)
+    merged = summarize_replay(_fleet_replay(result, stats), extra={"fleet": fleet})
+    return FleetReport(merged, per_instance)
 
 
 def _per_role(result: FleetResult) -> dict[str, dict[str, Any]]:

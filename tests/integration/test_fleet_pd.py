@@ -11,6 +11,7 @@ import pytest
 from kvflow.cluster.fleet import FleetResult, replay_identical_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.request import SLO, Request
+from kvflow.traces.fleet_report import summarize_fleet, summarize_fleet_wide
 from kvflow.traces.native import dump_native
 from kvflow.traces.outcome import request_outcome
 from tests.integration.test_cli_refusals import assert_one_line_error, kvflow
@@ -78,6 +79,15 @@ def test_disaggregation_is_deterministic() -> None:
     a, b = run(requests, (1, 1)), run(requests, (1, 1))
     assert [s.token_times for s in a.states] == [s.token_times for s in b.states]
     assert a.handoffs == b.handoffs
+
+
+def test_fleet_wide_report_alone_is_the_full_reports_without_its_fleet_figures() -> None:
+    requests = workload(20, 300, 12, rate=20.0, slo=SLO(ttft_ms=200.0, tpot_ms=20.0))
+    for pd in (None, (1, 1)):
+        result = run(requests, pd)
+        full = summarize_fleet(result).report.to_json(wall_clock=False)
+        del full["fleet"]
+        assert summarize_fleet_wide(result).to_json(wall_clock=False) == full
 
 
 def test_pd_must_cover_the_fleet() -> None:

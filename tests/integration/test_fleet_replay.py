@@ -14,7 +14,7 @@ import pytest
 
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
-from kvflow.traces.fleet_report import summarize_fleet
+from kvflow.traces.fleet_report import summarize_fleet, summarize_fleet_wide
 from kvflow.traces.formats import read_trace
 from kvflow.traces.native import dump_native
 from kvflow.traces.replay import replay
@@ -89,6 +89,8 @@ def test_peers_pull_prefixes_and_count_them_as_peer_hits() -> None:
     assert fleet["peer_hit_tokens"] > 0
     assert report.extra["hit_tokens_by_tier"]["peer"] == fleet["peer_hit_tokens"]
     assert report.num_leaked_blocks == 0
+    alone = summarize_fleet_wide(result)  # the planner's: the same, less the fleet figures
+    assert alone.to_json() == {k: v for k, v in report.to_json().items() if k != "fleet"}
     for pull in result.pulls:
         assert pull.source != pull.target and pull.end > pull.start
 
