@@ -169,13 +169,20 @@ def _pd_mode(text: str) -> str | tuple[int, int]:
 
 
 def _plan_task(
-    shared: tuple[Sequence[Request], FleetSpec], item: tuple[float, Candidate]
+    shared: tuple[Sequence[Request], FleetSpec, dict[float, list[Request]]],
+    item: tuple[float, Candidate],
 ) -> FleetEvaluation:
+    """Evaluate one fleet at one load. The trace at that load is kept (in the process's
+    copy of `shared`) for the tasks after it: a search replays many fleets per load, one
+    load at a time, and rescaling the trace (a new request each) cost ~5% of a replay."""
     from kvflow.cluster.plan import evaluate_fleet, scaled
 
-    requests, spec = shared
+    requests, spec, at_scale = shared
     scale, fleet = item
-    return evaluate_fleet(scaled(requests, scale), spec, fleet.num_instances, scale, fleet.pd)
+    if scale not in at_scale:
+        at_scale.clear()  # the previous load is done with: keep one copy of the trace
+        at_scale[scale] = scaled(requests, scale)
+    return evaluate_fleet(at_scale[scale], spec, fleet.num_instances, scale, fleet.pd)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     target = args.attainment
     plans: list[tuple[SizePlan, SizePlan | None]] = []
-    with ProcessRunner((requests, spec), jobs) as runner:
+    with ProcessRunner((requests, spec, {}), jobs) as runner:
         for scale in scales:
             out.print(f"planning x{scale:g}: {len(requests)} requests, {jobs} job(s) ...")
 
