@@ -106,25 +106,26 @@ class CopyEngine(abc.ABC):
 
 class ThreadedCopyEngine(CopyEngine):
     """A copy engine whose transfers finish off the store's thread (in worker threads,
-    or tasks of an event loop): each is counted running from `_start` until `_report`,
-    then handed to the store by `completed`; `wait` and `settle` may block any thread."""
+    or tasks of an event loop): each is running from `_start` until `_report`, then
+    handed to the store by `completed`; `wait` and `settle` may block any thread."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._num_running = 0
+        self._running: dict[int, Transfer] = {}
+        """Transfers started and not reported yet, by id."""
         self._finished: list[tuple[Transfer, list[bool]]] = []
 
-    def _start(self) -> None:
+    def _start(self, transfer: Transfer) -> None:
         with self._cond:
-            self._num_running += 1
+            self._running[transfer.transfer_id] = transfer
 
     def _report(self, transfer: Transfer, ok: list[bool], *, started: bool = True) -> None:
-        """`transfer` is done (`started=False`: it finished in `submit`, never counted
-        running)."""
+        """`transfer` is done (`started=False`: it finished in `submit`, never started).
+        A started transfer no longer running was reported already (given up): not again."""
         with self._cond:
+            if started and self._running.pop(transfer.transfer_id, None) is None:
+                return
             self._finished.append((transfer, ok))
-            if started:
-                self._num_running -= 1
             self._cond.notify_all()
 
     def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:
@@ -134,17 +135,17 @@ class ThreadedCopyEngine(CopyEngine):
 
     def wait(self, timeout_s: float | None = None) -> None:
         with self._cond:
-            if not self._finished and self._num_running:
+            if not self._finished and self._running:
                 self._cond.wait(timeout_s)
 
     def settle(self, timeout_s: float | None = None) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._num_running == 0, timeout_s)
+            self._cond.wait_for(lambda: not self._running, timeout_s)
 
     @property
     def num_pending(self) -> int:
         with self._cond:
-            return self._num_running + len(self._finished)
+            return len(self._running) + len(self._finished)
 
 
 class SimCopyEngine(CopyEngine):
@@ -266,7 +267,7 @@ class TensorCopyEngine(ThreadedCopyEngine):
             self._report(transfer, self._copy_host_bytes(transfer), started=False)
             return
         n = len(transfer.keys)
-        self._start()
+        self._start(transfer)
         if direction == "cpu_to_disk":
             job = _Job(transfer, num_parts_left=2)
             self._executor.submit(self._run_part, job, 0, n)

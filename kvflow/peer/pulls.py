@@ -41,13 +41,9 @@ class PeerPuller(ThreadedCopyEngine):
         self._directory = directory
         self._clients = clients
         self._tg = task_group
-        self._pending: dict[int, Transfer] = {}
-        """Pulls running, by transfer id (those `close` gives up)."""
 
     def submit(self, transfer: Transfer, now: float) -> None:
-        with self._cond:
-            self._pending[transfer.transfer_id] = transfer
-        self._start()
+        self._start(transfer)
         self._tg.start_soon(self._pull, transfer)
 
     async def _pull(self, t: Transfer) -> None:
@@ -65,15 +61,12 @@ class PeerPuller(ThreadedCopyEngine):
             if t.peer is not None:
                 self._directory.mark_down(t.peer)
         finally:
-            with self._cond:
-                given_up = self._pending.pop(t.transfer_id, None) is None
-            if not given_up:  # (by `close`, which reported it)
-                self._report(t, ok)
+            self._report(t, ok)  # (not again if `close` gave it up)
 
     def close(self) -> None:
         """Give up the pulls in flight: each is reported failed now (the store is being
         drained at shutdown, so nothing reuses their slots)."""
         with self._cond:
-            pending, self._pending = list(self._pending.values()), {}
-        for t in pending:
-            self._report(t, [False] * len(t.keys))
+            self._finished += [(t, [False] * len(t.keys)) for t in self._running.values()]
+            self._running.clear()
+            self._cond.notify_all()
