@@ -2,14 +2,9 @@
 subscribed peers which blocks it holds.
 
 Each connection's frames are read as they arrive (`kvflow.peer.receiving`); requests on
-one connection are pipelined (replies carry the request id). A pull re-validates its
-keys against the store, pins the leading run it still holds under a lease, sends the
-blocks' bytes straight from the tier buffers, and unpins: every step that can block is
-bounded by the lease's deadline, so no pin outlives `peer.lease_ttl_s` even when the
-client vanishes. A pull of blocks in host memory is served at once by the reader when
-the connection is free to send, and pinned only if its send has to wait (until then
-nothing else runs on the store's thread); any other runs as a task of its own. Anything
-malformed closes that connection and nothing else.
+one connection are pipelined (replies carry the request id), and its pulls are served
+by the service's `PullServer` (`kvflow.peer.pull_serving`). Anything malformed closes
+that connection and nothing else.
 
 A store without block bytes (the simulated engine's) publishes its block events alone:
 its pulls are refused (UNAVAILABLE) and the connection stays up, so a router can follow
@@ -26,52 +21,41 @@ import itertools
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import Self, cast
+from typing import Self
 
 import anyio
 import anyio.abc
 import numpy as np
-import xxhash
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvflow.config import PeerConfig
-from kvflow.kv.export import HeldRun, RunReader, find_run, held_keys, pin, unpin
+from kvflow.kv.export import held_keys
 from kvflow.kv.store import BlockEvent, KVStore
 from kvflow.peer.frames import (
-    PULL_HEAD,
     ErrorCode,
     FrameError,
     FrameKind,
     Header,
     KeyRecord,
     SeqFrame,
-    blocks_meta_size,
-    pack_blocks_head,
-    pack_checksums,
     pack_header,
     pack_seq,
-    unpack_pull,
 )
-from kvflow.peer.handshake import PeerRefusedError, send_error, server_handshake
+from kvflow.peer.handshake import send_error, server_handshake
 from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
+from kvflow.peer.pull_serving import CONNECTION_ERRORS, PullServer
 from kvflow.peer.receiving import FrameReceiver, serve_frames
-from kvflow.peer.wire import Outgoing, PeerClosedError, Wire
+from kvflow.peer.wire import PeerClosedError, Wire
 
-digest = xxhash.xxh3_64_intdigest
-SEND_PART_BYTES = 1 << 20
-"""A reply whose blocks need hashing is sent in parts of about this size (at least a
-block), so the puller receives one part while the owner hashes the next; blocks whose
-checksums are known go out together (one `sendmsg`, one wakeup of the puller)."""
 _SUBSCRIBER_QUEUE = 256
 """EVENTS frames queued for one slow subscriber before it is dropped (it resyncs)."""
 SUBSCRIBER_QUEUE_BYTES = 64 << 20
 """Bytes of frames queued for one subscriber past which it is dropped (it resyncs); one
 frame alone (a large snapshot) is always let through."""
-_CONNECTION_ERRORS = (FrameError, PeerClosedError, PeerRefusedError, TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,24 +97,26 @@ class PeerService:
             fingerprint=model_fingerprint(store.config, config.model_id),
             incarnation=new_incarnation(),
         )
-        self.bytes_per_block = store.bytes_per_block
-        limit = config.max_frame_bytes - blocks_meta_size(0)
-        self.max_blocks_per_pull = max(1, limit // (self.bytes_per_block + 9))
         self.seq = 0
         """Sequence number of the last batch of block events published."""
-        self._reader = RunReader(store) if store.device_storage is not None else None
-        """None: the store has no bytes to serve (events only)."""
         self._listener: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._connections: dict[int, _Connection] = {}
         self._pending: list[BlockEvent] = []
-        self._leases: dict[tuple[int, int], float] = {}
         self._counts = dict.fromkeys(
             ("pulls", "blocks", "bytes", "refused", "closed_for_errors"), 0
         )
+        self._pulls = PullServer(store, config, self.identity.fingerprint, self._counts)
         self._open = False
-        self.on_served: Callable[[Sequence[int]], None] | None = None
+
+    @property
+    def on_served(self) -> Callable[[Sequence[int]], None] | None:
         """Told the keys of each pull served in full (the handoff leases end on it)."""
+        return self._pulls.on_served
+
+    @on_served.setter
+    def on_served(self, hook: Callable[[Sequence[int]], None] | None) -> None:
+        self._pulls.on_served = hook
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -179,7 +165,7 @@ class PeerService:
         return ServiceStats(
             num_connections=len(self._connections),
             num_subscribers=sum(1 for x in self._connections.values() if x.events is not None),
-            num_active_leases=len(self._leases),
+            num_active_leases=len(self._pulls.leases),
             num_pulls=c["pulls"],
             num_blocks_served=c["blocks"],
             num_bytes_served=c["bytes"],
@@ -211,7 +197,7 @@ class PeerService:
             try:
                 with anyio.fail_after(self.config.handshake_timeout_s):
                     conn.peer = await server_handshake(conn.wire, self.identity, self.config)
-            except _CONNECTION_ERRORS:
+            except CONNECTION_ERRORS:
                 self._counts["refused"] += 1
                 return
             async with anyio.create_task_group() as tg:
@@ -221,7 +207,7 @@ class PeerService:
                     if not isinstance(err, PeerClosedError):
                         self._counts["closed_for_errors"] += 1
                     if isinstance(err, FrameError):
-                        with contextlib.suppress(*_CONNECTION_ERRORS), anyio.move_on_after(1):
+                        with contextlib.suppress(*CONNECTION_ERRORS), anyio.move_on_after(1):
                             await send_error(conn.wire, 0, ErrorCode.BAD_FRAME, str(err))
                 conn.wire.shutdown()
                 tg.cancel_scope.cancel()
@@ -237,12 +223,7 @@ class PeerService:
         """The receiver of a frame from a connected peer (see `kvflow.peer.receiving`)."""
         kind = header.kind
         if kind == FrameKind.PULL:
-            if header.payload_length > PULL_HEAD.size + 8 * self.max_blocks_per_pull:
-                raise FrameError(
-                    f"PULL of {header.payload_length} bytes asks for more than "
-                    f"{self.max_blocks_per_pull} blocks"
-                )
-            return self._receive_pull(conn, tg, header.request_id, header.payload_length)
+            return self._pulls.receive(conn, tg, header)
         if kind == FrameKind.RESYNC:
             if header.payload_length:
                 raise FrameError("a RESYNC request carries no payload")
@@ -251,170 +232,6 @@ class PeerService:
         if kind == FrameKind.HEARTBEAT:
             return _discard(header.payload_length)
         raise FrameError(f"unexpected {kind.name} frame from a connected peer")
-
-    def _receive_pull(
-        self, conn: _Connection, tg: anyio.abc.TaskGroup, request_id: int, length: int
-    ) -> FrameReceiver:
-        payload = bytearray(length)
-        yield [memoryview(payload)], None
-        if conn.num_inflight >= self.config.max_inflight_pulls:
-            message = f"more than {self.config.max_inflight_pulls} pulls in flight"
-            tg.start_soon(_try_send_error, conn.wire, request_id, message)
-        elif self._reader is None:
-            message = "this instance holds no block bytes (events only)"
-            tg.start_soon(_try_send_error, conn.wire, request_id, message, True)
-        else:
-            self._on_pull(conn, tg, self._reader, request_id, payload)
-
-    # -- pulls -------------------------------------------------------------------------
-    def _on_pull(
-        self,
-        conn: _Connection,
-        tg: anyio.abc.TaskGroup,
-        reader: RunReader,
-        request_id: int,
-        payload: bytearray,
-    ) -> None:
-        """Serve a PULL at once, on this thread, when its blocks are in host memory and
-        the connection is free to send (the common case): no task, and no pins unless
-        the socket cannot take the whole reply now, when the run is pinned and the rest
-        is sent by a task. Anything else (a malformed or refused pull, blocks to read
-        from disk or a device, another frame being sent) is served by a task of its own
-        (`_serve_pull`)."""
-        try:
-            fingerprint, lease_id, keys = unpack_pull(payload)
-        except FrameError:
-            fingerprint = b""
-        if fingerprint == self.identity.fingerprint:
-            found = find_run(self.store, keys)
-            if reader.in_host_memory(found):
-                served: list[int] = []
-                parts = self._reply(reader, found, request_id, lease_id, served)
-                deadline = time.monotonic() + self.config.lease_ttl_s
-                try:
-                    rest = conn.wire.send_now(parts, deadline)
-                except anyio.WouldBlock:  # another frame is being sent: wait in a task
-                    pass
-                except Exception:  # as in `_serve_pull`: the stream is unusable, end it
-                    self._counts["closed_for_errors"] += 1
-                    conn.wire.shutdown()
-                    return
-                else:
-                    if rest is None:
-                        self._count_served(found, served[0])
-                        return
-                    pin(self.store, found)  # before anything else runs on this thread
-                    lease = (conn.connection_id, request_id)
-                    self._leases[lease] = deadline
-                    conn.num_inflight += 1
-                    tg.start_soon(self._finish_pull, conn, rest, found, served, lease, deadline)
-                    return
-        conn.num_inflight += 1
-        tg.start_soon(self._serve_pull, conn, reader, request_id, payload)
-
-    async def _finish_pull(
-        self,
-        conn: _Connection,
-        rest: Outgoing,
-        run: HeldRun,
-        served: list[int],
-        lease: tuple[int, int],
-        deadline: float,
-    ) -> None:
-        """Send the rest of a reply `_on_pull` began, then unpin its run."""
-        try:
-            await conn.wire.finish_send(rest, deadline)
-            self._count_served(run, served[0])
-        except Exception:  # as in `_serve_pull`
-            self._counts["closed_for_errors"] += 1
-            conn.wire.shutdown()
-        finally:
-            unpin(self.store, run)
-            self._leases.pop(lease, None)
-            conn.num_inflight -= 1
-
-    async def _serve_pull(
-        self, conn: _Connection, reader: RunReader, request_id: int, payload: bytearray
-    ) -> None:
-        wire = conn.wire
-        deadline = time.monotonic() + self.config.lease_ttl_s
-        run: HeldRun | None = None
-        lease = (conn.connection_id, request_id)
-        try:
-            fingerprint, lease_id, keys = unpack_pull(payload)
-            if fingerprint != self.identity.fingerprint:
-                message = (
-                    f"pull for model fingerprint {fingerprint.hex()}, this instance serves "
-                    f"{self.identity.fingerprint.hex()}"
-                )
-                await send_error(wire, request_id, ErrorCode.FINGERPRINT_MISMATCH, message)
-                raise FrameError(message)
-            found = find_run(self.store, keys)
-            served: list[int] = []
-            parts = self._reply(reader, found, request_id, lease_id, served)
-
-            def pin_found() -> None:  # before anything else may run on this thread
-                nonlocal run
-                pin(self.store, found)
-                run = found
-                self._leases[lease] = deadline
-
-            if reader.in_host_memory(found):
-                # On this thread: pinned only if the send has to wait (a reply that fits
-                # the socket's buffer is sent before anything else can touch the store).
-                await wire.send_parts(parts, deadline, before_waiting=pin_found)
-            else:
-                pin_found()
-                await wire.send_built(parts, deadline)  # read, hash and send: one thread
-            self._count_served(found, served[0])
-        except Exception:  # one failed pull ends its connection, nothing else
-            # A transfer that failed half-way leaves the stream unusable: end it.
-            self._counts["closed_for_errors"] += 1
-            wire.shutdown()
-        finally:
-            if run is not None:
-                unpin(self.store, run)
-            self._leases.pop(lease, None)
-            conn.num_inflight -= 1
-
-    def _reply(
-        self, reader: RunReader, found: HeldRun, request_id: int, lease_id: int, served: list[int]
-    ) -> Iterator[Sequence[bytes | memoryview]]:
-        """The parts of the BLOCKS reply to a pull that found `found`, made as they are
-        taken: the run is read when the first is, each block still to hash is hashed
-        just before its part (blocks whose checksums are known go in one part); the
-        number of blocks read is appended to `served`."""
-        size = self.bytes_per_block
-        data = reader.read_run(found, hash_host=False)
-        n = len(data.views)
-        served.append(n)
-        payload_length = blocks_meta_size(n) + n * size
-        head: list[bytes | memoryview] = [
-            pack_header(FrameKind.BLOCKS, request_id, payload_length),
-            pack_blocks_head(lease_id, size, found.tiers[:n]),
-        ]
-        sums = data.checksums
-        if None not in sums:  # all known (blocks served before): one part, one sendmsg
-            yield [*head, *data.views, pack_checksums(cast("list[int]", sums))]
-            return
-        part, part_bytes = head, 0
-        for i in range(n):
-            if sums[i] is None:  # to hash: first send what is ready, if much
-                if part_bytes >= SEND_PART_BYTES:
-                    yield part
-                    part, part_bytes = [], 0
-                sums[i] = checksum = digest(data.views[i])
-                reader.remember(found, i, checksum)
-            part.append(data.views[i])
-            part_bytes += size
-        yield [*part, pack_checksums(cast("list[int]", sums))]
-
-    def _count_served(self, found: HeldRun, num_blocks: int) -> None:
-        self._counts["pulls"] += 1
-        self._counts["blocks"] += num_blocks
-        self._counts["bytes"] += num_blocks * self.bytes_per_block
-        if self.on_served is not None:
-            self.on_served(found.keys[:num_blocks])
 
     # -- block events ------------------------------------------------------------------
     def _on_block_event(self, event: BlockEvent) -> None:
@@ -436,7 +253,7 @@ class PeerService:
     async def _send_events(
         self, conn: _Connection, frames: MemoryObjectReceiveStream[bytes]
     ) -> None:
-        with contextlib.suppress(*_CONNECTION_ERRORS):
+        with contextlib.suppress(*CONNECTION_ERRORS):
             async with frames:
                 async for frame in frames:
                     deadline = time.monotonic() + self.config.lease_ttl_s
@@ -512,11 +329,3 @@ def _nothing() -> FrameReceiver:
 
 def _discard(length: int) -> FrameReceiver:
     yield [memoryview(bytearray(length))], None
-
-
-async def _try_send_error(
-    wire: Wire, request_id: int, message: str, unavailable: bool = False
-) -> None:
-    code = ErrorCode.UNAVAILABLE if unavailable else ErrorCode.BUSY
-    with contextlib.suppress(*_CONNECTION_ERRORS):
-        await send_error(wire, request_id, code, message)
