@@ -18,7 +18,6 @@ that long, or after `SLICE_S` of holding the loop, reading goes on at the next r
 from __future__ import annotations
 
 import asyncio
-import select
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import NoReturn
@@ -27,7 +26,7 @@ import anyio
 import xxhash
 
 from kvflow.peer.frames import HEADER_SIZE, Header
-from kvflow.peer.wire import FLOW_WAIT_MS, SLICE_S, PeerClosedError, Wire
+from kvflow.peer.wire import SLICE_S, PeerClosedError, Wire, flowing, recv_some
 
 FrameReceiver = Generator[tuple[Sequence[memoryview], list[int] | None], None, None]
 """One frame's receiver: yields the buffers to fill next with its payload, in order, and
@@ -105,7 +104,6 @@ class _Feed:
         """The first buffer of `views` not full yet,"""
         self.got = 0
         """and how many bytes it holds."""
-        self.poller: select.poll | None = None
 
     def on_readable(self) -> None:
         """Read and act on what has arrived, until the socket has nothing more for now or
@@ -158,19 +156,10 @@ class _Feed:
                 size = len(view)
                 while got < size:
                     try:
-                        num = sock.recv_into(view[got:] if got else view)
+                        got += recv_some(sock, view[got:] if got else view)
                     except BlockingIOError:
-                        if self.poller is None:
-                            self.poller = select.poll()
-                            self.poller.register(sock, select.POLLIN)
-                        if time.monotonic() >= slice_end or not self.poller.poll(FLOW_WAIT_MS):
+                        if not flowing(self.wire.recv_poller, slice_end):
                             return False
-                        continue
-                    except OSError as err:
-                        raise PeerClosedError(f"connection lost: {err}") from None
-                    if num == 0:
-                        raise PeerClosedError("connection closed by the other end")
-                    got += num
                 if digests is not None:
                     digests.append(digest(view))
                 i, got = i + 1, 0

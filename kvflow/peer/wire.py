@@ -60,14 +60,13 @@ class Outgoing:
     """A frame being sent: the parts not taken yet, and the unsent views of the one
     being sent."""
 
-    __slots__ = ("num_bytes", "parts", "poller", "views")
+    __slots__ = ("num_bytes", "parts", "views")
 
     def __init__(self, parts: Iterable[Sequence[Buffer]]) -> None:
         self.parts: Iterator[Sequence[Buffer]] = iter(parts)
         self.views: list[Buffer] = []
         self.num_bytes = 0
         """Bytes of `views` still to send."""
-        self.poller: select.poll | None = None
 
 
 class ReadAhead:
@@ -95,15 +94,7 @@ class ReadAhead:
             left = self.end - self.pos
             self.buf[:left] = self.view[self.pos : self.end]
             self.pos, self.end = 0, left
-        try:
-            num = sock.recv_into(self.view[self.end :])
-        except BlockingIOError:
-            raise
-        except OSError as err:
-            raise PeerClosedError(f"connection lost: {err}") from None
-        if num == 0:
-            raise PeerClosedError("connection closed by the other end")
-        self.end += num
+        self.end += recv_some(sock, self.view[self.end :])
 
     def header(self, max_payload_bytes: int) -> Header:
         """Take the header read ahead (`len(self) >= HEADER_SIZE`), checked."""
@@ -131,6 +122,9 @@ class Wire:
         self.max_payload_bytes = max_payload_bytes
         self.incoming = ReadAhead()
         """Bytes read past the frame being read (`kvflow.peer.receiving` reads on)."""
+        self.send_poller = _poller(sock, select.POLLOUT)
+        self.recv_poller = _poller(sock, select.POLLIN)
+        """For waiting in `flowing` while a frame's bytes flow out and in."""
         self._send_turn = anyio.Semaphore(1)
         """One frame is sent at a time (a semaphore, not a lock: a frame begun by one
         task may be finished by another, see `send_now`)."""
@@ -157,15 +151,9 @@ class Wire:
         got = self.incoming.take(view)
         while got < len(view):
             try:
-                num = self.sock.recv_into(view[got:])
+                got += recv_some(self.sock, view[got:])
             except BlockingIOError:
                 await anyio.wait_readable(self.sock)
-                continue
-            except OSError as err:
-                raise PeerClosedError(f"connection lost: {err}") from None
-            if num == 0:
-                raise PeerClosedError("connection closed by the other end")
-            got += num
 
     async def _recv_ahead(self) -> None:
         while True:
@@ -266,10 +254,7 @@ class Wire:
             try:
                 num = sock.sendmsg(views if len(views) <= _IOV_MAX else views[:_IOV_MAX])
             except BlockingIOError:
-                if out.poller is None:
-                    out.poller = select.poll()
-                    out.poller.register(sock, select.POLLOUT)
-                if time.monotonic() >= slice_end or not out.poller.poll(FLOW_WAIT_MS):
+                if not flowing(self.send_poller, slice_end):
                     return False
                 continue
             except OSError as err:
@@ -319,6 +304,33 @@ class Wire:
         self.sock.close()
 
 
+def recv_some(sock: socket.socket, view: memoryview) -> int:
+    """`sock.recv_into(view)`: how many bytes, at least one. Raises BlockingIOError while
+    nothing has arrived, `PeerClosedError` at the connection's end or on an error."""
+    try:
+        num = sock.recv_into(view)
+    except BlockingIOError:
+        raise
+    except OSError as err:
+        raise PeerClosedError(f"connection lost: {err}") from None
+    if num == 0:
+        raise PeerClosedError("connection closed by the other end")
+    return num
+
+
+def _poller(sock: socket.socket, event: int) -> select.poll:
+    poller = select.poll()
+    poller.register(sock, event)
+    return poller
+
+
+def flowing(poller: select.poll, slice_end: float) -> bool:
+    """While a frame's bytes flow and the socket has no room (or nothing to read):
+    whether it is ready again within `FLOW_WAIT_MS`, before `slice_end` (a blocking
+    poll); False hands the wait to the event loop."""
+    return time.monotonic() < slice_end and bool(poller.poll(FLOW_WAIT_MS))
+
+
 def _advance(views: list[Buffer], num_bytes: int) -> None:
     """Drop `num_bytes` sent bytes from the front of `views`."""
     k = 0
@@ -357,8 +369,7 @@ def _wait_blocking(poller: select.poll, deadline: float, what: str) -> None:
 
 def send_views_blocking(sock: socket.socket, views: list[Buffer], deadline: float) -> None:
     """`sendmsg` the views in order, waiting with poll (the socket is non-blocking)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
+    poller = _poller(sock, select.POLLOUT)
     while views:
         try:
             num = sock.sendmsg(views[:_IOV_MAX])
@@ -372,19 +383,12 @@ def send_views_blocking(sock: socket.socket, views: list[Buffer], deadline: floa
 
 def recv_views_blocking(sock: socket.socket, views: Sequence[memoryview], deadline: float) -> None:
     """Fill each view in turn with `recv_into`, waiting with poll."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
+    poller = _poller(sock, select.POLLIN)
     for view in views:
         got = 0
         n = len(view)
         while got < n:
             try:
-                num = sock.recv_into(view[got:])
+                got += recv_some(sock, view[got:])
             except BlockingIOError:
                 _wait_blocking(poller, deadline, "a receive")
-                continue
-            except OSError as err:
-                raise PeerClosedError(f"connection lost: {err}") from None
-            if num == 0:
-                raise PeerClosedError("connection closed by the other end")
-            got += num
