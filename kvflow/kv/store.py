@@ -12,6 +12,7 @@ are neither indexed nor reusable, so a block is never read before its copy ends.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,17 @@ def _fan_out(hooks: Sequence[KeyListener]) -> KeyListener:
             hook(stored, keys)
 
     return on_keys
+
+
+@dataclass(eq=False, slots=True)
+class _ReleasedChain:
+    """A chain the device released (keys, root first) while some of its blocks were
+    still being copied down: lined up below device once the last of them lands."""
+
+    seq: int
+    keys: list[int]
+    num_waiting: int
+    """Its keys still being copied down to cpu or disk."""
 
 
 @dataclass(slots=True)
@@ -142,9 +154,10 @@ class KVStore:
         }
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
-        self._unordered: list[tuple[list[int], list[int]]] = []
-        """Released chains (keys, root first) whose copies down had not all landed, with
-        the keys still in flight: lined up tail first below device once they land."""
+        self._waiting_chains: dict[int, list[_ReleasedChain]] = {}
+        """Key -> the released chains waiting for its copy down to land (see
+        `_order_below`)."""
+        self._release_seq = itertools.count()
         self._listeners: list[BlockListener] = []
         self._key_listeners: list[dict[TierName, KeyListener]] = []
         self._pull_engine: CopyEngine | None = None
@@ -450,24 +463,46 @@ class KVStore:
         keys = list(map(pool.block_keys.__getitem__, block_ids))
         with contextlib.suppress(ValueError):  # the chain ends at its first unsealed block
             del keys[keys.index(None) :]
-        chain = cast("list[int]", keys)
-        self._order_below(chain, chain)
+        self._order_below(cast("list[int]", keys))
 
-    def _order_below(self, chain: list[int], waiting: list[int]) -> None:
+    def _order_below(self, chain: list[int]) -> None:
         """Line `chain` (keys, root first) up in cpu and disk to be evicted from its tail
         toward its root, as the device releases it (`BlockPool.order_tail_first`: in the
         LRU places its blocks hold, so how recently they were used is unchanged). Its
         blocks entered those tiers one copy at a time, root first: write_through copies
         each block as it is sealed, a later turn's new blocks land after the earlier
         turn's, and a cpu block goes back in line when its copy to disk lands. While any
-        of `waiting` (its keys that may be in flight) is still being copied down, the
-        chain waits for a later `poll`."""
+        of its blocks is still being copied down, the chain waits for the last of those
+        copies to land (`_on_landed`)."""
         cpu_inflight, disk_inflight = self._inflight_keys["cpu"], self._inflight_keys["disk"]
         if cpu_inflight or disk_inflight:
-            waiting = [k for k in waiting if k in cpu_inflight or k in disk_inflight]
+            waiting = [k for k in chain if k in cpu_inflight or k in disk_inflight]
             if waiting:
-                self._unordered.append((chain, waiting))
+                released = _ReleasedChain(next(self._release_seq), chain, len(waiting))
+                for key in waiting:
+                    self._waiting_chains.setdefault(key, []).append(released)
                 return
+        self._order_tail_first(chain)
+
+    def _on_landed(self, done: list[tuple[Transfer, list[bool]]]) -> None:
+        """Line up the released chains whose last copy down was among `done` (in the
+        order they were released), now that every copy `done` started has begun."""
+        waiting_chains = self._waiting_chains
+        cpu_inflight, disk_inflight = self._inflight_keys["cpu"], self._inflight_keys["disk"]
+        ready: list[_ReleasedChain] = []
+        for t, _ in done:
+            for key in t.keys:
+                if key not in waiting_chains or key in cpu_inflight or key in disk_inflight:
+                    continue  # (a cpu block's copy to disk may have started)
+                for released in waiting_chains.pop(key):
+                    released.num_waiting -= 1
+                    if not released.num_waiting:
+                        ready.append(released)
+        ready.sort(key=lambda released: released.seq)
+        for released in ready:
+            self._order_tail_first(released.keys)
+
+    def _order_tail_first(self, chain: list[int]) -> None:
         for tier in (self.cpu, self.disk):
             if tier is not None:
                 tier.order_tail_first([s for s in map(tier._cached.get, chain) if s is not None])
@@ -537,10 +572,8 @@ class KVStore:
             done += self._pull_engine.completed(now)
         for t, ok in done:
             self._finish(t, ok, now)
-        if done and self._unordered:
-            unordered, self._unordered = self._unordered, []
-            for chain, waiting in unordered:
-                self._order_below(chain, waiting)
+        if done and self._waiting_chains:
+            self._on_landed(done)
         return done
 
     def _finish(self, t: Transfer, ok: list[bool], now: float) -> None:
