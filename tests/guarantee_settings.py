@@ -8,7 +8,11 @@ runs before submitting a change to the core. `examples(n)` is a run's settings.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.strategies import SearchStrategy
 
 settings.register_profile(
     "guarantees",
@@ -40,3 +44,25 @@ SLOW_FACTOR = 10
 def scaled(n: int, slow: bool) -> int:
     """`n` cases in the default run, `SLOW_FACTOR * n` in the slow one."""
     return n * SLOW_FACTOR if slow else n
+
+
+def store_knobs(
+    *, device: tuple[int, int], cpu_max: int, disk_max: int, budget_max: int
+) -> dict[str, SearchStrategy[Any]]:
+    """Strategies for the store's and scheduler's knobs the model-based tests draw:
+    tier sizes (a device tier of `device` blocks, cpu and disk up to `cpu_max` and
+    `disk_max`), the write and load policies, the preemption mode, and the batch
+    limits (a token budget up to `budget_max`)."""
+    return {
+        "kv.device.num_blocks": st.integers(*device),
+        "kv.cpu.num_blocks": st.integers(0, cpu_max),
+        "kv.disk.num_blocks": st.integers(0, disk_max),
+        "kv.write_policy": st.sampled_from(
+            ["write_back", "write_through", "write_through_selective"]
+        ),
+        "kv.write_through_threshold": st.integers(1, 2),
+        "kv.load_policy": st.sampled_from(["auto", "always"]),
+        "scheduler.preemption_mode": st.sampled_from(["auto", "swap", "recompute"]),
+        "scheduler.max_num_seqs": st.integers(1, 4),
+        "scheduler.max_num_batched_tokens": st.integers(4, budget_max),
+    }

@@ -39,7 +39,7 @@ from kvflow.peer.frames import KeyRecord, SeqFrame
 from kvflow.policies import make_policy
 from kvflow.request import FinishReason, Request, RequestState, RequestStatus, SamplingParams
 from kvflow.scheduler import Scheduler, StepPlan
-from tests.guarantee_settings import examples
+from tests.guarantee_settings import examples, store_knobs
 from tests.kv_shadow import (
     ShadowCopies,
     ShadowRunner,
@@ -67,17 +67,7 @@ arrival = st.tuples(
 knobs = st.fixed_dictionaries(
     {
         "kv.block_size": st.sampled_from([2, 4]),
-        "kv.device.num_blocks": st.integers(6, 12),
-        "kv.cpu.num_blocks": st.integers(0, 10),
-        "kv.disk.num_blocks": st.integers(0, 12),
-        "kv.write_policy": st.sampled_from(
-            ["write_back", "write_through", "write_through_selective"]
-        ),
-        "kv.write_through_threshold": st.integers(1, 2),
-        "kv.load_policy": st.sampled_from(["auto", "always"]),
-        "scheduler.preemption_mode": st.sampled_from(["auto", "swap", "recompute"]),
-        "scheduler.max_num_seqs": st.integers(1, 4),
-        "scheduler.max_num_batched_tokens": st.integers(4, 24),
+        **store_knobs(device=(6, 12), cpu_max=10, disk_max=12, budget_max=24),
         "scheduler.enable_inbatch_prefix_sharing": st.booleans(),
         "policies.lpm.candidate_window": st.integers(1, 3),
         "policies.lpm.max_wait_s": st.sampled_from([0.02, 0.05]),

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from kvflow.config import KVFlowConfig
 from kvflow.kv.store import BlockEvent, KVStore
+from kvflow.policies import make_policy
 from kvflow.request import FinishReason, RequestStatus
 from kvflow.scheduler import Scheduler
-from kvflow.traces.replay import make_policy
 from tests.builders import ScriptedRunner, make_request
+from tests.guarantee_settings import store_knobs
 
 LAYOUT = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 4, "dtype": "float32"}
 
@@ -25,21 +26,7 @@ request_st = st.tuples(
     st.integers(0, 2),  # shared-prefix group
 )
 
-knobs = st.fixed_dictionaries(
-    {
-        "kv.device.num_blocks": st.integers(8, 11),
-        "kv.cpu.num_blocks": st.integers(0, 12),
-        "kv.disk.num_blocks": st.integers(0, 20),
-        "kv.write_policy": st.sampled_from(
-            ["write_back", "write_through", "write_through_selective"]
-        ),
-        "kv.write_through_threshold": st.integers(1, 2),
-        "kv.load_policy": st.sampled_from(["auto", "always"]),
-        "scheduler.preemption_mode": st.sampled_from(["auto", "swap", "recompute"]),
-        "scheduler.max_num_seqs": st.integers(1, 4),
-        "scheduler.max_num_batched_tokens": st.integers(4, 32),
-    }
-)
+knobs = st.fixed_dictionaries(store_knobs(device=(8, 11), cpu_max=12, disk_max=20, budget_max=32))
 
 
 def drive(
