@@ -69,10 +69,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cp.add_argument(
         "--engine-requests",
         type=int,
-        default=24,
+        default=64,
         metavar="N",
         help="time the async engine's whole steps over N requests in real time and fit its "
-        "overhead per step and per request (default 24; 0 skips it)",
+        "overhead per step and per request (default 64; 0 skips it)",
     )
     cp.add_argument(
         "--no-rescale",

@@ -362,8 +362,18 @@ def calibration_workload(
     num_requests: int, vocab_size: int, max_len: int, seed: int = 7
 ) -> list[Request]:
     """Requests for timing the engine: two shared system prompts, varied own prompts
-    and outputs, all at t=0 (`measure_engine` spreads them). Folded into the vocabulary;
-    every request fits in `max_len` positions."""
+    (up to 640 tokens) and outputs (8 to 128 tokens), all at t=0 (`measure_engine`
+    spreads them). Folded into the vocabulary; every request fits in `max_len`
+    positions.
+
+    The lengths are chosen so that, arriving faster than the engine serves them, the
+    requests build the steps a loaded server runs: decode batches of 30 to 60
+    sequences over contexts of several hundred tokens, beside prefill chunks of
+    hundreds of tokens (with the default 64 requests and a 512-token step budget).
+    Shorter outputs (the earlier 4 to 48) never let a decode batch grow past ~20, so
+    the live refit never saw the busiest steps, which a queue turns into the last
+    arrivals' wait.
+    """
     from kvflow.traces.realtime import fit_to_vocab
     from kvflow.traces.synthetic import shared_prefix_workload
 
@@ -372,11 +382,32 @@ def calibration_workload(
         num_requests,
         num_groups=2,
         prefix_len=prefix,
-        suffix_len=(4, max(4, min(384, max_len // 2 - prefix))),
-        output_len=(4, max(4, min(48, max_len // 4))),
+        suffix_len=(4, max(4, min(640, max_len // 2 - prefix))),
+        output_len=(min(8, max(1, max_len // 4)), max(4, min(128, max_len // 4))),
         seed=seed,
     )
     return fit_to_vocab([r.to_request() for r in records], vocab_size)
+
+
+def overloaded_arrivals(
+    requests: Sequence[Request], config: KVFlowConfig, runner_model: LatencyModel, load: float
+) -> list[Request]:
+    """`requests` arriving as a Poisson stream (seeded) at `load` times the rate at which
+    `runner_model` says the engine serves them (all of them at once, replayed in virtual
+    time under `config`): above 1, queues form, and steps mix prefills and decodes."""
+    from kvflow.engine_adapters.simulated import SimulatedRunner
+    from kvflow.traces.replay import replay
+
+    burst = [dataclasses.replace(r, arrival_time=0.0) for r in requests]
+    makespan = replay(burst, config, "fcfs", SimulatedRunner(runner_model)).end_time
+    rate = load * len(burst) / makespan if makespan > 0 else 1e3
+    rng = random.Random(0)
+    t = 0.0
+    timed = []
+    for r in burst:
+        timed.append(dataclasses.replace(r, arrival_time=t))
+        t += rng.expovariate(rate)
+    return timed
 
 
 def measure_engine(
@@ -392,26 +423,16 @@ def measure_engine(
 ) -> tuple[Overhead, float, list[EngineStep]]:
     """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
     a Poisson stream at `load` times the rate the runner model says the engine can
-    serve (so queues form and steps mix prefills and decodes), and fit the engine's
-    overhead on the busy steps (`fit_overhead`, with `rescale`). Returns the fit,
-    `engine_noise` of the run and the busy steps.
+    serve (`overloaded_arrivals`: queues form and steps mix prefills and decodes), and
+    fit the engine's overhead on the busy steps (`fit_overhead`, with `rescale`).
+    Returns the fit, `engine_noise` of the run and the busy steps.
 
     Raises:
         ValueError: no busy step was seen (too few requests).
     """
     from kvflow.engine_adapters.engine_timing import busy_steps, engine_noise, fit_overhead
-    from kvflow.engine_adapters.simulated import SimulatedRunner
-    from kvflow.traces.replay import replay
 
-    burst = [dataclasses.replace(r, arrival_time=0.0) for r in requests]
-    makespan = replay(burst, config, "fcfs", SimulatedRunner(runner_model)).end_time
-    rate = load * len(burst) / makespan if makespan > 0 else 1e3
-    rng = random.Random(0)
-    t = 0.0
-    timed = []
-    for r in burst:
-        timed.append(dataclasses.replace(r, arrival_time=t))
-        t += rng.expovariate(rate)
+    timed = overloaded_arrivals(requests, config, runner_model, load)
     _, timed_steps = _timed_realtime(timed, config, "fcfs", runner, store)
     steps = busy_steps(timed_steps)
     overhead = fit_overhead(runner_model, steps, rescale=rescale, grid=grid)
@@ -428,6 +449,7 @@ __all__ = [
     "calibration_workload",
     "compare",
     "measure_engine",
+    "overloaded_arrivals",
     "run_speed",
     "summary_errors",
     "validate",

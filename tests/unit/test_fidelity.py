@@ -22,7 +22,14 @@ from kvflow.request import Request
 from kvflow.scheduler.plan import StepPlan, StepResult
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import replay
-from kvflow.traces.validate import RecordedSteps, compare, run_speed, summary_errors
+from kvflow.traces.validate import (
+    RecordedSteps,
+    calibration_workload,
+    compare,
+    overloaded_arrivals,
+    run_speed,
+    summary_errors,
+)
 from tests.builders import make_config
 
 TEN_MS = LatencyModel(fixed_ms=10.0, prefill_token_us=0.0, decode_seq_us=0.0, kv_token_ns=0.0)
@@ -249,3 +256,43 @@ def test_recorded_step_times_reproduce_the_run_they_were_recorded_from() -> None
     short = RecordedSteps(steps[:3], other)
     summarize_replay(replay(requests, config, "fcfs", short))
     assert short.num_steps > 3 and short.num_matched == 3
+
+
+def test_the_engine_timing_workload_reaches_a_loaded_servers_steps() -> None:
+    """The live refit can only price the steps it sees: replayed as `measure_engine`
+    replays it (arriving at twice the rate a model of the small CPU Llama serves, a
+    512-token step budget, overlapped), the calibration workload builds decode batches
+    of 30 and more beside prefill chunks of 300 and more tokens, over padded decode
+    contexts past the calibration grid's largest (32 x 512)."""
+    model = LatencyModel(
+        3.0, 70.0, 90.0, 400.0, prefill_attn_ns=60.0, prefill_seq_us=300.0,
+        decode_padded_kv_ns=900.0, step_overhead_ms=0.8, seq_overhead_us=25.0,
+    )  # fmt: skip
+    config = make_config(
+        **{"sim.overlap": True, "scheduler.max_num_batched_tokens": 512,
+           "scheduler.max_model_len": 2048}
+    )  # fmt: skip
+    requests = calibration_workload(64, vocab_size=4096, max_len=2048)
+    assert all(len(r.prompt_token_ids) + r.max_new_tokens <= 2048 for r in requests)
+    arriving = overloaded_arrivals(requests, config, model, load=2.0)
+    assert [r.request_id for r in arriving] == [r.request_id for r in requests]
+    assert all(b.arrival_time >= a.arrival_time for a, b in itertools.pairwise(arriving))
+    steps: list[StepFeatures] = []
+
+    def record(scheduler: object, plan: StepPlan, result: StepResult, now: float) -> None:
+        steps.append(StepFeatures.of(plan))
+
+    result = replay(arriving, config, "fcfs", SimulatedRunner(model), on_step=record)
+    assert result.num_leaked_blocks == 0
+    busy_mixed = [s for s in steps if s.num_decode_seqs >= 30 and s.num_prefill_tokens >= 300]
+    assert len(busy_mixed) >= 5
+    assert max(s.num_decode_seqs for s in steps) >= 45
+    assert max(s.decode_padded_kv for s in steps) > 2 * 32 * 512
+
+
+def test_the_engine_timing_workload_fits_a_short_model() -> None:
+    for max_len in (16, 64, 300):
+        requests = calibration_workload(10, vocab_size=97, max_len=max_len)
+        assert len(requests) == 10
+        assert all(len(r.prompt_token_ids) + r.max_new_tokens <= max_len for r in requests)
+        assert all(t < 97 for r in requests for t in r.prompt_token_ids)
