@@ -18,6 +18,7 @@ from kvflow.peer.client import (
     PeerClient,
     PeerDownError,
     PeerRequestError,
+    _Ended,
     connect_peer,
     pull_into_cpu,
 )
@@ -121,6 +122,35 @@ async def test_pipelined_pulls_on_one_connection(tmp_path: Path) -> None:
                 for i in range(8):
                     tg.start_soon(pull, i)
     assert results == dict.fromkeys(range(8), 4)
+    for key, block in blocks.items():
+        assert torch.equal(cpu_block(b, key), block)
+    a.close()
+    b.close()
+
+
+async def test_pulls_end_alike_with_the_signal_used_off_asyncio(tmp_path: Path) -> None:
+    """On asyncio a pull's task waits on a loop future; elsewhere on `_Ended`, an
+    anyio.Event shaped like it. Forced here: pipelined pulls land, a pull of blocks all
+    gone lands nothing, and a pull given up (cancelled) takes the connection down."""
+    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    blocks = put_blocks(a, "cpu", list(range(100, 108)), seed=8)
+    results: dict[int, int] = {}
+    with anyio.fail_after(30):
+        async with serving(a) as service, client_of(service, b) as client:
+            client._new_ended = _Ended
+
+            async def pull(i: int) -> None:
+                results[i] = await pull_into_cpu(client, b, list(range(100 + 4 * i, 104 + 4 * i)))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(2):
+                    tg.start_soon(pull, i)
+            assert await pull_into_cpu(client, b, [30, 31]) == 0
+            assert not client.is_down
+            with anyio.move_on_after(0):
+                await pull_into_cpu(client, b, [100])
+            assert client.is_down
+    assert results == {0: 4, 1: 4}
     for key, block in blocks.items():
         assert torch.equal(cpu_block(b, key), block)
     a.close()
