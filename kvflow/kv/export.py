@@ -67,13 +67,17 @@ def pin_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
 def find_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
     """The leading run of `keys` that `store` holds now, each block from the fastest
     tier that holds it; a key it does not hold ends the run. Not pinned (see `pin`)."""
-    lookups = [(tier, pool._cached.get) for tier, pool in _pools(store)]
-    for tier, lookup in lookups:  # the common case first: the whole run in one tier
-        slots = list(map(lookup, keys))
+    pools = store._pools
+    for tier in TIERS:  # the common case first: the whole run in one tier
+        pool = pools[tier]
+        if pool is None:
+            continue
+        slots = list(map(pool._cached.get, keys))
         if None not in slots:
             return HeldRun(tuple(keys), (tier,) * len(keys), cast("tuple[int, ...]", tuple(slots)))
         if slots.count(None) < len(slots):
             break  # some blocks here, some not: block by block
+    lookups = [(tier, pool._cached.get) for tier, pool in _pools(store)]
     found: list[tuple[int, TierName, int]] = []
     for key in keys:
         for tier, lookup in lookups:
@@ -140,16 +144,22 @@ class RunReader:
             self._host["device"] = byte_view(device)
         if store.cpu_storage is not None:
             self._host["cpu"] = byte_view(store.cpu_storage.data)
-        self._sums: dict[TierName, dict[int, tuple[int, int]]] = {t: {} for t in self._host}
-        """Per host tier: slot -> (its key version when hashed, checksum)."""
+        self._known: dict[TierName, _Known] = {t: _Known() for t in self._host}
+        """Per host tier, the blocks hashed before (see `_Known`)."""
 
     def remember(self, run: HeldRun, i: int, checksum: int) -> None:
         """Block `i` of a run hashes to `checksum` (a host block: kept until its slot's
         key changes)."""
         tier, slot = run.tiers[i], run.slots[i]
-        sums = self._sums.get(tier)
-        if sums is not None:
-            sums[slot] = (self.store._pool(tier).key_versions.item(slot), checksum)
+        known = self._known.get(tier)
+        if known is not None:
+            known.versions[slot] = self.store._pool(tier).key_versions.item(slot)
+            known.checksums[slot] = checksum
+            known.views[slot] = self._view(tier, slot)
+
+    def _view(self, tier: TierName, slot: int) -> memoryview:
+        size = self.bytes_per_block
+        return self._host[tier][slot * size : (slot + 1) * size]
 
     def in_host_memory(self, run: HeldRun) -> bool:
         """Whether every block of the run is viewed in place (no disk read, no copy from
@@ -165,7 +175,6 @@ class RunReader:
         (None) here unless one was remembered: a sender hashes each just before sending
         it, overlapping hashing with the transfer of the blocks before (and
         `remember`s it)."""
-        size = self.bytes_per_block
         views: list[memoryview] = []
         checksums: list[int | None] = []
         digest = xxhash.xxh3_64_intdigest if hash_host else _no_digest
@@ -180,17 +189,22 @@ class RunReader:
                 while j < n and run.tiers[j] == tier:
                     j += 1
             slots = run.slots[i:j]
-            host = self._host.get(tier)
-            if host is not None:
-                remembered = self._sums[tier]
+            known = self._known.get(tier)
+            if known is not None:
                 versions = self.store._pool(tier).key_versions
-                here = [host[s * size : (s + 1) * size] for s in slots]
-                known = [remembered.get(s) for s in slots]
-                views += here
-                checksums += [
-                    k[1] if k is not None and k[0] == versions.item(s) else digest(v)
-                    for s, k, v in zip(slots, known, here, strict=True)
-                ]
+                if list(map(known.versions.get, slots)) == list(map(versions.item, slots)):
+                    # All hashed before, none dropped since (a popular prefix served
+                    # again): no Python per block.
+                    views += map(known.views.__getitem__, slots)
+                    checksums += map(known.checksums.__getitem__, slots)
+                else:
+                    for s in slots:
+                        view = self._view(tier, s)
+                        views.append(view)
+                        if known.versions.get(s) == versions.item(s):
+                            checksums.append(known.checksums[s])
+                        else:
+                            checksums.append(digest(view))
             elif tier == "disk":
                 num_good = self._read_disk(slots, views, checksums)
                 if num_good < len(slots):
@@ -234,6 +248,19 @@ class RunReader:
             view = host[i * size : (i + 1) * size]
             views.append(view)
             sums.append(digest(view))
+
+
+class _Known:
+    """The blocks of one host tier hashed before, by slot: the slot's key version when
+    hashed (its checksum holds while the version does), the checksum, and a view of
+    the slot's bytes (host pools never move, so views are made once per slot)."""
+
+    __slots__ = ("checksums", "versions", "views")
+
+    def __init__(self) -> None:
+        self.versions: dict[int, int] = {}
+        self.checksums: dict[int, int] = {}
+        self.views: dict[int, memoryview] = {}
 
 
 def _no_digest(view: memoryview) -> None:

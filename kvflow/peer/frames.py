@@ -219,9 +219,12 @@ def unpack_blocks_head(data: bytes | bytearray | memoryview, payload_length: int
 
 
 def unpack_tier_codes(data: bytes | bytearray | memoryview) -> tuple[str, ...]:
-    if data and max(data) >= len(TIER_NAMES):
-        raise FrameError(f"BLOCKS tier codes {list(data)[:8]} out of range")
-    return tuple(map(TIER_NAMES.__getitem__, data))
+    codes = bytes(data)
+    if codes and codes.count(codes[0]) == len(codes) and codes[0] < len(TIER_NAMES):
+        return (TIER_NAMES[codes[0]],) * len(codes)  # the common case: all from one tier
+    if codes and max(codes) >= len(TIER_NAMES):
+        raise FrameError(f"BLOCKS tier codes {list(codes)[:8]} out of range")
+    return tuple(map(TIER_NAMES.__getitem__, codes))
 
 
 # -- EVENTS / RESYNC / HEARTBEAT ---------------------------------------------------------

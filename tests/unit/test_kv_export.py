@@ -92,6 +92,10 @@ def test_a_remembered_checksum_lasts_as_long_as_its_block_stays_in_its_slot(
     reader.remember(run, 0, sums[0])
     assert reader.read_run(find_run(store, [1, 2]), hash_host=False).checksums == [sums[0], None]
     assert reader.read_run(run).checksums == sums  # hash_host: the rest are hashed
+    reader.remember(run, 1, sums[1])
+    whole = reader.read_run(find_run(store, [1, 2]), hash_host=False)  # all known
+    assert whole.checksums == sums
+    assert [bytes(v) for v in whole.views] == [bytes(v) for v in first.views]
     assert store.cpu is not None
     store.cpu.reset_prefix_cache()  # both evicted; their slots take other blocks
     put_blocks(store, "cpu", [3, 4], seed=2)
