@@ -111,7 +111,8 @@ class CacheAwareRouter(Router):
         self.balance_rel_threshold = balance_rel_threshold
 
     def route(self, request: Request, view: FleetView) -> int:
-        loads = view.loads()
+        queued, running = view.num_queued_tokens, view.num_running
+        loads = [q + r for q, r in zip(queued, running, strict=True)]
         lowest, highest = min(loads), max(loads)
         if (
             highest - lowest > self.balance_abs_threshold
@@ -125,24 +126,31 @@ class CacheAwareRouter(Router):
         network = view.network
         held = view.index.num_blocks
         routed = view.num_routed
-        device, used, queued = view.device_blocks, view.num_used_blocks, view.num_queued_tokens
-        capacity = view.capacity
+        device, used, capacity = view.device_blocks, view.num_used_blocks, view.capacity
         best, best_rank = 0, (True, float("inf"), 0, 0, 0)
+        # One pass, the per-instance terms inlined (the same arithmetic as
+        # `FleetView.queue_time_s`): it runs for every instance at every arrival.
         for i, lat in enumerate(view.latency):
             prefill_us = lat.prefill_token_us
-            num_uncached = num_prompt - runs[i] * bs
-            short = device[i] > 0 and used[i] + (queued[i] + num_uncached) // bs > device[i]
-            cost = view.queue_time_s(i)
-            num_pull = best_run - runs[i]
-            if network is not None and num_pull > 0:
+            run = runs[i]
+            num_uncached = num_prompt - run * bs
+            num_device = device[i]
+            short = num_device > 0 and used[i] + (queued[i] + num_uncached) // bs > num_device
+            cost = (queued[i] * prefill_us + running[i] * lat.decode_seq_us) * 1e-6
+            if network is not None and best_run > run:
+                num_pull = best_run - run
                 pull = network.pull_time_s(num_pull)
                 if pull < num_pull * bs * prefill_us * 1e-6:
                     cost += pull
                     num_uncached -= num_pull * bs
             # What it computes it caches, evicting blocks others may want back: on a
             # full cache, recomputing them later costs about as much again.
-            fill = min(held[i] / capacity[i], 1.0)
+            fill = held[i] / capacity[i]
+            if fill > 1.0:
+                fill = 1.0
             cost += num_uncached * prefill_us * 1e-6 * (1.0 + fill)
+            if short is best_rank[0] and cost > best_rank[1]:
+                continue  # ranks after the best so far: no tuple to build
             rank = (short, cost, loads[i], held[i], routed[i])
             if rank < best_rank:
                 best, best_rank = i, rank

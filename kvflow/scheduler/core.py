@@ -106,7 +106,9 @@ class Scheduler:
 
         `block_keys`: the keys of the prompt's full blocks when the caller hashed them
         already (a fleet's router does), as `kvflow.kv.hashing` chains them for this
-        block size and the request's extra keys; they are then not hashed again."""
+        block size and the request's extra keys; they are then not hashed again. A list
+        is adopted as the request's own (not copied): the scheduler appends to it as
+        decoding fills blocks, and the caller must not change it."""
         rid = request.request_id
         if rid in self._active_ids:
             raise ValueError(f"request id {rid!r} is already queued or running")
@@ -118,7 +120,9 @@ class Scheduler:
             self.stats.num_rejected += 1
             return state
         if self.sched_config.enable_prefix_caching:
-            if block_keys is not None:
+            if type(block_keys) is list:
+                state.block_keys = block_keys  # adopted: no copy, no reference per key
+            elif block_keys is not None:
                 state.block_keys.extend(block_keys)
             self._extend_keys(state, state.num_prompt_tokens // self.block_size)
         self.waiting[rid] = state
