@@ -287,3 +287,26 @@ def test_a_match_started_from_another_chain_is_revalidated() -> None:
     assert b.num_cached_tokens == 0  # admitted first, when nothing was cached
     assert all(r.is_finished for r in (b, c, d))
     sched.check_integrity()
+
+
+def test_block_keys_handed_to_add_are_adopted_and_grow_as_hashing_would() -> None:
+    settings = {"kv.block_size": 4, "kv.device.num_blocks": 64}
+    prompt = list(range(500, 510))  # two full blocks and a partial one
+    hashed = make_scheduler(**settings)
+    own = hashed.add(make_request(prompt, max_new_tokens=7, request_id="a"))
+    keys = list(own.block_keys)
+    assert len(keys) == 2
+    given = make_scheduler(**settings)
+    handed = list(keys)
+    state = given.add(make_request(prompt, max_new_tokens=7, request_id="a"), block_keys=handed)
+    assert state.block_keys is handed  # adopted, not copied
+    run_to_completion(hashed)
+    run_to_completion(given)
+    # Decoding filled blocks 2 and 3: the adopted list took their keys, as hashing gave them.
+    assert len(own.block_keys) == 4
+    assert handed == own.block_keys
+    # A tuple is copied: the caller's sequence is never the request's.
+    third = make_scheduler(**settings)
+    frozen = tuple(keys)
+    copied = third.add(make_request(prompt, max_new_tokens=1, request_id="b"), block_keys=frozen)
+    assert copied.block_keys == keys and copied.block_keys is not frozen
