@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
+MAX_DEPTH = 0xFFFF
+"""Block depths (`BlockPool.depths`) saturate here."""
 KeyListener = Callable[[bool, list[int]], None]
 """Told `(True, keys)` when keys enter a pool's index, `(False, keys)` when they leave."""
 BlockIds = Sequence[int] | IntArray
@@ -67,10 +69,11 @@ class BlockPool:
     slots), as vectorized updates do: an id repeated within one call is a caller's bug
     and leaves the counts wrong (`check_integrity` reports it)."""
 
-    BYTES_PER_BLOCK = 5 * 8 + 2 * 8 + 1 + 8 + 120
+    BYTES_PER_BLOCK = 5 * 8 + 2 * 8 + 1 + 2 + 8 + 120
     """RAM per block of a full pool: five int64 arrays, the LRU queue (two int64 slots
-    per block), one bool array, the `block_keys` list's pointer, and the key index (a
-    dict entry with its key and slot int objects: ~120 bytes measured on CPython 3.11)."""
+    per block), one bool array, one uint16 array, the `block_keys` list's pointer, and
+    the key index (a dict entry with its key and slot int objects: ~120 bytes measured
+    on CPython 3.11)."""
 
     @classmethod
     def bytes_needed(cls, num_blocks: int) -> int:
@@ -85,6 +88,11 @@ class BlockPool:
         self.block_keys: list[int | None] = [None] * num_blocks
         self.hit_counts = np.zeros(num_blocks, dtype=np.int64)
         """Prefix hits on each cached block since it was filled."""
+        self.depths = np.zeros(num_blocks, dtype=np.uint16)
+        """Each keyed block's index in its chain (root 0, saturating at `MAX_DEPTH`; 0
+        when unknown), given when it is sealed. The store carries it along with a block's
+        copies; a persistent slab's records keep it, so that a restart lines its blocks
+        up tail first (`kvflow.kv.persist`)."""
         self._keyed = np.zeros(num_blocks, dtype=np.bool_)
         # The free stack: `_free[:_num_free]`, popped from the end.
         self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)
@@ -318,22 +326,28 @@ class BlockPool:
         self._free[n : n + len(ids)] = ids
         self._num_free = n + len(ids)
 
-    def seal(self, block_id: int, key: int) -> bool:
-        """Register a full, computed block under its key. Returns False when another
-        block already holds that key (computed twice in one step); the duplicate stays
-        unkeyed and returns to the free list when released."""
+    def seal(self, block_id: int, key: int, depth: int = 0) -> bool:
+        """Register a full, computed block under its key, at `depth` in its chain (0:
+        the root, or unknown). Returns False when another block already holds that key
+        (computed twice in one step); the duplicate stays unkeyed and returns to the
+        free list when released."""
         if key in self._cached:
             return self._cached[key] == block_id
         self._cached[key] = block_id
+        self.depths[block_id] = min(depth, MAX_DEPTH)
         self.block_keys[block_id] = key
         self._keyed[block_id] = True
         if self.key_listener is not None:
             self.key_listener(True, [key])
         return True
 
-    def seal_many(self, block_ids: Sequence[int], keys: Sequence[int]) -> list[int]:
-        """`seal` each block under its key, in order. Returns the blocks that hold their
-        key afterwards (those for which `seal` returns True)."""
+    def seal_many(
+        self, block_ids: Sequence[int], keys: Sequence[int], first_depth: int | None = None
+    ) -> list[int]:
+        """`seal` each block under its key, in order. With `first_depth` the blocks are
+        a run of one chain, the first at that depth; without, their depths are unknown
+        (0). Returns the blocks that hold their key afterwards (those for which `seal`
+        returns True)."""
         cached = self._cached
         num_before = len(cached)
         if cached.keys().isdisjoint(keys):
@@ -342,19 +356,28 @@ class BlockPool:
                 for key in keys:
                     cached.pop(key, None)
         if len(cached) - num_before != len(keys):  # some key was cached already
-            return [b for b, key in zip(block_ids, keys, strict=True) if self.seal(b, key)]
+            base, step = (0, 0) if first_depth is None else (first_depth, 1)
+            pairs = enumerate(zip(block_ids, keys, strict=True))
+            return [b for i, (b, key) in pairs if self.seal(b, key, base + i * step)]
         block_keys = self.block_keys
         for b, key in zip(block_ids, keys, strict=True):
             block_keys[b] = key
-        self._keyed[_ids(block_ids)] = True
+        ids = _ids(block_ids)
+        self._keyed[ids] = True
+        if first_depth is None:
+            self.depths[ids] = 0
+        else:
+            self.depths[ids] = np.minimum(np.arange(first_depth, first_depth + len(ids)), MAX_DEPTH)
         if self.key_listener is not None and keys:
             self.key_listener(True, list(keys))
         return list(block_ids)
 
-    def adopt(self, block_ids: Sequence[int], keys: Sequence[int]) -> None:
+    def adopt(
+        self, block_ids: Sequence[int], keys: Sequence[int], depths: Sequence[int] = ()
+    ) -> None:
         """Index free blocks that already hold data (a persistent disk tier's recovered
-        blocks) under their distinct `keys`, as cached, unreferenced blocks: evictable,
-        the first of them first."""
+        blocks) under their distinct `keys` (at `depths` in their chains, when given),
+        as cached, unreferenced blocks: evictable, the first of them first."""
         if not len(block_ids):
             return
         ids = _ids(block_ids)
@@ -367,6 +390,8 @@ class BlockPool:
         self._num_free = len(rest)
         if len(self.seal_many(block_ids, keys)) != len(ids):
             raise IntegrityError("adopt: a key is cached already")
+        if len(depths):
+            self.depths[ids] = np.minimum(np.asarray(depths, dtype=np.int64), MAX_DEPTH)
         self._push_lru(ids)
 
     def release(self, block_ids: Sequence[int]) -> None:

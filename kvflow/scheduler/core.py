@@ -575,11 +575,11 @@ class Scheduler:
         first = req.num_sealed_blocks
         if num_full - first == 1:  # a decode filled its last block: no slicing
             block = req.block_ids[first]
-            if self.pool.seal(block, req.block_keys[first]) and self._write_through:
+            if self.pool.seal(block, req.block_keys[first], first) and self._write_through:
                 self.store.on_sealed(block, now)
         else:
             blocks = req.block_ids[first:num_full]
-            sealed = self.pool.seal_many(blocks, req.block_keys[first:num_full])
+            sealed = self.pool.seal_many(blocks, req.block_keys[first:num_full], first)
             if self._write_through:
                 for b in sealed:
                     self.store.on_sealed(b, now)

@@ -632,3 +632,15 @@ def test_seal_many_with_a_fresh_key_twice_seals_only_the_first_block() -> None:
     assert pool.lookup(10) == a
     assert pool.block_keys[b] is None
     pool.check_integrity()
+
+
+def test_a_sealed_block_keeps_its_depth_in_its_chain_saturating() -> None:
+    pool = BlockPool(8)
+    blocks = pool.allocate(8)
+    assert pool.seal_many(blocks[:3], [10, 11, 12], first_depth=4) == blocks[:3]
+    assert pool.seal(blocks[3], 13, depth=70_000)
+    assert pool.seal_many(blocks[4:6], [20, 21]) == blocks[4:6]  # depths unknown: 0
+    # A key cached already sends seal_many block by block; depths still follow the run.
+    assert pool.seal_many(blocks[6:8], [12, 31], first_depth=1) == [blocks[7]]
+    depths = pool.depths[blocks].tolist()
+    assert depths[:6] + depths[7:] == [4, 5, 6, 65535, 0, 0, 2]
