@@ -282,7 +282,9 @@ class ShadowCopies(SimCopyEngine):
         if d == "cpu_to_disk":
             assert self.disk is not None and self.cpu is not None
             cpu_bytes = byte_view(self.cpu.data)
-            return self.disk.write_from(cpu_bytes, t.src_slots, t.dst_slots, keys=t.keys)
+            return self.disk.write_from(
+                cpu_bytes, t.src_slots, t.dst_slots, keys=t.keys, depths=t.depths
+            )
         if d == "disk_to_device":
             assert self.disk is not None
             return self.disk.read_into(t.src_slots, byte_view(self.device.data), t.dst_slots)

@@ -116,7 +116,7 @@ class DiskStorage:
         self._errors_lock = threading.Lock()
         self.fd, self.created = open_slab(path, layout)
         """`created`: this process made the file, so `close` may remove it."""
-        self.recovered = Recovered([], [], [], 1, 0)
+        self.recovered = Recovered([], [], [], [], 1, 0)
         """The blocks a persistent slab held when opened (verified if `verify_on_start`)."""
         if layout.fingerprint is not None and not self.created:
             try:  # before preallocating: a truncated slab's missing blocks are seen
@@ -191,11 +191,13 @@ class DiskStorage:
         *,
         checksum: bool = True,
         keys: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
     ) -> list[bool]:
         """Write blocks `src_slots` of a host pool's bytes `src` (block i at
         `i * bytes_per_block`) to `slots`, one `pwritev` per run of consecutive slots,
         then fsync if configured; returns per-block success. A persistent slab also
-        gets the blocks' records when their `keys` are given (see `set_checksums`).
+        gets the blocks' records when their `keys` (and depths) are given (see
+        `set_checksums`).
 
         With `checksum=False` the written blocks stay unreadable (a read is a miss) until
         `set_checksums` gives their digests, which `block_digests` can compute in another
@@ -212,7 +214,7 @@ class DiskStorage:
                 break  # the disk is full; what landed before is still synced below
         if self.fsync:
             os.fsync(self.fd)
-        return ok if digests is None else self.set_checksums(slots, digests, ok, keys)
+        return ok if digests is None else self.set_checksums(slots, digests, ok, keys, depths)
 
     def _write_run(
         self,
@@ -250,17 +252,20 @@ class DiskStorage:
         digests: Sequence[int] | None,
         ok: list[bool],
         keys: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
     ) -> list[bool]:
         """Make the blocks whose write landed (`ok`) readable, checked against `digests`
         (None when they could not be computed: the blocks stay unreadable). In a
-        persistent slab, first write the records of those blocks (with their `keys`;
-        then fsync if configured): a block is reported written only once its bytes and
-        its record are. Returns the per-block success of the whole write."""
+        persistent slab, first write the records of those blocks (with their `keys`, and
+        `depths` in their chains when known: 0 otherwise; then fsync if configured): a
+        block is reported written only once its bytes and its record are. Returns the
+        per-block success of the whole write."""
         if digests is None:
             self._count_error(sum(ok))
             return [False] * len(ok)
         if keys is not None and self.layout.fingerprint is not None:
-            ok = self._write_records(slots, digests, ok, keys, self.layout.fingerprint)
+            depths = depths if depths is not None else [0] * len(keys)
+            ok = self._write_records(slots, digests, ok, keys, depths, self.layout.fingerprint)
         checksums = self.checksums
         for slot, digest, good in zip(slots, digests, ok, strict=True):
             if good:
@@ -273,15 +278,17 @@ class DiskStorage:
         digests: Sequence[int],
         ok: list[bool],
         keys: Sequence[int],
+        depths: Sequence[int],
         fingerprint: bytes,
     ) -> list[bool]:
         """Write the records of the landed blocks, one `pwrite` each (32 bytes; the
         data writes dominate); a block whose record fails to land fails."""
         ok = list(ok)
-        for i, (slot, digest, key) in enumerate(zip(slots, digests, keys, strict=True)):
+        records = zip(slots, digests, keys, depths, strict=True)
+        for i, (slot, digest, key, depth) in enumerate(records):
             if not ok[i]:
                 continue
-            record = pack_record(fingerprint, key, digest, next(self._generations))
+            record = pack_record(fingerprint, key, digest, next(self._generations), depth)
             try:
                 landed = os.pwrite(self.fd, record, record_offset(slot)) == len(record)
             except OSError:

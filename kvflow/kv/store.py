@@ -178,7 +178,7 @@ class KVStore:
         is attached yet: peers learn these keys from the snapshot (`held_keys`) every
         subscriber gets first, as they learn any key held before they connected."""
         recovered = storage.recovered
-        pool.adopt(recovered.slots, recovered.keys)
+        pool.adopt(recovered.slots, recovered.keys, recovered.depths)
         self.stats.num_disk_blocks_recovered = len(recovered.slots)
         self.stats.num_disk_blocks_dropped = recovered.num_dropped
 
@@ -534,7 +534,9 @@ class KVStore:
         src_slots, keys = src_slots[:n], keys[:n]
         dst_slots = dst_pool.allocate(n)
         src_pool.touch(src_slots, hit=False)
-        self._submit(direction, src_slots, dst_slots, keys, now)
+        # A disk record keeps each block's depth in its chain (`kvflow.kv.persist`).
+        depths = src_pool.depths[src_slots].tolist() if dst_tier == "disk" else None
+        self._submit(direction, src_slots, dst_slots, keys, now, depths)
         if direction == "device_to_cpu":
             self.stats.num_demoted_blocks += n
         else:
@@ -554,8 +556,10 @@ class KVStore:
         dst_slots: list[int],
         keys: list[int],
         now: float,
+        depths: list[int] | None = None,
     ) -> Transfer:
-        t = Transfer(direction, src_slots, dst_slots, keys, len(keys) * self.bytes_per_block, now)
+        nbytes = len(keys) * self.bytes_per_block
+        t = Transfer(direction, src_slots, dst_slots, keys, nbytes, now, depths=depths)
         self._inflight[t.transfer_id] = t
         self._inflight_keys[t.dst_tier].update(keys)
         self.stats.bytes_moved[direction] += t.num_bytes
@@ -589,6 +593,7 @@ class KVStore:
         for slot, key, good in zip(t.dst_slots, t.keys, ok, strict=True):
             if good and dst_pool.seal(slot, key):
                 landed.append(slot)
+        dst_pool.depths[t.dst_slots] = src_pool.depths[t.src_slots]
         num_bad = len(ok) - sum(ok)
         if num_bad:
             self.stats.num_tier_errors += num_bad

@@ -63,6 +63,9 @@ class Transfer:
     transfer_id: int = field(default_factory=lambda: next(_ids))
     peer: str | None = None
     """The peer a `peer_to_cpu` transfer pulls from (its `src_slots` are empty)."""
+    depths: list[int] | None = None
+    """A `cpu_to_disk` copy's blocks' indexes in their chains (`BlockPool.depths`), for
+    a persistent slab's records (`kvflow.kv.persist`)."""
 
     @property
     def src_tier(self) -> str:
@@ -325,7 +328,7 @@ class TensorCopyEngine(ThreadedCopyEngine):
         ok = job.merged()
         if t.direction == "cpu_to_disk":
             assert self.disk is not None
-            ok = self.disk.set_checksums(t.dst_slots, job.digests, ok, t.keys)
+            ok = self.disk.set_checksums(t.dst_slots, job.digests, ok, t.keys, t.depths)
         self._report(t, ok)
 
     def _device_ready(self) -> torch.cuda.Event | None:

@@ -142,6 +142,57 @@ def test_a_restarted_replay_finds_the_last_runs_blocks_on_a_persistent_disk(
     assert report["num_disk_blocks_recovered"] == second.store_stats.num_disk_blocks_recovered
 
 
+def distinct_prompts(num: int, num_blocks: int, seed: int, start: float = 0.0) -> list[Request]:
+    """`num` requests, one at a time, each with a prompt of `num_blocks` full blocks of
+    its own (and one token more), sharing nothing."""
+    rng = random.Random(seed)
+    return [
+        Request(
+            request_id=f"d{seed}-{i}",
+            prompt_token_ids=[rng.randrange(32000) for _ in range(BS * num_blocks + 1)],
+            max_new_tokens=2,
+            arrival_time=start + 1.0 * i,
+        )
+        for i in range(num)
+    ]
+
+
+def test_a_restarted_persistent_disk_evicts_its_recovered_chains_tail_first(
+    tmp_path: Path,
+) -> None:
+    """Six 4-block prompts fill a 24-block persistent disk; after a restart, two new
+    3-block prompts evict six recovered blocks. Each recovered chain must keep a prefix
+    (its root first): a tail whose root is gone is a block no prefix match can reach."""
+    kv = {
+        "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 24,
+        "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"), "disk.persist": True,
+    }  # fmt: skip
+    config = KVFlowConfig.from_dict(
+        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
+    )
+    store = KVStore.with_tensors(config.kv, model_id="tiny")
+    try:
+        first = replay(distinct_prompts(6, 4, seed=1), config, "fcfs", store=store)
+        chains = [list(s.block_keys[:4]) for s in first.states]
+        assert store.disk is not None
+        assert all(store.disk.lookup(k) is not None for chain in chains for k in chain)
+    finally:
+        store.close()
+    store = KVStore.with_tensors(config.kv, model_id="tiny")
+    try:
+        assert store.stats.num_disk_blocks_recovered == 24
+        second = replay(distinct_prompts(2, 3, seed=2), config, "fcfs", store=store)
+        assert second.store_stats.num_tier_errors == 0
+        disk = store.disk
+        assert disk is not None
+        held = [[disk.lookup(k) is not None for k in chain] for chain in chains]
+    finally:
+        store.close()
+    assert sum(map(sum, held)) == 24 - 6  # six recovered blocks were evicted
+    for chain_held in held:  # each chain: held blocks first, evicted ones after
+        assert chain_held == sorted(chain_held, reverse=True), held
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preemption_swaps_or_recomputes_as_configured(mode: str) -> None:
     rng = random.Random(0)

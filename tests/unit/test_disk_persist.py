@@ -5,10 +5,12 @@ served."""
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from kvflow.config import ConfigError, KVFlowConfig
 from kvflow.kv.fingerprint import model_fingerprint
@@ -245,4 +247,65 @@ def test_a_crash_between_a_blocks_bytes_and_its_record_drops_that_block(tmp_path
     assert again.locate([22]).total_tokens == 0
     back = load_from_disk(again, 11)
     assert back is not None and torch.equal(back, written[11])
+    again.close()
+
+
+def write_keyed(store: KVStore, blocks: dict[int, tuple[int, int]]) -> None:
+    """Write a block to each slot of `blocks` (slot -> (key, depth)), with its record."""
+    disk = store.disk_storage
+    assert disk is not None
+    for slot, (key, depth) in blocks.items():
+        data = torch.full((disk.bytes_per_block // 8,), float(key), dtype=torch.float64)
+        assert disk.write_from(byte_view(data), [0], [slot], keys=[key], depths=[depth]) == [True]
+
+
+def test_recovered_blocks_line_up_deepest_first_then_oldest_keeping_their_depths(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "kv.slab"
+    store = open_store(path)
+    # Two chains, 10 -> 11 -> 12 and 20 -> 21, written root first; 13 past the cap.
+    write_keyed(store, {0: (10, 0), 1: (11, 1), 2: (12, 2), 3: (20, 0), 4: (21, 1)})
+    write_keyed(store, {5: (13, 70_000)})
+    store.close()
+    again = open_store(path)
+    disk, pool = again.disk_storage, again.disk
+    assert disk is not None and pool is not None
+    assert disk.recovered.keys == [13, 12, 11, 21, 10, 20]
+    assert disk.recovered.depths == [65535, 2, 1, 1, 0, 0]
+    assert pool.depths[[5, 2, 1, 4, 0, 3]].tolist() == disk.recovered.depths
+    assert (pool.num_blocks, pool.num_cached_blocks) == (8, 6)
+    pool.allocate(2 + 4)  # the two free blocks, then four evicted in line
+    held = [pool.lookup(k) is not None for k in (13, 12, 11, 21, 10, 20)]
+    assert held == [False, False, False, False, True, True]  # both roots stay
+    again.close()
+
+
+def test_a_slab_written_before_depths_still_recovers_in_write_order(tmp_path: Path) -> None:
+    """Records as kvflow wrote them before depths (generation in all 8 bytes) read as
+    depth 0, their blocks served byte for byte and lined up oldest first."""
+    path = tmp_path / "kv.slab"
+    store = open_store(path)
+    written = compute_blocks(store, [11, 22, 33])
+    disk, pool = store.disk_storage, store.disk
+    assert disk is not None and pool is not None and disk.layout.fingerprint is not None
+    fingerprint = disk.layout.fingerprint
+    for generation, key in enumerate([33, 11, 22], start=1):  # written in this order
+        slot = pool.lookup(key)
+        digest = disk.checksums[slot] if slot is not None else None
+        assert slot is not None and digest is not None
+        body = struct.pack("<QQQ", key, digest, generation)
+        check = xxhash.xxh3_64_intdigest(fingerprint + body)
+        with open(path, "r+b") as f:
+            f.seek(record_offset(slot))
+            f.write(body + struct.pack("<Q", check))
+    store.close()
+    again = open_store(path)
+    assert again.disk_storage is not None
+    recovered = again.disk_storage.recovered
+    assert (recovered.keys, recovered.depths) == ([33, 11, 22], [0, 0, 0])
+    assert again.stats.num_disk_blocks_dropped == 0
+    for key, data in written.items():
+        back = load_from_disk(again, key)
+        assert back is not None and torch.equal(back, data)
     again.close()
