@@ -14,8 +14,8 @@ A persistent slab (`kv.disk.persist`, format version 2 in `kvflow.kv.slab`) hold
 
 Little-endian (bytes 16..24 read as one u64: generation in its low 48 bits, depth in
 its top 16). A slab written before depths were recorded reads as depth 0 everywhere
-(unknown, taken as a root); so does a block whose depth was unknown when written (one
-pulled from a peer). A block's record is written after its bytes (and, with `kv.disk.fsync`,
+(unknown, taken as a root); so does a block whose depth was unknown when written. A
+block's record is written after its bytes (and, with `kv.disk.fsync`,
 after they were synced), and the block is indexed only once both writes returned: a
 crash mid-write leaves a record that fails its own checksum (torn) or the data checksum
 (the bytes changed under an old record), never a record that vouches for bad bytes. At

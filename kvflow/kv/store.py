@@ -410,11 +410,14 @@ class KVStore:
         self.stats.num_promoted_blocks += len(device_blocks)
         return transfers
 
-    def start_pull(self, peer: str, keys: Sequence[int], now: float) -> Transfer | None:
+    def start_pull(
+        self, peer: str, keys: Sequence[int], now: float, first_depth: int | None = None
+    ) -> Transfer | None:
         """Pull the blocks `keys` from `peer` into fresh cpu slots (as many as the cpu
         tier has room for; None when none): the remote tier's engine does it for real,
         else the store's engine models it. The blocks that land intact are indexed in
-        cpu when the transfer completes (`poll`); `cpu_slots_of` finds them then."""
+        cpu (at depths from `first_depth` in their chain, when given) when the transfer
+        completes (`poll`); `cpu_slots_of` finds them then."""
         cpu = self._pool("cpu")
         n = min(len(keys), cpu.num_free_blocks)
         if n <= 0:
@@ -425,7 +428,9 @@ class KVStore:
             self._pull_engine = engine
         dst = cpu.allocate(n)
         keys = list(keys[:n])
-        t = Transfer(PEER_DIRECTION, [], dst, keys, n * self.bytes_per_block, now, peer=peer)
+        depths = None if first_depth is None else list(range(first_depth, first_depth + n))
+        nbytes = n * self.bytes_per_block
+        t = Transfer(PEER_DIRECTION, [], dst, keys, nbytes, now, peer=peer, depths=depths)
         self._inflight[t.transfer_id] = t
         self._inflight_keys["cpu"].update(keys)
         self.stats.num_pulls += 1
@@ -614,7 +619,8 @@ class KVStore:
         slots go back (a block after a bad one is a miss, never garbage)."""
         cpu = self._pool("cpu")
         n = ok.index(False) if not all(ok) else len(ok)
-        landed = cpu.seal_many(t.dst_slots[:n], t.keys[:n]) if n else []
+        first_depth = t.depths[0] if t.depths else None
+        landed = cpu.seal_many(t.dst_slots[:n], t.keys[:n], first_depth) if n else []
         self.stats.bytes_moved[PEER_DIRECTION] += len(landed) * self.bytes_per_block
         if n < len(ok):
             self.stats.num_failed_pulls += 1

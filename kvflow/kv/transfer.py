@@ -64,8 +64,9 @@ class Transfer:
     peer: str | None = None
     """The peer a `peer_to_cpu` transfer pulls from (its `src_slots` are empty)."""
     depths: list[int] | None = None
-    """A `cpu_to_disk` copy's blocks' indexes in their chains (`BlockPool.depths`), for
-    a persistent slab's records (`kvflow.kv.persist`)."""
+    """The blocks' indexes in their chains (`BlockPool.depths`), where the source pool
+    does not hold them: a `cpu_to_disk` copy's, for a persistent slab's records
+    (`kvflow.kv.persist`), and a pull's, for the cpu pool."""
 
     @property
     def src_tier(self) -> str:

@@ -101,7 +101,7 @@ class Loads:
         load = Load({t.transfer_id for t in transfers}, now, first, tiers, first_admission)
         self.waits[rid] = load
         if pull is not None:
-            t = store.start_pull(pull.peer, req.block_keys[end : end + num_pulled], now)
+            t = store.start_pull(pull.peer, req.block_keys[end : end + num_pulled], now, end)
             load.pull_first = end
             if t is None:  # no room in cpu after all: recompute the run
                 self._cut(req, load, end, now)

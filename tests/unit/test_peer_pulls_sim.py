@@ -76,6 +76,10 @@ def test_a_prefix_held_by_a_peer_is_pulled_then_promoted() -> None:
     assert store.stats.bytes_moved["peer_to_cpu"] == nbytes
     assert store.stats.bytes_moved["cpu_to_device"] == nbytes
     assert store.stats.num_pulls == 1 and store.stats.num_failed_pulls == 0
+    for pool in (store.cpu, store.device):  # pulled, then promoted: their chain's depths
+        assert pool is not None
+        depths = [int(pool.depths[pool._cached[key]]) for key in req.block_keys[:2]]
+        assert depths == [0, 1]
     scheduler.commit(plan, StepResult([7]), 1.0)
     store.drain(1.0)
     scheduler.check_integrity()
