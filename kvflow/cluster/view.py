@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from kvflow.cluster.index import PrefixIndex
 from kvflow.engine_adapters.simulated import LatencyModel
-from kvflow.kv.hashing import ChainMemo, root_key
+from kvflow.kv.chain_memo import ChainMemo
+from kvflow.kv.hashing import root_key
 from kvflow.request import Request
 
 

@@ -4,7 +4,8 @@ device match is memoized across the steps it waits and revalidated, not redone."
 from __future__ import annotations
 
 from kvflow.kv.block_pool import BlockPool, PrefixMatch
-from kvflow.kv.hashing import ChainMemo, root_key
+from kvflow.kv.chain_memo import ChainMemo
+from kvflow.kv.hashing import root_key
 from kvflow.request import RequestState
 
 _MAX_RECENT_MATCHES = 1024

@@ -1,4 +1,4 @@
-"""Block keys: chained, stable, and the same whether hashed or copied from a recent chain."""
+"""Block keys: chained, stable, and the same whether hashed or copied from a recent prompt."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from array import array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvflow.kv.hashing import ChainMemo, extend_block_keys, hash_block, root_key
+from kvflow.kv.chain_memo import ChainMemo
+from kvflow.kv.hashing import extend_block_keys, hash_block, root_key
 
 BS = 4
 
@@ -38,7 +39,7 @@ def test_keys_do_not_depend_on_how_the_tokens_are_held() -> None:
     assert grown == as_list
 
 
-# Prompts built from a few shared stems, so that chains share prefixes of any length.
+# Prompts built from a few shared stems, so that they share prefixes of any length.
 stems = st.lists(st.integers(0, 3), min_size=0, max_size=6)
 prompts = st.lists(
     st.tuples(st.sampled_from(["a", "b"]), stems, st.integers(0, BS - 1)), min_size=1, max_size=12
@@ -46,11 +47,11 @@ prompts = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(prompts, st.integers(1, 3))
+@given(prompts, st.integers(1, 4))
 def test_chain_memo_gives_the_keys_hashing_gives(
-    specs: list[tuple[str, list[int], int]], max_chains: int
+    specs: list[tuple[str, list[int], int]], max_nodes: int
 ) -> None:
-    memo = ChainMemo(BS, max_chains=max_chains)
+    memo = ChainMemo(BS, max_nodes=max_nodes)
     roots = {"a": root_key(("a",)), "b": root_key(("b",))}
     for root_name, stem, tail in specs:
         # Each stem id is one block of tokens; `tail` extra tokens make a partial block.
@@ -60,6 +61,40 @@ def test_chain_memo_gives_the_keys_hashing_gives(
         got: list[int] = []
         memo.extend(got, array("I", tokens), num_full, root)
         assert got == keys_of(tokens, num_full, root)
+        assert memo.num_nodes <= max_nodes
+
+
+def conversation(seed: int, num_turns: int) -> list[list[int]]:
+    """A conversation's prompts: each the previous one, an output and a new user turn,
+    after one of two system prompts."""
+    system = [1000 + seed % 2] * (3 * BS)
+    prompt = list(system)
+    turns = []
+    for turn in range(num_turns):
+        prompt = prompt + [seed * 100 + turn] * (2 * BS + turn)  # not block-aligned
+        turns.append(prompt)
+        prompt = prompt + [7] * (turn + 1)  # the output
+    return turns
+
+
+def test_chain_memo_reuses_the_previous_turn_among_many_conversations() -> None:
+    memo = ChainMemo(BS)
+    root = root_key()
+    convs = [conversation(seed, 4) for seed in range(50)]
+    hashed = 0
+    for turn in range(4):
+        for conv in convs:  # interleaved: the previous turn is rarely the latest prompt
+            tokens = conv[turn]
+            before = memo.num_reused_keys
+            keys: list[int] = []
+            memo.extend(keys, array("I", tokens), len(tokens) // BS, root)
+            assert keys == keys_of(tokens, len(tokens) // BS, root)
+            hashed += len(keys) - (memo.num_reused_keys - before)
+            if turn:  # every full block of the previous turn's prompt is copied
+                assert memo.num_reused_keys - before >= len(conv[turn - 1]) // BS
+    # Hashed once: the two system prompts, then each turn's new blocks (a block that
+    # straddled the end of the previous prompt is hashed again, whole).
+    assert hashed <= 2 * 3 + sum(len(c[-1]) // BS - 3 + 4 for c in convs)
 
 
 def test_chain_memo_copies_the_common_prefix_of_a_recent_prompt() -> None:
@@ -73,9 +108,12 @@ def test_chain_memo_copies_the_common_prefix_of_a_recent_prompt() -> None:
     assert memo.num_reused_keys == 3  # the three system-prompt blocks
     assert second[:3] == first[:3] and second[3] != first[3]
     assert second == keys_of(system + [60] * BS, 4, root)
+    third: list[int] = []
+    memo.extend(third, system[: 2 * BS], 2, root)  # a prompt inside a held one
+    assert memo.num_reused_keys == 5 and third == first[:2]
 
 
-def test_chain_memo_keeps_at_most_max_bytes_of_prompts() -> None:
+def test_chain_memo_keeps_at_most_max_bytes_of_tokens_dropping_the_oldest() -> None:
     memo = ChainMemo(BS, max_bytes=4 * 4 * BS * 3)  # three 4-block prompts
     root = root_key()
     for i in range(10):
@@ -83,5 +121,30 @@ def test_chain_memo_keeps_at_most_max_bytes_of_prompts() -> None:
         keys: list[int] = []
         memo.extend(keys, tokens, 4, root)
         assert keys == keys_of(tokens, 4, root)
-        assert memo._num_bytes <= memo.max_bytes
-    assert len(memo._chains) == 3  # the newest three
+        assert memo.num_bytes <= memo.max_bytes
+    assert memo.num_nodes == 3  # the newest three
+    keys = []
+    memo.extend(keys, [9] * BS + [109] * 3 * BS, 4, root)
+    assert memo.num_reused_keys == 4  # the newest is held ...
+    memo.extend([], [0] * BS + [100] * 3 * BS, 4, root)
+    assert memo.num_reused_keys == 4  # ... the oldest is not
+
+
+def test_chain_memo_keeps_the_shared_prefix_of_dropped_prompts_while_it_is_used() -> None:
+    memo = ChainMemo(BS, max_nodes=3)
+    root = root_key()
+    system = [5] * (2 * BS)
+    for i in range(6):  # the system prompt's run stays; the users' runs come and go
+        memo.extend([], system + [i] * BS, 3, root)
+        assert memo.num_nodes <= 3
+    assert memo.num_reused_keys == 5 * 2
+
+
+def test_chain_memo_leaves_the_token_array_free_to_grow() -> None:
+    memo = ChainMemo(BS)
+    tokens = array("I", range(3 * BS))
+    keys: list[int] = []
+    memo.extend(keys, tokens, 3, root_key())  # read in place ...
+    tokens.append(1)  # ... and let go: a decode appends to the same array
+    memo.extend(keys, tokens, 3, root_key())
+    assert keys == keys_of(list(tokens), 3, root_key())
