@@ -1,8 +1,11 @@
-"""Where a prefix lives: the answer to `locate`."""
+"""Where a prefix lives: the store's tiers, and the answer to `locate`."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
+
+TierName = Literal["device", "cpu", "disk"]
+TIERS: tuple[TierName, ...] = ("device", "cpu", "disk")
 
 
 class PrefixLocation(NamedTuple):
