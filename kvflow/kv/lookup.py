@@ -1,13 +1,12 @@
 """Which tier below device holds each block of a run of keys: `KVStore.locate`,
-`find_below`, `find_remote` and `cpu_slots_of` over the cpu and disk pools' key indexes
-and the remote tier's hints."""
+`find_remote` and `cpu_slots_of` over the cpu and disk pools' key indexes and the remote
+tier's hints."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from kvflow.kv.block_pool import BlockPool
-from kvflow.kv.location import TierName
 from kvflow.kv.remote import RemoteRun, RemoteTier
 
 
@@ -28,33 +27,6 @@ def count_below(
         else:
             break
     return num_cpu, num_disk
-
-
-def find_below(
-    cpu: BlockPool | None,
-    disk: BlockPool | None,
-    block_keys: Sequence[int],
-    start: int,
-    max_blocks: int,
-) -> list[tuple[TierName, int]]:
-    """(tier, slot) of the run of blocks `start..` that lower tiers hold, at most up to
-    `max_blocks`; each block from the fastest tier holding it."""
-    out: list[tuple[TierName, int]] = []
-    if cpu is None:
-        return out
-    cpu_index = cpu._cached
-    disk_index = disk._cached if disk is not None else {}
-    for i in range(start, min(max_blocks, len(block_keys))):
-        key = block_keys[i]
-        slot = cpu_index.get(key)
-        if slot is not None:
-            out.append(("cpu", slot))
-            continue
-        slot = disk_index.get(key)
-        if slot is None:
-            break
-        out.append(("disk", slot))
-    return out
 
 
 def leading_slots(pool: BlockPool | None, keys: Sequence[int]) -> list[int]:

@@ -23,7 +23,7 @@ from kvflow.kv.costs import TransferCosts
 from kvflow.kv.engine_pair import EnginePair
 from kvflow.kv.listeners import BlockEvent, BlockListener, StoreListeners
 from kvflow.kv.location import TIERS, PrefixLocation, TierName
-from kvflow.kv.lookup import count_below, find_below, find_remote, leading_slots
+from kvflow.kv.lookup import count_below, find_remote, leading_slots
 from kvflow.kv.release_order import ReleaseOrder
 from kvflow.kv.remote import RemoteRun, RemoteTier
 from kvflow.kv.store_integrity import count_pins
@@ -98,7 +98,8 @@ class KVStore:
         self._threshold = config.write_through_threshold
         sim_engine = self.engine if isinstance(self.engine, SimCopyEngine) else None
         self.costs = TransferCosts(config, sim_engine or SimCopyEngine(config.transfer))
-        """What moves cost against recomputing (`should_load`, `should_pull`)."""
+        """What moves cost against recomputing (`should_load`, `should_pull`,
+        `swap_is_cheaper`)."""
         if disk_storage is not None and self.disk is not None:
             adopt_recovered(disk_storage, self.disk, self.stats)
 
@@ -170,7 +171,22 @@ class KVStore:
     ) -> list[tuple[TierName, int]]:
         """(tier, slot) of the run of blocks `start..` that lower tiers hold, at most up to
         `max_blocks`; each block from the fastest tier holding it."""
-        return find_below(self.cpu, self.disk, block_keys, start, max_blocks)
+        out: list[tuple[TierName, int]] = []
+        if self.cpu is None:
+            return out
+        cpu_index = self.cpu._cached
+        disk_index = self.disk._cached if self.disk is not None else {}
+        for i in range(start, min(max_blocks, len(block_keys))):
+            key = block_keys[i]
+            slot = cpu_index.get(key)
+            if slot is not None:
+                out.append(("cpu", slot))
+                continue
+            slot = disk_index.get(key)
+            if slot is None:
+                break
+            out.append(("disk", slot))
+        return out
 
     def find_remote(
         self, block_keys: Sequence[int], start: int, max_blocks: int
@@ -178,16 +194,6 @@ class KVStore:
         """The run of blocks `start..` (at most up to `max_blocks`) a peer holds by the
         remote tier's hints, capped at what the cpu tier can take in now."""
         return find_remote(self.remote, self.cpu, block_keys, start, max_blocks)
-
-    # -- costs (`TransferCosts`) ------------------------------------------------------
-    def should_load(self, sources: Sequence[tuple[TierName, int]]) -> bool:
-        return self.costs.should_load(sources)
-
-    def should_pull(self, num_blocks: int) -> bool:
-        return self.costs.should_pull(num_blocks)
-
-    def swap_is_cheaper(self, num_blocks: int) -> bool:
-        return self.cpu is not None and self.costs.swap_is_cheaper(num_blocks)
 
     # -- moving blocks up -------------------------------------------------------------
     def start_load(

@@ -386,7 +386,7 @@ class Scheduler:
                 hits, hit_ids = match.block_ids, match.ids
                 if store.has_lower_tiers and len(hits) < max_hit_blocks:
                     below = store.find_below(req.block_keys, len(hits), max_hit_blocks)
-                    if below and not store.should_load(below):
+                    if below and not store.costs.should_load(below):
                         below = []  # recomputing them is cheaper, and what follows
                     elif store.remote is not None:
                         pull = self._find_pull(req, len(hits), below, max_hit_blocks)
@@ -438,7 +438,7 @@ class Scheduler:
         recomputing it (else None: those tokens are recomputed)."""
         store = self.store
         run = store.find_remote(req.block_keys, num_device + len(below), max_hit_blocks)
-        if run is None or not store.should_pull(run.num_blocks):
+        if run is None or not store.costs.should_pull(run.num_blocks):
             return None
         return run
 
@@ -593,7 +593,8 @@ class Scheduler:
         self.running.remove(req)
         mode = self.sched_config.preemption_mode
         swap = self.store.has_lower_tiers and (
-            mode == "swap" or (mode == "auto" and self.store.swap_is_cheaper(req.num_sealed_blocks))
+            mode == "swap"
+            or (mode == "auto" and self.store.costs.swap_is_cheaper(req.num_sealed_blocks))
         )
         if swap:
             self.stats.num_swaps += 1
