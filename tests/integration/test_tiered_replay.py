@@ -107,19 +107,25 @@ def test_real_copies_reach_the_ideal_through_every_tier(tmp_path: Path) -> None:
     assert real.num_leaked_blocks == 0 and real.store_stats.num_tier_errors == 0
 
 
+def persistent_config(tmp_path: Path, disk_blocks: int) -> KVFlowConfig:
+    """Device 8 and cpu 12 blocks over a persistent disk tier of `disk_blocks` at
+    `tmp_path / "slab"` (the restart tests' store)."""
+    kv = {
+        "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": disk_blocks,
+        "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"), "disk.persist": True,
+    }  # fmt: skip
+    return KVFlowConfig.from_dict(
+        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
+    )
+
+
 def test_a_restarted_replay_finds_the_last_runs_blocks_on_a_persistent_disk(
     tmp_path: Path,
 ) -> None:
     from kvflow.traces.metrics import summarize_replay
 
     requests = revisiting_workload(30)
-    kv = {
-        "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 200,
-        "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"), "disk.persist": True,
-    }  # fmt: skip
-    config = KVFlowConfig.from_dict(
-        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
-    )
+    config = persistent_config(tmp_path, disk_blocks=200)
     results = []
     for _ in range(2):  # two runs, one after the other, on the same slab
         store = KVStore.with_tensors(config.kv, model_id="tiny")
@@ -163,13 +169,7 @@ def test_a_restarted_persistent_disk_evicts_its_recovered_chains_tail_first(
     """Six 4-block prompts fill a 24-block persistent disk; after a restart, two new
     3-block prompts evict six recovered blocks. Each recovered chain must keep a prefix
     (its root first): a tail whose root is gone is a block no prefix match can reach."""
-    kv = {
-        "device.num_blocks": 8, "cpu.num_blocks": 12, "disk.num_blocks": 24,
-        "layout": TINY_LAYOUT, "disk.path": str(tmp_path / "slab"), "disk.persist": True,
-    }  # fmt: skip
-    config = KVFlowConfig.from_dict(
-        {}, {"kv.block_size": BS, **{f"kv.{k}": v for k, v in kv.items()}}
-    )
+    config = persistent_config(tmp_path, disk_blocks=24)
     store = KVStore.with_tensors(config.kv, model_id="tiny")
     try:
         first = replay(distinct_prompts(6, 4, seed=1), config, "fcfs", store=store)
