@@ -29,20 +29,6 @@ def count_below(
     return num_cpu, num_disk
 
 
-def leading_slots(pool: BlockPool | None, keys: Sequence[int]) -> list[int]:
-    """The slots of `pool` holding the leading run of `keys`."""
-    if pool is None:
-        return []
-    index = pool._cached
-    out: list[int] = []
-    for key in keys:
-        slot = index.get(key)
-        if slot is None:
-            break
-        out.append(slot)
-    return out
-
-
 def find_remote(
     remote: RemoteTier | None,
     cpu: BlockPool | None,

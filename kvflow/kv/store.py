@@ -23,7 +23,7 @@ from kvflow.kv.costs import TransferCosts
 from kvflow.kv.engine_pair import EnginePair
 from kvflow.kv.listeners import BlockEvent, BlockListener, StoreListeners
 from kvflow.kv.location import TIERS, PrefixLocation, TierName
-from kvflow.kv.lookup import count_below, find_remote, leading_slots
+from kvflow.kv.lookup import count_below, find_remote
 from kvflow.kv.release_order import ReleaseOrder
 from kvflow.kv.remote import RemoteRun, RemoteTier
 from kvflow.kv.store_integrity import count_pins
@@ -249,7 +249,7 @@ class KVStore:
 
     def cpu_slots_of(self, keys: Sequence[int]) -> list[int]:
         """The cpu slots holding the leading run of `keys` (a pull's landed blocks)."""
-        return leading_slots(self.cpu, keys)
+        return [] if self.cpu is None else self.cpu.match(keys, len(keys)).block_ids
 
     # -- moving blocks down -------------------------------------------------------------
     def release_device(self, block_ids: Sequence[int], now: float, *, keep: bool) -> None:
@@ -352,10 +352,10 @@ class KVStore:
         src_pool = self._pool(t.src_tier)
         dst_pool = self._pool(dst_tier)
         landed: list[int] = []
-        for slot, key, good in zip(t.dst_slots, t.keys, ok, strict=True):
-            if good and dst_pool.seal(slot, key):
+        depths = src_pool.depths[t.src_slots].tolist()  # each block keeps its depth
+        for slot, key, good, depth in zip(t.dst_slots, t.keys, ok, depths, strict=True):
+            if good and dst_pool.seal(slot, key, depth):
                 landed.append(slot)
-        dst_pool.depths[t.dst_slots] = src_pool.depths[t.src_slots]
         num_bad = len(ok) - sum(ok)
         if num_bad:
             self.stats.num_tier_errors += num_bad
