@@ -181,8 +181,8 @@ class FleetLoop:
         self.routed[target] += 1
         view.num_routed[target] += 1
         inst = self.instances[target]
-        keys = view.block_keys(request)
         runs = view.cached_blocks(request)
+        keys = view.take_block_keys(request)
         if self.pd is not None and request.max_new_tokens > 1:
             # Prefill computes the first token only; the rest is decoded after handoff.
             self.originals[request.request_id] = request

@@ -128,8 +128,9 @@ class CacheAwareRouter(Router):
         routed = view.num_routed
         device, used, capacity = view.device_blocks, view.num_used_blocks, view.capacity
         best, best_rank = 0, (True, float("inf"), 0, 0, 0)
-        # One pass, the per-instance terms inlined (the same arithmetic as
-        # `FleetView.queue_time_s`): it runs for every instance at every arrival.
+        # One pass, the per-instance terms inlined: it runs for every instance at every
+        # arrival. Queue time = queued prefill tokens x prefill_token_us + running
+        # requests x decode_seq_us (one decode each before a new prefill starts).
         for i, lat in enumerate(view.latency):
             prefill_us = lat.prefill_token_us
             run = runs[i]

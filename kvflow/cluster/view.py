@@ -91,15 +91,6 @@ class FleetView:
     def loads(self) -> list[int]:
         return [q + r for q, r in zip(self.num_queued_tokens, self.num_running, strict=True)]
 
-    def queue_time_s(self, instance: int) -> float:
-        """Expected wait before a new request's prefill starts: the queued prefill
-        tokens and one decode per running request, at the instance's latency model."""
-        lat = self.latency[instance]
-        return (
-            self.num_queued_tokens[instance] * lat.prefill_token_us
-            + self.num_running[instance] * lat.decode_seq_us
-        ) * 1e-6
-
     def block_keys(self, request: Request) -> list[int]:
         """The keys of the request's full prompt blocks (hashed once per request)."""
         memo = self._keys_for
@@ -113,6 +104,13 @@ class FleetView:
         prompt = request.prompt_array
         self._memo.extend(keys, prompt, len(prompt) // self.block_size, root)
         self._keys_for = (request, keys)
+        return keys
+
+    def take_block_keys(self, request: Request) -> list[int]:
+        """`block_keys`, handed over: the view forgets the list, which the instance's
+        scheduler adopts as the request's own and grows as decoding fills blocks."""
+        keys = self.block_keys(request)
+        self._keys_for = None
         return keys
 
     def cached_blocks(self, request: Request) -> list[int]:
