@@ -70,8 +70,9 @@ class PullServer:
         self.max_blocks_per_pull = max(1, limit // (self.bytes_per_block + 9))
         self._reader = RunReader(store) if store.device_storage is not None else None
         """None: the store has no bytes to serve (events only)."""
-        self.leases: dict[tuple[int, int], float] = {}
-        """(connection, request) -> deadline of each pull holding pins."""
+        self.leases: set[tuple[int, int]] = set()
+        """(connection, request) of each pull holding pins (its send's deadline, the
+        lease's TTL, ends it and unpins)."""
         self._counts = counts
         self.on_served: Callable[[Sequence[int]], None] | None = None
         """Told the keys of each pull served in full (the handoff leases end on it)."""
@@ -137,7 +138,7 @@ class PullServer:
                         return
                     pin(self.store, found)  # before anything else runs on this thread
                     lease = (conn.connection_id, request_id)
-                    self.leases[lease] = deadline
+                    self.leases.add(lease)
                     conn.num_inflight += 1
                     tg.start_soon(self._finish_pull, conn, rest, found, served, lease, deadline)
                     return
@@ -162,7 +163,7 @@ class PullServer:
             conn.wire.shutdown()
         finally:
             unpin(self.store, run)
-            self.leases.pop(lease, None)
+            self.leases.discard(lease)
             conn.num_inflight -= 1
 
     async def _serve_pull(
@@ -189,7 +190,7 @@ class PullServer:
                 nonlocal run
                 pin(self.store, found)
                 run = found
-                self.leases[lease] = deadline
+                self.leases.add(lease)
 
             if reader.in_host_memory(found):
                 # On this thread: pinned only if the send has to wait (a reply that fits
@@ -206,7 +207,7 @@ class PullServer:
         finally:
             if run is not None:
                 unpin(self.store, run)
-            self.leases.pop(lease, None)
+            self.leases.discard(lease)
             conn.num_inflight -= 1
 
     def _reply(
