@@ -368,12 +368,15 @@ def _wait_blocking(poller: select.poll, deadline: float, what: str) -> None:
 
 
 def send_views_blocking(sock: socket.socket, views: list[Buffer], deadline: float) -> None:
-    """`sendmsg` the views in order, waiting with poll (the socket is non-blocking)."""
-    poller = _poller(sock, select.POLLOUT)
+    """`sendmsg` the views in order, waiting with poll (the socket is non-blocking; the
+    poller is made only when a send has to wait)."""
+    poller: select.poll | None = None
     while views:
         try:
             num = sock.sendmsg(views[:_IOV_MAX])
         except BlockingIOError:
+            if poller is None:
+                poller = _poller(sock, select.POLLOUT)
             _wait_blocking(poller, deadline, "a send")
             continue
         except OSError as err:
