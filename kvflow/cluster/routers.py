@@ -112,7 +112,7 @@ class CacheAwareRouter(Router):
 
     def route(self, request: Request, view: FleetView) -> int:
         queued, running = view.num_queued_tokens, view.num_running
-        loads = [q + r for q, r in zip(queued, running, strict=True)]
+        loads = view.loads()
         lowest, highest = min(loads), max(loads)
         if (
             highest - lowest > self.balance_abs_threshold
