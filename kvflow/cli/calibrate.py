@@ -67,6 +67,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "same mix, as a live engine's step follows steps of like shape)",
     )
     cp.add_argument(
+        "--drift-neighbours",
+        type=int,
+        default=5,
+        metavar="N",
+        help="divide the machine's drift out of the grid's timings, its speed at each timed "
+        "run told by the N runs of other mixes on each side (default 5; 0 keeps the raw "
+        "timings)",
+    )
+    cp.add_argument(
         "--engine-requests",
         type=int,
         default=64,
@@ -172,6 +181,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--block-size must be >= 1, got {args.block_size}")
     if args.validate_runs < 1:
         raise CLIError(f"--validate-runs must be >= 1, got {args.validate_runs}")
+    if args.drift_neighbours < 0:
+        raise CLIError(f"--drift-neighbours must be >= 0, got {args.drift_neighbours}")
     if args.engine_requests < 0:
         raise CLIError(f"--engine-requests must be >= 0, got {args.engine_requests}")
     if args.threads is not None:
@@ -211,6 +222,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             repeat=args.repeat,
             statistic=args.statistic,
             warm=args.warm,
+            drift_neighbours=args.drift_neighbours,
             **sizes,
         )
     finally:
@@ -226,6 +238,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "train_median_rel_error": cal.median_rel_error(fitted, train_samples),
         "num_holdout_points": len(holdout_samples),
         "noise_median_rel_spread": noise,
+        "raw_noise_median_rel_spread": statistics.median(measured.raw_spreads),
+        "drift": _drift_figures(measured.drift, args.drift_neighbours),
         "linear_median_rel_error": cal.median_rel_error(linear, holdout_samples),
         "holdout_bias_by_shape": cal.residuals_by_shape(fitted, holdout_samples),
         "term_shares": cal.term_shares(fitted, train_samples),
@@ -275,6 +289,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             "samples": [s.to_json() for s in train_samples],
             "holdout_samples": [s.to_json() for s in holdout_samples],
             "spreads": measured.spreads,
+            "drift": measured.drift,
             "engine_steps": [
                 {**s.features._asdict(), "execute_s": s.execute_s, "period_s": s.period_s}
                 for s in engine_steps
@@ -284,6 +299,22 @@ def run(args: argparse.Namespace, console: Console) -> int:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
 
     return 0
+
+
+def _drift_figures(drift: list[float], neighbours: int) -> dict[str, Any]:
+    """The machine's speed factors over the grid's timing (time / typical), summarised."""
+    ranked = sorted(drift)
+
+    def at(q: float) -> float:
+        return ranked[min(len(ranked) - 1, int(q * len(ranked)))] if ranked else 1.0
+
+    return {
+        "neighbours": neighbours,
+        "p10": at(0.1),
+        "p90": at(0.9),
+        "min": ranked[0] if ranked else 1.0,
+        "max": ranked[-1] if ranked else 1.0,
+    }
 
 
 def _validation_trace(args: argparse.Namespace) -> list[Any]:
@@ -367,13 +398,21 @@ def _print_fit(
         share = f"{shares[name]:.1%}" if name in shares else ""
         table.add_row(name, f"{value:.4g}", share)
     console.print(table)
+    drift = info["drift"]
+    drifted = (
+        f"; {info['raw_noise_median_rel_spread']:.1%} before the machine's drift was divided "
+        f"out: its speed factor ranged {drift['p10']:.2f}-{drift['p90']:.2f} (10th-90th "
+        f"percentile; {drift['min']:.2f}-{drift['max']:.2f} in all) of its median"
+        if drift["neighbours"]
+        else ""
+    )
     console.print(
         f"median relative error of predicted step times: {info['median_rel_error']:.1%} on "
         f"{info['num_holdout_points']} held-out mixes ({info['train_median_rel_error']:.1%} on "
         f"{info['num_points']} fitted; the four-term linear model: "
         f"{info['linear_median_rel_error']:.1%}); run-to-run noise of the timings: "
         f"{info['noise_median_rel_spread']:.1%} (median spread between two halves of the "
-        "runs); median signed error by kind of step: "
+        f"runs{drifted}); median signed error by kind of step: "
         + ", ".join(f"{k} {v:+.1%}" for k, v in info["holdout_bias_by_shape"].items())
     )
     engine = info.get("engine")

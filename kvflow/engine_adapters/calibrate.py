@@ -8,6 +8,14 @@ contexts spread evenly up to `context_len`, as in a real batch). `measure` build
 mix's `StepPlan` directly (block tables over a scratch cache; the KV contents do not
 matter for timing), runs it `repeat` times after a warm-up and keeps a statistic of
 the runs; the spread between the two halves of the runs is the machine's noise.
+
+A shared machine's speed drifts while the grid is timed (another process takes a core
+for seconds, then leaves): every step timed in such a spell is slow by the same factor,
+whatever its mix. `measure` estimates that factor for each timed run from the runs of
+other mixes timed just before and after it (each against its own mix's typical time),
+and divides it out before reducing, so a slow spell neither skews the mixes it fell on
+nor passes for the model's error. The factors are normalised to their median: the
+timings describe the machine at its typical speed over the calibration.
 """
 
 from __future__ import annotations
@@ -184,10 +192,23 @@ STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {
 class Measured(NamedTuple):
     """`measure`'s result: one sample per mix, and per mix the relative difference
     between the statistic of the first and of the second half of the runs (the
-    machine's run-to-run noise for that mix; 0 with a single run)."""
+    machine's run-to-run noise for that mix, after the drift is divided out; 0 with a
+    single run); the machine's speed factor at each timed run, in the order they ran
+    (time taken / typical time; all 1.0 without drift correction); and the noise
+    before the drift was divided out."""
 
     samples: list[Sample]
     spreads: list[float]
+    drift: list[float]
+    raw_spreads: list[float]
+
+
+DRIFT_NEIGHBOURS = 5
+"""Timed runs on each side of a run whose mixes tell the machine's speed at that run:
+the machine's slow spells last seconds, ten runs a fraction of one."""
+
+DRIFT_ROUNDS = 6
+"""Alternations of the drift estimate and the mixes' typical times (they settle in 3-4)."""
 
 
 def measure(
@@ -201,6 +222,7 @@ def measure(
     statistic: Statistic = "median",
     warm: bool = True,
     seed: int = 0,
+    drift_neighbours: int = DRIFT_NEIGHBOURS,
 ) -> Measured:
     """Time `runner.execute` on each mix: one warm-up run of every mix, then `repeat`
     rounds over all mixes in a fresh random order each, keeping each mix's `statistic`
@@ -209,20 +231,25 @@ def measure(
     machine as it is, load included; the minimum, an idle one. With `warm`, each timed
     run follows an untimed run of the same mix: in a live engine a step mostly follows
     steps of like shape, whose data is still in the CPU's caches, while after another
-    mix (a long prefill) a short step pays for refilling them.
+    mix (a long prefill) a short step pays for refilling them. With `drift_neighbours`
+    > 0 and more than one round, the machine's drift is divided out (module docstring;
+    `drift_speeds`).
 
     Raises:
-        ValueError: `repeat` < 1 or an unknown statistic.
+        ValueError: `repeat` < 1, `drift_neighbours` < 0 or an unknown statistic.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat!r}")
+    if drift_neighbours < 0:
+        raise ValueError(f"drift_neighbours must be >= 0, got {drift_neighbours!r}")
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     reduce = STATISTICS[statistic]
     plans = [plan_for(m, block_size, num_blocks, vocab_size, seed=i) for i, m in enumerate(mixes)]
     for plan in plans:
         runner.execute(plan)  # warm-up: allocator, kernels, caches
-    durations: list[list[float]] = [[] for _ in plans]
+    timed: list[tuple[int, float]] = []
+    """(mix, duration) of every timed run, in the order they ran."""
     order = list(range(len(plans)))
     rng = random.Random(seed)
     for _ in range(repeat):
@@ -230,16 +257,68 @@ def measure(
         for i in order:
             if warm:
                 runner.execute(plans[i])
-            durations[i].append(runner.execute(plans[i]).duration_s)
+            timed.append((i, runner.execute(plans[i]).duration_s))
+    raw = _by_mix(len(plans), timed)
+    drift = [1.0] * len(timed)
+    if drift_neighbours and repeat > 1:
+        drift = drift_speeds(timed, drift_neighbours)
+    durations = _by_mix(len(plans), [(i, d / f) for (i, d), f in zip(timed, drift, strict=True)])
     samples = [Sample(StepFeatures.of(p), reduce(d)) for p, d in zip(plans, durations, strict=True)]
-    half = repeat // 2
-    spreads = [
-        abs(reduce(d[:half]) - reduce(d[half:])) / reduce(d) if half else 0.0 for d in durations
-    ]
-    return Measured(samples, spreads)
+    return Measured(samples, _spreads(durations, reduce), drift, _spreads(raw, reduce))
+
+
+def _by_mix(num_mixes: int, timed: Sequence[tuple[int, float]]) -> list[list[float]]:
+    """Each mix's durations, in the order they ran."""
+    out: list[list[float]] = [[] for _ in range(num_mixes)]
+    for i, d in timed:
+        out[i].append(d)
+    return out
+
+
+def _spreads(
+    durations: Sequence[Sequence[float]], reduce: Callable[[Sequence[float]], float]
+) -> list[float]:
+    """Per mix, the relative difference between its first and second half's statistic."""
+    out = []
+    for d in durations:
+        half = len(d) // 2
+        out.append(abs(reduce(d[:half]) - reduce(d[half:])) / reduce(d) if half else 0.0)
+    return out
+
+
+def drift_speeds(
+    timed: Sequence[tuple[int, float]], neighbours: int = DRIFT_NEIGHBOURS
+) -> list[float]:
+    """The machine's speed factor at each of `timed`'s runs ((mix, duration) in the order
+    they ran; each mix timed several times, spread over the whole timing): the median,
+    over the `neighbours` runs on each side (not the run itself), of each run's duration
+    against its mix's typical duration; the typical durations (each mix's median of its
+    durations divided by their factors) and the factors are estimated in turn
+    (`DRIFT_ROUNDS` times). Normalised to a median of 1."""
+    if not timed:
+        return []
+    mixes = 1 + max(i for i, _ in timed)
+    factors = [1.0] * len(timed)
+    n = len(timed)
+    for _ in range(DRIFT_ROUNDS):
+        typical = [
+            statistics.median(d) if d else 1.0
+            for d in _by_mix(mixes, [(i, d / f) for (i, d), f in zip(timed, factors, strict=True)])
+        ]
+        ratios = [d / typical[i] for i, d in timed]
+        factors = [
+            statistics.median(
+                [*ratios[max(0, k - neighbours) : k], *ratios[k + 1 : k + neighbours + 1]] or [1.0]
+            )
+            for k in range(n)
+        ]
+        middle = statistics.median(factors)
+        factors = [f / middle for f in factors]
+    return factors
 
 
 __all__ = [
+    "DRIFT_NEIGHBOURS",
     "HOLDOUT_GRID",
     "LINEAR_TERMS",
     "RUNNER_TERMS",
@@ -251,6 +330,7 @@ __all__ = [
     "Sample",
     "Statistic",
     "blocks_needed",
+    "drift_speeds",
     "fit",
     "measure",
     "median_rel_error",

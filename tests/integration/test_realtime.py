@@ -150,6 +150,11 @@ def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
     fit = doc["fit"]
     assert fit["num_points"] == len(_grid_of(grid, SPEC.max_position_embeddings))
     assert fit["median_rel_error"] >= 0 and fit["noise_median_rel_spread"] >= 0
+    # The machine's drift over the grid's timing was estimated (its median is 1 by
+    # definition) and divided out.
+    drift = fit["drift"]
+    assert drift["neighbours"] == 5 and drift["min"] <= drift["p10"] <= 1.0 <= drift["p90"]
+    assert fit["raw_noise_median_rel_spread"] >= 0
     assert sum(fit["term_shares"].values()) == pytest.approx(1.0)
     assert fit["engine"]["num_steps"] >= 1 and fit["engine"]["median_rel_error"] >= 0
     assert set(fit["engine"]["bias_by_shape"]) <= {"prefill", "decode", "mixed"}

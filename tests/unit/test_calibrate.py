@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from kvflow.engine_adapters.calibrate import (
     Mix,
     Sample,
     blocks_needed,
+    drift_speeds,
     fit,
+    measure,
     median_rel_error,
     plan_for,
     preset_fields,
@@ -33,6 +36,7 @@ from kvflow.engine_adapters.simulated import (
     StepFeatures,
     latency_model_from_config,
 )
+from kvflow.scheduler.plan import StepPlan, StepResult
 
 KNOWN = LatencyModel(fixed_ms=2.5, prefill_token_us=30.0, decode_seq_us=45.0, kv_token_ns=12.0)
 FULL = LatencyModel(
@@ -130,6 +134,77 @@ def test_fit_recovers_the_terms_from_noisy_timings() -> None:
     # The four-term model cannot price the quadratic attention: it misses by more.
     linear = fit(noisy, LINEAR_TERMS)
     assert median_rel_error(linear, noisy) > 2 * median_rel_error(fitted, noisy)
+
+
+class DriftingRunner(SimulatedRunner):
+    """Takes `model`'s time per step, times `slow` on the calls from `slow_from` to
+    `slow_until` (a spell when another process held the core), and a seeded 2% jitter."""
+
+    def __init__(self, model: LatencyModel, slow: float, slow_from: int, slow_until: int):
+        super().__init__(model)
+        self.calls = 0
+        self.slow, self.slow_from, self.slow_until = slow, slow_from, slow_until
+        self.rng = random.Random(3)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = super().execute(plan)
+        spell = self.slow if self.slow_from <= self.calls < self.slow_until else 1.0
+        self.calls += 1
+        jitter = 1.0 + self.rng.uniform(-0.02, 0.02)
+        return StepResult(result.sampled_token_ids, result.duration_s * spell * jitter)
+
+
+def test_measure_divides_a_slow_spell_out_of_the_timings() -> None:
+    # 3 rounds over 40 mixes (each timed run after an untimed one: 2 calls a run, after
+    # 40 warm-up calls); the machine runs 2x slower for the last half of the second round
+    # and the first half of the third, so about a quarter of the mixes have 2 of their 3
+    # runs in the spell: their median is their slow time. The drift correction tells the
+    # spell from the runs of other mixes around each run in time.
+    mixes = TRAIN_GRID.mixes()[:40]
+    num_blocks = blocks_needed(mixes, 4)
+    true = [
+        SimulatedRunner(FULL).step_time_s(plan_for(m, 4, num_blocks, 50, seed=i))
+        for i, m in enumerate(mixes)
+    ]
+
+    def errors(neighbours: int) -> tuple[list[float], list[float]]:
+        runner = DriftingRunner(FULL, 2.0, slow_from=40 + 2 * 60, slow_until=40 + 2 * 100)
+        got = measure(
+            runner, mixes, block_size=4, num_blocks=num_blocks, vocab_size=50, repeat=3,
+            drift_neighbours=neighbours,
+        )  # fmt: skip
+        errs = [abs(s.duration_s / t - 1) for s, t in zip(got.samples, true, strict=True)]
+        return errs, got.drift
+
+    corrected, drift = errors(5)
+    raw, flat = errors(0)
+    # The jitter (2%), a little more at the spell's two edges, nothing of the spell.
+    assert max(corrected) < 0.05 and statistics.median(corrected) < 0.015
+    assert max(raw) > 0.5  # a mix timed twice in the spell took its slow time
+    assert flat == [1.0] * 120
+    # The spell shows as factors of ~2 on the runs in it, ~1 elsewhere.
+    assert all(f == pytest.approx(2.0, rel=0.1) for f in drift[65:95])
+    assert all(f == pytest.approx(1.0, rel=0.1) for f in drift[:55] + drift[105:])
+
+
+def test_drift_speeds_recover_a_known_speed_from_interleaved_mixes() -> None:
+    rng = random.Random(5)
+    typical = [rng.uniform(0.001, 0.05) for _ in range(30)]
+    speed = [1.0 + 0.5 * (k // 30 == 1) for k in range(90)]  # slow in the second round
+    timed = []
+    for k, i in enumerate(rng.sample(range(30), 30) * 3):
+        timed.append((i, typical[i] * speed[k]))
+    factors = drift_speeds(timed, neighbours=4)
+    assert all(
+        f == pytest.approx(s, rel=0.05) for f, s in zip(factors[5:25], speed[5:25], strict=True)
+    )
+    assert all(
+        f == pytest.approx(s, rel=0.05) for f, s in zip(factors[35:55], speed[35:55], strict=True)
+    )
+    assert drift_speeds([]) == []
+    with pytest.raises(ValueError, match="drift_neighbours must be >= 0, got -1"):
+        measure(SimulatedRunner(KNOWN), [Mix(8, 0, 0)], block_size=4, num_blocks=4,
+                vocab_size=50, drift_neighbours=-1)  # fmt: skip
 
 
 def test_term_shares_add_up_and_residuals_group_by_shape() -> None:
