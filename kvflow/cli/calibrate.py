@@ -168,9 +168,6 @@ def _grid(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    import json
-    import statistics
-    from pathlib import Path
 
     from kvflow.engine_adapters import calibrate as cal
     from kvflow.engine_adapters.factory import build_runner, load_model
@@ -211,22 +208,46 @@ def run(args: argparse.Namespace, console: Console) -> int:
     }
     device = _device_name(model.device)
     try:
-        console.print(
-            f"timing {len(train)} training and {len(holdout)} held-out mixes x {args.repeat} "
-            f"on {device} ..."
-        )
-        # One interleaved measurement of both sets, so a slow spell skews neither.
-        measured = cal.measure(
-            runner,
-            [*train, *holdout],
-            repeat=args.repeat,
-            statistic=args.statistic,
-            warm=args.warm,
-            drift_neighbours=args.drift_neighbours,
-            **sizes,
-        )
+        return _calibrate(args, console, model, runner, train, holdout, sizes, settings,
+                          validate_requests, device)  # fmt: skip
     finally:
         store.close()
+
+
+def _calibrate(
+    args: argparse.Namespace,
+    console: Console,
+    model: Any,
+    runner: Any,
+    train: list[Any],
+    holdout: list[Any],
+    sizes: dict[str, int],
+    settings: dict[str, Any],
+    validate_requests: list[Any] | None,
+    device: str,
+) -> int:
+    """Time the grid on `runner`, fit, then the engine, the tiers and the validation,
+    the grid's runner kept for the speed probes between them."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    from kvflow.engine_adapters import calibrate as cal
+
+    console.print(
+        f"timing {len(train)} training and {len(holdout)} held-out mixes x {args.repeat} "
+        f"on {device} ..."
+    )
+    # One interleaved measurement of both sets, so a slow spell skews neither.
+    measured = cal.measure(
+        runner,
+        [*train, *holdout],
+        repeat=args.repeat,
+        statistic=args.statistic,
+        warm=args.warm,
+        drift_neighbours=args.drift_neighbours,
+        **sizes,
+    )
     train_samples = measured.samples[: len(train)]
     holdout_samples = measured.samples[len(train) :]
     fitted = cal.fit(train_samples)
@@ -247,11 +268,25 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "statistic": args.statistic,
         "warm": args.warm,
     }
+    # The machine's speed against the grid's, probed around the engine's timing (whose
+    # steps it divides) and each validation run; not with the drift left in.
+    probe = (
+        cal.SpeedProbe.of(
+            runner,
+            train,
+            train_samples,
+            block_size=sizes["block_size"],
+            num_blocks=sizes["num_blocks"],
+            vocab_size=sizes["vocab_size"],
+        )
+        if args.drift_neighbours
+        else None
+    )
     engine_steps: list[Any] = []
     validation_steps: list[Any] = []
     if args.engine_requests:
         fitted, fit_info["engine"], engine_steps = _time_engine(
-            args, console, model, fitted, settings, train_samples
+            args, console, model, fitted, settings, train_samples, probe
         )
     transfer = _time_tiers(args, console, model) if args.tiers else None
     _print_fit(console, args, device, fitted, fit_info)
@@ -262,7 +297,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"validating on {args.validate} ({len(validate_requests)} requests): "
             f"{args.validate_runs} real-time run(s) and one simulated ..."
         )
-        checked = validate(validate_requests, model, fitted, settings, real_runs=args.validate_runs)
+        checked = validate(
+            validate_requests, model, fitted, settings, real_runs=args.validate_runs, probe=probe
+        )
         validation_steps = [
             [{**s.features._asdict(), "execute_s": s.execute_s, "started_at": s.started_at,
               "planned_at": s.planned_at} for s in run]
@@ -333,6 +370,7 @@ def _time_engine(
     fitted: Any,
     settings: dict[str, Any],
     grid: list[Any],
+    probe: Any,
 ) -> tuple[Any, dict[str, Any], list[Any]]:
     """The runner model (refitted on the engine's busy steps with the training `grid`
     beside them, unless `--no-rescale`) plus the engine's overhead, the figures of that
@@ -349,8 +387,8 @@ def _time_engine(
     )
     console.print(f"timing the engine's steps over {len(requests)} requests in real time ...")
     try:
-        overhead, noise, steps = measure_engine(
-            runner, config, store, fitted, requests, rescale=args.rescale, grid=grid
+        overhead, noise, steps, speed = measure_engine(
+            runner, config, store, fitted, requests, rescale=args.rescale, grid=grid, probe=probe
         )
     finally:
         store.close()
@@ -368,6 +406,7 @@ def _time_engine(
         "refitted": args.rescale and bool(grid),
         "live_median_rel_error": overhead.live_median_rel_error,
         "noise_median_rel_dev": noise,
+        "machine_speed_probed": speed if probe else None,
         "bias_by_shape": residuals_by_shape(
             with_engine, [Sample(s.features, s.period_s) for s in steps]
         ),
@@ -435,7 +474,17 @@ def _print_fit(
             + f"; noise "
             f"{engine['noise_median_rel_dev']:.1%}); median signed error by kind of step: "
             + ", ".join(f"{k} {v:+.1%}" for k, v in engine["bias_by_shape"].items())
+            + _probed_note(engine.get("machine_speed_probed"))
         )
+
+
+def _probed_note(probed: float | None) -> str:
+    if probed is None:
+        return ""
+    return (
+        f"; the machine ran at {probed:.3g}x the grid's step times around it (probed before "
+        "and after; its steps divided by that before the fit)"
+    )
 
 
 def _print_validation(console: Console, checked: Any) -> None:
@@ -446,6 +495,7 @@ def _print_validation(console: Console, checked: Any) -> None:
     headers = ["metric", "real runs", "simulated", "error", "real spread"]
     paired = {
         "error at run speed": "error_at_speed",
+        "error at probed speed": "error_at_probed_speed",
         "error at step times": "error_at_step_times",
     }
     shown = {
@@ -471,7 +521,15 @@ def _print_validation(console: Console, checked: Any) -> None:
             "is the simulation repeated at each run's whole-step speed against that run): "
             + "; ".join(
                 f"run {i}: runner {s.runner:.3g}, whole engine step {s.engine:.3g}"
+                + ("" if s.probe is None else f", the machine probed around it {s.probe:.3g}")
                 for i, s in enumerate(checked.speeds, 1)
+            )
+            + (
+                " ('error at probed speed': the simulation with every term scaled by the "
+                "machine's speed around the run, calibrated mixes timed just before and after "
+                "it, against that run)"
+                if any(s.probe is not None for s in checked.speeds)
+                else ""
             )
         )
     if checked.schedule_matched:

@@ -267,6 +267,54 @@ def measure(
     return Measured(samples, _spreads(durations, reduce), drift, _spreads(raw, reduce))
 
 
+PROBE_QUANTILES = (0.2, 0.4, 0.6, 0.8)
+"""Where, among the training mixes ranked by their calibrated time, `SpeedProbe.of`
+picks its mixes: short and middling steps of several shapes, none of the longest."""
+
+
+class SpeedProbe:
+    """The machine's speed now against the grid's timing: a few calibrated mixes timed
+    again (each after an untimed run of itself, as `measure` does) against the times
+    the grid's timing kept for them; the median of measured / calibrated. 1.0: the
+    machine runs as it typically did while the grid was timed; 1.3: 30% slower. A probe
+    costs two runs of each mix (a few tenths of a second on a small model)."""
+
+    def __init__(
+        self, runner: ModelRunner, plans: Sequence[StepPlan], reference_s: Sequence[float]
+    ):
+        if not plans or len(plans) != len(reference_s) or min(reference_s) <= 0:
+            raise ValueError("a speed probe needs plans, each with a positive reference time")
+        self.runner = runner
+        self.plans = list(plans)
+        self.reference_s = list(reference_s)
+
+    @classmethod
+    def of(
+        cls,
+        runner: ModelRunner,
+        mixes: Sequence[Mix],
+        samples: Sequence[Sample],
+        *,
+        block_size: int,
+        num_blocks: int,
+        vocab_size: int,
+        quantiles: Sequence[float] = PROBE_QUANTILES,
+    ) -> SpeedProbe:
+        """A probe of the mixes at `quantiles` of `samples`' durations (`samples[i]` is
+        `mixes[i]`'s as `measure` kept it, whose plan it rebuilds with the same seed)."""
+        ranked = sorted(range(len(samples)), key=lambda i: samples[i].duration_s)
+        picked = sorted({ranked[min(len(ranked) - 1, int(q * len(ranked)))] for q in quantiles})
+        plans = [plan_for(mixes[i], block_size, num_blocks, vocab_size, seed=i) for i in picked]
+        return cls(runner, plans, [samples[i].duration_s for i in picked])
+
+    def __call__(self) -> float:
+        ratios = []
+        for plan, reference in zip(self.plans, self.reference_s, strict=True):
+            self.runner.execute(plan)
+            ratios.append(self.runner.execute(plan).duration_s / reference)
+        return statistics.median(ratios)
+
+
 def _by_mix(num_mixes: int, timed: Sequence[tuple[int, float]]) -> list[list[float]]:
     """Each mix's durations, in the order they ran."""
     out: list[list[float]] = [[] for _ in range(num_mixes)]
@@ -321,6 +369,7 @@ __all__ = [
     "DRIFT_NEIGHBOURS",
     "HOLDOUT_GRID",
     "LINEAR_TERMS",
+    "PROBE_QUANTILES",
     "RUNNER_TERMS",
     "STATISTICS",
     "TRAIN_GRID",
@@ -328,6 +377,7 @@ __all__ = [
     "Measured",
     "Mix",
     "Sample",
+    "SpeedProbe",
     "Statistic",
     "blocks_needed",
     "drift_speeds",

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import random
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,12 @@ class MetricRow:
     schedule's error (arrivals against steps, batching, overlap, queueing). Near 0 the
     simulator reproduces the engine and the whole error is the pricing of steps. None
     when not computed."""
+    error_at_probed_speed: float | None = None
+    """The mean over the real runs of (simulated at the machine's probed speed around
+    that run / that run - 1): every term scaled by `RunSpeed.probe`, the machine's speed
+    measured apart from the run (calibrated mixes timed just before and after it), so,
+    unlike `error_at_speed`, nothing of the run's own steps goes into it. None when not
+    probed."""
 
     @property
     def real(self) -> float:
@@ -87,6 +93,7 @@ class MetricRow:
             "spread": self.spread,
             "error_at_speed": self.error_at_speed,
             "error_at_step_times": self.error_at_step_times,
+            "error_at_probed_speed": self.error_at_probed_speed,
         }
 
 
@@ -113,24 +120,33 @@ def compare(
     simulated: RunReport,
     at_speed: Sequence[RunReport] = (),
     at_step_times: Sequence[RunReport] = (),
+    at_probed_speed: Sequence[RunReport] = (),
 ) -> list[MetricRow]:
     """Per metric (TTFT, TPOT, ITL, E2E at p50/p90/p99 in ms, steps, prefix hit rate),
     the real runs' figures and the simulated one (see `MetricRow`); with `at_speed`
     (one simulated report per real run, at that run's speed), `error_at_speed` too, and
-    with `at_step_times` (one per real run, with its step times), `error_at_step_times`.
+    with `at_step_times` (one per real run, with its step times), `error_at_step_times`,
+    and with `at_probed_speed` (one per real run, at the machine's probed speed around
+    it), `error_at_probed_speed`.
 
     Raises:
-        ValueError: no real run, or `at_speed` or `at_step_times` not one per real run.
+        ValueError: no real run, or `at_speed`, `at_step_times` or `at_probed_speed` not
+            one per real run.
     """
     if not real:
         raise ValueError("compare needs at least one real run")
-    for name, reports in (("at_speed", at_speed), ("at_step_times", at_step_times)):
+    for name, reports in (
+        ("at_speed", at_speed),
+        ("at_step_times", at_step_times),
+        ("at_probed_speed", at_probed_speed),
+    ):
         if reports and len(reports) != len(real):
             raise ValueError(f"{name} needs one report per real run ({len(real)})")
     runs = [_figures(r) for r in real]
     sim = _figures(simulated)
     by_speed = [_figures(r) for r in at_speed]
     by_times = [_figures(r) for r in at_step_times]
+    by_probe = [_figures(r) for r in at_probed_speed]
 
     def mean_error(paired: list[dict[str, float]], name: str) -> float | None:
         errors = [_ratio(p[name], r[name]) for p, r in zip(paired, runs, strict=False)]
@@ -143,6 +159,7 @@ def compare(
             sim[name],
             mean_error(by_speed, name),
             mean_error(by_times, name),
+            mean_error(by_probe, name),
         )
         for name in sim
     ]
@@ -175,6 +192,10 @@ class RunSpeed:
     engine: float
     num_steps: int
     num_busy_steps: int
+    probe: float | None = None
+    """The machine's speed around the run, measured apart from it: the mean of a
+    `SpeedProbe` just before and just after (1: as while the grid was timed). None when
+    not probed."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -182,6 +203,7 @@ class RunSpeed:
             "engine_measured_over_model": self.engine,
             "num_steps": self.num_steps,
             "num_busy_steps": self.num_busy_steps,
+            "machine_speed_probed": self.probe,
         }
 
 
@@ -301,13 +323,16 @@ def validate(
     *,
     policy: str = "fcfs",
     real_runs: int = 2,
+    probe: Callable[[], float] | None = None,
 ) -> Validation:
     """Replay `requests` (folded into the model's vocabulary) `real_runs` times in real
     time through `model`'s runner, each over a fresh store and cache, and once in
     virtual time through the simulated runner with `latency`, over a simulated store
     of the same config (`settings` on top of the model's layout) with `sim.overlap`
     on when the real runner overlaps; compare them. The simulation is repeated at each
-    real run's speed and with each real run's own step times (`MetricRow`).
+    real run's speed and with each real run's own step times (`MetricRow`); with
+    `probe` (the machine's speed now, e.g. a `SpeedProbe`), called before the first run
+    and after each, also at the machine's speed around each run.
 
     Raises:
         ValueError: `real_runs` < 1 or no requests.
@@ -326,6 +351,7 @@ def validate(
     run_steps: list[tuple[TimedStep, ...]] = []
     config = None
     overlap = False
+    probed = [probe()] if probe else []
     for _ in range(real_runs):
         config, runner, store = build_runner(model, settings)
         overlap = runner.supports_overlap
@@ -334,7 +360,11 @@ def validate(
         finally:
             store.close()
         real.append(summarize_replay(result))
-        speeds.append(run_speed(latency, steps))
+        speed = run_speed(latency, steps)
+        if probe:
+            probed.append(probe())
+            speed = dataclasses.replace(speed, probe=(probed[-2] + probed[-1]) / 2)
+        speeds.append(speed)
         run_steps.append(tuple(steps))
     assert config is not None  # real_runs >= 1
     sim_config = config.with_overrides({"sim.overlap": overlap})
@@ -350,7 +380,18 @@ def validate(
     ]
     recorded = [RecordedSteps(steps, latency) for steps in run_steps]
     at_step_times = [simulate(runner) for runner in recorded]
-    rows = compare(real, simulated, at_speed if len(at_speed) == len(real) else (), at_step_times)
+    at_probed_speed = [
+        simulate(SimulatedRunner(scaled(latency, s.probe, TERMS)))
+        for s in speeds
+        if s.probe is not None
+    ]
+    rows = compare(
+        real,
+        simulated,
+        at_speed if len(at_speed) == len(real) else (),
+        at_step_times,
+        at_probed_speed,
+    )
     matched = tuple(
         r.num_matched / max(1, len(s)) for r, s in zip(recorded, run_steps, strict=True)
     )
@@ -420,23 +461,38 @@ def measure_engine(
     *,
     rescale: bool = False,
     grid: Sequence[Sample] = (),
-) -> tuple[Overhead, float, list[EngineStep]]:
+    probe: Callable[[], float] | None = None,
+) -> tuple[Overhead, float, list[EngineStep], float]:
     """Replay `requests` in real time through `AsyncEngine` over `runner`, arriving as
     a Poisson stream at `load` times the rate the runner model says the engine can
     serve (`overloaded_arrivals`: queues form and steps mix prefills and decodes), and
     fit the engine's overhead on the busy steps (`fit_overhead`, with `rescale`).
-    Returns the fit, `engine_noise` of the run and the busy steps.
+    With `probe` (the machine's speed now against the grid's timing), called just before
+    and just after the run, the busy steps' times are divided by the mean of the two
+    first, so the fit describes the machine at the speed the grid's timings do.
+    Returns the fit, `engine_noise` of the run, the busy steps (as fitted) and the
+    probed speed (1.0 without a probe).
 
     Raises:
         ValueError: no busy step was seen (too few requests).
     """
-    from kvflow.engine_adapters.engine_timing import busy_steps, engine_noise, fit_overhead
+    from kvflow.engine_adapters.engine_timing import (
+        EngineStep,
+        busy_steps,
+        engine_noise,
+        fit_overhead,
+    )
 
     timed = overloaded_arrivals(requests, config, runner_model, load)
+    before = probe() if probe else 1.0
     _, timed_steps = _timed_realtime(timed, config, "fcfs", runner, store)
-    steps = busy_steps(timed_steps)
+    speed = (before + probe()) / 2 if probe else 1.0
+    steps = [
+        EngineStep(s.features, s.execute_s / speed, s.period_s / speed)
+        for s in busy_steps(timed_steps)
+    ]
     overhead = fit_overhead(runner_model, steps, rescale=rescale, grid=grid)
-    return overhead, engine_noise(steps), steps
+    return overhead, engine_noise(steps), steps, speed
 
 
 __all__ = [

@@ -187,6 +187,11 @@ def test_calibrate_validates_and_writes_a_preset_that_replay_loads(
     speeds = validation["run_speeds"]
     assert len(speeds) == 2 and all(s["num_steps"] >= s["num_busy_steps"] >= 1 for s in speeds)
     assert all(s["runner_measured_over_model"] > 0 for s in speeds)
+    # The machine's speed around each run, probed apart from it (calibrated mixes timed
+    # before and after), and the simulation at that speed; around the engine's timing too.
+    assert all(s["machine_speed_probed"] > 0 for s in speeds)
+    assert all(row["error_at_probed_speed"] is not None for row in metrics.values())
+    assert fit["engine"]["machine_speed_probed"] > 0
     # Simulated again with each real run's own step times: an error per row, and the
     # share of each run's steps the simulator scheduled alike (the first at least).
     assert all(row["error_at_step_times"] is not None for row in metrics.values())

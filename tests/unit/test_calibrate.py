@@ -13,11 +13,13 @@ from kvflow.config import ConfigError, KVFlowConfig, SimRunnerConfig
 from kvflow.engine_adapters.calibrate import (
     HOLDOUT_GRID,
     LINEAR_TERMS,
+    PROBE_QUANTILES,
     RUNNER_TERMS,
     TRAIN_GRID,
     Grid,
     Mix,
     Sample,
+    SpeedProbe,
     blocks_needed,
     drift_speeds,
     fit,
@@ -205,6 +207,21 @@ def test_drift_speeds_recover_a_known_speed_from_interleaved_mixes() -> None:
     with pytest.raises(ValueError, match="drift_neighbours must be >= 0, got -1"):
         measure(SimulatedRunner(KNOWN), [Mix(8, 0, 0)], block_size=4, num_blocks=4,
                 vocab_size=50, drift_neighbours=-1)  # fmt: skip
+
+
+def test_a_speed_probe_tells_the_machine_speed_against_the_grid() -> None:
+    mixes = TRAIN_GRID.mixes()[:20]
+    num_blocks = blocks_needed(mixes, 4)
+    runner = DriftingRunner(FULL, 1.5, slow_from=10**9, slow_until=10**9)
+    got = measure(runner, mixes, block_size=4, num_blocks=num_blocks, vocab_size=50, repeat=3)
+    probe = SpeedProbe.of(runner, mixes, got.samples, block_size=4, num_blocks=num_blocks,
+                          vocab_size=50)  # fmt: skip
+    assert len(probe.plans) == len(PROBE_QUANTILES)
+    assert probe() == pytest.approx(1.0, abs=0.03)  # as the grid was timed
+    runner.slow_from, runner.slow_until = runner.calls, runner.calls + 10**6
+    assert probe() == pytest.approx(1.5, rel=0.03)  # another process took half the core
+    with pytest.raises(ValueError, match="positive reference time"):
+        SpeedProbe(runner, probe.plans, [0.0] * len(probe.plans))
 
 
 def test_term_shares_add_up_and_residuals_group_by_shape() -> None:
