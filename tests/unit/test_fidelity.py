@@ -20,13 +20,12 @@ from kvflow.engine_adapters.latency_fit import Sample, fit, fit_live
 from kvflow.engine_adapters.simulated import TERMS, LatencyModel, SimulatedRunner, StepFeatures
 from kvflow.request import Request
 from kvflow.scheduler.plan import StepPlan, StepResult
+from kvflow.traces.engine_workload import calibration_workload, overloaded_arrivals
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import replay
 from kvflow.traces.validate import (
     RecordedSteps,
-    calibration_workload,
     compare,
-    overloaded_arrivals,
     run_speed,
     summary_errors,
 )
@@ -305,7 +304,7 @@ def test_measure_engine_divides_the_steps_by_the_machine_speed_probed_around_the
     # describes the machine at the grid's speed.
     from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
     from kvflow.kv.store import KVStore
-    from kvflow.traces.validate import measure_engine
+    from kvflow.traces.engine_workload import measure_engine
 
     model = LatencyModel(fixed_ms=4.0, prefill_token_us=0.0, decode_seq_us=0.0, kv_token_ns=0.0)
     config = make_config(**{"sim.overlap": True})
