@@ -8,9 +8,10 @@ sampled tokens: appends them, seals full blocks into the prefix cache, and finis
 requests. Time only comes in as an argument, so the same code drives a real engine
 and a virtual-time replay.
 
-Helpers the `Scheduler` owns: `prefix.PrefixMatcher` (block keys and device matches),
-`loads.Loads` (requests waiting for copies from lower tiers), `batch.Batch` (the plan
-being built); `integrity` holds the checks of its invariants.
+Helpers the `Scheduler` owns: `kv_manager.KVManager` (cache lookups, the requests'
+blocks: allocated, sealed, freed), `loads.Loads` (requests waiting for copies from lower
+tiers), `batch.Batch` (the plan being built); `integrity` holds the checks of its
+invariants.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvflow.config import KVFlowConfig
-from kvflow.kv.block_pool import IntArray
 from kvflow.kv.location import PrefixLocation
-from kvflow.kv.remote import RemoteRun
-from kvflow.kv.store import KVStore, TierName
+from kvflow.kv.store import KVStore
 from kvflow.policies.base import Policy, SchedulerView
 from kvflow.request import FinishReason, Request, RequestState, RequestStatus, TokenLogprobs
 from kvflow.scheduler import integrity
 from kvflow.scheduler.batch import Batch
+from kvflow.scheduler.kv_manager import KVManager
 from kvflow.scheduler.loads import Loads
 from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
-from kvflow.scheduler.prefix import PrefixMatcher
 from kvflow.scheduler.stats import SchedulerStats
 
 _RUNNING = RequestStatus.RUNNING
@@ -63,24 +62,19 @@ class Scheduler:
         self.waiting: dict[str, RequestState] = {}
         self.running: list[RequestState] = []
         self.stats = SchedulerStats()
+        self.kv_manager = kv = KVManager(self.store, self.sched_config, self.stats)
         self._loads = Loads(self.store, self.stats)
         self.loading = self._loads.loading
         """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
         self.last_plan_short_of_blocks = False
         """The last plan left a running request out for want of blocks (it could not
         preempt: it was planned while a step ran)."""
-        self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, self.locate)
-        self._prefix = prefix = PrefixMatcher(self.pool, self.block_size)
-        # Bound once: these run per request per step.
-        self._match_device = prefix.match_device
-        self._extend_keys = prefix.extend_keys
-        self._matches = prefix.matches
+        self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, kv.locate)
         self._active_ids: set[str] = set()
         """Ids of the requests in `waiting`, `loading` and `running`."""
         self._policy_drops = policy.drops_requests()
         self._policy_on_step = type(policy).on_step is not Policy.on_step
         self._policy_preempts = type(policy).preempt_for is not Policy.preempt_for
-        self._write_through = self.store.write_through and self.store.has_lower_tiers
         threshold = self.sched_config.long_prefill_threshold
         self._chunk_cap = threshold if threshold is not None else 1 << 62
         # A scan of the waiting queue skips at most this many deferred requests per step.
@@ -89,9 +83,6 @@ class Scheduler:
         self._model_limits = (
             self.model.vocab_size is not None or self.model.max_position_embeddings is not None
         )
-        self._deferred_blocks: list[list[int]] = []
-        """Blocks of requests aborted while a step ran (`abort(defer_release=True)`),
-        held until `release_deferred`."""
 
     # -- requests in and out ---------------------------------------------------
     def add(
@@ -124,7 +115,7 @@ class Scheduler:
                 state.block_keys = block_keys  # adopted: no copy, no reference per key
             elif block_keys is not None:
                 state.block_keys.extend(block_keys)
-            self._extend_keys(state, state.num_prompt_tokens // self.block_size)
+            self.kv_manager.extend_keys(state, state.num_prompt_tokens // self.block_size)
         self.waiting[rid] = state
         self._active_ids.add(rid)
         self.policy.on_add(state, self.view)
@@ -176,9 +167,8 @@ class Scheduler:
             if state is None:
                 return None
             self.running.remove(state)
-        if defer_release and state.block_ids:
-            self._deferred_blocks.append(state.block_ids)
-            state.block_ids = []
+        if defer_release:
+            self.kv_manager.free_after_step(state)
         self._finish(state, reason, now, detail)
         if reason is FinishReason.ABORTED:
             self.stats.num_aborted += 1
@@ -187,9 +177,7 @@ class Scheduler:
     def release_deferred(self, now: float) -> None:
         """Release the blocks of requests aborted with `defer_release` (call it once
         the step that might read them has ended)."""
-        for block_ids in self._deferred_blocks:
-            self.store.release_device(block_ids, now, keep=True)
-        self._deferred_blocks.clear()
+        self.kv_manager.release_deferred(now)
 
     @property
     def has_unfinished(self) -> bool:
@@ -212,12 +200,7 @@ class Scheduler:
     # -- the cache ---------------------------------------------------------------
     def locate(self, state: RequestState) -> PrefixLocation:
         """Where the leading full blocks of the request's known tokens are cached."""
-        if not self.sched_config.enable_prefix_caching:
-            return PrefixLocation()
-        n = (state.num_tokens - 1) // self.block_size
-        match = self._match_device(state, n)
-        keys = state.block_keys
-        return self.store.locate(keys if len(keys) == n else keys[:n], len(match.block_ids))
+        return self.kv_manager.locate(state)
 
     # -- planning --------------------------------------------------------------
     def plan(self, now: float, *, overlapped: bool = False) -> StepPlan:
@@ -274,7 +257,7 @@ class Scheduler:
         # `Batch.add` inlined: this loop runs once per running request per step.
         short_of_blocks = False
         running = self.running
-        pool = self.pool
+        can_allocate = self.kv_manager.can_allocate
         bs = self.block_size
         cap = self._chunk_cap
         add_request = batch.requests.append
@@ -297,12 +280,12 @@ class Scheduler:
                 n = min(n, cap, budget)
             need = (start + n + bs - 1) // bs - len(req.block_ids)
             if need > 0:
-                if need > pool.num_free_blocks and overlapped:
-                    short_of_blocks = True
-                    i += 1  # no preemption while a step runs: try again next step
-                    continue
-                if need > pool.num_free_blocks:
-                    while need > pool.num_free_blocks:
+                if not can_allocate(need):
+                    if overlapped:
+                        short_of_blocks = True
+                        i += 1  # no preemption while a step runs: try again next step
+                        continue
+                    while not can_allocate(need):
                         victim = self.policy.victim(running[i:], self.view)
                         self._check_victim(victim, running[i:])
                         self._preempt(victim, now)
@@ -311,7 +294,7 @@ class Scheduler:
                             break
                     if req.status is not _RUNNING:
                         continue  # running[i] is now the next request
-                req.block_ids.extend(pool.allocate(need))
+                self.kv_manager.allocate_slots(req, need)
             end = start + n
             add_request(req)
             add_tokens(n)
@@ -372,37 +355,19 @@ class Scheduler:
         overlapped: bool,
     ) -> bool:
         bs = self.block_size
-        pool = self.pool
-        store = self.store
+        kv = self.kv_manager
         num_tokens = len(req.token_ids)
         while True:
-            hits: list[int] = []
-            hit_ids: IntArray | list[int] = hits
-            below: list[tuple[TierName, int]] = []
-            pull: RemoteRun | None = None
-            if self.sched_config.enable_prefix_caching:
-                max_hit_blocks = (num_tokens - 1) // bs
-                match = self._match_device(req, max_hit_blocks)
-                hits, hit_ids = match.block_ids, match.ids
-                if store.has_lower_tiers and len(hits) < max_hit_blocks:
-                    below = store.find_below(req.block_keys, len(hits), max_hit_blocks)
-                    if below and not store.costs.should_load(below):
-                        below = []  # recomputing them is cheaper, and what follows
-                    elif store.remote is not None:
-                        pull = self._find_pull(req, len(hits), below, max_hit_blocks)
+            cached = kv.lookup(req, num_tokens)
+            num_hits = len(cached.device_ids)
+            pull = cached.pull
             num_pulled = pull.num_blocks if pull is not None else 0
-            num_cached = (len(hits) + len(below) + num_pulled) * bs
+            num_cached = (num_hits + len(cached.below) + num_pulled) * bs
             # A request that loads runs nothing this step; otherwise it takes a chunk.
-            loads = bool(below) or pull is not None
+            loads = bool(cached.below) or pull is not None
             n = 0 if loads else min(num_tokens - num_cached, self._chunk_cap, batch.budget)
-            num_new = (num_cached + n + bs - 1) // bs - len(hits)
-            num_free = pool.num_free_blocks
-            # Touching a hit takes it out of the free pool if nobody held it; counting
-            # those is only needed when the pool is nearly full.
-            blocks_short = num_new + len(hits) > num_free and (
-                num_new + pool.num_evictable_among(hit_ids) > num_free
-            )
-            if not blocks_short and len(self.running) + len(self.loading) < max_seqs:
+            num_new = (num_cached + n + bs - 1) // bs - num_hits
+            if kv.can_admit(cached, num_new) and len(self.running) + len(self.loading) < max_seqs:
                 break
             if overlapped:
                 return False
@@ -414,61 +379,14 @@ class Scheduler:
                 batch.remove(victim)
             self._preempt(victim, now)
             preempted.append(victim.request_id)
-        self._matches.pop(req.request_id, None)
-        pool.touch(hit_ids)
-        req.block_ids = hits + pool.allocate(num_new)
-        req.num_sealed_blocks = len(hits)
-        first_admission = self._count_hits(req, len(hits), below, num_pulled, num_tokens, now)
+        kv.admit(req, cached, num_new)
+        first_admission = kv.count_hits(req, cached, num_tokens, now)
         if loads:
-            self._loads.start(req, below, len(hits), first_admission, now, pull)
+            self._loads.start(req, cached.below, num_hits, first_admission, now, pull)
             return True
         req.status = _RUNNING
         self.running.append(req)
         batch.add(req, num_cached, n)
-        return True
-
-    def _find_pull(
-        self,
-        req: RequestState,
-        num_device: int,
-        below: Sequence[tuple[TierName, int]],
-        max_hit_blocks: int,
-    ) -> RemoteRun | None:
-        """The run after the local hits that a peer holds, when pulling it beats
-        recomputing it (else None: those tokens are recomputed)."""
-        store = self.store
-        run = store.find_remote(req.block_keys, num_device + len(below), max_hit_blocks)
-        if run is None or not store.costs.should_pull(run.num_blocks):
-            return None
-        return run
-
-    def _count_hits(
-        self,
-        req: RequestState,
-        num_device: int,
-        below: Sequence[tuple[TierName, int]],
-        num_pulled: int,
-        num_tokens: int,
-        now: float,
-    ) -> bool:
-        """Count an admission's hits by tier: a first admission's as prefix hits (it sets
-        the request's `num_cached_tokens`), a preempted request's re-admission apart, so
-        its own swapped blocks are no prefix hit. Returns whether it is the first."""
-        bs = self.block_size
-        stats = self.stats
-        first_admission = req.first_scheduled_time is None
-        num_cpu = sum(1 for tier, _ in below if tier == "cpu")
-        stats.count_hits(first_admission, "device", num_device * bs)
-        stats.count_hits(first_admission, "cpu", num_cpu * bs)
-        stats.count_hits(first_admission, "disk", (len(below) - num_cpu) * bs)
-        if num_pulled:
-            stats.count_hits(first_admission, "peer", num_pulled * bs)
-        if not first_admission:
-            stats.readmission_query_tokens += num_tokens
-            return False
-        stats.prefix_query_tokens += num_tokens
-        req.first_scheduled_time = now
-        req.num_cached_tokens = (num_device + len(below) + num_pulled) * bs
         return True
 
     def _pending_keys(self) -> set[int]:
@@ -518,6 +436,7 @@ class Scheduler:
             self._commit_logprobs(plan, result.logprobs)
         bs = self.block_size
         caching = self.sched_config.enable_prefix_caching
+        seal = self.kv_manager.seal
         finished: list[RequestState] = []
         entries = zip(plan.requests, plan.start_positions, plan.num_tokens, sampled, strict=True)
         for req, start, n, token in entries:
@@ -525,7 +444,7 @@ class Scheduler:
                 continue  # aborted since the plan
             end = start + n
             if caching and end // bs > req.num_sealed_blocks:
-                self._seal(req, end // bs, now)
+                seal(req, end // bs, now)
             tokens = req.token_ids
             if end != len(tokens):
                 continue  # a prefill chunk short of the end samples nothing
@@ -570,39 +489,15 @@ class Scheduler:
         eos = token in self._eos_token_ids and not req.request.sampling.ignore_eos
         return f"{'eos' if eos else 'stop'} token {token}"
 
-    def _seal(self, req: RequestState, num_full: int, now: float) -> None:
-        self._extend_keys(req, num_full)
-        first = req.num_sealed_blocks
-        if num_full - first == 1:  # a decode filled its last block: no slicing
-            block = req.block_ids[first]
-            if self.pool.seal(block, req.block_keys[first], first) and self._write_through:
-                self.store.on_sealed(block, now)
-        else:
-            blocks = req.block_ids[first:num_full]
-            sealed = self.pool.seal_many(blocks, req.block_keys[first:num_full], first)
-            if self._write_through:
-                for b in sealed:
-                    self.store.on_sealed(b, now)
-        req.num_sealed_blocks = num_full
-
     # -- state changes -----------------------------------------------------------
     def _preempt(self, req: RequestState, now: float) -> None:
-        """Queue a running request again at the front. Its blocks are released; with
-        swap they go down to the cpu tier (and come back through a prefix hit on
-        resume), with recompute they are dropped (a cost estimate chooses, by config)."""
+        """Queue a running request again at the front, its blocks released (swapped
+        down or dropped: `KVManager.free_preempted`)."""
         self.running.remove(req)
-        mode = self.sched_config.preemption_mode
-        swap = self.store.has_lower_tiers and (
-            mode == "swap"
-            or (mode == "auto" and self.store.costs.swap_is_cheaper(req.num_sealed_blocks))
-        )
-        if swap:
+        if self.kv_manager.free_preempted(req, now):
             self.stats.num_swaps += 1
-        self.store.release_device(req.block_ids, now, keep=swap)
-        req.block_ids = []
         req.num_computed_tokens = 0
         req.num_inflight_samples = 0
-        req.num_sealed_blocks = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
@@ -611,11 +506,8 @@ class Scheduler:
     def _finish(
         self, req: RequestState, reason: FinishReason, now: float, detail: str = ""
     ) -> None:
-        if req.block_ids:
-            self.store.release_device(req.block_ids, now, keep=True)
-            req.block_ids = []
+        self.kv_manager.free(req, now)
         self._active_ids.discard(req.request_id)
-        self._matches.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_detail = detail

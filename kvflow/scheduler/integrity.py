@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def num_leaked_blocks(sched: Scheduler) -> int:
     """Blocks still referenced beyond what active requests hold (0 unless a bug)."""
     held = {b for r in (*sched.running, *sched.loading.values()) for b in r.block_ids}
-    held.update(b for block_ids in sched._deferred_blocks for b in block_ids)
+    held.update(b for block_ids in sched.kv_manager.deferred for b in block_ids)
     return sched.pool.num_used_blocks - len(held)
 
 
@@ -58,7 +58,7 @@ def check_integrity(sched: Scheduler) -> None:
             problems.append(f"waiting {rid} holds blocks or computed tokens")
         if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             problems.append(f"{rid} is waiting with status {r.status.name}")
-    for block_ids in sched._deferred_blocks:
+    for block_ids in sched.kv_manager.deferred:
         for b in block_ids:
             refs[b] += 1
     if problems:
