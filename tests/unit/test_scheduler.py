@@ -310,3 +310,19 @@ def test_block_keys_handed_to_add_are_adopted_and_grow_as_hashing_would() -> Non
     frozen = tuple(keys)
     copied = third.add(make_request(prompt, max_new_tokens=1, request_id="b"), block_keys=frozen)
     assert copied.block_keys == keys and type(copied.block_keys) is list
+
+
+@pytest.mark.parametrize("mode", ["auto", "swap"])
+def test_with_no_cpu_tier_a_preempted_request_is_recomputed(mode: str) -> None:
+    sched = make_scheduler(
+        **{
+            "kv.block_size": 4,
+            "kv.device.num_blocks": 12,
+            "kv.recompute_token_us": 1000.0,  # swapping would be cheaper, had it a tier
+            "scheduler.preemption_mode": mode,
+        }
+    )
+    states = [sched.add(make_request(10, max_new_tokens=20, base=100 * i)) for i in range(5)]
+    run_to_completion(sched)
+    assert sched.stats.num_preemptions > 0 and sched.stats.num_swaps == 0
+    assert all(s.num_output_tokens == 20 for s in states)
