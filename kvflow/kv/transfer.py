@@ -110,8 +110,9 @@ class CopyEngine(abc.ABC):
 
 class ThreadedCopyEngine(CopyEngine):
     """A copy engine whose transfers finish off the store's thread (in worker threads,
-    or tasks of an event loop): each is running from `_start` until `_report`, then
-    handed to the store by `completed`; `wait` and `settle` may block any thread."""
+    or tasks of an event loop): each is running from `_start` until `_report` (or
+    `_give_up_running`), then handed to the store by `completed`; `wait` and `settle`
+    may block any thread."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -130,6 +131,14 @@ class ThreadedCopyEngine(CopyEngine):
             if started and self._running.pop(transfer.transfer_id, None) is None:
                 return
             self._finished.append((transfer, ok))
+            self._cond.notify_all()
+
+    def _give_up_running(self) -> None:
+        """Report every running transfer failed now; their own `_report`s, later, are
+        ignored."""
+        with self._cond:
+            self._finished += [(t, [False] * len(t.keys)) for t in self._running.values()]
+            self._running.clear()
             self._cond.notify_all()
 
     def completed(self, now: float) -> list[tuple[Transfer, list[bool]]]:

@@ -66,7 +66,4 @@ class PeerPuller(ThreadedCopyEngine):
     def close(self) -> None:
         """Give up the pulls in flight: each is reported failed now (the store is being
         drained at shutdown, so nothing reuses their slots)."""
-        with self._cond:
-            self._finished += [(t, [False] * len(t.keys)) for t in self._running.values()]
-            self._running.clear()
-            self._cond.notify_all()
+        self._give_up_running()
