@@ -18,7 +18,7 @@ from kvflow.peer.client import (
     PeerClient,
     PeerDownError,
     PeerRequestError,
-    _Ended,
+    PullEnded,
     connect_peer,
     pull_into_cpu,
 )
@@ -129,7 +129,7 @@ async def test_pipelined_pulls_on_one_connection(tmp_path: Path) -> None:
 
 
 async def test_pulls_end_alike_with_the_signal_used_off_asyncio(tmp_path: Path) -> None:
-    """On asyncio a pull's task waits on a loop future; elsewhere on `_Ended`, an
+    """On asyncio a pull's task waits on a loop future; elsewhere on `PullEnded`, an
     anyio.Event shaped like it. Forced here: pipelined pulls land, a pull of blocks all
     gone lands nothing, and a pull given up (cancelled) takes the connection down."""
     a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
@@ -137,7 +137,7 @@ async def test_pulls_end_alike_with_the_signal_used_off_asyncio(tmp_path: Path) 
     results: dict[int, int] = {}
     with anyio.fail_after(30):
         async with serving(a) as service, client_of(service, b) as client:
-            client._new_ended = _Ended
+            client.new_ended = PullEnded
 
             async def pull(i: int) -> None:
                 results[i] = await pull_into_cpu(client, b, list(range(100 + 4 * i, 104 + 4 * i)))
