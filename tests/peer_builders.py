@@ -13,7 +13,7 @@ import torch
 from kvflow.config import KVConfig, KVFlowConfig, PeerConfig
 from kvflow.kv.storage import byte_view
 from kvflow.kv.store import KVStore, TierName
-from kvflow.peer.frames import Header
+from kvflow.peer.frames import FrameKind, Header, blocks_meta_size, pack_blocks_head, pack_header
 from kvflow.peer.handshake import server_handshake
 from kvflow.peer.identity import PeerIdentity
 from kvflow.peer.wire import Wire
@@ -106,3 +106,12 @@ async def answer_one_pull(
     await wire.read_exact(pull.payload_length)
     await answer(wire, pull)
     await anyio.sleep(60)
+
+
+def blocks_head(request_id: int, size: int, n: int, payload_length: int | None = None) -> bytes:
+    """The header and meta of a BLOCKS reply to pull `request_id` (its lease id too):
+    `n` blocks of `size` bytes from cpu, the payload `payload_length` long (by default,
+    as long as they make it); the blocks and checksums are the caller's to send."""
+    length = blocks_meta_size(n) + n * size if payload_length is None else payload_length
+    head = pack_header(FrameKind.BLOCKS, request_id, length)
+    return head + pack_blocks_head(request_id, size, ["cpu"] * n)

@@ -24,8 +24,6 @@ from kvflow.peer.frames import (
     ErrorCode,
     FrameKind,
     Header,
-    blocks_meta_size,
-    pack_blocks_head,
     pack_checksums,
     pack_header,
     pack_pull,
@@ -36,6 +34,7 @@ from kvflow.peer.service import PeerService
 from kvflow.peer.wire import Wire
 from tests.peer_builders import (
     answer_one_pull,
+    blocks_head,
     cpu_block,
     make_store,
     no_pins,
@@ -135,9 +134,9 @@ async def test_a_peer_stalling_mid_transfer_fails_the_pull_after_the_timeout(
     port = listener.getsockname()[1]
 
     async def stall(wire: Wire, header: Header) -> None:
-        meta = pack_blocks_head(header.request_id, size, ["cpu"] * 4)
-        head = pack_header(FrameKind.BLOCKS, header.request_id, blocks_meta_size(4) + 4 * size)
-        await wire.send([head, meta, b"\0" * (2 * size)], time.monotonic() + 5)
+        await wire.send(
+            [blocks_head(header.request_id, size, 4), b"\0" * (2 * size)], time.monotonic() + 5
+        )
         stalled.set()
 
     with anyio.fail_after(30):
@@ -168,9 +167,8 @@ async def test_a_block_whose_checksum_differs_ends_the_run(tmp_path: Path) -> No
     listener.setblocking(False)
 
     async def lie(wire: Wire, header: Header) -> None:
-        meta = pack_blocks_head(header.request_id, size, ["cpu"] * 4)
-        head = pack_header(FrameKind.BLOCKS, header.request_id, blocks_meta_size(4) + 4 * size)
-        await wire.send([head, meta, *blocks, pack_checksums(sums)], time.monotonic() + 5)
+        head = blocks_head(header.request_id, size, 4)
+        await wire.send([head, *blocks, pack_checksums(sums)], time.monotonic() + 5)
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:

@@ -31,14 +31,13 @@ from kvflow.peer.frames import (
     PROTOCOL_VERSION,
     FrameKind,
     Header,
-    blocks_meta_size,
-    pack_blocks_head,
     pack_header,
 )
 from kvflow.peer.service import PeerService
 from kvflow.peer.wire import Wire
 from tests.peer_builders import (
     answer_one_pull,
+    blocks_head,
     cpu_block,
     make_store,
     no_pins,
@@ -62,12 +61,6 @@ async def _send(wire: Wire, *parts: bytes) -> None:
     await wire.send(list(parts), time.monotonic() + 5)
 
 
-def _blocks(request_id: int, size: int, n: int, payload_length: int | None = None) -> bytes:
-    length = blocks_meta_size(n) + n * size if payload_length is None else payload_length
-    head = pack_header(FrameKind.BLOCKS, request_id, length)
-    return head + pack_blocks_head(request_id, size, ["cpu"] * n)
-
-
 async def random_bytes(wire: Wire, pull: Header, size: int) -> None:
     await _send(wire, os.urandom(64))
 
@@ -87,19 +80,19 @@ async def an_unexpected_kind(wire: Wire, pull: Header, size: int) -> None:
 
 
 async def blocks_for_another_request(wire: Wire, pull: Header, size: int) -> None:
-    await _send(wire, _blocks(pull.request_id + 1, size, 4), b"\0" * (4 * size))
+    await _send(wire, blocks_head(pull.request_id + 1, size, 4), b"\0" * (4 * size))
 
 
 async def blocks_of_another_size(wire: Wire, pull: Header, size: int) -> None:
-    await _send(wire, _blocks(pull.request_id, 2 * size, 4), b"\0" * (8 * size))
+    await _send(wire, blocks_head(pull.request_id, 2 * size, 4), b"\0" * (8 * size))
 
 
 async def more_blocks_than_asked(wire: Wire, pull: Header, size: int) -> None:
-    await _send(wire, _blocks(pull.request_id, size, 8), b"\0" * (8 * size))
+    await _send(wire, blocks_head(pull.request_id, size, 8), b"\0" * (8 * size))
 
 
 async def a_length_past_the_limit(wire: Wire, pull: Header, size: int) -> None:
-    await _send(wire, _blocks(pull.request_id, size, 4, payload_length=2**40))
+    await _send(wire, blocks_head(pull.request_id, size, 4, payload_length=2**40))
 
 
 async def undecodable_events(wire: Wire, pull: Header, size: int) -> None:
@@ -108,7 +101,7 @@ async def undecodable_events(wire: Wire, pull: Header, size: int) -> None:
 
 
 async def a_reset_mid_frame(wire: Wire, pull: Header, size: int) -> None:
-    await _send(wire, _blocks(pull.request_id, size, 4), b"\0" * size)
+    await _send(wire, blocks_head(pull.request_id, size, 4), b"\0" * size)
     wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     wire.close()  # RST
 
