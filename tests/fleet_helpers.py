@@ -9,6 +9,7 @@ from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.simulated import latency_model_from_config
 from kvflow.request import Request
 from kvflow.traces.distributions import Fixed, Poisson, parse_length
+from kvflow.traces.fleet_report import summarize_fleet, summarize_fleet_wide
 from kvflow.traces.metrics import summarize_replay
 from kvflow.traces.replay import replay
 from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
@@ -77,3 +78,10 @@ def run_fleet(
     return replay_identical_fleet(
         requests, config, n, "fcfs", router, peers=peers, check_integrity=check_integrity
     )
+
+
+def assert_fleet_wide_is_the_full_report_less_its_fleet_figures(result: FleetResult) -> None:
+    """The planner's fleet-wide report is the full report's, without the `fleet` key."""
+    full = summarize_fleet(result).report.to_json(wall_clock=False)
+    del full["fleet"]
+    assert summarize_fleet_wide(result).to_json(wall_clock=False) == full

@@ -11,9 +11,9 @@ import pytest
 from kvflow.cluster.fleet import FleetResult, replay_identical_fleet
 from kvflow.config import KVFlowConfig
 from kvflow.request import SLO, Request
-from kvflow.traces.fleet_report import summarize_fleet, summarize_fleet_wide
 from kvflow.traces.native import dump_native
 from kvflow.traces.outcome import request_outcome
+from tests.fleet_helpers import assert_fleet_wide_is_the_full_report_less_its_fleet_figures
 from tests.integration.test_cli_refusals import assert_one_line_error, kvflow
 
 
@@ -81,13 +81,10 @@ def test_disaggregation_is_deterministic() -> None:
     assert a.handoffs == b.handoffs
 
 
-def test_fleet_wide_report_alone_is_the_full_reports_without_its_fleet_figures() -> None:
+def test_a_pd_fleets_wide_report_alone_is_the_full_report_less_its_fleet_figures() -> None:
+    # (A colocated fleet's: test_peers_pull_prefixes_and_count_them_as_peer_hits.)
     requests = workload(20, 300, 12, rate=20.0, slo=SLO(ttft_ms=200.0, tpot_ms=20.0))
-    for pd in (None, (1, 1)):
-        result = run(requests, pd)
-        full = summarize_fleet(result).report.to_json(wall_clock=False)
-        del full["fleet"]
-        assert summarize_fleet_wide(result).to_json(wall_clock=False) == full
+    assert_fleet_wide_is_the_full_report_less_its_fleet_figures(run(requests, (1, 1)))
 
 
 def test_pd_must_cover_the_fleet() -> None:

@@ -14,13 +14,14 @@ import pytest
 
 from kvflow.config import KVFlowConfig
 from kvflow.request import Request
-from kvflow.traces.fleet_report import summarize_fleet, summarize_fleet_wide
+from kvflow.traces.fleet_report import summarize_fleet
 from kvflow.traces.formats import read_trace
 from kvflow.traces.native import dump_native
 from kvflow.traces.replay import replay
 from kvflow.traces.shaping import scale_to_rate
 from kvflow.traces.slo import SLOSettings
 from tests.fleet_helpers import (
+    assert_fleet_wide_is_the_full_report_less_its_fleet_figures,
     conversations,
     ideal_hit_rate,
     one_system_prompt,
@@ -89,8 +90,7 @@ def test_peers_pull_prefixes_and_count_them_as_peer_hits() -> None:
     assert fleet["peer_hit_tokens"] > 0
     assert report.extra["hit_tokens_by_tier"]["peer"] == fleet["peer_hit_tokens"]
     assert report.num_leaked_blocks == 0
-    alone = summarize_fleet_wide(result)  # the planner's: the same, less the fleet figures
-    assert alone.to_json() == {k: v for k, v in report.to_json().items() if k != "fleet"}
+    assert_fleet_wide_is_the_full_report_less_its_fleet_figures(result)
     for pull in result.pulls:
         assert pull.source != pull.target and pull.end > pull.start
 
