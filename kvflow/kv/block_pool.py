@@ -359,18 +359,23 @@ class BlockPool:
             base, step = (0, 0) if first_depth is None else (first_depth, 1)
             pairs = enumerate(zip(block_ids, keys, strict=True))
             return [b for i, (b, key) in pairs if self.seal(b, key, base + i * step)]
+        if first_depth is None:
+            self._index(block_ids, keys, 0)
+        else:
+            depths = np.arange(first_depth, first_depth + len(keys))
+            self._index(block_ids, keys, np.minimum(depths, MAX_DEPTH))
+        return list(block_ids)
+
+    def _index(self, block_ids: Sequence[int], keys: Sequence[int], depths: IntArray | int) -> None:
+        """Mark blocks that `_cached` now holds under `keys` as keyed, at `depths`."""
         block_keys = self.block_keys
         for b, key in zip(block_ids, keys, strict=True):
             block_keys[b] = key
         ids = _ids(block_ids)
         self._keyed[ids] = True
-        if first_depth is None:
-            self.depths[ids] = 0
-        else:
-            self.depths[ids] = np.minimum(np.arange(first_depth, first_depth + len(ids)), MAX_DEPTH)
+        self.depths[ids] = depths
         if self.key_listener is not None and keys:
             self.key_listener(True, list(keys))
-        return list(block_ids)
 
     def adopt(
         self, block_ids: Sequence[int], keys: Sequence[int], depths: Sequence[int] = ()
@@ -385,13 +390,14 @@ class BlockPool:
         taken = np.isin(free, ids)
         if np.count_nonzero(taken) != len(ids) or len(set(keys)) != len(keys):
             raise IntegrityError("adopt takes distinct free blocks under distinct keys")
+        if not self._cached.keys().isdisjoint(keys):
+            raise IntegrityError("adopt: a key is cached already")
         rest = free[~taken]
         self._free[: len(rest)] = rest
         self._num_free = len(rest)
-        if len(self.seal_many(block_ids, keys)) != len(ids):
-            raise IntegrityError("adopt: a key is cached already")
-        if len(depths):
-            self.depths[ids] = np.minimum(np.asarray(depths, dtype=np.int64), MAX_DEPTH)
+        self._cached.update(zip(keys, block_ids, strict=True))
+        known = np.minimum(np.asarray(depths, dtype=np.int64), MAX_DEPTH) if len(depths) else 0
+        self._index(block_ids, keys, known)
         self._push_lru(ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
