@@ -27,16 +27,19 @@ from kvflow.kv.hashing import NEEDS_BYTESWAP, chain_keys, extend_block_keys, pac
 
 
 class _Node:
-    __slots__ = ("children", "first", "keys", "live", "parent", "root", "seg", "stamp")
+    __slots__ = ("children", "first_block", "keys", "live", "parent", "root", "seg", "stamp")
 
-    def __init__(self, seg: bytes, keys: list[int], parent: _Node | None, first: bytes) -> None:
+    def __init__(
+        self, seg: bytes, keys: list[int], parent: _Node | None, first_block: bytes
+    ) -> None:
         self.seg = seg
         """The packed tokens of the node's blocks."""
         self.keys = keys
         """The keys of the node's blocks."""
         self.parent = parent
-        self.first = first
-        """The bytes of the first block: the node's key among its parent's children."""
+        self.first_block = first_block
+        """The packed tokens of the first block: the node's key among its parent's
+        children."""
         self.children: dict[bytes, _Node] = {}
         self.stamp = 0
         """When the node was last on a prompt's path (a clock of `extend` calls)."""
@@ -125,10 +128,9 @@ class ChainMemo:
         if pos < num_full_blocks:
             chain_keys(keys, packed, pos, num_full_blocks, width, keys[-1] if keys else root)
             leaf_bytes = packed[pos * width : num_full_blocks * width].tobytes()
-            leaf = _Node(leaf_bytes, keys[pos:], node, b"")
-            leaf.first = leaf.seg[:width]
+            leaf = _Node(leaf_bytes, keys[pos:], node, leaf_bytes[:width])
             leaf.stamp = clock
-            node.children[leaf.first] = leaf
+            node.children[leaf.first_block] = leaf
             self.num_bytes += len(leaf.seg)
             self.num_nodes += 1
             node = leaf
@@ -139,14 +141,16 @@ class ChainMemo:
         """Split `node`'s first `num_blocks` blocks off into a new parent, returned."""
         parent = node.parent
         assert parent is not None
-        upper = _Node(node.seg[: num_blocks * width], node.keys[:num_blocks], parent, node.first)
+        upper = _Node(
+            node.seg[: num_blocks * width], node.keys[:num_blocks], parent, node.first_block
+        )
         upper.stamp = node.stamp
-        parent.children[upper.first] = upper
+        parent.children[upper.first_block] = upper
         node.seg = node.seg[num_blocks * width :]
         node.keys = node.keys[num_blocks:]
-        node.first = node.seg[:width]
+        node.first_block = node.seg[:width]
         node.parent = upper
-        upper.children[node.first] = node
+        upper.children[node.first_block] = node
         self.num_nodes += 1
         return upper
 
@@ -159,7 +163,7 @@ class ChainMemo:
                 continue  # stale
             parent = node.parent
             assert parent is not None
-            del parent.children[node.first]
+            del parent.children[node.first_block]
             node.live = False
             self.num_bytes -= len(node.seg)
             self.num_nodes -= 1
