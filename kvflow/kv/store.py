@@ -298,8 +298,10 @@ class KVStore:
         src_slots, keys = src_slots[:n], keys[:n]
         dst_slots = dst_pool.allocate(n)
         src_pool.touch(src_slots, hit=False)
-        # A disk record keeps each block's depth in its chain (`kvflow.kv.persist`).
-        depths = src_pool.depths[src_slots].tolist() if dst_tier == "disk" else None
+        # A persistent slab's record keeps each block's depth in its chain
+        # (`kvflow.kv.persist`); nothing else reads a copy's depths.
+        persistent = storage is not None and storage.layout.persistent
+        depths = src_pool.depths[src_slots].tolist() if dst_tier == "disk" and persistent else None
         self._submit(direction, src_slots, dst_slots, keys, now, depths)
         if direction == "device_to_cpu":
             self.stats.num_demoted_blocks += n
