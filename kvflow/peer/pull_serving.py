@@ -6,15 +6,17 @@ under a lease, sends the blocks' bytes straight from the tier buffers, and unpin
 step that can block is bounded by the lease's deadline, so no pin outlives
 `peer.lease_ttl_s` even when the client vanishes. A pull of blocks in host memory is
 served at once by the reader when the connection is free to send, and pinned only if
-its send has to wait (until then nothing else runs on the store's thread); any other
-runs as a task of its own. A failed pull ends its connection, nothing else.
+its send has to wait (until then nothing else runs on the store's thread); any other is
+pinned at once and sent by a task of its own. A failed pull ends its connection, nothing
+else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -38,7 +40,7 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, send_error
 from kvflow.peer.receiving import FrameReceiver
-from kvflow.peer.wire import Outgoing, PeerClosedError, Wire
+from kvflow.peer.wire import PeerClosedError, Wire
 
 if TYPE_CHECKING:
     from kvflow.peer.service import _Connection
@@ -108,57 +110,63 @@ class PullServer:
         request_id: int,
         payload: bytearray,
     ) -> None:
-        """Serve a PULL at once, on this thread, when its blocks are in host memory and
-        the connection is free to send (the common case): no task, and no pins unless
-        the socket cannot take the whole reply now, when the run is pinned and the rest
-        is sent by a task. Anything else (a malformed or refused pull, blocks to read
-        from disk or a device, another frame being sent) is served by a task of its own
-        (`_serve_pull`)."""
+        """Serve a PULL (unpacked, and its run found, here only). Blocks in host memory
+        go out at once, on this thread, when the connection is free to send (the common
+        case): no task, and no pins unless the socket cannot take the whole reply now.
+        Otherwise (blocks to read from disk or a device, another frame being sent, the
+        rest of a reply) the run is pinned now and a task sends it (`_send_pinned`). A
+        malformed pull, or one for another model, ends the connection (`_refuse`)."""
         try:
+            fingerprint: bytes | None
             fingerprint, lease_id, keys = unpack_pull(payload)
         except FrameError:
-            fingerprint = b""
-        if fingerprint == self.fingerprint:
-            found = find_run(self.store, keys)
-            if reader.in_host_memory(found):
-                served: list[int] = []
-                parts = self._reply(reader, found, request_id, lease_id, served)
-                deadline = time.monotonic() + self.config.lease_ttl_s
-                try:
-                    rest = conn.wire.send_now(parts, deadline)
-                except anyio.WouldBlock:  # another frame is being sent: wait in a task
-                    pass
-                except Exception:  # as in `_serve_pull`: the stream is unusable, end it
-                    self._counts["closed_for_errors"] += 1
-                    conn.wire.shutdown()
+            fingerprint = None
+        if fingerprint != self.fingerprint:
+            conn.num_inflight += 1
+            tg.start_soon(self._refuse, conn, request_id, fingerprint)
+            return
+        found = find_run(self.store, keys)
+        served: list[int] = []
+        parts = self._reply(reader, found, request_id, lease_id, served)
+        deadline = time.monotonic() + self.config.lease_ttl_s
+        wire = conn.wire
+        send: Callable[[], Awaitable[None]]
+        if not reader.in_host_memory(found):
+            send = functools.partial(wire.send_built, parts, deadline)  # reads in a thread
+        else:
+            try:
+                rest = wire.send_now(parts, deadline)
+            except anyio.WouldBlock:  # another frame is being sent: wait in a task
+                send = functools.partial(wire.send_parts, parts, deadline)
+            except Exception:  # as in `_send_pinned`: the stream is unusable, end it
+                self._counts["closed_for_errors"] += 1
+                wire.shutdown()
+                return
+            else:
+                if rest is None:
+                    self._count_served(found, served[0])
                     return
-                else:
-                    if rest is None:
-                        self._count_served(found, served[0])
-                        return
-                    pin(self.store, found)  # before anything else runs on this thread
-                    lease = (conn.connection_id, request_id)
-                    self.leases.add(lease)
-                    conn.num_inflight += 1
-                    tg.start_soon(self._finish_pull, conn, rest, found, served, lease, deadline)
-                    return
+                send = functools.partial(wire.finish_send, rest, deadline)
+        pin(self.store, found)  # before anything else runs on this thread
+        lease = (conn.connection_id, request_id)
+        self.leases.add(lease)
         conn.num_inflight += 1
-        tg.start_soon(self._serve_pull, conn, reader, request_id, payload)
+        tg.start_soon(self._send_pinned, conn, send, found, served, lease)
 
-    async def _finish_pull(
+    async def _send_pinned(
         self,
         conn: _Connection,
-        rest: Outgoing,
+        send: Callable[[], Awaitable[None]],
         run: HeldRun,
         served: list[int],
         lease: tuple[int, int],
-        deadline: float,
     ) -> None:
-        """Send the rest of a reply `_on_pull` began, then unpin its run."""
+        """Send (`send`) the reply to a pull whose run `_on_pull` pinned, then unpin it."""
         try:
-            await conn.wire.finish_send(rest, deadline)
+            await send()
             self._count_served(run, served[0])
-        except Exception:  # as in `_serve_pull`
+        except Exception:  # one failed pull ends its connection, nothing else
+            # A transfer that failed half-way leaves the stream unusable: end it.
             self._counts["closed_for_errors"] += 1
             conn.wire.shutdown()
         finally:
@@ -166,48 +174,20 @@ class PullServer:
             self.leases.discard(lease)
             conn.num_inflight -= 1
 
-    async def _serve_pull(
-        self, conn: _Connection, reader: RunReader, request_id: int, payload: bytearray
-    ) -> None:
-        wire = conn.wire
-        deadline = time.monotonic() + self.config.lease_ttl_s
-        run: HeldRun | None = None
-        lease = (conn.connection_id, request_id)
+    async def _refuse(self, conn: _Connection, request_id: int, fingerprint: bytes | None) -> None:
+        """End the connection of a malformed pull (`fingerprint` None) or of one for
+        another model (the puller is told why first)."""
         try:
-            fingerprint, lease_id, keys = unpack_pull(payload)
-            if fingerprint != self.fingerprint:
+            if fingerprint is not None:
                 message = (
                     f"pull for model fingerprint {fingerprint.hex()}, this instance serves "
                     f"{self.fingerprint.hex()}"
                 )
-                await send_error(wire, request_id, ErrorCode.FINGERPRINT_MISMATCH, message)
-                raise FrameError(message)
-            found = find_run(self.store, keys)
-            served: list[int] = []
-            parts = self._reply(reader, found, request_id, lease_id, served)
-
-            def pin_found() -> None:  # before anything else may run on this thread
-                nonlocal run
-                pin(self.store, found)
-                run = found
-                self.leases.add(lease)
-
-            if reader.in_host_memory(found):
-                # On this thread: pinned only if the send has to wait (a reply that fits
-                # the socket's buffer is sent before anything else can touch the store).
-                await wire.send_parts(parts, deadline, before_waiting=pin_found)
-            else:
-                pin_found()
-                await wire.send_built(parts, deadline)  # read, hash and send: one thread
-            self._count_served(found, served[0])
-        except Exception:  # one failed pull ends its connection, nothing else
-            # A transfer that failed half-way leaves the stream unusable: end it.
-            self._counts["closed_for_errors"] += 1
-            wire.shutdown()
+                with contextlib.suppress(Exception):  # it ends either way
+                    await send_error(conn.wire, request_id, ErrorCode.FINGERPRINT_MISMATCH, message)
         finally:
-            if run is not None:
-                unpin(self.store, run)
-            self.leases.discard(lease)
+            self._counts["closed_for_errors"] += 1
+            conn.wire.shutdown()
             conn.num_inflight -= 1
 
     def _reply(

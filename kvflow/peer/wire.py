@@ -174,31 +174,20 @@ class Wire:
             if rest is not None:
                 await self.finish_send(rest, deadline)
 
-    async def send_parts(
-        self,
-        parts: Iterable[Sequence[Buffer]],
-        deadline: float,
-        before_waiting: Callable[[], None] | None = None,
-    ) -> None:
+    async def send_parts(self, parts: Iterable[Sequence[Buffer]], deadline: float) -> None:
         """Send one frame made of `parts`, each taken from the iterable just before it
         is sent (so work that makes a part, such as hashing it, overlaps with the
-        other end receiving the parts before). `before_waiting()` is called once, just
-        before the first time the send has to let the event loop run other tasks (the
-        connection's turn to send is held by another frame, the socket stays full):
-        until then nothing else has run on this thread."""
+        other end receiving the parts before)."""
         turn = self._send_turn
         try:
             turn.acquire_nowait()
         except anyio.WouldBlock:
-            if before_waiting is not None:
-                before_waiting()
-                before_waiting = None
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):
                 await turn.acquire()
         try:
             if self.closed:
                 raise PeerClosedError("connection already closed")
-            await self._send_rest(Outgoing(parts), deadline, before_waiting)
+            await self._send_rest(Outgoing(parts), deadline)
         finally:
             turn.release()
 
@@ -225,17 +214,12 @@ class Wire:
     async def finish_send(self, rest: Outgoing, deadline: float) -> None:
         """Send what `send_now` left, by the deadline; then others may send."""
         try:
-            await self._send_rest(rest, deadline, None)
+            await self._send_rest(rest, deadline)
         finally:
             self._send_turn.release()
 
-    async def _send_rest(
-        self, out: Outgoing, deadline: float, before_waiting: Callable[[], None] | None
-    ) -> None:
+    async def _send_rest(self, out: Outgoing, deadline: float) -> None:
         while not self._push(out, min(deadline, time.monotonic() + SLICE_S)):
-            if before_waiting is not None:
-                before_waiting()
-                before_waiting = None
             await _wait(anyio.wait_writable, self.sock, deadline, "a send")
 
     def _push(self, out: Outgoing, slice_end: float) -> bool:
