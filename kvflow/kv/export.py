@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from kvflow.kv.block_pool import BlockPool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeldRun:
     """The leading run of asked keys that a store holds (pinned, or valid only until
     the store's thread runs something else): block `i` is `keys[i]` at `slots[i]` of
@@ -43,7 +43,7 @@ class HeldRun:
         return len(self.keys)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunBytes:
     """The bytes of a pinned run's first `len(views)` blocks (a disk block that failed
     its checksum ends the run early), with each block's xxh3 (None: not computed yet,
@@ -72,9 +72,9 @@ def find_run(store: KVStore, keys: Sequence[int]) -> HeldRun:
         pool = pools[tier]
         if pool is None:
             continue
-        slots = list(map(pool._cached.get, keys))
+        slots = tuple(map(pool._cached.get, keys))
         if None not in slots:
-            return HeldRun(tuple(keys), (tier,) * len(keys), cast("tuple[int, ...]", tuple(slots)))
+            return HeldRun(tuple(keys), (tier,) * len(keys), cast("tuple[int, ...]", slots))
         if slots.count(None) < len(slots):
             break  # some blocks here, some not: block by block
     lookups = [(tier, pool._cached.get) for tier, pool in _pools(store)]

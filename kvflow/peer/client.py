@@ -31,13 +31,12 @@ from kvflow.kv.store import KVStore
 from kvflow.peer.directory import Directory
 from kvflow.peer.frames import (
     BLOCKS_HEAD,
-    PULL_HEAD,
     FrameError,
     FrameKind,
     Header,
     SeqFrame,
     pack_header,
-    pack_pull,
+    pack_pull_frame,
     unpack_blocks_head,
     unpack_checksums,
     unpack_error,
@@ -154,9 +153,8 @@ class PeerClient:
         pull = _Pull(views, time.monotonic() + self.config.pull_timeout_s, self.new_ended())
         self._pending[request_id] = pull
         try:
-            head = pack_header(FrameKind.PULL, request_id, PULL_HEAD.size + 8 * len(keys))
-            frame = [head, *pack_pull(self.peer.fingerprint, request_id, keys)]
-            await self.wire.send(frame, pull.deadline)
+            frame = pack_pull_frame(self.peer.fingerprint, request_id, keys)
+            await self.wire.send((frame,), pull.deadline)
             await pull.ended  # told by the reader, or when the peer is marked down
         except OSError as err:
             self.mark_down(f"peer {self.peer.peer_id!r}: sending a pull failed: {err}")
@@ -282,8 +280,11 @@ class PeerClient:
         if pull is None:
             raise FrameError(f"BLOCKS for request {request_id}, which is not pending")
         pull.receiving = True
-        fixed = memoryview(bytearray(BLOCKS_HEAD.size))
-        yield [fixed], None
+        incoming = self.wire.incoming
+        fixed = incoming.take_bytes(BLOCKS_HEAD.size)  # mostly read with the header
+        if fixed is None:
+            fixed = bytearray(BLOCKS_HEAD.size)
+            yield [memoryview(fixed)], None
         head = unpack_blocks_head(fixed, payload_length)
         n = head.num_blocks
         if n > len(pull.views):
@@ -293,12 +294,17 @@ class PeerClient:
             raise FrameError(
                 f"BLOCKS of {head.bytes_per_block} bytes per block, expected {len(views[0])}"
             )
-        codes = memoryview(bytearray(n))
         trailer = memoryview(bytearray(8 * n))
-        digests: list[int] = []  # each buffer's, as soon as it lands (while it is in cache)
-        yield [codes, *views, trailer], digests
+        digests: list[int] = []  # each block's, as soon as it lands (while it is in cache)
+        codes = incoming.take_bytes(n)
+        if codes is None:
+            codes = bytearray(n)
+            yield [memoryview(codes), *views, trailer], digests
+            del digests[0]
+        else:
+            yield [*views, trailer], digests
         tiers = unpack_tier_codes(codes)
-        num_good = _num_matching(digests[1 : n + 1], unpack_checksums(trailer, n))
+        num_good = _num_matching(digests[:n], unpack_checksums(trailer, n))
         pull.result = PullResult(num_good, tiers[:num_good])
         pull.end()
 

@@ -154,6 +154,25 @@ def pack_pull(fingerprint: bytes, lease_id: int, keys: Sequence[int]) -> list[by
     return [PULL_HEAD.pack(fingerprint, lease_id, len(keys)), _pack_u64s(keys)]
 
 
+def pack_pull_frame(fingerprint: bytes, request_id: int, keys: Sequence[int]) -> bytes:
+    """A whole PULL frame (header, `pack_pull` with the request id as lease id) in one
+    `struct.pack`: what a puller sends per pull."""
+    n = len(keys)
+    return struct.pack(
+        f"!4sBBHIQ{FINGERPRINT_SIZE}sQI{n}Q",
+        MAGIC,
+        PROTOCOL_VERSION,
+        FrameKind.PULL,
+        0,
+        request_id,
+        PULL_HEAD.size + 8 * n,
+        fingerprint,
+        request_id,
+        n,
+        *keys,
+    )
+
+
 def unpack_pull(payload: bytes | bytearray) -> tuple[bytes, int, tuple[int, ...]]:
     """(fingerprint, lease id, keys)."""
     if len(payload) < PULL_HEAD.size:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -24,7 +24,7 @@ import anyio.abc
 import xxhash
 
 from kvflow.config import PeerConfig
-from kvflow.kv.export import HeldRun, RunReader, find_run, pin, unpin
+from kvflow.kv.export import HeldRun, RunBytes, RunReader, find_run, pin, unpin
 from kvflow.kv.store import KVStore
 from kvflow.peer.frames import (
     PULL_HEAD,
@@ -91,8 +91,10 @@ class PullServer:
     def _receive_pull(
         self, conn: _Connection, tg: anyio.abc.TaskGroup, request_id: int, length: int
     ) -> FrameReceiver:
-        payload = bytearray(length)
-        yield [memoryview(payload)], None
+        payload = conn.wire.incoming.take_bytes(length)  # mostly read with the header
+        if payload is None:
+            payload = bytearray(length)
+            yield [memoryview(payload)], None
         if conn.num_inflight >= self.config.max_inflight_pulls:
             message = f"more than {self.config.max_inflight_pulls} pulls in flight"
             tg.start_soon(_try_send_error, conn.wire, request_id, message)
@@ -127,13 +129,16 @@ class PullServer:
             return
         found = find_run(self.store, keys)
         served: list[int] = []
-        parts = self._reply(reader, found, request_id, lease_id, served)
         deadline = time.monotonic() + self.config.lease_ttl_s
         wire = conn.wire
         send: Callable[[], Awaitable[None]]
+        parts: Iterable[Sequence[bytes | memoryview]]
         if not reader.in_host_memory(found):
+            parts = self._reply(reader, found, request_id, lease_id, served)
             send = functools.partial(wire.send_built, parts, deadline)  # reads in a thread
         else:
+            data = reader.read_run(found, hash_host=False)
+            parts = self._reply_parts(reader, found, data, request_id, lease_id, served)
             try:
                 rest = wire.send_now(parts, deadline)
             except anyio.WouldBlock:  # another frame is being sent: wait in a task
@@ -194,11 +199,24 @@ class PullServer:
         self, reader: RunReader, found: HeldRun, request_id: int, lease_id: int, served: list[int]
     ) -> Iterator[Sequence[bytes | memoryview]]:
         """The parts of the BLOCKS reply to a pull that found `found`, made as they are
-        taken: the run is read when the first is, each block still to hash is hashed
-        just before its part (blocks whose checksums are known go in one part); the
-        number of blocks read is appended to `served`."""
-        size = self.bytes_per_block
+        taken: the run is read when the first is (see `_reply_parts`)."""
         data = reader.read_run(found, hash_host=False)
+        yield from self._reply_parts(reader, found, data, request_id, lease_id, served)
+
+    def _reply_parts(
+        self,
+        reader: RunReader,
+        found: HeldRun,
+        data: RunBytes,
+        request_id: int,
+        lease_id: int,
+        served: list[int],
+    ) -> Iterable[Sequence[bytes | memoryview]]:
+        """The parts of the BLOCKS reply of `data`, the bytes read of `found`: one part
+        when every checksum is known (blocks served before: one `sendmsg`), else parts
+        made as they are taken, each block still to hash hashed just before its part.
+        The number of blocks read is appended to `served`."""
+        size = self.bytes_per_block
         n = len(data.views)
         served.append(n)
         payload_length = blocks_meta_size(n) + n * size
@@ -207,11 +225,17 @@ class PullServer:
             pack_blocks_head(lease_id, size, found.tiers[:n]),
         ]
         sums = data.checksums
-        if None not in sums:  # all known (blocks served before): one part, one sendmsg
-            yield [*head, *data.views, pack_checksums(cast("list[int]", sums))]
-            return
+        if None not in sums:
+            return [[*head, *data.views, pack_checksums(cast("list[int]", sums))]]
+        return self._hashing_parts(reader, found, data, head)
+
+    def _hashing_parts(
+        self, reader: RunReader, found: HeldRun, data: RunBytes, head: list[bytes | memoryview]
+    ) -> Iterator[Sequence[bytes | memoryview]]:
+        size = self.bytes_per_block
+        sums = data.checksums
         part, part_bytes = head, 0
-        for i in range(n):
+        for i in range(len(data.views)):
             if sums[i] is None:  # to hash: first send what is ready, if much
                 if part_bytes >= SEND_PART_BYTES:
                     yield part

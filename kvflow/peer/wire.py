@@ -103,6 +103,17 @@ class ReadAhead:
         self.pos = pos + HEADER_SIZE
         return header
 
+    def take_bytes(self, num_bytes: int) -> bytearray | None:
+        """The next `num_bytes` read ahead, taken (a copy), if they were all read ahead:
+        a receiver takes a small payload that came with its header without a buffer
+        filled in a round of its own (None: fill one)."""
+        pos = self.pos
+        end = pos + num_bytes
+        if end > self.end:
+            return None
+        self.pos = end
+        return self.buf[pos:end]
+
     def take(self, view: memoryview) -> int:
         """Copy into `view` what was read ahead (as much as fits); how many bytes."""
         pos = self.pos
@@ -199,10 +210,16 @@ class Wire:
         while another frame is being sent."""
         turn = self._send_turn
         turn.acquire_nowait()
-        out = Outgoing(parts)
         try:
             if self.closed:
                 raise PeerClosedError("connection already closed")
+            if type(parts) is list and len(parts) == 1:  # one part: one sendmsg, mostly
+                out = self._send_one(parts[0])
+                if out is None:
+                    turn.release()
+                    return None
+            else:
+                out = Outgoing(parts)
             if self._push(out, min(deadline, time.monotonic() + SLICE_S)):
                 turn.release()
                 return None
@@ -221,6 +238,24 @@ class Wire:
     async def _send_rest(self, out: Outgoing, deadline: float) -> None:
         while not self._push(out, min(deadline, time.monotonic() + SLICE_S)):
             await _wait(anyio.wait_writable, self.sock, deadline, "a send")
+
+    def _send_one(self, part: Sequence[Buffer]) -> Outgoing | None:
+        """Send a one-part frame with one `sendmsg`: None if the socket took it all, else
+        what is left of it (to `_push`)."""
+        try:
+            num = self.sock.sendmsg(part) if len(part) <= _IOV_MAX else 0
+        except BlockingIOError:
+            num = 0
+        except OSError as err:
+            raise PeerClosedError(f"connection lost: {err}") from None
+        num_bytes = sum(map(len, part))
+        if num == num_bytes:
+            return None
+        out = Outgoing(())
+        out.views = list(part)
+        out.num_bytes = num_bytes - num
+        _advance(out.views, num)
+        return out
 
     def _push(self, out: Outgoing, slice_end: float) -> bool:
         """Send what the socket takes until the frame is sent (True), or the socket

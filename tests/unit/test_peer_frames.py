@@ -9,6 +9,7 @@ import pytest
 from kvflow.config import KVConfig
 from kvflow.peer.frames import (
     HEADER,
+    HEADER_SIZE,
     MAGIC,
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -21,6 +22,7 @@ from kvflow.peer.frames import (
     pack_checksums,
     pack_header,
     pack_pull,
+    pack_pull_frame,
     pack_seq,
     unpack_blocks_head,
     unpack_checksums,
@@ -69,6 +71,14 @@ def test_pull_round_trip_and_a_wrong_key_count() -> None:
         unpack_pull(head + body[:-1])
     with pytest.raises(FrameError, match="too short"):
         unpack_pull(head[:5])
+
+
+def test_a_whole_pull_frame_is_its_header_then_pack_pull() -> None:
+    keys = [7, 2**64 - 1]
+    frame = pack_pull_frame(b"f" * 16, 5, keys)
+    header = unpack_header(frame[:HEADER_SIZE], LIMIT)
+    assert header == (FrameKind.PULL, 5, len(frame) - HEADER_SIZE)
+    assert frame[HEADER_SIZE:] == b"".join(pack_pull(b"f" * 16, 5, keys))
 
 
 def test_blocks_head_and_checksums_round_trip_and_a_length_that_disagrees() -> None:
