@@ -31,6 +31,7 @@ from kvflow.kv.store import KVStore
 from kvflow.peer.directory import Directory
 from kvflow.peer.frames import (
     BLOCKS_HEAD,
+    BLOCKS_KIND,
     FrameError,
     FrameKind,
     Header,
@@ -242,7 +243,7 @@ class PeerClient:
     def _receive(self, header: Header) -> FrameReceiver:
         """The receiver of a frame from the peer (see `kvflow.peer.receiving`)."""
         kind = header.kind
-        if kind == FrameKind.BLOCKS:
+        if kind == BLOCKS_KIND:
             return self._receive_blocks(header.request_id, header.payload_length)
         if kind in (FrameKind.ERROR, FrameKind.EVENTS, FrameKind.RESYNC, FrameKind.HEARTBEAT):
             return self._receive_control(kind, header.request_id, header.payload_length)

@@ -27,10 +27,10 @@ from kvflow.config import PeerConfig
 from kvflow.kv.export import HeldRun, RunBytes, RunReader, find_run, pin, unpin
 from kvflow.kv.store import KVStore
 from kvflow.peer.frames import (
+    BLOCKS_KIND,
     PULL_HEAD,
     ErrorCode,
     FrameError,
-    FrameKind,
     Header,
     blocks_meta_size,
     pack_blocks_head,
@@ -221,7 +221,7 @@ class PullServer:
         served.append(n)
         payload_length = blocks_meta_size(n) + n * size
         head: list[bytes | memoryview] = [
-            pack_header(FrameKind.BLOCKS, request_id, payload_length),
+            pack_header(BLOCKS_KIND, request_id, payload_length),
             pack_blocks_head(lease_id, size, found.tiers[:n]),
         ]
         sums = data.checksums

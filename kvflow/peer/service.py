@@ -36,6 +36,7 @@ from kvflow.config import PeerConfig
 from kvflow.kv.export import held_keys
 from kvflow.kv.store import BlockEvent, KVStore
 from kvflow.peer.frames import (
+    PULL_KIND,
     ErrorCode,
     FrameError,
     FrameKind,
@@ -222,7 +223,7 @@ class PeerService:
     def _receive(self, conn: _Connection, tg: anyio.abc.TaskGroup, header: Header) -> FrameReceiver:
         """The receiver of a frame from a connected peer (see `kvflow.peer.receiving`)."""
         kind = header.kind
-        if kind == FrameKind.PULL:
+        if kind == PULL_KIND:
             return self._pulls.receive(conn, tg, header)
         if kind == FrameKind.RESYNC:
             if header.payload_length:
