@@ -224,7 +224,10 @@ def blocks_meta_size(num_blocks: int) -> int:
 
 
 def pack_blocks_head(lease_id: int, bytes_per_block: int, tiers: Sequence[str]) -> bytes:
-    codes = bytes(map(TIER_CODES.__getitem__, tiers))
+    if tiers and tiers.count(tiers[0]) == len(tiers):  # the common case: all from one tier
+        codes = bytes((TIER_CODES[tiers[0]],)) * len(tiers)
+    else:
+        codes = bytes(map(TIER_CODES.__getitem__, tiers))
     return BLOCKS_HEAD.pack(lease_id, len(tiers), bytes_per_block) + codes
 
 

@@ -88,6 +88,8 @@ def test_blocks_head_and_checksums_round_trip_and_a_length_that_disagrees() -> N
     head = unpack_blocks_head(head_bytes[:16], blocks_meta_size(2) + 2 * 64)
     assert (head.lease_id, head.num_blocks, head.bytes_per_block) == (9, 2, 64)
     assert unpack_tier_codes(head_bytes[16:]) == ("cpu", "disk")
+    one_tier = pack_blocks_head(9, 64, ["disk", "disk", "disk"])
+    assert unpack_tier_codes(one_tier[16:]) == ("disk", "disk", "disk")
     assert unpack_checksums(sums, 2) == (1, 2**64 - 1)
     with pytest.raises(FrameError, match="announces 2 blocks of 64 bytes"):
         unpack_blocks_head(head_bytes[:16], blocks_meta_size(2) + 2 * 64 + 1)
