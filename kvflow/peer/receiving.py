@@ -4,7 +4,9 @@
 each header, `receive(header)` returns the frame's receiver: a generator that yields the
 buffers its payload goes into next, in order (bulk bytes land there straight from the
 socket, each buffer hashed with xxh3 as soon as it is full, while it is in cache, when
-the receiver asks for it), and acts on them once they are filled.
+the receiver asks for it), and acts on them once they are filled. A small payload that
+was read with its header (a PULL, a reply's fixed fields) the receiver takes straight
+from the read-ahead buffer (`ReadAhead.take_bytes`), without a round of its own.
 
 Reading needs no task switch: on asyncio (uvloop included) a reader callback registered
 once for the connection's life reads whatever has arrived and runs the receivers (a

@@ -152,11 +152,14 @@ async def test_a_peer_answering_garbage_fails_the_pull_at_once(
     b.close()
 
 
-async def _pump(src: SocketStream, dst: SocketStream, bytes_per_s: float | None) -> None:
-    """Copy `src` to `dst` (at `bytes_per_s` at most) until either end closes."""
+async def _pump(
+    src: SocketStream, dst: SocketStream, bytes_per_s: float | None, chunk: int = 16 * 1024
+) -> None:
+    """Copy `src` to `dst` (at `bytes_per_s` at most, `chunk` bytes at a time) until
+    either end closes."""
     try:
         while True:
-            data = await src.receive(16 * 1024)
+            data = await src.receive(chunk)
             await dst.send(data)
             if bytes_per_s is not None:
                 await anyio.sleep(len(data) / bytes_per_s)
@@ -181,6 +184,50 @@ async def slow_link(target_port: int, bytes_per_s: float) -> AsyncIterator[int]:
         tg.start_soon(listener.serve, forward)
         yield listener.extra(anyio.abc.SocketAttribute.local_port)
         tg.cancel_scope.cancel()
+
+
+async def test_a_pull_whose_frames_trickle_in_a_few_bytes_at_a_time_lands_whole(
+    tmp_path: Path,
+) -> None:
+    """Through a proxy that forwards 5 bytes at a time each way (each a separate send,
+    with a pause), the owner gets a PULL's payload apart from its header and the puller
+    a reply's fixed fields and tier codes apart from theirs: received in rounds of their
+    own instead of from the bytes read with the header, they land the same."""
+    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    expected = put_blocks(a, "cpu", KEYS, seed=6)
+    config = peer_config()
+    me = PeerService(b, config, peer_id="B").identity
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+
+    async def trickle(src: SocketStream, dst: SocketStream) -> None:
+        for _ in range(400):  # the first 2,000 bytes (the handshake's, the PULL, the
+            data = await src.receive(5)  # reply's head), 5 at a time; then the rest
+            await dst.send(data)
+            await anyio.sleep(0.0005)
+        await _pump(src, dst, None)
+
+    async def forward(inbound: SocketStream) -> None:
+        outbound = await anyio.connect_tcp("127.0.0.1", service.port)
+        async with inbound, outbound, anyio.create_task_group() as tg:
+            tg.start_soon(trickle, inbound, outbound)
+            tg.start_soon(trickle, outbound, inbound)
+
+    with anyio.fail_after(30):
+        async with (
+            PeerService(a, config, peer_id="A") as service,
+            listener,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(listener.serve, forward)
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with connect_peer("127.0.0.1", port, me, config) as client:
+                for _ in range(3):  # (the later ones past the trickle, read ahead)
+                    assert await pull_into_cpu(client, b, KEYS) == 4
+            tg.cancel_scope.cancel()
+    assert all(torch.equal(cpu_block(b, k), expected[k]) for k in KEYS)
+    assert no_pins(a) and no_pins(b)
+    a.close()
+    b.close()
 
 
 def _big_block_stores(tmp_path: Path) -> tuple[KVStore, KVStore]:
