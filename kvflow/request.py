@@ -224,6 +224,15 @@ class TokenLogprobs:
 _NO_STOPS: frozenset[int] = frozenset()
 
 
+def _with_headroom(prompt: array[int]) -> array[int]:
+    """A copy of `prompt` with room to append ~1/16 of its length (as `array` grows):
+    an exact copy (a slice) is reallocated, and moved whole, at the first output
+    token; this one only when the outputs outgrow that room."""
+    tokens = prompt[:1]
+    tokens.frombytes(memoryview(prompt).cast("B")[tokens.itemsize :])
+    return tokens
+
+
 class RequestState:
     """The scheduler's record of one request. Read it; only the scheduler writes it.
 
@@ -279,7 +288,7 @@ class RequestState:
         self.stop_token_ids = frozenset(stops) if stops else _NO_STOPS
         """Tokens that finish the request with reason `stop`: its `stop_token_ids` and,
         unless `ignore_eos`, the model's EOS tokens."""
-        self.token_ids: array[int] = request.prompt_array[:]
+        self.token_ids: array[int] = _with_headroom(request.prompt_array)
         self.num_computed_tokens = 0
         self.num_inflight_samples = 0
         """Tokens that planned but not yet committed steps will sample (0 or 1 unless
