@@ -92,16 +92,27 @@ class BlockIndex(PrefixIndex):
         first = keys[0]
         n = len(keys)
         for i, (d, c, k) in enumerate(self._tiers):
-            if not (first in d or first in c or first in k):
-                continue
-            lo, hi = 1, n
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                key = keys[mid - 1]
-                if key in d or key in c or key in k:
-                    lo = mid
-                else:
-                    hi = mid - 1
+            if c or k:
+                if not (first in d or first in c or first in k):
+                    continue
+                lo, hi = 1, n
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    key = keys[mid - 1]
+                    if key in d or key in c or key in k:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+            else:  # its lower tiers hold nothing (or it has none): the device's set alone
+                if first not in d:
+                    continue
+                lo, hi = 1, n
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if keys[mid - 1] in d:
+                        lo = mid
+                    else:
+                        hi = mid - 1
             runs[i] = lo
         return runs
 
