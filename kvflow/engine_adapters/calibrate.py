@@ -267,26 +267,35 @@ def measure(
     return Measured(samples, _spreads(durations, reduce), drift, _spreads(raw, reduce))
 
 
-PROBE_QUANTILES = (0.2, 0.4, 0.6, 0.8)
+PROBE_QUANTILES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 """Where, among the training mixes ranked by their calibrated time, `SpeedProbe.of`
 picks its mixes: short and middling steps of several shapes, none of the longest."""
 
 
 class SpeedProbe:
     """The machine's speed now against the grid's timing: a few calibrated mixes timed
-    again (each after an untimed run of itself, as `measure` does) against the times
-    the grid's timing kept for them; the median of measured / calibrated. 1.0: the
-    machine runs as it typically did while the grid was timed; 1.3: 30% slower. A probe
-    costs two runs of each mix (a few tenths of a second on a small model)."""
+    again, `rounds` times each (each timed run after an untimed run of the same mix, as
+    `measure` does), against the times the grid's timing kept for them; the median of
+    measured / calibrated. 1.0: the machine runs as it typically did while the grid was
+    timed; 1.3: 30% slower. A probe costs 2 x `rounds` runs of each mix (a few tenths of
+    a second on a small model, ~10 s on one of 30 layers); one timed run of each of four
+    mixes missed a run's own speed by up to 15% on this project's VM."""
 
     def __init__(
-        self, runner: ModelRunner, plans: Sequence[StepPlan], reference_s: Sequence[float]
+        self,
+        runner: ModelRunner,
+        plans: Sequence[StepPlan],
+        reference_s: Sequence[float],
+        rounds: int = 2,
     ):
         if not plans or len(plans) != len(reference_s) or min(reference_s) <= 0:
             raise ValueError("a speed probe needs plans, each with a positive reference time")
+        if rounds < 1:
+            raise ValueError(f"a speed probe needs rounds >= 1, got {rounds!r}")
         self.runner = runner
         self.plans = list(plans)
         self.reference_s = list(reference_s)
+        self.rounds = rounds
 
     @classmethod
     def of(
@@ -309,9 +318,10 @@ class SpeedProbe:
 
     def __call__(self) -> float:
         ratios = []
-        for plan, reference in zip(self.plans, self.reference_s, strict=True):
-            self.runner.execute(plan)
-            ratios.append(self.runner.execute(plan).duration_s / reference)
+        for _ in range(self.rounds):
+            for plan, reference in zip(self.plans, self.reference_s, strict=True):
+                self.runner.execute(plan)
+                ratios.append(self.runner.execute(plan).duration_s / reference)
         return statistics.median(ratios)
 
 

@@ -222,6 +222,8 @@ def test_a_speed_probe_tells_the_machine_speed_against_the_grid() -> None:
     assert probe() == pytest.approx(1.5, rel=0.03)  # another process took half the core
     with pytest.raises(ValueError, match="positive reference time"):
         SpeedProbe(runner, probe.plans, [0.0] * len(probe.plans))
+    with pytest.raises(ValueError, match="rounds >= 1, got 0"):
+        SpeedProbe(runner, probe.plans, probe.reference_s, rounds=0)
 
 
 def test_term_shares_add_up_and_residuals_group_by_shape() -> None:
