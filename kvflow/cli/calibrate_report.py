@@ -69,7 +69,7 @@ def _probed_note(probed: float | None) -> str:
         return ""
     return (
         f"; the machine ran at {probed:.3g}x the grid's step times around it (probed before "
-        "and after; its steps divided by that before the fit)"
+        "and after; reported, not applied)"
     )
 
 

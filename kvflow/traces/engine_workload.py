@@ -90,16 +90,16 @@ def measure_engine(
     serve (`overloaded_arrivals`: queues form and steps mix prefills and decodes), and
     fit the engine's overhead on the busy steps (`fit_overhead`, with `rescale`).
     With `probe` (the machine's speed now against the grid's timing), called just before
-    and just after the run, the busy steps' times are divided by the mean of the two
-    first, so the fit describes the machine at the speed the grid's timings do.
-    Returns the fit, `engine_noise` of the run, the busy steps (as fitted) and the
-    probed speed (1.0 without a probe).
+    and just after the run, the mean of the two is returned beside the fit, which it does
+    not change: a probe samples the machine for a moment, and dividing the run's steps by
+    one made a preset 34% too slow where the run's own steps had run at the grid's
+    speed. Returns the fit, `engine_noise` of the run, the busy steps and the probed
+    speed (1.0 without a probe).
 
     Raises:
         ValueError: no busy step was seen (too few requests).
     """
     from kvflow.engine_adapters.engine_timing import (
-        EngineStep,
         busy_steps,
         engine_noise,
         fit_overhead,
@@ -109,10 +109,7 @@ def measure_engine(
     before = probe() if probe else 1.0
     _, timed_steps = timed_realtime(timed, config, "fcfs", runner, store)
     speed = (before + probe()) / 2 if probe else 1.0
-    steps = [
-        EngineStep(s.features, s.execute_s / speed, s.period_s / speed)
-        for s in busy_steps(timed_steps)
-    ]
+    steps = busy_steps(timed_steps)
     overhead = fit_overhead(runner_model, steps, rescale=rescale, grid=grid)
     return overhead, engine_noise(steps), steps, speed
 

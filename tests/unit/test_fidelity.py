@@ -297,11 +297,11 @@ def test_the_engine_timing_workload_fits_a_short_model() -> None:
         assert all(t < 97 for r in requests for t in r.prompt_token_ids)
 
 
-def test_measure_engine_divides_the_steps_by_the_machine_speed_probed_around_them() -> None:
+def test_measure_engine_reports_the_machine_speed_probed_around_its_run() -> None:
     # The engine timed in real time over a runner that sleeps 4 ms a step; a probe says
     # the machine ran at twice the grid's step times (called once before the run and
-    # once after): the busy steps come back at half their measured times, so the fit
-    # describes the machine at the grid's speed.
+    # once after): the speed is reported, and the steps are kept as measured (a probe
+    # samples a moment; dividing by it once made a preset 34% too slow).
     from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
     from kvflow.kv.store import KVStore
     from kvflow.traces.engine_workload import measure_engine
@@ -309,11 +309,10 @@ def test_measure_engine_divides_the_steps_by_the_machine_speed_probed_around_the
     model = LatencyModel(fixed_ms=4.0, prefill_token_us=0.0, decode_seq_us=0.0, kv_token_ns=0.0)
     config = make_config(**{"sim.overlap": True})
     requests = calibration_workload(6, vocab_size=97, max_len=64)
-    calls: list[float] = []
+    speeds = iter([1.5, 2.5])
 
     def probe() -> float:
-        calls.append(2.0)
-        return 2.0
+        return next(speeds)
 
     store = KVStore(config.kv)
     try:
@@ -322,9 +321,5 @@ def test_measure_engine_divides_the_steps_by_the_machine_speed_probed_around_the
         )
     finally:
         store.close()
-    assert speed == 2.0 and len(calls) == 2
-    assert steps and all(s.execute_s >= 0.0 for s in steps)
-    # Each step slept >= 4 ms (a little more: the sleep's own overshoot, up to 4 ms on a
-    # busy machine), halved; undivided, every one would be >= 4 ms.
-    median = sorted(s.execute_s for s in steps)[len(steps) // 2]
-    assert 0.002 <= median < 0.004
+    assert speed == 2.0  # the mean of the probe before and the one after
+    assert steps and min(s.execute_s for s in steps) >= 0.004  # each slept 4 ms
