@@ -268,8 +268,8 @@ def _calibrate(
         "statistic": args.statistic,
         "warm": args.warm,
     }
-    # The machine's speed against the grid's, probed around the engine's timing (whose
-    # steps it divides) and each validation run; not with the drift left in.
+    # The machine's speed against the grid's, probed around the engine's timing and each
+    # validation run (reported, not applied); not with the drift left in.
     probe = (
         cal.SpeedProbe.of(
             runner,
@@ -339,18 +339,17 @@ def _calibrate(
 
 
 def _drift_figures(drift: list[float], neighbours: int) -> dict[str, Any]:
-    """The machine's speed factors over the grid's timing (time / typical), summarised."""
-    ranked = sorted(drift)
+    """The machine's speed factors over the grid's timing (time / typical), summarised
+    (`measure` times every training mix at least once: never fewer than 2 factors)."""
+    import statistics
 
-    def at(q: float) -> float:
-        return ranked[min(len(ranked) - 1, int(q * len(ranked)))] if ranked else 1.0
-
+    deciles = statistics.quantiles(drift, n=10, method="inclusive")
     return {
         "neighbours": neighbours,
-        "p10": at(0.1),
-        "p90": at(0.9),
-        "min": ranked[0] if ranked else 1.0,
-        "max": ranked[-1] if ranked else 1.0,
+        "p10": deciles[0],
+        "p90": deciles[-1],
+        "min": min(drift),
+        "max": max(drift),
     }
 
 
