@@ -205,7 +205,8 @@ def _u64s(n: int) -> struct.Struct:
 
 @functools.lru_cache(maxsize=64)
 def _pull_frame(n: int) -> struct.Struct:
-    return struct.Struct(f"!4sBBHIQ{FINGERPRINT_SIZE}sQI{n}Q")
+    """A whole PULL frame of `n` keys: `HEADER`, `PULL_HEAD`, the keys (one format)."""
+    return struct.Struct(f"{HEADER.format}{PULL_HEAD.format[1:]}{n}Q")
 
 
 # -- BLOCKS -----------------------------------------------------------------------------
