@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from kvflow.kv.block_pool import BlockPool
 
 
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, one per
+# pull served (measured in callgrind, docs/peer.md "What a pull costs").
 @dataclass(slots=True)
 class HeldRun:
     """The leading run of asked keys that a store holds (pinned, or valid only until
@@ -43,7 +45,7 @@ class HeldRun:
         return len(self.keys)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True)  # not frozen (see HeldRun)
 class RunBytes:
     """The bytes of a pinned run's first `len(views)` blocks (a disk block that failed
     its checksum ends the run early), with each block's xxh3 (None: not computed yet,

@@ -1,6 +1,6 @@
-"""Which tier below device holds each block of a run of keys: `KVStore.locate`,
-`find_remote` and `cpu_slots_of` over the cpu and disk pools' key indexes and the remote
-tier's hints."""
+"""Which tier below device holds a run of keys, for `KVStore.locate`: `count_below`
+over the cpu and disk pools' key indexes and `find_remote` over the remote tier's
+hints (`KVStore.find_below` lists the tiers and slots block by block)."""
 
 from __future__ import annotations
 

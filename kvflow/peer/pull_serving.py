@@ -72,9 +72,9 @@ class PullServer:
         self.max_blocks_per_pull = max(1, limit // (self.bytes_per_block + 9))
         self._reader = RunReader(store) if store.device_storage is not None else None
         """None: the store has no bytes to serve (events only)."""
-        self.leases: set[tuple[int, int]] = set()
-        """(connection, request) of each pull holding pins (its send's deadline, the
-        lease's TTL, ends it and unpins)."""
+        self.num_leases = 0
+        """Pulls holding pins (each one's send deadline, the lease's TTL, ends it and
+        unpins)."""
         self._counts = counts
         self.on_served: Callable[[Sequence[int]], None] | None = None
         """Told the keys of each pull served in full (the handoff leases end on it)."""
@@ -153,10 +153,9 @@ class PullServer:
                     return
                 send = functools.partial(wire.finish_send, rest, deadline)
         pin(self.store, found)  # before anything else runs on this thread
-        lease = (conn.connection_id, request_id)
-        self.leases.add(lease)
+        self.num_leases += 1
         conn.num_inflight += 1
-        tg.start_soon(self._send_pinned, conn, send, found, served, lease)
+        tg.start_soon(self._send_pinned, conn, send, found, served)
 
     async def _send_pinned(
         self,
@@ -164,7 +163,6 @@ class PullServer:
         send: Callable[[], Awaitable[None]],
         run: HeldRun,
         served: list[int],
-        lease: tuple[int, int],
     ) -> None:
         """Send (`send`) the reply to a pull whose run `_on_pull` pinned, then unpin it."""
         try:
@@ -176,7 +174,7 @@ class PullServer:
             conn.wire.shutdown()
         finally:
             unpin(self.store, run)
-            self.leases.discard(lease)
+            self.num_leases -= 1
             conn.num_inflight -= 1
 
     async def _refuse(self, conn: _Connection, request_id: int, fingerprint: bytes | None) -> None:

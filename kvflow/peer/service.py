@@ -166,7 +166,7 @@ class PeerService:
         return ServiceStats(
             num_connections=len(self._connections),
             num_subscribers=sum(1 for x in self._connections.values() if x.events is not None),
-            num_active_leases=len(self._pulls.leases),
+            num_active_leases=self._pulls.num_leases,
             num_pulls=c["pulls"],
             num_blocks_served=c["blocks"],
             num_bytes_served=c["bytes"],

@@ -257,7 +257,7 @@ class Scheduler:
         # `Batch.add` inlined: this loop runs once per running request per step.
         short_of_blocks = False
         running = self.running
-        can_allocate = self.kv_manager.can_allocate
+        pool = self.kv_manager.pool  # its free count read inline, not through a call
         bs = self.block_size
         cap = self._chunk_cap
         add_request = batch.requests.append
@@ -280,12 +280,12 @@ class Scheduler:
                 n = min(n, cap, budget)
             need = (start + n + bs - 1) // bs - len(req.block_ids)
             if need > 0:
-                if not can_allocate(need):
+                if need > pool.num_free_blocks:
                     if overlapped:
                         short_of_blocks = True
                         i += 1  # no preemption while a step runs: try again next step
                         continue
-                    while not can_allocate(need):
+                    while need > pool.num_free_blocks:
                         victim = self.policy.victim(running[i:], self.view)
                         self._check_victim(victim, running[i:])
                         self._preempt(victim, now)
