@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,6 +26,7 @@ from anyio.abc import TaskGroup
 
 from kvflow.config import KVFlowConfig
 from kvflow.engine_adapters.base import ModelRunner
+from kvflow.engine_outputs import RequestStream, joined_output
 from kvflow.kv.store import KVStore
 from kvflow.policies import make_policy
 from kvflow.policies.base import Policy
@@ -90,94 +90,6 @@ class EngineStatistics:
     """Hit tokens of preempted requests admitted again, by tier (apart from the rate)."""
 
 
-class OutputChannel:
-    """One request's outputs, from the step loop to their reader: a buffer, and one
-    event while the reader waits. `async for out in channel` reads to the final output.
-
-    It does per output what an anyio memory object stream would, for less: no
-    checkpoint (a trip round the event loop) before each item, and no objects but the
-    event when the reader has to wait; a server streaming thousands of tokens a second
-    spends a large part of its time here.
-    """
-
-    __slots__ = ("_buffer", "_closed", "_waiter")
-
-    def __init__(self) -> None:
-        self._buffer: deque[RequestOutput] = deque()
-        self._closed = False
-        self._waiter: anyio.Event | None = None
-
-    def put(self, out: RequestOutput) -> None:
-        """Hand `out` to the reader (dropped once the channel is closed)."""
-        if self._closed:
-            return
-        self._buffer.append(out)
-        self._wake()
-
-    def close(self) -> None:
-        """No more outputs: the reader gets those buffered, then the end."""
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set()
-
-    def get_nowait(self) -> RequestOutput | None:
-        """The next buffered output, or None."""
-        return self._buffer.popleft() if self._buffer else None
-
-    async def get(self) -> RequestOutput | None:
-        """The next output, waiting for it; None at the end."""
-        while not self._buffer:
-            if self._closed:
-                return None
-            waiter = self._waiter = anyio.Event()
-            await waiter.wait()
-        return self._buffer.popleft()
-
-    def __aiter__(self) -> OutputChannel:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        out = await self.get()
-        if out is None:
-            raise StopAsyncIteration
-        return out
-
-    async def __aenter__(self) -> OutputChannel:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """The reader is done: later outputs are dropped."""
-        self._closed = True
-        self._buffer.clear()
-
-
-class _Stream:
-    __slots__ = ("error", "num_sent", "receive", "state")
-
-    def __init__(self, state: RequestState) -> None:
-        self.state = state
-        self.num_sent = 0
-        self.error: BaseException | None = None
-        """What failed the request (its final output has finish reason `error`)."""
-        self.receive = OutputChannel()
-        """The reading end (`generate` reads it; so may a caller of `submit`)."""
-
-
-def _joined(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """One output for two consecutive ones of a request: both's tokens, `then`'s state."""
-    logprobs = first.logprobs
-    if logprobs is not None:
-        logprobs += then.logprobs or ()
-    return dataclasses.replace(
-        then, new_token_ids=first.new_token_ids + then.new_token_ids, logprobs=logprobs
-    )
-
-
 class AsyncEngine:
     """Serves requests through a scheduler and a runner.
 
@@ -222,7 +134,7 @@ class AsyncEngine:
         self.num_overlapped_steps = 0
         """Steps planned while the previous step ran."""
         self.clock = clock
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._wakeup = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._closing = False
@@ -303,7 +215,7 @@ class AsyncEngine:
                         if later.finish_reason is FinishReason.ERROR:
                             held = later  # the tokens before the error are yielded first
                             break
-                        out = _joined(out, later)
+                        out = joined_output(out, later)
                     if out.finish_reason is FinishReason.ERROR:
                         raise RequestFailedError(
                             request.request_id,
@@ -315,7 +227,7 @@ class AsyncEngine:
         finally:
             self._abort_stream(stream)
 
-    def submit(self, request: Request) -> _Stream:
+    def submit(self, request: Request) -> RequestStream:
         """Queue a request now; `generate` is the usual way in."""
         if self._closing or self._task_group is None:
             raise EngineClosedError("the engine is not running (use `async with`)")
@@ -338,9 +250,9 @@ class AsyncEngine:
         now = self.clock()
         # Arrival is when the engine got it, on the engine's clock.
         state = self.scheduler.add(dataclasses.replace(request, arrival_time=now), now)
-        stream = _Stream(state)
+        stream = RequestStream(state)
         if state.is_finished:  # rejected at admission
-            self._push(stream, final=True)
+            stream.push(final=True)
             self._num_finished += 1
             return stream
         self._streams[rid] = stream
@@ -353,7 +265,7 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         return stream is not None and self._abort_stream(stream)
 
-    def _abort_stream(self, stream: _Stream) -> bool:
+    def _abort_stream(self, stream: RequestStream) -> bool:
         """End `stream` as aborted, if it is still the live stream of its id (a
         finished one, or an id reused since, is left alone)."""
         state = stream.state
@@ -365,7 +277,7 @@ class AsyncEngine:
             # scheduler frees them after the step (`release_deferred`).
             self.scheduler.abort(state.request_id, self.clock(), defer_release=self._executing)
             self._num_finished += 1
-        self._push(stream, final=True)
+        stream.push(final=True)
         return True
 
     def statistics(self) -> EngineStatistics:
@@ -456,9 +368,9 @@ class AsyncEngine:
             if req.is_finished:
                 del streams[req.request_id]
                 self._num_finished += 1
-                self._push(stream, final=True)
+                stream.push(final=True)
             elif req.num_output_tokens > stream.num_sent:
-                self._push(stream, final=False)
+                stream.push(final=False)
 
     def _fail(self, states: list[RequestState], error: BaseException) -> None:
         """Finish the unfinished `states` with reason `error` (their streams raise
@@ -478,7 +390,7 @@ class AsyncEngine:
             if stream is not None and stream.state is state:
                 del self._streams[state.request_id]
                 self._num_finished += 1
-                self._push(stream, final=True)
+                stream.push(final=True)
 
     def _end_dropped_streams(self) -> None:
         """End the streams of requests the policy dropped while planning (rejected)."""
@@ -489,7 +401,7 @@ class AsyncEngine:
         for stream in [s for s in self._streams.values() if s.state.is_finished]:
             del self._streams[stream.state.request_id]
             self._num_finished += 1
-            self._push(stream, final=True)
+            stream.push(final=True)
 
     async def _execute(
         self, plan: StepPlan, overlap: bool
@@ -535,20 +447,3 @@ class AsyncEngine:
         with anyio.move_on_after(timeout_s):
             await self._wakeup.wait()
         self._wakeup = anyio.Event()
-
-    @staticmethod
-    def _push(stream: _Stream, final: bool) -> None:
-        state = stream.state
-        new = state.output_token_ids[stream.num_sent :]
-        stream.num_sent = state.num_output_tokens
-        if new or final:
-            out = RequestOutput.of(state, new)
-            if final and not out.finished:  # the scheduler could not finish it
-                reason = FinishReason.ABORTED if stream.error is None else FinishReason.ERROR
-                detail = "aborted" if stream.error is None else repr(stream.error)
-                out = dataclasses.replace(
-                    out, finished=True, finish_reason=reason, finish_detail=detail
-                )
-            stream.receive.put(out)
-        if final:
-            stream.receive.close()
