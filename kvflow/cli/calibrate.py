@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
+from kvflow.cli.calibrate_phases import drift_figures, time_engine, time_tiers
 from kvflow.cli.calibrate_report import print_fit, print_validation
 from kvflow.cli.common import CLIError, config_overrides, parse_comma_list
 from kvflow.cli.options import add_model_arguments
@@ -260,7 +261,7 @@ def _calibrate(
         "num_holdout_points": len(holdout_samples),
         "noise_median_rel_spread": noise,
         "raw_noise_median_rel_spread": statistics.median(measured.raw_spreads),
-        "drift": _drift_figures(measured.drift, args.drift_neighbours),
+        "drift": drift_figures(measured.drift, args.drift_neighbours),
         "linear_median_rel_error": cal.median_rel_error(linear, holdout_samples),
         "holdout_bias_by_shape": cal.residuals_by_shape(fitted, holdout_samples),
         "term_shares": cal.term_shares(fitted, train_samples),
@@ -285,10 +286,10 @@ def _calibrate(
     engine_steps: list[Any] = []
     validation_steps: list[Any] = []
     if args.engine_requests:
-        fitted, fit_info["engine"], engine_steps = _time_engine(
+        fitted, fit_info["engine"], engine_steps = time_engine(
             args, console, model, fitted, settings, train_samples, probe
         )
-    transfer = _time_tiers(args, console, model) if args.tiers else None
+    transfer = time_tiers(args, console, model) if args.tiers else None
     print_fit(console, args, device, fitted, fit_info)
     if validate_requests is not None:
         from kvflow.traces.validate import validate
@@ -338,21 +339,6 @@ def _calibrate(
     return 0
 
 
-def _drift_figures(drift: list[float], neighbours: int) -> dict[str, Any]:
-    """The machine's speed factors over the grid's timing (time / typical), summarised
-    (`measure` times every training mix at least once: never fewer than 2 factors)."""
-    import statistics
-
-    deciles = statistics.quantiles(drift, n=10, method="inclusive")
-    return {
-        "neighbours": neighbours,
-        "p10": deciles[0],
-        "p90": deciles[-1],
-        "min": min(drift),
-        "max": max(drift),
-    }
-
-
 def _validation_trace(args: argparse.Namespace) -> list[Any]:
     from kvflow.cli.common import load_requests
 
@@ -360,64 +346,3 @@ def _validation_trace(args: argparse.Namespace) -> list[Any]:
     if not requests:
         raise CLIError(f"--validate {args.validate}: the trace has no requests")
     return requests
-
-
-def _time_engine(
-    args: argparse.Namespace,
-    console: Console,
-    model: Any,
-    fitted: Any,
-    settings: dict[str, Any],
-    grid: list[Any],
-    probe: Any,
-) -> tuple[Any, dict[str, Any], list[Any]]:
-    """The runner model (refitted on the engine's busy steps with the training `grid`
-    beside them, unless `--no-rescale`) plus the engine's overhead, the figures of that
-    fit, and the engine's busy steps."""
-    import dataclasses
-
-    from kvflow.engine_adapters.calibrate import Sample, residuals_by_shape
-    from kvflow.engine_adapters.factory import build_runner
-    from kvflow.traces.engine_workload import calibration_workload, measure_engine
-
-    config, runner, store = build_runner(model, settings)
-    requests = calibration_workload(
-        args.engine_requests, model.vocab_size, min(2048, config.scheduler.max_model_len)
-    )
-    console.print(f"timing the engine's steps over {len(requests)} requests in real time ...")
-    try:
-        overhead, noise, steps, speed = measure_engine(
-            runner, config, store, fitted, requests, rescale=args.rescale, grid=grid, probe=probe
-        )
-    finally:
-        store.close()
-    with_engine = dataclasses.replace(
-        overhead.runner,
-        step_overhead_ms=overhead.step_overhead_ms,
-        seq_overhead_us=overhead.seq_overhead_us,
-    )
-    figures = {
-        "num_steps": overhead.num_steps,
-        "median_rel_error": overhead.median_rel_error,
-        "runner_median_rel_error": overhead.runner_median_rel_error,
-        "runner_scale": overhead.runner_scale,
-        "rescaled": args.rescale,
-        "refitted": args.rescale and bool(grid),
-        "live_median_rel_error": overhead.live_median_rel_error,
-        "noise_median_rel_dev": noise,
-        "machine_speed_probed": speed if probe else None,
-        "bias_by_shape": residuals_by_shape(
-            with_engine, [Sample(s.features, s.period_s) for s in steps]
-        ),
-    }
-    return with_engine, figures, steps
-
-
-def _time_tiers(args: argparse.Namespace, console: Console, model: Any) -> dict[str, float]:
-    from kvflow.config import KVFlowConfig
-    from kvflow.kv.bandwidth import measure_transfer, transfer_settings
-
-    kv = KVFlowConfig.load(None, {**model.layout, "kv.block_size": args.block_size}).kv
-    console.print("timing the store's tier copies (device<->cpu, cpu->disk, disk->device) ...")
-    fits = measure_transfer(kv, model.device, sizes_mib=args.tier_mib, directory=args.tier_dir)
-    return transfer_settings(fits)
