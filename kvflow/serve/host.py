@@ -142,19 +142,21 @@ class EngineHost:
         try:
             try:
                 loaded = await anyio.to_thread.run_sync(load, self.options)
+                store = loaded.store
+                # The engine builds the scheduler's store when the runner brings none
+                # (--engine sim): a size the machine cannot hold fails here, as a load.
+                engine = AsyncEngine(
+                    loaded.config,
+                    loaded.runner,
+                    self.options.policy,
+                    loaded.store,
+                    max_num_pending=self.options.max_num_pending,
+                    on_close=self.options.on_close,
+                )
             except Exception as err:  # reported by the CLI, which exits 1
                 self.failure = str(err) or type(err).__name__
                 self.status = HostStatus.FAILED
                 return
-            store = loaded.store
-            engine = AsyncEngine(
-                loaded.config,
-                loaded.runner,
-                self.options.policy,
-                loaded.store,
-                max_num_pending=self.options.max_num_pending,
-                on_close=self.options.on_close,
-            )
             try:
                 await self._serve(engine, loaded)
             except Exception as err:  # the step loop failed (a runner error): stop serving

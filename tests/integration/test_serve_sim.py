@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ import openai
 import pytest
 
 from kvflow.cli import main
+from kvflow.kv.block_pool import BlockPool
+from kvflow.kv.capacity import available_ram_bytes
 from tests.serve_process import ServerProcess
 
 MODEL = "kvflow-sim"
@@ -336,6 +339,22 @@ def test_a_model_that_fails_to_load_exits_1_with_the_reason(tmp_path: Path) -> N
     log = proc.log()
     assert "kvflow: error: " in log and "/nonexistent/preset.json" in log, log
     assert "Traceback" not in log
+
+
+def test_a_store_the_machine_cannot_hold_exits_1_with_the_reason(tmp_path: Path) -> None:
+    # The engine's store is built after the runner loaded: a failure there, too, ends
+    # the server instead of leaving it answering "loading" forever.
+    n = max(10**9, 4 * available_ram_bytes() // BlockPool.BYTES_PER_BLOCK)
+    proc = ServerProcess(["--set", f"kv.device.num_blocks={n}"], tmp_path / "serve.log")
+    try:
+        assert proc.proc.wait(timeout=120) == 1, proc.log()
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"kvflow serve still running 120 s after its store failed:\n{proc.log()}")
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert "Traceback" not in log, log
+    assert f"kvflow: error: kv.device.num_blocks={n} needs" in log, log
 
 
 FAULTY_SERVE = '''
