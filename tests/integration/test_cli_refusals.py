@@ -3,16 +3,30 @@ destroy a file or take more memory than the machine has."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kvflow.kv.block_pool import BlockPool
 from kvflow.kv.capacity import available_ram_bytes
 
 TIMEOUT_S = 120
+
+LLAMA_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+}
+"""A tiny Llama's config.json (no weights: the refusals come before loading them)."""
 
 
 MAX_ADDRESS_SPACE = 4 * 2**30
@@ -95,3 +109,28 @@ def test_a_simulated_replay_refuses_a_persistent_disk_tier(tmp_path: Path) -> No
     )
     assert_one_line_error(done, "kv.disk.persist=true", "the simulator writes no slab")
     assert not slab.exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "needles"),
+    [
+        ({"model_type": "llama"}, ["'hidden_size'", "missing"]),
+        ([1, 2], ["a JSON object", "[1, 2]"]),
+        (
+            {**LLAMA_CONFIG, "num_attention_heads": 0},
+            ["num_attention_heads", "0"],
+        ),
+        (
+            {**LLAMA_CONFIG, "hidden_size": "wide"},
+            ["hidden_size", "'wide'"],
+        ),
+    ],
+)
+def test_a_model_config_json_with_a_bad_field_is_one_line_naming_the_file_and_field(
+    tmp_path: Path, config: object, needles: list[str]
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    done = kvflow("replay", "--engine", "torch", "--model", str(model), "--limit", "1", cwd=tmp_path)
+    assert_one_line_error(done, str(model / "config.json"), *needles)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,22 +125,22 @@ class LlamaSpec:
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        head_dim = config.get("head_dim") or hidden // heads
+        hidden = _positive_int(config, "hidden_size")
+        heads = _positive_int(config, "num_attention_heads")
+        head_dim = _positive_int(config, "head_dim", hidden // heads)
         theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
         return cls(
-            vocab_size=int(config["vocab_size"]),
+            vocab_size=_positive_int(config, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
+            intermediate_size=_positive_int(config, "intermediate_size"),
+            num_layers=_positive_int(config, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rope_theta=float(theta),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_positive_int(config, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            rope_theta=_positive_float("rope_theta", theta),
+            rms_norm_eps=_positive_float("rms_norm_eps", config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_positive_int(config, "max_position_embeddings", 4096),
             dtype=dtype or "float32",
         )
 
@@ -153,4 +154,36 @@ class LlamaSpec:
             raise ValueError(f"cannot read {str(path)!r}: {err.strerror}") from None
         except ValueError as err:
             raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
-        return cls.from_hf_config(config, dtype)
+        if not isinstance(config, dict):
+            raise ValueError(f"{str(path)!r} must hold a JSON object, got {config!r:.200}")
+        try:
+            return cls.from_hf_config(config, dtype)
+        except ValueError as err:
+            raise ValueError(f"{str(path)!r}: {err}") from None
+
+
+def _positive_int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """`config[key]`, a positive integer (`default` when the key is absent or null).
+
+    Raises:
+        ValueError: naming the key and quoting the value.
+    """
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{key!r} is missing (required)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r}: expected a positive integer")
+    return value
+
+
+def _positive_float(key: str, value: Any) -> float:
+    """`value` of `key`, a finite positive number."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"{key}={value!r}: expected a positive number")
+    return float(value)
