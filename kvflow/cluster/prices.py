@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kvflow.config import ConfigError, read_small_file
 from kvflow.engine_adapters.simulated import PRESETS
 
 _FIELDS = {"description", "price_per_gpu_hour", "gpus_per_instance", "sim_preset", "device_blocks"}
@@ -64,10 +65,12 @@ def load_prices(path: str | Path | None = None) -> dict[str, GpuPrice]:
             message names the file and the key).
     """
     file = default_prices_path() if path is None else Path(path)
+    try:  # bounded, UTF-8, and only a regular file: /dev/zero or a FIFO never ends
+        text = read_small_file(file, "prices file")
+    except ConfigError as err:
+        raise PricesError(str(err)) from None
     try:
-        data = tomllib.loads(file.read_text())
-    except OSError as err:
-        raise PricesError(f"cannot read prices file {str(file)!r}: {err.strerror}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise PricesError(f"prices file {str(file)!r} does not parse: {err}") from None
     gpus = data.get("gpu")

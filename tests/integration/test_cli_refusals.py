@@ -134,3 +134,17 @@ def test_a_model_config_json_with_a_bad_field_is_one_line_naming_the_file_and_fi
     (model / "config.json").write_text(json.dumps(config))
     done = kvflow("replay", "--engine", "torch", "--model", str(model), "--limit", "1", cwd=tmp_path)
     assert_one_line_error(done, str(model / "config.json"), *needles)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe[gpu.h100]\n", None])
+def test_plan_refuses_a_prices_file_that_is_not_toml_text_naming_it(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    # Not UTF-8, or a device that never ends (read whole, it would fill the RAM).
+    prices = "/dev/zero" if content is None else str(tmp_path / "prices.toml")
+    if content is not None:
+        Path(prices).write_bytes(content)
+    trace = tmp_path / "one.jsonl"
+    trace.write_text('{"arrival_s": 0, "output_len": 4, "prompt_len": 16}\n')
+    done = kvflow("plan", str(trace), "--ttft-slo-ms", "100", "--prices", prices, cwd=tmp_path)
+    assert_one_line_error(done, "prices file", prices)
