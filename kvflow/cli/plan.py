@@ -168,6 +168,14 @@ def _pd_mode(text: str) -> str | tuple[int, int]:
         ) from None
 
 
+def _most_fleets_per_round(max_instances: int, pd: str | tuple[int, int]) -> int:
+    """The most fleets a search round can replay at once, so no more workers are
+    started: every colocated size, or with `--pd auto` every split of every size."""
+    if pd == "auto":
+        return max(max_instances, max_instances * (max_instances - 1) // 2)
+    return max_instances
+
+
 def _plan_task(
     shared: tuple[Sequence[Request], FleetSpec, dict[float, list[Request]]],
     item: tuple[float, Candidate],
@@ -224,7 +232,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if not any(r.slo.ttft_ms or r.slo.tpot_ms or r.deadline is not None for r in requests):
         raise CLIError("a plan needs SLOs: give --ttft-slo-ms and/or --tpot-slo-ms")
     scales = sorted({s for group in args.rate_scales or [[1.0]] for s in group})
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = min(args.jobs or os.cpu_count() or 1, _most_fleets_per_round(args.max_instances, pd))
     target = args.attainment
     plans: list[tuple[SizePlan, SizePlan | None]] = []
     with ProcessRunner((requests, spec, {}), jobs) as runner:

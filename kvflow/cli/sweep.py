@@ -145,7 +145,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cli.progress import ReplayProgress
-    from kvflow.traces.sweep import capacity, default_jobs, sweep
+    from kvflow.traces.sweep import capacity, jobs_for, sweep
     from kvflow.traces.tables import render_sweep_table
 
     config = load_config(args)
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     loaded = load_requests(args)
     requests = slo.apply(loaded)
     num_points = len(names) * len(rates) * max(len(fleets), 1)
-    jobs = default_jobs(num_points) if args.jobs is None else args.jobs
+    jobs = jobs_for(args.jobs, num_points)
     with ReplayProgress(out) as progress:
         on_point = progress.counter(f"sweep ({jobs} jobs)", num_points)
         points = sweep(requests, config, names, rates, jobs=jobs, on_point=on_point, fleets=fleets)

@@ -192,6 +192,20 @@ def default_jobs(num_points: int) -> int:
     return max(1, min(os.cpu_count() or 1, num_points))
 
 
+def jobs_for(jobs: int | None, num_tasks: int) -> int:
+    """Worker processes for `num_tasks` tasks: `jobs` (`default_jobs` when None), but
+    never more than the tasks, so a large `--jobs` forks no idle workers.
+
+    Raises:
+        ValueError: `jobs` below 1.
+    """
+    if jobs is None:
+        return default_jobs(num_tasks)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+    return max(1, min(jobs, num_tasks))
+
+
 def sweep(
     requests: Sequence[Request],
     config: KVFlowConfig,
@@ -210,7 +224,8 @@ def sweep(
             instance of a fleet).
         policies: registered policy names.
         rates: offered request rates in requests/s, each > 0 (a fleet's whole rate).
-        jobs: worker processes (default `default_jobs`); 1 runs in this process.
+        jobs: worker processes (default `default_jobs`; at most one per point); 1
+            runs in this process.
         on_point: called in this process as each point finishes (in finishing order).
         fleets: fleet shapes to replay each policy and rate on; None (or empty): one
             instance.
@@ -238,7 +253,7 @@ def sweep(
                 raise ValueError(f"a fleet needs >= 1 instance, got {shape.num_instances!r}")
             routers.create(shape.router, config)
     grid = [(policy, rate, shape) for policy in policies for shape in shapes for rate in rates]
-    jobs = default_jobs(len(grid)) if jobs is None else jobs
+    jobs = jobs_for(jobs, len(grid))
     with ProcessRunner((list(requests), config), jobs) as runner:
         return runner.map(_sweep_task, grid, on_point)
 

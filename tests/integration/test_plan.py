@@ -205,3 +205,13 @@ def test_a_plan_without_slos_is_refused(trace: Path) -> None:
     done = kvflow("plan", str(trace), cwd=trace.parent)
     assert_one_line_error(done, "--ttft-slo-ms")
     assert done.returncode == 2
+
+
+def test_a_plan_starts_no_more_processes_than_fleets_to_replay(trace: Path) -> None:
+    # --max-instances 2: two colocated fleets at most, so two workers, not eight.
+    done = kvflow(
+        "plan", str(trace), "--ttft-slo-ms", "200", "--max-instances", "2", "--jobs", "8",
+        cwd=trace.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "200 requests, 2 job(s)" in done.stdout, done.stdout

@@ -220,3 +220,13 @@ def test_cli_sweep_fleet_flags_need_instances(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["sweep", "--rate", "10", "--instances", "0,2"])
     assert "instance counts >= 1" in capsys.readouterr().err
+
+
+def test_cli_sweep_starts_no_more_processes_than_points(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # One point: --jobs 8 must not fork 8 workers for it (nor --jobs 100000 that many).
+    args = ["sweep", "-p", "fcfs", "--rate", "60", "--limit", "20", "--jobs", "8"]
+    assert main(args) == 0
+    title = next(line for line in capsys.readouterr().out.splitlines() if "kvflow sweep:" in line)
+    assert title.strip().endswith("| 1 job"), title
