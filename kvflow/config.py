@@ -51,7 +51,10 @@ def read_small_file(path: Path, what: str, max_bytes: int = MAX_SMALL_FILE_BYTES
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    # No number of the config is infinite or NaN (JSON's 1e999 parses as infinity).
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 class SchedulerConfig(_Frozen):

@@ -148,3 +148,15 @@ def test_plan_refuses_a_prices_file_that_is_not_toml_text_naming_it(
     trace.write_text('{"arrival_s": 0, "output_len": 4, "prompt_len": 16}\n')
     done = kvflow("plan", str(trace), "--ttft-slo-ms", "100", "--prices", prices, cwd=tmp_path)
     assert_one_line_error(done, "prices file", prices)
+
+
+@pytest.mark.parametrize(
+    "key", ["kv.device.size_mib", "kv.cpu.size_mib", "sim.fixed_ms", "kv.transfer.peer_gbps"]
+)
+@pytest.mark.parametrize("value", ["1e999", "-1e999"])
+def test_an_infinite_config_number_is_refused_naming_the_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    # JSON's 1e999 parses as infinity: no size, rate or time is infinite.
+    done = kvflow("replay", "-p", "fcfs", "--limit", "2", "--set", f"{key}={value}", cwd=tmp_path)
+    assert_one_line_error(done, f"invalid config: {key}=", "inf")
