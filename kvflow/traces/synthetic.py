@@ -291,11 +291,16 @@ def generate_workload(spec: WorkloadSpec) -> list[TraceRecord]:
     return records
 
 
+BYTES_PER_SYSTEM_PROMPT = 32
+"""RAM a system prompt takes while a workload is generated: its cumulative popularity
+weight (a float and its list slot)."""
+
+
 def check_workload(spec: WorkloadSpec) -> None:
     """Refuse, before generating anything, a workload whose records could not be read
     back: a length over `MAX_TRACE_TOKENS` for every bounded distribution (a multi-turn
-    prompt carries the whole session before it), or more records than fit in RAM even
-    at their smallest.
+    prompt carries the whole session before it), more system prompts or records than
+    fit in RAM (records even at their smallest).
 
     Raises:
         ValueError: naming the option and quoting its value.
@@ -318,10 +323,18 @@ def check_workload(spec: WorkloadSpec) -> None:
                 f"session before it), more than {MAX_TRACE_TOKENS} "
                 "(kvflow.traces.limits.MAX_TRACE_TOKENS)"
             )
+    available = available_ram_bytes()
+    if spec.system_prompts is not None:
+        num_prompts = spec.system_prompts.num_prompts
+        weights = num_prompts * BYTES_PER_SYSTEM_PROMPT
+        if weights > available:
+            raise ValueError(
+                f"--system-prompts {num_prompts}: their popularity weights need "
+                f"{human_bytes(weights)} of RAM; {human_bytes(available)} RAM available"
+            )
     num_records = spec.num_sessions * spec.turns.min_value
     num_tokens = num_records * (system_len + spec.prompt_len.min_value)
     needed = num_records * BYTES_PER_REQUEST + num_tokens * BYTES_PER_PROMPT_TOKEN
-    available = available_ram_bytes()
     if needed > available:
         raise ValueError(
             f"num_sessions={spec.num_sessions}: at least {num_records} requests with "

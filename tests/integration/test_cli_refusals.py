@@ -160,3 +160,14 @@ def test_an_infinite_config_number_is_refused_naming_the_key(
     # JSON's 1e999 parses as infinity: no size, rate or time is infinite.
     done = kvflow("replay", "-p", "fcfs", "--limit", "2", "--set", f"{key}={value}", cwd=tmp_path)
     assert_one_line_error(done, f"invalid config: {key}=", "inf")
+
+
+def test_synth_refuses_more_system_prompts_than_the_ram_holds_before_allocating(
+    tmp_path: Path,
+) -> None:
+    n = max(10**12, available_ram_bytes())  # each prompt's popularity weight takes bytes
+    out = tmp_path / "out.jsonl"
+    done = kvflow("synth", str(out), "-n", "10", "--system-prompts", str(n), cwd=tmp_path)
+    line = assert_one_line_error(done, f"--system-prompts {n}", "RAM available")
+    assert "MemoryError" not in line
+    assert not out.exists()
