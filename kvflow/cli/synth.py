@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from kvflow.cli.common import CLIError
+from kvflow.cli.outputs import check_outputs
 
 if TYPE_CHECKING:
     from kvflow.traces.synthetic import TenantSpec
@@ -140,6 +141,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.native import dump_native
     from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
 
+    lengths = {
+        "--prompt-len": args.prompt_len,
+        "--output-len": args.output_len,
+        "--turns": args.turns,
+    }
+    inputs = {
+        f"the {flag} trace": spec.removeprefix("trace:")
+        for flag, spec in lengths.items()
+        if spec.startswith("trace:")
+    }
+    check_outputs({"OUT": args.out}, {}, inputs)  # before generating anything
     arrivals: ArrivalProcess
     if args.arrival == "poisson":
         arrivals = Poisson(args.rate)

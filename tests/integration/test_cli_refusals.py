@@ -171,3 +171,20 @@ def test_synth_refuses_more_system_prompts_than_the_ram_holds_before_allocating(
     line = assert_one_line_error(done, f"--system-prompts {n}", "RAM available")
     assert "MemoryError" not in line
     assert not out.exists()
+
+
+def test_synth_refuses_to_overwrite_the_trace_it_samples_lengths_from(tmp_path: Path) -> None:
+    trace = tmp_path / "lengths.jsonl"
+    original = '{"arrival_s": 0, "output_len": 4, "prompt_len": 16}\n'
+    trace.write_text(original)
+    for flag in ("--prompt-len", "--output-len"):
+        done = kvflow("synth", str(trace), "-n", "3", flag, f"trace:{trace}", cwd=tmp_path)
+        assert_one_line_error(done, "OUT", str(trace), "refusing to overwrite an input")
+        assert trace.read_text() == original
+
+
+def test_synth_checks_its_destination_before_generating(tmp_path: Path) -> None:
+    done = kvflow("synth", str(tmp_path), "-n", "3", cwd=tmp_path)
+    assert_one_line_error(done, f"OUT {tmp_path}: is a directory")
+    done = kvflow("synth", str(tmp_path / "no" / "t.jsonl"), "-n", "3", cwd=tmp_path)
+    assert_one_line_error(done, f"directory {tmp_path / 'no'} does not exist")
