@@ -364,9 +364,16 @@ def run_router(
     """Serve until SIGTERM/SIGINT (uvicorn finishes the responses in flight)."""
     import uvicorn
 
+    from kvflow.serve.server import bind_listener
+
     app = HTTPGuard(RouterASGI(RouterApp(options, fleet, codec)), options.limits)
-    logger.info("kvflow router: http://%s:%d over %d instances", host, port, len(options.instances))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    sock = bind_listener(host, port)  # a port in use: a one-line error, before serving
+    bound = sock.getsockname()[1]
+    logger.info(
+        "kvflow router: http://%s:%d over %d instances", host, bound, len(options.instances)
+    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 __all__ = ["RouterASGI", "RouterApp", "RouterOptions", "run_router"]

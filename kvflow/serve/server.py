@@ -6,6 +6,7 @@ signal, so the process exits 0."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -46,6 +47,31 @@ class _Server(uvicorn.Server):
             self._loop.call_soon_threadsafe(self.host.begin_draining)
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (the first address `host` resolves to), for
+    uvicorn to listen on: binding here, before the server starts, makes a port in use
+    or a host that does not resolve a one-line error.
+
+    Raises:
+        OSError: naming the host and port, with the reason.
+    """
+    sock: socket.socket | None = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+    except OSError as err:
+        if sock is not None:
+            sock.close()
+        reason = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror or err
+        raise OSError(f"cannot listen on --host {host} --port {port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     options: ServeOptions,
     host: str = "127.0.0.1",
@@ -55,7 +81,11 @@ def serve(
     """Serve until SIGTERM/SIGINT, checking `limits` (API key, body size, requests in
     flight) before any handler; a request they refuse is counted in
     `request_rejected_total` as the app counts its own. Returns the host (its `failure`
-    says whether the model failed to load)."""
+    says whether the model failed to load).
+
+    Raises:
+        OSError: `host`:`port` cannot be bound (`bind_listener`), before anything loads.
+    """
     engine_host = EngineHost(options)
     counted = engine_host.metrics.requests.count_rejected
     app = HTTPGuard(build_app(engine_host), limits or HTTPLimits(), counted)
@@ -71,9 +101,11 @@ def serve(
         timeout_graceful_shutdown=None,
     )
     server = _Server(config, engine_host)
-    logger.info("kvflow serve: http://%s:%d (model %r)", host, port, options.model_name)
-    server.run()
+    sock = bind_listener(host, port)
+    bound = sock.getsockname()[1]
+    logger.info("kvflow serve: http://%s:%d (model %r)", host, bound, options.model_name)
+    server.run(sockets=[sock])
     return engine_host
 
 
-__all__ = ["serve"]
+__all__ = ["bind_listener", "serve"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +133,9 @@ def test_a_model_config_json_with_a_bad_field_is_one_line_naming_the_file_and_fi
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(config))
-    done = kvflow("replay", "--engine", "torch", "--model", str(model), "--limit", "1", cwd=tmp_path)
+    done = kvflow(
+        "replay", "--engine", "torch", "--model", str(model), "--limit", "1", cwd=tmp_path
+    )
     assert_one_line_error(done, str(model / "config.json"), *needles)
 
 
@@ -188,3 +191,14 @@ def test_synth_checks_its_destination_before_generating(tmp_path: Path) -> None:
     assert_one_line_error(done, f"OUT {tmp_path}: is a directory")
     done = kvflow("synth", str(tmp_path / "no" / "t.jsonl"), "-n", "3", cwd=tmp_path)
     assert_one_line_error(done, f"directory {tmp_path / 'no'} does not exist")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["router", "--instance", "http://127.0.0.1:9"]])
+def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, command: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = kvflow(*command, "--port", str(port), cwd=tmp_path)
+    assert_one_line_error(done, f"127.0.0.1 --port {port}", "in use")
+    assert done.returncode == 2
