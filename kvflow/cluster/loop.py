@@ -22,6 +22,7 @@ from kvflow.cluster.results import FleetStalledError, InstanceResult, Pull
 from kvflow.cluster.routers import LeastLoadedRouter, Router
 from kvflow.cluster.view import FleetView, PeerNetwork
 from kvflow.config import KVFlowConfig
+from kvflow.kv.capacity import check_fleet_bookkeeping
 from kvflow.policies.base import Policy
 from kvflow.request import FinishReason, Request, RequestState
 
@@ -58,6 +59,7 @@ class FleetLoop:
         if len(configs) != len(policies):
             raise ValueError(f"{len(configs)} instance configs but {len(policies)} policies")
         n = len(configs)
+        check_fleet_bookkeeping([c.kv for c in configs])  # before any instance's pools
         if pd is not None and (pd[0] < 1 or pd[1] < 1 or pd[0] + pd[1] != n):
             raise ValueError(
                 f"pd={pd[0]}:{pd[1]} needs at least one prefill and one decode instance "

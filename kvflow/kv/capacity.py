@@ -113,6 +113,24 @@ def check_bookkeeping(config: KVConfig) -> None:
     check_fits(needs, "block bookkeeping in RAM", available_ram_bytes(), "RAM available")
 
 
+def check_fleet_bookkeeping(configs: Sequence[KVConfig]) -> None:
+    """The block pools' bookkeeping of every instance of a simulated fleet fits in
+    available RAM together (each instance's store checks its own alone)."""
+    total = sum(
+        BlockPool.bytes_needed(config.tier_blocks(tier))
+        for config in configs
+        for tier in _enabled_tiers(config)
+    )
+    available = available_ram_bytes()
+    if total > available:
+        settings = ", ".join(tier_setting(configs[0], t) for t in _enabled_tiers(configs[0]))
+        raise CapacityError(
+            f"a fleet of {len(configs)} instances needs {human_bytes(total)} of block "
+            f"bookkeeping in RAM (instance 0: {settings}); {human_bytes(available)} RAM "
+            "available"
+        )
+
+
 def check_tensors(config: KVConfig, device: str | torch.device) -> None:
     """The device and cpu tiers' tensors and every pool's bookkeeping fit: the device
     tier in the device's free memory (RAM on the CPU), the cpu tier, the bookkeeping and

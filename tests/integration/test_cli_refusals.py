@@ -202,3 +202,17 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path, command: list[str])
         done = kvflow(*command, "--port", str(port), cwd=tmp_path)
     assert_one_line_error(done, f"127.0.0.1 --port {port}", "in use")
     assert done.returncode == 2
+
+
+def test_a_fleet_replay_refuses_instances_whose_bookkeeping_together_passes_the_ram(
+    tmp_path: Path,
+) -> None:
+    # Each instance's pools fit alone; N of them together do not: refused before the
+    # first is built (it took ~185 bytes a block until the RAM ran out).
+    blocks = 2**20
+    each = BlockPool.bytes_needed(blocks)
+    n = 2 * available_ram_bytes() // each + 2
+    args = ("--set", f"kv.device.num_blocks={blocks}", "--limit", "2", "-p", "fcfs")
+    done = kvflow("replay", "--instances", str(n), *args, cwd=tmp_path)
+    line = assert_one_line_error(done, f"a fleet of {n} instances needs", "RAM available")
+    assert "MemoryError" not in line
