@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as err:
         print(f"kvflow: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what the command started is stopped by now
+        print("kvflow: interrupted", file=sys.stderr)
+        return 130
 
 
 __all__ = ["CLIError", "build_parser", "main"]

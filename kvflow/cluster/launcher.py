@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -243,8 +243,8 @@ def wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadline
 def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     """Start the instances, each with a peer service on a free port, wait for their
     health, then the router (`kvflow router ROUTER_ARGS --instance ... --prefill ...`,
-    which follows their block events); write the state. A failure stops everything
-    started so far."""
+    which follows their block events); write the state. A failure, Ctrl-C or SIGTERM
+    stops everything started so far."""
     state_path = state_dir / STATE_FILE
     if state_path.exists():
         old = ClusterState.read(state_path)
@@ -257,6 +257,7 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     # Each process with the handle its liveness is read from (a Ray actor: the driver's).
     started: list[tuple[Proc, subprocess.Popen[bytes]]] = []
     deadline = time.monotonic() + timeout_s
+    restore_sigterm = _stop_on_sigterm()
     try:
         if spec.ray is None:
             peer_ports = [free_port() for _ in spec.roles]
@@ -293,6 +294,28 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
                 popen.kill()
                 popen.wait(timeout=10.0)
         raise
+    finally:
+        restore_sigterm()
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM raise `ClusterError` (in the main thread), so that `up` stops what
+    it started as on Ctrl-C: its processes run in sessions of their own and no state
+    file names them yet. Returns what puts the previous handler back."""
+
+    def stopped(signum: int, frame: object) -> None:
+        raise ClusterError("stopped by SIGTERM before the cluster was up; stopped what it started")
+
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, stopped)
+    except ValueError:  # not the main thread: signals are not this thread's to handle
+        return lambda: None
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    return restore
 
 
 def stop(procs: Sequence[Proc], timeout_s: float) -> list[Proc]:

@@ -3,8 +3,12 @@ behind a real `kvflow router`, driven through the official `openai` client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from kvflow.cluster.launcher import is_ours
+from kvflow.cluster.launcher import child_env, is_ours
 from tests.cluster_process import (
     SIM,
     Cluster,
@@ -22,7 +26,7 @@ from tests.cluster_process import (
     metrics,
     wait_until_router_knows,
 )
-from tests.serve_process import ServerProcess
+from tests.serve_process import ServerProcess, free_port
 
 MODEL = "kvflow-sim"
 
@@ -163,3 +167,55 @@ def test_a_failing_instance_stops_what_up_started(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2 and "exited" in out.stderr
     assert not (tmp_path / "cluster.json").exists()
+
+
+def _processes_in(cwd: Path) -> list[int]:
+    """Pids of the live processes whose working directory is `cwd` (what `up`, started
+    there, started: its children inherit it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and is_ours(int(entry.name)):
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")) == cwd:
+                    pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_stopped_while_starting_stops_what_it_started(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Ctrl-C, or a supervisor's SIGTERM, before the cluster is up: the instances it had
+    # started go too (they run in sessions of their own: nothing else would stop them,
+    # and no state file names them), with one line and no traceback.
+    state_dir = tmp_path / "state"
+    command = [
+        sys.executable, "-m", "kvflow", "cluster", "up", "--instances", "2",
+        "--state-dir", str(state_dir), "--port", str(free_port()), *SIM,
+    ]  # fmt: skip
+    up = subprocess.Popen(
+        command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    left: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (state_dir / "instance-1.log").exists():  # both instances spawned
+            assert up.poll() is None and time.monotonic() < deadline, up.returncode
+            time.sleep(0.02)
+        time.sleep(0.2)
+        up.send_signal(sig)
+        _, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=30)
+        left = _processes_in(tmp_path)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert left == []
+    stderr = err.decode(errors="replace")
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvflow: "), stderr
+    assert up.returncode != 0
+    assert not (state_dir / "cluster.json").exists()
