@@ -16,6 +16,7 @@ from kvflow.cli.options import add_model_arguments, check_engine_model, port_num
 
 if TYPE_CHECKING:
     from kvflow.cluster.launcher import RaySpec
+    from kvflow.config import KVFlowConfig
 
 
 def _default_state_dir() -> Path:
@@ -169,6 +170,29 @@ def _ray_spec(args: argparse.Namespace) -> RaySpec | None:
     return RaySpec(args.ray_address, args.ray_cpus_per_instance, args.ray_gpus_per_instance)
 
 
+SERVE_PROCESS_BYTES = 64 * 2**20
+"""The least RAM one `kvflow serve` process takes before its store (an idle `--engine
+sim` server measured ~70 MB resident)."""
+
+
+def _check_room(num_instances: int, config: KVFlowConfig) -> None:
+    """Refuse, before starting any, more instances than the RAM holds at their least:
+    each a `kvflow serve` process and its store's block bookkeeping."""
+    from kvflow.kv.block_pool import BlockPool
+    from kvflow.kv.capacity import available_ram_bytes, human_bytes
+
+    kv = config.kv
+    blocks = sum(kv.tier_blocks(t) for t in ("device", "cpu", "disk"))
+    need = num_instances * (SERVE_PROCESS_BYTES + BlockPool.bytes_needed(blocks))
+    available = available_ram_bytes()
+    if need > available:
+        raise CLIError(
+            f"--instances {num_instances}: {num_instances} kvflow serve processes need at "
+            f"least {human_bytes(need)} of RAM (~{SERVE_PROCESS_BYTES // 2**20} MiB each "
+            f"and their stores' block bookkeeping); {human_bytes(available)} RAM available"
+        )
+
+
 def run_up(args: argparse.Namespace, console: Console) -> int:
     from kvflow.cluster.launcher import ClusterError, ClusterSpec, up
     from kvflow.config import KVFlowConfig
@@ -185,6 +209,8 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
             "--pd: decode instances pull handed-off KV into the cpu tier: set "
             "kv.cpu.num_blocks (e.g. --set kv.cpu.num_blocks=4096)"
         )
+    if args.ray_address is None:  # else Ray places them on its cluster's nodes
+        _check_room(len(roles), config)
     from kvflow.cluster.routers import create
 
     create(args.router or config.router.name, config)  # and on an unknown router

@@ -216,3 +216,16 @@ def test_a_fleet_replay_refuses_instances_whose_bookkeeping_together_passes_the_
     done = kvflow("replay", "--instances", str(n), *args, cwd=tmp_path)
     line = assert_one_line_error(done, f"a fleet of {n} instances needs", "RAM available")
     assert "MemoryError" not in line
+
+
+def test_cluster_up_refuses_more_instances_than_the_ram_holds_before_starting_any(
+    tmp_path: Path,
+) -> None:
+    # Each `kvflow serve` is a Python process of tens of MiB before its store.
+    n = max(100_000, available_ram_bytes() // 2**20)
+    state_dir = tmp_path / "state"
+    done = kvflow(
+        "cluster", "up", "--instances", str(n), "--state-dir", str(state_dir), cwd=tmp_path
+    )
+    assert_one_line_error(done, f"--instances {n}", "RAM available")
+    assert not state_dir.exists()  # nothing started, no log written
