@@ -245,5 +245,8 @@ def write_json(doc: dict[str, Any], dest: str) -> None:
     text = json.dumps(doc, indent=2)
     if dest == "-":
         sys.stdout.write(text + "\n")
-    else:
+        return
+    try:
         Path(dest).write_text(text + "\n")
+    except OSError as err:  # a full disk, say: checked writable before the run
+        raise CLIError(f"--json {dest}: cannot write the report: {err.strerror or err}") from None

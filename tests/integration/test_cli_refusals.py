@@ -229,3 +229,10 @@ def test_cluster_up_refuses_more_instances_than_the_ram_holds_before_starting_an
     )
     assert_one_line_error(done, f"--instances {n}", "RAM available")
     assert not state_dir.exists()  # nothing started, no log written
+
+
+def test_a_report_that_cannot_be_written_names_the_flag_and_path(tmp_path: Path) -> None:
+    # /dev/full passes the checks made before the run (a writable file) and fails the
+    # write as a full disk does.
+    done = kvflow("replay", "-p", "fcfs", "--limit", "2", "--json", "/dev/full", cwd=tmp_path)
+    assert_one_line_error(done, "--json /dev/full", "No space left on device")
