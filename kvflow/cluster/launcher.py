@@ -62,6 +62,10 @@ class Proc:
     peer_port: int = 0
     """An instance's peer service, which publishes its block events to the router (0:
     none)."""
+    start_ticks: int = 0
+    """When the process started (clock ticks after boot, `start_ticks`), read as `up`
+    started it: a later process given the same pid started later and is not this one
+    (0: not recorded, the command line alone tells)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ class ClusterState:
     def read(path: Path) -> ClusterState:
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, not {STATE_VERSION}")
             return ClusterState(tuple(Proc(**p) for p in data["procs"]))
@@ -164,17 +170,30 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def is_ours(pid: int) -> bool:
+def is_ours(pid: int, start_ticks: int = 0) -> bool:
     """Whether `pid` runs (not a zombie) and is a kvflow process (its command line
-    names kvflow), so a reused pid is never signalled."""
+    names kvflow) that started at `start_ticks` (when given), so a reused pid, another
+    kvflow process's included, is never signalled."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields[0] == "Z":
+        return False
+    if start_ticks and int(fields[19]) != start_ticks:
         return False
     return b"kvflow" in cmdline
+
+
+def start_ticks(pid: int) -> int:
+    """When `pid` started, in clock ticks after boot (/proc/PID/stat's 22nd field); 0
+    when it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
@@ -209,9 +228,11 @@ def spawn(
             env=env,
             start_new_session=True,  # outlives `up`; not stopped by the terminal's ^C
         )
+    started = start_ticks(proc.pid)  # our child, not reaped: its /proc entry is there
     if port is None:
-        return Proc(role, proc.pid, 0, "", str(log)), proc
-    return Proc(role, proc.pid, port, f"http://127.0.0.1:{port}", str(log)), proc
+        return Proc(role, proc.pid, 0, "", str(log), start_ticks=started), proc
+    url = f"http://127.0.0.1:{port}"
+    return Proc(role, proc.pid, port, url, str(log), start_ticks=started), proc
 
 
 def tail(path: str, num_lines: int = 15) -> str:
@@ -248,7 +269,7 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     state_path = state_dir / STATE_FILE
     if state_path.exists():
         old = ClusterState.read(state_path)
-        if any(is_ours(p.pid) for p in old.procs):
+        if any(is_ours(p.pid, p.start_ticks) for p in old.procs):
             raise ClusterError(
                 f"a cluster is already up ({state_path}); `kvflow cluster down` it first"
             )
@@ -326,7 +347,7 @@ def stop(procs: Sequence[Proc], timeout_s: float) -> list[Proc]:
     # The router first: it stops taking requests while the instances drain theirs.
     ordered = sorted((p for p in procs if not p.node), key=lambda p: p.role != "router")
     for p in ordered:
-        if is_ours(p.pid):
+        if is_ours(p.pid, p.start_ticks):
             _signal(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     killed = _wait_or_kill([p for p in ordered if p.role != "ray"], deadline)
@@ -369,15 +390,15 @@ def _end_session(sid: int, deadline: float) -> None:
 
 
 def _wait_or_kill(procs: Sequence[Proc], deadline: float) -> list[Proc]:
-    while any(is_ours(p.pid) for p in procs) and time.monotonic() < deadline:
+    while any(is_ours(p.pid, p.start_ticks) for p in procs) and time.monotonic() < deadline:
         _reap()
         time.sleep(0.1)
-    killed = [p for p in procs if is_ours(p.pid)]
+    killed = [p for p in procs if is_ours(p.pid, p.start_ticks)]
     for p in killed:
         _signal(p.pid, signal.SIGKILL)
     for _ in range(100):  # a killed process leaves /proc at once; bounded anyway
         _reap()
-        if not any(is_ours(p.pid) for p in killed):
+        if not any(is_ours(p.pid, p.start_ticks) for p in killed):
             break
         time.sleep(0.05)
     return killed
@@ -407,7 +428,7 @@ def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc]]:
         stop_file = state_dir / RAY_STOP_FILE
         stop_file.write_text(json.dumps({"drain_timeout_s": timeout_s}) + "\n")
     killed = stop(state.procs, timeout_s)
-    left = [p for p in state.procs if p.node in ("", LOCAL_NODE) and is_ours(p.pid)]
+    left = [p for p in state.procs if p.node in ("", LOCAL_NODE) and is_ours(p.pid, p.start_ticks)]
     if left:
         pids = ", ".join(str(p.pid) for p in left)
         raise ClusterError(f"processes {pids} outlived SIGKILL; {state_path} kept")
@@ -428,6 +449,7 @@ __all__ = [
     "is_ours",
     "peer_args",
     "spawn",
+    "start_ticks",
     "stop",
     "up",
 ]

@@ -4,6 +4,7 @@ behind a real `kvflow router`, driven through the official `openai` client."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -219,3 +220,36 @@ def test_up_stopped_while_starting_stops_what_it_started(
     assert len(lines) == 1 and lines[0].startswith("kvflow: "), stderr
     assert up.returncode != 0
     assert not (state_dir / "cluster.json").exists()
+
+
+def test_down_with_a_stale_state_file_leaves_a_process_that_took_a_pid_alone(
+    tmp_path: Path,
+) -> None:
+    # A cluster whose processes are gone (killed, or the machine restarted) leaves its
+    # state file; the pids it names may be another kvflow process's by then.
+    with cluster(tmp_path, 1) as c:
+        state = c.state
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "kvflow"])
+    try:
+        stale = {**state, "procs": [{**p, "pid": other.pid} for p in state["procs"]]}
+        (tmp_path / "cluster.json").write_text(json.dumps(stale))
+        status = kvflow("cluster", "status", "--state-dir", str(tmp_path))
+        assert status.returncode == 1 and "gone" in status.stdout
+        down = kvflow("cluster", "down", "--state-dir", str(tmp_path), "--timeout", "5")
+        assert down.returncode == 0, down.stderr
+        assert other.poll() is None, "cluster down signalled a process it did not start"
+        assert not (tmp_path / "cluster.json").exists()
+    finally:
+        other.kill()
+        other.wait(timeout=30)
+
+
+def test_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "cluster.json").write_text("[1]\n")
+    for action in ("status", "down"):
+        out = kvflow("cluster", action, "--state-dir", str(tmp_path))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert (
+            out.stderr.startswith("kvflow: error: ")
+            and "is not a kvflow cluster state" in out.stderr
+        )
