@@ -126,8 +126,9 @@ def load_tokenizer(name: str | None = None) -> TextTokenizer:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as err:
+        reason = next(iter(str(err).splitlines()), type(err).__name__)  # one line
         raise TokenizerError(
             f"tokenizer {name!r} is not available locally (kvflow never downloads one; "
-            f"fetch it first, e.g. huggingface-cli download {name}): {err}"
+            f"fetch it first, e.g. huggingface-cli download {name}): {reason}"
         ) from None
     return HFTokenizer(name, tokenizer)

@@ -201,6 +201,7 @@ def test_a_named_tokenizer_needs_transformers_or_a_local_copy(tmp_path: Path) ->
     with pytest.raises(TokenizerError) as caught:
         load_trace(path, tokenizer="surely-not/a-tokenizer-anyone-has")
     message = str(caught.value)
+    assert "\n" not in message, message  # the CLI's error is one line
     if HAS_TRANSFORMERS:
         assert "not available locally" in message and "never downloads" in message
     else:
