@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from kvflow.cli.calibrate_phases import drift_figures, time_engine, time_tiers
 from kvflow.cli.calibrate_report import print_fit, print_validation
 from kvflow.cli.common import CLIError, config_overrides, parse_comma_list
 from kvflow.cli.options import add_model_arguments
+from kvflow.cli.outputs import check_outputs
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -168,6 +170,17 @@ def _grid(args: argparse.Namespace) -> Any:
     return train_grid
 
 
+def _check_destinations(args: argparse.Namespace) -> None:
+    """--out and --json are writable, and name none of the inputs: a file of the model
+    directory (its config.json, say) or the --validate trace."""
+    inputs: dict[str, str | Path | None] = {"the --validate trace": args.validate}
+    model = Path(args.model)
+    if model.is_dir():
+        files = [path for path in sorted(model.iterdir())[:1000] if path.is_file()]
+        inputs.update({f"the model's {path.name}": path for path in files})
+    check_outputs({"--out": args.out, "--json": args.json}, {}, inputs)
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
 
     from kvflow.engine_adapters import calibrate as cal
@@ -183,6 +196,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--drift-neighbours must be >= 0, got {args.drift_neighbours}")
     if args.engine_requests < 0:
         raise CLIError(f"--engine-requests must be >= 0, got {args.engine_requests}")
+    _check_destinations(args)  # before minutes of timing, and never over an input
     if args.threads is not None:
         import torch
 

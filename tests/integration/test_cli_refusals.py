@@ -236,3 +236,30 @@ def test_a_report_that_cannot_be_written_names_the_flag_and_path(tmp_path: Path)
     # write as a full disk does.
     done = kvflow("replay", "-p", "fcfs", "--limit", "2", "--json", "/dev/full", cwd=tmp_path)
     assert_one_line_error(done, "--json /dev/full", "No space left on device")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_calibrate_refuses_to_write_over_its_model_before_timing(tmp_path: Path, flag: str) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    config = model / "config.json"
+    config.write_text(json.dumps(LLAMA_CONFIG))
+    done = kvflow(
+        "calibrate", "--engine", "torch", "--model", str(model), flag, str(config),
+        "--repeat", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(done, f"{flag} {config}", "refusing to overwrite an input")
+    assert json.loads(config.read_text()) == LLAMA_CONFIG
+
+
+def test_calibrate_checks_its_destinations_before_timing(tmp_path: Path) -> None:
+    # A calibration takes minutes: a destination that cannot be written fails first.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    missing = tmp_path / "no" / "preset.json"
+    done = kvflow(
+        "calibrate", "--engine", "torch", "--model", str(model), "--out", str(missing),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(done, f"--out {missing}: directory {missing.parent} does not exist")
