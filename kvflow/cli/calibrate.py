@@ -13,7 +13,7 @@ from kvflow.cli.calibrate_phases import drift_figures, time_engine, time_tiers
 from kvflow.cli.calibrate_report import print_fit, print_validation
 from kvflow.cli.common import CLIError, config_overrides, parse_comma_list
 from kvflow.cli.options import add_model_arguments
-from kvflow.cli.outputs import check_outputs
+from kvflow.cli.outputs import check_outputs, model_files
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -174,10 +174,7 @@ def _check_destinations(args: argparse.Namespace) -> None:
     """--out and --json are writable, and name none of the inputs: a file of the model
     directory (its config.json, say) or the --validate trace."""
     inputs: dict[str, str | Path | None] = {"the --validate trace": args.validate}
-    model = Path(args.model)
-    if model.is_dir():
-        files = [path for path in sorted(model.iterdir())[:1000] if path.is_file()]
-        inputs.update({f"the model's {path.name}": path for path in files})
+    inputs.update(model_files(args.model))
     check_outputs({"--out": args.out, "--json": args.json}, {}, inputs)
 
 

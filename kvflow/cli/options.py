@@ -163,11 +163,14 @@ def check_plot_dependency(args: argparse.Namespace) -> None:
 
 
 def check_report_outputs(
-    args: argparse.Namespace, trace: Path, config: KVFlowConfig | None = None
+    args: argparse.Namespace,
+    trace: Path,
+    config: KVFlowConfig | None = None,
+    more_inputs: Mapping[str, str | Path | None] | None = None,
 ) -> None:
     """Fail before any work when a report destination (`--json`, `--trace-events`,
     `--plot`) cannot be written or names an input (the trace, the config file, the
-    latency preset file)."""
+    latency preset file, `more_inputs`: a model's files, a prices file)."""
     from kvflow.cli.outputs import check_outputs
 
     check_outputs(
@@ -177,6 +180,7 @@ def check_report_outputs(
             "the trace": trace,
             "the config file": args.config,
             "the latency preset file": config.sim.preset_file if config is not None else None,
+            **(more_inputs or {}),
         },
     )
 

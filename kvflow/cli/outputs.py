@@ -61,6 +61,15 @@ def _check_directory(flag: str, dest: str) -> None:
     _check_writable_dir(flag, dest, _nearest_existing(path))
 
 
+def model_files(model_dir: str | None) -> dict[str, Path]:
+    """The files of a model directory (`--model DIR`) as inputs for `check_outputs`, by
+    what they are ("the model's config.json"); none when it is not a directory."""
+    if model_dir is None or not os.path.isdir(model_dir):
+        return {}
+    entries = sorted(Path(model_dir).iterdir())[:1000]  # bounded: a checkpoint's few files
+    return {f"the model's {path.name}": path for path in entries if path.is_file()}
+
+
 def check_outputs(
     files: Mapping[str, str | None],
     directories: Mapping[str, str | None],

@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     make_policy(spec.policy, config)
     slo = slo_settings(args)
     path = trace_path(args)
-    check_report_outputs(args, path, config)
+    check_report_outputs(args, path, config, {"the prices file": args.prices})
     out = report_console(args, console)
     loaded = load_requests(args)
     requests = slo.apply(loaded)

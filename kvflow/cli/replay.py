@@ -33,6 +33,7 @@ from kvflow.cli.options import (
     slo_settings,
     write_json,
 )
+from kvflow.cli.outputs import model_files
 
 if TYPE_CHECKING:
     from kvflow.traces.metrics import RunReport
@@ -179,7 +180,7 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
     names = args.policies or ["fcfs"]
     slo = slo_settings(args)
     path = trace_path(args)
-    check_report_outputs(args, path)
+    check_report_outputs(args, path, more_inputs=model_files(args.model))
     out = report_console(args, console)
     loaded = load_requests(args)  # an empty trace fails before the model loads
     model = load_model(args.model, args.engine, args.dtype)

@@ -263,3 +263,29 @@ def test_calibrate_checks_its_destinations_before_timing(tmp_path: Path) -> None
         cwd=tmp_path,
     )  # fmt: skip
     assert_one_line_error(done, f"--out {missing}: directory {missing.parent} does not exist")
+
+
+def test_replay_with_a_model_refuses_to_write_its_report_over_the_model(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    config = model / "config.json"
+    config.write_text(json.dumps(LLAMA_CONFIG))
+    done = kvflow(
+        "replay", "--engine", "torch", "--model", str(model), "--json", str(config), cwd=tmp_path
+    )
+    assert_one_line_error(done, f"--json {config}", "refusing to overwrite an input")
+    assert json.loads(config.read_text()) == LLAMA_CONFIG
+
+
+def test_plan_refuses_to_write_its_report_over_the_prices_file(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    text = '[gpu.mine]\nprice_per_gpu_hour = 2.0\nsim_preset = "llama3-8b-h100"\n'
+    prices.write_text(text)
+    trace = tmp_path / "one.jsonl"
+    trace.write_text('{"arrival_s": 0, "output_len": 4, "prompt_len": 16}\n')
+    done = kvflow(
+        "plan", str(trace), "--ttft-slo-ms", "1000", "--prices", str(prices), "--gpu", "mine",
+        "--json", str(prices), "--max-instances", "1", "--jobs", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(done, f"--json {prices}", "refusing to overwrite an input")
+    assert prices.read_text() == text
