@@ -70,7 +70,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(default: router.name from the config, cache-aware)",
     )
     upp.add_argument(
-        "--port", type=port_number, default=8000, help="the router's port (default: 8000)"
+        "--port",
+        type=port_number,
+        default=8000,
+        help="the router's port (default: 8000; 0: a free port, printed)",
     )
     upp.add_argument(
         "--timeout",
@@ -194,7 +197,7 @@ def _check_room(num_instances: int, config: KVFlowConfig) -> None:
 
 
 def run_up(args: argparse.Namespace, console: Console) -> int:
-    from kvflow.cluster.launcher import ClusterError, ClusterSpec, up
+    from kvflow.cluster.launcher import ClusterError, ClusterSpec, free_port, up
     from kvflow.config import KVFlowConfig
 
     check_engine_model(args)
@@ -233,7 +236,7 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
         roles,
         tuple(serve_args),
         tuple(router_args),
-        args.port,
+        args.port or free_port(),  # the router's URL is waited on and recorded
         ray,
         pull_from_peers=args.engine != "sim",
     )

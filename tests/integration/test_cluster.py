@@ -253,3 +253,27 @@ def test_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
             out.stderr.startswith("kvflow: error: ")
             and "is not a kvflow cluster state" in out.stderr
         )
+
+
+def test_up_with_port_0_puts_the_router_on_a_free_port_and_prints_it(tmp_path: Path) -> None:
+    up = kvflow(
+        "cluster", "up", "--instances", "1", "--port", "0", "--state-dir", str(tmp_path),
+        "--timeout", "60", *SIM,
+    )  # fmt: skip
+    state_path = tmp_path / "cluster.json"
+    pids = (
+        [p["pid"] for p in json.loads(state_path.read_text())["procs"]]
+        if state_path.exists()
+        else []
+    )
+    try:
+        assert up.returncode == 0, up.stderr
+        url = up.stdout.strip().splitlines()[-1]
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0"), url
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        if state_path.exists():
+            kvflow("cluster", "down", "--state-dir", str(tmp_path), "--timeout", "20")
+        for pid in pids:
+            if is_ours(pid):
+                os.kill(pid, signal.SIGKILL)
