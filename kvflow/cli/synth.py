@@ -141,6 +141,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.native import dump_native
     from kvflow.traces.synthetic import SystemPrompts, WorkloadSpec, generate_workload
 
+    if args.num_sessions < 1:  # a trace without a request is one replay refuses
+        raise CLIError(f"-n {args.num_sessions}: expected at least 1 session")
     lengths = {
         "--prompt-len": args.prompt_len,
         "--output-len": args.output_len,

@@ -289,3 +289,11 @@ def test_plan_refuses_to_write_its_report_over_the_prices_file(tmp_path: Path) -
     )  # fmt: skip
     assert_one_line_error(done, f"--json {prices}", "refusing to overwrite an input")
     assert prices.read_text() == text
+
+
+def test_synth_refuses_a_workload_without_a_request(tmp_path: Path) -> None:
+    # A trace of no request is one `kvflow replay` refuses: not a success to write.
+    out = tmp_path / "empty.jsonl"
+    done = kvflow("synth", str(out), "-n", "0", cwd=tmp_path)
+    assert_one_line_error(done, "-n 0")
+    assert not out.exists()
