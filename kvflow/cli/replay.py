@@ -95,6 +95,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.endpoint:
         return run_endpoint(args, console)
+    if args.engine == "sim" and args.model:
+        raise CLIError(
+            "--model is for --engine torch|hf (or --endpoint's model name); --engine sim "
+            "replays the latency preset, no model"
+        )
     if args.instances is not None or args.routers or args.peers == "on" or args.pd:
         return run_fleet(args, console)
     if args.engine != "sim":

@@ -297,3 +297,16 @@ def test_synth_refuses_a_workload_without_a_request(tmp_path: Path) -> None:
     done = kvflow("synth", str(out), "-n", "0", cwd=tmp_path)
     assert_one_line_error(done, "-n 0")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fleet", [[], ["--instances", "2"]])
+def test_a_simulated_replay_refuses_a_model_it_would_ignore(
+    tmp_path: Path, fleet: list[str]
+) -> None:
+    # The user who names a model expects it replayed, not the simulator's preset.
+    model = tmp_path / "model"
+    model.mkdir()
+    done = kvflow(
+        "replay", "--model", str(model), "--limit", "2", "-p", "fcfs", *fleet, cwd=tmp_path
+    )
+    assert_one_line_error(done, "--model", "--engine torch|hf")
