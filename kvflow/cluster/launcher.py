@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from kvflow.cluster.processes import is_ours, session_members, start_ticks
+
 STATE_FILE = "cluster.json"
 STATE_VERSION = 1
 INSTANCE_ROLES = ("instance", "prefill", "decode")
@@ -168,32 +170,6 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def is_ours(pid: int, start_ticks: int = 0) -> bool:
-    """Whether `pid` runs (not a zombie) and is a kvflow process (its command line
-    names kvflow) that started at `start_ticks` (when given), so a reused pid, another
-    kvflow process's included, is never signalled."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[-1].split()
-    if fields[0] == "Z":
-        return False
-    if start_ticks and int(fields[19]) != start_ticks:
-        return False
-    return b"kvflow" in cmdline
-
-
-def start_ticks(pid: int) -> int:
-    """When `pid` started, in clock ticks after boot (/proc/PID/stat's 22nd field); 0
-    when it cannot be read."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
@@ -358,21 +334,6 @@ def stop(procs: Sequence[Proc], timeout_s: float) -> list[Proc]:
     return killed
 
 
-def session_members(sid: int) -> list[int]:
-    """Pids of the live processes of session `sid` (not zombies)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 def _end_session(sid: int, deadline: float) -> None:
     """Wait for the processes of a stopped driver's session to go (Ray's own processes
     follow their driver), then SIGKILL those left. A session id stays taken while any
@@ -448,6 +409,7 @@ __all__ = [
     "healthy",
     "is_ours",
     "peer_args",
+    "session_members",
     "spawn",
     "start_ticks",
     "stop",
