@@ -25,7 +25,6 @@ class TransferCosts:
         self.block_size = config.block_size
         self.bytes_per_block = config.bytes_per_block()
         self._cost_model = model
-        self._has_cpu = config.tier_blocks("cpu") > 0
 
     def load_time_s(self, sources: Sequence[tuple[TierName, int]]) -> float:
         """Estimated time to bring these blocks to device."""
@@ -67,9 +66,10 @@ class TransferCosts:
         return self.load_time_s(sources) < self.recompute_time_s(len(sources))
 
     def swap_is_cheaper(self, num_blocks: int) -> bool:
-        """Whether demoting `num_blocks` to cpu and reloading them beats recomputing them
-        (never, for a store with no cpu tier)."""
-        if num_blocks == 0 or not self._has_cpu:
+        """Whether demoting `num_blocks` to cpu and reloading them would beat recomputing
+        them (whether the store has a cpu tier to swap to is the caller's question:
+        `KVManager.free_preempted`)."""
+        if num_blocks == 0:
             return False
         nbytes = num_blocks * self.bytes_per_block
         model = self._cost_model
