@@ -156,13 +156,10 @@ def unpack_error(payload: bytes | bytearray) -> tuple[int, str]:
 PULL_HEAD = struct.Struct(f"!{FINGERPRINT_SIZE}sQI")
 
 
-def pack_pull(fingerprint: bytes, lease_id: int, keys: Sequence[int]) -> list[bytes]:
-    return [PULL_HEAD.pack(fingerprint, lease_id, len(keys)), _pack_u64s(keys)]
-
-
 def pack_pull_frame(fingerprint: bytes, request_id: int, keys: Sequence[int]) -> bytes:
-    """A whole PULL frame (header, `pack_pull` with the request id as lease id) in one
-    `struct.pack`: what a puller sends per pull."""
+    """A whole PULL frame in one `struct.pack`: its header, then the payload
+    (`PULL_HEAD`: the fingerprint, the request id as lease id, the number of keys; then
+    the keys, big-endian uint64s)."""
     n = len(keys)
     return _pull_frame(n).pack(
         MAGIC,

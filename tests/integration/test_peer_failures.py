@@ -25,8 +25,7 @@ from kvflow.peer.frames import (
     FrameKind,
     Header,
     pack_checksums,
-    pack_header,
-    pack_pull,
+    pack_pull_frame,
     unpack_error,
 )
 from kvflow.peer.handshake import client_handshake
@@ -197,9 +196,8 @@ async def test_a_client_that_stops_reading_leaves_no_pin_after_the_lease(tmp_pat
             sock = socket.create_connection(("127.0.0.1", service.port))
             wire = Wire(sock, config.max_frame_bytes)
             await client_handshake(wire, service.identity, config)
-            parts = pack_pull(service.identity.fingerprint, 1, keys)
-            head = pack_header(FrameKind.PULL, 1, sum(len(p) for p in parts))
-            await wire.send([head, *parts], time.monotonic() + 5)
+            frame = pack_pull_frame(service.identity.fingerprint, 1, keys)
+            await wire.send([frame], time.monotonic() + 5)
             await until(lambda: service.stats().num_active_leases == 1)
             assert a.export_pins["cpu"]  # pinned while the transfer is stuck
             await until(lambda: service.stats().num_connections == 0)
@@ -232,9 +230,8 @@ async def test_pulls_past_the_in_flight_limit_are_answered_busy(tmp_path: Path) 
             wire = Wire(sock, config.max_frame_bytes)
             await client_handshake(wire, service.identity, config)
             for request_id, run in ((1, keys), (2, keys[:1])):
-                parts = pack_pull(service.identity.fingerprint, 1, run)
-                head = pack_header(FrameKind.PULL, request_id, sum(len(p) for p in parts))
-                await wire.send([head, *parts], time.monotonic() + 5)
+                frame = pack_pull_frame(service.identity.fingerprint, request_id, run)
+                await wire.send([frame], time.monotonic() + 5)
             replies = []
             for _ in range(2):
                 header = await wire.read_header()

@@ -25,7 +25,16 @@ from hypothesis import strategies as st
 
 from kvflow.config import PeerConfig
 from kvflow.peer.client import connect_peer, pull_into_cpu
-from kvflow.peer.frames import HEADER, MAGIC, PROTOCOL_VERSION, FrameKind, pack_header, pack_pull
+from kvflow.peer.frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    PULL_HEAD,
+    FrameKind,
+    pack_header,
+    pack_pull_frame,
+)
 from kvflow.peer.handshake import client_handshake
 from kvflow.peer.identity import PeerIdentity
 from kvflow.peer.service import PeerService
@@ -77,10 +86,10 @@ def frames() -> st.SearchStrategy[bytes]:
 
 
 def _pull_frame(keys: list[int], announced: int) -> bytes:
-    parts = pack_pull(b"\0" * 16, 1, keys)
-    head, body = parts
-    head = head[:-4] + struct.pack("!I", announced % (len(keys) + 2))  # often a wrong count
-    return pack_header(FrameKind.PULL, 1, len(head) + len(body)) + head + body
+    frame = pack_pull_frame(b"\0" * 16, 1, keys)
+    count_at = HEADER_SIZE + PULL_HEAD.size - 4  # the payload's number of keys
+    count = struct.pack("!I", announced % (len(keys) + 2))  # often a wrong one
+    return frame[:count_at] + count + frame[count_at + 4 :]
 
 
 def send_unauthenticated(port: int, data: bytes) -> None:

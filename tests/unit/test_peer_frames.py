@@ -13,6 +13,7 @@ from kvflow.peer.frames import (
     MAGIC,
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
+    PULL_HEAD,
     FrameError,
     FrameKind,
     KeyRecord,
@@ -21,7 +22,6 @@ from kvflow.peer.frames import (
     pack_blocks_head,
     pack_checksums,
     pack_header,
-    pack_pull,
     pack_pull_frame,
     pack_seq,
     unpack_blocks_head,
@@ -61,24 +61,20 @@ def test_malformed_headers_are_rejected(fields: tuple[object, ...], message: str
         unpack_header(HEADER.pack(*fields), LIMIT)
 
 
-def test_pull_round_trip_and_a_wrong_key_count() -> None:
+def test_a_pull_frame_round_trips_and_a_wrong_key_count_is_refused() -> None:
     keys = [0, 1, 2**64 - 1]
-    head, body = pack_pull(b"f" * 16, 42, keys)
+    frame = pack_pull_frame(b"f" * 16, 42, keys)
+    header = unpack_header(frame[:HEADER_SIZE], LIMIT)
+    assert header == (FrameKind.PULL, 42, len(frame) - HEADER_SIZE)
+    payload = frame[HEADER_SIZE:]
+    body = payload[PULL_HEAD.size :]
     assert body == np.array(keys, dtype=np.uint64).astype(">u8").tobytes()  # big-endian
-    fingerprint, lease_id, out = unpack_pull(head + body)
+    fingerprint, lease_id, out = unpack_pull(payload)
     assert fingerprint == b"f" * 16 and lease_id == 42 and list(out) == keys
     with pytest.raises(FrameError, match="announces 3 keys"):
-        unpack_pull(head + body[:-1])
+        unpack_pull(payload[:-1])
     with pytest.raises(FrameError, match="too short"):
-        unpack_pull(head[:5])
-
-
-def test_a_whole_pull_frame_is_its_header_then_pack_pull() -> None:
-    keys = [7, 2**64 - 1]
-    frame = pack_pull_frame(b"f" * 16, 5, keys)
-    header = unpack_header(frame[:HEADER_SIZE], LIMIT)
-    assert header == (FrameKind.PULL, 5, len(frame) - HEADER_SIZE)
-    assert frame[HEADER_SIZE:] == b"".join(pack_pull(b"f" * 16, 5, keys))
+        unpack_pull(payload[:5])
 
 
 def test_blocks_head_and_checksums_round_trip_and_a_length_that_disagrees() -> None:
