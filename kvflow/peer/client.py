@@ -74,7 +74,7 @@ class PullResult(NamedTuple):
     """Where the owner held each of them."""
 
 
-class PullEnded:
+class _PullEnded:
     """Off asyncio, how a pull's task learns that its pull ended: an `anyio.Event` with
     the surface of the asyncio future used on asyncio (where making an `anyio.Event`
     per pull cost ~10 us more than the future)."""
@@ -98,7 +98,7 @@ class PullEnded:
 class _Pull:
     views: Sequence[memoryview]
     deadline: float
-    ended: asyncio.Future[None] | PullEnded
+    ended: asyncio.Future[None] | _PullEnded
     """Told once `result` or `error` is set (unless its task has given it up)."""
     receiving: bool = False
     """Its reply's blocks have begun to arrive."""
@@ -125,13 +125,13 @@ class PeerClient:
         self._request_ids = itertools.cycle(range(1, 2**32))  # 0: the connection itself
         self._reader_done = anyio.Event()
         try:
-            self.new_ended: Callable[[], asyncio.Future[None] | PullEnded] = (
+            self._new_ended: Callable[[], asyncio.Future[None] | _PullEnded] = (
                 asyncio.get_running_loop().create_future
             )
         except RuntimeError:  # another anyio backend
-            self.new_ended = PullEnded
+            self._new_ended = _PullEnded
         """Makes each pull's signal that it ended: a loop future on asyncio, else a
-        `PullEnded` (which works on any backend)."""
+        `_PullEnded` (which works on any backend)."""
         self._resync_asked = False
         self._tg: anyio.abc.TaskGroup | None = None
         """The connection's tasks (the reader, the watchdog, resync requests)."""
@@ -151,7 +151,7 @@ class PeerClient:
         if not keys:
             return PullResult(0, ())
         request_id = next(self._request_ids)
-        pull = _Pull(views, time.monotonic() + self.config.pull_timeout_s, self.new_ended())
+        pull = _Pull(views, time.monotonic() + self.config.pull_timeout_s, self._new_ended())
         self._pending[request_id] = pull
         try:
             frame = pack_pull_frame(self.peer.fingerprint, request_id, keys)
