@@ -358,12 +358,17 @@ class BlockPool:
         return True
 
     def seal_many(
-        self, block_ids: Sequence[int], keys: Sequence[int], first_depth: int | None = None
+        self,
+        block_ids: Sequence[int],
+        keys: Sequence[int],
+        first_depth: int | None = None,
+        depths: Sequence[int] = (),
     ) -> list[int]:
-        """`seal` each block under its key, in order. With `first_depth` the blocks are
-        a run of one chain, the first at that depth; without, their depths are unknown
-        (0). Returns the blocks that hold their key afterwards (those for which `seal`
-        returns True)."""
+        """`seal` each block under its key, in order, at its depth in its chain: with
+        `first_depth` the blocks are a run of one chain, the first at that depth; with
+        `depths`, each block's own; with neither, their depths are unknown (0). Returns
+        the blocks that hold their key afterwards (those for which `seal` returns
+        True)."""
         cached = self._cached
         num_before = len(cached)
         if cached.keys().isdisjoint(keys):
@@ -372,14 +377,18 @@ class BlockPool:
                 for key in keys:
                     cached.pop(key, None)
         if len(cached) - num_before != len(keys):  # some key was cached already
-            base, step = (0, 0) if first_depth is None else (first_depth, 1)
-            pairs = enumerate(zip(block_ids, keys, strict=True))
-            return [b for i, (b, key) in pairs if self.seal(b, key, base + i * step)]
-        if first_depth is None:
+            if not len(depths):
+                n = len(keys)
+                depths = [0] * n if first_depth is None else range(first_depth, first_depth + n)
+            sealed = zip(block_ids, keys, depths, strict=True)
+            return [b for b, key, depth in sealed if self.seal(b, key, depth)]
+        if len(depths):
+            self._index(block_ids, keys, np.minimum(np.asarray(depths, dtype=np.int64), MAX_DEPTH))
+        elif first_depth is None:
             self._index(block_ids, keys, 0)
         else:
-            depths = np.arange(first_depth, first_depth + len(keys))
-            self._index(block_ids, keys, np.minimum(depths, MAX_DEPTH))
+            run_depths = np.arange(first_depth, first_depth + len(keys))
+            self._index(block_ids, keys, np.minimum(run_depths, MAX_DEPTH))
         return list(block_ids)
 
     def _index(self, block_ids: Sequence[int], keys: Sequence[int], depths: IntArray | int) -> None:
@@ -411,9 +420,7 @@ class BlockPool:
         rest = free[~taken]
         self._free[: len(rest)] = rest
         self._num_free = len(rest)
-        self._cached.update(zip(keys, block_ids, strict=True))
-        known = np.minimum(np.asarray(depths, dtype=np.int64), MAX_DEPTH) if len(depths) else 0
-        self._index(block_ids, keys, known)
+        self.seal_many(block_ids, keys, depths=depths)
         self._push_lru(ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
