@@ -104,6 +104,8 @@ class BlockIndex(PrefixIndex):
                     else:
                         hi = mid - 1
             else:  # its lower tiers hold nothing (or it has none): the device's set alone
+                # (a loop of its own: the loop above, two empty-set lookups per probe
+                # more, costs a fleet replay 0.35% more instructions, 2026-12-06)
                 if first not in d:
                     continue
                 lo, hi = 1, n
