@@ -1,32 +1,35 @@
-"""Which tier below device holds a run of keys, for `KVStore.locate`: `count_below`
-over the cpu and disk pools' key indexes and `find_remote` over the remote tier's
-hints (`KVStore.find_below` lists the tiers and slots block by block)."""
+"""Which tier below device holds a run of keys, for `KVStore.locate` and admission:
+`find_below` over the cpu and disk pools' key indexes and `find_remote` over the
+remote tier's hints."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from kvflow.kv.block_pool import BlockPool
+from kvflow.kv.location import TierName
 from kvflow.kv.remote import RemoteRun, RemoteTier
 
 
-def count_below(
-    cpu: BlockPool, disk: BlockPool | None, keys: Sequence[int], start: int
-) -> tuple[int, int]:
-    """How many of the run of blocks `start..` cpu and disk hold (each block counted in
-    the fastest tier holding it)."""
+def find_below(
+    cpu: BlockPool, disk: BlockPool | None, block_keys: Sequence[int], start: int, stop: int
+) -> list[tuple[TierName, int]]:
+    """(tier, slot) of the run of blocks `start..` (short of `stop`) that cpu and disk
+    hold, each block from the fastest tier holding it."""
+    out: list[tuple[TierName, int]] = []
     cpu_index = cpu._cached
     disk_index = disk._cached if disk is not None else {}
-    num_cpu = num_disk = 0
-    for i in range(start, len(keys)):
-        key = keys[i]
-        if key in cpu_index:
-            num_cpu += 1
-        elif key in disk_index:
-            num_disk += 1
-        else:
+    for i in range(start, min(stop, len(block_keys))):
+        key = block_keys[i]
+        slot = cpu_index.get(key)
+        if slot is not None:
+            out.append(("cpu", slot))
+            continue
+        slot = disk_index.get(key)
+        if slot is None:
             break
-    return num_cpu, num_disk
+        out.append(("disk", slot))
+    return out
 
 
 def find_remote(

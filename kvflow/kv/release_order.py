@@ -23,29 +23,22 @@ class _ReleasedChain:
 
 
 class ReleaseOrder:
-    """The lower tiers' side of `KVStore.release_device`.
+    """The lower tiers' side of `KVStore.release_device`. Its methods are told the
+    store's keys being copied into each tier (`inflight_keys`), which they only read.
 
     Args:
         cpu, disk: the store's lower pools (None: not configured).
-        inflight_keys: the store's keys being copied into each tier (read, never
-            written: the store updates it as copies start and finish).
     """
 
-    def __init__(
-        self,
-        cpu: BlockPool | None,
-        disk: BlockPool | None,
-        inflight_keys: Mapping[str, set[int]],
-    ) -> None:
+    def __init__(self, cpu: BlockPool | None, disk: BlockPool | None) -> None:
         self.cpu = cpu
         self.disk = disk
-        self._inflight_keys = inflight_keys
-        self.waiting_chains: dict[int, list[_ReleasedChain]] = {}
+        self._waiting_chains: dict[int, list[_ReleasedChain]] = {}
         """Key -> the released chains waiting for its copy down to land (see
         `order_below`)."""
         self._release_seq = itertools.count()
 
-    def order_below(self, chain: list[int]) -> None:
+    def order_below(self, chain: list[int], inflight_keys: Mapping[str, set[int]]) -> None:
         """Line `chain` (keys, root first) up in cpu and disk to be evicted from its tail
         toward its root, as the device releases it (`BlockPool.order_tail_first`: in the
         LRU places its blocks hold, so how recently they were used is unchanged). Its
@@ -54,21 +47,25 @@ class ReleaseOrder:
         turn's, and a cpu block goes back in line when its copy to disk lands. While any
         of its blocks is still being copied down, the chain waits for the last of those
         copies to land (`on_landed`)."""
-        cpu_inflight, disk_inflight = self._inflight_keys["cpu"], self._inflight_keys["disk"]
+        cpu_inflight, disk_inflight = inflight_keys["cpu"], inflight_keys["disk"]
         if cpu_inflight or disk_inflight:
             waiting = [k for k in chain if k in cpu_inflight or k in disk_inflight]
             if waiting:
                 released = _ReleasedChain(next(self._release_seq), chain, len(waiting))
                 for key in waiting:
-                    self.waiting_chains.setdefault(key, []).append(released)
+                    self._waiting_chains.setdefault(key, []).append(released)
                 return
         self._order_tail_first(chain)
 
-    def on_landed(self, done: list[tuple[Transfer, list[bool]]]) -> None:
+    def on_landed(
+        self, done: list[tuple[Transfer, list[bool]]], inflight_keys: Mapping[str, set[int]]
+    ) -> None:
         """Line up the released chains whose last copy down was among `done` (in the
         order they were released), now that every copy `done` started has begun."""
-        waiting_chains = self.waiting_chains
-        cpu_inflight, disk_inflight = self._inflight_keys["cpu"], self._inflight_keys["disk"]
+        waiting_chains = self._waiting_chains
+        if not waiting_chains:
+            return
+        cpu_inflight, disk_inflight = inflight_keys["cpu"], inflight_keys["disk"]
         ready: list[_ReleasedChain] = []
         for t, _ in done:
             for key in t.keys:

@@ -23,7 +23,7 @@ from kvflow.kv.costs import TransferCosts
 from kvflow.kv.engine_pair import EnginePair
 from kvflow.kv.listeners import BlockEvent, BlockListener, StoreListeners
 from kvflow.kv.location import TIERS, PrefixLocation, TierName
-from kvflow.kv.lookup import count_below, find_remote
+from kvflow.kv.lookup import find_below, find_remote
 from kvflow.kv.release_order import ReleaseOrder
 from kvflow.kv.remote import RemoteRun, RemoteTier
 from kvflow.kv.store_integrity import count_pins
@@ -87,7 +87,7 @@ class KVStore:
         }
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
-        self._release_order = ReleaseOrder(self.cpu, self.disk, self._inflight_keys)
+        self._release_order = ReleaseOrder(self.cpu, self.disk)
         self._listeners = StoreListeners(self._pools)
         self._engines = EnginePair(self.engine)
         self.export_pins: dict[str, dict[int, int]] = {"device": {}, "cpu": {}, "disk": {}}
@@ -151,14 +151,13 @@ class KVStore:
         d = self.device.count_prefix(block_keys) if num_device is None else num_device
         if d == len(block_keys) or (self.cpu is None and self.remote is None):
             return PrefixLocation(device_tokens=d * self.block_size)
-        num_cpu, num_disk = (
-            count_below(self.cpu, self.disk, block_keys, d) if self.cpu is not None else (0, 0)
-        )
+        below = self.find_below(block_keys, d, len(block_keys))
+        num_cpu = sum(tier == "cpu" for tier, _ in below)
         bs = self.block_size
         location = PrefixLocation(
-            device_tokens=d * bs, cpu_tokens=num_cpu * bs, disk_tokens=num_disk * bs
+            device_tokens=d * bs, cpu_tokens=num_cpu * bs, disk_tokens=(len(below) - num_cpu) * bs
         )
-        end = d + num_cpu + num_disk
+        end = d + len(below)
         if self.remote is None or end == len(block_keys):
             return location
         run = self.remote.longest_run(block_keys, end)
@@ -171,22 +170,9 @@ class KVStore:
     ) -> list[tuple[TierName, int]]:
         """(tier, slot) of the run of blocks `start..` that lower tiers hold, at most up to
         `max_blocks`; each block from the fastest tier holding it."""
-        out: list[tuple[TierName, int]] = []
         if self.cpu is None:
-            return out
-        cpu_index = self.cpu._cached
-        disk_index = self.disk._cached if self.disk is not None else {}
-        for i in range(start, min(max_blocks, len(block_keys))):
-            key = block_keys[i]
-            slot = cpu_index.get(key)
-            if slot is not None:
-                out.append(("cpu", slot))
-                continue
-            slot = disk_index.get(key)
-            if slot is None:
-                break
-            out.append(("disk", slot))
-        return out
+            return []
+        return find_below(self.cpu, self.disk, block_keys, start, max_blocks)
 
     def find_remote(
         self, block_keys: Sequence[int], start: int, max_blocks: int
@@ -269,7 +255,7 @@ class KVStore:
         keys = list(map(pool.block_keys.__getitem__, block_ids))
         with contextlib.suppress(ValueError):  # the chain ends at its first unsealed block
             del keys[keys.index(None) :]
-        self._release_order.order_below(cast("list[int]", keys))
+        self._release_order.order_below(cast("list[int]", keys), self._inflight_keys)
 
     def on_sealed(self, block_id: int, now: float) -> None:
         """A device block was just computed and indexed (write_through copies it now)."""
@@ -340,8 +326,8 @@ class KVStore:
         done = self._engines.completed(now)
         for t, ok in done:
             self._finish(t, ok, now)
-        if done and self._release_order.waiting_chains:
-            self._release_order.on_landed(done)
+        if done:
+            self._release_order.on_landed(done, self._inflight_keys)
         return done
 
     def _finish(self, t: Transfer, ok: list[bool], now: float) -> None:
