@@ -28,7 +28,7 @@ import anyio
 import xxhash
 
 from kvflow.peer.frames import HEADER_SIZE, Header
-from kvflow.peer.wire import SLICE_S, PeerClosedError, Wire, flowing
+from kvflow.peer.wire import SLICE_S, PeerClosedError, Wire, flowing, recv_some
 
 FrameReceiver = Generator[tuple[Sequence[memoryview], list[int] | None], None, None]
 """One frame's receiver: yields the buffers to fill next with its payload, in order, and
@@ -152,23 +152,16 @@ class _Feed:
                 if digests is not None:
                     digests.append(digest(view))
                 i, got = i + 1, 0
-        recv_into = sock.recv_into
         try:
             while i < n:
                 view = views[i]
                 size = len(view)
-                while got < size:  # (`recv_some`, inlined: this runs per recv of a block)
+                while got < size:
                     try:
-                        num = recv_into(view[got:] if got else view)
+                        got += recv_some(sock, view[got:] if got else view)
                     except BlockingIOError:
                         if not flowing(self.wire.recv_poller, slice_end):
                             return False
-                        continue
-                    except OSError as err:
-                        raise PeerClosedError(f"connection lost: {err}") from None
-                    if not num:
-                        raise PeerClosedError("connection closed by the other end")
-                    got += num
                 if digests is not None:
                     digests.append(digest(view))
                 i, got = i + 1, 0

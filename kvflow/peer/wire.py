@@ -57,16 +57,17 @@ def tune(sock: socket.socket) -> None:
 
 
 class Outgoing:
-    """A frame being sent: the parts not taken yet, and the unsent views of the one
-    being sent."""
+    """What is left of a frame being sent: the unsent views of the part being sent
+    (`num_bytes` of them), and the parts not taken yet."""
 
     __slots__ = ("num_bytes", "parts", "views")
 
-    def __init__(self, parts: Iterable[Sequence[Buffer]]) -> None:
-        self.parts: Iterator[Sequence[Buffer]] = iter(parts)
-        self.views: list[Buffer] = []
-        self.num_bytes = 0
-        """Bytes of `views` still to send."""
+    def __init__(
+        self, views: Sequence[Buffer], num_bytes: int, parts: Iterator[Sequence[Buffer]] | None
+    ) -> None:
+        self.views = views
+        self.num_bytes = num_bytes
+        self.parts = parts
 
 
 class ReadAhead:
@@ -198,7 +199,7 @@ class Wire:
         try:
             if self.closed:
                 raise PeerClosedError("connection already closed")
-            await self._send_rest(Outgoing(parts), deadline)
+            await self._send_rest(Outgoing((), 0, iter(parts)), deadline)
         finally:
             turn.release()
 
@@ -214,19 +215,17 @@ class Wire:
             if self.closed:
                 raise PeerClosedError("connection already closed")
             if type(parts) is list and len(parts) == 1:  # one part: one sendmsg, mostly
-                out = self._send_one(parts[0])
-                if out is None:
-                    turn.release()
-                    return None
+                part = parts[0]
+                rest = self._push(part, sum(map(len, part)), None, deadline)
             else:
-                out = Outgoing(parts)
-            if self._push(out, min(deadline, time.monotonic() + SLICE_S)):
-                turn.release()
-                return None
+                slice_end = min(deadline, time.monotonic() + SLICE_S)
+                rest = self._push((), 0, iter(parts), deadline, slice_end)
         except BaseException:
             turn.release()
             raise
-        return out
+        if rest is None:
+            turn.release()
+        return rest
 
     async def finish_send(self, rest: Outgoing, deadline: float) -> None:
         """Send what `send_now` left, by the deadline; then others may send."""
@@ -235,54 +234,51 @@ class Wire:
         finally:
             self._send_turn.release()
 
-    async def _send_rest(self, out: Outgoing, deadline: float) -> None:
-        while not self._push(out, min(deadline, time.monotonic() + SLICE_S)):
+    async def _send_rest(self, rest: Outgoing, deadline: float) -> None:
+        while True:
+            slice_end = min(deadline, time.monotonic() + SLICE_S)
+            left = self._push(rest.views, rest.num_bytes, rest.parts, deadline, slice_end)
+            if left is None:
+                return
+            rest = left
             await _wait(anyio.wait_writable, self.sock, deadline, "a send")
 
-    def _send_one(self, part: Sequence[Buffer]) -> Outgoing | None:
-        """Send a one-part frame with one `sendmsg`: None if the socket took it all, else
-        what is left of it (to `_push`)."""
-        try:
-            num = self.sock.sendmsg(part) if len(part) <= _IOV_MAX else 0
-        except BlockingIOError:
-            num = 0
-        except OSError as err:
-            raise PeerClosedError(f"connection lost: {err}") from None
-        num_bytes = sum(map(len, part))
-        if num == num_bytes:
-            return None
-        out = Outgoing(())
-        out.views = list(part)
-        out.num_bytes = num_bytes - num
-        _advance(out.views, num)
-        return out
-
-    def _push(self, out: Outgoing, slice_end: float) -> bool:
-        """Send what the socket takes until the frame is sent (True), or the socket
-        stays full for `FLOW_WAIT_MS` or past `slice_end` (False)."""
+    def _push(
+        self,
+        views: Sequence[Buffer],
+        num_bytes: int,
+        parts: Iterator[Sequence[Buffer]] | None,
+        deadline: float,
+        slice_end: float = 0.0,
+    ) -> Outgoing | None:
+        """Send `views` (`num_bytes` in all), then each part `parts` gives (None: no
+        more), as far as the socket takes them: None once all is sent, else what is
+        left, when the socket stays full for `FLOW_WAIT_MS` or past `slice_end` (0:
+        `SLICE_S` after it first fills, so a frame it takes at once reads no clock)."""
         sock = self.sock
-        views = out.views
+        owned: list[Buffer] | None = None  # `views` copied, once a send took part of them
         while True:
-            if not views:
-                part = next(out.parts, None)
-                if part is None:
-                    return True
-                views.extend(part)
-                out.num_bytes = sum(map(len, views))
-                continue
-            try:
-                num = sock.sendmsg(views if len(views) <= _IOV_MAX else views[:_IOV_MAX])
-            except BlockingIOError:
-                if not flowing(self.send_poller, slice_end):
-                    return False
-                continue
-            except OSError as err:
-                raise PeerClosedError(f"connection lost: {err}") from None
-            out.num_bytes -= num
-            if out.num_bytes:
-                _advance(views, num)
-            else:
-                views.clear()
+            if num_bytes:
+                try:
+                    num = sock.sendmsg(views if len(views) <= _IOV_MAX else views[:_IOV_MAX])
+                except BlockingIOError:
+                    if not slice_end:
+                        slice_end = min(deadline, time.monotonic() + SLICE_S)
+                    if not flowing(self.send_poller, slice_end):
+                        return Outgoing(views, num_bytes, parts)
+                    continue
+                except OSError as err:
+                    raise PeerClosedError(f"connection lost: {err}") from None
+                num_bytes -= num
+                if num_bytes:
+                    if owned is None:
+                        views = owned = list(views)
+                    _advance(owned, num)
+                    continue
+            part = None if parts is None else next(parts, None)
+            if part is None:
+                return None
+            views, num_bytes, owned = part, sum(map(len, part)), None
 
     async def send_built(self, parts: Iterable[Sequence[Buffer]], deadline: float) -> None:
         """Send one frame made of `parts`, taken (built) and sent part by part in one
