@@ -46,7 +46,7 @@ from kvflow.peer.frames import (
 )
 from kvflow.peer.handshake import PeerRefusedError, client_handshake
 from kvflow.peer.identity import PeerIdentity
-from kvflow.peer.receiving import FrameReceiver, serve_frames
+from kvflow.peer.receiving import FrameReceiver, receive_bytes, serve_frames
 from kvflow.peer.wire import Wire
 
 digest = xxhash.xxh3_64_intdigest
@@ -284,8 +284,7 @@ class PeerClient:
         incoming = self.wire.incoming
         fixed = incoming.take_bytes(BLOCKS_HEAD.size)  # mostly read with the header
         if fixed is None:
-            fixed = bytearray(BLOCKS_HEAD.size)
-            yield [memoryview(fixed)], None
+            fixed = yield from receive_bytes(BLOCKS_HEAD.size)
         head = unpack_blocks_head(fixed, payload_length)
         n = head.num_blocks
         if n > len(pull.views):
@@ -296,14 +295,11 @@ class PeerClient:
                 f"BLOCKS of {head.bytes_per_block} bytes per block, expected {len(views[0])}"
             )
         trailer = memoryview(bytearray(8 * n))
-        digests: list[int] = []  # each block's, as soon as it lands (while it is in cache)
         codes = incoming.take_bytes(n)
-        if codes is None:
-            codes = bytearray(n)
-            yield [memoryview(codes), *views, trailer], digests
-            del digests[0]
-        else:
-            yield [*views, trailer], digests
+        if codes is None:  # (a round of its own: yielded with the blocks, it would be hashed)
+            codes = yield from receive_bytes(n)
+        digests: list[int] = []  # each block's, as soon as it lands (while it is in cache)
+        yield [*views, trailer], digests  # (hashing the trailer too costs less than a round)
         tiers = unpack_tier_codes(codes)
         num_good = _num_matching(digests[:n], unpack_checksums(trailer, n))
         pull.result = PullResult(num_good, tiers[:num_good])

@@ -39,7 +39,7 @@ from kvflow.peer.frames import (
     unpack_pull,
 )
 from kvflow.peer.handshake import PeerRefusedError, send_error
-from kvflow.peer.receiving import FrameReceiver
+from kvflow.peer.receiving import FrameReceiver, receive_bytes
 from kvflow.peer.wire import PeerClosedError, Wire
 
 if TYPE_CHECKING:
@@ -93,8 +93,7 @@ class PullServer:
     ) -> FrameReceiver:
         payload = conn.wire.incoming.take_bytes(length)  # mostly read with the header
         if payload is None:
-            payload = bytearray(length)
-            yield [memoryview(payload)], None
+            payload = yield from receive_bytes(length)
         if conn.num_inflight >= self.config.max_inflight_pulls:
             message = f"more than {self.config.max_inflight_pulls} pulls in flight"
             tg.start_soon(_try_send_error, conn.wire, request_id, message)

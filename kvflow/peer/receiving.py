@@ -38,6 +38,17 @@ received once resumed; returns when its payload is all received (see `serve_fram
 digest = xxhash.xxh3_64_intdigest
 
 
+def receive_bytes(
+    num_bytes: int,
+) -> Generator[tuple[Sequence[memoryview], None], None, bytearray]:
+    """A receiver's round of its own for `num_bytes` that did not all come with their
+    header (`ReadAhead.take_bytes` returned None): yields a fresh buffer to fill, and
+    returns it filled (`payload = yield from receive_bytes(n)`)."""
+    buf = bytearray(num_bytes)
+    yield [memoryview(buf)], None
+    return buf
+
+
 async def serve_frames(wire: Wire, receive: Callable[[Header], FrameReceiver]) -> NoReturn:
     """Read `wire`'s frames with `receive` until the connection fails, then raise why:
     `PeerClosedError` once it is closed (either end), or what a receiver raised."""

@@ -75,13 +75,15 @@ class ReadAhead:
     with up to `READ_AHEAD_BYTES` after it, so a small frame (a PULL, a reply's fixed
     fields) takes one `recv`."""
 
-    __slots__ = ("buf", "end", "pos", "view")
+    __slots__ = ("buf", "end", "num_received_apart", "pos", "view")
 
     def __init__(self) -> None:
         self.buf = bytearray(READ_AHEAD_BYTES)
         self.view = memoryview(self.buf)
         self.pos = self.end = 0
         """The bytes read ahead are `buf[pos:end]`."""
+        self.num_received_apart = 0
+        """Times `take_bytes` found its bytes not all read ahead (received apart)."""
 
     def __len__(self) -> int:
         return self.end - self.pos
@@ -107,10 +109,12 @@ class ReadAhead:
     def take_bytes(self, num_bytes: int) -> bytearray | None:
         """The next `num_bytes` read ahead, taken (a copy), if they were all read ahead:
         a receiver takes a small payload that came with its header without a buffer
-        filled in a round of its own (None: fill one)."""
+        filled in a round of its own (None: receive them so,
+        `kvflow.peer.receiving.receive_bytes`; counted in `num_received_apart`)."""
         pos = self.pos
         end = pos + num_bytes
         if end > self.end:
+            self.num_received_apart += 1
             return None
         self.pos = end
         return self.buf[pos:end]

@@ -191,8 +191,9 @@ async def test_a_pull_whose_frames_trickle_in_a_few_bytes_at_a_time_lands_whole(
 ) -> None:
     """Through a proxy that forwards 5 bytes at a time each way (each a separate send,
     with a pause), the owner gets a PULL's payload apart from its header and the puller
-    a reply's fixed fields and tier codes apart from theirs: received in rounds of their
-    own instead of from the bytes read with the header, they land the same."""
+    a reply's fixed fields and tier codes apart from theirs (counted: they took the
+    slow path): received in rounds of their own instead of from the bytes read with
+    the header, they land the same."""
     a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
     expected = put_blocks(a, "cpu", KEYS, seed=6)
     config = peer_config()
@@ -223,6 +224,9 @@ async def test_a_pull_whose_frames_trickle_in_a_few_bytes_at_a_time_lands_whole(
             async with connect_peer("127.0.0.1", port, me, config) as client:
                 for _ in range(3):  # (the later ones past the trickle, read ahead)
                     assert await pull_into_cpu(client, b, KEYS) == 4
+                (owner_end,) = service._connections.values()
+                assert owner_end.wire.incoming.num_received_apart > 0  # PULL payloads
+                assert client.wire.incoming.num_received_apart > 0  # replies' fixed fields
             tg.cancel_scope.cancel()
     assert all(torch.equal(cpu_block(b, k), expected[k]) for k in KEYS)
     assert no_pins(a) and no_pins(b)
