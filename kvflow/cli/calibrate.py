@@ -194,10 +194,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.engine_requests < 0:
         raise CLIError(f"--engine-requests must be >= 0, got {args.engine_requests}")
     _check_destinations(args)  # before minutes of timing, and never over an input
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
     if args.threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     settings = {"kv.block_size": args.block_size, **config_overrides(args)}
     validate_requests = _validation_trace(args) if args.validate else None
     model = load_model(args.model, args.engine, args.dtype)

@@ -60,7 +60,20 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_config(args: argparse.Namespace) -> KVFlowConfig:
-    return KVFlowConfig.load(args.config, config_overrides(args))
+    """One instance's config: the file, then `--set`. An `instances.K.KEY` setting is for
+    a fleet (`kvflow replay --instances N`), named as such rather than as an unknown key.
+
+    Raises:
+        CLIError: an `instances.` setting.
+    """
+    overrides = config_overrides(args)
+    for key in overrides:
+        if key.startswith("instances."):
+            raise CLIError(
+                f"--set {key}: instances.K.KEY sets one instance of a fleet; this run has "
+                "one instance (a fleet replay takes --instances N)"
+            )
+    return KVFlowConfig.load(args.config, overrides)
 
 
 def add_trace_arguments(parser: argparse.ArgumentParser, *, rate_flag: bool = True) -> None:

@@ -310,3 +310,16 @@ def test_a_simulated_replay_refuses_a_model_it_would_ignore(
         "replay", "--model", str(model), "--limit", "2", "-p", "fcfs", *fleet, cwd=tmp_path
     )
     assert_one_line_error(done, "--model", "--engine torch|hf")
+
+
+def test_an_instance_setting_without_a_fleet_points_at_instances(tmp_path: Path) -> None:
+    done = kvflow("replay", "--set", "instances.1.kv.device.num_blocks=64", cwd=tmp_path)
+    assert_one_line_error(done, "--set instances.1.kv.device.num_blocks", "--instances")
+
+
+def test_calibrate_threads_below_one_is_refused_naming_it(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    done = kvflow("calibrate", "--model", str(model), "--threads", "0", cwd=tmp_path)
+    assert_one_line_error(done, "--threads", "0")
