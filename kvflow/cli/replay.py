@@ -118,31 +118,39 @@ def run(args: argparse.Namespace, console: Console) -> int:
     unserved: dict[str, str | None] = {}
     cdfs: dict[str, Any] = {}
     series: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        events = None
-        if args.trace_events:
-            events = stack.enter_context(TraceEventWriter(args.trace_events))
-        progress = stack.enter_context(ReplayProgress(out))
-        for name, policy in zip(names, made, strict=True):
-            recorder = TimeSeriesRecorder() if args.plot else None
-            hook = chain_hooks(
-                [
-                    progress.replay_hook(name, requests),
-                    recorder.on_step if recorder is not None else None,
-                    events.track(name) if events is not None else None,
-                ]
-            )
-            result = replay(
-                requests, config, policy, check_integrity=args.check_integrity, on_step=hook
-            )
-            progress.finish_all()
-            reports.append(summarize_replay(result, policy=name))
-            unserved[name] = nothing_served_reason(result.states, config)
-            if recorder is not None:
-                from kvflow.traces.plots import latency_cdfs
+    try:
+        with contextlib.ExitStack() as stack:
+            events = None
+            if args.trace_events:
+                events = stack.enter_context(TraceEventWriter(args.trace_events))
+            progress = stack.enter_context(ReplayProgress(out))
+            for name, policy in zip(names, made, strict=True):
+                recorder = TimeSeriesRecorder() if args.plot else None
+                hook = chain_hooks(
+                    [
+                        progress.replay_hook(name, requests),
+                        recorder.on_step if recorder is not None else None,
+                        events.track(name) if events is not None else None,
+                    ]
+                )
+                result = replay(
+                    requests, config, policy, check_integrity=args.check_integrity, on_step=hook
+                )
+                progress.finish_all()
+                reports.append(summarize_replay(result, policy=name))
+                unserved[name] = nothing_served_reason(result.states, config)
+                if recorder is not None:
+                    from kvflow.traces.plots import latency_cdfs
 
-                cdfs[name] = latency_cdfs(result.states)
-                series[name] = recorder.series()
+                    cdfs[name] = latency_cdfs(result.states)
+                    series[name] = recorder.series()
+    except OSError as err:
+        if args.trace_events and err.filename == args.trace_events:
+            raise CLIError(
+                f"--trace-events {args.trace_events}: cannot write the step timeline: "
+                f"{err.strerror}"
+            ) from None
+        raise
     what = f"{path.name}, {len(requests)} requests | {sim_description(config)}"
     print_reports(out, reports, f"{what} | SLOs: {slo.source(loaded)}")
     if args.plot:

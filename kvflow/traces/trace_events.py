@@ -42,6 +42,7 @@ class TraceEventWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, counters: bool = True) -> None:
         self.counters = counters
+        self.path = os.fspath(path)
         self._file: IO[str] = open(path, "w")  # noqa: SIM115 - closed by close()
         self._file.write('{"traceEvents": [\n')
         self._num_events = 0
@@ -59,8 +60,16 @@ class TraceEventWriter:
 
     def _write(self, event: dict[str, Any] | str) -> None:
         text = event if isinstance(event, str) else json.dumps(event)
-        self._file.write(text if not self._num_events else ",\n" + text)
+        try:
+            self._file.write(text if not self._num_events else ",\n" + text)
+        except OSError as err:
+            raise self._named(err) from None
         self._num_events += 1
+
+    def _named(self, err: OSError) -> OSError:
+        """`err` with this writer's path as its filename (a buffered write that fails
+        names no file of its own; the caller can tell the timeline's failure apart)."""
+        return OSError(err.errno, err.strerror or str(err), self.path)
 
     def track(self, name: str) -> StepHook:
         """A new track named `name` (a policy) and the replay hook that fills it."""
@@ -127,8 +136,15 @@ class TraceEventWriter:
         if self._file.closed:
             return
         other = {"generator": "kvflow", "clock": "virtual", "tracks": self._track_names}
-        self._file.write(f'\n], "displayTimeUnit": "ms", "otherData": {json.dumps(other)}}}\n')
-        self._file.close()
+        try:
+            try:
+                self._file.write(
+                    f'\n], "displayTimeUnit": "ms", "otherData": {json.dumps(other)}}}\n'
+                )
+            finally:
+                self._file.close()
+        except OSError as err:
+            raise self._named(err) from None
 
     def __enter__(self) -> TraceEventWriter:
         return self

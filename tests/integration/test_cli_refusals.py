@@ -323,3 +323,11 @@ def test_calibrate_threads_below_one_is_refused_naming_it(tmp_path: Path) -> Non
     (model / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     done = kvflow("calibrate", "--model", str(model), "--threads", "0", cwd=tmp_path)
     assert_one_line_error(done, "--threads", "0")
+
+
+def test_a_step_timeline_that_cannot_be_written_names_trace_events(tmp_path: Path) -> None:
+    # /dev/full takes the open and fails the (buffered) writes as a full disk does.
+    done = kvflow(
+        "replay", "-p", "fcfs", "--limit", "2", "--trace-events", "/dev/full", cwd=tmp_path
+    )
+    assert_one_line_error(done, "--trace-events /dev/full", "No space left on device")
