@@ -73,8 +73,19 @@ def tier_setting(config: KVConfig, tier: TierName) -> str:
     return f"kv.{tier}.num_blocks={section.num_blocks!r}"
 
 
+ABSURD_BYTES = 2**80
+"""Past a yobibyte a byte count's digits say nothing: it is written to 3 figures."""
+
+
+def _count(num_bytes: int) -> str:
+    return f"{num_bytes:.3g}" if num_bytes >= ABSURD_BYTES else str(num_bytes)
+
+
 def human_bytes(num_bytes: int) -> str:
-    """`num_bytes` exactly, and in GiB/MiB for reading."""
+    """`num_bytes` exactly (to 3 figures past `ABSURD_BYTES`), and in GiB/MiB for
+    reading."""
+    if num_bytes >= ABSURD_BYTES:
+        return f"{_count(num_bytes)} bytes"
     if num_bytes >= 2**30:
         return f"{num_bytes} bytes ({num_bytes / 2**30:.1f} GiB)"
     scaled = f"{num_bytes / 2**20:.1f} MiB"
@@ -97,7 +108,7 @@ def check_fits(needs: Sequence[tuple[str, int]], what: str, available: int, wher
         ((setting, _),) = needs
         subject = f"{setting} needs"
     else:
-        parts = ", ".join(f"{setting} ({n} bytes)" for setting, n in needs)
+        parts = ", ".join(f"{setting} ({_count(n)} bytes)" for setting, n in needs)
         subject = f"{parts} need together"
     raise CapacityError(
         f"{subject} {human_bytes(total)} of {what}; {human_bytes(available)} {where}"

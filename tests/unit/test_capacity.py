@@ -124,3 +124,12 @@ def test_a_slab_larger_than_the_free_disk_is_refused_and_nothing_is_created(
     needed, free = numbers_in(message)
     assert needed > free
     assert not path.exists()
+
+
+def test_an_absurd_size_is_named_without_hundreds_of_digits() -> None:
+    config = KVFlowConfig.from_dict({}, {"kv.cpu.size_mib": 1e300}).kv
+    with pytest.raises(ConfigError) as err:
+        KVStore(config)
+    message = str(err.value)
+    assert "kv.cpu.size_mib=1e+300" in message and "RAM available" in message
+    assert len(message) < 400, message
