@@ -222,6 +222,7 @@ class TokenLogprobs:
 
 
 _NO_STOPS: frozenset[int] = frozenset()
+_WAITING = RequestStatus.WAITING  # bound once: a member read goes through EnumType.__getattr__
 
 
 def _with_headroom(prompt: array[int]) -> array[int]:
@@ -299,7 +300,7 @@ class RequestState:
         self.block_keys: list[int] = []
         self.num_sealed_blocks = 0
         """Leading blocks of `block_ids` registered in the prefix cache."""
-        self.status = RequestStatus.WAITING
+        self.status = _WAITING
         self.finish_reason: FinishReason | None = None
         self.finish_detail = ""
         self.first_scheduled_time: float | None = None

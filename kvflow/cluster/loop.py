@@ -27,6 +27,9 @@ from kvflow.policies.base import Policy
 from kvflow.request import FinishReason, Request, RequestState
 
 _COMMIT, _ARRIVE, _LAND, _PLAN = range(4)
+# Enum members bound once: in Python 3.11 reading `Phase.BUSY` goes through
+# `EnumType.__getattr__` (~1k instructions), and the loop reads them at every step.
+_IDLE, _WAITING, _STALLED, _BUSY = Phase.IDLE, Phase.WAITING, Phase.STALLED, Phase.BUSY
 
 
 def _network(configs: Sequence[KVFlowConfig]) -> PeerNetwork:
@@ -251,9 +254,9 @@ class FleetLoop:
         if state.finish_reason is not None:  # rejected at once
             del inst.expected_cached[request.request_id]
             return
-        if inst.phase is Phase.BUSY:
+        if inst.phase is _BUSY:
             return  # it plans when its step ends
-        if inst.phase is Phase.WAITING and inst.next_plan_time <= now:
+        if inst.phase is _WAITING and inst.next_plan_time <= now:
             return
         self._schedule_plan(inst, now)
 
@@ -320,7 +323,7 @@ class FleetLoop:
     # -- instances -------------------------------------------------------------------
     def _schedule_plan(self, inst: SimInstance, t: float) -> None:
         inst.plan_version += 1
-        inst.phase = Phase.WAITING
+        inst.phase = _WAITING
         inst.next_plan_time = t
         self._push(t, _PLAN, (inst, inst.plan_version))
 
@@ -331,7 +334,7 @@ class FleetLoop:
             inst.dirty = True
             self.changed_of[inst.index].append(inst)
         if not scheduler.has_unfinished:
-            inst.phase = Phase.IDLE
+            inst.phase = _IDLE
             return
         plan = scheduler.plan(now)
         if plan.preempted_ids:
@@ -341,13 +344,13 @@ class FleetLoop:
             if t_copy is not None:
                 self._schedule_plan(inst, max(now, t_copy))
             elif scheduler.has_unfinished:
-                inst.phase = Phase.STALLED
+                inst.phase = _STALLED
             else:  # the policy dropped the rest
-                inst.phase = Phase.IDLE
+                inst.phase = _IDLE
             return
         result = inst.runner.execute(plan)
         inst.step = (plan, result)
-        inst.phase = Phase.BUSY
+        inst.phase = _BUSY
         heapq.heappush(self.heap, (now + result.duration_s, _COMMIT, next(self.seq), inst))
 
     def _commit(self, inst: SimInstance, now: float) -> None:

@@ -30,7 +30,13 @@ from kvflow.scheduler.loads import Loads
 from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
 from kvflow.scheduler.stats import SchedulerStats
 
+# Enum members bound once (in Python 3.11 `RequestStatus.RUNNING` goes through
+# `EnumType.__getattr__`, ~1k instructions): read per request or per step here.
 _RUNNING = RequestStatus.RUNNING
+_PREEMPTED = RequestStatus.PREEMPTED
+_FINISHED = RequestStatus.FINISHED
+_LENGTH = FinishReason.LENGTH
+_STOP = FinishReason.STOP
 
 
 class Scheduler:
@@ -79,6 +85,14 @@ class Scheduler:
         self._chunk_cap = threshold if threshold is not None else 1 << 62
         # A scan of the waiting queue skips at most this many deferred requests per step.
         self._max_skipped = max(self.sched_config.max_num_seqs, 64)
+        # The knobs read at every step, as plain attributes: a pydantic model's field is
+        # read through its `__getattr__` hook, several times the cost (the config is
+        # frozen, so these cannot go stale).
+        sc = self.sched_config
+        self._max_batched = sc.max_num_batched_tokens
+        self._max_seqs = sc.max_num_seqs
+        self._caching = sc.enable_prefix_caching
+        self._sharing = sc.enable_inbatch_prefix_sharing and sc.enable_prefix_caching
         self._eos_token_ids = frozenset(self.model.eos_token_ids)
         self._model_limits = (
             self.model.vocab_size is not None or self.model.max_position_embeddings is not None
@@ -110,7 +124,7 @@ class Scheduler:
             self._finish(state, FinishReason.REJECTED, now, reason)
             self.stats.num_rejected += 1
             return state
-        if self.sched_config.enable_prefix_caching:
+        if self._caching:
             if type(block_keys) is list:
                 state.block_keys = block_keys  # adopted: no copy, no reference per key
             elif block_keys is not None:
@@ -218,7 +232,7 @@ class Scheduler:
             self.running.extend(self._loads.finish_copies(now))
         if self._policy_drops and self.waiting:
             self._apply_drops(now)
-        batch = Batch(self.sched_config.max_num_batched_tokens)
+        batch = Batch(self._max_batched)
         preempted: list[str] = []
         short_of_blocks = self._schedule_running(batch, preempted, now, overlapped)
         self.last_plan_short_of_blocks = short_of_blocks
@@ -228,7 +242,7 @@ class Scheduler:
             and self.waiting
             and batch.budget > 0
             and (
-                len(self.running) + len(self.loading) < self.sched_config.max_num_seqs
+                len(self.running) + len(self.loading) < self._max_seqs
                 or (self._policy_preempts and not overlapped)
             )
         ):
@@ -319,15 +333,15 @@ class Scheduler:
     def _schedule_waiting(
         self, batch: Batch, preempted: list[str], now: float, overlapped: bool
     ) -> None:
-        max_seqs = self.sched_config.max_num_seqs
-        sharing = self.sched_config.enable_inbatch_prefix_sharing
+        max_seqs = self._max_seqs
+        sharing = self._sharing
         pending: set[int] | None = None
         admitted: list[RequestState] = []
         num_skipped = 0
         for req in self.policy.order(list(self.waiting.values()), self.view):
             if batch.budget <= 0:
                 break
-            if sharing and self.sched_config.enable_prefix_caching:
+            if sharing:
                 if pending is None:
                     pending = self._pending_keys()
                 if self._shares_pending_prefix(req, pending):
@@ -342,7 +356,7 @@ class Scheduler:
                 pending.update(req.block_keys[req.num_sealed_blocks :])
         waiting = self.waiting  # a preemption above may have rebuilt it
         for req in admitted:
-            if req.status is not RequestStatus.PREEMPTED:  # not undone by a later admission
+            if req.status is not _PREEMPTED:  # not undone by a later admission
                 del waiting[req.request_id]
 
     def _try_admit(
@@ -435,7 +449,7 @@ class Scheduler:
         if result.logprobs is not None:
             self._commit_logprobs(plan, result.logprobs)
         bs = self.block_size
-        caching = self.sched_config.enable_prefix_caching
+        caching = self._caching
         seal = self.kv_manager.seal
         finished: list[RequestState] = []
         entries = zip(plan.requests, plan.start_positions, plan.num_tokens, sampled, strict=True)
@@ -459,10 +473,10 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             if len(tokens) - req.num_prompt_tokens >= req.max_new_tokens:
-                self._finish(req, FinishReason.LENGTH, now)
+                self._finish(req, _LENGTH, now)
                 finished.append(req)
             elif token in req.stop_token_ids:
-                self._finish(req, FinishReason.STOP, now, self._stop_detail(req, token))
+                self._finish(req, _STOP, now, self._stop_detail(req, token))
                 finished.append(req)
         if finished:
             self.running = [r for r in self.running if r.status is _RUNNING]
@@ -498,7 +512,7 @@ class Scheduler:
             self.stats.num_swaps += 1
         req.num_computed_tokens = 0
         req.num_inflight_samples = 0
-        req.status = RequestStatus.PREEMPTED
+        req.status = _PREEMPTED
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting = {req.request_id: req, **self.waiting}
@@ -508,7 +522,7 @@ class Scheduler:
     ) -> None:
         self.kv_manager.free(req, now)
         self._active_ids.discard(req.request_id)
-        req.status = RequestStatus.FINISHED
+        req.status = _FINISHED
         req.finish_reason = reason
         req.finish_detail = detail
         req.finish_time = now
