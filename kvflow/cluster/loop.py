@@ -333,8 +333,8 @@ class FleetLoop:
         if not inst.dirty:
             inst.dirty = True
             self.changed_of[inst.index].append(inst)
-        if not scheduler.has_unfinished:
-            inst.phase = _IDLE
+        if not (scheduler.waiting or scheduler.running or scheduler.loading):
+            inst.phase = _IDLE  # nothing unfinished (`has_unfinished`, inlined: every step)
             return
         plan = scheduler.plan(now)
         if plan.preempted_ids:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from kvflow.cluster.index import PrefixIndex
 from kvflow.engine_adapters.simulated import LatencyModel
-from kvflow.kv.chain_memo import ChainMemo
+from kvflow.kv.chain_memo import MAX_BYTES, MAX_NODES, ChainMemo
 from kvflow.kv.hashing import root_key
 from kvflow.request import Request
 
@@ -70,7 +71,12 @@ class FleetView:
         self.num_routed = [0] * self.num_instances
         """Requests routed to each instance so far."""
         self.now = 0.0
-        self._memo = ChainMemo(block_size)
+        # The view hashes the prompts of all its instances, so its memo is bounded as
+        # theirs would be together: with one scheduler's bounds, 8 instances' traffic
+        # evicted a conversation's earlier turns 8 times as soon (more hashing, and the
+        # memo's pruning, for the fleet alone).
+        n = self.num_instances
+        self._memo = ChainMemo(block_size, MAX_BYTES * n, MAX_NODES * n)
         self._roots: dict[tuple[str, ...], int] = {}
         self._keys_for: tuple[Request, list[int]] | None = None
         self._runs_for: tuple[Request, list[int]] | None = None
@@ -89,7 +95,8 @@ class FleetView:
         return self.num_queued_tokens[instance] + self.num_running[instance]
 
     def loads(self) -> list[int]:
-        return [q + r for q, r in zip(self.num_queued_tokens, self.num_running, strict=True)]
+        """`load` of each instance."""
+        return list(map(operator.add, self.num_queued_tokens, self.num_running))
 
     def block_keys(self, request: Request) -> list[int]:
         """The keys of the request's full prompt blocks (hashed once per request)."""

@@ -48,6 +48,12 @@ class _Node:
         """A tree's top node (no blocks): the root key it stands for."""
 
 
+MAX_BYTES = 32 * 2**20
+"""A memo's default bound on packed tokens (one scheduler's)."""
+MAX_NODES = 8192
+"""A memo's default bound on runs of blocks (one scheduler's)."""
+
+
 class ChainMemo:
     """Block keys of recent prompts, reused for the prefix a new prompt shares with them.
 
@@ -57,7 +63,9 @@ class ChainMemo:
         max_nodes: bound on the runs of blocks held (about two per distinct prompt).
     """
 
-    def __init__(self, block_size: int, max_bytes: int = 32 * 2**20, max_nodes: int = 8192) -> None:
+    def __init__(
+        self, block_size: int, max_bytes: int = MAX_BYTES, max_nodes: int = MAX_NODES
+    ) -> None:
         self.block_size = block_size
         self.max_bytes = max_bytes
         self.max_nodes = max_nodes
