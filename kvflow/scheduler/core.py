@@ -251,11 +251,11 @@ class Scheduler:
             step_id=stats.num_steps,
             now=now,
             requests=batch.requests,
-            num_tokens=batch.tokens,
-            start_positions=batch.starts,
-            num_prefill_tokens=batch.num_prefill,
-            num_decode_tokens=batch.num_decode,
-            num_kv_tokens=batch.kv_tokens,
+            num_tokens=batch.num_tokens,
+            start_positions=batch.start_positions,
+            num_prefill_tokens=batch.num_prefill_tokens,
+            num_decode_tokens=batch.num_decode_tokens,
+            num_kv_tokens=batch.num_kv_tokens,
             preempted_ids=preempted,
             block_tables=batch.block_tables,
         )
@@ -275,8 +275,8 @@ class Scheduler:
         bs = self.block_size
         cap = self._chunk_cap
         add_request = batch.requests.append
-        add_tokens = batch.tokens.append
-        add_start = batch.starts.append
+        add_tokens = batch.num_tokens.append
+        add_start = batch.start_positions.append
         add_table = batch.block_tables.append
         budget = batch.budget
         num_decode = num_prefill = kv_tokens = 0
@@ -325,9 +325,9 @@ class Scheduler:
             budget -= n
             i += 1
         batch.budget = budget
-        batch.num_decode += num_decode
-        batch.num_prefill += num_prefill
-        batch.kv_tokens += kv_tokens
+        batch.num_decode_tokens += num_decode
+        batch.num_prefill_tokens += num_prefill
+        batch.num_kv_tokens += kv_tokens
         return short_of_blocks
 
     def _schedule_waiting(
