@@ -240,8 +240,9 @@ def wait_healthy(procs: Sequence[tuple[Proc, subprocess.Popen[bytes]]], deadline
 def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     """Start the instances, each with a peer service on a free port, wait for their
     health, then the router (`kvflow router ROUTER_ARGS --instance ... --prefill ...`,
-    which follows their block events); write the state. A failure, Ctrl-C or SIGTERM
-    stops everything started so far."""
+    which follows their block events); the state file lists each process as it starts
+    (so `down` finds them even if `up` itself is killed). A failure, Ctrl-C or SIGTERM
+    stops everything started so far and removes the state file."""
     state_path = state_dir / STATE_FILE
     if state_path.exists():
         old = ClusterState.read(state_path)
@@ -255,6 +256,12 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     started: list[tuple[Proc, subprocess.Popen[bytes]]] = []
     deadline = time.monotonic() + timeout_s
     restore_sigterm = _stop_on_sigterm()
+
+    def record() -> ClusterState:
+        state = ClusterState(tuple(p for p, _ in started))
+        write_atomic(state_path, state.to_json())
+        return state
+
     try:
         if spec.ray is None:
             peer_ports = [free_port() for _ in spec.roles]
@@ -264,10 +271,12 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
                 args = [*spec.instance_args(role), *peer_args(peer_ports[i], peers)]
                 proc, popen = spawn(role, args, free_port(), log)
                 started.append((replace(proc, peer_port=peer_ports[i]), popen))
+                record()
         else:
             from kvflow.cluster.ray_fleet import start_ray_instances
 
             start_ray_instances(state_dir, spec, deadline, started)
+            record()
         wait_healthy([s for s in started if s[0].role in INSTANCE_ROLES], deadline)
         args = ["router", *spec.router_args]
         for p, _ in started:
@@ -275,10 +284,9 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
                 args += ["--prefill" if p.role == "prefill" else "--instance", p.url]
         router_log = state_dir / "router.log"
         started.append(spawn("router", args, spec.router_port, router_log))
+        record()
         wait_healthy(started[-1:], deadline)
-        state = ClusterState(tuple(p for p, _ in started))
-        write_atomic(state_path, state.to_json())
-        return state
+        return record()
     except BaseException:
         popens = list({id(popen): popen for _, popen in started}.values())
         for popen in popens:
@@ -290,6 +298,7 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait(timeout=10.0)
+        state_path.unlink(missing_ok=True)  # it listed only what was just stopped
         raise
     finally:
         restore_sigterm()

@@ -277,3 +277,41 @@ def test_up_with_port_0_puts_the_router_on_a_free_port_and_prints_it(tmp_path: P
         for pid in pids:
             if is_ours(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_up_killed_while_starting_leaves_a_state_file_down_stops_from(tmp_path: Path) -> None:
+    # SIGKILL (the OOM killer, a supervisor's hard stop) gives `up` no chance to clean up:
+    # what it had started must be listed in the state file as it goes, so `down` finds it.
+    state_dir = tmp_path / "state"
+    command = [
+        sys.executable, "-m", "kvflow", "cluster", "up", "--instances", "2",
+        "--state-dir", str(state_dir), "--port", str(free_port()), *SIM,
+    ]  # fmt: skip
+    up = subprocess.Popen(
+        command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    state_path = state_dir / "cluster.json"
+    left: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        listed: list[dict[str, object]] = []
+        while len(listed) < 2:  # both instances listed, before the router is
+            assert up.poll() is None and time.monotonic() < deadline, up.returncode
+            with contextlib.suppress(OSError, ValueError):
+                listed = json.loads(state_path.read_text())["procs"]
+                assert all(p["role"] != "router" for p in listed), listed
+            time.sleep(0.01)
+        up.kill()
+        up.wait(timeout=30)
+        assert any(is_ours(int(str(p["pid"]))) for p in listed)
+        down = kvflow("cluster", "down", "--state-dir", str(state_dir), "--timeout", "30")
+        assert down.returncode == 0, down.stderr
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=30)
+        left = _processes_in(tmp_path)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert left == []
+    assert not state_path.exists()
