@@ -71,6 +71,9 @@ class ServiceStats:
     """Connections refused at the handshake (secret, fingerprint, malformed)."""
     num_closed_for_errors: int
     """Connections closed for a malformed frame, a protocol violation or a dead transfer."""
+    num_received_apart: int = 0
+    """Over the open connections: frame payloads not read ahead with their header, received
+    in a round of their own (a peer whose bytes trickle in; see `ReadAhead`)."""
 
 
 @dataclass(eq=False)
@@ -172,6 +175,9 @@ class PeerService:
             num_bytes_served=c["bytes"],
             num_refused=c["refused"],
             num_closed_for_errors=c["closed_for_errors"],
+            num_received_apart=sum(
+                x.wire.incoming.num_received_apart for x in self._connections.values()
+            ),
         )
 
     # -- connections -----------------------------------------------------------------
