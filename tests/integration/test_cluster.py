@@ -182,13 +182,13 @@ def _processes_in(cwd: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_up_stopped_while_starting_stops_what_it_started(
-    tmp_path: Path, sig: signal.Signals
-) -> None:
-    # Ctrl-C, or a supervisor's SIGTERM, before the cluster is up: the instances it had
-    # started go too (they run in sessions of their own: nothing else would stop them,
-    # and no state file names them), with one line and no traceback.
+@contextlib.contextmanager
+def _up_in_background(
+    tmp_path: Path, left: list[int]
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`kvflow cluster up --instances 2` started from `tmp_path`, and its state dir; on
+    leaving, it and every process still running from `tmp_path` are killed, their pids
+    put in `left` (a test asserts it empty: nothing was left behind)."""
     state_dir = tmp_path / "state"
     command = [
         sys.executable, "-m", "kvflow", "cluster", "up", "--instances", "2",
@@ -197,8 +197,26 @@ def test_up_stopped_while_starting_stops_what_it_started(
     up = subprocess.Popen(
         command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    left: list[int] = []
     try:
+        yield up, state_dir
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=30)
+        left.extend(_processes_in(tmp_path))
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_stopped_while_starting_stops_what_it_started(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Ctrl-C, or a supervisor's SIGTERM, before the cluster is up: the instances it had
+    # started go too (they run in sessions of their own: nothing else would stop them,
+    # and no state file names them), with one line and no traceback.
+    left: list[int] = []
+    with _up_in_background(tmp_path, left) as (up, state_dir):
         deadline = time.monotonic() + 60
         while not (state_dir / "instance-1.log").exists():  # both instances spawned
             assert up.poll() is None and time.monotonic() < deadline, up.returncode
@@ -206,13 +224,6 @@ def test_up_stopped_while_starting_stops_what_it_started(
         time.sleep(0.2)
         up.send_signal(sig)
         _, err = up.communicate(timeout=120)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(timeout=30)
-        left = _processes_in(tmp_path)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
     assert left == []
     stderr = err.decode(errors="replace")
     assert "Traceback" not in stderr, stderr
@@ -282,17 +293,9 @@ def test_up_with_port_0_puts_the_router_on_a_free_port_and_prints_it(tmp_path: P
 def test_up_killed_while_starting_leaves_a_state_file_down_stops_from(tmp_path: Path) -> None:
     # SIGKILL (the OOM killer, a supervisor's hard stop) gives `up` no chance to clean up:
     # what it had started must be listed in the state file as it goes, so `down` finds it.
-    state_dir = tmp_path / "state"
-    command = [
-        sys.executable, "-m", "kvflow", "cluster", "up", "--instances", "2",
-        "--state-dir", str(state_dir), "--port", str(free_port()), *SIM,
-    ]  # fmt: skip
-    up = subprocess.Popen(
-        command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    state_path = state_dir / "cluster.json"
     left: list[int] = []
-    try:
+    with _up_in_background(tmp_path, left) as (up, state_dir):
+        state_path = state_dir / "cluster.json"
         deadline = time.monotonic() + 60
         listed: list[dict[str, object]] = []
         while len(listed) < 2:  # both instances listed, before the router is
@@ -306,12 +309,5 @@ def test_up_killed_while_starting_leaves_a_state_file_down_stops_from(tmp_path: 
         assert any(is_ours(int(str(p["pid"]))) for p in listed)
         down = kvflow("cluster", "down", "--state-dir", str(state_dir), "--timeout", "30")
         assert down.returncode == 0, down.stderr
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(timeout=30)
-        left = _processes_in(tmp_path)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
     assert left == []
     assert not state_path.exists()
