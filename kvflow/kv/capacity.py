@@ -132,14 +132,10 @@ def check_fleet_bookkeeping(configs: Sequence[KVConfig]) -> None:
         for config in configs
         for tier in _enabled_tiers(config)
     )
-    available = available_ram_bytes()
-    if total > available:
-        settings = ", ".join(tier_setting(configs[0], t) for t in _enabled_tiers(configs[0]))
-        raise CapacityError(
-            f"a fleet of {len(configs)} instances needs {human_bytes(total)} of block "
-            f"bookkeeping in RAM (instance 0: {settings}); {human_bytes(available)} RAM "
-            "available"
-        )
+    settings = ", ".join(tier_setting(configs[0], t) for t in _enabled_tiers(configs[0]))
+    what = f"block bookkeeping in RAM (instance 0: {settings})"
+    needs = [(f"a fleet of {len(configs)} instances", total)]
+    check_fits(needs, what, available_ram_bytes(), "RAM available")
 
 
 def check_tensors(config: KVConfig, device: str | torch.device) -> None:
