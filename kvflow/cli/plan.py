@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -171,9 +170,10 @@ def _pd_mode(text: str) -> str | tuple[int, int]:
 def _most_fleets_per_round(max_instances: int, pd: str | tuple[int, int]) -> int:
     """The most fleets a search round can replay at once, so no more workers are
     started: every colocated size, or with `--pd auto` every split of every size."""
-    if pd == "auto":
-        return max(max_instances, max_instances * (max_instances - 1) // 2)
-    return max_instances
+    from kvflow.cluster.plan_search import fleets_of
+
+    splits = sum(len(fleets_of(n, pd=True)) for n in range(1, max_instances + 1))
+    return max(max_instances, splits) if pd == "auto" else max_instances
 
 
 def _plan_task(
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.config import KVFlowConfig
     from kvflow.engine_adapters.simulated import latency_model_from_config
     from kvflow.policies import make_policy
-    from kvflow.traces.sweep import ProcessRunner
+    from kvflow.traces.sweep import ProcessRunner, jobs_for
     from kvflow.traces.tables import render_plan_table
 
     if args.max_instances < 1:
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if not any(r.slo.ttft_ms or r.slo.tpot_ms or r.deadline is not None for r in requests):
         raise CLIError("a plan needs SLOs: give --ttft-slo-ms and/or --tpot-slo-ms")
     scales = sorted({s for group in args.rate_scales or [[1.0]] for s in group})
-    jobs = min(args.jobs or os.cpu_count() or 1, _most_fleets_per_round(args.max_instances, pd))
+    jobs = jobs_for(args.jobs, _most_fleets_per_round(args.max_instances, pd))
     target = args.attainment
     plans: list[tuple[SizePlan, SizePlan | None]] = []
     with ProcessRunner((requests, spec, {}), jobs) as runner:
