@@ -324,6 +324,7 @@ def check_workload(spec: WorkloadSpec) -> None:
                 "(kvflow.traces.limits.MAX_TRACE_TOKENS)"
             )
     available = available_ram_bytes()
+    weights = 0
     if spec.system_prompts is not None:
         num_prompts = spec.system_prompts.num_prompts
         weights = num_prompts * BYTES_PER_SYSTEM_PROMPT
@@ -335,11 +336,14 @@ def check_workload(spec: WorkloadSpec) -> None:
     num_records = spec.num_sessions * spec.turns.min_value
     num_tokens = num_records * (system_len + spec.prompt_len.min_value)
     needed = num_records * BYTES_PER_REQUEST + num_tokens * BYTES_PER_PROMPT_TOKEN
-    if needed > available:
+    if needed > available - weights:  # both held at once
+        left = f"{human_bytes(available - weights)} RAM available"
+        if weights:
+            left += " beside the system prompts' weights"
         raise ValueError(
             f"num_sessions={spec.num_sessions}: at least {num_records} requests with "
             f"{num_tokens} prompt tokens, which need {human_bytes(needed)} of RAM to "
-            f"generate or replay; {human_bytes(available)} RAM available"
+            f"generate or replay; {left}"
         )
 
 
