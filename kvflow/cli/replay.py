@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.outcome import nothing_served_reason
     from kvflow.traces.replay import make_policy, replay
     from kvflow.traces.timeseries import TimeSeriesRecorder, chain_hooks
-    from kvflow.traces.trace_events import TraceEventWriter
+    from kvflow.traces.trace_events import TimelineWriteError, TraceEventWriter
 
     if args.endpoint:
         return run_endpoint(args, console)
@@ -144,13 +144,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
                     cdfs[name] = latency_cdfs(result.states)
                     series[name] = recorder.series()
-    except OSError as err:
-        if args.trace_events and err.filename == args.trace_events:
-            raise CLIError(
-                f"--trace-events {args.trace_events}: cannot write the step timeline: "
-                f"{err.strerror}"
-            ) from None
-        raise
+    except TimelineWriteError as err:
+        raise CLIError(
+            f"--trace-events {err.filename}: cannot write the step timeline: {err.strerror}"
+        ) from None
     what = f"{path.name}, {len(requests)} requests | {sim_description(config)}"
     print_reports(out, reports, f"{what} | SLOs: {slo.source(loaded)}")
     if args.plot:

@@ -32,6 +32,11 @@ from kvflow.traces.replay import StepHook
 PID = 1
 
 
+class TimelineWriteError(OSError):
+    """The timeline file could not be written (its `filename` says which): apart from
+    any other OSError of the run it is written beside."""
+
+
 class TraceEventWriter:
     """Writes trace events to `path` as replays run; use as a context manager.
 
@@ -66,10 +71,10 @@ class TraceEventWriter:
             raise self._named(err) from None
         self._num_events += 1
 
-    def _named(self, err: OSError) -> OSError:
+    def _named(self, err: OSError) -> TimelineWriteError:
         """`err` with this writer's path as its filename (a buffered write that fails
-        names no file of its own; the caller can tell the timeline's failure apart)."""
-        return OSError(err.errno, err.strerror or str(err), self.path)
+        names no file of its own)."""
+        return TimelineWriteError(err.errno, err.strerror or str(err), self.path)
 
     def track(self, name: str) -> StepHook:
         """A new track named `name` (a policy) and the replay hook that fills it."""
