@@ -1,7 +1,7 @@
 """The scheduler's KV manager: what it asks of the KV store, in the scheduler's terms.
 
 The `Scheduler` decides who runs; `KVManager` answers where a request's prefix is
-cached (`lookup`), whether blocks are there to take (`can_admit`, `can_allocate`),
+cached (`lookup`), whether blocks are there to take (`can_admit`),
 hands them out (`admit`, `allocate_slots`), indexes computed blocks (`seal`) and gives
 them back (`free`, `free_preempted`, `free_after_step`). The shape is vLLM v1's
 KVCacheManager: the scheduler never drives the device pool itself.
@@ -93,10 +93,6 @@ class KVManager:
         return CachedPrefix(hits, match.ids, below, pull)
 
     # -- taking blocks ---------------------------------------------------------------
-    def can_allocate(self, num_blocks: int) -> bool:
-        """Whether `allocate_slots` can hand out `num_blocks` blocks now."""
-        return num_blocks <= self.pool.num_free_blocks
-
     def can_admit(self, cached: CachedPrefix, num_new_blocks: int) -> bool:
         """Whether `admit` can take the cached device blocks and `num_new_blocks` more."""
         num_free = self.pool.num_free_blocks

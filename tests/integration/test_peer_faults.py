@@ -152,14 +152,12 @@ async def test_a_peer_answering_garbage_fails_the_pull_at_once(
     b.close()
 
 
-async def _pump(
-    src: SocketStream, dst: SocketStream, bytes_per_s: float | None, chunk: int = 16 * 1024
-) -> None:
-    """Copy `src` to `dst` (at `bytes_per_s` at most, `chunk` bytes at a time) until
-    either end closes."""
+async def _pump(src: SocketStream, dst: SocketStream, bytes_per_s: float | None) -> None:
+    """Copy `src` to `dst` (at `bytes_per_s` at most, 16 KiB at a time) until either end
+    closes."""
     try:
         while True:
-            data = await src.receive(chunk)
+            data = await src.receive(16 * 1024)
             await dst.send(data)
             if bytes_per_s is not None:
                 await anyio.sleep(len(data) / bytes_per_s)
