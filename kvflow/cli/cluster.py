@@ -182,18 +182,19 @@ def _check_room(num_instances: int, config: KVFlowConfig) -> None:
     """Refuse, before starting any, more instances than the RAM holds at their least:
     each a `kvflow serve` process and its store's block bookkeeping."""
     from kvflow.kv.block_pool import BlockPool
-    from kvflow.kv.capacity import available_ram_bytes, human_bytes
+    from kvflow.kv.capacity import available_ram_bytes, check_fits
 
     kv = config.kv
     blocks = sum(kv.tier_blocks(t) for t in ("device", "cpu", "disk"))
-    need = num_instances * (SERVE_PROCESS_BYTES + BlockPool.bytes_needed(blocks))
-    available = available_ram_bytes()
-    if need > available:
-        raise CLIError(
-            f"--instances {num_instances}: {num_instances} kvflow serve processes need at "
-            f"least {human_bytes(need)} of RAM (~{SERVE_PROCESS_BYTES // 2**20} MiB each "
-            f"and their stores' block bookkeeping); {human_bytes(available)} RAM available"
-        )
+    each = SERVE_PROCESS_BYTES + BlockPool.bytes_needed(blocks)
+    what = f"--instances {num_instances} ({num_instances} kvflow serve processes)"
+    check_fits(
+        [(what, num_instances * each)],
+        f"RAM at least (~{SERVE_PROCESS_BYTES // 2**20} MiB each and their stores' block "
+        "bookkeeping)",
+        available_ram_bytes(),
+        "RAM available",
+    )
 
 
 def run_up(args: argparse.Namespace, console: Console) -> int:

@@ -218,10 +218,12 @@ def test_up_stopped_while_starting_stops_what_it_started(
     left: list[int] = []
     with _up_in_background(tmp_path, left) as (up, state_dir):
         deadline = time.monotonic() + 60
-        while not (state_dir / "instance-1.log").exists():  # both instances spawned
+        listed: list[object] = []
+        while len(listed) < 2:  # both instances started (the state file lists them)
             assert up.poll() is None and time.monotonic() < deadline, up.returncode
+            with contextlib.suppress(OSError, ValueError):
+                listed = json.loads((state_dir / "cluster.json").read_text())["procs"]
             time.sleep(0.02)
-        time.sleep(0.2)
         up.send_signal(sig)
         _, err = up.communicate(timeout=120)
     assert left == []
