@@ -11,7 +11,7 @@ from rich.console import Console
 
 from kvflow.cli.calibrate_phases import drift_figures, time_engine, time_tiers
 from kvflow.cli.calibrate_report import print_fit, print_validation
-from kvflow.cli.common import CLIError, config_overrides, parse_comma_list
+from kvflow.cli.common import CLIError, parse_comma_list, single_instance_overrides
 from kvflow.cli.options import add_model_arguments
 from kvflow.cli.outputs import check_outputs, model_files
 
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = {"kv.block_size": args.block_size, **config_overrides(args)}
+    settings = {"kv.block_size": args.block_size, **single_instance_overrides(args)}
     validate_requests = _validation_trace(args) if args.validate else None
     model = load_model(args.model, args.engine, args.dtype)
     settings.setdefault("scheduler.max_model_len", model.max_position_embeddings)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
+from kvflow.cli.common import CLIError, add_config_arguments, single_instance_overrides
 from kvflow.cli.options import add_model_arguments, check_engine_model, port_number, positive_int
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--timeout must be > 0 seconds, got {args.timeout}")
     roles = _roles(args)
     ray = _ray_spec(args)
-    settings = config_overrides(args)
+    settings = single_instance_overrides(args)
     config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before starting
     if "decode" in roles and config.kv.tier_blocks("cpu") == 0:
         raise CLIError(

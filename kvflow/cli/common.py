@@ -59,9 +59,13 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return dict(parse_assignment(s) for s in args.settings)
 
 
-def load_config(args: argparse.Namespace) -> KVFlowConfig:
-    """One instance's config: the file, then `--set`. An `instances.K.KEY` setting is for
-    a fleet (`kvflow replay --instances N`), named as such rather than as an unknown key.
+def single_instance_overrides(
+    args: argparse.Namespace,
+    why: str = "this run has one instance (a fleet replay takes --instances N)",
+) -> dict[str, Any]:
+    """`config_overrides` for a command that configures one instance (or identical
+    ones): an `instances.K.KEY` setting, which sets one instance of a fleet, is refused
+    naming it and `why`, rather than left to fail as an unknown key.
 
     Raises:
         CLIError: an `instances.` setting.
@@ -69,11 +73,13 @@ def load_config(args: argparse.Namespace) -> KVFlowConfig:
     overrides = config_overrides(args)
     for key in overrides:
         if key.startswith("instances."):
-            raise CLIError(
-                f"--set {key}: instances.K.KEY sets one instance of a fleet; this run has "
-                "one instance (a fleet replay takes --instances N)"
-            )
-    return KVFlowConfig.load(args.config, overrides)
+            raise CLIError(f"--set {key}: instances.K.KEY sets one instance of a fleet; {why}")
+    return overrides
+
+
+def load_config(args: argparse.Namespace) -> KVFlowConfig:
+    """One instance's config: the file, then `--set` (`single_instance_overrides`)."""
+    return KVFlowConfig.load(args.config, single_instance_overrides(args))
 
 
 def add_trace_arguments(parser: argparse.ArgumentParser, *, rate_flag: bool = True) -> None:

@@ -14,9 +14,9 @@ from kvflow.cli.common import (
     CLIError,
     add_config_arguments,
     add_trace_arguments,
-    config_overrides,
     load_requests,
     parse_comma_list,
+    single_instance_overrides,
     trace_path,
 )
 from kvflow.cli.options import (
@@ -214,10 +214,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"got {args.max_instances!r}"
         )
     gpu = _gpu(args)
-    overrides = config_overrides(args)
-    for key in overrides:
-        if key.startswith("instances."):
-            raise CLIError(f"--set {key}: kvflow plan sizes fleets of identical instances")
+    overrides = single_instance_overrides(args, "kvflow plan sizes fleets of identical instances")
     config = KVFlowConfig.load(args.config, {**gpu.config_overrides(), **overrides})
     spec = FleetSpec(config, args.router or config.router.name, args.policy, args.peers == "on")
     latency_model_from_config(config.sim)  # fail on a bad preset file before replaying

@@ -13,9 +13,9 @@ from kvflow.cli.common import (
     CLIError,
     add_config_arguments,
     add_trace_arguments,
-    config_overrides,
     load_config,
     load_requests,
+    single_instance_overrides,
     trace_path,
 )
 from kvflow.cli.endpoint import add_endpoint_arguments, run_endpoint
@@ -186,7 +186,7 @@ def run_real(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--engine {args.engine} needs --model DIR")
     if args.plot or args.trace_events or args.check_integrity:
         raise CLIError("--plot, --trace-events and --check-integrity need --engine sim")
-    settings = config_overrides(args)
+    settings = single_instance_overrides(args)
     names = args.policies or ["fcfs"]
     slo = slo_settings(args)
     path = trace_path(args)

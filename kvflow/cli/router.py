@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from rich.console import Console
 
-from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
+from kvflow.cli.common import CLIError, add_config_arguments, single_instance_overrides
 from kvflow.cli.options import port_number
 from kvflow.cli.serve import add_http_arguments, http_limits, read_secret_file
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise CLIError(f"--health-interval is in [0.01, 60] seconds, got {args.health_interval}")
     if args.model and not Path(args.model).is_dir():
         raise CLIError(f"--model {args.model!r} is not a directory")
-    settings = config_overrides(args)
+    settings = single_instance_overrides(args)
     if args.peer_secret_file is not None:
         settings["peer.secret"] = read_secret_file(args.peer_secret_file)
     config = KVFlowConfig.load(args.config, settings)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from kvflow.cli.common import CLIError, add_config_arguments, config_overrides
+from kvflow.cli.common import CLIError, add_config_arguments, single_instance_overrides
 from kvflow.cli.options import (
     add_model_arguments,
     check_engine_model,
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     check_engine_model(args)
     _require_serve_extra()
-    settings = config_overrides(args)
+    settings = single_instance_overrides(args)
     peers = _peer_settings(args, settings)
     if args.role != "both" and peers is None:
         if args.engine == "sim":

@@ -312,9 +312,15 @@ def test_a_simulated_replay_refuses_a_model_it_would_ignore(
     assert_one_line_error(done, "--model", "--engine torch|hf")
 
 
-def test_an_instance_setting_without_a_fleet_points_at_instances(tmp_path: Path) -> None:
-    done = kvflow("replay", "--set", "instances.1.kv.device.num_blocks=64", cwd=tmp_path)
-    assert_one_line_error(done, "--set instances.1.kv.device.num_blocks", "--instances")
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [(["replay"], "--instances"), (["serve", "--engine", "sim"], "one instance")],
+)
+def test_an_instance_setting_without_a_fleet_is_named(
+    tmp_path: Path, command: list[str], needle: str
+) -> None:
+    done = kvflow(*command, "--set", "instances.1.kv.device.num_blocks=64", cwd=tmp_path)
+    assert_one_line_error(done, "--set instances.1.kv.device.num_blocks", needle)
 
 
 def test_calibrate_threads_below_one_is_refused_naming_it(tmp_path: Path) -> None:
