@@ -271,7 +271,7 @@ class Scheduler:
         # `Batch.add` inlined: this loop runs once per running request per step.
         short_of_blocks = False
         running = self.running
-        pool = self.kv_manager.pool  # its free count read inline, not through a call
+        pool = self.pool  # its free count read inline, not through a call
         bs = self.block_size
         cap = self._chunk_cap
         add_request = batch.requests.append
