@@ -23,7 +23,8 @@ import torch
 
 from kvflow.config import KVConfig
 from kvflow.kv.storage import DiskStorage, TensorStorage
-from kvflow.kv.transfer import Direction, TensorCopyEngine, Transfer
+from kvflow.kv.tensor_copy import TensorCopyEngine
+from kvflow.kv.transfer import Direction, Transfer
 
 MIB = 2**20
 DIRECTIONS: tuple[Direction, ...] = (

@@ -52,7 +52,7 @@ def allocate_tensor_tiers(
 ) -> TensorTiers:
     """The tiers of `KVStore.with_tensors` (see its Raises)."""
     from kvflow.kv.storage import DiskStorage, TensorStorage
-    from kvflow.kv.transfer import TensorCopyEngine
+    from kvflow.kv.tensor_copy import TensorCopyEngine
 
     check_tensors(config, device)
     num_cpu = config.tier_blocks("cpu")

@@ -13,7 +13,8 @@ import torch
 
 from kvflow.config import KVFlowConfig
 from kvflow.kv.storage import DiskStorage, TensorStorage, byte_view
-from kvflow.kv.transfer import Direction, TensorCopyEngine, Transfer
+from kvflow.kv.tensor_copy import TensorCopyEngine
+from kvflow.kv.transfer import Direction, Transfer
 
 LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
 NUM_BLOCKS = 8
