@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.table import Table
 
@@ -17,6 +17,8 @@ from kvflow.scheduler.stats import SchedulerStats
 from kvflow.traces.metrics import RunReport, summarize_replay
 from kvflow.traces.replay import ReplayResult
 from kvflow.traces.tables import render_run_table
+
+_Stats = TypeVar("_Stats", SchedulerStats, StoreStats)
 
 
 def peer_hit_tokens(result: FleetResult) -> list[int]:
@@ -58,22 +60,18 @@ def _without_handoff_hits(stats: SchedulerStats) -> SchedulerStats:
 def _merged_stats(stats: Sequence[SchedulerStats]) -> SchedulerStats:
     merged = SchedulerStats()
     merged.hit_tokens_by_tier = {}
-    for s in stats:
-        for f in dataclasses.fields(SchedulerStats):
-            value = getattr(s, f.name)
-            if isinstance(value, dict):
-                total = getattr(merged, f.name)
-                for key, amount in value.items():
-                    total[key] = total.get(key, 0) + amount
-            else:
-                setattr(merged, f.name, getattr(merged, f.name) + value)
-    return merged
+    return _summed(stats, merged)
 
 
 def _merged_store_stats(stats: Sequence[StoreStats]) -> StoreStats:
-    merged = StoreStats()
+    return _summed(stats, StoreStats())
+
+
+def _summed(stats: Sequence[Any], merged: _Stats) -> _Stats:
+    """`merged` plus every one of `stats` (the same dataclass), field by field: numbers
+    added, dicts added key by key."""
     for s in stats:
-        for f in dataclasses.fields(StoreStats):
+        for f in dataclasses.fields(merged):
             value = getattr(s, f.name)
             if isinstance(value, dict):
                 total = getattr(merged, f.name)
