@@ -118,6 +118,35 @@ def test_chat_text_streamed_or_not_equals_llm_chat(
     assert whole.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
 
 
+def test_a_seed_gives_the_same_text_every_time_streamed_or_not_and_in_llm(
+    client: openai.OpenAI, llm: kvflow.LLM
+) -> None:
+    """As in vLLM, `seed` decides a sampled output: the same request sent again (a new
+    request id), streamed, or through `kvflow.LLM` gives the same text, and the random
+    model's byte tokens (split multi-byte characters) stream to the same text."""
+    for prompt in (PROMPT, "日本語の", "Café 🚀"):
+        seeded: dict[str, Any] = {"temperature": 1.0, "max_tokens": 24, "seed": 7}
+        texts = [
+            client.completions.create(model=MODEL, prompt=prompt, extra_body=NO_EOS, **seeded)
+            .choices[0]
+            .text
+            for _ in range(2)
+        ]
+        chunks = client.completions.create(
+            model=MODEL, prompt=prompt, stream=True, extra_body=NO_EOS, **seeded
+        )
+        texts.append("".join(c.choices[0].text for c in chunks))
+        params = SamplingParams(temperature=1.0, max_tokens=24, seed=7, ignore_eos=True)
+        texts += [out.text for out in llm.generate([prompt, prompt], params)]
+        greedy = client.completions.create(model=MODEL, prompt=prompt, extra_body=NO_EOS, **GREEDY)
+        assert texts == [texts[0]] * 5, prompt
+        assert not texts[0].startswith(greedy.choices[0].text), prompt  # it did sample
+        other = client.completions.create(
+            model=MODEL, prompt=prompt, extra_body=NO_EOS, **{**seeded, "seed": 8}
+        )
+        assert other.choices[0].text != texts[0]
+
+
 def test_a_stop_string_cuts_the_output_streamed_or_not(
     client: openai.OpenAI, llm: kvflow.LLM
 ) -> None:

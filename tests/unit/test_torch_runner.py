@@ -272,10 +272,9 @@ def test_filter_logits_keeps_top_k_then_the_nucleus() -> None:
 
 
 def test_sample_seed_is_stable_and_distinct_per_draw() -> None:
-    assert sample_seed(7, "r1", 0) == sample_seed(7, "r1", 0)
-    seeds = {sample_seed(7, "r1", i) for i in range(100)}
-    seeds |= {sample_seed(8, "r1", 0), sample_seed(7, "r2", 0)}
-    assert len(seeds) == 102
+    assert sample_seed(7, 0) == sample_seed(7, 0)
+    seeds = {sample_seed(7, i) for i in range(100)} | {sample_seed(8, 0)}
+    assert len(seeds) == 101
     assert all(0 <= s < 2**63 for s in seeds)
 
 
@@ -287,14 +286,19 @@ def sampling_state(rid: str, params: SamplingParams, num_outputs: int = 0) -> Re
 
 def test_sampler_draws_per_request_not_per_batch() -> None:
     sampler = Sampler(CPU)
-    logits = torch.zeros(3, 1000, dtype=torch.float64)
-    params = SamplingParams(temperature=1.0, seed=5)
-    states = [sampling_state(rid, params) for rid in ("x", "y", "z")]
+    logits = torch.zeros(4, 1000, dtype=torch.float64)
+    states = [
+        sampling_state(rid, SamplingParams(temperature=1.0, seed=s))
+        for rid, s in (("x", 5), ("y", 6), ("z", 7), ("w", 5))
+    ]
     together = sampler.sample(logits, states)
     alone = [sampler.sample(logits[:1], [s])[0] for s in states]
     assert together == alone
-    assert len(set(together)) == 3  # uniform over 1000 tokens: distinct requests differ
-    later = sampler.sample(logits[:1], [sampling_state("x", params, num_outputs=1)])
+    assert len(set(together[:3])) == 3  # uniform over 1000 tokens: other seeds differ
+    # The seed alone decides the draws, as in vLLM: the same seed in another request
+    # (another request id: a server's are random) draws the same token.
+    assert together[3] == together[0]
+    later = sampler.sample(logits[:1], [sampling_state("x", states[0].request.sampling, 1)])
     assert later != together[:1]
 
 

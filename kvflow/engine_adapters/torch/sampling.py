@@ -1,9 +1,11 @@
 """Token sampling: greedy, or temperature / top-k / top-p with reproducible seeds.
 
 A seeded request draws each output token from a fresh generator seeded by
-(`SamplingParams.seed`, request id, output index), so its tokens do not depend on which
-other requests shared its steps, on chunking, or on preemption and recompute. Requests
-without a seed draw from the sampler's own generator.
+(`SamplingParams.seed`, output index), so its tokens do not depend on which other
+requests shared its steps, on chunking, or on preemption and recompute, nor on its
+request id: as in vLLM, the same prompt with the same seed gives the same tokens in any
+request (a server's request ids are random). Requests without a seed draw from the
+sampler's own generator.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from torch import Tensor
 from kvflow.request import RequestState, SamplingParams, TokenLogprobs
 
 
-def sample_seed(seed: int, request_id: str, output_index: int) -> int:
+def sample_seed(seed: int, output_index: int) -> int:
     """A stable 63-bit seed for one draw (the same in every process and on every machine)."""
-    digest = hashlib.blake2b(f"{seed}:{request_id}:{output_index}".encode(), digest_size=8)
+    digest = hashlib.blake2b(f"{seed}:{output_index}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
@@ -102,6 +104,6 @@ class Sampler:
         if params.seed is None:
             gen = self._unseeded
         else:
-            seed = sample_seed(params.seed, state.request_id, state.num_output_tokens)
+            seed = sample_seed(params.seed, state.num_output_tokens)
             gen = torch.Generator(device=self.device).manual_seed(seed)
         return torch.multinomial(probs, 1, generator=gen)[0]
