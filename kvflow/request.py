@@ -52,6 +52,14 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def first_bad_token(token_ids: Iterable[object], limit: int) -> tuple[int, object] | None:
     """`(index, value)` of the first entry that is not an int in `[0, limit)`, or None."""
     if isinstance(token_ids, list | tuple):
@@ -94,7 +102,7 @@ class SamplingParams:
 
     Args:
         temperature: 0 is greedy.
-        top_k: 0 keeps every token.
+        top_k: 0 keeps every token (-1, vLLM's other spelling, is taken as 0).
         top_p: nucleus sampling's mass, in (0, 1].
         seed: per-request sampling seed; None uses the runner's.
         stop_token_ids: tokens that end generation besides the model's EOS tokens
@@ -122,23 +130,35 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
-        _check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k!r}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
+        _check(
+            _is_number(temperature) and math.isfinite(temperature) and temperature >= 0,
+            f"temperature must be a finite number >= 0, got {temperature!r}",
+        )
+        _check(
+            _is_int(top_k) and top_k >= -1,
+            f"top_k must be an int >= 0 (or -1, vLLM's no-filter), got {top_k!r}",
+        )
+        object.__setattr__(self, "top_k", max(top_k, 0))
+        _check(_is_number(top_p) and 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p!r}")
+        _check(
+            self.seed is None or _is_int(self.seed),
+            f"seed must be an int or None, got {self.seed!r}",
+        )
         stops = tuple(self.stop_token_ids or ())
         bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         _check(not bad, f"stop_token_ids must be token ids (ints >= 0), got {bad[:1]!r}")
         object.__setattr__(self, "stop_token_ids", stops)
         _check(
-            self.max_tokens is None or self.max_tokens >= 1,
-            f"max_tokens must be >= 1, got {self.max_tokens!r}",
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            f"max_tokens must be an int >= 1, got {self.max_tokens!r}",
         )
         stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(stop_strings), f"stop strings must not be empty, got {stop_strings!r}")
         object.__setattr__(self, "stop", stop_strings)
         _check(
-            self.logprobs is None or self.logprobs >= 0,
-            f"logprobs must be None or >= 0, got {self.logprobs!r}",
+            self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+            f"logprobs must be None or an int >= 0, got {self.logprobs!r}",
         )
 
 

@@ -7,6 +7,7 @@ them; prompt entries that are not token ids."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,37 @@ def test_sampling_params_take_token_ids_as_stop_tokens(stops: list[object], mess
     assert message in str(err.value)
     assert SamplingParams(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
     assert SamplingParams(stop_token_ids=None).stop_token_ids == ()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"temperature": math.nan}, "temperature must be a finite number >= 0, got nan"),
+        ({"temperature": math.inf}, "temperature must be a finite number >= 0, got inf"),
+        ({"temperature": "0.5"}, "temperature must be a finite number >= 0, got '0.5'"),
+        ({"top_p": math.nan}, "top_p must be in (0, 1], got nan"),
+        ({"top_p": 0}, "top_p must be in (0, 1], got 0"),
+        ({"top_k": -2}, "top_k must be an int >= 0 (or -1, vLLM's no-filter), got -2"),
+        ({"top_k": 1.5}, "top_k must be an int >= 0 (or -1, vLLM's no-filter), got 1.5"),
+        ({"top_k": True}, "top_k must be an int >= 0 (or -1, vLLM's no-filter), got True"),
+        ({"max_tokens": 2.5}, "max_tokens must be an int >= 1, got 2.5"),
+        ({"max_tokens": 0}, "max_tokens must be an int >= 1, got 0"),
+        ({"seed": 1.5}, "seed must be an int or None, got 1.5"),
+        ({"seed": "7"}, "seed must be an int or None, got '7'"),
+        ({"logprobs": 2.0}, "logprobs must be None or an int >= 0, got 2.0"),
+        ({"logprobs": -1}, "logprobs must be None or an int >= 0, got -1"),
+    ],
+)
+def test_sampling_params_name_a_bad_value(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**fields)  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+def test_top_k_minus_one_is_no_filter_as_in_vllm() -> None:
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(top_k=-1) == SamplingParams()
+    assert SamplingParams(top_k=5, seed=3, max_tokens=4, logprobs=0).top_k == 5
 
 
 @pytest.mark.parametrize(
