@@ -21,7 +21,7 @@ from typing import Any, Literal, overload
 import anyio
 
 from kvflow.config import KVFlowConfig
-from kvflow.engine import AsyncEngine, RequestFailedError
+from kvflow.engine import AsyncEngine, EngineClosedError, RequestFailedError
 from kvflow.engine_adapters.base import ModelRunner
 from kvflow.engine_adapters.factory import build_runner, load_model, run_blocking
 from kvflow.engine_adapters.text import HFTextCodec, OutputText, TextCodec
@@ -93,6 +93,7 @@ class LLM:
         self.num_preemptions = 0
         """Requests preempted, over all `generate` calls."""
         self._ids = itertools.count()
+        self._closed = False
         built = build_runner(load_model(model, engine, dtype), settings, seed=seed)
         self.config: KVFlowConfig = built.config
         self.store: KVStore = built.store
@@ -113,12 +114,16 @@ class LLM:
 
     @overload
     def generate(
-        self, prompts: str | Sequence[str], sampling_params: SamplingParams | None = None
+        self,
+        prompts: str | Sequence[str],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[CompletionOutput]: ...
 
     @overload
     def generate(
-        self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams],
     ) -> list[CompletionOutput]: ...
 
     def generate(
@@ -128,10 +133,11 @@ class LLM:
         sampling keywords (`max_new_tokens`, `temperature`, ... as `generate_outputs`);
         or, as vLLM's `generate`, for text prompts (a string or a list) or a
         `SamplingParams` (`max_tokens`, `stop`, `ignore_eos`, ...) as the second
-        argument or `sampling_params=`: one `CompletionOutput` with `text` and
-        `token_ids` per prompt. Generation stops after `max_new_tokens` (`max_tokens`),
-        or at a stop token or one of the model's end-of-sequence tokens (kept as the last
-        output token), unless `ignore_eos` (see `SamplingParams`).
+        argument or `sampling_params=`, one for every prompt or a list of one per
+        prompt: one `CompletionOutput` with `text` and `token_ids` per prompt.
+        Generation stops after `max_new_tokens` (`max_tokens`), or at a stop token or
+        one of the model's end-of-sequence tokens (kept as the last output token),
+        unless `ignore_eos` (see `SamplingParams`).
 
         Raises:
             ValueError: a bad argument or a prompt the model or the configuration cannot
@@ -141,9 +147,10 @@ class LLM:
                 and quotes the value. Nothing is generated then.
             RequestFailedError: the runner raised while executing a step (the error is
                 its `__cause__`).
+            EngineClosedError: the LLM is closed.
         """
         params = kwargs.pop("sampling_params", None)
-        if params is None and args and isinstance(args[0], SamplingParams):
+        if params is None and args and _is_sampling(args[0]):
             params, args = args[0], args[1:]
         if params is None and not isinstance(prompts, str) and not _has_text(prompts):
             outs = self.generate_outputs(prompts, *args, **kwargs)
@@ -155,33 +162,41 @@ class LLM:
             )
         if isinstance(prompts, str):
             prompts = [prompts]
-        params = params or SamplingParams()
+        per_prompt = _per_prompt(params, len(prompts))
         if _has_text(prompts):
             codec = self.codec
             ids = [codec.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-            return self._generate_text(ids, params, codec)
+            return self._generate_text(ids, per_prompt, codec)
         # Token ids need no tokenizer: without one the outputs have no text.
-        return self._generate_text(prompts, params, self._text_codec())
+        return self._generate_text(prompts, per_prompt, self._text_codec())
 
     def chat(
         self,
-        messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
-        sampling_params: SamplingParams | None = None,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         add_generation_prompt: bool = True,
     ) -> list[CompletionOutput]:
         """Generate replies to one conversation (a list of `{"role", "content"}`
         messages) or several, rendered by the tokenizer's chat template (as vLLM's
-        `chat`); one `CompletionOutput` per conversation."""
+        `chat`); one `CompletionOutput` per conversation. A `content` may be OpenAI's
+        list of parts (`[{"type": "text", "text": ...}]`), joined into one text.
+
+        Raises:
+            ValueError: a content part that is not text (naming it), or see `generate`.
+        """
         conversations: Any = (
             [messages] if messages and isinstance(messages[0], Mapping) else messages
         )
+        per_prompt = _per_prompt(sampling_params, len(conversations))
         codec = self.codec
         ids = [
-            codec.encode_chat([dict(m) for m in conv], add_generation_prompt)
+            codec.encode_chat(
+                [_text_message(m, i) for i, m in enumerate(conv)], add_generation_prompt
+            )
             for conv in conversations
         ]
-        return self._generate_text(ids, sampling_params or SamplingParams(), codec)
+        return self._generate_text(ids, per_prompt, codec)
 
     @property
     def codec(self) -> HFTextCodec:
@@ -221,26 +236,32 @@ class LLM:
     def _generate_text(
         self,
         prompt_ids: Sequence[Sequence[int]],
-        params: SamplingParams,
+        params: Sequence[SamplingParams],
         codec: HFTextCodec | None,
     ) -> list[CompletionOutput]:
-        """`generate` with `params`; `codec` None (no tokenizer): outputs without text."""
-        if codec is None and params.stop:
-            raise ValueError(
-                f"stop={params.stop!r}: stop strings need a tokenizer ({self._no_codec})"
-            )
-        stop_ids = list(params.stop_token_ids or ())
+        """`generate` with `params[i]` for prompt i; `codec` None (no tokenizer):
+        outputs without text."""
         eos = None if codec is None else codec.eos_token_id
-        if eos is not None and not params.ignore_eos and eos not in stop_ids:
-            stop_ids.append(eos)
-        sampling = dataclasses.replace(params, stop_token_ids=tuple(stop_ids))
-        max_tokens = params.max_tokens or 16
+        samplings = []
+        for p in params:
+            if codec is None and p.stop:
+                raise ValueError(
+                    f"stop={p.stop!r}: stop strings need a tokenizer ({self._no_codec})"
+                )
+            stop_ids = list(p.stop_token_ids or ())
+            if eos is not None and not p.ignore_eos and eos not in stop_ids:
+                stop_ids.append(eos)
+            samplings.append(dataclasses.replace(p, stop_token_ids=tuple(stop_ids)))
         requests = [
-            Request(f"llm-{next(self._ids)}", self._checked(i, p), max_tokens, sampling=sampling)
-            for i, p in enumerate(prompt_ids)
+            Request(
+                f"llm-{next(self._ids)}",
+                self._checked(i, prompt),
+                sampling.max_tokens or 16,
+                sampling=sampling,
+            )
+            for i, (prompt, sampling) in enumerate(zip(prompt_ids, samplings, strict=True))
         ]
-        text = None if codec is None else (codec, params.stop)
-        outputs: list[CompletionOutput] = run_blocking(self._serve, requests, text)
+        outputs: list[CompletionOutput] = run_blocking(self._serve, requests, codec)
         return outputs
 
     def generate_outputs(
@@ -284,10 +305,14 @@ class LLM:
         return tokens
 
     async def _serve(
-        self, requests: list[Request], text: tuple[TextCodec, Sequence[str]] | None = None
+        self, requests: list[Request], codec: TextCodec | None = None
     ) -> list[CompletionOutput]:
-        """Run `requests` to their ends; with `text` (a codec and stop strings), their
-        outputs are decoded and cut at the stop strings as well."""
+        """Run `requests` to their ends; with a `codec`, their outputs are decoded and
+        cut at their stop strings as well."""
+        if self._closed:
+            raise EngineClosedError(
+                "this LLM is closed (close() was called, or its `with` block ended); make a new one"
+            )
         results: dict[str, CompletionOutput | RequestFailedError] = {}
         engine = AsyncEngine(
             self.config, self.runner, self.policy, self.store, overlap=self.overlap
@@ -299,7 +324,7 @@ class LLM:
                 raise ValueError(f"prompt_token_ids[{i}]: {reason}")
         async with engine, anyio.create_task_group() as tg:
             for req in requests:
-                tg.start_soon(self._collect, engine, req, results, text)
+                tg.start_soon(self._collect, engine, req, results, codec)
         self.num_overlapped_steps += engine.num_overlapped_steps
         self.num_preemptions += engine.scheduler.stats.num_preemptions
         outputs = []
@@ -315,12 +340,12 @@ class LLM:
         engine: AsyncEngine,
         request: Request,
         results: dict[str, CompletionOutput | RequestFailedError],
-        text: tuple[TextCodec, Sequence[str]] | None = None,
+        codec: TextCodec | None = None,
     ) -> None:
-        """Run `request`, its output into `results`; with `text` (a codec and stop
-        strings), its text decoded as the server streams it: a stop string ends the
+        """Run `request`, its output into `results`; with a `codec`, its text decoded
+        as the server streams it: a stop string (`request.sampling.stop`) ends the
         request (aborting the rest) and the text before it."""
-        decoder = None if text is None else OutputText(*text)
+        decoder = None if codec is None else OutputText(codec, request.sampling.stop)
         parts: list[str] = []
         tokens: list[int] = []
         logprobs: list[TokenLogprobs] = []
@@ -357,7 +382,10 @@ class LLM:
         )
 
     def close(self) -> None:
-        self.store.close()
+        """Free the KV store; `generate` and `chat` then raise `EngineClosedError`."""
+        if not self._closed:
+            self._closed = True
+            self.store.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -368,6 +396,62 @@ class LLM:
 
 def _has_text(prompts: Any) -> bool:
     return bool(prompts) and isinstance(prompts[0], str)
+
+
+def _is_sampling(value: object) -> bool:
+    """A `SamplingParams`, or a list of them (one per prompt)."""
+    if isinstance(value, list | tuple):
+        return bool(value) and isinstance(value[0], SamplingParams)
+    return isinstance(value, SamplingParams)
+
+
+def _per_prompt(params: object, num_prompts: int) -> list[SamplingParams]:
+    """`params` (None, one `SamplingParams`, or one per prompt) as one per prompt.
+
+    Raises:
+        ValueError: a list of another length than the prompts'.
+        TypeError: an entry that is not a `SamplingParams`.
+    """
+    if params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(params, SamplingParams):
+        return [params] * num_prompts
+    if not isinstance(params, list | tuple):
+        raise TypeError(
+            f"sampling_params is a {type(params).__name__}, not a SamplingParams or a list of them"
+        )
+    if len(params) != num_prompts:
+        raise ValueError(
+            f"{num_prompts} prompts but {len(params)} SamplingParams: give one for every "
+            "prompt, or a single one for all"
+        )
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sampling_params[{i}] is a {type(p).__name__}, not a SamplingParams")
+    return list(params)
+
+
+def _text_message(message: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """A chat message with its `content` as one text (OpenAI's list of text parts
+    joined, as `kvflow serve` takes it).
+
+    Raises:
+        ValueError: a part that is not `{"type": "text", "text": str}`, naming it.
+    """
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, list | tuple):
+        texts = []
+        for j, part in enumerate(content):
+            ok = isinstance(part, Mapping) and part.get("type") == "text"
+            if not ok or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"messages[{index}].content[{j}]: only text parts are supported "
+                    f'({{"type": "text", "text": ...}}), got {part!r}'
+                )
+            texts.append(part["text"])
+        out["content"] = "".join(texts)
+    return out
 
 
 __all__ = ["LLM", "CompletionOutput"]

@@ -147,6 +147,29 @@ def test_a_seed_gives_the_same_text_every_time_streamed_or_not_and_in_llm(
         assert other.choices[0].text != texts[0]
 
 
+def test_content_as_text_parts_reads_as_its_text_in_the_server_and_llm_chat(
+    client: openai.OpenAI, llm: kvflow.LLM
+) -> None:
+    parts: list[Any] = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Café 🚀 "},
+                {"type": "text", "text": "schedulers decide"},
+            ],
+        }
+    ]
+    served = client.chat.completions.create(
+        model=MODEL, messages=parts, extra_body=NO_EOS, **GREEDY
+    )
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    [from_parts, from_text] = llm.chat([parts, MESSAGES], params)
+    assert served.choices[0].message.content == from_parts.text == from_text.text
+    assert from_parts.token_ids == from_text.token_ids
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\]: only text parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+
+
 def test_a_stop_string_cuts_the_output_streamed_or_not(
     client: openai.OpenAI, llm: kvflow.LLM
 ) -> None:

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import kvflow
+from kvflow.engine import EngineClosedError
 from kvflow.engine_adapters.hf import save_random_hf_llama
 from kvflow.engine_adapters.torch import LlamaSpec
 from kvflow.request import FinishReason, SamplingParams
@@ -67,6 +68,36 @@ def test_stop_token_ids_work_without_a_tokenizer(llm: kvflow.LLM) -> None:
     [out] = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=6, stop_token_ids=[stop]))
     assert out.token_ids == full[: full.index(stop) + 1]
     assert out.finish_reason is FinishReason.STOP
+
+
+def test_one_sampling_params_per_prompt_as_in_vllm(llm: kvflow.LLM) -> None:
+    expected = [
+        llm.generate([p], SamplingParams(max_tokens=n))
+        for p, n in zip(PROMPTS, (2, 5), strict=True)
+    ]
+    outputs = llm.generate(PROMPTS, [SamplingParams(max_tokens=2), SamplingParams(max_tokens=5)])
+    assert [o.token_ids for o in outputs] == [e.token_ids for [e] in expected]
+    assert [len(o.token_ids) for o in outputs] == [2, 5]
+    [same] = llm.generate(PROMPTS[:1], sampling_params=[SamplingParams(max_tokens=2)])
+    assert same.token_ids == outputs[0].token_ids
+    with pytest.raises(ValueError, match=r"2 prompts but 1 SamplingParams"):
+        llm.generate(PROMPTS, [SamplingParams(max_tokens=2)])
+    with pytest.raises(TypeError, match=r"sampling_params\[1\] is a dict, not a SamplingParams"):
+        llm.generate(PROMPTS, [SamplingParams(), {"max_tokens": 2}])  # type: ignore[arg-type, list-item]
+
+
+def test_a_closed_llm_refuses_to_generate(bare_dir: Path) -> None:
+    llm = kvflow.LLM(bare_dir, dtype="float64", settings=SETTINGS)
+    assert len(llm.generate(PROMPTS[:1], max_new_tokens=2)[0]) == 2
+    llm.close()
+    llm.close()  # closing twice is harmless
+    for call in (
+        lambda: llm.generate(PROMPTS, max_new_tokens=2),
+        lambda: llm.generate(PROMPTS, SamplingParams(max_tokens=2)),
+        lambda: llm.generate_outputs(PROMPTS, max_new_tokens=2),
+    ):
+        with pytest.raises(EngineClosedError, match="this LLM is closed"):
+            call()
 
 
 def test_text_needs_a_tokenizer_and_says_which_directory_lacks_one(
