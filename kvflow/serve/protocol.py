@@ -82,6 +82,7 @@ class GenerationFields(_Body):
     """Completions per prompt; kvflow serves exactly 1."""
     stream: bool = False
     stream_options: StreamOptions | None = None
+    """Only with `stream` (a 400 otherwise, as OpenAI and vLLM answer)."""
     # Fields kvflow takes only at the value that turns them off (see NEUTRAL_VALUES), so
     # clients that always send them (vLLM's benchmark client, ...) work as they are.
     presence_penalty: float = 0.0
@@ -114,6 +115,14 @@ class GenerationFields(_Body):
         stops = [value] if isinstance(value, str) else value or []
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
+        bad = next((i for i, t in enumerate(value or ()) if t < 0), None)
+        if value is not None and bad is not None:
+            raise ValueError(f"token ids are ints >= 0, got {value[bad]!r} at index {bad}")
         return value
 
     @property

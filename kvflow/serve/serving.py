@@ -104,6 +104,8 @@ class OpenAIServing:
             )
         if body.n != 1:
             raise bad_request(f"n={body.n!r} is not supported: kvflow serves n=1 only", "n")
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         for name, neutral in NEUTRAL_VALUES.items():
             value = getattr(body, name)
             if value not in neutral:

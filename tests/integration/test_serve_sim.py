@@ -143,6 +143,17 @@ def test_kvflow_fields_are_accepted_and_checked(server: ServerProcess) -> None:
             "repetition_penalty",
         ),
         ('{"model": "kvflow-sim", "prompt": "x", "best_of": 2}', 400, "best_of"),
+        # OpenAI and vLLM refuse stream_options without stream (it asks for a stream's usage)
+        (
+            '{"model": "kvflow-sim", "prompt": "x", "stream_options": {"include_usage": true}}',
+            400,
+            "stream_options",
+        ),
+        (
+            '{"model": "kvflow-sim", "prompt": "x", "stop_token_ids": [3, -1]}',
+            400,
+            "stop_token_ids",
+        ),
         (
             '{"model": "kvflow-sim", "prompt": "x", "presence_penalty": 0.5}',
             400,
