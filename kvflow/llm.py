@@ -354,16 +354,18 @@ class LLM:
         outputs = engine.generate(request)
         try:
             async for out in outputs:
-                tokens.extend(out.new_token_ids)
-                if out.logprobs is not None:
-                    logprobs.extend(out.logprobs)
                 last = out
+                kept = len(out.new_token_ids)
                 if decoder is not None:
                     delta, finish = decoder.feed(out)
                     parts.append(delta)
-                    if finish == "stop":
-                        stopped = True
-                        break
+                    kept = decoder.num_kept  # a stop string ends at the token completing it
+                    stopped = finish == "stop"
+                tokens.extend(out.new_token_ids[:kept])
+                if out.logprobs is not None:
+                    logprobs.extend(out.logprobs[:kept])
+                if stopped:
+                    break
         except RequestFailedError as err:  # raised once every prompt has ended
             results[request.request_id] = err
             return

@@ -238,19 +238,33 @@ class OutputText:
     def __init__(self, codec: TextCodec, stops: Sequence[str]) -> None:
         self._detokenizer = codec.detokenizer()
         self._stops = StopStrings(stops)
+        self.num_kept = 0
+        """How many of the last output's new tokens the output keeps: all of them, but
+        when a stop string ended it, those up to the one whose text completed it (the
+        tokens usage counts and logprobs list, as vLLM stops at that token)."""
 
     def feed(self, out: RequestOutput) -> tuple[str, str | None]:
         """The new text, and the finish reason once the output is over ("stop" when a
         stop string ended it: then leave the stream, which aborts the request)."""
-        text = self._detokenizer.push(out.new_token_ids)
+        new = out.new_token_ids
+        # Several tokens with stop strings (steps a slow reader missed, coalesced): one
+        # at a time, so the output ends at the token that completes a stop string.
+        split = len(new) > 1 and bool(self._stops.stops)
+        pieces = [new[i : i + 1] for i in range(len(new))] if split else [new]
+        parts: list[str] = []
+        for i, piece in enumerate(pieces):
+            text = self._detokenizer.push(piece)
+            if out.finished and i == len(pieces) - 1:
+                text += self._detokenizer.flush()
+            text, stopped = self._stops.feed(text)
+            parts.append(text)
+            if stopped:
+                self.num_kept = i + 1 if split else len(new)
+                return "".join(parts), "stop"
+        self.num_kept = len(new)
         if out.finished:
-            text += self._detokenizer.flush()
-        text, stopped = self._stops.feed(text)
-        if stopped:
-            return text, "stop"
-        if out.finished:
-            return text + self._stops.flush(), finish_reason_name(out.finish_reason)
-        return text, None
+            return "".join(parts) + self._stops.flush(), finish_reason_name(out.finish_reason)
+        return "".join(parts), None
 
 
 def finish_reason_name(reason: FinishReason | None) -> str:

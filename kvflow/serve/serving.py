@@ -270,9 +270,10 @@ class OpenAIServing:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
                 parts.append(delta)
+                kept = text.num_kept  # fewer than the new tokens when a stop string ended it
                 if logprobs is not None and out.logprobs is not None:
-                    logprobs.add(out.new_token_ids, out.logprobs)
-                num_tokens = out.num_output_tokens
+                    logprobs.add(out.new_token_ids[:kept], out.logprobs[:kept])
+                num_tokens = out.num_output_tokens - (len(out.new_token_ids) - kept)
                 if reason is not None:
                     gen.observer.finish(reason)
                     break
@@ -307,10 +308,11 @@ class OpenAIServing:
                 if out is not gen.first:
                     gen.observer.observe(out)
                 delta, reason = text.feed(out)
-                num_tokens = out.num_output_tokens
+                kept = text.num_kept  # fewer than the new tokens when a stop string ended it
+                num_tokens = out.num_output_tokens - (len(out.new_token_ids) - kept)
                 lps = None
                 if logprobs is not None and out.logprobs:
-                    lps = logprobs.chunk(out.new_token_ids, out.logprobs)
+                    lps = logprobs.chunk(out.new_token_ids[:kept], out.logprobs[:kept])
                 chunk = b""
                 if delta or reason is not None or lps is not None:
                     chunk = shape.event(delta, reason, lps)

@@ -3,6 +3,10 @@ defaults, and kvflow's fields for the policies (priority, tenant, SLOs, deadline
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+
+import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -10,11 +14,12 @@ from kvflow.engine import AsyncEngine
 from kvflow.engine_adapters.realtime_sim import RealTimeSimRunner
 from kvflow.engine_adapters.simulated import LatencyModel
 from kvflow.engine_adapters.text import PlaceholderCodec
-from kvflow.request import SLO
+from kvflow.request import SLO, RequestOutput
 from kvflow.serve.errors import APIError
 from kvflow.serve.metrics import RequestMetrics
 from kvflow.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvflow.serve.serving import OpenAIServing, ServedModel
+from kvflow.serve.responses import ResponseShape
+from kvflow.serve.serving import Generation, OpenAIServing, ServedModel
 from tests.builders import make_config
 
 NOW = 100.0
@@ -98,3 +103,37 @@ def test_prompt_checks_name_the_field() -> None:
     with pytest.raises(APIError) as caught:
         api.make_request(long_body, [1] * 60, 5, "cmpl")
     assert "max_model_len is 64" in caught.value.message and "65" in caught.value.message
+
+
+def test_a_stop_string_ends_usage_and_stream_at_the_token_completing_it() -> None:
+    """A reader that falls behind gets the steps it missed in one output (coalesced):
+    a stop string inside it ends the count at the token whose text completes it, as
+    when the steps came one by one (vLLM's count), whole or streamed."""
+    api = serving()
+    body = CompletionRequest(model="m", prompt="a b", stop="tok9 tok1")
+    request = api.make_request(body, api.completion_prompts(body)[0], 16, "cmpl")
+
+    def generation() -> Generation:
+        async def later() -> AsyncIterator[RequestOutput]:
+            yield RequestOutput(request.request_id, (9, 15, 4, 5), 5, False)
+
+        first = RequestOutput(request.request_id, (7,), 1, False)
+        observer = api.model.metrics.observer(2)
+        return Generation(request, first, later(), observer, set())
+
+    async def both() -> tuple[tuple[str, str, int], list[bytes]]:
+        whole = await api.collect(generation(), ["tok9 tok1"])
+        shape = ResponseShape("completion", request.request_id, "m", with_usage=True)
+        events = [e async for e in api.stream(generation(), ["tok9 tok1"], shape)]
+        return whole, events
+
+    whole, events = anyio.run(both)
+    assert whole == ("tok7 ", "stop", 3)  # tok7, tok9, tok15: not tok4 and tok5
+    chunks = [
+        json.loads(line[6:])
+        for e in events
+        for line in e.decode().split("\n\n")
+        if line.startswith("data: {")
+    ]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "tok7 "
+    assert chunks[-1]["usage"]["completion_tokens"] == 3

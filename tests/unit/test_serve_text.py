@@ -79,6 +79,32 @@ def test_output_text_ends_with_stop_and_flushes_held_text_at_length() -> None:
     assert stopped.feed(output((9, 15), False)) == ("", "stop")
 
 
+def test_a_stop_string_ends_the_output_at_the_token_that_completes_it() -> None:
+    """An output holding several tokens (a server coalesces the steps a slow reader
+    missed) is cut at the token whose text completes the stop string: the tokens after
+    it are not counted (usage) nor listed (logprobs), as when the steps came one by one."""
+    codec = PlaceholderCodec()
+    text = OutputText(codec, ["tok9 tok1"])
+    assert text.feed(RequestOutput("r", (7,), 1, False)) == ("tok7 ", None)
+    assert text.num_kept == 1
+    assert text.feed(RequestOutput("r", (9, 15, 4, 5), 5, False)) == ("", "stop")
+    assert text.num_kept == 2  # tok9 and tok15 ("tok9 tok1" ends in tok15's text)
+    one_by_one = OutputText(codec, ["tok9 tok1"])
+    kept = 0
+    for i, token in enumerate((7, 9, 15, 4, 5)):
+        _, reason = one_by_one.feed(RequestOutput("r", (token,), i + 1, False))
+        kept += one_by_one.num_kept
+        if reason is not None:
+            break
+    assert kept == 3 == 1 + text.num_kept
+    plain = OutputText(codec, [])
+    assert plain.feed(RequestOutput("r", (1, 2), 2, True, FinishReason.LENGTH)) == (
+        "tok1 tok2 ",
+        "length",
+    )
+    assert plain.num_kept == 2
+
+
 def test_placeholder_codec_reads_its_own_text_back() -> None:
     codec = PlaceholderCodec()
     ids = codec.encode("some words here")
