@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Body(BaseModel):
@@ -57,8 +57,33 @@ class HandoffInfo(_Body):
         return keys
 
 
+NULL_IS_DEFAULT = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "stream",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "echo",
+        "logprobs",
+    }
+)
+"""Fields OpenAI's schema (or vLLM's) makes nullable whose default here is not None: a
+null is taken as the default, as they take it."""
+
+
 class GenerationFields(_Body):
     """What both endpoints take: sampling, stopping, streaming, and kvflow's fields."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in NULL_IS_DEFAULT):
+            return {k: v for k, v in data.items() if v is not None or k not in NULL_IS_DEFAULT}
+        return data
 
     model: str
     """The served model name (`GET /v1/models`)."""
@@ -227,6 +252,7 @@ class ModelList(BaseModel):
 
 __all__ = [
     "NEUTRAL_VALUES",
+    "NULL_IS_DEFAULT",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",

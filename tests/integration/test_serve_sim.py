@@ -185,6 +185,40 @@ def test_bad_requests_get_openai_error_bodies(
     assert error["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "x", "echo": None, "logprobs": None}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": None},
+        ),
+    ],
+)
+def test_null_means_the_default_as_openai_and_vllm_take_it(
+    server: ServerProcess, path: str, body: dict[str, object]
+) -> None:
+    """OpenAI's schema makes these fields nullable (vLLM's too): null is the default."""
+    nulls = dict.fromkeys(
+        [
+            "temperature",
+            "top_p",
+            "top_k",
+            "n",
+            "stream",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "stop",
+            "seed",
+        ]
+    )
+    full = {"model": MODEL, "max_tokens": 2, **body, **nulls}
+    r = httpx.post(f"{server.base_url}{path}", json=full, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_logprobs_are_a_400_naming_the_engine(client: openai.OpenAI) -> None:
     # The simulator has no distribution to report: no made-up values.
     with pytest.raises(openai.BadRequestError) as caught:
