@@ -133,6 +133,10 @@ BAD = [
      "field 'conversations[0].value'"),
     ("no speaker", [{"conversations": [{"value": "hi"}]}], 2, "field 'conversations[0].from'"),
     ("bad id", [{"id": True, "conversations": []}], 2, "field 'id'"),
+    # OpenAI-style turns are named by their own keys
+    ("bad content", [{"messages": [{"role": "user", "content": [{"type": "text"}]}]}], 2,
+     "field 'messages[0].content': expected a string, got [{\"type\": \"text\"}]"),
+    ("no role", [{"messages": [{"content": "hi"}]}], 2, "field 'messages[0].role'"),
 ]  # fmt: skip
 
 

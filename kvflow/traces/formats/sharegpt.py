@@ -80,15 +80,29 @@ def _turns(obj: object) -> tuple[str | None, Turns]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise FieldError(f"{key}[{i}]", f"expected a JSON object, got {show(turn)}")
-        speaker_key = "from" if "from" in turn else "role"
-        text_key = "value" if "value" in turn else "content"
+        # ShareGPT's keys or OpenAI's, named as the turn (else its list) spells them.
+        sharegpt = key == "conversations"
+        speaker_key = _key_of(turn, "from", "role", sharegpt)
+        text_key = _key_of(turn, "value", "content", sharegpt)
         speaker, text = turn.get(speaker_key), turn.get(text_key)
         if not isinstance(speaker, str) or not speaker:
-            raise FieldError(f"{key}[{i}].from", f"expected a speaker name, got {show(speaker)}")
+            raise FieldError(
+                f"{key}[{i}].{speaker_key}", f"expected a speaker name, got {show(speaker)}"
+            )
         if not isinstance(text, str):
-            raise FieldError(f"{key}[{i}].value", f"expected a string, got {show(text)}")
+            raise FieldError(f"{key}[{i}].{text_key}", f"expected a string, got {show(text)}")
         out.append((ROLES.get(speaker.lower(), speaker.lower()), text))
     return (None if conv_id is None else str(conv_id)), out
+
+
+def _key_of(turn: dict[str, Any], sharegpt_key: str, openai_key: str, sharegpt: bool) -> str:
+    """The key a turn uses for one of its two fields: the one present, else the one its
+    list's style uses."""
+    if sharegpt_key in turn:
+        return sharegpt_key
+    if openai_key in turn:
+        return openai_key
+    return sharegpt_key if sharegpt else openai_key
 
 
 @dataclass(frozen=True, slots=True)
