@@ -305,6 +305,14 @@ def test_azure_timestamp_parser() -> None:
     for bad in ("2023-13-01 00:00:00", "yesterday", "2023-11-16", "2023-11-16 18:17:03.1234567890"):
         with pytest.raises(ValueError):
             parse_timestamp_ns(bad)
+    for bad in (
+        "2023-11-16 18:17:03+99:99",
+        "2023-11-16 18:17:03-24:00",
+        "2023-11-16 18:17:03+0160",
+    ):
+        with pytest.raises(ValueError, match="UTC offset"):
+            parse_timestamp_ns(bad)
+    assert parse_timestamp_ns("1970-01-01 23:59:00+23:59") == 0
 
 
 AZURE_MALFORMED = [

@@ -49,7 +49,10 @@ def parse_timestamp_ns(text: str) -> int:
     if zone and zone != "Z":
         sign = -1 if zone[0] == "-" else 1
         digits = zone[1:].replace(":", "")
-        seconds -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        hours, minutes = int(digits[:2]), int(digits[2:])
+        if hours > 23 or minutes > 59:  # as datetime.fromisoformat refuses them
+            raise ValueError(f"not a valid UTC offset {zone!r} (at most ±23:59): {text!r}")
+        seconds -= sign * (hours * 3600 + minutes * 60)
     nanos = int(fraction.ljust(9, "0")) if fraction else 0
     return seconds * 1_000_000_000 + nanos
 
