@@ -123,6 +123,8 @@ class AsyncEngine:
     ) -> None:
         if max_num_pending < 1:
             raise ValueError(f"max_num_pending must be >= 1, got {max_num_pending!r}")
+        if on_close not in ("drain", "abort"):
+            raise ValueError(f"on_close must be 'drain' or 'abort', got {on_close!r}")
         if isinstance(policy, str):
             policy = make_policy(policy, config)
         self.config = config

@@ -153,6 +153,18 @@ async def test_aclose_drains_or_aborts_in_flight_requests() -> None:
         assert eng.scheduler.pool.num_used_blocks == 0
 
 
+async def test_bad_engine_arguments_and_an_unknown_abort_are_named() -> None:
+    for kw, message in (
+        ({"on_close": "abrot"}, "on_close must be 'drain' or 'abort', got 'abrot'"),
+        ({"max_num_pending": 0}, "max_num_pending must be >= 1, got 0"),
+    ):
+        with pytest.raises(ValueError) as err:
+            engine(**kw)
+        assert str(err.value) == message
+    async with engine() as eng:
+        assert eng.abort("no-such-request") is False  # as vLLM's abort: nothing to do
+
+
 async def test_a_request_that_cannot_fit_is_rejected_with_a_reason() -> None:
     with anyio.fail_after(30):
         async with engine() as eng:
