@@ -179,13 +179,24 @@ class HFTextCodec(TextCodec):
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+        """The token ids of `messages` rendered by the tokenizer's chat template.
+
+        Raises:
+            ValueError: no chat template, or the template refused the messages (many
+                raise on roles or orders they do not take: Llama 2's, Mistral's, ...).
+        """
         if not self.has_chat_template:
             raise ValueError("the model's tokenizer has no chat template; use /v1/completions")
+        from jinja2 import TemplateError
+
         # Rendered to text first, then encoded without special tokens: the template
         # writes the BOS itself (as vLLM does).
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as err:
+            raise ValueError(f"the chat template refused the messages: {err}") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def detokenizer(self) -> Detokenizer:

@@ -170,6 +170,21 @@ def test_content_as_text_parts_reads_as_its_text_in_the_server_and_llm_chat(
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
 
 
+def test_messages_the_chat_template_refuses_are_a_400_naming_messages(
+    server: ServerProcess, client: openai.OpenAI, llm: kvflow.LLM
+) -> None:
+    refused: list[Any] = [*MESSAGES, {"role": "tool", "content": "42"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=refused, max_tokens=2)
+    assert caught.value.param == "messages"
+    assert "the chat template refused the messages: tool messages are not supported" in str(
+        caught.value
+    )
+    with pytest.raises(ValueError, match="chat template refused the messages: tool messages"):
+        llm.chat(refused)
+    assert "Traceback" not in server.log()
+
+
 def test_a_stop_string_cuts_the_output_streamed_or_not(
     client: openai.OpenAI, llm: kvflow.LLM
 ) -> None:
