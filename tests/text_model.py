@@ -18,11 +18,12 @@ Emoji such as 🚀 and 🎉 take four bytes each.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'tool' %}{{ raise_exception('tool messages are not supported') }}"
-    "{% endif %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% endif %}<s>{{ m['role'] }}{% if m.name is defined and m.name %} {{ m.name }}{% endif %}"
+    ": {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-"""Renders every role but `tool`, which it refuses (as Llama 2's and Mistral's templates
-refuse roles and orders they do not know)."""
+"""Renders every role (and a message's `name` after it) but `tool`, which it refuses
+(as Llama 2's and Mistral's templates refuse roles and orders they do not know)."""
 
 
 def build_tokenizer(model_dir: Path | None = None, vocab_size: int = 400) -> Any:

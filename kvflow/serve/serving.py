@@ -135,7 +135,10 @@ class OpenAIServing:
         ]
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # A message's other fields (name, tool_call_id, ...) are the template's to render.
+        messages = [
+            {**(m.model_extra or {}), "role": m.role, "content": m.text()} for m in body.messages
+        ]
         try:
             ids = self.model.codec.encode_chat(messages, body.add_generation_prompt)
         except ValueError as err:

@@ -170,6 +170,23 @@ def test_content_as_text_parts_reads_as_its_text_in_the_server_and_llm_chat(
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
 
 
+def test_a_message_s_other_fields_reach_the_chat_template_in_the_server_and_llm_chat(
+    client: openai.OpenAI, llm: kvflow.LLM
+) -> None:
+    # OpenAI's `name` (and tool_call_id, ...) are the template's to render, as in vLLM.
+    named: list[Any] = [{**MESSAGES[0], "name": "ada"}]
+    served = client.chat.completions.create(
+        model=MODEL, messages=named, extra_body=NO_EOS, **GREEDY
+    )
+    unnamed = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, extra_body=NO_EOS, **GREEDY
+    )
+    assert served.usage is not None and unnamed.usage is not None
+    assert served.usage.prompt_tokens > unnamed.usage.prompt_tokens
+    [offline] = llm.chat([named], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert served.choices[0].message.content == offline.text
+
+
 def test_messages_the_chat_template_refuses_are_a_400_naming_messages(
     server: ServerProcess, client: openai.OpenAI, llm: kvflow.LLM
 ) -> None:
