@@ -23,22 +23,30 @@ class _ReleasedChain:
 
 
 class ReleaseOrder:
-    """The lower tiers' side of `KVStore.release_device`. Its methods are told the
-    store's keys being copied into each tier (`inflight_keys`), which they only read.
+    """The lower tiers' side of `KVStore.release_device`.
 
     Args:
         cpu, disk: the store's lower pools (None: not configured).
+        inflight_keys: the store's keys being copied into each tier, by tier name;
+            read, never changed, here (the store updates its sets in place).
     """
 
-    def __init__(self, cpu: BlockPool | None, disk: BlockPool | None) -> None:
+    def __init__(
+        self,
+        cpu: BlockPool | None,
+        disk: BlockPool | None,
+        inflight_keys: Mapping[str, set[int]],
+    ) -> None:
         self.cpu = cpu
         self.disk = disk
+        self._cpu_inflight = inflight_keys["cpu"]
+        self._disk_inflight = inflight_keys["disk"]
         self._waiting_chains: dict[int, list[_ReleasedChain]] = {}
         """Key -> the released chains waiting for its copy down to land (see
         `order_below`)."""
         self._release_seq = itertools.count()
 
-    def order_below(self, chain: list[int], inflight_keys: Mapping[str, set[int]]) -> None:
+    def order_below(self, chain: list[int]) -> None:
         """Line `chain` (keys, root first) up in cpu and disk to be evicted from its tail
         toward its root, as the device releases it (`BlockPool.order_tail_first`: in the
         LRU places its blocks hold, so how recently they were used is unchanged). Its
@@ -47,7 +55,7 @@ class ReleaseOrder:
         turn's, and a cpu block goes back in line when its copy to disk lands. While any
         of its blocks is still being copied down, the chain waits for the last of those
         copies to land (`on_landed`)."""
-        cpu_inflight, disk_inflight = inflight_keys["cpu"], inflight_keys["disk"]
+        cpu_inflight, disk_inflight = self._cpu_inflight, self._disk_inflight
         if cpu_inflight or disk_inflight:
             waiting = [k for k in chain if k in cpu_inflight or k in disk_inflight]
             if waiting:
@@ -57,15 +65,13 @@ class ReleaseOrder:
                 return
         self._order_tail_first(chain)
 
-    def on_landed(
-        self, done: list[tuple[Transfer, list[bool]]], inflight_keys: Mapping[str, set[int]]
-    ) -> None:
+    def on_landed(self, done: list[tuple[Transfer, list[bool]]]) -> None:
         """Line up the released chains whose last copy down was among `done` (in the
         order they were released), now that every copy `done` started has begun."""
         waiting_chains = self._waiting_chains
         if not waiting_chains:
             return
-        cpu_inflight, disk_inflight = inflight_keys["cpu"], inflight_keys["disk"]
+        cpu_inflight, disk_inflight = self._cpu_inflight, self._disk_inflight
         ready: list[_ReleasedChain] = []
         for t, _ in done:
             for key in t.keys:

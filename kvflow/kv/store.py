@@ -87,7 +87,7 @@ class KVStore:
         }
         self._inflight: dict[int, Transfer] = {}
         self._inflight_keys: dict[str, set[int]] = {"device": set(), "cpu": set(), "disk": set()}
-        self._release_order = ReleaseOrder(self.cpu, self.disk)
+        self._release_order = ReleaseOrder(self.cpu, self.disk, self._inflight_keys)
         self._listeners = StoreListeners(self._pools)
         self._engines = EnginePair(self.engine)
         self.export_pins: dict[str, dict[int, int]] = {"device": {}, "cpu": {}, "disk": {}}
@@ -255,7 +255,7 @@ class KVStore:
         keys = list(map(pool.block_keys.__getitem__, block_ids))
         with contextlib.suppress(ValueError):  # the chain ends at its first unsealed block
             del keys[keys.index(None) :]
-        self._release_order.order_below(cast("list[int]", keys), self._inflight_keys)
+        self._release_order.order_below(cast("list[int]", keys))
 
     def on_sealed(self, block_id: int, now: float) -> None:
         """A device block was just computed and indexed (write_through copies it now)."""
@@ -327,7 +327,7 @@ class KVStore:
         for t, ok in done:
             self._finish(t, ok, now)
         if done:
-            self._release_order.on_landed(done, self._inflight_keys)
+            self._release_order.on_landed(done)
         return done
 
     def _finish(self, t: Transfer, ok: list[bool], now: float) -> None:
