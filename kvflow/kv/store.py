@@ -151,13 +151,16 @@ class KVStore:
         d = self.device.count_prefix(block_keys) if num_device is None else num_device
         if d == len(block_keys) or (self.cpu is None and self.remote is None):
             return PrefixLocation(device_tokens=d * self.block_size)
-        below = self.find_below(block_keys, d, len(block_keys))
-        num_cpu = sum(tier == "cpu" for tier, _ in below)
+        num_cpu, num_disk = (
+            find_below(self.cpu, self.disk, block_keys, d, len(block_keys))
+            if self.cpu is not None
+            else (0, 0)
+        )
         bs = self.block_size
         location = PrefixLocation(
-            device_tokens=d * bs, cpu_tokens=num_cpu * bs, disk_tokens=(len(below) - num_cpu) * bs
+            device_tokens=d * bs, cpu_tokens=num_cpu * bs, disk_tokens=num_disk * bs
         )
-        end = d + len(below)
+        end = d + num_cpu + num_disk
         if self.remote is None or end == len(block_keys):
             return location
         run = self.remote.longest_run(block_keys, end)
@@ -170,9 +173,10 @@ class KVStore:
     ) -> list[tuple[TierName, int]]:
         """(tier, slot) of the run of blocks `start..` that lower tiers hold, at most up to
         `max_blocks`; each block from the fastest tier holding it."""
-        if self.cpu is None:
-            return []
-        return find_below(self.cpu, self.disk, block_keys, start, max_blocks)
+        slots: list[tuple[TierName, int]] = []
+        if self.cpu is not None:
+            find_below(self.cpu, self.disk, block_keys, start, max_blocks, slots)
+        return slots
 
     def find_remote(
         self, block_keys: Sequence[int], start: int, max_blocks: int
