@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvflow.cluster.launcher import INSTANCE_ROLES, child_env, is_ours
+from kvflow.cluster.launcher import INSTANCE_ROLES, ProcessId, child_env, is_ours
 from tests.serve_process import free_port, metric, metrics
 
 # Steps of 2 ms in real time, and prefill that costs (10 us a token): a cached prefix
@@ -103,7 +103,7 @@ def wait_until(what: str, check: Callable[[], bool], timeout_s: float = 30.0) ->
 
 def kill_all(pids: Sequence[int]) -> None:
     for pid in pids:
-        if is_ours(pid):
+        if is_ours(ProcessId(pid)):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -269,7 +269,7 @@ def run_status(args: argparse.Namespace, console: Console) -> int:
             process = f"ray actor ({p.node})"
             ok = healthy(p.url)
         else:
-            alive = is_ours(p.pid, p.start_ticks)
+            alive = is_ours(p.process_id)
             process = "running" if alive else "gone"
             # The Ray driver serves nothing: running is its health.
             ok = alive and (p.role == "ray" or healthy(p.url))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from kvflow.cluster.processes import is_ours, session_members, start_ticks
+from kvflow.cluster.processes import ProcessId, is_ours, session_members, start_ticks
 
 STATE_FILE = "cluster.json"
 STATE_VERSION = 1
@@ -68,6 +68,11 @@ class Proc:
     """When the process started (clock ticks after boot, `start_ticks`), read as `up`
     started it: a later process given the same pid started later and is not this one
     (0: not recorded, the command line alone tells)."""
+
+    @property
+    def process_id(self) -> ProcessId:
+        """What `is_ours` checks."""
+        return ProcessId(self.pid, self.start_ticks)
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,7 @@ def up(state_dir: Path, spec: ClusterSpec, timeout_s: float) -> ClusterState:
     state_path = state_dir / STATE_FILE
     if state_path.exists():
         old = ClusterState.read(state_path)
-        if any(is_ours(p.pid, p.start_ticks) for p in old.procs):
+        if any(is_ours(p.process_id) for p in old.procs):
             raise ClusterError(
                 f"a cluster is already up ({state_path}); `kvflow cluster down` it first"
             )
@@ -332,7 +337,7 @@ def stop(procs: Sequence[Proc], timeout_s: float) -> list[Proc]:
     # The router first: it stops taking requests while the instances drain theirs.
     ordered = sorted((p for p in procs if not p.node), key=lambda p: p.role != "router")
     for p in ordered:
-        if is_ours(p.pid, p.start_ticks):
+        if is_ours(p.process_id):
             _signal(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     killed = _wait_or_kill([p for p in ordered if p.role != "ray"], deadline)
@@ -360,15 +365,15 @@ def _end_session(sid: int, deadline: float) -> None:
 
 
 def _wait_or_kill(procs: Sequence[Proc], deadline: float) -> list[Proc]:
-    while any(is_ours(p.pid, p.start_ticks) for p in procs) and time.monotonic() < deadline:
+    while any(is_ours(p.process_id) for p in procs) and time.monotonic() < deadline:
         _reap()
         time.sleep(0.1)
-    killed = [p for p in procs if is_ours(p.pid, p.start_ticks)]
+    killed = [p for p in procs if is_ours(p.process_id)]
     for p in killed:
         _signal(p.pid, signal.SIGKILL)
     for _ in range(100):  # a killed process leaves /proc at once; bounded anyway
         _reap()
-        if not any(is_ours(p.pid, p.start_ticks) for p in killed):
+        if not any(is_ours(p.process_id) for p in killed):
             break
         time.sleep(0.05)
     return killed
@@ -398,7 +403,7 @@ def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc]]:
         stop_file = state_dir / RAY_STOP_FILE
         stop_file.write_text(json.dumps({"drain_timeout_s": timeout_s}) + "\n")
     killed = stop(state.procs, timeout_s)
-    left = [p for p in state.procs if p.node in ("", LOCAL_NODE) and is_ours(p.pid, p.start_ticks)]
+    left = [p for p in state.procs if p.node in ("", LOCAL_NODE) and is_ours(p.process_id)]
     if left:
         pids = ", ".join(str(p.pid) for p in left)
         raise ClusterError(f"processes {pids} outlived SIGKILL; {state_path} kept")
@@ -412,6 +417,7 @@ __all__ = [
     "ClusterSpec",
     "ClusterState",
     "Proc",
+    "ProcessId",
     "RaySpec",
     "child_env",
     "down",

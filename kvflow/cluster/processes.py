@@ -5,32 +5,58 @@ process too, is never signalled), and the members of a process session."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 
-def is_ours(pid: int, start_ticks: int = 0) -> bool:
-    """Whether `pid` runs (not a zombie) and is a kvflow process (its command line
-    names kvflow) that started at `start_ticks` (when given), so a reused pid, another
-    kvflow process's included, is never signalled."""
+class ProcessId(NamedTuple):
+    """A process as `up` recorded it (`Proc.process_id`)."""
+
+    pid: int
+    start_ticks: int = 0
+    """When it started, in clock ticks after boot (`start_ticks`); 0: not recorded, the
+    command line alone tells."""
+
+
+class _Stat(NamedTuple):
+    """The fields of /proc/PID/stat read here."""
+
+    state: str
+    """"Z": a zombie, gone but not yet reaped."""
+    session_id: int
+    start_ticks: int
+
+
+def _read_stat(pid: int | str) -> _Stat | None:
+    """/proc/PID/stat's state, session and start time (its 3rd, 6th and 22nd fields,
+    counted after the command name, which may hold spaces and parentheses); None when
+    it cannot be read (no such process)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        return _Stat(fields[0], int(fields[3]), int(fields[19]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_ours(process: ProcessId) -> bool:
+    """Whether `process` runs (not a zombie) and is a kvflow process (its command line
+    names kvflow) that started at its `start_ticks` (when recorded), so a reused pid,
+    another kvflow process's included, is never signalled."""
+    stat = _read_stat(process.pid)
+    if stat is None or stat.state == "Z":
+        return False
+    if process.start_ticks and stat.start_ticks != process.start_ticks:
+        return False
+    try:
+        return b"kvflow" in Path(f"/proc/{process.pid}/cmdline").read_bytes()
     except OSError:
         return False
-    fields = stat.rsplit(")", 1)[-1].split()
-    if fields[0] == "Z":
-        return False
-    if start_ticks and int(fields[19]) != start_ticks:
-        return False
-    return b"kvflow" in cmdline
 
 
 def start_ticks(pid: int) -> int:
     """When `pid` started, in clock ticks after boot (/proc/PID/stat's 22nd field); 0
     when it cannot be read."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
+    stat = _read_stat(pid)
+    return 0 if stat is None else stat.start_ticks
 
 
 def session_members(sid: int) -> list[int]:
@@ -39,13 +65,10 @@ def session_members(sid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
+        stat = _read_stat(entry.name)
+        if stat is not None and stat.session_id == sid and stat.state != "Z":
             members.append(int(entry.name))
     return members
 
 
-__all__ = ["is_ours", "session_members", "start_ticks"]
+__all__ = ["ProcessId", "is_ours", "session_members", "start_ticks"]

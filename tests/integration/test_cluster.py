@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from kvflow.cluster.launcher import child_env, is_ours
+from kvflow.cluster.launcher import ProcessId, child_env, is_ours
 from tests.cluster_process import (
     SIM,
     Cluster,
@@ -144,7 +144,7 @@ def test_a_killed_instance_leaves_the_rotation_and_down_leaves_no_process(tmp_pa
         assert down.returncode == 0, down.stderr
         assert not (tmp_path / "cluster.json").exists()
         assert (tmp_path / "router.log").exists()  # logs stay
-        assert [pid for pid in c.pids if is_ours(pid)] == []
+        assert [pid for pid in c.pids if is_ours(ProcessId(pid))] == []
 
 
 def test_up_refuses_a_second_cluster_in_the_same_state_dir(fleet: Cluster) -> None:
@@ -175,7 +175,7 @@ def _processes_in(cwd: Path) -> list[int]:
     there, started: its children inherit it)."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and is_ours(int(entry.name)):
+        if entry.name.isdigit() and is_ours(ProcessId(int(entry.name))):
             with contextlib.suppress(OSError):
                 if Path(os.readlink(entry / "cwd")) == cwd:
                     pids.append(int(entry.name))
@@ -288,7 +288,7 @@ def test_up_with_port_0_puts_the_router_on_a_free_port_and_prints_it(tmp_path: P
         if state_path.exists():
             kvflow("cluster", "down", "--state-dir", str(tmp_path), "--timeout", "20")
         for pid in pids:
-            if is_ours(pid):
+            if is_ours(ProcessId(pid)):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -308,7 +308,7 @@ def test_up_killed_while_starting_leaves_a_state_file_down_stops_from(tmp_path: 
             time.sleep(0.01)
         up.kill()
         up.wait(timeout=30)
-        assert any(is_ours(int(str(p["pid"]))) for p in listed)
+        assert any(is_ours(ProcessId(int(str(p["pid"])))) for p in listed)
         down = kvflow("cluster", "down", "--state-dir", str(state_dir), "--timeout", "30")
         assert down.returncode == 0, down.stderr
     assert left == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvflow.cluster.launcher import LOCAL_NODE, is_ours, session_members
+from kvflow.cluster.launcher import LOCAL_NODE, ProcessId, is_ours, session_members
 from tests.cluster_process import cluster, kvflow
 
 pytest.importorskip("ray")
@@ -60,7 +60,7 @@ def test_ray_instances_serve_through_the_router_and_down_leaves_nothing(tmp_path
             assert "did not drain" not in down.stdout  # stopped by the driver, not killed
             assert session_members(driver_pid) == []
             assert not any(session_dir.encode() in cmd for cmd in _cmdlines())
-            assert [pid for pid in c.pids if is_ours(pid)] == []
+            assert [pid for pid in c.pids if is_ours(ProcessId(pid))] == []
             assert not (tmp_path / "cluster.json").exists()
     finally:
         if driver_pid:  # whatever happened, nothing of the run outlives the test
