@@ -135,7 +135,14 @@ def parse_tenant(text: str) -> TenantSpec:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from kvflow.traces.distributions import AllAtOnce, ArrivalProcess, Gamma, Poisson, parse_length
+    from kvflow.traces.distributions import (
+        AllAtOnce,
+        ArrivalProcess,
+        Gamma,
+        Poisson,
+        length_trace_path,
+        parse_length,
+    )
     from kvflow.traces.formats.mooncake import MOONCAKE_BLOCK_TOKENS, dump_mooncake
     from kvflow.traces.limits import check_total
     from kvflow.traces.native import dump_native
@@ -148,11 +155,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "--output-len": args.output_len,
         "--turns": args.turns,
     }
-    inputs = {
-        f"the {flag} trace": spec.removeprefix("trace:")
-        for flag, spec in lengths.items()
-        if spec.startswith("trace:")
-    }
+    traces = {flag: length_trace_path(spec) for flag, spec in lengths.items()}
+    inputs = {f"the {flag} trace": path for flag, path in traces.items() if path is not None}
     check_outputs({"OUT": args.out}, {}, inputs)  # before generating anything
     arrivals: ArrivalProcess
     if args.arrival == "poisson":

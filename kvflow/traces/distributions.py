@@ -219,10 +219,11 @@ def parse_length(text: str, aspect: LengthAspect = "prompt") -> LengthDist:
     Raises:
         ValueError: a spelling it cannot read, quoting it.
     """
+    path = length_trace_path(text)
     kind, _, rest = text.partition(":")
     try:
-        if kind == "trace" and rest:
-            return Empirical.from_trace(rest, aspect)
+        if path is not None:
+            return Empirical.from_trace(path, aspect)
         if kind == "lognormal":
             parts = rest.split(":")
             if len(parts) not in (2, 3):
@@ -239,6 +240,13 @@ def parse_length(text: str, aspect: LengthAspect = "prompt") -> LengthDist:
             f"bad length {text!r} ({err}); expected N, LO:HI, uniform:LO:HI, "
             "lognormal:MEDIAN:SIGMA[:MAX] or trace:PATH"
         ) from None
+
+
+def length_trace_path(text: str) -> str | None:
+    """The trace file a length spelling samples from (``trace:PATH``; see
+    `parse_length`), None for any other spelling."""
+    kind, _, rest = text.partition(":")
+    return rest if kind == "trace" and rest else None
 
 
 class ArrivalProcess(ABC):

@@ -22,6 +22,7 @@ from kvflow.traces.distributions import (
     Poisson,
     Uniform,
     as_length_dist,
+    length_trace_path,
     parse_length,
 )
 from kvflow.traces.make_sample import build_multi_turn_sample
@@ -97,6 +98,12 @@ def test_lengths_sampled_from_a_trace_file(tmp_path: Path) -> None:
     )
     assert parse_length(f"trace:{path}", "prompt") == Empirical((10, 20, 30), str(path))
     assert parse_length(f"trace:{path}", "output") == Empirical((1, 2, 3), str(path))
+
+
+def test_only_a_trace_spelling_names_a_trace_file() -> None:
+    assert length_trace_path("trace:runs/a:b.jsonl") == "runs/a:b.jsonl"
+    for spelling in ("trace:", "128", "32:256", "lognormal:512:0.8", "tracer:x"):
+        assert length_trace_path(spelling) is None, spelling
 
 
 def test_parse_length_spellings() -> None:
