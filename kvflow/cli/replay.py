@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from kvflow.cli.outputs import model_files
 
 if TYPE_CHECKING:
     from kvflow.traces.metrics import RunReport
+    from kvflow.traces.trace_events import TraceEventWriter
 
 DEFAULT_POLICIES = ("fcfs", "lpm", "edf", "priority", "fair")
 
@@ -91,7 +93,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from kvflow.traces.outcome import nothing_served_reason
     from kvflow.traces.replay import make_policy, replay
     from kvflow.traces.timeseries import TimeSeriesRecorder, chain_hooks
-    from kvflow.traces.trace_events import TimelineWriteError, TraceEventWriter
 
     if args.endpoint:
         return run_endpoint(args, console)
@@ -118,36 +119,29 @@ def run(args: argparse.Namespace, console: Console) -> int:
     unserved: dict[str, str | None] = {}
     cdfs: dict[str, Any] = {}
     series: dict[str, Any] = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            events = None
-            if args.trace_events:
-                events = stack.enter_context(TraceEventWriter(args.trace_events))
-            progress = stack.enter_context(ReplayProgress(out))
-            for name, policy in zip(names, made, strict=True):
-                recorder = TimeSeriesRecorder() if args.plot else None
-                hook = chain_hooks(
-                    [
-                        progress.replay_hook(name, requests),
-                        recorder.on_step if recorder is not None else None,
-                        events.track(name) if events is not None else None,
-                    ]
-                )
-                result = replay(
-                    requests, config, policy, check_integrity=args.check_integrity, on_step=hook
-                )
-                progress.finish_all()
-                reports.append(summarize_replay(result, policy=name))
-                unserved[name] = nothing_served_reason(result.states, config)
-                if recorder is not None:
-                    from kvflow.traces.plots import latency_cdfs
+    with contextlib.ExitStack() as stack:
+        events = stack.enter_context(step_timeline(args.trace_events))
+        progress = stack.enter_context(ReplayProgress(out))
+        for name, policy in zip(names, made, strict=True):
+            recorder = TimeSeriesRecorder() if args.plot else None
+            hook = chain_hooks(
+                [
+                    progress.replay_hook(name, requests),
+                    recorder.on_step if recorder is not None else None,
+                    events.track(name) if events is not None else None,
+                ]
+            )
+            result = replay(
+                requests, config, policy, check_integrity=args.check_integrity, on_step=hook
+            )
+            progress.finish_all()
+            reports.append(summarize_replay(result, policy=name))
+            unserved[name] = nothing_served_reason(result.states, config)
+            if recorder is not None:
+                from kvflow.traces.plots import latency_cdfs
 
-                    cdfs[name] = latency_cdfs(result.states)
-                    series[name] = recorder.series()
-    except TimelineWriteError as err:
-        raise CLIError(
-            f"--trace-events {err.filename}: cannot write the step timeline: {err.strerror}"
-        ) from None
+                cdfs[name] = latency_cdfs(result.states)
+                series[name] = recorder.series()
     what = f"{path.name}, {len(requests)} requests | {sim_description(config)}"
     print_reports(out, reports, f"{what} | SLOs: {slo.source(loaded)}")
     if args.plot:
@@ -161,6 +155,25 @@ def run(args: argparse.Namespace, console: Console) -> int:
         doc = report_doc(path, args.engine, config, slo, runs=[r.to_json() for r in reports])
         write_json(doc, args.json)
     return fail_if_nothing_served(unserved)
+
+
+@contextlib.contextmanager
+def step_timeline(path: str | None) -> Iterator[TraceEventWriter | None]:
+    """The `--trace-events` writer (None without one), closed on the way out. Its
+    writes (opening, each replay's hook, closing) are what can raise its
+    `TimelineWriteError`, a `CLIError` naming the option here."""
+    from kvflow.traces.trace_events import TimelineWriteError, TraceEventWriter
+
+    if not path:
+        yield None
+        return
+    try:
+        with TraceEventWriter(path) as events:
+            yield events
+    except TimelineWriteError as err:
+        raise CLIError(
+            f"--trace-events {err.filename}: cannot write the step timeline: {err.strerror}"
+        ) from None
 
 
 def print_reports(out: Console, reports: list[RunReport], title: str) -> None:
