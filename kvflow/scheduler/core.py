@@ -62,13 +62,15 @@ class Scheduler:
         self.model = model if model is not None else ModelInfo()
         self.sched_config = config.scheduler
         self.store = store if store is not None else KVStore(config.kv)
-        self.pool = self.store.device
         self.block_size = self.store.block_size
         self.policy = policy
         self.waiting: dict[str, RequestState] = {}
         self.running: list[RequestState] = []
         self.stats = SchedulerStats()
         self.kv_manager = kv = KVManager(self.store, self.sched_config, self.stats)
+        self.pool = kv.pool
+        """The device pool: the one `kv_manager` drives (`store.device`), the same
+        object under a short name for callers and the per-step reads of its free count."""
         self._loads = Loads(self.store, self.stats)
         self.loading = self._loads.loading
         """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
@@ -91,7 +93,6 @@ class Scheduler:
         sc = self.sched_config
         self._max_batched = sc.max_num_batched_tokens
         self._max_seqs = sc.max_num_seqs
-        self._caching = sc.enable_prefix_caching
         self._sharing = sc.enable_inbatch_prefix_sharing and sc.enable_prefix_caching
         self._eos_token_ids = frozenset(self.model.eos_token_ids)
         self._model_limits = (
@@ -124,7 +125,7 @@ class Scheduler:
             self._finish(state, FinishReason.REJECTED, now, reason)
             self.stats.num_rejected += 1
             return state
-        if self._caching:
+        if self.kv_manager.caching:
             if type(block_keys) is list:
                 state.block_keys = block_keys  # adopted: no copy, no reference per key
             elif block_keys is not None:
@@ -449,7 +450,7 @@ class Scheduler:
         if result.logprobs is not None:
             self._commit_logprobs(plan, result.logprobs)
         bs = self.block_size
-        caching = self._caching
+        caching = self.kv_manager.caching
         seal = self.kv_manager.seal
         finished: list[RequestState] = []
         entries = zip(plan.requests, plan.start_positions, plan.num_tokens, sampled, strict=True)
