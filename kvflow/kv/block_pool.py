@@ -19,6 +19,7 @@ one. Only the key index (a dict from block key to block) is per-block Python wor
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from itertools import filterfalse, islice, repeat, takewhile
@@ -43,9 +44,13 @@ class IntegrityError(AssertionError):
     """A broken invariant of a pool, store or scheduler (a bug, never bad input)."""
 
 
-_PACKERS: dict[int, struct.Struct] = {}
-"""`struct.Struct(f"{n}q")` by n, for lists of up to `_MAX_PACKED` ids."""
 _MAX_PACKED = 4096
+
+
+@functools.lru_cache(maxsize=_MAX_PACKED)
+def _packer(n: int) -> struct.Struct:
+    """`n` native int64s (made once per count)."""
+    return struct.Struct(f"{n}q")
 
 
 def _ids(block_ids: BlockIds | Iterable[int]) -> IntArray:
@@ -56,11 +61,7 @@ def _ids(block_ids: BlockIds | Iterable[int]) -> IntArray:
     if type(block_ids) is list and len(block_ids) <= _MAX_PACKED:
         # struct packs a list of ints at less than half the instructions of
         # np.fromiter / np.array (which convert each int through numpy's scalar code).
-        n = len(block_ids)
-        packer = _PACKERS.get(n)
-        if packer is None:
-            packer = _PACKERS[n] = struct.Struct(f"{n}q")
-        return np.frombuffer(packer.pack(*block_ids), dtype=np.int64)
+        return np.frombuffer(_packer(len(block_ids)).pack(*block_ids), dtype=np.int64)
     return np.fromiter(block_ids, dtype=np.int64)
 
 

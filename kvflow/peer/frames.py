@@ -157,22 +157,12 @@ PULL_HEAD = struct.Struct(f"!{FINGERPRINT_SIZE}sQI")
 
 
 def pack_pull_frame(fingerprint: bytes, request_id: int, keys: Sequence[int]) -> bytes:
-    """A whole PULL frame in one `struct.pack`: its header, then the payload
+    """A whole PULL frame: its header, then the payload in one `struct.pack`
     (`PULL_HEAD`: the fingerprint, the request id as lease id, the number of keys; then
     the keys, big-endian uint64s)."""
     n = len(keys)
-    return _pull_frame(n).pack(
-        MAGIC,
-        PROTOCOL_VERSION,
-        PULL_KIND,
-        0,
-        request_id,
-        PULL_HEAD.size + 8 * n,
-        fingerprint,
-        request_id,
-        n,
-        *keys,
-    )
+    payload = _pull_payload(n).pack(fingerprint, request_id, n, *keys)
+    return pack_header(PULL_KIND, request_id, len(payload)) + payload
 
 
 def unpack_pull(payload: bytes | bytearray) -> tuple[bytes, int, tuple[int, ...]]:
@@ -201,9 +191,9 @@ def _u64s(n: int) -> struct.Struct:
 
 
 @functools.lru_cache(maxsize=64)
-def _pull_frame(n: int) -> struct.Struct:
-    """A whole PULL frame of `n` keys: `HEADER`, `PULL_HEAD`, the keys (one format)."""
-    return struct.Struct(f"{HEADER.format}{PULL_HEAD.format[1:]}{n}Q")
+def _pull_payload(n: int) -> struct.Struct:
+    """A PULL payload of `n` keys: `PULL_HEAD`, then the keys (one format)."""
+    return struct.Struct(f"{PULL_HEAD.format}{n}Q")
 
 
 # -- BLOCKS -----------------------------------------------------------------------------
