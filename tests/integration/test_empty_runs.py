@@ -1,7 +1,10 @@
 """No run is silently empty: a trace or shaping step that leaves no request, a config
 under which no request can be served, and an output that cannot be written (or would
 overwrite an input) each end with one `kvflow: ...` line and a non-zero exit, never a
-traceback or an empty table with exit code 0."""
+traceback or an empty table with exit code 0.
+
+Most run in this process (`cli`, see tests/cli_run.py); the replay's and the sweep's first
+refusals run in a fresh process (`kvflow`), as a user runs them."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvflow.traces import bundled_sample_path
+from tests.cli_run import CLI, CLIResult, in_process
 
 
 def kvflow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -29,7 +33,13 @@ def kvflow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
     )
 
 
-def error_line(out: subprocess.CompletedProcess[str], prefix: str = "kvflow: error: ") -> str:
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
+    """`kvflow ARGS` in this process."""
+    return in_process(capsys)
+
+
+def error_line(out: CLIResult, prefix: str = "kvflow: error: ") -> str:
     """The one `kvflow: error: ...` line; fails on a traceback or on no such line."""
     assert "Traceback" not in out.stderr, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith(prefix)]
@@ -57,15 +67,17 @@ def test_an_empty_trace_file_is_an_error_naming_it(tmp_path: Path) -> None:
     assert "policy" not in out.stdout  # no table
 
 
-def test_limit_zero_is_an_error(tmp_path: Path) -> None:
-    out = kvflow("replay", str(write_trace(tmp_path / "t.jsonl")), "--limit", "0")
+def test_limit_zero_is_an_error(tmp_path: Path, cli: CLI) -> None:
+    out = cli("replay", str(write_trace(tmp_path / "t.jsonl")), "--limit", "0")
     assert out.returncode == 2
     assert "--limit 0 leaves no requests" in error_line(out)
 
 
-def test_a_window_past_the_end_is_an_error_saying_where_the_trace_ends(tmp_path: Path) -> None:
+def test_a_window_past_the_end_is_an_error_saying_where_the_trace_ends(
+    tmp_path: Path, cli: CLI
+) -> None:
     trace = write_trace(tmp_path / "t.jsonl", num_requests=4)  # arrivals 0 .. 0.3 s
-    out = kvflow("replay", str(trace), "--window", "100:200")
+    out = cli("replay", str(trace), "--window", "100:200")
     assert out.returncode == 2
     line = error_line(out)
     assert "--window 100:200 leaves no requests" in line and "0.3 s" in line
@@ -87,11 +99,11 @@ def test_the_sweep_refuses_an_empty_window_too(tmp_path: Path) -> None:
     ],
 )
 def test_a_rate_or_time_scale_that_loses_virtual_time_is_an_error(
-    flag: str, value: str, named: str, tmp_path: Path
+    flag: str, value: str, named: str, tmp_path: Path, cli: CLI
 ) -> None:
     # Arrivals stretched past ~10^300 s: a step of milliseconds added to them is lost to
     # rounding, so every latency would read 0.0 ms.
-    out = kvflow("replay", str(write_trace(tmp_path / "t.jsonl")), flag, value)
+    out = cli("replay", str(write_trace(tmp_path / "t.jsonl")), flag, value)
     assert out.returncode == 2
     line = error_line(out)
     assert named in line and "resolution" in line
@@ -108,9 +120,11 @@ def smallest_request_blocks(trace: Path, block_size: int = 16) -> tuple[int, int
     return len(needs), min(needs)
 
 
-def test_a_device_tier_smaller_than_any_request_fails_with_the_reason(tmp_path: Path) -> None:
+def test_a_device_tier_smaller_than_any_request_fails_with_the_reason(
+    tmp_path: Path, cli: CLI
+) -> None:
     report = tmp_path / "r.json"
-    out = kvflow("replay", "-p", "fcfs", "--set", "kv.device.num_blocks=1", "--json", str(report))
+    out = cli("replay", "-p", "fcfs", "--set", "kv.device.num_blocks=1", "--json", str(report))
     assert out.returncode == 1
     num_requests, min_blocks = smallest_request_blocks(bundled_sample_path())
     line = error_line(out)
@@ -130,8 +144,8 @@ def test_a_device_tier_smaller_than_any_request_fails_with_the_reason(tmp_path: 
     assert "0.0 /" not in row and " - " in row
 
 
-def test_max_model_len_below_every_request_fails_with_the_reason(tmp_path: Path) -> None:
-    out = kvflow(
+def test_max_model_len_below_every_request_fails_with_the_reason(tmp_path: Path, cli: CLI) -> None:
+    out = cli(
         "replay",
         str(write_trace(tmp_path / "t.jsonl")),
         "-p",
@@ -146,23 +160,23 @@ def test_max_model_len_below_every_request_fails_with_the_reason(tmp_path: Path)
 
 
 def test_a_policy_that_rejects_every_request_fails_quoting_its_first_reason(
-    tmp_path: Path,
+    tmp_path: Path, cli: CLI
 ) -> None:
     # EDF set to reject hopeless requests, under a TTFT objective no prefill can meet.
     trace = str(write_trace(tmp_path / "t.jsonl"))
     settings = ["--set", "policies.edf.hopeless=reject", "--ttft-slo-ms", "0.001"]
-    out = kvflow("replay", trace, "-p", "edf", *settings)
+    out = cli("replay", trace, "-p", "edf", *settings)
     assert out.returncode == 1
     line = error_line(out)
     assert line.startswith("kvflow: error: no request served by edf: all 4 requests rejected;")
     assert "cannot be met" in line  # the policy's own reason, quoted
 
 
-def test_a_sweep_whose_points_serve_nothing_fails_with_the_reason(tmp_path: Path) -> None:
+def test_a_sweep_whose_points_serve_nothing_fails_with_the_reason(tmp_path: Path, cli: CLI) -> None:
     report = tmp_path / "sweep.json"
     trace = str(write_trace(tmp_path / "t.jsonl"))  # 4 requests of 44 tokens: 3 blocks
     args = ["sweep", trace, "-p", "fcfs", "--rate", "1,2", "--jobs", "1", "--json", str(report)]
-    out = kvflow(*args, "--set", "kv.device.num_blocks=2")
+    out = cli(*args, "--set", "kv.device.num_blocks=2")
     assert out.returncode == 1
     line = error_line(out)
     assert line == (
@@ -174,17 +188,19 @@ def test_a_sweep_whose_points_serve_nothing_fails_with_the_reason(tmp_path: Path
     assert points[0]["ttft_ms"]["p50"] is None
 
 
-def test_a_run_that_serves_some_requests_succeeds(tmp_path: Path) -> None:
-    out = kvflow("replay", str(write_trace(tmp_path / "t.jsonl")), "-p", "fcfs")
+def test_a_run_that_serves_some_requests_succeeds(tmp_path: Path, cli: CLI) -> None:
+    out = cli("replay", str(write_trace(tmp_path / "t.jsonl")), "-p", "fcfs")
     assert out.returncode == 0, out.stderr
     assert "kvflow: error" not in out.stderr
 
 
 # -- outputs checked before the run --------------------------------------------------------
 @pytest.mark.parametrize("flag", ["--json", "--trace-events"])
-def test_an_output_in_a_missing_directory_fails_before_the_run(flag: str, tmp_path: Path) -> None:
+def test_an_output_in_a_missing_directory_fails_before_the_run(
+    flag: str, tmp_path: Path, cli: CLI
+) -> None:
     dest = tmp_path / "no-such-dir" / "out.json"
-    out = kvflow("replay", "-p", "fcfs", flag, str(dest))
+    out = cli("replay", "-p", "fcfs", flag, str(dest))
     assert out.returncode == 2
     line = error_line(out)
     assert flag in line and str(dest.parent) in line and "does not exist" in line
@@ -192,19 +208,19 @@ def test_an_output_in_a_missing_directory_fails_before_the_run(flag: str, tmp_pa
 
 
 @pytest.mark.parametrize("flag", ["--json", "--trace-events"])
-def test_an_output_that_is_a_directory_is_refused(flag: str, tmp_path: Path) -> None:
-    out = kvflow("replay", "-p", "fcfs", flag, str(tmp_path))
+def test_an_output_that_is_a_directory_is_refused(flag: str, tmp_path: Path, cli: CLI) -> None:
+    out = cli("replay", "-p", "fcfs", flag, str(tmp_path))
     assert out.returncode == 2
     line = error_line(out)
     assert flag in line and "is a directory" in line
     assert "policy" not in out.stdout
 
 
-def test_a_plot_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
+def test_a_plot_directory_that_is_a_file_is_refused(tmp_path: Path, cli: CLI) -> None:
     pytest.importorskip("matplotlib")
     a_file = tmp_path / "plots"
     a_file.write_text("mine\n")
-    out = kvflow("replay", "-p", "fcfs", "--plot", str(a_file))
+    out = cli("replay", "-p", "fcfs", "--plot", str(a_file))
     assert out.returncode == 2
     line = error_line(out)
     assert "--plot" in line and "not a directory" in line
@@ -213,44 +229,44 @@ def test_a_plot_directory_that_is_a_file_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["--json", "--trace-events"])
 def test_an_output_equal_to_the_trace_is_refused_and_the_trace_kept(
-    flag: str, tmp_path: Path
+    flag: str, tmp_path: Path, cli: CLI
 ) -> None:
     trace = write_trace(tmp_path / "t.jsonl")
     before = trace.read_text()
     (tmp_path / "sub").mkdir()
     # The same file by another spelling: resolved paths are compared.
     other_spelling = tmp_path / "sub" / ".." / "t.jsonl"
-    out = kvflow("replay", str(trace), "-p", "fcfs", flag, str(other_spelling))
+    out = cli("replay", str(trace), "-p", "fcfs", flag, str(other_spelling))
     assert out.returncode == 2
     line = error_line(out)
     assert flag in line and "the trace" in line
     assert trace.read_text() == before
 
 
-def test_an_output_hard_linked_to_the_config_is_refused(tmp_path: Path) -> None:
+def test_an_output_hard_linked_to_the_config_is_refused(tmp_path: Path, cli: CLI) -> None:
     config = tmp_path / "c.json"
     config.write_text('{"scheduler": {"max_num_seqs": 8}}\n')
     link = tmp_path / "report.json"
     os.link(config, link)
-    out = kvflow("replay", "-p", "fcfs", "--config", str(config), "--json", str(link))
+    out = cli("replay", "-p", "fcfs", "--config", str(config), "--json", str(link))
     assert out.returncode == 2
     assert "the config file" in error_line(out)
     assert config.read_text() == '{"scheduler": {"max_num_seqs": 8}}\n'
 
 
-def test_two_outputs_to_one_file_are_refused(tmp_path: Path) -> None:
+def test_two_outputs_to_one_file_are_refused(tmp_path: Path, cli: CLI) -> None:
     dest = tmp_path / "out.json"
-    out = kvflow("replay", "-p", "fcfs", "--json", str(dest), "--trace-events", str(dest))
+    out = cli("replay", "-p", "fcfs", "--json", str(dest), "--trace-events", str(dest))
     assert out.returncode == 2
     line = error_line(out)
     assert "--json" in line and "--trace-events" in line
     assert not dest.exists()
 
 
-def test_the_sweep_refuses_a_json_report_over_its_trace(tmp_path: Path) -> None:
+def test_the_sweep_refuses_a_json_report_over_its_trace(tmp_path: Path, cli: CLI) -> None:
     trace = write_trace(tmp_path / "t.jsonl")
     before = trace.read_text()
-    out = kvflow("sweep", str(trace), "--rate", "1", "--jobs", "1", "--json", str(trace))
+    out = cli("sweep", str(trace), "--rate", "1", "--jobs", "1", "--json", str(trace))
     assert out.returncode == 2
     assert "the trace" in error_line(out)
     assert trace.read_text() == before
