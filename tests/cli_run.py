@@ -56,9 +56,11 @@ def run_in_process(
     return CLIRun(code, out.out, out.err)
 
 
-def in_process(capsys: pytest.CaptureFixture[str]) -> CLI:
-    """The `cli` fixture's value: `run_in_process` bound to the test's `capsys`."""
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
+    """`kvflow ARGS` in this process: `run_in_process` bound to the test's `capsys`
+    (a module that imports this fixture names it in its `__all__`)."""
     return functools.partial(run_in_process, capsys)
 
 
-__all__ = ["CLI", "CLIResult", "CLIRun", "in_process", "run_in_process"]
+__all__ = ["CLI", "CLIResult", "CLIRun", "cli", "run_in_process"]

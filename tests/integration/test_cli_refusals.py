@@ -19,7 +19,9 @@ import pytest
 
 from kvflow.kv.block_pool import BlockPool
 from kvflow.kv.capacity import available_ram_bytes
-from tests.cli_run import CLI, CLIResult, in_process
+from tests.cli_run import CLI, CLIResult, cli
+
+__all__ = ["cli"]  # a fixture its tests take
 
 TIMEOUT_S = 120
 
@@ -56,12 +58,6 @@ def kvflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=TIMEOUT_S,
         preexec_fn=_limit_memory,
     )
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
-    """`kvflow ARGS` in this process."""
-    return in_process(capsys)
 
 
 def assert_one_line_error(done: CLIResult, *needles: str) -> str:

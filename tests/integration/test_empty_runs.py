@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from kvflow.traces import bundled_sample_path
-from tests.cli_run import CLI, CLIResult, in_process
+from tests.cli_run import CLI, CLIResult, cli
+
+__all__ = ["cli"]  # a fixture its tests take
 
 
 def kvflow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,12 +33,6 @@ def kvflow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
         env=dict(os.environ),
         cwd=cwd,
     )
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
-    """`kvflow ARGS` in this process."""
-    return in_process(capsys)
 
 
 def error_line(out: CLIResult, prefix: str = "kvflow: error: ") -> str:

@@ -13,8 +13,11 @@ from kvflow.config import KVFlowConfig
 from kvflow.request import SLO, Request
 from kvflow.traces.native import dump_native
 from kvflow.traces.outcome import request_outcome
+from tests.cli_run import CLI, cli
 from tests.fleet_helpers import assert_fleet_wide_is_the_full_report_less_its_fleet_figures
-from tests.integration.test_cli_refusals import assert_one_line_error, kvflow
+from tests.integration.test_cli_refusals import assert_one_line_error
+
+__all__ = ["cli"]  # a fixture its tests take
 
 
 def workload(
@@ -117,11 +120,11 @@ def test_colocation_wins_on_a_slow_network() -> None:
     assert disaggregated <= 0.1
 
 
-def test_cli_pd_report_and_errors(tmp_path: Path) -> None:
+def test_cli_pd_report_and_errors(tmp_path: Path, cli: CLI) -> None:
     trace = tmp_path / "t.jsonl"
     dump_native(workload(12, 300, 8, rate=20.0, slo=SLO()), trace)
     out = tmp_path / "r.json"
-    done = kvflow(
+    done = cli(
         "replay", str(trace), "--pd", "1:2", "--check-integrity", "--json", str(out), cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
@@ -136,9 +139,9 @@ def test_cli_pd_report_and_errors(tmp_path: Path) -> None:
     assert fleet["per_role"]["decode"]["num_requests"] == 12
     assert run_doc["num_finished"] == 12
     assert run_doc["num_output_tokens"] == 12 * 8
-    mismatch = kvflow("replay", str(trace), "--pd", "1:1", "--instances", "3", cwd=tmp_path)
+    mismatch = cli("replay", str(trace), "--pd", "1:1", "--instances", "3", cwd=tmp_path)
     assert_one_line_error(mismatch, "--pd 1:1: P + D = 2, but --instances is 3")
     assert mismatch.returncode == 2
-    bad = kvflow("replay", str(trace), "--pd", "2", cwd=tmp_path)
+    bad = cli("replay", str(trace), "--pd", "2", cwd=tmp_path)
     assert_one_line_error(bad, "expected P:D")
     assert bad.returncode == 2

@@ -20,6 +20,7 @@ from kvflow.traces.native import dump_native
 from kvflow.traces.replay import replay
 from kvflow.traces.shaping import scale_to_rate
 from kvflow.traces.slo import SLOSettings
+from tests.cli_run import CLI, cli
 from tests.fleet_helpers import (
     assert_fleet_wide_is_the_full_report_less_its_fleet_figures,
     conversations,
@@ -27,6 +28,8 @@ from tests.fleet_helpers import (
     one_system_prompt,
     run_fleet,
 )
+
+__all__ = ["cli"]  # a fixture its tests take
 
 N = 8
 REPO = Path(__file__).resolve().parents[2]
@@ -186,12 +189,12 @@ def test_fleet_reports_are_byte_identical_across_processes(tmp_path: Path) -> No
     assert len(doc["runs"][0]["fleet"]["per_instance"]) == 4
 
 
-def test_cli_per_instance_overrides_and_errors(tmp_path: Path) -> None:
+def test_cli_per_instance_overrides_and_errors(tmp_path: Path, cli: CLI) -> None:
     trace = tmp_path / "conv.jsonl"
     dump_native(conversations(num_sessions=10), trace)
     repo = REPO
     out = tmp_path / "r.json"
-    done = _kvflow(
+    done = cli(
         "replay", str(trace), "--instances", "3", "--router", "round-robin",
         "--set", "instances.2.kv.device.num_blocks=123", "--json", str(out), cwd=repo,
     )  # fmt: skip
@@ -199,19 +202,19 @@ def test_cli_per_instance_overrides_and_errors(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["fleet"]["instance_configs"]["2"]["kv"]["device"]["num_blocks"] == 123
     assert list(doc["fleet"]["instance_configs"]) == ["2"]
-    bad_index = _kvflow(
+    bad_index = cli(
         "replay", str(trace), "--instances", "3",
         "--set", "instances.3.kv.device.num_blocks=1", cwd=repo,
     )  # fmt: skip
     assert bad_index.returncode == 2
     assert "the fleet has 3 instances (0..2)" in bad_index.stderr
     assert "Traceback" not in bad_index.stderr
-    bad_router = _kvflow("replay", str(trace), "--instances", "2", "--router", "x", cwd=repo)
+    bad_router = cli("replay", str(trace), "--instances", "2", "--router", "x", cwd=repo)
     assert bad_router.returncode == 2
     assert "unknown router 'x'; known: round-robin" in bad_router.stderr
-    no_fleet = _kvflow("replay", str(trace), "--router", "round-robin", cwd=repo)
+    no_fleet = cli("replay", str(trace), "--router", "round-robin", cwd=repo)
     assert no_fleet.returncode == 2 and "need --instances N" in no_fleet.stderr
-    bad_value = _kvflow(
+    bad_value = cli(
         "replay", str(trace), "--instances", "2",
         "--set", "instances.1.kv.device.num_blocks=0", cwd=repo,
     )  # fmt: skip

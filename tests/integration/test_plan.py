@@ -21,7 +21,10 @@ from kvflow.traces import read_trace
 from kvflow.traces.fleet_report import summarize_fleet
 from kvflow.traces.shaping import time_scale
 from kvflow.traces.slo import SLOSettings
+from tests.cli_run import CLI, cli
 from tests.integration.test_cli_refusals import assert_one_line_error
+
+__all__ = ["cli"]  # a fixture its tests take
 
 TIMEOUT_S = 300
 TTFT_MS, TPOT_MS, TARGET = 200.0, 40.0, 0.9
@@ -170,14 +173,14 @@ def test_a_fixed_split_is_replayed_and_a_miss_fails_with_a_message(trace: Path) 
         (["--pd", "auto", "--max-instances", "1"], ["--pd auto", "--max-instances >= 2"]),
     ],
 )
-def test_a_bad_pd_is_refused(trace: Path, args: list[str], needles: list[str]) -> None:
-    done = kvflow("plan", str(trace), "--ttft-slo-ms", "200", *args, cwd=trace.parent)
+def test_a_bad_pd_is_refused(trace: Path, args: list[str], needles: list[str], cli: CLI) -> None:
+    done = cli("plan", str(trace), "--ttft-slo-ms", "200", *args, cwd=trace.parent)
     assert_one_line_error(done, *needles)
     assert done.returncode == 2
 
 
-def test_an_unreachable_slo_fails_with_a_message(trace: Path) -> None:
-    done = kvflow(
+def test_an_unreachable_slo_fails_with_a_message(trace: Path, cli: CLI) -> None:
+    done = cli(
         "plan", str(trace), "--ttft-slo-ms", "1", "--rate-scale", "4",
         "--max-instances", "2", "--jobs", "1", cwd=trace.parent,
     )  # fmt: skip
@@ -187,22 +190,22 @@ def test_an_unreachable_slo_fails_with_a_message(trace: Path) -> None:
     assert "even at --max-instances 2 (most failures: ttft)" in done.stderr
 
 
-def test_a_bad_prices_file_and_an_unknown_gpu(trace: Path) -> None:
+def test_a_bad_prices_file_and_an_unknown_gpu(trace: Path, cli: CLI) -> None:
     bad = trace.parent / "prices.toml"
     bad.write_text("[gpu.mine]\nprice_per_gpu_hour = 'cheap'\n")
-    done = kvflow(
+    done = cli(
         "plan", str(trace), "--ttft-slo-ms", "200", "--prices", str(bad), "--gpu", "mine",
         cwd=trace.parent,
     )  # fmt: skip
     assert_one_line_error(done, str(bad), "gpu.mine.price_per_gpu_hour", "'cheap'")
     assert done.returncode == 2
-    done = kvflow("plan", str(trace), "--ttft-slo-ms", "200", "--gpu", "b200", cwd=trace.parent)
+    done = cli("plan", str(trace), "--ttft-slo-ms", "200", "--gpu", "b200", cwd=trace.parent)
     assert_one_line_error(done, "unknown gpu 'b200'", "known: 4xh100, cpu, h100")
     assert done.returncode == 2
 
 
-def test_a_plan_without_slos_is_refused(trace: Path) -> None:
-    done = kvflow("plan", str(trace), cwd=trace.parent)
+def test_a_plan_without_slos_is_refused(trace: Path, cli: CLI) -> None:
+    done = cli("plan", str(trace), cwd=trace.parent)
     assert_one_line_error(done, "--ttft-slo-ms")
     assert done.returncode == 2
 
