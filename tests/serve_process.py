@@ -176,4 +176,18 @@ class ServerProcess:
         self._log.close()
 
 
-__all__ = ["ServerProcess", "free_port", "metric", "metrics"]
+@contextmanager
+def serving(*servers: ServerProcess) -> Iterator[tuple[ServerProcess, ...]]:
+    """`servers` once each answers /health, killed at the end: each process started when
+    its `ServerProcess` was made, so their start-ups overlap (where `with A as a, B as b`
+    starts B only once A is healthy)."""
+    try:
+        for server in servers:
+            server.wait_healthy()
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
+
+
+__all__ = ["ServerProcess", "free_port", "metric", "metrics", "serving"]

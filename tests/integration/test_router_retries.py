@@ -17,7 +17,7 @@ import pytest
 
 from kvflow.cli import main
 from tests.cluster_process import SIM, wait_until
-from tests.serve_process import ServerProcess
+from tests.serve_process import ServerProcess, serving
 
 MODEL = "kvflow-sim"
 ROUTER = ("-m", "kvflow", "router")
@@ -35,12 +35,12 @@ def _router(log: Path, *instances: ServerProcess, interval: str = "60") -> Serve
 def two(tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     # The first takes one request at a time and refuses the next with 503.
     long = ["--set", "scheduler.max_model_len=65536"]
-    with (
+    with serving(
         ServerProcess(
             ["--engine", "sim", *SIM, *long, "--max-num-pending", "1"], tmp_path / "a.log"
-        ) as a,
-        ServerProcess(["--engine", "sim", *SIM, *long], tmp_path / "b.log") as b,
-    ):
+        ),
+        ServerProcess(["--engine", "sim", *SIM, *long], tmp_path / "b.log"),
+    ) as (a, b):
         yield a, b
 
 
@@ -102,8 +102,9 @@ def test_a_killed_instance_comes_back_into_the_rotation_once_it_answers_again(
 ) -> None:
     args = ["--engine", "sim", *SIM]
     with (
-        ServerProcess(args, tmp_path / "a.log") as a,
-        ServerProcess(args, tmp_path / "b.log") as b,
+        serving(
+            ServerProcess(args, tmp_path / "a.log"), ServerProcess(args, tmp_path / "b.log")
+        ) as (a, b),
         _router(tmp_path / "router.log", a, b, interval="0.1") as router,
     ):
         healthy = "kvflow:router_instance_healthy"

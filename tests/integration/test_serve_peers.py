@@ -27,7 +27,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tests.serve_process import ServerProcess, free_port
+from tests.serve_process import ServerProcess, free_port, serving
 from tests.text_model import build_text_model
 
 MODEL = "tiny"
@@ -130,10 +130,10 @@ def pair(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     logs = tmp_path_factory.mktemp("serve-peers")
     port_a, port_b = free_port(), free_port()
     a_args = serve_args(model_dir, port_a, [port_b], *persistent_disk(logs / "a.slab"))
-    with (
-        ServerProcess(a_args, logs / "a.log") as a,
-        ServerProcess(serve_args(model_dir, port_b, [port_a]), logs / "b.log") as b,
-    ):
+    with serving(
+        ServerProcess(a_args, logs / "a.log"),
+        ServerProcess(serve_args(model_dir, port_b, [port_a]), logs / "b.log"),
+    ) as (a, b):
         for server in (a, b):
             wait_until("peers up", lambda s=server: s.metric("kvflow:peers_up") == 1)
         both = Pair(a, b, port_a, port_b, a_args)

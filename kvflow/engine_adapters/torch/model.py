@@ -30,10 +30,14 @@ def _linear(size_in: int, size_out: int) -> nn.Linear:
     return nn.Linear(size_in, size_out, bias=False, device="meta")
 
 
-class _Norm(nn.Module):
-    def __init__(self, size: int) -> None:
+class _Weight(nn.Module):
+    """A module holding one uninitialised (meta) `weight` of `shape`: a norm's, or the
+    token embedding's (looked up with `F.embedding`). Not `nn.Embedding`, whose random
+    initialisation, even on the meta device, imports torch._dynamo (about a second)."""
+
+    def __init__(self, *shape: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size, device="meta"))
+        self.weight = nn.Parameter(torch.empty(*shape, device="meta"))
 
 
 class _Attention(nn.Module):
@@ -58,18 +62,18 @@ class _MLP(nn.Module):
 class _DecoderLayer(nn.Module):
     def __init__(self, spec: LlamaSpec) -> None:
         super().__init__()
-        self.input_layernorm = _Norm(spec.hidden_size)
+        self.input_layernorm = _Weight(spec.hidden_size)
         self.self_attn = _Attention(spec)
-        self.post_attention_layernorm = _Norm(spec.hidden_size)
+        self.post_attention_layernorm = _Weight(spec.hidden_size)
         self.mlp = _MLP(spec)
 
 
 class _Body(nn.Module):
     def __init__(self, spec: LlamaSpec) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, device="meta")
+        self.embed_tokens = _Weight(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(_DecoderLayer(spec) for _ in range(spec.num_layers))
-        self.norm = _Norm(spec.hidden_size)
+        self.norm = _Weight(spec.hidden_size)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
