@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from kvflow.cluster.launcher import ProcessId, child_env, is_ours
+from tests.cli_run import CLI, cli
 from tests.cluster_process import (
     SIM,
     Cluster,
@@ -28,6 +29,8 @@ from tests.cluster_process import (
     wait_until_router_knows,
 )
 from tests.serve_process import ServerProcess, free_port
+
+__all__ = ["cli"]  # a fixture its tests take
 
 MODEL = "kvflow-sim"
 
@@ -152,9 +155,9 @@ def test_up_refuses_a_second_cluster_in_the_same_state_dir(fleet: Cluster) -> No
     assert again.returncode == 2 and "already up" in again.stderr
 
 
-def test_status_and_down_without_a_cluster_say_so(tmp_path: Path) -> None:
+def test_status_and_down_without_a_cluster_say_so(tmp_path: Path, cli: CLI) -> None:
     for action in ("status", "down"):
-        out = kvflow("cluster", action, "--state-dir", str(tmp_path))
+        out = cli("cluster", action, "--state-dir", str(tmp_path))
         assert out.returncode == 2
         assert out.stderr.startswith("kvflow: error: no cluster state at")
         assert "Traceback" not in out.stderr
@@ -257,10 +260,10 @@ def test_down_with_a_stale_state_file_leaves_a_process_that_took_a_pid_alone(
         other.wait(timeout=30)
 
 
-def test_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
+def test_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path, cli: CLI) -> None:
     (tmp_path / "cluster.json").write_text("[1]\n")
     for action in ("status", "down"):
-        out = kvflow("cluster", action, "--state-dir", str(tmp_path))
+        out = cli("cluster", action, "--state-dir", str(tmp_path))
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert (
             out.stderr.startswith("kvflow: error: ")
