@@ -265,16 +265,19 @@ class RouterApp:
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             first = True
+            chunk = b""
             while not left.is_set():
+                last = chunk
                 try:
                     chunk = await response.read()
                 except UpstreamDownError as err:
-                    # Bytes went out already: the client sees the stream end (no retry).
+                    # Bytes went out already: no retry. The client is told.
                     if not left.is_set():
                         logger.warning(
                             "kvflow router: %s broke off a response (%s)", target.url, err
                         )
-                    break
+                        await self._broken_off(send, response, target, last, err)
+                    return
                 if first:
                     first = False
                     self.fleet.answered(ticket)
@@ -286,6 +289,25 @@ class RouterApp:
             watcher.cancel()
             response.release()
             self._done(ticket)
+
+    @staticmethod
+    async def _broken_off(
+        send: Send, response: UpstreamResponse, target: _Instance, last: bytes, err: Exception
+    ) -> None:
+        """End an answer its instance broke off after the router passed bytes of it on.
+        An event stream cut between events ends as vLLM ends one its engine failed: an
+        error event naming the instance, then [DONE] (the openai client raises it).
+        Anything else is left incomplete: the connection closes without the body's
+        end, so the client sees it cut short (never a whole-looking answer)."""
+        streamed = any(
+            n == b"content-type" and v.startswith(b"text/event-stream") for n, v in response.headers
+        )
+        if streamed and (not last or last.endswith(b"\n\n")):
+            message = f"instance {target.url} broke off the stream: {err}"
+            info = {"message": message, "type": "server_error", "param": None,
+                    "code": "instance_failed"}  # fmt: skip
+            event = b"data: " + json.dumps({"error": info}).encode() + b"\n\ndata: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": False})
 
     def _done(self, ticket: Ticket) -> None:
         self.fleet.finished(ticket)

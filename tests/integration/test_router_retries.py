@@ -1,8 +1,8 @@
 """`kvflow router` over `kvflow serve --engine sim` processes: a request an instance
 refuses (503) or cannot take (killed) goes to another instance before any byte was
 sent; a killed instance restarted where it was comes back into the rotation; a stream
-passes through chunk by chunk, and ends (no hang, nothing held) when its instance dies
-mid-way; bad flags are errors."""
+passes through chunk by chunk, and ends with an error naming the instance (no hang,
+nothing held) when its instance dies mid-way; bad flags are errors."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from kvflow.cli import main
 from tests.cluster_process import SIM, wait_until
-from tests.serve_process import ServerProcess, serving
+from tests.serve_process import ServerProcess, app_in_thread, serving
 
 MODEL = "kvflow-sim"
 ROUTER = ("-m", "kvflow", "router")
@@ -121,20 +123,63 @@ def test_a_killed_instance_comes_back_into_the_rotation_once_it_answers_again(
             assert again.metric("kvflow:request_success_total", finished_reason="length") == 2
 
 
-def test_an_instance_dying_mid_stream_ends_the_stream_and_holds_nothing(
+def test_an_instance_dying_mid_stream_ends_the_stream_with_an_error_naming_it(
     two: tuple[ServerProcess, ServerProcess], tmp_path: Path
 ) -> None:
+    # As vLLM ends a stream its engine failed: an error event, then [DONE]. A stream
+    # that just ended read as a whole answer (the openai client raised nothing).
     _, b = two
     with _router(tmp_path / "router.log", b) as router:
         with _long_stream(router) as (_, lines):
             b.proc.send_signal(signal.SIGKILL)
-            try:
-                rest = list(lines)  # ends when the router breaks it off, within the timeout
-            except httpx.RemoteProtocolError:  # the chunked body cut short
-                rest = []
-        assert "data: [DONE]" not in rest
+            rest = [line for line in lines if line]  # ends within the client's timeout
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert b.base_url in error["message"] and error["type"] == "server_error", error
         assert router.metric("kvflow:router_in_flight", instance=b.base_url) == 0
         assert "Traceback" not in router.log(), router.log()
+        client = openai.OpenAI(base_url=f"{router.base_url}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.APIError, match="no instance took"):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True)
+
+
+class _BreaksOff:
+    """An instance that answers /health and /metrics, and breaks off each answer after
+    its first bytes: part of a JSON body of a declared length, or an event stream cut
+    inside an event."""
+
+    def __init__(self, content_type: bytes) -> None:
+        self.content_type = content_type
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] in ("/health", "/metrics"):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers = [(b"content-type", self.content_type)]
+        if self.content_type == b"application/json":
+            headers.append((b"content-length", b"100"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        part = b'data: {"id": "cmpl-1", "choi'
+        await send({"type": "http.response.body", "body": part, "more_body": True})
+        raise ConnectionAbortedError("instance gone")  # uvicorn closes the connection
+
+
+@pytest.mark.parametrize("content_type", [b"application/json", b"text/event-stream"])
+def test_an_answer_broken_off_inside_is_cut_short_for_the_client_too(
+    content_type: bytes, tmp_path: Path
+) -> None:
+    # Not ended as if whole (a JSON body short of its length was a traceback in the
+    # router's log), and no error event glued onto half an event.
+    with app_in_thread(_BreaksOff(content_type)) as url:
+        args = ["--router", "round-robin", "--health-interval", "60", "--instance", url]
+        with ServerProcess(args, tmp_path / "router.log", program=ROUTER) as router:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 3}
+            with pytest.raises(httpx.RemoteProtocolError):
+                httpx.post(f"{router.base_url}/v1/completions", json=body, timeout=30)
+            assert router.metric("kvflow:router_in_flight", instance=url) == 0
+            assert "broke off a response" in router.log()
+            assert "Traceback" not in router.log(), router.log()
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_instance(
