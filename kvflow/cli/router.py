@@ -17,19 +17,30 @@ from kvflow.cli.serve import add_http_arguments, http_limits, read_secret_file
 
 
 def instance_url(text: str) -> str:
-    """An instance's base URL (http://host:port, nothing after the port)."""
+    """An instance's base URL (http://host:port, nothing after the port; the host in
+    lower case, as DNS reads it)."""
     parts = urlsplit(text)
     try:
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+    if parts.scheme == "https":
+        # Its requests (and the API key) would go in the clear to a TLS port.
+        raise argparse.ArgumentTypeError(
+            f"the router speaks plain http:// to its instances (no TLS), got {text!r}"
+        )
+    if parts.scheme != "http" or not parts.hostname or port is None:
         raise argparse.ArgumentTypeError(f"expected a URL like http://127.0.0.1:8001, got {text!r}")
+    if parts.username is not None or parts.password is not None:
+        raise argparse.ArgumentTypeError(
+            f"an instance URL has no user or password (the API key is --api-key), got {text!r}"
+        )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise argparse.ArgumentTypeError(
             f"an instance URL is its base (no path, query or fragment), got {text!r}"
         )
-    return f"{parts.scheme}://{parts.netloc}"
+    host = parts.hostname
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=instance_url,
         required=True,
         metavar="URL",
-        help="an instance's base URL (repeat for each instance)",
+        help="an instance's base URL, http://HOST:PORT (repeat for each instance)",
     )
     rp.add_argument(
         "--prefill",

@@ -199,6 +199,12 @@ def test_a_client_that_leaves_mid_stream_frees_the_instance(
     [
         (["router", "--instance", "localhost:8001"], "expected a URL like"),
         (["router", "--instance", "http://h:1/v1"], "no path"),
+        # The router speaks plain HTTP to its instances: an https:// one would get the
+        # requests (and the API key) in the clear, and a TLS port would just fail them.
+        (["router", "--instance", "https://h:1"], "plain http://"),
+        (["router", "--prefill", "https://h:2", "--instance", "http://h:1"], "plain http://"),
+        # Credentials in the URL went into the Host header, not to the instance.
+        (["router", "--instance", "http://user:pw@h:1"], "no user or password"),
     ],
 )
 def test_bad_router_flags_are_errors(
@@ -210,8 +216,11 @@ def test_bad_router_flags_are_errors(
     assert message in capsys.readouterr().err
 
 
-def test_an_instance_given_twice_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["router", "--instance", "http://h:1", "--instance", "http://h:1/"]) == 2
+@pytest.mark.parametrize("again", ["http://h:1/", "http://H:1"])
+def test_an_instance_given_twice_is_an_error(
+    again: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["router", "--instance", "http://h:1", "--instance", again]) == 2
     assert "--instance given twice" in capsys.readouterr().err
 
 
