@@ -101,8 +101,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     peer.add_argument(
         "--model-id",
         metavar="ID",
-        help="identity of the weights in the model fingerprint (peer.model_id; default: "
-        "the served model name): instances exchange blocks only when it matches",
+        help="identity of the weights in the model fingerprint (peer.model_id; default "
+        "with peers: the served model name): instances exchange blocks only when it "
+        "matches, and a persistent disk tier (kv.disk.persist) is reused only by it",
     )
     add_http_arguments(sp)
     add_config_arguments(sp)
@@ -176,6 +177,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise CLIError(f"--role {args.role} needs --engine torch or hf (sim holds no KV bytes)")
         peers = ()  # the role runs the peer service
     config = KVFlowConfig.load(args.config, settings)  # fail on a bad setting before binding
+    if args.model_id is not None and peers is None and not config.kv.disk.persist:
+        raise CLIError(
+            "--model-id keys blocks shared with peers or kept on disk: it needs --peer-port, "
+            "--peers or kv.disk.persist=true"
+        )
     if args.role == "decode" and config.kv.tier_blocks("cpu") == 0:
         raise CLIError(
             "--role decode pulls handed-off KV into the cpu tier: set kv.cpu.num_blocks "
@@ -219,24 +225,28 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 def _peer_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple[str, ...] | None:
     """Fold the peer options into `settings`; the peer list, or None without a peer layer."""
+    if args.model_id is not None:  # keys a persistent disk tier too (checked in `run`)
+        settings["peer.model_id"] = args.model_id
     if args.peer_port is None and args.peers is None:
-        if args.peer_secret_file or args.model_id:
-            raise CLIError("--peer-secret-file and --model-id need --peer-port or --peers")
+        if args.peer_secret_file:
+            raise CLIError("--peer-secret-file needs --peer-port or --peers")
         return None
     if args.engine == "sim" and args.peers is not None:
         raise CLIError("--peers needs --engine torch or hf (sim holds no KV bytes to pull)")
     from kvflow.peer.node import PeerAddress
 
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    seen: set[PeerAddress] = set()
     for text in peers:
         try:
-            PeerAddress.parse(text)
+            address = PeerAddress.parse(text)
         except ValueError as err:
             raise CLIError(f"--peers: {err}") from None
+        if address in seen:
+            raise CLIError(f"--peers lists {text!r} twice")
+        seen.add(address)
     if args.peer_port is not None:
         settings["peer.port"] = args.peer_port
-    if args.model_id is not None:
-        settings["peer.model_id"] = args.model_id
     if args.peer_secret_file is not None:
         settings["peer.secret"] = read_secret_file(args.peer_secret_file)
     return peers

@@ -153,9 +153,9 @@ class DiskStorage:
         if config.disk.persist:
             if not model_id:
                 raise ConfigError(
-                    "kv.disk.persist=true needs a model identity (set peer.model_id to the "
-                    "weights' name, path or digest): blocks of different models must never "
-                    "mix in one slab"
+                    "kv.disk.persist=true needs a model identity (set peer.model_id, or "
+                    "`kvflow serve --model-id`, to the weights' name, path or digest): "
+                    "blocks of different models must never mix in one slab"
                 )
             fingerprint = model_fingerprint(config, model_id, PERSISTENT_VERSION)
         if config.disk.path is not None:

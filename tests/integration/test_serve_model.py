@@ -63,6 +63,21 @@ GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 12}
 NO_EOS = {"ignore_eos": True}
 
 
+def test_model_id_keys_a_persistent_disk_tier_without_peers(
+    model_dir: tuple[Path, Any], tmp_path: Path
+) -> None:
+    # Persistence needs the model's identity; --model-id was refused without peers.
+    slab = tmp_path / "kv.slab"
+    args = ["--engine", "torch", "--model", str(model_dir[0]), "--dtype", "float64"]
+    args += ["--model-id", "tiny-v1", "--set", "kv.cpu.num_blocks=16"]
+    args += ["--set", "kv.disk.num_blocks=16", "--set", "kv.disk.persist=true"]
+    args += ["--set", f"kv.disk.path={slab}", "--set", "kv.block_size=4"]
+    with ServerProcess(args, tmp_path / "serve.log") as proc:
+        assert slab.stat().st_size > 0
+        assert proc.terminate() == 0
+    assert slab.exists()  # persistent: kept
+
+
 def test_health_answers_503_while_the_model_loads(server: ServerProcess) -> None:
     # The socket is bound before the model loads (torch alone takes seconds to import).
     statuses = [status for status, _ in server.health_seen]

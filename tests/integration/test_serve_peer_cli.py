@@ -45,4 +45,15 @@ def test_a_missing_or_empty_secret_file_is_named(tmp_path: Path) -> None:
 
 def test_peer_options_without_a_peer_service_are_refused(tmp_path: Path) -> None:
     done = kvflow(*torch_serve(tmp_path, "--model-id", "x"), cwd=tmp_path)
-    assert_one_line_error(done, "--model-id", "--peer-port")
+    assert_one_line_error(done, "--model-id", "--peer-port", "kv.disk.persist")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    done = kvflow(*torch_serve(tmp_path, "--peer-secret-file", str(secret)), cwd=tmp_path)
+    assert_one_line_error(done, "--peer-secret-file", "--peer-port")
+
+
+def test_a_peer_listed_twice_is_refused(tmp_path: Path) -> None:
+    # It was taken: two connections to one peer, both following it into one directory.
+    peers = "127.0.0.1:9100,10.0.0.2:9100,127.0.0.1:9100"
+    done = kvflow(*torch_serve(tmp_path, "--peers", peers), cwd=tmp_path)
+    assert_one_line_error(done, "--peers", "'127.0.0.1:9100' twice")
