@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import httpx
@@ -155,11 +155,30 @@ class ClusterState:
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, not {STATE_VERSION}")
-            return ClusterState(tuple(Proc(**p) for p in data["procs"]))
+            procs = data["procs"]
+            if not isinstance(procs, list):
+                raise ValueError(f"procs: expected a list, got {type(procs).__name__}")
+            return ClusterState(tuple(_read_proc(i, p) for i, p in enumerate(procs)))
         except FileNotFoundError:
             raise ClusterError(f"no cluster state at {path} (is a cluster up?)") from None
         except (ValueError, KeyError, TypeError) as err:
             raise ClusterError(f"{path} is not a kvflow cluster state file: {err}") from None
+
+
+_PROC_TYPES = {f.name: f.type for f in fields(Proc)}
+
+
+def _read_proc(i: int, entry: object) -> Proc:
+    """`procs[i]` of a state file, each field of its type (a file edited by hand)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"procs[{i}]: expected an object, got {type(entry).__name__}")
+    for name, value in entry.items():
+        kind = {"int": int, "str": str}.get(str(_PROC_TYPES.get(name)))
+        if kind is None:
+            raise ValueError(f"procs[{i}]: unknown field {name!r}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"procs[{i}].{name}: expected {kind.__name__}, got {value!r}")
+    return Proc(**entry)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -260,15 +260,29 @@ def test_down_with_a_stale_state_file_leaves_a_process_that_took_a_pid_alone(
         other.wait(timeout=30)
 
 
-def test_a_state_file_that_is_not_an_object_is_one_line(tmp_path: Path, cli: CLI) -> None:
-    (tmp_path / "cluster.json").write_text("[1]\n")
+_PROC = {"role": "instance", "pid": 1, "port": 8001, "url": "http://127.0.0.1:8001", "log": "x"}
+
+
+@pytest.mark.parametrize(
+    ("state", "named"),
+    [
+        ([1], "JSON object"),
+        # Edited by hand: a field of the wrong type was a traceback in `status`.
+        ({"version": 1, "procs": [{**_PROC, "url": 8001}]}, "procs[0].url"),
+        ({"version": 1, "procs": [{**_PROC, "pid": "1"}]}, "procs[0].pid"),
+        ({"version": 1, "procs": [_PROC, {**_PROC, "start_ticks": None}]}, "procs[1].start_ticks"),
+    ],
+)
+def test_a_state_file_that_is_not_a_cluster_s_is_one_line_naming_what(
+    tmp_path: Path, cli: CLI, state: object, named: str
+) -> None:
+    (tmp_path / "cluster.json").write_text(json.dumps(state))
     for action in ("status", "down"):
         out = cli("cluster", action, "--state-dir", str(tmp_path))
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-        assert (
-            out.stderr.startswith("kvflow: error: ")
-            and "is not a kvflow cluster state" in out.stderr
-        )
+        assert out.stderr.startswith("kvflow: error: ")
+        assert "is not a kvflow cluster state" in out.stderr and named in out.stderr
+    assert (tmp_path / "cluster.json").exists()  # kept for the user to look at
 
 
 def test_up_with_port_0_puts_the_router_on_a_free_port_and_prints_it(tmp_path: Path) -> None:
