@@ -164,15 +164,40 @@ class RouterApp:
             if name not in _DROPPED_REQUEST:
                 head += [name, b": ", value, b"\r\n"]
         if self.pd is None:
-            sent = await self.send_routed(routed, b"".join(head), raw, arrived)
+            sending = self.send_routed(routed, b"".join(head), raw, arrived)
         else:
-            sent = await self.pd.send(body, routed, b"".join(head), raw, arrived)
-        if isinstance(sent, str):
-            self.metrics.unroutable.inc()
-            await reply(send, 503, error_body(sent, "service_unavailable"))
-            return
-        ticket, target, response = sent
-        await self._relay(response, ticket, target, receive, send)
+            sending = self.pd.send(body, routed, b"".join(head), raw, arrived)
+        # A client that leaves before the answer begins (a whole answer's head comes
+        # when it is done) cancels the routing, here in this task (a task of its own
+        # would start a loop turn later): the instance sees its request dropped.
+        left = asyncio.create_task(_disconnected(receive))
+        this = asyncio.current_task()
+        assert this is not None
+        routing = True
+
+        def leave(_: object) -> None:
+            if routing:
+                this.cancel()
+
+        left.add_done_callback(leave)
+        try:
+            try:
+                sent = await sending
+            except asyncio.CancelledError:
+                if left.done() and not left.cancelled() and this.uncancel() == 0:
+                    return  # the client left; routing settled what it started
+                raise
+            finally:
+                routing = False
+                left.remove_done_callback(leave)
+            if isinstance(sent, str):
+                self.metrics.unroutable.inc()
+                await reply(send, 503, error_body(sent, "service_unavailable"))
+                return
+            ticket, target, response = sent
+            await self._relay(response, ticket, target, left, send)
+        finally:
+            left.cancel()
 
     async def send_routed(
         self,
@@ -243,36 +268,33 @@ class RouterApp:
         response: UpstreamResponse,
         ticket: Ticket,
         target: _Instance,
-        receive: Receive,
+        left: asyncio.Task[None],
         send: Send,
     ) -> None:
         """Pass the answer through as its bytes arrive. The connection goes back (or
         closes) and the ticket is settled however sending ends: a client that leaves
-        closes the instance's connection, so the instance aborts the request."""
+        (`left` done) closes the instance's connection, so the instance aborts the
+        request."""
         headers = [(n, v) for n, v in response.headers if n not in _DROPPED_RESPONSE]
         headers.append((b"x-kvflow-instance", target.name_header))
-        left = asyncio.Event()
 
-        async def watch_client() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            left.set()
+        def leave(_: object) -> None:
             response.abort()
 
-        watcher = asyncio.create_task(watch_client())
+        left.add_done_callback(leave)
         try:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             first = True
             chunk = b""
-            while not left.is_set():
+            while not left.done():
                 last = chunk
                 try:
                     chunk = await response.read()
                 except UpstreamDownError as err:
                     # Bytes went out already: no retry. The client is told.
-                    if not left.is_set():
+                    if not left.done():
                         logger.warning(
                             "kvflow router: %s broke off a response (%s)", target.url, err
                         )
@@ -286,7 +308,7 @@ class RouterApp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
+            left.remove_done_callback(leave)
             response.release()
             self._done(ticket)
 
@@ -338,6 +360,12 @@ class RouterApp:
             self.metrics.directory_keys.labels(inst.url).set(held)
         text = generate_latest(self.metrics.registry)
         await reply(send, 200, text, media_type=b"text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone (its body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class RouterASGI:

@@ -194,6 +194,22 @@ def test_a_client_that_leaves_mid_stream_frees_the_instance(
         assert router.metric("kvflow:router_in_flight", instance=b.base_url) == 0
 
 
+def test_a_client_that_leaves_before_the_answer_began_frees_the_instance(
+    two: tuple[ServerProcess, ServerProcess], tmp_path: Path
+) -> None:
+    # A whole answer's head comes when it is done: the instance went on generating
+    # 60000 tokens for a client long gone, counted in flight at the router meanwhile.
+    _, b = two
+    with _router(tmp_path / "router.log", b) as router:
+        body = {"model": MODEL, "prompt": "long", "max_tokens": 60000}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{router.base_url}/v1/completions", json=body, timeout=1.5)
+        b.wait_for_metric("kvflow:num_requests_running", 0, timeout_s=20)
+        assert router.metric("kvflow:router_in_flight", instance=b.base_url) == 0
+        assert "Traceback" not in router.log(), router.log()
+        assert _post(router.base_url, "after").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
