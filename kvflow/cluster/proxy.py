@@ -220,10 +220,11 @@ class RouterApp:
         tried = [] if tried is None else tried
         fleet = self.fleet
         metrics = self.metrics
+        failed: list[str] = []  # how each instance tried here failed the request
         while True:
             ticket = fleet.route(routed, tried, prefill)
             if ticket is None:
-                return f"no instance took the request (tried {len(tried)})"
+                return self._unroutable(failed, tried, prefill)
             i = ticket.instance
             tried.append(i)
             target = self.targets[i]
@@ -237,6 +238,7 @@ class RouterApp:
                 response = await self.pool.request(target.host, target.port, data)
             except UpstreamDownError as err:
                 self._done(ticket)
+                failed.append(f"{target.url} is down ({err})")
                 metrics.retries.labels(target.url, "down").inc()
                 logger.warning("kvflow router: %s failed a request (%s); retrying", target.url, err)
                 self.watch.set_health(i, False)
@@ -253,6 +255,7 @@ class RouterApp:
             finally:
                 response.release()
                 self._done(ticket)
+            failed.append(f"{target.url} refused it (503)")
             metrics.retries.labels(target.url, "refused").inc()
         fleet.accepted(ticket)
         if not prefill:
@@ -262,6 +265,19 @@ class RouterApp:
         else:
             metrics.routed.labels(target.url, f"{response.status // 100}xx").inc()
         return ticket, target, response
+
+    def _unroutable(self, failed: list[str], tried: list[int], prefill: bool) -> str:
+        """Why no instance took a request: how each one tried failed it, and which were
+        out of the rotation (failing their health checks)."""
+        fleet = self.fleet
+        ids = fleet.prefill_ids if prefill else range(fleet.num_serving)
+        kind = "prefill instances" if prefill else "instances"
+        instances = fleet.instances
+        out = [self.targets[i].url for i in ids if i not in tried and not instances[i].healthy]
+        if not failed:
+            return f"no instance took the request: all {len(out)} {kind} are out of the rotation"
+        reasons = failed + [f"{url} is out of the rotation" for url in out]
+        return f"no instance took the request: {'; '.join(reasons)}"
 
     async def _relay(
         self,

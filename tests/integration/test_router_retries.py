@@ -96,7 +96,14 @@ def test_a_killed_instance_s_request_goes_to_another(
         b.proc.send_signal(signal.SIGKILL)
         b.proc.wait(timeout=30)
         none = _post(router.base_url, "z")
-        assert none.status_code == 503 and "no instance took" in none.json()["error"]["message"]
+        assert none.status_code == 503
+        message = none.json()["error"]["message"]  # which instance failed it, and how
+        assert message.startswith("no instance took the request"), message
+        assert f"{b.base_url} is down (cannot connect" in message, message
+        assert f"{a.base_url} is out of the rotation" in message, message
+        none = _post(router.base_url, "z")  # b is out of the rotation now too
+        assert none.status_code == 503
+        assert "all 2 instances are out of the rotation" in none.json()["error"]["message"]
 
 
 def test_a_killed_instance_comes_back_into_the_rotation_once_it_answers_again(
