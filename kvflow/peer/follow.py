@@ -102,6 +102,7 @@ class Follower:
         until cancelled (or until the address turns out to be `me`, or, not
         `persistent`, a connection attempt fails)."""
         delay = MIN_BACKOFF_S
+        told = False  # of the address: up, down, refused or not reachable
         while True:
             peer_id: str | None = None
             try:
@@ -116,14 +117,23 @@ class Follower:
                     self._notify_frames(client)
                     await client.subscribe()
                     logger.info("kvflow: peer %s (%s) is up", address, peer_id)
+                    told = True
                     delay = MIN_BACKOFF_S
                     await client.wait_closed()
                     logger.info("kvflow: peer %s is down: %s", address, client.down_reason)
             except PeerRefusedError as err:
                 self.num_refused += 1
                 logger.warning("kvflow: peer %s refused: %s", address, err)
-            except (PeerDownError, OSError):
-                pass  # not up (yet): retried after the backoff
+                told = True
+            except (PeerDownError, OSError) as err:
+                # Not up (yet): retried after the backoff, said once (a typo in the
+                # list would otherwise go unseen).
+                if persistent and not told:
+                    logger.warning(
+                        "kvflow: peer %s not reachable yet (%s); retrying every %g s at most",
+                        address, err or type(err).__name__, MAX_BACKOFF_S,
+                    )  # fmt: skip
+                    told = True
             finally:
                 if peer_id is not None:
                     self.clients.pop(peer_id, None)

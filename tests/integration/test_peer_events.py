@@ -4,6 +4,7 @@ marked down."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from kvflow.peer.client import connect_peer, pull_into_cpu
 from kvflow.peer.directory import Directory, RunHint
 from kvflow.peer.service import PeerService
 from tests.peer_builders import make_store, peer_config, put_blocks, until
+from tests.serve_process import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +83,22 @@ async def test_a_restarted_peer_is_resynced_and_a_silent_one_marked_down(
         assert directory.longest_run([7]) is None
     a.close()
     b.close()
+
+
+async def test_a_listed_peer_never_reachable_is_logged_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A typo in --peers (a host that does not resolve, a port nothing listens on) was
+    # retried in silence: nothing told the user their instance shared with nobody.
+    from kvflow.peer.node import PeerAddress, PeerNode
+
+    store = make_store(tmp_path, "a")
+    nowhere = [PeerAddress("no-such-host.invalid", 9100), PeerAddress("127.0.0.1", free_port())]
+    caplog.set_level(logging.INFO, logger="kvflow.peer")
+    with anyio.fail_after(30):
+        async with PeerNode(store, peer_config(), nowhere, peer_id="A"):
+            await anyio.sleep(1.0)  # backoff from 0.1 s: several tries each
+    store.close()
+    for address in nowhere:
+        lines = [r.getMessage() for r in caplog.records if str(address) in r.getMessage()]
+        assert len(lines) == 1 and "not reachable" in lines[0] and "retrying" in lines[0], lines
