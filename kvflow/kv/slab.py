@@ -169,10 +169,9 @@ def read_layout(header: bytes) -> SlabLayout | str:
     return found
 
 
-def _refuse(path: Path, problem: str) -> SlabPathError:
+def _refuse(path: Path, problem: str, remedy: str = "remove it yourself") -> SlabPathError:
     return SlabPathError(
-        f"{_KEY}={str(path)!r}: {problem}; kvflow leaves it alone: "
-        "remove it yourself or choose another path"
+        f"{_KEY}={str(path)!r}: {problem}; kvflow leaves it alone: {remedy} or choose another path"
     )
 
 
@@ -303,7 +302,7 @@ def _lock(path: Path, fd: int) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _refuse(path, "is a slab in use by another process") from None
+        raise _refuse(path, "is a slab in use by another process", "stop that one") from None
 
 
 def _unlink_if_same(path: Path, fd: int) -> None:

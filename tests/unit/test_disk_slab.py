@@ -186,8 +186,10 @@ def test_a_slab_of_another_layout_is_refused_naming_both(tmp_path: Path) -> None
 def test_a_slab_in_use_by_another_store_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "kv.slab"
     store = KVStore.with_tensors(kv_config(path))
-    with pytest.raises(ConfigError, match="in use by another process"):
+    with pytest.raises(ConfigError, match="in use by another process") as err:
         KVStore.with_tensors(kv_config(path))
+    # Removing it would take a persistent slab from the process using it.
+    assert "remove it" not in str(err.value) and "choose another path" in str(err.value)
     store.close()
     assert not path.exists()
 
