@@ -246,6 +246,8 @@ def _peer_settings(args: argparse.Namespace, settings: dict[str, object]) -> tup
             raise CLIError(f"--peers lists {text!r} twice")
         seen.add(address)
     if args.peer_port is not None:
+        if args.peer_port == args.port and args.port != 0:
+            raise CLIError(f"--peer-port {args.peer_port} is the HTTP --port: give each its own")
         settings["peer.port"] = args.peer_port
     if args.peer_secret_file is not None:
         settings["peer.secret"] = read_secret_file(args.peer_secret_file)

@@ -17,6 +17,7 @@ pinning and snapshots touch the store's pools, which are single-threaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import socket
 import time
@@ -47,7 +48,13 @@ from kvflow.peer.frames import (
     pack_seq,
 )
 from kvflow.peer.handshake import send_error, server_handshake
-from kvflow.peer.identity import PeerIdentity, check_bind, model_fingerprint, new_incarnation
+from kvflow.peer.identity import (
+    PeerConfigError,
+    PeerIdentity,
+    check_bind,
+    model_fingerprint,
+    new_incarnation,
+)
 from kvflow.peer.pull_serving import CONNECTION_ERRORS, PullServer
 from kvflow.peer.receiving import FrameReceiver, serve_frames
 from kvflow.peer.wire import PeerClosedError, Wire
@@ -126,7 +133,14 @@ class PeerService:
     async def __aenter__(self) -> Self:
         check_bind(self.config)
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        listener = socket.create_server((self.config.host, self.config.port), family=family)
+        host, port = self.config.host, self.config.port
+        try:
+            listener = socket.create_server((host, port), family=family)
+        except OSError as err:
+            raise PeerConfigError(
+                f"peer.host {host} --peer-port {port}: cannot listen there "
+                f"({'in use' if err.errno == errno.EADDRINUSE else err.strerror or err})"
+            ) from None
         listener.setblocking(False)
         self._listener = listener
         self._tg = anyio.create_task_group()

@@ -160,7 +160,13 @@ class EngineHost:
             try:
                 await self._serve(engine, loaded)
             except Exception as err:  # the step loop failed (a runner error): stop serving
-                self.failure = f"the engine failed: {_first_error(err)}"
+                from kvflow.peer.identity import PeerConfigError
+
+                leaf = _first_leaf(err)
+                if isinstance(leaf, PeerConfigError):  # the peer service could not start
+                    self.failure = str(leaf)
+                else:
+                    self.failure = f"the engine failed: {type(leaf).__name__}: {leaf}"
                 self.status = HostStatus.FAILED
         finally:
             if store is not None:
@@ -224,11 +230,11 @@ class EngineHost:
         await self._stopped.wait()
 
 
-def _first_error(err: BaseException) -> str:
+def _first_leaf(err: BaseException) -> BaseException:
     """The first leaf of an exception group (task groups wrap what their tasks raise)."""
     while isinstance(err, BaseExceptionGroup) and err.exceptions:
         err = err.exceptions[0]
-    return f"{type(err).__name__}: {err}"
+    return err
 
 
 __all__ = ["EngineHost", "HostStatus", "ServeEngineName", "ServeOptions", "load"]

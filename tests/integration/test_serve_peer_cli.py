@@ -3,6 +3,7 @@ anything is bound or loaded."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from tests.integration.test_cli_refusals import assert_one_line_error, kvflow
@@ -57,3 +58,21 @@ def test_a_peer_listed_twice_is_refused(tmp_path: Path) -> None:
     peers = "127.0.0.1:9100,10.0.0.2:9100,127.0.0.1:9100"
     done = kvflow(*torch_serve(tmp_path, "--peers", peers), cwd=tmp_path)
     assert_one_line_error(done, "--peers", "'127.0.0.1:9100' twice")
+
+
+def test_a_peer_port_in_use_is_an_error_naming_it(tmp_path: Path) -> None:
+    # It was "the engine failed: OSError: [Errno 98] ...", naming no flag.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = kvflow("serve", "--engine", "sim", "--peer-port", str(port), cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvflow: error: ") and "engine failed" not in last, last
+    assert f"--peer-port {port}" in last and "in use" in last, last
+
+
+def test_a_peer_port_that_is_the_http_port_is_refused(tmp_path: Path) -> None:
+    done = kvflow("serve", "--engine", "sim", "--port", "8123", "--peer-port", "8123", cwd=tmp_path)
+    assert_one_line_error(done, "--peer-port 8123", "--port")
