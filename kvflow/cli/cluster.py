@@ -285,10 +285,14 @@ def run_down(args: argparse.Namespace, console: Console) -> int:
     if not args.timeout >= 0:
         raise CLIError(f"--timeout must be >= 0 seconds, got {args.timeout}")
     try:
-        state, killed = down(_state_dir(args), args.timeout)
+        state, killed, gone = down(_state_dir(args), args.timeout)
     except ClusterError as err:
         raise CLIError(str(err)) from None
     for p in killed:
         console.print(f"{p.role} {p.url} (pid {p.pid}) did not drain in time: killed")
-    console.print(f"stopped {len(state.procs)} processes")
+    line = f"stopped {len(state.procs) - len(gone)} processes"
+    if gone:
+        line += f"; {len(gone)} had exited already: "
+        line += ", ".join(f"{p.role} pid {p.pid}" for p in gone)
+    console.print(line)
     return 0

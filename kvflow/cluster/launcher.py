@@ -414,10 +414,12 @@ def _reap() -> None:
             return
 
 
-def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc]]:
-    """Stop the cluster recorded in `state_dir` and remove its state file."""
+def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc], list[Proc]]:
+    """Stop the cluster recorded in `state_dir` and remove its state file. Returns the
+    state, the processes that had to be killed and those that had exited already."""
     state_path = state_dir / STATE_FILE
     state = ClusterState.read(state_path)
+    gone = [p for p in state.procs if not p.node and not is_ours(p.process_id)]
     if state.ray_driver is not None:  # how long its instances may drain
         stop_file = state_dir / RAY_STOP_FILE
         stop_file.write_text(json.dumps({"drain_timeout_s": timeout_s}) + "\n")
@@ -427,7 +429,7 @@ def down(state_dir: Path, timeout_s: float) -> tuple[ClusterState, list[Proc]]:
         pids = ", ".join(str(p.pid) for p in left)
         raise ClusterError(f"processes {pids} outlived SIGKILL; {state_path} kept")
     state_path.unlink()
-    return state, killed
+    return state, killed, gone
 
 
 __all__ = [

@@ -145,6 +145,9 @@ def test_a_killed_instance_leaves_the_rotation_and_down_leaves_no_process(tmp_pa
         assert status.returncode == 1 and "gone" in status.stdout
         down = kvflow("cluster", "down", "--state-dir", str(tmp_path), "--timeout", "30")
         assert down.returncode == 0, down.stderr
+        # Not "stopped 4": the killed one is named as gone before.
+        gone = f"stopped 3 processes; 1 had exited already: instance pid {victim['pid']}"
+        assert gone in " ".join(down.stdout.split()), down.stdout
         assert not (tmp_path / "cluster.json").exists()
         assert (tmp_path / "router.log").exists()  # logs stay
         assert [pid for pid in c.pids if is_ours(ProcessId(pid))] == []
@@ -253,6 +256,7 @@ def test_down_with_a_stale_state_file_leaves_a_process_that_took_a_pid_alone(
         assert status.returncode == 1 and "gone" in status.stdout
         down = kvflow("cluster", "down", "--state-dir", str(tmp_path), "--timeout", "5")
         assert down.returncode == 0, down.stderr
+        assert "stopped 0 processes; 2 had exited already" in down.stdout, down.stdout
         assert other.poll() is None, "cluster down signalled a process it did not start"
         assert not (tmp_path / "cluster.json").exists()
     finally:
