@@ -129,7 +129,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    return args.state_dir if args.state_dir is not None else _default_state_dir()
+    path = Path(args.state_dir) if args.state_dir is not None else _default_state_dir()
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--state-dir {str(path)!r} is not a directory")
+    return path
 
 
 def _roles(args: argparse.Namespace) -> tuple[str, ...]:

@@ -158,6 +158,20 @@ def test_up_refuses_a_second_cluster_in_the_same_state_dir(fleet: Cluster) -> No
     assert again.returncode == 2 and "already up" in again.stderr
 
 
+@pytest.mark.parametrize("action", ["up", "status", "down"])
+def test_a_state_dir_that_is_a_file_is_named_and_left_alone(
+    tmp_path: Path, cli: CLI, action: str
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    extra = ["--instances", "1", "--engine", "sim"] if action == "up" else []
+    run = kvflow if action == "up" else cli  # up, were the refusal lost, would start one
+    out = run("cluster", action, "--state-dir", str(notes), *extra)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"kvflow: error: --state-dir {str(notes)!r} is not a directory")
+    assert notes.read_text() == "mine\n"
+
+
 def test_status_and_down_without_a_cluster_say_so(tmp_path: Path, cli: CLI) -> None:
     for action in ("status", "down"):
         out = cli("cluster", action, "--state-dir", str(tmp_path))
