@@ -241,7 +241,7 @@ class RouterApp:
                 failed.append(f"{target.url} is down ({err})")
                 metrics.retries.labels(target.url, "down").inc()
                 logger.warning("kvflow router: %s failed a request (%s); retrying", target.url, err)
-                self.watch.set_health(i, False)
+                self.watch.set_health(i, False, f"a request found it down: {err}")
                 continue
             except BaseException:
                 self._done(ticket)
@@ -272,12 +272,16 @@ class RouterApp:
         fleet = self.fleet
         ids = fleet.prefill_ids if prefill else range(fleet.num_serving)
         kind = "prefill instances" if prefill else "instances"
-        instances = fleet.instances
-        out = [self.targets[i].url for i in ids if i not in tried and not instances[i].healthy]
+        instances, reasons = fleet.instances, self.watch.reasons
+        out = [i for i in ids if i not in tried and not instances[i].healthy]
+        why = {i: f"{self.targets[i].url}: {reasons.get(i, 'not checked yet')}" for i in out}
         if not failed:
-            return f"no instance took the request: all {len(out)} {kind} are out of the rotation"
-        reasons = failed + [f"{url} is out of the rotation" for url in out]
-        return f"no instance took the request: {'; '.join(reasons)}"
+            return (
+                f"no instance took the request: all {len(out)} {kind} are out of the "
+                f"rotation ({'; '.join(why.values())})"
+            )
+        outs = [f"{self.targets[i].url} is out of the rotation" for i in out]
+        return f"no instance took the request: {'; '.join(failed + outs)}"
 
     async def _relay(
         self,

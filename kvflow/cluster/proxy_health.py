@@ -40,6 +40,8 @@ class InstanceWatch:
         self._tg: anyio.abc.TaskGroup | None = None
         self._follows: dict[int, tuple[PeerInfo, anyio.CancelScope]] = {}
         self._warned_block_size: set[int] = set()
+        self.reasons: dict[int, str] = {}
+        """Why each instance out of the rotation is out (the last failed check)."""
 
     async def start(self, client: httpx.AsyncClient, tg: anyio.abc.TaskGroup) -> None:
         """Check every instance once with `client` (its timeout bounds each check), then
@@ -63,27 +65,42 @@ class InstanceWatch:
         peer service (followed from then on)."""
         assert self._client is not None, "the watch has not started"
         url = self.fleet.instances[i].url
+        why = None
         try:
             health = await self._client.get(f"{url}/health")
-            healthy = health.status_code == 200
-            if healthy:
+            if health.status_code != 200:
+                why = f"/health answered {health.status_code}"
+            else:
                 # An error's body is no scrape: one with no sample lines (a 401 without
                 # the key, say) would read as an idle instance with no KV.
-                metrics = (await self._client.get(f"{url}/metrics")).raise_for_status()
-                running, capacity, peer = scrape_instance(metrics.text)
-                self.fleet.scraped(i, running, capacity, peer)
-                self._follow(i)
-        except (httpx.HTTPError, ValueError, KeyError):
-            healthy = False
-        self.set_health(i, healthy)
+                metrics = await self._client.get(f"{url}/metrics")
+                if metrics.status_code != 200:
+                    why = f"/metrics answered {metrics.status_code}"
+                else:
+                    running, capacity, peer = scrape_instance(metrics.text)
+                    self.fleet.scraped(i, running, capacity, peer)
+                    self._follow(i)
+        except httpx.HTTPError as err:
+            why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        except (ValueError, KeyError) as err:
+            why = f"/metrics unreadable: {err!r}"
+        self.set_health(i, why is None, why)
 
-    def set_health(self, i: int, healthy: bool) -> None:
-        """Instance i is in the rotation (healthy) or out of it."""
+    def set_health(self, i: int, healthy: bool, why: str | None = None) -> None:
+        """Instance i is in the rotation (healthy) or out of it (`why`: the failed
+        check, logged when it is news)."""
         inst = self.fleet.instances[i]
-        if inst.healthy and not healthy:
-            logger.warning("kvflow router: %s left the rotation", inst.url)
-        elif healthy and not inst.healthy:
-            logger.info("kvflow router: %s is in the rotation", inst.url)
+        if healthy:
+            self.reasons.pop(i, None)
+            if not inst.healthy:
+                logger.info("kvflow router: %s is in the rotation", inst.url)
+        else:
+            why = why or "a request found it down"
+            if inst.healthy:
+                logger.warning("kvflow router: %s left the rotation (%s)", inst.url, why)
+            elif self.reasons.get(i) != why:
+                logger.warning("kvflow router: %s is not in the rotation (%s)", inst.url, why)
+            self.reasons[i] = why
         inst.healthy = healthy
         self.healthy.labels(inst.url).set(1 if healthy else 0)
 

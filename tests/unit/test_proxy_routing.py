@@ -210,11 +210,13 @@ def test_a_peer_service_bound_to_every_address_is_reached_at_the_instance_s_host
 
 @pytest.mark.parametrize(("metrics_status", "healthy"), [(200, True), (401, False), (500, False)])
 def test_an_instance_is_in_the_rotation_only_when_its_metrics_were_read(
-    metrics_status: int, healthy: bool
+    metrics_status: int, healthy: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """/health answers 200; /metrics answers `metrics_status` with one sample, or with
     an empty body (as an instance that wants a key the router lacks might): only a read
-    scrape puts the instance in, with its capacity."""
+    scrape puts the instance in, with its capacity. One kept out says why, in the log
+    and in the 503 of a request none took (it said nothing: an instance never healthy
+    never "left" the rotation)."""
     text = 'kvflow:kv_blocks_total{tier="device"} 64\n'
 
     async def instance(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -243,3 +245,10 @@ def test_an_instance_is_in_the_rotation_only_when_its_metrics_were_read(
     assert inst.healthy is healthy
     assert (inst.capacity == 64) is healthy
     assert registry.get_sample_value("healthy", {"instance": inst.url}) == int(healthy)
+    said = [r.getMessage() for r in caplog.records if r.name == "kvflow.router"]
+    if healthy:
+        assert watch.reasons == {} and not [line for line in said if "not in" in line]
+    else:
+        why = f"/metrics answered {metrics_status}"
+        assert watch.reasons == {0: why}
+        assert said == [f"kvflow router: {url} is not in the rotation ({why})"], said
