@@ -10,73 +10,35 @@ Allocation takes free blocks first, then evicts the least recently used cached b
 
 A request holds hundreds of blocks and the scheduler takes, hits and releases them a
 request at a time, so the per-block state lives in numpy arrays and each call is a few
-vectorized operations, not a Python loop over blocks. The LRU is an append-only queue
-of block ids: a block's live entry is the one at `_lru_pos[block]`; taking a reference
-orphans the entry (it is skipped when eviction reaches it), releasing appends a fresh
-one. Only the key index (a dict from block key to block) is per-block Python work.
+vectorized operations, not a Python loop over blocks; the LRU order is a
+`kvflow.kv.lru.LRUQueue`. Only the key index (a dict from block key to block) is
+per-block Python work. `kvflow.kv.pool_integrity` checks that the sets add up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from itertools import filterfalse, islice, repeat, takewhile
 
 import numpy as np
-import numpy.typing as npt
 
-IntArray = npt.NDArray[np.int64]
+from kvflow.kv import pool_integrity
+from kvflow.kv.block_ids import BlockIds as BlockIds
+from kvflow.kv.block_ids import IntArray as IntArray
+from kvflow.kv.block_ids import IntegrityError as IntegrityError
+from kvflow.kv.block_ids import PrefixMatch as PrefixMatch
+from kvflow.kv.block_ids import as_ids as _ids
+from kvflow.kv.lru import LRUQueue
+
 MAX_DEPTH = 0xFFFF
 """Block depths (`BlockPool.depths`) saturate here."""
 KeyListener = Callable[[bool, list[int]], None]
 """Told `(True, keys)` when keys enter a pool's index, `(False, keys)` when they leave."""
-BlockIds = Sequence[int] | IntArray
-"""Block ids as a list or an int64 array (`PrefixMatch.ids`)."""
 
 
 class OutOfBlocksError(RuntimeError):
     """Raised by `allocate` when asked for more blocks than `num_free_blocks`."""
-
-
-class IntegrityError(AssertionError):
-    """A broken invariant of a pool, store or scheduler (a bug, never bad input)."""
-
-
-_MAX_PACKED = 4096
-
-
-@functools.lru_cache(maxsize=_MAX_PACKED)
-def _packer(n: int) -> struct.Struct:
-    """`n` native int64s (made once per count)."""
-    return struct.Struct(f"{n}q")
-
-
-def _ids(block_ids: BlockIds | Iterable[int]) -> IntArray:
-    """Block ids as an int64 array (read-only when made from a list: index with it,
-    do not write into it)."""
-    if isinstance(block_ids, np.ndarray):
-        return block_ids.astype(np.int64, copy=False)
-    if type(block_ids) is list and len(block_ids) <= _MAX_PACKED:
-        # struct packs a list of ints at less than half the instructions of
-        # np.fromiter / np.array (which convert each int through numpy's scalar code).
-        return np.frombuffer(_packer(len(block_ids)).pack(*block_ids), dtype=np.int64)
-    return np.fromiter(block_ids, dtype=np.int64)
-
-
-class PrefixMatch:
-    """The blocks holding the leading run of a key chain, as matched at one moment.
-    `BlockPool.match` brings it up to date with one vectorized compare instead of a
-    lookup per block."""
-
-    __slots__ = ("block_ids", "ids", "versions")
-
-    def __init__(self, block_ids: list[int], ids: IntArray, versions: IntArray) -> None:
-        self.block_ids = block_ids
-        """The blocks, in chain order (do not modify: matches share it)."""
-        self.ids = ids
-        self.versions = versions
 
 
 class BlockPool:
@@ -114,14 +76,8 @@ class BlockPool:
         # The free stack: `_free[:_num_free]`, popped from the end.
         self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)
         self._num_free = num_blocks
-        # The LRU queue: `_lru[_head:_tail]`, oldest first; entries not at their
-        # block's `_lru_pos` are orphans. Twice the pool leaves room to append a whole
-        # pool after compacting.
-        self._lru = np.empty(2 * num_blocks, dtype=np.int64)
-        self._lru_pos = np.full(num_blocks, -1, dtype=np.int64)
-        self._head = 0
-        self._tail = 0
-        self._num_evictable = 0
+        self._lru = LRUQueue(num_blocks)
+        """The evictable blocks, least recently used first."""
         self._cached: dict[int, int] = {}
         self.num_evictions = 0
         """Cached blocks evicted to make room (not those `reset_prefix_cache` drops)."""
@@ -136,11 +92,11 @@ class BlockPool:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an `allocate` can hand out now (free plus evictable)."""
-        return self._num_free + self._num_evictable
+        return self._num_free + self._lru.num_blocks
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self._num_free - self._num_evictable
+        return self.num_blocks - self._num_free - self._lru.num_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -223,8 +179,7 @@ class BlockPool:
             # (np.count_nonzero is a plain C call; ndarray.all() goes through Python.)
             if np.count_nonzero(self._keyed[idle]) < len(idle):
                 raise IntegrityError(f"touched free blocks {idle[~self._keyed[idle]][:5]}")
-            self._lru_pos[idle] = -1  # orphans their LRU entries
-            self._num_evictable -= len(idle)
+            self._lru.remove(idle)
         self.ref_counts[ids] = refs + 1
         if hit:
             self.hit_counts[ids] += 1
@@ -232,7 +187,7 @@ class BlockPool:
     def allocate(self, num_blocks: int) -> list[int]:
         """Hand out `num_blocks` fresh blocks, each with one reference."""
         num_free = self._num_free
-        if num_blocks > num_free + self._num_evictable:
+        if num_blocks > num_free + self._lru.num_blocks:
             raise OutOfBlocksError(
                 f"asked for {num_blocks} blocks, {self.num_free_blocks} are free"
             )
@@ -259,54 +214,25 @@ class BlockPool:
 
     def _evict(self, n: int) -> IntArray:
         """Take the `n` least recently used evictable blocks out of the cache."""
-        lru, pos = self._lru, self._lru_pos
-        head = self._head
-        taken: list[IntArray] = []
-        while n:
-            m = min(self._tail - head, max(2 * n, 64))
-            if m == 0:
-                raise IntegrityError(f"the LRU ran out with {n} evictable blocks still counted")
-            chunk = lru[head : head + m]
-            live = np.flatnonzero(pos[chunk] == np.arange(head, head + m))
-            if len(live) >= n:
-                live = live[:n]
-                taken.append(chunk[live])
-                head += int(live[-1]) + 1
-                break
-            taken.append(chunk[live])
-            n -= len(live)
-            head += m
-        self._head = head
-        return self._drop_keys(taken[0] if len(taken) == 1 else np.concatenate(taken))
+        return self._drop_keys(self._lru.pop(n))
 
     def _evict_one(self) -> int:
         """`_evict(1)` in scalar steps."""
-        lru, pos = self._lru, self._lru_pos
-        head, tail = self._head, self._tail
-        while head < tail:
-            b = lru.item(head)
-            head += 1
-            if pos.item(b) == head - 1:
-                self._head = head
-                pos[b] = -1
-                self._keyed[b] = False
-                self._num_evictable -= 1
-                self.num_evictions += 1
-                self.key_versions[b] += 1
-                key = self.block_keys[b]
-                del self._cached[key]  # type: ignore[arg-type]
-                self.block_keys[b] = None
-                if self.key_listener is not None:
-                    self.key_listener(False, [key])  # type: ignore[list-item]
-                return b
-        raise IntegrityError("the LRU ran out with evictable blocks still counted")
+        b = self._lru.pop_one()
+        self._keyed[b] = False
+        self.num_evictions += 1
+        self.key_versions[b] += 1
+        key = self.block_keys[b]
+        del self._cached[key]  # type: ignore[arg-type]
+        self.block_keys[b] = None
+        if self.key_listener is not None:
+            self.key_listener(False, [key])  # type: ignore[list-item]
+        return b
 
     def _drop_keys(self, out: IntArray) -> IntArray:
-        """Evicted blocks leave the LRU and the index."""
-        self._lru_pos[out] = -1
+        """Evicted blocks (out of the LRU) leave the index."""
         self._keyed[out] = False
         self.key_versions[out] += 1
-        self._num_evictable -= len(out)
         cached = self._cached
         block_keys = self.block_keys
         dropped: list[int] = []
@@ -318,25 +244,6 @@ class BlockPool:
         if self.key_listener is not None and dropped:
             self.key_listener(False, dropped)
         return out
-
-    def _push_lru(self, ids: IntArray) -> None:
-        m = len(ids)
-        if self._tail + m > len(self._lru):
-            self._compact_lru()
-        tail = self._tail
-        self._lru[tail : tail + m] = ids
-        self._lru_pos[ids] = np.arange(tail, tail + m)
-        self._tail = tail + m
-        self._num_evictable += m
-
-    def _compact_lru(self) -> None:
-        head, tail = self._head, self._tail
-        entries = self._lru[head:tail]
-        live = entries[self._lru_pos[entries] == np.arange(head, tail)]
-        self._lru[: len(live)] = live
-        self._lru_pos[live] = np.arange(len(live))
-        self._head = 0
-        self._tail = len(live)
 
     def _push_free(self, ids: IntArray) -> None:
         n = self._num_free
@@ -422,7 +329,7 @@ class BlockPool:
         self._free[: len(rest)] = rest
         self._num_free = len(rest)
         self.seal_many(block_ids, keys, depths=depths)
-        self._push_lru(ids)
+        self._lru.push(ids)
 
     def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block. Tail blocks are released first, so a
@@ -441,11 +348,11 @@ class BlockPool:
         keyed = self._keyed[idle]
         num_keyed = np.count_nonzero(keyed)
         if num_keyed == len(idle):
-            self._push_lru(idle)
+            self._lru.push(idle)
         else:
             self._push_free(idle[~keyed])
             if num_keyed:
-                self._push_lru(idle[keyed])
+                self._lru.push(idle[keyed])
 
     def order_tail_first(self, block_ids: BlockIds) -> None:
         """Line up these blocks (distinct, in chain order: root first) to be evicted tail
@@ -453,17 +360,7 @@ class BlockPool:
         recently it was used), its last block takes the oldest and its root the newest.
         For blocks that entered the LRU one at a time, root first (a lower tier's copies
         landing). Blocks that are referenced or not cached keep out of it."""
-        if len(block_ids) < 2:
-            return
-        ids = _ids(block_ids)
-        places = self._lru_pos[ids]
-        evictable = places >= 0
-        if np.count_nonzero(evictable) < 2:
-            return
-        ids = ids[evictable][::-1]
-        places = np.sort(places[evictable])
-        self._lru[places] = ids
-        self._lru_pos[ids] = places
+        self._lru.order_tail_first(block_ids)
 
     def forget(self, block_ids: Iterable[int]) -> None:
         """Drop these referenced blocks' keys from the index (their contents are bad);
@@ -482,54 +379,18 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> int:
         """Forget every unreferenced cached block; returns how many were dropped."""
-        dropped = self._num_evictable
+        dropped = self._lru.num_blocks
         if dropped:
             out = self._evict(dropped)
             self._push_free(out)
-        self._head = self._tail = 0
+        self._lru.clear()
         return dropped
 
     def check_integrity(self, expected_refs: Sequence[int] | None = None) -> None:
         """Raise `IntegrityError` when the sets or the index disagree. With
         `expected_refs`, also check every refcount against an outside count."""
-        problems: list[str] = []
-        free_list = self._free[: self._num_free].tolist()
-        free = set(free_list)
-        entries = self._lru[self._head : self._tail]
-        live = entries[self._lru_pos[entries] == np.arange(self._head, self._tail)].tolist()
-        evictable = set(live)
-        if len(free) != len(free_list):
-            problems.append("a block is on the free list twice")
-        if len(evictable) != len(live) or len(live) != self._num_evictable:
-            problems.append(
-                f"the LRU holds {len(live)} live entries for {len(evictable)} blocks, "
-                f"{self._num_evictable} counted"
-            )
-        if free & evictable:
-            problems.append(f"blocks both free and evictable: {sorted(free & evictable)[:5]}")
-        ref_counts = self.ref_counts.tolist()
-        for b in range(self.num_blocks):
-            ref = ref_counts[b]
-            key = self.block_keys[b]
-            if ref < 0:
-                problems.append(f"block {b} has refcount {ref}")
-            if ref == 0 and b not in free and b not in evictable:
-                problems.append(f"block {b} is unreferenced but neither free nor evictable")
-            if ref > 0 and (b in free or b in evictable):
-                problems.append(f"block {b} is referenced ({ref}) but free or evictable")
-            if b not in evictable and self._lru_pos[b] != -1:
-                problems.append(f"block {b} has an LRU position but is not evictable")
-            if b in evictable and key is None:
-                problems.append(f"evictable block {b} has no key")
-            if b in free and key is not None:
-                problems.append(f"free block {b} still has key {key}")
-            if (key is not None) != bool(self._keyed[b]):
-                problems.append(f"block {b}: keyed flag disagrees with its key {key}")
-            if key is not None and self._cached.get(key) != b:
-                problems.append(f"block {b} has key {key} that the index maps elsewhere")
-            if expected_refs is not None and expected_refs[b] != ref:
-                problems.append(f"block {b} has refcount {ref}, requests hold {expected_refs[b]}")
-        if len(self._cached) != sum(k is not None for k in self.block_keys):
-            problems.append("the index and the block keys disagree on the number of cached blocks")
-        if problems:
-            raise IntegrityError("; ".join(problems[:10]))
+        pool_integrity.check_pool(self, expected_refs)
+
+    def free_list(self) -> list[int]:
+        """The free blocks, next to be handed out last (for integrity checks)."""
+        return self._free[: self._num_free].tolist()  # type: ignore[no-any-return]

@@ -278,10 +278,10 @@ class BlockPoolMachine(RuleBasedStateMachine):
         block_ids = in_order_subset(data, list(self.model.lru))
         compacted = False
         for i in range(rounds):
-            tail = self.pool._tail
+            tail = self.pool._lru.tail
             self.touch_both(block_ids, hit=i % 2 == 0)
             self.release_both(block_ids)
-            compacted |= self.pool._tail < tail + len(block_ids)
+            compacted |= self.pool._lru.tail < tail + len(block_ids)
             self.check_integrity()
         event("LRU compacted" if compacted else "LRU not compacted")
 
@@ -572,17 +572,17 @@ def test_lru_compaction_drops_orphans_and_keeps_the_order() -> None:
     a, b, c, d = cached_blocks(pool, [10, 11, 12, 13])
     pool.release([a, b, c])  # LRU: c, b, a
     pool.release([d])  # LRU: c, b, a, d
-    tail_before = pool._tail
+    tail_before = pool._lru.tail
     tails = []
     for _ in range(2 * pool.num_blocks):  # each round orphans d's entry and appends one
         pool.touch([d])
         pool.release([d])
-        tails.append(pool._tail)
+        tails.append(pool._lru.tail)
         pool.check_integrity()
 
     assert tail_before == 4
     assert any(b < a for a, b in pairwise([tail_before, *tails])), "never compacted"
-    assert pool._tail <= 2 * pool.num_blocks
+    assert pool._lru.tail <= 2 * pool.num_blocks
     assert pool.hit_counts[d] == 2 * pool.num_blocks
     assert pool.allocate(4) == [c, b, a, d]
 
