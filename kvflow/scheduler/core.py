@@ -8,10 +8,12 @@ sampled tokens: appends them, seals full blocks into the prefix cache, and finis
 requests. Time only comes in as an argument, so the same code drives a real engine
 and a virtual-time replay.
 
-Helpers the `Scheduler` owns: `kv_manager.KVManager` (cache lookups, the requests'
-blocks: allocated, sealed, freed), `loads.Loads` (requests waiting for copies from lower
-tiers), `batch.Batch` (the plan being built); `integrity` holds the checks of its
-invariants.
+Helpers the `Scheduler` owns: `queues.RequestQueues` (its requests by state, and the
+changes of state: finish, preemption), `admission.Admission` (waiting requests into the
+step), `commit.Committer` (a step's results applied), `kv_manager.KVManager` (cache
+lookups, the requests' blocks: allocated, sealed, freed), `loads.Loads` (requests
+waiting for copies from lower tiers), `batch.Batch` (the plan being built); `integrity`
+holds the checks of its invariants.
 """
 
 from __future__ import annotations
@@ -22,21 +24,19 @@ from kvflow.config import KVFlowConfig
 from kvflow.kv.location import PrefixLocation
 from kvflow.kv.store import KVStore
 from kvflow.policies.base import Policy, SchedulerView
-from kvflow.request import FinishReason, Request, RequestState, RequestStatus, TokenLogprobs
+from kvflow.request import FinishReason, Request, RequestState, RequestStatus
 from kvflow.scheduler import integrity
+from kvflow.scheduler.admission import Admission
 from kvflow.scheduler.batch import Batch
+from kvflow.scheduler.commit import Committer
 from kvflow.scheduler.kv_manager import KVManager
 from kvflow.scheduler.loads import Loads
 from kvflow.scheduler.plan import ModelInfo, StepPlan, StepResult
+from kvflow.scheduler.queues import RequestQueues
 from kvflow.scheduler.stats import SchedulerStats
 
-# Enum members bound once (in Python 3.11 `RequestStatus.RUNNING` goes through
-# `EnumType.__getattr__`, ~1k instructions): read per request or per step here.
+# Bound once: read per request per step (see `kvflow.scheduler.queues`).
 _RUNNING = RequestStatus.RUNNING
-_PREEMPTED = RequestStatus.PREEMPTED
-_FINISHED = RequestStatus.FINISHED
-_LENGTH = FinishReason.LENGTH
-_STOP = FinishReason.STOP
 
 
 class Scheduler:
@@ -64,37 +64,37 @@ class Scheduler:
         self.store = store if store is not None else KVStore(config.kv)
         self.block_size = self.store.block_size
         self.policy = policy
-        self.waiting: dict[str, RequestState] = {}
-        self.running: list[RequestState] = []
         self.stats = SchedulerStats()
         self.kv_manager = kv = KVManager(self.store, self.sched_config, self.stats)
         self.pool = kv.pool
         """The device pool: the one `kv_manager` drives (`store.device`), the same
         object under a short name for callers and the per-step reads of its free count."""
         self._loads = Loads(self.store, self.stats)
-        self.loading = self._loads.loading
-        """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
         self.last_plan_short_of_blocks = False
         """The last plan left a running request out for want of blocks (it could not
         preempt: it was planned while a step ran)."""
         self.view = SchedulerView(self.block_size, self.sched_config.max_num_seqs, kv.locate)
-        self._active_ids: set[str] = set()
-        """Ids of the requests in `waiting`, `loading` and `running`."""
+        self.queues = queues = RequestQueues(kv, self._loads, policy, self.view, self.stats)
+        self.waiting = queues.waiting
+        """Requests waiting for admission, in order (preempted ones at the front)."""
+        self.running = queues.running
+        self.loading = queues.loading
+        """Admitted requests in WAITING_FOR_KV: their prefix is being copied to device."""
+        self._admission = Admission(queues, kv, policy, self.sched_config)
+        self._eos_token_ids = frozenset(self.model.eos_token_ids)
+        self._committer = Committer(queues, kv, self._eos_token_ids)
+        self._preempt = queues.preempt
+        self._finish = queues.finish
         self._policy_drops = policy.drops_requests()
         self._policy_on_step = type(policy).on_step is not Policy.on_step
         self._policy_preempts = type(policy).preempt_for is not Policy.preempt_for
-        threshold = self.sched_config.long_prefill_threshold
-        self._chunk_cap = threshold if threshold is not None else 1 << 62
-        # A scan of the waiting queue skips at most this many deferred requests per step.
-        self._max_skipped = max(self.sched_config.max_num_seqs, 64)
         # The knobs read at every step, as plain attributes: a pydantic model's field is
         # read through its `__getattr__` hook, several times the cost (the config is
         # frozen, so these cannot go stale).
         sc = self.sched_config
+        self._chunk_cap = self._admission.chunk_cap
         self._max_batched = sc.max_num_batched_tokens
         self._max_seqs = sc.max_num_seqs
-        self._sharing = sc.enable_inbatch_prefix_sharing and sc.enable_prefix_caching
-        self._eos_token_ids = frozenset(self.model.eos_token_ids)
         self._model_limits = (
             self.model.vocab_size is not None or self.model.max_position_embeddings is not None
         )
@@ -116,7 +116,7 @@ class Scheduler:
         is adopted as the request's own (not copied): the scheduler appends to it as
         decoding fills blocks, and the caller must not change it."""
         rid = request.request_id
-        if rid in self._active_ids:
+        if rid in self.queues.active_ids:
             raise ValueError(f"request id {rid!r} is already queued or running")
         state = RequestState(request, self._eos_token_ids)
         now = request.arrival_time if now is None else now
@@ -131,9 +131,7 @@ class Scheduler:
             elif block_keys is not None:
                 state.block_keys.extend(block_keys)
             self.kv_manager.extend_keys(state, state.num_prompt_tokens // self.block_size)
-        self.waiting[rid] = state
-        self._active_ids.add(rid)
-        self.policy.on_add(state, self.view)
+        self.queues.enqueue(state)
         return state
 
     def rejection(self, request: Request) -> str | None:
@@ -174,14 +172,9 @@ class Scheduler:
         With `defer_release` (a step that may still read the request's blocks is
         executing), the request is finished and its id free at once, but its blocks
         stay referenced until `release_deferred`."""
-        state = self.waiting.pop(request_id, None)
+        state = self.queues.remove(request_id)
         if state is None:
-            state = self._loads.cancel(request_id)
-        if state is None:
-            state = next((r for r in self.running if r.request_id == request_id), None)
-            if state is None:
-                return None
-            self.running.remove(state)
+            return None
         if defer_release:
             self.kv_manager.free_after_step(state)
         self._finish(state, reason, now, detail)
@@ -247,7 +240,7 @@ class Scheduler:
                 or (self._policy_preempts and not overlapped)
             )
         ):
-            self._schedule_waiting(batch, preempted, now, overlapped)
+            self._admission.schedule(batch, preempted, now, overlapped)
         plan = StepPlan(
             step_id=stats.num_steps,
             now=now,
@@ -302,8 +295,7 @@ class Scheduler:
                         continue
                     while need > pool.num_free_blocks:
                         victim = self.policy.victim(running[i:], self.view)
-                        self._check_victim(victim, running[i:])
-                        self._preempt(victim, now)
+                        self._preempt(victim, now, running[i:])
                         preempted.append(victim.request_id)
                         if victim is req:
                             break
@@ -331,98 +323,6 @@ class Scheduler:
         batch.num_kv_tokens += kv_tokens
         return short_of_blocks
 
-    def _schedule_waiting(
-        self, batch: Batch, preempted: list[str], now: float, overlapped: bool
-    ) -> None:
-        max_seqs = self._max_seqs
-        sharing = self._sharing
-        pending: set[int] | None = None
-        admitted: list[RequestState] = []
-        num_skipped = 0
-        for req in self.policy.order(list(self.waiting.values()), self.view):
-            if batch.budget <= 0:
-                break
-            if sharing:
-                if pending is None:
-                    pending = self._pending_keys()
-                if self._shares_pending_prefix(req, pending):
-                    num_skipped += 1
-                    if num_skipped > self._max_skipped:
-                        break
-                    continue
-            if not self._try_admit(req, batch, preempted, now, max_seqs, overlapped):
-                break
-            admitted.append(req)
-            if pending is not None:
-                pending.update(req.block_keys[req.num_sealed_blocks :])
-        waiting = self.waiting  # a preemption above may have rebuilt it
-        for req in admitted:
-            if req.status is not _PREEMPTED:  # not undone by a later admission
-                del waiting[req.request_id]
-
-    def _try_admit(
-        self,
-        req: RequestState,
-        batch: Batch,
-        preempted: list[str],
-        now: float,
-        max_seqs: int,
-        overlapped: bool,
-    ) -> bool:
-        bs = self.block_size
-        kv = self.kv_manager
-        num_tokens = len(req.token_ids)
-        while True:
-            cached = kv.lookup(req, num_tokens)
-            num_hits = len(cached.device_ids)
-            pull = cached.pull
-            num_pulled = pull.num_blocks if pull is not None else 0
-            num_cached = (num_hits + len(cached.below) + num_pulled) * bs
-            # A request that loads runs nothing this step; otherwise it takes a chunk.
-            loads = bool(cached.below) or pull is not None
-            n = 0 if loads else min(num_tokens - num_cached, self._chunk_cap, batch.budget)
-            num_new = (num_cached + n + bs - 1) // bs - num_hits
-            if kv.can_admit(cached, num_new) and len(self.running) + len(self.loading) < max_seqs:
-                break
-            if overlapped:
-                return False
-            victim = self.policy.preempt_for(req, self.running, self.view)
-            if victim is None:
-                return False
-            self._check_victim(victim, self.running)
-            if victim in batch.requests:
-                batch.remove(victim)
-            self._preempt(victim, now)
-            preempted.append(victim.request_id)
-        kv.admit(req, cached, num_new)
-        first_admission = kv.count_hits(req, cached, num_tokens, now)
-        if loads:
-            self._loads.start(req, cached.below, num_hits, first_admission, now, pull)
-            return True
-        req.status = _RUNNING
-        self.running.append(req)
-        batch.add(req, num_cached, n)
-        return True
-
-    def _pending_keys(self) -> set[int]:
-        """Keys of blocks that running requests are computing and have not sealed."""
-        pending: set[int] = set()
-        for r in self.running:
-            if len(r.block_keys) > r.num_sealed_blocks:
-                pending.update(r.block_keys[r.num_sealed_blocks :])
-        for r in self.loading.values():
-            pending.update(r.block_keys[r.num_sealed_blocks :])
-        return pending
-
-    def _shares_pending_prefix(self, req: RequestState, pending: set[int]) -> bool:
-        if not pending:
-            return False
-        # The step's memoized answer (the policy usually asked already): blocks evicted
-        # since can only make it longer, past the first pending block, never shorter.
-        n = self.view.locate(req).device_tokens // self.block_size
-        keys = req.block_keys
-        return n < len(keys) and keys[n] in pending
-
     def _apply_drops(self, now: float) -> None:
         drops = list(self.policy.drop(list(self.waiting.values()), self.view))
         for state, reason in drops:
@@ -430,104 +330,12 @@ class Scheduler:
                 self._finish(state, FinishReason.REJECTED, now, reason)
                 self.stats.num_rejected += 1
 
-    @staticmethod
-    def _check_victim(victim: RequestState, candidates: Sequence[RequestState]) -> None:
-        if victim.status is not _RUNNING or victim not in candidates:
-            raise ValueError(
-                f"policy chose {victim.request_id!r} as a victim, which is not one of "
-                "the running candidates"
-            )
-
     # -- results ---------------------------------------------------------------
     def commit(self, plan: StepPlan, result: StepResult, now: float) -> list[RequestState]:
-        """Apply a step's results. Returns the requests that finished in this step."""
-        sampled = result.sampled_token_ids
-        if len(sampled) != len(plan.requests):
-            raise ValueError(
-                f"step {plan.step_id}: runner returned {len(sampled)} sampled tokens "
-                f"for {len(plan.requests)} scheduled requests"
-            )
-        if result.logprobs is not None:
-            self._commit_logprobs(plan, result.logprobs)
-        bs = self.block_size
-        caching = self.kv_manager.caching
-        seal = self.kv_manager.seal
-        finished: list[RequestState] = []
-        entries = zip(plan.requests, plan.start_positions, plan.num_tokens, sampled, strict=True)
-        for req, start, n, token in entries:
-            if req.status is not _RUNNING:
-                continue  # aborted since the plan
-            end = start + n
-            if caching and end // bs > req.num_sealed_blocks:
-                seal(req, end // bs, now)
-            tokens = req.token_ids
-            if end != len(tokens):
-                continue  # a prefill chunk short of the end samples nothing
-            req.num_inflight_samples -= 1
-            if token is None:
-                raise ValueError(
-                    f"step {plan.step_id}: no token sampled for {req.request_id!r}, "
-                    "which completed its prefill"
-                )
-            tokens.append(token)
-            req.token_times.append(now)
-            if req.first_token_time is None:
-                req.first_token_time = now
-            if len(tokens) - req.num_prompt_tokens >= req.max_new_tokens:
-                self._finish(req, _LENGTH, now)
-                finished.append(req)
-            elif token in req.stop_token_ids:
-                self._finish(req, _STOP, now, self._stop_detail(req, token))
-                finished.append(req)
-        if finished:
-            self.running = [r for r in self.running if r.status is _RUNNING]
-        return finished
-
-    @staticmethod
-    def _commit_logprobs(plan: StepPlan, logprobs: Sequence[TokenLogprobs | None]) -> None:
-        """Keep the log-probabilities of the tokens `commit` appends (the same entries:
-        running, and sampling at the end of their tokens). Apart from the token loop,
-        so steps without log-probabilities pay nothing."""
-        for req, start, n, lp in zip(
-            plan.requests, plan.start_positions, plan.num_tokens, logprobs, strict=True
-        ):
-            if (
-                lp is not None
-                and req.logprobs is not None
-                and req.status is _RUNNING
-                and start + n == len(req.token_ids)
-            ):
-                req.logprobs.append(lp)
-
-    def _stop_detail(self, req: RequestState, token: int) -> str:
-        # The model's EOS is named first when a token is both, as vLLM checks it first.
-        eos = token in self._eos_token_ids and not req.request.sampling.ignore_eos
-        return f"{'eos' if eos else 'stop'} token {token}"
-
-    # -- state changes -----------------------------------------------------------
-    def _preempt(self, req: RequestState, now: float) -> None:
-        """Queue a running request again at the front, its blocks released (swapped
-        down or dropped: `KVManager.free_preempted`)."""
-        self.running.remove(req)
-        if self.kv_manager.free_preempted(req, now):
-            self.stats.num_swaps += 1
-        req.num_computed_tokens = 0
-        req.num_inflight_samples = 0
-        req.status = _PREEMPTED
-        req.num_preemptions += 1
-        self.stats.num_preemptions += 1
-        self.waiting = {req.request_id: req, **self.waiting}
-
-    def _finish(
-        self, req: RequestState, reason: FinishReason, now: float, detail: str = ""
-    ) -> None:
-        self.kv_manager.free(req, now)
-        self._active_ids.discard(req.request_id)
-        req.status = _FINISHED
-        req.finish_reason = reason
-        req.finish_detail = detail
-        req.finish_time = now
-        self.policy.on_finish(req, self.view)
+        """Apply a step's results: append the sampled tokens, seal the blocks they
+        filled, finish requests at their length or a stop token. Returns the requests
+        that finished in this step."""
+        return self._committer.commit(plan, result, now)
 
     # -- invariants ----------------------------------------------------------------
     def num_leaked_blocks(self) -> int:

@@ -31,7 +31,7 @@ def check_integrity(sched: Scheduler) -> None:
     ids = [r.request_id for r in running]
     if len(set(ids)) != len(ids) or set(ids) & set(waiting):
         problems.append("a request is running twice or both running and waiting")
-    if sched._active_ids != {*ids, *waiting, *loading}:
+    if sched.queues.active_ids != {*ids, *waiting, *loading}:
         problems.append("the active ids disagree with the waiting, loading and running queues")
     for r in running:
         if r.status is not RequestStatus.RUNNING:

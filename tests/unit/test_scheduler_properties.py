@@ -38,8 +38,14 @@ def test_invariants_hold_after_every_step_and_nothing_leaks(
     policy: str,
     block_size: int,
 ) -> None:
+    if policy == "priority":
+        from kvflow.policies.priority import PriorityPolicy
+
+        chosen: str | PriorityPolicy = PriorityPolicy(preempt=True)
+    else:
+        chosen = policy
     sched = make_scheduler(
-        policy,
+        chosen,
         **{
             "kv.block_size": block_size,
             "kv.device.num_blocks": num_blocks,
@@ -48,11 +54,6 @@ def test_invariants_hold_after_every_step_and_nothing_leaks(
             "scheduler.long_prefill_threshold": max(1, budget // 2),
         },
     )
-    if policy == "priority":
-        from kvflow.policies.priority import PriorityPolicy
-
-        sched.policy = PriorityPolicy(preempt=True)
-        sched._policy_preempts = True
     runner = ScriptedRunner(step_s=0.01)
     states = {}
     now = 0.0
