@@ -64,6 +64,8 @@ class Scheduler:
         self.store = store if store is not None else KVStore(config.kv)
         self.block_size = self.store.block_size
         self.policy = policy
+        """Decides admission order and preemption victims (fixed once built: the
+        queues and admission hold it too)."""
         self.stats = SchedulerStats()
         self.kv_manager = kv = KVManager(self.store, self.sched_config, self.stats)
         self.pool = kv.pool
