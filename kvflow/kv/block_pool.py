@@ -197,8 +197,16 @@ class BlockPool:
             if num_free:
                 b = self._free.item(num_free - 1)
                 self._num_free = num_free - 1
-            else:
-                b = self._evict_one()
+            else:  # `_drop_keys` in scalar steps, for the least recently used block
+                b = self._lru.pop_one()
+                self._keyed[b] = False
+                self.num_evictions += 1
+                self.key_versions[b] += 1
+                key = self.block_keys[b]
+                del self._cached[key]  # type: ignore[arg-type]
+                self.block_keys[b] = None
+                if self.key_listener is not None:
+                    self.key_listener(False, [key])  # type: ignore[list-item]
             self.ref_counts[b] = 1
             self.hit_counts[b] = 0
             return [b]
@@ -206,31 +214,15 @@ class BlockPool:
         out = self._free[num_free - num_fresh : num_free].copy()
         self._num_free = num_free - num_fresh
         if num_fresh < num_blocks:
-            out = np.concatenate((out, self._evict(num_blocks - num_fresh)))
+            evicted = self._drop_keys(self._lru.pop(num_blocks - num_fresh))
+            out = np.concatenate((out, evicted))
             self.num_evictions += num_blocks - num_fresh
         self.ref_counts[out] = 1
         self.hit_counts[out] = 0
         return out.tolist()  # type: ignore[no-any-return]
 
-    def _evict(self, n: int) -> IntArray:
-        """Take the `n` least recently used evictable blocks out of the cache."""
-        return self._drop_keys(self._lru.pop(n))
-
-    def _evict_one(self) -> int:
-        """`_evict(1)` in scalar steps."""
-        b = self._lru.pop_one()
-        self._keyed[b] = False
-        self.num_evictions += 1
-        self.key_versions[b] += 1
-        key = self.block_keys[b]
-        del self._cached[key]  # type: ignore[arg-type]
-        self.block_keys[b] = None
-        if self.key_listener is not None:
-            self.key_listener(False, [key])  # type: ignore[list-item]
-        return b
-
     def _drop_keys(self, out: IntArray) -> IntArray:
-        """Evicted blocks (out of the LRU) leave the index."""
+        """Evicted blocks (popped from the LRU) leave the index."""
         self._keyed[out] = False
         self.key_versions[out] += 1
         cached = self._cached
@@ -381,8 +373,7 @@ class BlockPool:
         """Forget every unreferenced cached block; returns how many were dropped."""
         dropped = self._lru.num_blocks
         if dropped:
-            out = self._evict(dropped)
-            self._push_free(out)
+            self._push_free(self._drop_keys(self._lru.pop(dropped)))
         self._lru.clear()
         return dropped
 
