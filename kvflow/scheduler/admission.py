@@ -32,6 +32,10 @@ class Admission:
         self, queues: RequestQueues, kv: KVManager, policy: Policy, config: SchedulerConfig
     ) -> None:
         self.queues = queues
+        # The queues' containers, read per admission (they change in place, never rebound).
+        self.waiting = queues.waiting
+        self.running = queues.running
+        self.loading = queues.loading
         self.kv = kv
         self.policy = policy
         self.view = queues.view
@@ -51,7 +55,7 @@ class Admission:
         pending: set[int] | None = None
         admitted: list[RequestState] = []
         num_skipped = 0
-        waiting = self.queues.waiting
+        waiting = self.waiting
         for req in self.policy.order(list(waiting.values()), self.view):
             if batch.budget <= 0:
                 break
@@ -82,9 +86,6 @@ class Admission:
     ) -> bool:
         bs = self.block_size
         kv = self.kv
-        queues = self.queues
-        running, loading = queues.running, queues.loading
-        max_seqs = self.max_num_seqs
         num_tokens = len(req.token_ids)
         while True:
             cached = kv.lookup(req, num_tokens)
@@ -96,34 +97,37 @@ class Admission:
             loads = bool(cached.below) or pull is not None
             n = 0 if loads else min(num_tokens - num_cached, self.chunk_cap, batch.budget)
             num_new = (num_cached + n + bs - 1) // bs - num_hits
-            if kv.can_admit(cached, num_new) and len(running) + len(loading) < max_seqs:
+            if (
+                kv.can_admit(cached, num_new)
+                and len(self.running) + len(self.loading) < self.max_num_seqs
+            ):
                 break
             if overlapped:
                 return False
-            victim = self.policy.preempt_for(req, running, self.view)
+            victim = self.policy.preempt_for(req, self.running, self.view)
             if victim is None:
                 return False
             if victim in batch.requests:
                 batch.remove(victim)
-            queues.preempt(victim, now, running)
+            self.queues.preempt(victim, now, self.running)
             preempted.append(victim.request_id)
         kv.admit(req, cached, num_new)
         first_admission = kv.count_hits(req, cached, num_tokens, now)
         if loads:
-            queues.loads.start(req, cached.below, num_hits, first_admission, now, pull)
+            self.queues.loads.start(req, cached.below, num_hits, first_admission, now, pull)
             return True
         req.status = _RUNNING
-        running.append(req)
+        self.running.append(req)
         batch.add(req, num_cached, n)
         return True
 
     def _pending_keys(self) -> set[int]:
         """Keys of blocks that running requests are computing and have not sealed."""
         pending: set[int] = set()
-        for r in self.queues.running:
+        for r in self.running:
             if len(r.block_keys) > r.num_sealed_blocks:
                 pending.update(r.block_keys[r.num_sealed_blocks :])
-        for r in self.queues.loading.values():
+        for r in self.loading.values():
             pending.update(r.block_keys[r.num_sealed_blocks :])
         return pending
 
