@@ -302,12 +302,23 @@ class Scheduler:
                         continue
                     while need > pool.num_free_blocks:
                         victim = self.policy.victim(running[i:], self.view)
+                        if victim is req and self.loading:
+                            # Blocks are held by requests loading their prefix, which
+                            # no victim choice sees until they run: wait for them
+                            # rather than give up this one's progress (preempting
+                            # itself step after step, two requests could each undo
+                            # the other's forever).
+                            short_of_blocks = True
+                            break
                         self._preempt(victim, now, running[i:])
                         preempted.append(victim.request_id)
                         if victim is req:
                             break
                     if req.status is not _RUNNING:
                         continue  # running[i] is now the next request
+                    if need > pool.num_free_blocks:
+                        i += 1  # it waits for the loading requests (above)
+                        continue
                 self.kv_manager.allocate_slots(req, need)
             end = start + n
             add_request(req)

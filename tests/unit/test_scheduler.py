@@ -164,6 +164,82 @@ def test_preemption_under_a_tiny_device_tier_still_finishes_everything() -> None
     assert sched.num_leaked_blocks() == 0
 
 
+# (shared prefix: group and tokens, own tokens, output tokens, arrival s, priority):
+# found by a search, it livelocked: a request whose loaded prefix landed first had no
+# victim but itself (the other admitted request was still loading, which no victim
+# choice sees), preempted itself, and the two undid each other step after step.
+LOADS_AND_PRIORITIES = [
+    ((0, 0), 6, 3, 0.02, 2),
+    ((1, 4), 1, 1, 0.04, 1),
+    ((0, 0), 3, 1, 0.06, 1),
+    ((1, 4), 3, 3, 0.06, 1),
+    ((1, 6), 4, 5, 0.06, 2),
+    ((0, 0), 5, 3, 0.08, 2),
+    ((2, 2), 2, 6, 0.10, 2),
+    ((2, 8), 3, 2, 0.10, 1),
+    ((2, 2), 3, 1, 0.10, 2),
+    ((1, 8), 6, 5, 0.10, 1),
+    ((2, 6), 1, 3, 0.12, 2),
+    ((1, 8), 3, 6, 0.12, 2),
+    ((1, 4), 1, 1, 0.12, 2),
+    ((2, 2), 4, 1, 0.14, 0),
+    ((0, 0), 4, 1, 0.14, 2),
+    ((0, 0), 3, 4, 0.16, 2),
+    ((1, 8), 2, 5, 0.16, 0),
+    ((1, 6), 2, 5, 0.16, 0),
+    ((2, 6), 6, 4, 0.18, 1),
+    ((2, 6), 5, 5, 0.18, 0),
+]
+
+
+def test_requests_loading_their_prefix_under_priority_preemption_all_finish() -> None:
+    sched = make_scheduler(
+        "priority",
+        **{
+            "policies.priority.preempt": True,
+            "scheduler.preemption_mode": "swap",  # preempted prefixes load back from cpu
+            "kv.block_size": 2,
+            "kv.device.num_blocks": 11,
+            "kv.cpu.num_blocks": 64,
+            "scheduler.max_num_batched_tokens": 10,
+            "scheduler.max_num_seqs": 4,
+        },
+    )
+    requests = [
+        make_request(
+            [100 * group + t for t in range(shared)] + [1000 + 10 * i + t for t in range(own)],
+            max_new_tokens,
+            arrival,
+            f"q{i}",
+            priority=priority,
+        )
+        for i, ((group, shared), own, max_new_tokens, arrival, priority) in enumerate(
+            LOADS_AND_PRIORITIES
+        )
+    ]
+    runner, now, states = ScriptedRunner(), 0.0, []
+    for _ in range(1000):
+        while requests and requests[0].arrival_time <= now:
+            states.append(sched.add(requests.pop(0)))
+        if not sched.has_unfinished and not requests:
+            break
+        plan = sched.plan(now)
+        if plan.is_empty:  # nothing runnable: on to the next copy landing or arrival
+            due = [t for t in (sched.next_event_time(), now + 0.01) if t is not None]
+            now = max(now, min(due + [r.arrival_time for r in requests[:1]]))
+            continue
+        result = runner.execute(plan)
+        now += result.duration_s
+        sched.commit(plan, result, now)
+        sched.check_integrity()
+    else:
+        raise AssertionError("not finished after 1000 steps")
+    assert sched.stats.num_preemptions > 0 and sched.stats.hit_tokens_by_tier["cpu"] > 0
+    assert all(s.finish_reason is FinishReason.LENGTH for s in states)
+    sched.store.drain(now)  # the last swaps out land
+    assert sched.num_leaked_blocks() == 0
+
+
 def test_stop_token_finishes_a_request() -> None:
     sched = make_scheduler()
     from kvflow.request import SamplingParams
