@@ -346,9 +346,8 @@ class RouterApp:
         )
         if streamed and (not last or last.endswith(b"\n\n")):
             message = f"instance {target.url} broke off the stream: {err}"
-            info = {"message": message, "type": "server_error", "param": None,
-                    "code": "instance_failed"}  # fmt: skip
-            event = b"data: " + json.dumps({"error": info}).encode() + b"\n\ndata: [DONE]\n\n"
+            error = error_body(message, "server_error", "instance_failed")
+            event = b"data: " + error + b"\n\ndata: [DONE]\n\n"
             await send({"type": "http.response.body", "body": event, "more_body": False})
 
     def _done(self, ticket: Ticket) -> None:
