@@ -99,8 +99,9 @@ async def test_a_listed_peer_never_reachable_is_logged_once_and_retried(
         async with PeerNode(store, peer_config(), nowhere, peer_id="A"):
             # Each address tried and logged (a name lookup may be slow on a busy
             # machine), then 1 s more: with a backoff from 0.1 s, several retries each.
-            while not all(any(str(a) in r.getMessage() for r in caplog.records) for a in nowhere):
-                await anyio.sleep(0.02)
+            await until(
+                lambda: all(any(str(a) in r.getMessage() for r in caplog.records) for a in nowhere)
+            )
             await anyio.sleep(1.0)
     store.close()
     for address in nowhere:
