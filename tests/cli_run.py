@@ -59,7 +59,7 @@ def run_in_process(
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
     """`kvflow ARGS` in this process: `run_in_process` bound to the test's `capsys`
-    (a module that imports this fixture names it in its `__all__`)."""
+    (every test may take it: tests/conftest.py)."""
     return functools.partial(run_in_process, capsys)
 
 

@@ -19,9 +19,7 @@ import pytest
 
 from kvflow.kv.block_pool import BlockPool
 from kvflow.kv.capacity import available_ram_bytes
-from tests.cli_run import CLI, CLIResult, cli
-
-__all__ = ["cli"]  # a fixture its tests take
+from tests.cli_run import CLI, CLIResult
 
 TIMEOUT_S = 120
 

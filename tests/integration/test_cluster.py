@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from kvflow.cluster.launcher import ProcessId, child_env, is_ours
-from tests.cli_run import CLI, cli
+from tests.cli_run import CLI
 from tests.cluster_process import (
     SIM,
     Cluster,
@@ -29,8 +29,6 @@ from tests.cluster_process import (
     wait_until_router_knows,
 )
 from tests.serve_process import ServerProcess, free_port
-
-__all__ = ["cli"]  # a fixture its tests take
 
 MODEL = "kvflow-sim"
 

@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvflow.traces import bundled_sample_path
-from tests.cli_run import CLI, CLIResult, cli
-
-__all__ = ["cli"]  # a fixture its tests take
+from tests.cli_run import CLI, CLIResult
 
 
 def kvflow(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,11 +13,9 @@ from kvflow.config import KVFlowConfig
 from kvflow.request import SLO, Request
 from kvflow.traces.native import dump_native
 from kvflow.traces.outcome import request_outcome
-from tests.cli_run import CLI, cli
+from tests.cli_run import CLI
 from tests.fleet_helpers import assert_fleet_wide_is_the_full_report_less_its_fleet_figures
 from tests.integration.test_cli_refusals import assert_one_line_error
-
-__all__ = ["cli"]  # a fixture its tests take
 
 
 def workload(

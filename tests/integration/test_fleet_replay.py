@@ -20,7 +20,7 @@ from kvflow.traces.native import dump_native
 from kvflow.traces.replay import replay
 from kvflow.traces.shaping import scale_to_rate
 from kvflow.traces.slo import SLOSettings
-from tests.cli_run import CLI, cli
+from tests.cli_run import CLI
 from tests.fleet_helpers import (
     assert_fleet_wide_is_the_full_report_less_its_fleet_figures,
     conversations,
@@ -28,8 +28,6 @@ from tests.fleet_helpers import (
     one_system_prompt,
     run_fleet,
 )
-
-__all__ = ["cli"]  # a fixture its tests take
 
 N = 8
 REPO = Path(__file__).resolve().parents[2]

@@ -21,10 +21,8 @@ from kvflow.traces import read_trace
 from kvflow.traces.fleet_report import summarize_fleet
 from kvflow.traces.shaping import time_scale
 from kvflow.traces.slo import SLOSettings
-from tests.cli_run import CLI, cli
+from tests.cli_run import CLI
 from tests.integration.test_cli_refusals import assert_one_line_error
-
-__all__ = ["cli"]  # a fixture its tests take
 
 TIMEOUT_S = 300
 TTFT_MS, TPOT_MS, TARGET = 200.0, 40.0, 0.9
